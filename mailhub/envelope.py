@@ -1,0 +1,225 @@
+"""
+The envelope of a queued message and the outcome of a delivery attempt.
+
+Owns: the in-memory L{Envelope} / L{Recipient} records, their per-recipient
+state machine, and their versioned JSON form on disk (house rule 8: text,
+never pickles; C{cat} can read an envelope).  Also L{Outcome}, the data a
+delivery agent returns for one recipient (house rule 4).
+
+Must not touch: files, clocks, the network.  The spool decides where the
+JSON goes; the scheduler decides what an outcome means for retrying.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "EnvelopeFormatError",
+    "Envelope",
+    "Recipient",
+    "Outcome",
+    "PENDING",
+    "DELIVERED",
+    "FAILED",
+    "STATES",
+    "DELIVERED_OUTCOME",
+    "TEMPORARY",
+    "PERMANENT",
+]
+
+ENVELOPE_VERSION = 1
+
+#: Recipient states.  C{pending} may be tried (again); the others are final.
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+STATES = (PENDING, DELIVERED, FAILED)
+
+#: Outcome kinds.
+DELIVERED_OUTCOME = "delivered"
+TEMPORARY = "temporary"
+PERMANENT = "permanent"
+_KINDS = (DELIVERED_OUTCOME, TEMPORARY, PERMANENT)
+
+
+class EnvelopeFormatError(ValueError):
+    """Bytes on disk are not an envelope this version understands."""
+
+
+@dataclass
+class Recipient:
+    """
+    One recipient of a message.
+
+    @ivar address: where to deliver (after alias expansion), C{local@domain}.
+    @ivar original: the address the client gave in RCPT TO (RFC 3461 ORCPT
+        in spirit); equal to C{address} unless an alias was expanded.
+    @ivar state: one of L{STATES}.
+    @ivar attempts: delivery attempts made for this recipient.
+    @ivar last_code: the last SMTP reply code (e.g. 451), or 0.
+    @ivar last_status: the last enhanced status code (e.g. C{"4.2.2"}).
+    @ivar last_text: the last reply or error text, for mailq and bounces.
+    @ivar notify: RFC 3461 NOTIFY keywords given at RCPT, if any.
+    @ivar orcpt: RFC 3461 ORCPT value given at RCPT, if any.
+    """
+
+    address: str
+    original: str = ""
+    state: str = PENDING
+    attempts: int = 0
+    last_code: int = 0
+    last_status: str = ""
+    last_text: str = ""
+    last_attempt: float = 0.0
+    remote_mta: str = ""
+    notify: list[str] = field(default_factory=list)
+    orcpt: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.original:
+            self.original = self.address
+        if self.state not in STATES:
+            raise EnvelopeFormatError(f"unknown recipient state {self.state!r}")
+
+    @property
+    def pending(self) -> bool:
+        return self.state == PENDING
+
+
+@dataclass
+class Envelope:
+    """
+    Everything the queue knows about a message besides its bytes.
+
+    @ivar queue_id: the spool's name for the message; file-name safe.
+    @ivar sender: the reverse-path without brackets; C{""} is the null
+        sender C{<>} (bounces), which never receives a bounce itself.
+    @ivar arrival: when the 250 was given (POSIX time).
+    @ivar next_attempt: when the scheduler should next try the pending
+        recipients (POSIX time); persisted so a restart keeps the schedule.
+    @ivar attempts: delivery rounds made for this message.
+    @ivar esmtp: MAIL FROM parameters that matter later: C{size},
+        C{body} (7BIT/8BITMIME/BINARYMIME), C{smtputf8}, C{ret}, C{envid}.
+    @ivar client: where it came from: C{helo}, C{addr}, C{protocol},
+        C{user} (authenticated user or local uid), for logs and trace.
+    @ivar held: an operator put the message on hold; the scheduler skips it.
+    @ivar warned: a delay warning was sent already.
+    """
+
+    queue_id: str
+    sender: str
+    recipients: list[Recipient]
+    arrival: float
+    next_attempt: float = 0.0
+    attempts: int = 0
+    esmtp: dict[str, Any] = field(default_factory=dict)
+    client: dict[str, Any] = field(default_factory=dict)
+    held: bool = False
+    warned: bool = False
+
+    # -- state --------------------------------------------------------------
+
+    def pending_recipients(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    @property
+    def done(self) -> bool:
+        """True when no recipient is left to try: the message can go."""
+        return not any(r.state == PENDING for r in self.recipients)
+
+    def apply(self, outcome: "Outcome", when: float) -> Recipient:
+        """
+        Record C{outcome} on the matching pending recipient and return it.
+        A temporary outcome leaves the recipient pending; the scheduler
+        decides whether it has expired.
+        """
+        for r in self.recipients:
+            if r.address == outcome.recipient and r.state == PENDING:
+                break
+        else:
+            raise KeyError(outcome.recipient)
+        r.attempts += 1
+        r.last_attempt = when
+        r.last_code = outcome.code
+        r.last_status = outcome.status
+        r.last_text = outcome.text
+        r.remote_mta = outcome.remote_mta
+        if outcome.kind == DELIVERED_OUTCOME:
+            r.state = DELIVERED
+        elif outcome.kind == PERMANENT:
+            r.state = FAILED
+        return r
+
+    # -- serialisation ----------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        """The on-disk form: one UTF-8 JSON object with a C{version} key."""
+        data = asdict(self)
+        data["version"] = ENVELOPE_VERSION
+        return (json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Envelope":
+        """
+        Parse the on-disk form.
+
+        @raise EnvelopeFormatError: if C{raw} is not a valid envelope.
+        """
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise EnvelopeFormatError(f"not JSON: {e}")
+        if not isinstance(data, dict):
+            raise EnvelopeFormatError("not a JSON object")
+        version = data.pop("version", None)
+        if version != ENVELOPE_VERSION:
+            raise EnvelopeFormatError(f"unsupported envelope version {version!r}")
+        try:
+            recipients = [Recipient(**r) for r in data.pop("recipients")]
+            env = cls(recipients=recipients, **data)
+        except (TypeError, KeyError) as e:
+            raise EnvelopeFormatError(f"bad envelope fields: {e}")
+        if not isinstance(env.queue_id, str) or not isinstance(env.sender, str):
+            raise EnvelopeFormatError("bad queue_id or sender")
+        return env
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    What one delivery attempt did for one recipient: data, not a decision.
+
+    @ivar recipient: L{Recipient.address} it is about.
+    @ivar kind: L{DELIVERED_OUTCOME}, L{TEMPORARY} or L{PERMANENT}.
+    @ivar code: SMTP reply code (250, 451, 550...), real or equivalent.
+    @ivar status: RFC 3463 enhanced status code, e.g. C{"5.1.1"}.
+    @ivar text: human-readable reply or error.
+    @ivar remote_mta: the host that answered, if any (C{"mx.example[192.0.2.1]:25"}).
+    """
+
+    recipient: str
+    kind: str
+    code: int
+    status: str
+    text: str
+    remote_mta: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown outcome kind {self.kind!r}")
+
+    @classmethod
+    def delivered(cls, recipient: str, text: str = "delivered", remote_mta: str = "") -> "Outcome":
+        return cls(recipient, DELIVERED_OUTCOME, 250, "2.0.0", text, remote_mta)
+
+    @classmethod
+    def temporary(cls, recipient: str, text: str, code: int = 451, status: str = "4.3.0", remote_mta: str = "") -> "Outcome":
+        return cls(recipient, TEMPORARY, code, status, text, remote_mta)
+
+    @classmethod
+    def permanent(cls, recipient: str, text: str, code: int = 550, status: str = "5.0.0", remote_mta: str = "") -> "Outcome":
+        return cls(recipient, PERMANENT, code, status, text, remote_mta)
