@@ -1,0 +1,453 @@
+"""
+mailhub.smtpclient on real sockets (127.0.0.1 only):
+
+(a) Postfix's smtp-sink receives messages (a 1 MB one with "." lines at
+    every 64 KiB read boundary) and dumps what it got; the dump must equal
+    the message we sent, byte for byte after its LF conversion.
+(b) a small in-test Twisted responder answers 250/451/550 per recipient,
+    records the exact DATA bytes, and offers STARTTLS with a certificate
+    made here by a test CA, for tls="may", "verify" (right and wrong name).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pwd
+import socket
+import subprocess
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import endpoints, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+
+from conftest import in_reactor, require_tool
+from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
+from mailhub.smtpclient import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def boundary_message(blocks: int) -> bytes:
+    """
+    A message whose every CHUNK_SIZE-th byte starts a dot line: ".",
+    "..", ".x" in turn, plus a bare-LF line, so each read boundary of the
+    client falls exactly before a line that must be stuffed.
+    """
+    dots = [b".\r\n", b"..\r\n", b".x dot at boundary\r\n"]
+    out = []
+    for k in range(blocks):
+        block = dots[k % 3] + b"bare LF line\n"
+        while len(block) < CHUNK_SIZE - 80:
+            block += b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod %05d\r\n" % k
+        pad = CHUNK_SIZE - len(block) - 2
+        block += b"p" * pad + b"\r\n"
+        assert len(block) == CHUNK_SIZE
+        out.append(block)
+    return b"Subject: big\r\n" + b"".join(out)[len(b"Subject: big\r\n"):] + b"end\r\n"
+
+
+def deliver(reactor, port, options, env, path, name="peer.test"):
+    """connect + send + quit, in the reactor thread; returns (outcomes, conn)."""
+
+    async def run():
+        ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        conn = await connect(reactor, ep, options, name, "127.0.0.1", port)
+        outcomes = await conn.send(env, env.recipients, path)
+        tls = conn.tls
+        await conn.quit()
+        return outcomes, tls
+
+    return in_reactor(reactor, lambda: Deferred.fromCoroutine(run()))
+
+
+def env_for(*rcpts: str, **esmtp) -> Envelope:
+    return Envelope("Q1", "sender@client.test", [Recipient(r) for r in rcpts], arrival=0.0, esmtp=esmtp)
+
+
+# -- (a) smtp-sink -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sink(tmp_path):
+    tool = require_tool("smtp-sink")
+    procs = []
+
+    def start(*args: str):
+        dump = tmp_path / "dump"
+        dump.mkdir(exist_ok=True)
+        port = free_port()
+        # -u is required when running as root; staying the same user keeps
+        # tmp_path (mode 0700 under pytest) writable for the dumps.
+        user = ["-u", pwd.getpwuid(os.getuid()).pw_name]
+        p = subprocess.Popen(
+            [tool, *user, "-h", "sink.test", "-d", f"{dump}/%M.", *args, f"127.0.0.1:{port}", "10"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        procs.append(p)
+        deadline = time.monotonic() + 10
+        while True:  # wait for the listener (a subprocess, not a timer)
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert p.poll() is None, p.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        # that probe was a session of its own; give smtp-sink its dump dir clean
+        return port, dump
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(5)
+        p.stderr.close()
+
+
+def sink_dumps(dump) -> list[tuple[dict, bytes]]:
+    """(smtp-sink headers, message body with LF line ends) per dump file."""
+    result = []
+    for name in sorted(os.listdir(dump)):
+        data = (dump / name).read_bytes()
+        lines = data.split(b"\n")
+        i = next(n for n, line in enumerate(lines) if line.startswith(b"Received: from"))
+        headers: dict = {}
+        for line in lines[:i]:
+            k, _, v = line.decode().partition(": ")
+            headers.setdefault(k, []).append(v)
+        body = b"\n".join(lines[i + 3 :])
+        assert body.endswith(b"\n")  # smtp-sink appends an empty line
+        result.append((headers, body[:-1]))
+    return result
+
+
+def test_sink_receives_1mb_with_dot_lines_at_chunk_boundaries(reactor, sink, tmp_path):
+    port, dump = sink()
+    raw = boundary_message(16)
+    assert len(raw) >= 1024 * 1024
+    path = tmp_path / "msg"
+    path.write_bytes(raw)
+    outcomes, tls = deliver(
+        reactor, port, ClientOptions("client.test", tls="may"), env_for("a@dest.test", "b@dest.test"), str(path)
+    )
+    assert [o.kind for o in outcomes] == [DELIVERED_OUTCOME, DELIVERED_OUTCOME]
+    assert outcomes[0].remote_mta == f"peer.test[127.0.0.1]:{port}"
+    assert tls is False  # smtp-sink offers no STARTTLS; "may" goes on in clear
+    (headers, body), = sink_dumps(dump)
+    assert headers["X-Mail-Args"] == ["<sender@client.test>"]
+    assert headers["X-Rcpt-Args"] == ["<a@dest.test>", "<b@dest.test>"]
+    assert headers["X-Helo-Args"] == ["client.test"]
+    expected = raw.replace(b"\r\n", b"\n")
+    assert body == expected
+
+
+def test_sink_small_messages_and_8bitmime(reactor, sink, tmp_path):
+    port, dump = sink()
+    cases = [b"", b".", b"Subject: x\r\n\r\n.\r\n..\r\n.x\r\nbare\nlf\r\nno newline at end"]
+    for n, raw in enumerate(cases):
+        path = tmp_path / f"m{n}"
+        path.write_bytes(raw)
+        outcomes, _ = deliver(
+            reactor, port, ClientOptions("client.test", tls="none"), env_for("a@dest.test", body="8BITMIME"), str(path)
+        )
+        assert outcomes[0].kind == DELIVERED_OUTCOME, outcomes
+    dumps = sink_dumps(dump)
+    assert len(dumps) == len(cases)
+    got = sorted(body for _, body in dumps)
+    want = sorted((raw.replace(b"\r\n", b"\n") + (b"\n" if raw and not raw.endswith(b"\n") else b"")) for raw in cases)
+    assert got == want
+    assert all(h["X-Mail-Args"] == ["<sender@client.test> BODY=8BITMIME"] for h, _ in dumps)
+
+
+def test_sink_soft_and_hard_rcpt_rejects(reactor, sink, tmp_path):
+    path = tmp_path / "m"
+    path.write_bytes(b"Subject: x\r\n\r\nhi\r\n")
+    port, dump = sink("-r", "RCPT")  # also turns PIPELINING off: the one-at-a-time path
+    outcomes, _ = deliver(reactor, port, ClientOptions("client.test", tls="none"), env_for("a@d.test"), str(path))
+    assert [(o.kind, o.code, o.status) for o in outcomes] == [(TEMPORARY, 450, "4.3.0")]
+    port, _ = sink("-f", "RCPT")
+    outcomes, _ = deliver(reactor, port, ClientOptions("client.test", tls="none"), env_for("a@d.test"), str(path))
+    assert [(o.kind, o.code, o.status) for o in outcomes] == [(PERMANENT, 500, "5.3.0")]
+    assert os.listdir(dump) == []  # no DATA was sent in either case
+
+
+def test_sink_421_after_mail(reactor, sink, tmp_path):
+    path = tmp_path / "m"
+    path.write_bytes(b"hi\r\n")
+    port, _ = sink("-Q", "MAIL")
+    outcomes, _ = deliver(reactor, port, ClientOptions("client.test", tls="none"), env_for("a@d.test"), str(path))
+    assert [(o.kind, o.code) for o in outcomes] == [(TEMPORARY, 421)]
+
+
+# -- (b) in-test responder ------------------------------------------------------------------
+
+
+class Responder(Protocol):
+    """
+    A minimal ESMTP server: replies by recipient local part (ok* 250,
+    tmp* 451, bad* 550), keeps each message's DATA bytes exactly as received.
+    """
+
+    def connectionMade(self):
+        self.buf = b""
+        self.data = None
+        self.tls = False
+        self.accepted = 0
+        self.transport.write(b"220 responder.test ESMTP\r\n")
+
+    def reply(self, text: str):
+        self.transport.write(text.encode() + b"\r\n")
+
+    def dataReceived(self, data):
+        self.buf += data
+        while True:
+            if self.data is not None:
+                self.data += self.buf
+                self.buf = b""
+                end = self.data.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.factory.messages.append(self.data[2 : end + 2])
+                self.buf = self.data[end + 5 :]
+                self.data = None
+                self.reply("250 2.0.0 Ok: queued")
+                continue
+            line, sep, rest = self.buf.partition(b"\r\n")
+            if not sep:
+                return
+            self.buf = rest
+            cmd = line.decode()
+            self.factory.commands.append(cmd)
+            verb = cmd.split(" ", 1)[0].upper()
+            if verb == "EHLO":
+                caps = ["responder.test", "PIPELINING", "8BITMIME", "SIZE 10000000"]
+                if self.factory.tls_options is not None and not self.tls:
+                    caps.append("STARTTLS")
+                caps.append("ENHANCEDSTATUSCODES")
+                self.transport.write(
+                    b"".join(f"250{'-' if i < len(caps) - 1 else ' '}{c}\r\n".encode() for i, c in enumerate(caps))
+                )
+            elif verb == "STARTTLS":
+                self.reply("220 2.0.0 Ready to start TLS")
+                self.transport.startTLS(self.factory.tls_options)
+                self.tls = True
+            elif verb == "MAIL":
+                self.accepted = 0
+                self.reply("250 2.1.0 Ok")
+            elif verb == "RCPT":
+                local = cmd.split("<", 1)[1].split("@", 1)[0]
+                if local.startswith("ok"):
+                    self.accepted += 1
+                    self.reply("250 2.1.5 Ok")
+                elif local.startswith("tmp"):
+                    self.reply("451 4.2.1 Mailbox busy, try later")
+                else:
+                    self.reply("550 5.1.1 <%s>: no such user" % cmd.split("<", 1)[1].split(">")[0])
+            elif verb == "DATA":
+                if self.accepted:
+                    self.data = b"\r\n"
+                    self.reply("354 End data with <CR><LF>.<CR><LF>")
+                else:
+                    self.reply("554 5.5.1 Error: no valid recipients")
+            elif verb == "RSET":
+                self.reply("250 2.0.0 Ok")
+            elif verb == "QUIT":
+                self.reply("221 2.0.0 Bye")
+                self.transport.loseConnection()
+            else:
+                self.reply("502 5.5.2 Error: command not recognized")
+
+
+class ResponderFactory(Factory):
+    protocol = Responder
+
+    def __init__(self, tls_options=None):
+        self.tls_options = tls_options
+        self.commands: list[str] = []
+        self.messages: list[bytes] = []
+
+
+@pytest.fixture
+def responder(reactor):
+    ports = []
+
+    def start(tls_options=None):
+        f = ResponderFactory(tls_options)
+        port = in_reactor(reactor, reactor.listenTCP, 0, f, interface="127.0.0.1")
+        ports.append(port)
+        return f, port.getHost().port
+
+    yield start
+    for p in ports:
+        in_reactor(reactor, p.stopListening)
+
+
+def test_responder_mixed_per_recipient_replies(reactor, responder, tmp_path):
+    f, port = responder()
+    raw = b"Subject: mixed\r\n\r\n.\r\nline\n..\r\n" + b"z" * 70000 + b"\r\n.end"
+    path = tmp_path / "m"
+    path.write_bytes(raw)
+    env = env_for("ok1@d.test", "tmp@d.test", "bad@d.test", "ok2@d.test")
+    outcomes, tls = deliver(reactor, port, ClientOptions("client.test", tls="none"), env, str(path))
+    assert [(o.recipient, o.kind, o.code, o.status) for o in outcomes] == [
+        ("ok1@d.test", DELIVERED_OUTCOME, 250, "2.0.0"),
+        ("tmp@d.test", TEMPORARY, 451, "4.2.1"),
+        ("bad@d.test", PERMANENT, 550, "5.1.1"),
+        ("ok2@d.test", DELIVERED_OUTCOME, 250, "2.0.0"),
+    ]
+    assert outcomes[2].text == f"host peer.test[127.0.0.1]:{port} said: 550 <bad@d.test>: no such user (in reply to RCPT TO command)"
+    assert f.messages == [stuff(raw)[: -len(b".\r\n")]]
+    assert f.commands == [
+        "EHLO client.test",
+        f"MAIL FROM:<sender@client.test> SIZE={len(raw)}",
+        "RCPT TO:<ok1@d.test>", "RCPT TO:<tmp@d.test>", "RCPT TO:<bad@d.test>", "RCPT TO:<ok2@d.test>",
+        "DATA", "QUIT",
+    ]
+
+
+def test_responder_all_rejected_rset_and_reuse(reactor, responder, tmp_path):
+    f, port = responder()
+    path = tmp_path / "m"
+    path.write_bytes(b"hi\r\n")
+
+    async def run():
+        ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        conn = await connect(reactor, ep, ClientOptions("client.test", tls="none"), "peer.test", "127.0.0.1", port)
+        env1 = env_for("bad@d.test", "tmp@d.test")
+        first = await conn.send(env1, env1.recipients, str(path))
+        usable = conn.usable
+        await conn.reset()
+        env2 = env_for("ok@d.test")
+        second = await conn.send(env2, env2.recipients, str(path))
+        await conn.quit()
+        return first, usable, second
+
+    first, usable, second = in_reactor(reactor, lambda: Deferred.fromCoroutine(run()))
+    assert [o.kind for o in first] == [PERMANENT, TEMPORARY]
+    assert usable
+    assert [o.kind for o in second] == [DELIVERED_OUTCOME]
+    assert f.commands == [
+        "EHLO client.test",
+        "MAIL FROM:<sender@client.test> SIZE=4", "RCPT TO:<bad@d.test>", "RCPT TO:<tmp@d.test>", "DATA",
+        "RSET",  # after the failed transaction
+        "RSET",  # conn.reset() before reuse
+        "MAIL FROM:<sender@client.test> SIZE=4", "RCPT TO:<ok@d.test>", "DATA",
+        "QUIT",
+    ]
+    assert f.messages == [b"hi\r\n"]
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A test CA and a server certificate for mx.test signed by it."""
+    d = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("mailhub test CA")).issuer_name(name("mailhub test CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(name("mx.test")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx.test")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_file = d / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    server_pem = cert.public_bytes(pem) + key.private_bytes(
+        pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    server = ssl.PrivateCertificate.loadPEM(server_pem).options()
+    return str(ca_file), server
+
+
+def test_tls_may_encrypts_without_verification(reactor, responder, pki, tmp_path):
+    _, server = pki
+    f, port = responder(server)
+    path = tmp_path / "m"
+    raw = b"Subject: tls\r\n\r\n.\r\n" + boundary_message(5)  # streamed through TLS
+    path.write_bytes(raw)
+    outcomes, tls = deliver(reactor, port, ClientOptions("client.test", tls="may"), env_for("ok@d.test"), str(path))
+    assert tls is True
+    assert [o.kind for o in outcomes] == [DELIVERED_OUTCOME]
+    assert f.commands[:3] == ["EHLO client.test", "STARTTLS", "EHLO client.test"]
+    assert f.messages == [stuff(raw)[: -len(b".\r\n")]]
+
+
+def test_tls_verify_with_test_ca(reactor, responder, pki, tmp_path):
+    ca_file, server = pki
+    f, port = responder(server)
+    path = tmp_path / "m"
+    path.write_bytes(b"hi\r\n")
+    opts = ClientOptions("client.test", tls="verify", tls_hostname="mx.test", tls_ca_file=ca_file)
+    outcomes, tls = deliver(reactor, port, opts, env_for("ok@d.test"), str(path))
+    assert tls is True and [o.kind for o in outcomes] == [DELIVERED_OUTCOME]
+
+
+def test_tls_verify_wrong_hostname_fails(reactor, responder, pki, tmp_path):
+    ca_file, server = pki
+    f, port = responder(server)
+    path = tmp_path / "m"
+    path.write_bytes(b"hi\r\n")
+    opts = ClientOptions("client.test", tls="verify", tls_hostname="other.test", tls_ca_file=ca_file)
+    with pytest.raises(SessionError) as e:
+        deliver(reactor, port, opts, env_for("ok@d.test"), str(path))
+    assert e.value.tls_failed and not e.value.permanent
+    assert f.messages == [] and "MAIL FROM:<sender@client.test> SIZE=4" not in f.commands
+
+
+def test_tls_verify_untrusted_ca_fails(reactor, responder, pki, tmp_path):
+    _, server = pki
+    f, port = responder(server)
+    opts = ClientOptions("client.test", tls="verify", tls_hostname="mx.test")  # platform trust: test CA unknown
+    with pytest.raises(SessionError) as e:
+        deliver(reactor, port, opts, env_for("ok@d.test"), str(tmp_path / "m"))
+    assert e.value.tls_failed
+    assert f.messages == []
+
+
+def test_tls_required_not_offered(reactor, responder, tmp_path):
+    f, port = responder(None)
+    with pytest.raises(SessionError) as e:
+        deliver(reactor, port, ClientOptions("client.test", tls="encrypt"), env_for("ok@d.test"), str(tmp_path / "m"))
+    assert (e.value.enhanced, e.value.permanent) == ("4.7.4", False)
+    assert f.commands[0] == "EHLO client.test"
+
+
+def test_connection_refused(reactor, tmp_path):
+    port = free_port()
+    with pytest.raises(SessionError) as e:
+        deliver(reactor, port, ClientOptions("client.test"), env_for("ok@d.test"), str(tmp_path / "m"))
+    assert e.value.enhanced == "4.4.1" and not e.value.permanent
