@@ -1,0 +1,169 @@
+"""
+Tests for mailhub.cli.queue against a real spool in tmp_path holding
+deferred envelopes made here (daemon stopped: changes go to the files).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from twisted.python import usage
+
+from mailhub.cli.queue import QueueOptions, run_queue
+from mailhub.envelope import Envelope, Recipient
+from mailhub.pickup import ensure_pickup_dirs, write_pickup
+from mailhub.spool import Spool, new_queue_id
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARRIVAL = 1_700_000_000.0
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(str(tmp_path / "spool"), fsync=False)
+    ensure_pickup_dirs(s.path)
+    return s
+
+
+def deferred(spool, sender="alice@example.org", held=False, n=0):
+    qid = new_queue_id(ARRIVAL + n)
+    env = Envelope(
+        queue_id=qid,
+        sender=sender,
+        recipients=[
+            Recipient("bob@example.com", attempts=2, last_code=451, last_status="4.4.1",
+                      last_text="connect to mx.example.com: Connection refused"),
+            Recipient("carol@example.org", state="delivered", last_code=250, last_status="2.0.0"),
+        ],
+        arrival=ARRIVAL + n,
+        next_attempt=ARRIVAL + 3600,
+        attempts=2,
+        held=held,
+        client={"protocol": "esmtp", "addr": "127.0.0.1"},
+    )
+    spool.add(env, b"From: alice@example.org\r\nSubject: deferred %d\r\n\r\nbody\r\n" % n)
+    return env
+
+
+def run(spool, *args, now=None):
+    options = QueueOptions()
+    options.parseOptions(list(args))
+    out, err = io.StringIO(), io.StringIO()
+    status = run_queue(options, spool.path, out=out, err=err, now=now)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_list_empty(spool):
+    assert run(spool, "list") == (0, "Mail queue is empty\n", "")
+    assert run(spool) == (0, "Mail queue is empty\n", "")
+
+
+def test_list(spool):
+    a = deferred(spool)
+    b = deferred(spool, sender="", held=True, n=1)
+    status, out, err = run(spool, "list")
+    assert (status, err) == (0, "")
+    size = os.path.getsize(spool.message_path(a.queue_id))
+    when = time.strftime("%a %b %e %H:%M:%S", time.localtime(ARRIVAL))
+    indent = " " * 49
+    lines = out.splitlines()
+    assert lines[0].startswith("-Queue ID-")
+    assert lines[1] == f"{a.queue_id} {size:>8} {when:20}  alice@example.org"
+    assert lines[2] == f"{indent}(451 4.4.1 connect to mx.example.com: Connection refused)"
+    assert lines[3] == f"{indent}bob@example.com"
+    assert lines[4] == f"{indent}carol@example.org [delivered]"
+    assert lines[6].startswith(f"{b.queue_id}!") and lines[6].endswith("  MAILER-DAEMON")
+    assert lines[-1] == "-- 1 Kbytes in 2 Requests."
+
+
+def test_list_shows_pickup_files(spool):
+    name = write_pickup(spool.path, "u@example.org", ["x@example.com"], [b"hi\n"], fsync=False)
+    status, out, _ = run(spool, "list")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[1].startswith("pickup") and lines[1].endswith("  u@example.org")
+    assert lines[2].strip() == f"(waiting for the daemon: pickup/new/{name}, uid {os.getuid()})"
+    assert lines[3].strip() == "x@example.com"
+    assert lines[-1] == "-- 1 Kbytes in 1 Request."
+
+
+def test_show(spool):
+    a = deferred(spool)
+    status, out, err = run(spool, "show", a.queue_id)
+    assert (status, err) == (0, "")
+    assert f"queue_id: {a.queue_id}\nsender: <alice@example.org>\n" in out
+    assert "held: no\n" in out
+    assert ("recipient: bob@example.com state=pending attempts=2 "
+            "last=451 4.4.1 connect to mx.example.com: Connection refused\n") in out
+    assert out.endswith("--- message header ---\nFrom: alice@example.org\nSubject: deferred 0\n")
+
+
+def test_show_unknown(spool):
+    assert run(spool, "show", "ABCDEFGHJK123") == (66, "", "mailhub queue: ABCDEFGHJK123: no such message\n")
+
+
+def test_delete_removes_exactly_one(spool):
+    a, b = deferred(spool), deferred(spool, n=1)
+    assert run(spool, "delete", a.queue_id) == (0, f"{a.queue_id}: deleted\n", "")
+    assert spool.queue_ids() == [b.queue_id]
+    assert not os.path.exists(spool.message_path(a.queue_id))
+    assert os.path.exists(spool.message_path(b.queue_id))
+    assert run(spool, "delete", a.queue_id)[0] == 66
+
+
+def test_delete_all(spool):
+    deferred(spool), deferred(spool, n=1)
+    status, out, _ = run(spool, "delete", "--all")
+    assert status == 0 and out.count("deleted") == 2
+    assert spool.queue_ids() == []
+
+
+def test_hold_release(spool):
+    a, b = deferred(spool), deferred(spool, n=1)
+    assert run(spool, "hold", a.queue_id) == (0, f"{a.queue_id}: on hold\n", "")
+    assert spool.load(a.queue_id).held and not spool.load(b.queue_id).held
+    assert run(spool, "list")[1].splitlines()[1].startswith(a.queue_id + "!")
+    assert run(spool, "release", a.queue_id) == (0, f"{a.queue_id}: released\n", "")
+    assert not spool.load(a.queue_id).held
+
+
+def test_flush_without_daemon_makes_messages_due(spool):
+    a, b = deferred(spool), deferred(spool, held=True, n=1)
+    status, out, _ = run(spool, "flush", now=ARRIVAL + 10)
+    assert status == 0
+    assert out.startswith(f"{a.queue_id}: flushed\n")
+    assert spool.load(a.queue_id).next_attempt == ARRIVAL + 10
+    assert spool.load(b.queue_id).next_attempt == ARRIVAL + 3600  # held: untouched
+
+
+def test_bad_ids_and_usage(spool):
+    assert run(spool, "hold", "../etc")[0] == 64
+    for args in (["hold"], ["delete"], ["delete", "--all", "X"], ["show"], ["frobnicate"]):
+        with pytest.raises(usage.UsageError):
+            QueueOptions().parseOptions(args)
+
+
+def test_no_spool(tmp_path):
+    options = QueueOptions()
+    options.parseOptions(["list"])
+    err = io.StringIO()
+    assert run_queue(options, str(tmp_path / "none"), out=io.StringIO(), err=err) == 66
+    assert "no queue at" in err.getvalue()
+
+
+def test_mailq_via_sendmail_bp(spool, tmp_path):
+    a = deferred(spool)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[spool]\npath = "{spool.path}"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "mailhub.cli.sendmail", "-C", str(config), "-bp"],
+        capture_output=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].startswith(a.queue_id.encode())

@@ -1,0 +1,332 @@
+"""
+Tests for mailhub-sendmail: the real command in subprocesses
+(C{python -m mailhub.cli.sendmail}) against a spool in tmp_path, with the
+daemon stopped; the pickup file is parsed, then PickupService queues it.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from twisted.internet import task
+
+from mailhub.cli.sendmail import Invocation, UsageError, parse_args
+from mailhub.pickup import PickupService, ensure_pickup_dirs, pickup_dirs, read_header
+from mailhub.spool import Spool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A config file and a spool with its pickup area; returns (config, spool)."""
+    spool = Spool(str(tmp_path / "spool"), fsync=False)
+    ensure_pickup_dirs(spool.path)
+    config = tmp_path / "mailhub.toml"
+    config.write_text(
+        '[server]\nhostname = "mx.example"\nmax_message_size = 2000\n'
+        '[spool]\npath = "spool"\n'
+        '[local]\ndomains = ["example.org", "localhost"]\nmailboxes = "mail"\n'
+    )
+    return str(config), spool
+
+
+def sendmail(config, args, stdin=b"", extra_env=None, **kw):
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    environ.pop("MAILHUB_CONFIG", None)
+    environ.update(extra_env or {})
+    cmd = [sys.executable, "-m", "mailhub.cli.sendmail"] + (["-C", config] if config else []) + args
+    return subprocess.run(cmd, input=stdin, capture_output=True, cwd=ROOT, env=environ, timeout=30, **kw)
+
+
+def pickup_files(spool):
+    new_dir = pickup_dirs(spool.path)[1]
+    out = []
+    for name in sorted(os.listdir(new_dir)):
+        with open(os.path.join(new_dir, name), "rb") as f:
+            header = read_header(f)
+            out.append((header, f.read()))
+    return out
+
+
+def only_pickup(spool):
+    files = pickup_files(spool)
+    assert len(files) == 1, files
+    header, body = files[0]
+    return header, body, email.message_from_bytes(body, policy=email.policy.default)
+
+
+LOGIN = __import__("pwd").getpwuid(os.getuid()).pw_name
+
+
+# -- submitting -------------------------------------------------------------------------
+
+
+def test_message_lands_in_pickup_then_gets_queued(env):
+    config, spool = env
+    r = sendmail(config, ["-f", "alice@example.org", "-F", "Alice Liddell", "bob@example.com", "carol"],
+                 b"Subject: hello\n\nline 1\nline 2\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, body, msg = only_pickup(spool)
+    assert header.sender == "alice@example.org"
+    assert header.recipients == ("bob@example.com", "carol@example.org")
+    assert header.fullname == "Alice Liddell"
+    assert msg["Subject"] == "hello"
+    assert msg["From"] == "Alice Liddell <alice@example.org>"
+    assert msg["Message-ID"].endswith("@mx.example>")
+    assert msg["Date"]
+    assert body.endswith(b"\r\n\r\nline 1\r\nline 2\r\n")
+    assert b"\n" not in body.replace(b"\r\n", b"")
+
+    clock = task.Clock()
+    queued = []
+    svc = PickupService(spool, queued.append, clock, max_size=2000, hostname="mx.example",
+                        notifier_factory=lambda c: None)
+    svc.startService()
+    clock.advance(0)
+    svc.stopService()
+    assert len(queued) == 1
+    envl = spool.load(queued[0].queue_id)
+    assert envl.sender == "alice@example.org"
+    assert [r.address for r in envl.recipients] == ["bob@example.com", "carol@example.org"]
+    assert envl.client["uid"] == os.getuid() and envl.client["user"] == LOGIN
+    assert pickup_files(spool) == []
+    with open(spool.message_path(envl.queue_id), "rb") as f:
+        data = f.read()
+    assert data.startswith(b"Received: by mx.example (mailhub, from userid %d)\r\n" % os.getuid())
+    assert data.endswith(body)
+
+
+def test_cron_like_t(env):
+    config, spool = env
+    r = sendmail(config, ["-t"], b"To: a@localhost\nSubject: x\n\nbody")
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, body, msg = only_pickup(spool)
+    assert header.sender == f"{LOGIN}@example.org"
+    assert header.recipients == ("a@localhost",)
+    assert msg["From"].endswith(f"<{LOGIN}@example.org>") or msg["From"] == f"{LOGIN}@example.org"
+    assert body.endswith(b"\r\n\r\nbody\r\n")
+
+
+def test_t_uses_to_cc_bcc_plus_arguments_and_removes_bcc(env):
+    config, spool = env
+    message = (
+        b"From: Me <me@example.org>\nTo: A <a@example.com>, b@example.com\nCc: c@example.com,\n"
+        b"  d@example.com\nBcc: secret@example.com\nSubject: s\n\nhi\n"
+    )
+    r = sendmail(config, ["-t", "-i", "extra@example.com", "a@example.com"], message)
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, body, msg = only_pickup(spool)
+    assert header.recipients == (
+        "extra@example.com", "a@example.com", "b@example.com", "c@example.com", "d@example.com",
+        "secret@example.com",
+    )
+    assert b"secret" not in body and b"Bcc" not in body
+    assert msg["From"] == "Me <me@example.org>"
+
+
+def test_present_headers_not_added(env):
+    config, spool = env
+    message = (
+        b"From: x@example.org\nDate: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <given@example.org>\n"
+        b"Subject: s\n\nbody\n"
+    )
+    r = sendmail(config, ["x@example.org"], message)
+    assert r.returncode == 0
+    _, body, _ = only_pickup(spool)
+    assert body == (
+        b"From: x@example.org\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <given@example.org>\r\n"
+        b"Subject: s\r\n\r\nbody\r\n"
+    )
+
+
+def test_lone_dot_ends_input_without_i(env):
+    config, spool = env
+    r = sendmail(config, ["a@example.org"], b"Subject: s\n\nbefore\n.\nafter\n")
+    assert r.returncode == 0
+    _, body, _ = only_pickup(spool)
+    assert body.endswith(b"\r\n\r\nbefore\r\n")
+
+
+@pytest.mark.parametrize("flag", ["-i", "-oi"])
+def test_lone_dot_kept_with_i(env, flag):
+    config, spool = env
+    r = sendmail(config, [flag, "a@example.org"], b"Subject: s\n\nbefore\n.\n..\nafter\n")
+    assert r.returncode == 0
+    _, body, _ = only_pickup(spool)
+    assert body.endswith(b"\r\n\r\nbefore\r\n.\r\n..\r\nafter\r\n")
+
+
+def test_ignored_options_accepted(env):
+    config, spool = env
+    r = sendmail(config, ["-odi", "-oem", "-B", "8BITMIME", "-N", "never", "-R", "hdrs", "-V", "id1",
+                          "-X", "/dev/null", "-v", "-bm", "-ti", "--", "a@example.org"], b"To: b@example.org\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(b"mailhub-sendmail: queued as pickup file ")
+    header, _, _ = only_pickup(spool)
+    assert header.recipients == ("a@example.org", "b@example.org")
+
+
+def test_config_from_environment(env):
+    config, spool = env
+    r = sendmail(None, ["a@example.org"], b"x\n", extra_env={"MAILHUB_CONFIG": config})
+    assert r.returncode == 0, r.stderr
+    assert len(pickup_files(spool)) == 1
+
+
+def test_null_sender(env):
+    config, spool = env
+    r = sendmail(config, ["-f", "<>", "a@example.org"], b"x\n")
+    assert r.returncode == 0
+    header, _, msg = only_pickup(spool)
+    assert header.sender == ""
+    assert msg["From"] == "MAILER-DAEMON@example.org"
+
+
+# -- exit codes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, stdin, code, message",
+    [
+        (["-Z"], b"", 64, b"mailhub-sendmail: unknown option -Z\n"),
+        (["-f"], b"", 64, b"mailhub-sendmail: option -f requires a value\n"),
+        ([], b"x\n", 64, b"mailhub-sendmail: no recipients given (use -t or list addresses)\n"),
+        (["-t"], b"Subject: x\n\nbody\n", 64,
+         b"mailhub-sendmail: no recipients found (no To, Cc or Bcc header and no address given)\n"),
+        (["bad@@example.org"], b"x\n", 67,
+         b"mailhub-sendmail: invalid recipient address 'bad@@example.org': invalid local part\n"),
+        (["-t"], b"To: a@exa mple.org\n\nx\n", 67, None),
+        (["-f", "x@@y", "a@example.org"], b"x\n", 64, None),
+        (["a@example.org"], b"x" * 3000, 65, b"mailhub-sendmail: message too large (limit 2000 bytes)\n"),
+        (["-bd"], b"", 64, None),
+    ],
+)
+def test_exit_codes(env, args, stdin, code, message):
+    config, spool = env
+    r = sendmail(config, args, stdin)
+    assert r.returncode == code, r.stderr
+    if message is not None:
+        assert r.stderr == message
+    else:
+        assert r.stderr.startswith(b"mailhub-sendmail: ")
+    assert pickup_files(spool) == []
+    assert os.listdir(pickup_dirs(spool.path)[0]) == []
+
+
+def test_missing_pickup_directory_is_cantcreat(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[spool]\npath = "{tmp_path}/nospool"\n')
+    r = sendmail(str(config), ["a@localhost"], b"x\n")
+    assert r.returncode == 73
+    assert r.stderr.startswith(b"mailhub-sendmail: cannot write to the pickup directory ")
+
+
+def test_bad_config_is_ex_config(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nmax_message_size = -1\n")
+    r = sendmail(str(config), ["a@localhost"], b"x\n")
+    assert r.returncode == 78
+    assert b"server.max_message_size" in r.stderr
+
+
+def test_newaliases_mode(env):
+    config, _ = env
+    r = sendmail(config, ["-bi"])
+    assert r.returncode == 0
+
+
+# -- -bs ----------------------------------------------------------------------------------------
+
+
+class PipeSMTP(smtplib.SMTP):
+    """smtplib over an already connected socket (one end of a socketpair)."""
+
+    def __init__(self, sock):
+        self._pipe = sock
+        super().__init__()
+
+    def _get_socket(self, host, port, timeout):
+        return self._pipe
+
+
+def test_bs_with_smtplib(env):
+    config, spool = env
+    ours, theirs = socket.socketpair()
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailhub.cli.sendmail", "-C", config, "-bs"],
+        stdin=theirs, stdout=theirs, cwd=ROOT, env=environ,
+    )
+    theirs.close()
+    try:
+        s = PipeSMTP(ours)
+        code, greeting = s.connect("pipe")
+        assert (code, greeting) == (220, b"mx.example ESMTP mailhub (sendmail -bs)")
+        code, text = s.ehlo("client.example")
+        assert code == 250
+        assert s.has_extn("enhancedstatuscodes") and s.has_extn("8bitmime") and s.has_extn("pipelining")
+        assert s.esmtp_features["size"] == "2000"
+        assert s.docmd("DATA") == (503, b"5.5.1 Error: need MAIL command")
+        assert s.docmd("RCPT TO:<a@example.org>") == (503, b"5.5.1 Error: need MAIL command")
+        assert s.mail("<sender@example.org>") == (250, b"2.1.0 Ok")
+        assert s.docmd("MAIL FROM:<x@example.org>") == (503, b"5.5.1 Error: nested MAIL command")
+        assert s.rcpt("<bad@@x>") == (501, b"5.1.3 Bad recipient address syntax: invalid local part")
+        assert s.rcpt("<to@example.com>") == (250, b"2.1.5 Ok")
+        assert s.rcpt("<root>") == (250, b"2.1.5 Ok")
+        code, text = s.data(b"Subject: via bs\r\n\r\n.leading dot\r\n..\r\nend\r\n")
+        assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
+        assert s.noop() == (250, b"2.0.0 Ok")
+        assert s.docmd("BOGUS") == (500, b"5.5.2 Error: command not recognized")
+        assert s.mail("<s@example.org>", ["SIZE=5000"]) == (552, b"5.3.4 Message size exceeds fixed limit")
+        assert s.rset() == (250, b"2.0.0 Ok")
+        assert s.mail("<s@example.org>") == (250, b"2.1.0 Ok")
+        assert s.rcpt("<to@example.com>") == (250, b"2.1.5 Ok")
+        assert s.data(b"x" * 2500 + b"\r\n") == (552, b"5.3.4 Error: message too large")
+        assert s.mail("<s@example.org>") == (250, b"2.1.0 Ok")
+        assert s.quit() == (221, b"2.0.0 Bye")
+    finally:
+        ours.close()
+        assert proc.wait(10) == 0
+    header, body, msg = only_pickup(spool)
+    assert header.sender == "sender@example.org"
+    assert header.recipients == ("to@example.com", "root@example.org")
+    assert msg["Subject"] == "via bs"
+    assert body.endswith(b"\r\n\r\n.leading dot\r\n..\r\nend\r\n")
+    assert msg["Message-ID"] and msg["Date"]
+    assert os.listdir(pickup_dirs(spool.path)[0]) == []
+
+
+# -- argument parsing (in process) ------------------------------------------------------------
+
+
+def test_parse_args_grouped_and_attached():
+    inv = parse_args(["-ti", "-fme@example.org", "-FMe Myself", "-C", "/c.toml", "a@b.example", "-x"])
+    assert inv == Invocation(
+        mode="m", recipients=["a@b.example", "-x"], extract=True, dots=False,
+        sender="me@example.org", fullname="Me Myself", config="/c.toml",
+    )
+
+
+@pytest.mark.parametrize(
+    "prog, argv, mode, qid",
+    [("mailq", [], "p", None), ("newaliases", [], "i", None), ("sendmail", ["-q"], "q", None),
+     ("sendmail", ["-qIABCDEFGH12"], "q", "ABCDEFGH12"), ("sendmail", ["-bp"], "p", None),
+     ("sendmail", ["-q30m"], "q", None), ("sendmail", ["-I"], "i", None)],
+)
+def test_parse_modes(prog, argv, mode, qid):
+    inv = parse_args(argv, prog)
+    assert (inv.mode, inv.queue_id) == (mode, qid)
+
+
+def test_parse_unsupported_b():
+    with pytest.raises(UsageError):
+        parse_args(["-bv", "a@b.example"])
