@@ -41,7 +41,7 @@ _ID_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTVWXYZ"
 
 def new_queue_id(now: float | None = None) -> str:
     """
-    A new queue id: 10 characters of microseconds since the epoch (so ids
+    A new queue id: 11 characters of microseconds since the epoch (so ids
     sort by arrival) and 6 random ones, from an alphabet that is safe in a
     file name and unambiguous to read aloud.
     """
@@ -95,7 +95,11 @@ class SpoolWriter:
 
     def write(self, data: bytes) -> None:
         """Append C{data}.  Raises C{OSError} (e.g. ENOSPC) to the caller."""
-        self._file.write(data)
+        # An unbuffered file may write less than asked (e.g. disk nearly
+        # full): loop, or the message is silently truncated.
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
         self.size += len(data)
 
     def commit(self, envelope: Envelope) -> None:
@@ -157,15 +161,18 @@ class Spool:
     def _commit(self, tmp_message: str, envelope: Envelope) -> None:
         qid = envelope.queue_id
         os.rename(tmp_message, self.message_path(qid))
-        if self.fsync:
-            _fsync_dir(os.path.join(self.path, "new"))
         try:
+            if self.fsync:
+                _fsync_dir(os.path.join(self.path, "new"))
             self._write_envelope(envelope)
         except BaseException:
-            try:
-                os.unlink(self.message_path(qid))
-            except OSError:
-                pass
+            # Nothing may stay queued when commit fails (the client gets a
+            # 4xx): the envelope too, if the failure came after its rename.
+            for path in (self.envelope_path(qid), self.message_path(qid)):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             raise
 
     def _write_envelope(self, envelope: Envelope) -> None:
@@ -198,18 +205,32 @@ class Spool:
         writer.commit(envelope)
 
     def update(self, envelope: Envelope) -> None:
-        """Atomically replace the envelope of a queued message."""
+        """
+        Atomically replace the envelope of a queued message.
+
+        @raise KeyError: the message is gone (removed meanwhile); writing an
+            envelope without its message would leave a ghost in the queue.
+        """
+        if not os.path.exists(self.message_path(envelope.queue_id)):
+            raise KeyError(envelope.queue_id)
         self._write_envelope(envelope)
 
     def remove(self, queue_id: str) -> None:
         """Dequeue a message: envelope first, so a crash leaves an orphan, not a ghost."""
-        for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            os.unlink(self.envelope_path(queue_id))
+        except FileNotFoundError:
+            pass
+        # The envelope's removal must be durable before the message goes,
+        # or a crash could keep the envelope and lose the message.
         if self.fsync:
             _fsync_dir(os.path.join(self.path, "envelopes"))
+        try:
+            os.unlink(self.message_path(queue_id))
+        except FileNotFoundError:
+            pass
 
     # -- reading ------------------------------------------------------------------
 
@@ -286,6 +307,9 @@ class Spool:
                 env = self.load(qid)
             except (KeyError, EnvelopeFormatError, OSError) as e:
                 self._quarantine(path, f"unreadable envelope: {e}")
+                # its message was acknowledged: keep it next to the envelope
+                if os.path.exists(self.message_path(qid)):
+                    self._quarantine(self.message_path(qid), "message of an unreadable envelope")
                 continue
             if not os.path.exists(self.message_path(qid)):
                 self._quarantine(path, "envelope without message")

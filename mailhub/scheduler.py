@@ -1,0 +1,530 @@
+"""
+The queue manager: when each queued message is tried, how many at once,
+and what an attempt's outcomes mean (retry, bounce, expire, done).
+
+Owns: time.  A heap of C{(due, seq, queue_id)} and one C{callLater} on the
+injected C{IReactorTime}, armed for the earliest due time; the concurrency
+limit; the retry policy (backoff from attempts, clamped, jittered, capped
+by the queue lifetime); turning failures into RFC 3464 bounces (new
+messages from C{<>}, never to C{<>}); the per-recipient delivery log lines.
+
+Must not touch: message bytes or the network (the delivery agents do),
+the spool's files (only through L{Spool}'s methods), configuration files.
+Nothing here polls: a message is looked at when it is due, never before.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random as _random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import bounce
+from .envelope import FAILED, PENDING, Envelope, Outcome, Recipient
+from .maillog import mail_event
+from .spool import Spool, new_queue_id
+
+__all__ = ["RetryPolicy", "Scheduler", "EXPIRED_STATUS"]
+
+log = Logger()
+
+#: RFC 3463 "delivery time expired".
+EXPIRED_STATUS = "4.4.7"
+
+DeliverFunction = Callable[[Envelope, list[Recipient]], "Deferred[list[Outcome]]"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """
+    When to try again (Postfix minimal_backoff_time, maximal_backoff_time,
+    maximal_queue_lifetime, delay_warning_time).
+
+    The backoff doubles with each attempt from C{min_backoff} up to
+    C{max_backoff}, varied by +-C{jitter} (a fraction) so that messages
+    deferred together (a destination down) do not come back together, and
+    never scheduled past the message's expiry, so the last attempt happens
+    exactly when the lifetime ends.
+    """
+
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    max_queue_lifetime: float = 432000.0
+    delay_warning: float = 0.0
+    jitter: float = 0.1
+
+    def backoff(self, attempts: int, random: Callable[[], float] = _random.random) -> float:
+        """Seconds to wait after the C{attempts}-th failed round (1 for the first)."""
+        base = min(self.max_backoff, self.min_backoff * 2.0 ** min(max(attempts - 1, 0), 60))
+        if self.jitter:
+            base *= 1.0 + self.jitter * (2.0 * random() - 1.0)
+        return max(0.0, min(base, self.max_backoff))
+
+    def expires(self, envelope: Envelope) -> float:
+        """When the message's pending recipients are given up."""
+        return envelope.arrival + self.max_queue_lifetime
+
+    def next_attempt(self, envelope: Envelope, now: float, random: Callable[[], float] = _random.random) -> float:
+        """The time of the next round after a round that ended at C{now}."""
+        return min(now + self.backoff(envelope.attempts, random), max(now, self.expires(envelope)))
+
+
+class Scheduler(service.Service):
+    """
+    Dispatches due messages to C{deliver} and acts on the outcomes.
+
+    Invariants: a queue id is at most once in flight; at most
+    C{concurrency} messages are in flight; a message's state is on disk
+    (C{spool.update}) before its next attempt is armed; a spool error never
+    drops a message from the queue, it only postpones it.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        deliver: DeliverFunction,
+        clock: IReactorTime,
+        policy: RetryPolicy,
+        concurrency: int = 100,
+        hostname: str = "localhost",
+        random: Callable[[], float] = _random.random,
+        postmaster: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.spool = spool
+        self.deliver = deliver
+        self.clock = clock
+        self.policy = policy
+        self.concurrency = concurrency
+        self.hostname = hostname
+        self.random = random
+        #: where undeliverable bounces go, once
+        self.postmaster = postmaster or f"postmaster@{hostname}"
+        self._queue: dict[str, Envelope] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._scheduled: dict[str, tuple[int, float]] = {}  # qid -> (seq, due) of its live heap entry
+        self._seq = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._in_flight: dict[str, Deferred] = {}
+        self._after: dict[str, float] = {}  # enqueue/flush that arrived while in flight
+        self._removed: set[str] = set()  # remove() that arrived while in flight
+        self._idle: list[Deferred] = []
+        self._pumping = False
+        self._repump = False
+
+    # -- service ---------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Recover the spool and queue every pending message at its persisted time."""
+        service.Service.startService(self)
+        for envelope in self.spool.recover():
+            self.enqueue(envelope)
+        log.info("scheduler: {count} message(s) in the queue", count=len(self._queue))
+
+    def stopService(self) -> Deferred:
+        """Stop dispatching; fires when every delivery in flight has finished and been recorded."""
+        service.Service.stopService(self)
+        self._cancel_timer()
+        if not self._in_flight:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d
+
+    # -- public queue operations ---------------------------------------------------
+
+    def enqueue(self, envelope: Envelope) -> None:
+        """A committed message: due at C{envelope.next_attempt} (at once when that is past)."""
+        qid = envelope.queue_id
+        if qid in self._in_flight:
+            self._after[qid] = min(self._after.get(qid, math.inf), envelope.next_attempt)
+            return
+        self._queue[qid] = envelope
+        if envelope.held:
+            self._unschedule(qid)
+            return
+        # a persisted time further away than any backoff means the clock
+        # was set back: never wait longer than max_backoff
+        due = min(envelope.next_attempt, self.clock.seconds() + self.policy.max_backoff)
+        self._schedule(qid, due)
+        self._pump()
+
+    def flush(self, queue_id: str | None = None) -> None:
+        """
+        Make one message (or every queued one) due now.  Held messages stay
+        held.  A message in flight is tried again as soon as its round ends.
+
+        @raise KeyError: C{queue_id} is not queued.
+        """
+        now = self.clock.seconds()
+        if queue_id is not None:
+            ids = [queue_id]
+            if queue_id not in self._queue:
+                raise KeyError(queue_id)
+        else:
+            ids = sorted(self._queue)  # queue ids sort by arrival
+        for qid in ids:
+            if qid in self._in_flight:
+                self._after[qid] = now
+            elif not self._queue[qid].held:
+                self._schedule(qid, now)
+        self._pump()
+
+    def hold(self, queue_id: str) -> None:
+        """Put a message on hold: kept, persisted as held, never dispatched until released."""
+        env = self._queue[queue_id]
+        env.held = True
+        self._unschedule(queue_id)
+        self._persist(env)
+        mail_event("hold", "{queue_id}: held", queue_id=queue_id)
+        self._arm()
+
+    def release(self, queue_id: str) -> None:
+        """Release a held message to its normal schedule."""
+        env = self._queue[queue_id]
+        env.held = False
+        self._persist(env)
+        mail_event("release", "{queue_id}: released from hold", queue_id=queue_id)
+        if queue_id not in self._in_flight:
+            self._schedule(queue_id, env.next_attempt)
+            self._pump()
+
+    def remove(self, queue_id: str) -> None:
+        """Delete a message from the queue (after its round, if it is in flight)."""
+        if queue_id not in self._queue:
+            raise KeyError(queue_id)
+        if queue_id in self._in_flight:
+            self._removed.add(queue_id)
+            return
+        self._drop(queue_id, "removed by operator")
+
+    def next_due(self, queue_id: str) -> float | None:
+        """When C{queue_id} is next dispatched, or C{None} (held, in flight, unknown)."""
+        entry = self._scheduled.get(queue_id)
+        return None if entry is None else entry[1]
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._in_flight)
+
+    # -- heap and timer ------------------------------------------------------------
+
+    def _schedule(self, qid: str, due: float) -> None:
+        seq = next(self._seq)
+        self._scheduled[qid] = (seq, due)
+        heapq.heappush(self._heap, (due, seq, qid))
+        if len(self._heap) > 2 * len(self._scheduled) + 1024:
+            # too many stale entries (flushes, holds): rebuild, O(n)
+            self._heap = [(due, seq, q) for q, (seq, due) in self._scheduled.items()]
+            heapq.heapify(self._heap)
+
+    def _unschedule(self, qid: str) -> None:
+        self._scheduled.pop(qid, None)
+
+    def _peek(self) -> tuple[float, int, str] | None:
+        """The earliest live entry, dropping stale ones (lazy deletion)."""
+        heap = self._heap
+        while heap:
+            due, seq, qid = heap[0]
+            live = self._scheduled.get(qid)
+            if live is not None and live[0] == seq:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _arm(self) -> None:
+        """Keep the one timer on the earliest due time (or none when nothing can run)."""
+        entry = self._peek()
+        if not self.running or entry is None or len(self._in_flight) >= self.concurrency:
+            # at the limit, the end of a round pumps and re-arms
+            self._cancel_timer()
+            return
+        due = entry[0]
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() != due:
+                self._timer.reset(max(0.0, due - self.clock.seconds()))
+            return
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Dispatch every due message a free slot allows, earliest first; then re-arm."""
+        if self._pumping:
+            self._repump = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._repump = False
+                now = self.clock.seconds()
+                while self.running and len(self._in_flight) < self.concurrency:
+                    entry = self._peek()
+                    if entry is None or entry[0] > now:
+                        break
+                    heapq.heappop(self._heap)
+                    qid = entry[2]
+                    del self._scheduled[qid]
+                    self._dispatch(qid)
+                if not self._repump:
+                    break
+        finally:
+            self._pumping = False
+        self._arm()
+
+    # -- one round -------------------------------------------------------------------
+
+    def _dispatch(self, qid: str) -> None:
+        env = self._queue.get(qid)
+        if env is None or env.held:
+            return
+        if qid in self._in_flight:  # cannot happen; never deliver twice at once
+            self._after[qid] = self.clock.seconds()
+            return
+        recipients = env.pending_recipients()
+        if not recipients:
+            retry = self._finish(env)
+            if retry is not None:
+                self._schedule(qid, retry)
+            return
+        env.attempts += 1
+        d = defer.maybeDeferred(self.deliver, env, list(recipients))
+        self._in_flight[qid] = d
+        d.addErrback(self._deliver_failed, env, recipients)
+        d.addCallback(self._round_done, env, recipients)
+        d.addErrback(self._round_failed, env)
+        d.addCallback(self._round_over, qid)
+
+    def _deliver_failed(self, failure: Failure, env: Envelope, recipients: list[Recipient]) -> list[Outcome]:
+        """An exception from deliver() is a temporary failure of every recipient given."""
+        log.failure("{queue_id}: delivery failed with an exception", failure, queue_id=env.queue_id)
+        text = f"delivery error: {failure.getErrorMessage()}"
+        return [Outcome.temporary(r.address, text, 451, "4.3.0") for r in recipients]
+
+    def _round_done(self, outcomes: list[Outcome], env: Envelope, recipients: list[Recipient]) -> float | None:
+        """Record outcomes, bounce, warn, persist.  Returns the next due time, or None when finished."""
+        now = self.clock.seconds()
+        given = {r.address for r in recipients}
+        seen: set[str] = set()
+        for o in outcomes:
+            if o.recipient not in given or o.recipient in seen:
+                log.warn("{queue_id}: ignoring outcome for {rcpt}", queue_id=env.queue_id, rcpt=o.recipient)
+                continue
+            seen.add(o.recipient)
+            env.apply(o, now)
+        for r in recipients:
+            if r.address not in seen:
+                env.apply(Outcome.temporary(r.address, "delivery agent reported no outcome", 451, "4.3.0"), now)
+
+        failed = [r for r in recipients if r.state == FAILED]
+        expired = []
+        if now - env.arrival >= self.policy.max_queue_lifetime:
+            for r in env.pending_recipients():
+                # the DSN says 4.4.7; the last real error stays readable in
+                # the text (and so in Diagnostic-Code)
+                if r.last_status and not r.last_text.startswith(r.last_status):
+                    r.last_text = f"{r.last_status} {r.last_text}"
+                r.state = FAILED
+                r.last_status = EXPIRED_STATUS
+                expired.append(r)
+        for r in recipients:
+            self._log_delivery(env, r, now, r in expired)
+
+        bounced = failed + expired
+        if bounced and not self._notify(env, bounced, now, bounce.FAILED_ACTION):
+            # the bounce could not be queued: do not lose it, try again later
+            for r in bounced:
+                r.state = PENDING
+        pending = env.pending_recipients()
+        if (
+            pending
+            and self.policy.delay_warning > 0
+            and not env.warned
+            and env.sender
+            and now - env.arrival >= self.policy.delay_warning
+        ):
+            if self._notify(env, pending, now, bounce.DELAYED_ACTION):
+                env.warned = True
+
+        if env.done:
+            return self._finish(env)
+        due = self.policy.next_attempt(env, now, self.random)
+        env.next_attempt = due
+        if not self._persist(env):
+            due = max(due, now + self.policy.min_backoff)
+        return due
+
+    def _round_failed(self, failure: Failure, env: Envelope) -> float:
+        """A bug while recording a round: log it, keep the message, try later."""
+        log.failure("{queue_id}: error recording delivery outcomes", failure, queue_id=env.queue_id)
+        now = self.clock.seconds()
+        env.next_attempt = now + self.policy.min_backoff
+        self._persist(env)
+        return env.next_attempt
+
+    def _round_over(self, due: float | None, qid: str) -> None:
+        """Free the slot, apply what arrived meanwhile (flush, remove, hold), pump."""
+        del self._in_flight[qid]
+        after = self._after.pop(qid, None)
+        env = self._queue.get(qid)
+        if qid in self._removed:
+            self._removed.discard(qid)
+            if env is not None:
+                try:
+                    self._drop(qid, "removed by operator")
+                except (OSError, KeyError):
+                    pass
+        elif env is not None and due is not None and not env.held:
+            if after is not None:
+                due = min(due, after)
+            self._schedule(qid, due)
+        if not self._in_flight and self._idle:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+        self._pump()
+
+    # -- persistence --------------------------------------------------------------------
+
+    def _persist(self, env: Envelope) -> bool:
+        try:
+            self.spool.update(env)
+        except (OSError, KeyError) as e:
+            log.error("{queue_id}: cannot update the envelope: {error}", queue_id=env.queue_id, error=e)
+            return False
+        return True
+
+    def _finish(self, env: Envelope) -> float | None:
+        """Every recipient is final: dequeue.  On a spool error, retry the removal later."""
+        qid = env.queue_id
+        try:
+            self.spool.remove(qid)
+        except (OSError, KeyError) as e:
+            log.error("{queue_id}: cannot remove from the spool: {error}", queue_id=qid, error=e)
+            self._persist(env)  # at least never deliver the done recipients again
+            return self.clock.seconds() + self.policy.min_backoff
+        del self._queue[qid]
+        self._unschedule(qid)
+        mail_event("removed", "{queue_id}: removed", queue_id=qid)
+        return None
+
+    def _drop(self, qid: str, why: str) -> None:
+        self.spool.remove(qid)
+        self._queue.pop(qid, None)
+        self._unschedule(qid)
+        mail_event("removed", "{queue_id}: removed ({why})", queue_id=qid, why=why)
+
+    # -- notifications ---------------------------------------------------------------------
+
+    @staticmethod
+    def _wants(r: Recipient, action: str) -> bool:
+        """RFC 3461 NOTIFY: no keywords means the default (failures and delays)."""
+        notify = {n.upper() for n in r.notify}
+        if not notify:
+            return True
+        return (("FAILURE" if action == bounce.FAILED_ACTION else "DELAY") in notify) and "NEVER" not in notify
+
+    def _notify(self, env: Envelope, recipients: list[Recipient], now: float, action: str) -> bool:
+        """
+        Queue a DSN about C{recipients}.  Returns False only when it could
+        not be queued (spool error), so the caller keeps the recipients.
+        """
+        qid = env.queue_id
+        recipients = [r for r in recipients if self._wants(r, action)]
+        if not recipients:
+            return True
+        to = env.sender
+        client: dict[str, Any] = {"protocol": "dsn", "bounce_of": qid}
+        if not env.sender:
+            if action != bounce.FAILED_ACTION:
+                return True
+            if env.client.get("double_bounce"):
+                mail_event("bounce", "{queue_id}: undeliverable postmaster notification discarded", queue_id=qid)
+                return True
+            if all(r.address.lower() == self.postmaster.lower() for r in recipients):
+                mail_event("bounce", "{queue_id}: undeliverable bounce to postmaster discarded", queue_id=qid)
+                return True
+            to = self.postmaster
+            client["double_bounce"] = True
+        try:
+            message = bounce.make_dsn(
+                env,
+                recipients,
+                self.spool.message_path(qid),
+                self.hostname,
+                now,
+                action,
+                qid,
+                to=to,
+                retry_until=self.policy.expires(env),
+            )
+            esmtp: dict[str, Any] = {}
+            if not message.isascii():
+                esmtp["body"] = "8BITMIME"
+            if not to.isascii():
+                esmtp["smtputf8"] = True
+            dsn = Envelope(
+                queue_id=new_queue_id(now),
+                sender="",
+                recipients=[Recipient(to)],
+                arrival=now,
+                next_attempt=now,
+                esmtp=esmtp,
+                client=client,
+            )
+            self.spool.add(dsn, message)
+        except OSError as e:
+            log.error("{queue_id}: cannot queue a {action} notification: {error}", queue_id=qid, action=action, error=e)
+            return False
+        kind = "delay notification" if action == bounce.DELAYED_ACTION else (
+            "postmaster non-delivery notification" if client.get("double_bounce") else "sender non-delivery notification"
+        )
+        mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind=kind, dsn_id=dsn.queue_id)
+        self.enqueue(dsn)
+        return True
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def _log_delivery(self, env: Envelope, r: Recipient, now: float, expired: bool) -> None:
+        if r.state == PENDING:
+            status, text = "deferred", r.last_text
+        elif r.state == FAILED:
+            status = "bounced"
+            text = f"delivery time expired; last error: {r.last_text}" if expired else r.last_text
+        else:
+            status, text = "sent", r.last_text
+        mail_event(
+            "delivery",
+            "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, relay={relay}, delay={delay}, "
+            "attempts={attempts}, dsn={dsn}, status={status} ({text})",
+            queue_id=env.queue_id,
+            to=r.address,
+            orig_to=r.original,
+            relay=r.remote_mta or "local",
+            delay=("%.2f" % max(0.0, now - env.arrival)).rstrip("0").rstrip("."),
+            attempts=r.attempts,
+            dsn=r.last_status,
+            status=status,
+            text=text,
+        )

@@ -1,0 +1,195 @@
+"""
+DSN tests: every field is parsed back with Python's email package.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from mailhub.bounce import FULL_LIMIT, HEADERS_LIMIT, make_dsn
+from mailhub.envelope import FAILED, PENDING, Envelope, Recipient
+
+ORIGINAL = (
+    b"Received: from client\r\n\tby mx\r\nFrom: Alice <alice@example.com>\r\n"
+    b"Subject: lunch\r\nMessage-ID: <orig@example.com>\r\n\r\nsecret body line\r\n"
+)
+NOW = 1_700_000_000.0
+
+
+def rcpt(address="bob@example.org", **kw) -> Recipient:
+    defaults = dict(state=FAILED, attempts=2, last_code=550, last_status="5.1.1", last_text="user unknown", last_attempt=NOW)
+    defaults.update(kw)
+    return Recipient(address, **defaults)
+
+
+def env(recipients, sender="alice@example.com", **kw) -> Envelope:
+    return Envelope("0ABCDEFGHJK123456", sender, recipients, arrival=NOW - 3600, **kw)
+
+
+def parse(raw: bytes):
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def blocks(msg):
+    part = msg.get_payload()[1]
+    return [dict(b.items()) for b in part.get_payload()]
+
+
+def test_failed_dsn_fields():
+    r = rcpt(original="b@example.org", remote_mta="mx.example.org")
+    raw = make_dsn(env([r]), [r], ORIGINAL, "mail.example.com", NOW)
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only
+    msg = parse(raw)
+    assert not msg.defects
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mail.example.com>"
+    assert msg["To"] == "alice@example.com"
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["MIME-Version"] == "1.0"
+    assert msg["Message-ID"] == "<0ABCDEFGHJK123456.1700000000000000.failed@mail.example.com>"
+    assert parsedate_to_datetime(msg["Date"]).timestamp() == NOW
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = msg.get_payload()
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    human = parts[0].get_content()
+    assert human.startswith("This is the mail system at host mail.example.com.")
+    assert "<bob@example.org> (expanded from <b@example.org>): host mx.example.org said: 550 5.1.1 user unknown" in human
+    per_msg, per_rcpt = blocks(msg)
+    assert per_msg == {
+        "Reporting-MTA": "dns; mail.example.com",
+        "X-Mailhub-Queue-ID": "0ABCDEFGHJK123456",
+        "X-Mailhub-Sender": "rfc822; alice@example.com",
+        "Arrival-Date": "Tue, 14 Nov 2023 21:13:20 +0000",
+    }
+    assert per_rcpt == {
+        "Original-Recipient": "rfc822; b@example.org",
+        "Final-Recipient": "rfc822; bob@example.org",
+        "Action": "failed",
+        "Status": "5.1.1",
+        "Remote-MTA": "dns; mx.example.org",
+        "Diagnostic-Code": "smtp; 550 5.1.1 user unknown",
+        "Last-Attempt-Date": "Tue, 14 Nov 2023 22:13:20 +0000",
+    }
+    headers = parts[2].get_payload()
+    assert "Subject: lunch" in headers and "Message-ID: <orig@example.com>" in headers
+    assert "secret body line" not in headers
+
+
+def test_several_recipients_and_no_original_recipient_when_same():
+    a = rcpt("a@example.org")
+    b = rcpt("b@example.org", last_code=552, last_status="5.2.2", last_text="mailbox full")
+    msg = parse(make_dsn(env([a, b]), [a, b], ORIGINAL, "h", NOW))
+    _, ra, rb = blocks(msg)
+    assert "Original-Recipient" not in ra and "Remote-MTA" not in ra
+    assert rb["Final-Recipient"] == "rfc822; b@example.org"
+    assert rb["Diagnostic-Code"] == "smtp; 552 5.2.2 mailbox full"
+
+
+def test_delayed_dsn():
+    r = rcpt(state=PENDING, last_code=451, last_status="4.2.0", last_text="busy")
+    raw = make_dsn(env([r]), [r], ORIGINAL, "h.example", NOW, "delayed", retry_until=NOW + 86400)
+    msg = parse(raw)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    _, per = blocks(msg)
+    assert per["Action"] == "delayed" and per["Status"] == "4.2.0"
+    assert per["Will-Retry-Until"] == "Wed, 15 Nov 2023 22:13:20 +0000"
+    assert "THIS IS A WARNING ONLY" in msg.get_payload()[0].get_content()
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_unknown_action_refused():
+    with pytest.raises(ValueError):
+        make_dsn(env([rcpt()]), [rcpt()], ORIGINAL, "h", NOW, "relayed")
+
+
+def test_expired_recipient_text():
+    r = rcpt(last_code=451, last_status="4.4.7", last_text="4.2.0 mailbox busy")
+    msg = parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW))
+    _, per = blocks(msg)
+    assert per["Status"] == "4.4.7"
+    assert per["Diagnostic-Code"] == "smtp; 451 4.2.0 mailbox busy"
+    assert "delivery time expired; last error: 4.2.0 mailbox busy" in msg.get_payload()[0].get_content()
+
+
+def test_local_error_without_code():
+    r = rcpt(last_code=0, last_status="5.0.0", last_text="mailbox is a file")
+    _, per = blocks(parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW)))
+    assert per["Diagnostic-Code"] == "X-Mailhub; mailbox is a file"
+
+
+def test_ret_full_returns_the_message():
+    r = rcpt()
+    msg = parse(make_dsn(env([r], esmtp={"ret": "FULL"}), [r], ORIGINAL, "h", NOW))
+    part = msg.get_payload()[2]
+    assert part.get_content_type() == "message/rfc822"
+    inner = part.get_payload()[0]
+    assert inner["Subject"] == "lunch"
+    assert inner.get_content().strip() == "secret body line"
+
+
+def test_ret_full_too_big_returns_headers_only():
+    r = rcpt()
+    big = ORIGINAL + b"x" * (FULL_LIMIT + 10) + b"\r\n"
+    msg = parse(make_dsn(env([r], esmtp={"ret": "FULL"}), [r], big, "h", NOW))
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_original_from_file_path_and_bare_lf(tmp_path):
+    path = tmp_path / "msg"
+    path.write_bytes(b"Subject: from file\nX-A: 1\n\nbody\n")
+    r = rcpt()
+    raw = make_dsn(env([r]), [r], str(path), "h", NOW)
+    assert b"Subject: from file\r\nX-A: 1\r\n" in raw
+    assert b"body" not in raw.split(b"text/rfc822-headers")[1]
+
+
+def test_missing_original_still_gives_a_dsn(tmp_path):
+    r = rcpt()
+    msg = parse(make_dsn(env([r]), [r], str(tmp_path / "gone"), "h", NOW))
+    assert "original message unavailable" in msg.get_payload()[2].get_payload()
+
+
+def test_huge_header_block_is_bounded():
+    r = rcpt()
+    original = b"".join(b"X-Filler-%06d: %s\r\n" % (i, b"y" * 60) for i in range(5000)) + b"\r\nbody\r\n"
+    raw = make_dsn(env([r]), [r], original, "h", NOW)
+    assert len(raw) < HEADERS_LIMIT + 8000
+    headers = parse(raw).get_payload()[2].get_payload()
+    assert headers.endswith("\n") and "X-Filler-000000" in headers
+
+
+def test_no_header_injection():
+    r = rcpt(last_text="bad\r\nBcc: victim@example.net\r\n\r\nx")
+    raw = make_dsn(env([r]), [r], ORIGINAL, "h", NOW)
+    msg = parse(raw)
+    assert msg["Bcc"] is None
+    _, per = blocks(msg)
+    assert per["Diagnostic-Code"] == "smtp; 550 5.1.1 bad Bcc: victim@example.net x"
+    assert "Bcc" not in per
+
+
+def test_utf8_addresses_use_rfc6533():
+    r = rcpt("jösé@exämple.org", original="jösé@exämple.org")
+    raw = make_dsn(env([r], sender="ålice@example.com"), [r], ORIGINAL, "h", NOW)
+    msg = parse(raw)
+    assert msg["To"] == "ålice@example.com"
+    status = msg.get_payload()[1]
+    assert status.get_content_type() == "message/global-delivery-status"
+    text = status.as_bytes().decode("utf-8")
+    assert "Final-Recipient: utf-8; jösé@exämple.org" in text
+    assert "X-Mailhub-Sender: utf-8; ålice@example.com" in text
+
+
+def test_boundary_not_in_content():
+    r = rcpt()
+    first = make_dsn(env([r]), [r], ORIGINAL, "h", NOW)
+    boundary = parse(first).get_boundary()
+    tricky = b"Subject: --" + boundary.encode() + b"\r\n\r\nx\r\n"
+    msg = parse(make_dsn(env([r]), [r], tricky, "h", NOW))
+    assert msg.get_boundary() != boundary
+    assert len(msg.get_payload()) == 3

@@ -1,0 +1,140 @@
+"""
+Router tests with a fake directory (is_local) and fake delivery agents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+from mailhub.address import normalize_domain
+from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
+from mailhub.router import NO_RELAY_TEXT, Router
+from mailhub.spool import Spool
+
+
+class FakeDirectory:
+    def __init__(self, *domains: str) -> None:
+        self.domains = {normalize_domain(d) for d in domains}
+
+    def is_local(self, domain: str) -> bool:
+        return normalize_domain(domain) in self.domains
+
+
+@dataclass
+class FakeAgent:
+    auto: bool = True
+    calls: list = field(default_factory=list)
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> Deferred:
+        d: Deferred = Deferred()
+        self.calls.append(([r.address for r in recipients], message_path, d))
+        if self.auto:
+            d.callback([Outcome.delivered(r.address) for r in recipients])
+        return d
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    return Spool(str(tmp_path / "spool"), fsync=False)
+
+
+ENV = Envelope(
+    "0ABCDEFGHJK123456",
+    "a@example.com",
+    [Recipient("me@Local.Example"), Recipient("far@remote.example"), Recipient("you@local.example")],
+    arrival=0.0,
+)
+
+
+def run(router: Router, recipients=None) -> list[Outcome]:
+    results = []
+    router(ENV, recipients or ENV.recipients).addCallback(results.append)
+    assert results, "router result did not fire"
+    return results[0]
+
+
+def test_split_by_domain(spool):
+    local, remote = FakeAgent(), FakeAgent()
+    out = run(Router(spool, FakeDirectory("local.example"), local, remote))
+    assert local.calls[0][:2] == (["me@Local.Example", "you@local.example"], spool.message_path(ENV.queue_id))
+    assert remote.calls[0][0] == ["far@remote.example"]
+    assert [o.recipient for o in out] == [r.address for r in ENV.recipients]
+    assert all(o.kind == DELIVERED_OUTCOME for o in out)
+
+
+def test_no_remote_agent_is_temporary(spool):
+    local = FakeAgent()
+    out = run(Router(spool, FakeDirectory("local.example"), local))
+    far = out[1]
+    assert (far.kind, far.code, far.status, far.text) == (TEMPORARY, 451, "4.4.0", NO_RELAY_TEXT)
+    assert out[0].kind == DELIVERED_OUTCOME and out[2].kind == DELIVERED_OUTCOME
+
+
+def test_agents_run_concurrently(spool):
+    local, remote = FakeAgent(auto=False), FakeAgent(auto=False)
+    results = []
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients).addCallback(results.append)
+    assert len(local.calls) == 1 and len(remote.calls) == 1 and not results
+    remote.calls[0][2].callback([Outcome.permanent("far@remote.example", "no such user", 550, "5.1.1")])
+    assert not results
+    local.calls[0][2].callback([Outcome.delivered("me@Local.Example"), Outcome.delivered("you@local.example")])
+    [out] = results
+    assert [o.kind for o in out] == [DELIVERED_OUTCOME, PERMANENT, DELIVERED_OUTCOME]
+
+
+@pytest.mark.parametrize("how", ["raise", "errback"])
+def test_agent_failure_only_affects_its_recipients(spool, how):
+    class Broken:
+        def deliver(self, envelope, recipients, message_path):
+            if how == "raise":
+                raise RuntimeError("boom")
+            return defer.fail(RuntimeError("boom"))
+
+    remote = FakeAgent()
+    out = run(Router(spool, FakeDirectory("local.example"), Broken(), remote))
+    assert [o.kind for o in out] == [TEMPORARY, DELIVERED_OUTCOME, TEMPORARY]
+    assert out[0].code == 451 and out[0].status == "4.3.0" and "boom" in out[0].text
+
+
+def test_missing_and_stray_outcomes(spool):
+    class Sloppy:
+        def deliver(self, envelope, recipients, message_path):
+            return defer.succeed([Outcome.delivered("me@Local.Example"), Outcome.delivered("far@remote.example")])
+
+    remote = FakeAgent(auto=False)
+    results = []
+    Router(spool, FakeDirectory("local.example"), Sloppy(), remote)(ENV, ENV.recipients).addCallback(results.append)
+    # the local agent's claim about the remote recipient is ignored
+    remote.calls[0][2].callback([Outcome.temporary("far@remote.example", "busy")])
+    [out] = results
+    assert [o.kind for o in out] == [DELIVERED_OUTCOME, TEMPORARY, TEMPORARY]
+    assert out[1].text == "busy"
+    assert out[2].text == "delivery agent reported no outcome"
+
+
+def test_bad_addresses(spool):
+    local = FakeAgent()
+    rcpts = [Recipient("nodomain"), Recipient("x@-bad-.example"), Recipient("ok@local.example")]
+    out = run(Router(spool, FakeDirectory("local.example"), local, FakeAgent()), rcpts)
+    assert [(o.kind, o.status) for o in out] == [(PERMANENT, "5.1.3"), (PERMANENT, "5.1.2"), (DELIVERED_OUTCOME, "2.0.0")]
+    assert local.calls[0][0] == ["ok@local.example"]
+
+
+def test_only_remote_recipients_without_agent(spool):
+    local = FakeAgent()
+    out = run(Router(spool, FakeDirectory("local.example"), local), [Recipient("far@remote.example")])
+    assert [o.kind for o in out] == [TEMPORARY] and local.calls == []
+
+
+def test_with_the_real_directory(spool, tmp_path):
+    directory_module = pytest.importorskip("mailhub.directory")
+    directory = directory_module.Directory(["local.example"], str(tmp_path / "mailboxes"))
+    local, remote = FakeAgent(), FakeAgent()
+    run(Router(spool, directory, local, remote))
+    assert local.calls[0][0] == ["me@Local.Example", "you@local.example"]
+    assert remote.calls[0][0] == ["far@remote.example"]

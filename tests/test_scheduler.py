@@ -1,0 +1,576 @@
+"""
+Scheduler tests: a task.Clock, a real Spool in tmp_path, and a fake
+deliver() whose Deferreds the tests fire (or which answers from a script).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent, globalLogPublisher
+
+from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
+from mailhub.scheduler import RetryPolicy, Scheduler
+from mailhub.spool import Spool
+
+T0 = 1_700_000_000.0
+BODY = b"Subject: hello\r\nFrom: alice@example.com\r\nMessage-ID: <m1@example.com>\r\n\r\nHi there.\r\n"
+
+
+@dataclass
+class Call:
+    envelope: Envelope
+    recipients: list[str]
+    deferred: Deferred
+    at: float
+
+
+@dataclass
+class FakeDeliver:
+    """deliver(): records each call; answers from C{script} at once, or leaves the Deferred to the test."""
+
+    clock: task.Clock
+    script: dict = field(default_factory=dict)  # address -> list of (code, status, text) to answer in turn
+    auto: bool = True
+    calls: list[Call] = field(default_factory=list)
+
+    def __call__(self, envelope: Envelope, recipients: list[Recipient]) -> Deferred:
+        d: Deferred = Deferred()
+        self.calls.append(Call(envelope, [r.address for r in recipients], d, self.clock.seconds()))
+        if self.auto:
+            d.callback([self.answer(r.address) for r in recipients])
+        return d
+
+    def answer(self, address: str) -> Outcome:
+        answers = self.script.get(address)
+        code, status, text = answers.pop(0) if answers else (250, "2.0.0", "delivered")
+        if code < 400:
+            return Outcome.delivered(address, text)
+        if code < 500:
+            return Outcome.temporary(address, text, code, status)
+        return Outcome.permanent(address, text, code, status, remote_mta="mx.example.net")
+
+    def to(self, address: str) -> list[Call]:
+        return [c for c in self.calls if address in c.recipients]
+
+
+@pytest.fixture
+def clock() -> task.Clock:
+    c = task.Clock()
+    c.advance(T0)
+    return c
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    return Spool(str(tmp_path / "spool"), fsync=False)
+
+
+@pytest.fixture
+def events():
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+def delivery_lines(events: list[dict]) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("mail_event") == "delivery"]
+
+
+def queue(spool: Spool, clock: task.Clock, rcpts=("bob@example.org",), sender="alice@example.com", body=BODY, **kw) -> Envelope:
+    writer = spool.new_message()
+    writer.write(body)
+    env = Envelope(
+        queue_id=writer.queue_id,
+        sender=sender,
+        recipients=[r if isinstance(r, Recipient) else Recipient(r) for r in rcpts],
+        arrival=clock.seconds(),
+        next_attempt=clock.seconds(),
+        **kw,
+    )
+    writer.commit(env)
+    return env
+
+
+def make(spool, clock, deliver, policy=None, **kw) -> Scheduler:
+    s = Scheduler(spool, deliver, clock, policy or RetryPolicy(jitter=0.0), hostname="mx.example.org", **kw)
+    s.startService()
+    return s
+
+
+def on_disk(spool: Spool, qid: str) -> dict:
+    with open(spool.envelope_path(qid), "rb") as f:
+        return json.loads(f.read())
+
+
+def dsns(spool: Spool) -> list[tuple[Envelope, email.message.EmailMessage]]:
+    """Every queued message from <> with its parsed bytes."""
+    out = []
+    for env in spool:
+        if env.sender == "":
+            with open(spool.message_path(env.queue_id), "rb") as f:
+                out.append((env, email.message_from_bytes(f.read(), policy=email.policy.default)))
+    return out
+
+
+def report(msg) -> tuple[dict, list[dict]]:
+    """(per-message fields, [per-recipient fields]) of a parsed DSN."""
+    status = msg.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    blocks = [dict(b.items()) for b in status.get_payload()]
+    return blocks[0], blocks[1:]
+
+
+# -- retries ----------------------------------------------------------------------
+
+
+def test_temporary_three_times_then_delivered_at_backoff_times(spool, clock, events):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "try later")] * 3})
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    assert [c.at for c in deliver.calls] == [T0]
+    assert on_disk(spool, env.queue_id)["next_attempt"] == T0 + 300
+    clock.advance(299.9)
+    assert len(deliver.calls) == 1
+    clock.advance(0.1)
+    assert len(deliver.calls) == 2
+    clock.advance(600)
+    clock.advance(1200)
+    assert [c.at for c in deliver.calls] == [T0, T0 + 300, T0 + 900, T0 + 2100]
+    assert spool.queue_ids() == [] and len(s) == 0
+    assert not clock.getDelayedCalls()
+    lines = delivery_lines(events)
+    assert lines[0] == (
+        f"{env.queue_id}: to=<bob@example.org>, orig_to=<bob@example.org>, relay=local, delay=0, "
+        "attempts=1, dsn=4.2.0, status=deferred (try later)"
+    )
+    assert lines[-1] == (
+        f"{env.queue_id}: to=<bob@example.org>, orig_to=<bob@example.org>, relay=local, delay=2100, "
+        "attempts=4, dsn=2.0.0, status=sent (delivered)"
+    )
+
+
+def test_backoff_doubles_clamps_and_jitters():
+    p = RetryPolicy(min_backoff=300, max_backoff=4000, jitter=0.1)
+    assert [p.backoff(n, lambda: 0.5) for n in (1, 2, 3, 4, 5, 6, 1000)] == [300, 600, 1200, 2400, 4000, 4000, 4000]
+    assert p.backoff(1, lambda: 0.0) == pytest.approx(270)
+    assert p.backoff(1, lambda: 1.0) == pytest.approx(330)
+    assert p.backoff(5, lambda: 1.0) == 4000  # never past max_backoff
+    env = Envelope("ABCDEFGHJK", "a@b.c", [Recipient("x@y.z")], arrival=0.0, attempts=3)
+    q = RetryPolicy(max_queue_lifetime=1000, jitter=0)
+    assert q.next_attempt(env, 100.0) == 1000.0  # capped at the expiry
+    env.attempts = 1
+    assert q.next_attempt(env, 100.0) == 400.0
+
+
+def test_one_timer_for_the_earliest_message(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    s = make(spool, clock, deliver)
+    late = queue(spool, clock)
+    late.next_attempt = T0 + 500
+    early = queue(spool, clock)
+    early.next_attempt = T0 + 100
+    s.enqueue(late)
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [T0 + 500]
+    s.enqueue(early)
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [T0 + 100]
+    clock.advance(100)
+    assert [c.envelope.queue_id for c in deliver.calls] == [early.queue_id]
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [T0 + 500]
+
+
+# -- bounces ------------------------------------------------------------------------
+
+
+def test_permanent_failure_gives_exactly_one_bounce(spool, clock, events):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(550, "5.1.1", "user unknown")]})
+    env = queue(spool, clock, rcpts=[Recipient("bob@example.org", original="b@example.org")])
+    make(spool, clock, deliver)
+    # original gone; the bounce queued, delivered to the sender and gone too
+    assert env.queue_id not in spool.queue_ids()
+    bounce_calls = deliver.to("alice@example.com")
+    assert len(bounce_calls) == 1
+    b = bounce_calls[0].envelope
+    assert b.sender == "" and [r.address for r in b.recipients] == ["alice@example.com"]
+    assert b.client["bounce_of"] == env.queue_id
+    assert spool.queue_ids() == []
+    bounce_events = [e for e in events if e.get("mail_event") == "bounce"]
+    assert len(bounce_events) == 1 and bounce_events[0]["dsn_id"] == b.queue_id
+
+
+def test_bounce_bytes_parse_back(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(550, "5.1.1", "user unknown")]})
+    deliver_bounces = FakeDeliver(clock, auto=False)
+
+    def route(envelope, rcpts):
+        return (deliver_bounces if envelope.sender == "" else deliver)(envelope, rcpts)
+
+    env = queue(spool, clock, rcpts=[Recipient("bob@example.org", original="b@example.org")])
+    make(spool, clock, route)
+    [(benv, msg)] = dsns(spool)
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mx.example.org>"
+    assert msg["To"] == "alice@example.com"
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    per_msg, [rcpt] = report(msg)
+    assert per_msg["Reporting-MTA"] == "dns; mx.example.org"
+    assert per_msg["X-Mailhub-Queue-ID"] == env.queue_id
+    assert rcpt["Final-Recipient"] == "rfc822; bob@example.org"
+    assert rcpt["Original-Recipient"] == "rfc822; b@example.org"
+    assert rcpt["Action"] == "failed"
+    assert rcpt["Status"] == "5.1.1"
+    assert rcpt["Remote-MTA"] == "dns; mx.example.net"
+    assert rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 user unknown"
+    headers = msg.get_payload()[2]
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert "Message-ID: <m1@example.com>" in headers.get_payload()
+    assert "Hi there." not in headers.get_payload()
+
+
+def test_expiry_bounces_with_4_4_7(spool, clock):
+    policy = RetryPolicy(min_backoff=300, max_backoff=4000, max_queue_lifetime=1000, jitter=0)
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "mailbox busy")] * 10})
+    deliver_bounces = FakeDeliver(clock, auto=False)
+    route = lambda e, r: (deliver_bounces if e.sender == "" else deliver)(e, r)
+    env = queue(spool, clock)
+    make(spool, clock, route, policy)
+    clock.advance(300)
+    clock.advance(600)
+    assert on_disk(spool, env.queue_id)["next_attempt"] == T0 + 1000  # not T0 + 2100
+    clock.advance(100)
+    assert [c.at for c in deliver.calls] == [T0, T0 + 300, T0 + 900, T0 + 1000]
+    assert env.queue_id not in spool.queue_ids()
+    [(benv, msg)] = dsns(spool)
+    _, [rcpt] = report(msg)
+    assert rcpt["Action"] == "failed"
+    assert rcpt["Status"] == "4.4.7"
+    assert rcpt["Diagnostic-Code"] == "smtp; 451 4.2.0 mailbox busy"
+    assert "delivery time expired" in msg.get_payload()[0].get_content()
+    clock.advance(100000)
+    assert len(deliver.calls) == 4
+
+
+def test_mixed_outcomes(spool, clock):
+    deliver = FakeDeliver(
+        clock,
+        {
+            "ok@example.org": [(250, "2.0.0", "delivered")],
+            "gone@example.org": [(550, "5.1.1", "no such user")],
+            "busy@example.org": [(452, "4.2.2", "over quota")],
+        },
+    )
+    deliver_bounces = FakeDeliver(clock, auto=False)
+    route = lambda e, r: (deliver_bounces if e.sender == "" else deliver)(e, r)
+    env = queue(spool, clock, rcpts=("ok@example.org", "gone@example.org", "busy@example.org"))
+    make(spool, clock, route)
+    states = {r["address"]: r["state"] for r in on_disk(spool, env.queue_id)["recipients"]}
+    assert states == {"ok@example.org": DELIVERED, "gone@example.org": FAILED, "busy@example.org": PENDING}
+    [(benv, msg)] = dsns(spool)
+    _, rcpts = report(msg)
+    assert [r["Final-Recipient"] for r in rcpts] == ["rfc822; gone@example.org"]
+    clock.advance(300)
+    assert deliver.calls[-1].recipients == ["busy@example.org"]
+    assert spool.queue_ids() == [benv.queue_id]  # original done and removed
+
+
+def test_null_sender_gets_no_bounce_but_postmaster_gets_one_double_bounce(spool, clock, events):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(550, "5.1.1", "user unknown")]})
+    to_postmaster = FakeDeliver(clock, {"postmaster@mx.example.org": [(550, "5.2.0", "postmaster broken")]})
+    route = lambda e, r: (to_postmaster if e.client.get("double_bounce") else deliver)(e, r)
+    env = queue(spool, clock, sender="")
+    make(spool, clock, route)
+    # one double bounce to the postmaster, and it failed too: nothing more
+    assert len(to_postmaster.calls) == 1
+    dbl = to_postmaster.calls[0].envelope
+    assert dbl.sender == "" and dbl.client["double_bounce"] is True
+    assert [r.address for r in dbl.recipients] == ["postmaster@mx.example.org"]
+    assert not any(r.address == "" for c in deliver.calls + to_postmaster.calls for r in c.envelope.recipients)
+    assert spool.queue_ids() == []
+    clock.advance(100000)
+    assert len(deliver.calls) == 1 and len(to_postmaster.calls) == 1
+    texts = [formatEvent(e) for e in events if e.get("mail_event") == "bounce"]
+    assert any("postmaster non-delivery notification" in t for t in texts)
+    assert any(f"{dbl.queue_id}: undeliverable postmaster notification discarded" == t for t in texts)
+
+
+def test_double_bounce_message_itself_never_bounces(spool, clock):
+    deliver = FakeDeliver(clock, {"x@example.org": [(550, "5.1.1", "no")]})
+    queue(spool, clock, sender="", rcpts=("x@example.org",), client={"double_bounce": True})
+    make(spool, clock, deliver)
+    assert len(deliver.calls) == 1 and spool.queue_ids() == []
+
+
+def test_notify_never_suppresses_the_bounce(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(550, "5.1.1", "no")]})
+    queue(spool, clock, rcpts=[Recipient("bob@example.org", notify=["NEVER"])])
+    make(spool, clock, deliver)
+    assert len(deliver.calls) == 1 and spool.queue_ids() == []
+
+
+def test_delay_warning_sent_once(spool, clock):
+    policy = RetryPolicy(delay_warning=500, jitter=0)
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "busy")] * 10})
+    deliver_bounces = FakeDeliver(clock, auto=False)
+    route = lambda e, r: (deliver_bounces if e.sender == "" else deliver)(e, r)
+    env = queue(spool, clock)
+    make(spool, clock, route, policy)
+    clock.advance(300)
+    assert dsns(spool) == []
+    clock.advance(600)  # round at age 900 >= 500
+    [(benv, msg)] = dsns(spool)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    _, [rcpt] = report(msg)
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.2.0"
+    assert "Will-Retry-Until" in rcpt
+    assert on_disk(spool, env.queue_id)["warned"] is True
+    clock.advance(1200)
+    clock.advance(2400)
+    assert len(dsns(spool)) == 1
+
+
+# -- persistence ---------------------------------------------------------------------
+
+
+def test_restart_resumes_at_persisted_time(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "later")]})
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    assert on_disk(spool, env.queue_id)["next_attempt"] == T0 + 300
+    assert on_disk(spool, env.queue_id)["attempts"] == 1
+    s.stopService()
+    assert not clock.getDelayedCalls()
+
+    clock2 = task.Clock()
+    clock2.advance(T0 + 100)
+    deliver2 = FakeDeliver(clock2)
+    s2 = make(Spool(spool.path, fsync=False), clock2, deliver2)
+    assert deliver2.calls == [] and s2.next_due(env.queue_id) == T0 + 300
+    clock2.advance(199)
+    assert deliver2.calls == []
+    clock2.advance(1)
+    assert [c.at for c in deliver2.calls] == [T0 + 300]
+    assert spool.queue_ids() == []
+
+
+def test_restart_keeps_held_messages_held(spool, clock):
+    env = queue(spool, clock, held=True)
+    deliver = FakeDeliver(clock)
+    s = make(spool, clock, deliver)
+    clock.advance(10000)
+    assert deliver.calls == [] and len(s) == 1 and s.next_due(env.queue_id) is None
+
+
+def test_spool_update_error_keeps_message(spool, clock, monkeypatch):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "later")]})
+    env = queue(spool, clock)
+
+    def broken(envelope):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "update", broken)
+    s = make(spool, clock, deliver)
+    assert len(s) == 1 and s.next_due(env.queue_id) == T0 + 300
+    monkeypatch.undo()
+    clock.advance(300)
+    assert len(deliver.calls) == 2 and spool.queue_ids() == []
+
+
+def test_spool_remove_error_persists_and_retries_removal(spool, clock, monkeypatch):
+    deliver = FakeDeliver(clock)
+    env = queue(spool, clock)
+    real_remove = spool.remove
+
+    def broken(qid):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(spool, "remove", broken)
+    s = make(spool, clock, deliver)
+    assert on_disk(spool, env.queue_id)["recipients"][0]["state"] == DELIVERED
+    monkeypatch.setattr(spool, "remove", real_remove)
+    clock.advance(300)
+    assert len(deliver.calls) == 1  # removal retried, no second delivery
+    assert spool.queue_ids() == [] and len(s) == 0
+
+
+# -- concurrency and in-flight ------------------------------------------------------------
+
+
+def test_concurrency_limit(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    envs = [queue(spool, clock) for _ in range(5)]
+    s = Scheduler(spool, deliver, clock, RetryPolicy(jitter=0), concurrency=2)
+    s.startService()  # recovers all five, all due now
+    ids = sorted(e.queue_id for e in envs)
+    assert [c.envelope.queue_id for c in deliver.calls] == ids[:2]
+    assert s.in_flight == set(ids[:2])
+    assert not clock.getDelayedCalls()  # at the limit: no timer, the end of a round pumps
+    deliver.calls[1].deferred.callback([Outcome.delivered("bob@example.org")])
+    assert [c.envelope.queue_id for c in deliver.calls] == ids[:3]
+    assert s.in_flight == {ids[0], ids[2]}
+    clock.advance(1000)
+    assert len(deliver.calls) == 3
+    while any(not c.deferred.called for c in deliver.calls):
+        assert len(s.in_flight) <= 2
+        next(c for c in deliver.calls if not c.deferred.called).deferred.callback([Outcome.delivered("bob@example.org")])
+    assert [c.envelope.queue_id for c in deliver.calls] == ids
+    assert spool.queue_ids() == [] and s.in_flight == frozenset()
+
+
+def test_ready_queue_is_fifo_by_due_time(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    s = Scheduler(spool, deliver, clock, RetryPolicy(jitter=0), concurrency=1)
+    s.startService()
+    blocker = queue(spool, clock)
+    s.enqueue(blocker)
+    waiting = []
+    for due in (T0 - 5, T0 - 50, T0 - 20):
+        e = queue(spool, clock)
+        e.next_attempt = due
+        s.enqueue(e)
+        waiting.append(e)
+    assert len(deliver.calls) == 1
+    for _ in range(3):
+        deliver.calls[-1].deferred.callback([Outcome.delivered("bob@example.org")])
+    order = [c.envelope.queue_id for c in deliver.calls[1:]]
+    assert order == [waiting[1].queue_id, waiting[2].queue_id, waiting[0].queue_id]
+
+
+def test_never_dispatched_twice_at_once_and_flush_remembered(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    assert len(deliver.calls) == 1
+    s.flush(env.queue_id)
+    s.enqueue(env)
+    s.flush()
+    assert len(deliver.calls) == 1
+    deliver.calls[0].deferred.callback([Outcome.temporary("bob@example.org", "busy")])
+    # the flush asked during the round makes it due at once, not in 300 s
+    assert len(deliver.calls) == 2 and deliver.calls[1].at == T0
+
+
+def test_flush(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "later")]})
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    clock.advance(10)
+    assert len(deliver.calls) == 1
+    s.flush(env.queue_id)
+    assert len(deliver.calls) == 2 and deliver.calls[1].at == T0 + 10
+    with pytest.raises(KeyError):
+        s.flush("NOSUCHQUEUEID")
+
+
+def test_hold_release_remove(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "later")] * 2})
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    s.hold(env.queue_id)
+    assert on_disk(spool, env.queue_id)["held"] is True
+    s.flush()
+    clock.advance(1000)
+    assert len(deliver.calls) == 1
+    s.release(env.queue_id)
+    assert on_disk(spool, env.queue_id)["held"] is False
+    assert len(deliver.calls) == 2 and deliver.calls[1].at == T0 + 1000  # its due time had passed
+    s.remove(env.queue_id)
+    assert spool.queue_ids() == [] and len(s) == 0
+    clock.advance(100000)
+    assert len(deliver.calls) == 2
+
+
+def test_remove_while_in_flight_waits_for_the_round(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    s.remove(env.queue_id)
+    assert spool.queue_ids() == [env.queue_id]  # message still being read
+    deliver.calls[0].deferred.callback([Outcome.temporary("bob@example.org", "busy")])
+    assert spool.queue_ids() == [] and len(s) == 0 and not clock.getDelayedCalls()
+
+
+def test_stop_service_waits_for_deliveries(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    other = queue(spool, clock)
+    other.next_attempt = T0 + 50
+    s.enqueue(other)
+    assert len(deliver.calls) == 1
+    stopped = s.stopService()
+    assert not stopped.called and not clock.getDelayedCalls()
+    deliver.calls[0].deferred.callback([Outcome.temporary("bob@example.org", "busy")])
+    assert stopped.called
+    assert on_disk(spool, env.queue_id)["next_attempt"] == T0 + 300  # recorded
+    clock.advance(1000)
+    assert len(deliver.calls) == 1  # stopped: nothing more dispatched
+
+
+@pytest.mark.parametrize("how", ["raise", "errback"])
+def test_deliver_exception_is_temporary(spool, clock, how):
+    calls = []
+
+    def deliver(envelope, recipients):
+        calls.append(clock.seconds())
+        if how == "raise":
+            raise RuntimeError("agent bug")
+        return defer.fail(RuntimeError("agent bug"))
+
+    env = queue(spool, clock, rcpts=("a@example.org", "b@example.org"))
+    s = make(spool, clock, deliver)
+    disk = on_disk(spool, env.queue_id)
+    assert [r["state"] for r in disk["recipients"]] == [PENDING, PENDING]
+    assert [r["last_code"] for r in disk["recipients"]] == [451, 451]
+    assert "agent bug" in disk["recipients"][0]["last_text"]
+    assert s.next_due(env.queue_id) == T0 + 300
+    clock.advance(300)
+    assert calls == [T0, T0 + 300]
+
+
+def test_unreported_recipient_is_temporary(spool, clock):
+    def deliver(envelope, recipients):
+        return defer.succeed([Outcome.delivered("a@example.org"), Outcome.delivered("stranger@example.org")])
+
+    env = queue(spool, clock, rcpts=("a@example.org", "b@example.org"))
+    make(spool, clock, deliver)
+    states = [r["state"] for r in on_disk(spool, env.queue_id)["recipients"]]
+    assert states == [DELIVERED, PENDING]
+
+
+def test_hundred_thousand_messages_schedule_quickly(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    s = make(spool, clock, deliver)
+    envs = [
+        Envelope(f"{i:012d}AAAA", "a@example.com", [Recipient("b@example.org")], arrival=T0, next_attempt=T0 + 10 + (i * 7919) % 100000)
+        for i in range(100_000)
+    ]
+    start = time.perf_counter()
+    for e in envs:
+        s.enqueue(e)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, elapsed
+    assert len(clock.getDelayedCalls()) == 1
+    assert clock.getDelayedCalls()[0].getTime() == T0 + 10
+    assert len(s) == 100_000
+
+
+def test_clock_set_back_never_waits_longer_than_max_backoff(spool, clock):
+    env = queue(spool, clock)
+    env.next_attempt = T0 + 10 * 86400
+    spool.update(env)
+    deliver = FakeDeliver(clock)
+    s = make(spool, clock, deliver)
+    assert s.next_due(env.queue_id) == T0 + 4000
+    clock.advance(4000)
+    assert len(deliver.calls) == 1
