@@ -1,0 +1,573 @@
+"""
+Local domains, mailboxes and aliases: who exists here, and where their mail goes.
+
+Owns: the answer to "is this a local domain?", "does this local address
+exist, and to which final addresses does it expand?" (aliases(5) file,
+address extensions, the postmaster rule) and "which Maildir is this
+address?" (a path that is never outside the mailbox root).  Reads the
+aliases file (reloading it lazily when it changes) and looks at, but never
+writes, the mailbox tree.
+
+Must not touch: message bytes, the spool, the network, the reactor.  The
+one place that creates Maildirs is L{mailhub.local}; the one place that
+turns a L{RecipientError} into an SMTP reply is the policy/server.
+
+Layout: mail for C{user@domain} lives in C{<mailboxes>/<domain>/<user>/},
+where C{domain} is the normalised domain (lower case, IDNA A-labels) and
+C{user} is L{address.Mailbox.local_key} (unquoted, case-folded).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from . import address
+from .address import AddressError, Mailbox
+
+__all__ = [
+    "RecipientError",
+    "UnknownRecipient",
+    "AliasLoop",
+    "InvalidMailbox",
+    "UnsafeMailbox",
+    "AliasesError",
+    "Directory",
+    "parse_aliases",
+    "MAX_ALIAS_DEPTH",
+    "MAX_ALIAS_FANOUT",
+]
+
+log = Logger()
+
+#: Nesting limit of alias expansion (sendmail's MaxAliasRecursion is 10, Postfix's 1000).
+MAX_ALIAS_DEPTH = 20
+#: Most addresses one recipient may expand to (Postfix duplicate_filter_limit is 1000).
+MAX_ALIAS_FANOUT = 1000
+#: The aliases file is stat()ed at most this often (seconds of the injected clock).
+RELOAD_INTERVAL = 1.0
+
+
+class RecipientError(Exception):
+    """
+    A recipient cannot be accepted.  Carries the SMTP reply as data so the
+    server answers with exactly these codes.
+
+    @ivar code: SMTP reply code, e.g. 550.
+    @ivar enhanced: RFC 3463 enhanced status code, e.g. C{"5.1.1"}.
+    @ivar text: human-readable reply text.
+    """
+
+    code = 550
+    enhanced = "5.1.1"
+    text = "recipient rejected"
+
+    def __init__(self, code: int | None = None, enhanced: str | None = None, text: str | None = None) -> None:
+        if code is not None:
+            self.code = code
+        if enhanced is not None:
+            self.enhanced = enhanced
+        if text is not None:
+            self.text = text
+        super().__init__(f"{self.code} {self.enhanced} {self.text}")
+
+
+class UnknownRecipient(RecipientError):
+    """No such mailbox or alias (Postfix: "User unknown in local recipient table")."""
+
+    code = 550
+    enhanced = "5.1.1"
+    text = "User unknown in local recipient table"
+
+
+class AliasLoop(RecipientError):
+    """Alias expansion loops without reaching a mailbox, or nests too deep."""
+
+    code = 550
+    enhanced = "5.4.6"
+    text = "alias loop"
+
+
+class InvalidMailbox(RecipientError):
+    """A local part that can never be a directory name (C{..}, C{/}, NUL...)."""
+
+    code = 550
+    enhanced = "5.1.3"
+    text = "invalid mailbox name"
+
+
+class UnsafeMailbox(RecipientError):
+    """
+    The mailbox path resolves outside the mailbox root (a symlink).  Temporary
+    on purpose: it is a configuration problem an operator can fix, and mail
+    waiting for that fix must not bounce.
+    """
+
+    code = 451
+    enhanced = "4.3.5"
+    text = "mailbox location not allowed"
+
+
+class AliasesError(ValueError):
+    """The aliases file cannot be read or has a syntax error (C{"FILE:LINE: problem"})."""
+
+
+# -- the aliases(5) file -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One parsed alias target: a local part (same domain) or a full address."""
+
+    local: str  # folded local part
+    domain: str | None  # normalised domain, or None for "the alias's own domain"
+    text: str  # as written, for remote addresses
+
+
+_UNSUPPORTED = ("|", "/", ":include:", '"|', '"/')
+
+
+def _split_targets(text: str) -> list[str]:
+    """Split C{a, "b, c", d} on commas outside double quotes."""
+    out, cur, quoted, escaped = [], [], False, False
+    for ch in text:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\" and quoted:
+            cur.append(ch)
+            escaped = True
+        elif ch == '"':
+            cur.append(ch)
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return [t for t in out if t]
+
+
+def _parse_target(raw: str) -> _Target:
+    """@raise ValueError: if C{raw} is not a usable address."""
+    if "@" in raw:
+        mb = address.parse_mailbox(raw)  # AddressError is a ValueError
+        local = mb.local_key
+        if not address.is_safe_local_part(local):
+            raise ValueError("unsafe local part")
+        return _Target(local, mb.domain_key, raw)
+    if raw.startswith('"'):
+        if len(raw) < 2 or not raw.endswith('"'):
+            raise ValueError("unbalanced quotes")
+        local = Mailbox(raw, "x").local_key
+    else:
+        local = raw.lower()
+        if any(c.isspace() for c in local):
+            raise ValueError("not a valid local part")
+    if not address.is_safe_local_part(local):
+        raise ValueError("not a valid local part")
+    return _Target(local, None, raw)
+
+
+def _parse_key(raw: str) -> tuple[str, str | None]:
+    """(folded local part, normalised domain or None)."""
+    name = raw.strip()
+    quoted = name.startswith('"') and name.endswith('"') and len(name) > 1
+    if quoted:
+        name = Mailbox(name, "x").local_key
+        domain = None
+    elif "@" in name:
+        local, _, dom = name.rpartition("@")
+        try:
+            domain = address.normalize_domain(dom)
+        except AddressError as e:
+            raise ValueError(f"invalid domain in alias name {raw!r}: {e}")
+        name = Mailbox(local, dom).local_key
+    else:
+        name = name.lower()
+        domain = None
+    if not name or not address.is_safe_local_part(name) or (not quoted and any(c.isspace() for c in name)):
+        raise ValueError(f"invalid alias name {raw!r}")
+    return name, domain
+
+
+def parse_aliases(text: str, filename: str = "<aliases>") -> dict[tuple[str, str | None], tuple[_Target, ...]]:
+    """
+    Parse aliases(5) text into C{{(name, domain or None): targets}}.
+
+    Syntax: C{name: target, target, ...}; a line starting with whitespace
+    continues the previous entry; lines whose first non-blank character is
+    C{#} and blank lines are ignored.  Names are case-insensitive.  Targets
+    C{|command}, C{/file} and C{:include:} are not supported: each is
+    ignored with one warning naming the file and line.  A target that is not
+    a valid address is ignored the same way.
+
+    @raise AliasesError: on a syntax error (C{"FILE:LINE: problem"}).
+    """
+    # Logical lines: (first physical line number, text).
+    entries: list[tuple[int, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t":
+            if not entries:
+                raise AliasesError(f"{filename}:{number}: continuation line without an alias before it")
+            first, prev = entries[-1]
+            entries[-1] = (first, prev + " " + line.strip())
+            continue
+        entries.append((number, line.rstrip()))
+    table: dict[tuple[str, str | None], tuple[_Target, ...]] = {}
+    for number, line in entries:
+        name, sep, rest = line.partition(":")
+        if not sep:
+            raise AliasesError(f"{filename}:{number}: missing ':' after the alias name")
+        try:
+            key = _parse_key(name)
+        except ValueError as e:
+            raise AliasesError(f"{filename}:{number}: {e}")
+        if key in table:
+            log.warn(
+                "aliases: {filename}:{line}: duplicate alias {name!r} ignored, the first one is used",
+                filename=filename, line=number, name=name.strip(),
+            )
+            continue
+        targets: list[_Target] = []
+        for raw in _split_targets(rest):
+            if raw.lower().startswith(_UNSUPPORTED):
+                log.warn(
+                    "aliases: {filename}:{line}: target {target!r} ignored: "
+                    "command, file and :include: targets are not supported",
+                    filename=filename, line=number, target=raw,
+                )
+                continue
+            try:
+                targets.append(_parse_target(raw))
+            except ValueError as e:
+                log.warn(
+                    "aliases: {filename}:{line}: target {target!r} ignored: {why}",
+                    filename=filename, line=number, target=raw, why=str(e),
+                )
+        table[key] = tuple(targets)
+    return table
+
+
+# -- the directory ------------------------------------------------------------------
+
+
+class _WallClock:
+    """Used when no clock is injected; only C{seconds()} is needed."""
+
+    def seconds(self) -> float:
+        return time.monotonic()
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+)*\Z")
+
+
+def _format_address(local: str, domain: str) -> str:
+    """C{local@domain}, quoting the local part when it is not a dot-atom."""
+    if not _DOT_ATOM.match(local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{local}@{domain}"
+
+
+def _split_address(text: str) -> tuple[str, str]:
+    """(folded local part, normalised domain) of a C{local@domain} string."""
+    at = text.rfind("@")
+    if at <= 0:
+        raise InvalidMailbox()
+    local, domain = text[:at], text[at + 1 :]
+    try:
+        return Mailbox(local, domain).local_key, address.normalize_domain(domain)
+    except AddressError:
+        raise InvalidMailbox()
+
+
+class Directory:
+    """
+    Local domains, mailboxes and aliases.
+
+    @param domains: the local domains (any case, U-labels or A-labels).
+    @param mailboxes: the mailbox root; C{<root>/<domain>/<user>/} are Maildirs.
+    @param users: addresses (C{"user@domain"}) or local parts (C{"user"}, in
+        every local domain) that exist even before their Maildir does.
+    @param aliases_path: an aliases(5) file, reloaded when it changes.
+    @param separator: the address extension separator (C{"+"}); C{""}
+        disables extensions.
+    @param clock: used to check the aliases file at most once per second.
+
+    @raise AliasesError: if C{aliases_path} cannot be read or parsed at start.
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[str],
+        mailboxes: str,
+        users: Sequence[str] | None = None,
+        aliases_path: str | None = None,
+        separator: str = "+",
+        clock: IReactorTime | None = None,
+    ) -> None:
+        normalised = [address.normalize_domain(d) for d in domains]
+        self.domains = frozenset(normalised)
+        #: The first configured domain (normalised): where a bare <postmaster> goes.
+        self.primary_domain = normalised[0] if normalised else "localhost"
+        self.mailboxes = os.path.abspath(mailboxes)
+        self.separator = separator
+        self.clock = clock if clock is not None else _WallClock()
+        self._any_domain_users: set[str] = set()
+        self._domain_users: set[tuple[str, str]] = set()
+        for entry in users or ():
+            if "@" in entry:
+                self._domain_users.add(_split_address(entry))
+            else:
+                self._any_domain_users.add(entry.lower())
+        self.aliases_path = aliases_path
+        self._aliases: dict[tuple[str, str | None], tuple[_Target, ...]] = {}
+        self._aliases_sig: tuple[int, int, int] | None = None
+        self._last_check = float("-inf")
+        if aliases_path is not None:
+            sig = self._stat_aliases()
+            self._aliases = self._read_aliases()
+            self._aliases_sig = sig
+            self._last_check = self.clock.seconds()
+
+    # -- domains --------------------------------------------------------------------
+
+    def is_local(self, domain: str) -> bool:
+        """Whether C{domain} is one of ours, compared in normalised form."""
+        try:
+            return address.normalize_domain(domain) in self.domains
+        except AddressError:
+            return False
+
+    # -- aliases file ----------------------------------------------------------------
+
+    def _stat_aliases(self) -> tuple[int, int, int]:
+        assert self.aliases_path is not None
+        try:
+            st = os.stat(self.aliases_path)
+        except OSError as e:
+            raise AliasesError(f"{self.aliases_path}: cannot read: {e.strerror}")
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _read_aliases(self) -> dict[tuple[str, str | None], tuple[_Target, ...]]:
+        assert self.aliases_path is not None
+        try:
+            with open(self.aliases_path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise AliasesError(f"{self.aliases_path}: cannot read: {e.strerror}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AliasesError(f"{self.aliases_path}: not UTF-8: {e}")
+        table = parse_aliases(text, self.aliases_path)
+        for name, domain in table:
+            if domain is not None and domain not in self.domains:
+                log.warn(
+                    "aliases: {filename}: alias {name}@{domain} ignored: {domain} is not a local domain",
+                    filename=self.aliases_path, name=name, domain=domain,
+                )
+        return table
+
+    def _maybe_reload(self) -> None:
+        """Reload the aliases file if it changed; at most one stat per second."""
+        if self.aliases_path is None:
+            return
+        now = self.clock.seconds()
+        if now - self._last_check < RELOAD_INTERVAL:
+            return
+        self._last_check = now
+        try:
+            sig = self._stat_aliases()
+        except AliasesError as e:
+            if self._aliases_sig is not None:
+                log.error("aliases: {error}; keeping the previous table", error=str(e))
+                self._aliases_sig = None
+            return
+        if sig == self._aliases_sig:
+            return
+        # Remember the signature even when parsing fails, so a broken file is
+        # reported once, not once a second.
+        self._aliases_sig = sig
+        try:
+            table = self._read_aliases()
+        except AliasesError as e:
+            log.error("aliases: {error}; keeping the previous table", error=str(e))
+            return
+        self._aliases = table
+        log.info("aliases: reloaded {filename} ({count} aliases)", filename=self.aliases_path, count=len(table))
+
+    def _alias(self, local: str, domain: str) -> tuple[_Target, ...] | None:
+        targets = self._aliases.get((local, domain))
+        if targets is None:
+            targets = self._aliases.get((local, None))
+        # An alias whose every target was unsupported is as if not defined.
+        return targets or None
+
+    # -- mailboxes ------------------------------------------------------------------
+
+    def _path(self, local: str, domain: str) -> str:
+        """The Maildir of (folded local, normalised domain), checked to stay inside the root."""
+        if not address.is_safe_local_part(local):
+            raise InvalidMailbox()
+        if domain not in self.domains:
+            raise InvalidMailbox(text="not a local domain")
+        path = os.path.join(self.mailboxes, domain, local)
+        root = os.path.realpath(self.mailboxes)
+        real = os.path.realpath(path)
+        if not real.startswith(root + os.sep) or real == root:
+            log.error(
+                "directory: mailbox {path} resolves to {real}, outside the mailbox root {root}; refused",
+                path=path, real=real, root=root,
+            )
+            raise UnsafeMailbox()
+        return path
+
+    def _listed(self, local: str, domain: str) -> bool:
+        return local in self._any_domain_users or (local, domain) in self._domain_users
+
+    def _has_mailbox(self, local: str, domain: str) -> bool:
+        """A Maildir exists, may be created (users list), or it is the postmaster."""
+        path = self._path(local, domain)  # validates, even for listed names
+        if local == "postmaster" or self._listed(local, domain):
+            return True
+        return os.path.isdir(path)
+
+    def maildir_for(self, address: str) -> str:
+        """
+        The absolute Maildir path of a final local address (as L{resolve}
+        returns it).  Never a path outside the mailbox root.
+
+        @raise InvalidMailbox: the local part cannot be a directory name or
+            the domain is not local.
+        @raise UnsafeMailbox: the path resolves (symlinks) outside the root.
+        """
+        return self._path(*_split_address(address))
+
+    def may_create(self, address: str) -> bool:
+        """
+        Whether the Maildir of C{address} may be created on first delivery:
+        it is in the users list or it is a postmaster.  A mailbox that exists
+        only as a directory and was removed after acceptance has vanished.
+        """
+        local, domain = _split_address(address)
+        return local == "postmaster" or self._listed(local, domain)
+
+    # -- resolution ---------------------------------------------------------------------
+
+    def resolve(self, mailbox: Mailbox) -> list[str]:
+        """
+        The final delivery addresses of C{mailbox} (a local-domain address):
+        local ones as C{"user@domain"} in folded form, remote alias targets
+        as written.  Order is kept, duplicates are removed.
+
+        @raise InvalidMailbox: unsafe local part (C{..}, C{/}, NUL...), 550 5.1.3.
+        @raise UnknownRecipient: no such mailbox or alias, 550 5.1.1.
+        @raise AliasLoop: alias loop without a mailbox or too deep, 550 5.4.6.
+        @raise RecipientError: expansion larger than L{MAX_ALIAS_FANOUT}, 550 5.5.3.
+        @raise UnsafeMailbox: the mailbox is a symlink out of the root, 451 4.3.5.
+        """
+        try:
+            domain = mailbox.domain_key
+        except AddressError:
+            raise InvalidMailbox(text="invalid domain")
+        if domain not in self.domains:
+            raise RecipientError(550, "5.1.2", "not a local domain")
+        local = mailbox.local_key
+        if not address.is_safe_local_part(local):
+            raise InvalidMailbox()
+        self._maybe_reload()
+        out: dict[str, str] = {}
+        budget = [MAX_ALIAS_FANOUT, MAX_ALIAS_FANOUT * 10]
+        self._expand(local, domain, (), out, budget)
+        return list(out.values())
+
+    def _expand(
+        self,
+        local: str,
+        domain: str,
+        stack: tuple[tuple[str, str], ...],
+        out: dict[str, str],
+        budget: list[int],
+    ) -> None:
+        """Add the final addresses of (local, domain) to C{out}."""
+        key = (local, domain)
+        # Bound the work too, not just the result: a diamond-shaped alias
+        # graph can visit the same names exponentially often.
+        budget[1] -= 1
+        if budget[1] < 0:
+            raise RecipientError(550, "5.5.3", f"alias expands to more than {MAX_ALIAS_FANOUT} addresses")
+        if key in stack:
+            # sendmail semantics: an alias that (directly or through others)
+            # lists itself means its own mailbox.
+            if self._has_mailbox(local, domain):
+                self._emit(_format_address(local, domain), out, budget)
+                return
+            raise AliasLoop(text=f"alias loop for {_format_address(local, domain)}")
+        if len(stack) > MAX_ALIAS_DEPTH:
+            raise AliasLoop(text="alias expansion too deep")
+        candidates = [local]
+        if self.separator and self.separator in local:
+            base = local.split(self.separator, 1)[0]
+            if base:
+                candidates.append(base)
+        for name in candidates:
+            targets = self._alias(name, domain)
+            if targets is not None:
+                self._expand_alias(name, domain, targets, stack + ((name, domain),), out, budget)
+                return
+            if self._has_mailbox(name, domain):
+                self._emit(_format_address(name, domain), out, budget)
+                return
+        raise UnknownRecipient()
+
+    def _expand_alias(
+        self,
+        name: str,
+        domain: str,
+        targets: tuple[_Target, ...],
+        stack: tuple[tuple[str, str], ...],
+        out: dict[str, str],
+        budget: list[int],
+    ) -> None:
+        first_error: UnknownRecipient | None = None
+        reached = 0
+        for target in targets:
+            tdomain = domain if target.domain is None else target.domain
+            if tdomain not in self.domains:
+                # Remote: kept as written, for the router; duplicates compared
+                # with the domain normalised.
+                self._emit(target.text, out, budget, key=f"{target.text.rpartition('@')[0]}@{tdomain}")
+                reached += 1
+                continue
+            try:
+                self._expand(target.local, tdomain, stack, out, budget)
+                reached += 1
+            except UnknownRecipient as e:
+                # One broken member does not reject mail for the others
+                # (Postfix bounces just that member); all broken rejects.
+                log.warn(
+                    "aliases: alias {alias}: target {target} does not exist",
+                    alias=_format_address(name, domain), target=_format_address(target.local, tdomain),
+                )
+                first_error = first_error or e
+        if not reached:
+            raise first_error or UnknownRecipient()
+
+    def _emit(self, final: str, out: dict[str, str], budget: list[int], key: str | None = None) -> None:
+        key = final if key is None else key
+        if key in out:
+            return
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise RecipientError(550, "5.5.3", f"alias expands to more than {MAX_ALIAS_FANOUT} addresses")
+        out[key] = final

@@ -1,0 +1,324 @@
+"""
+Local delivery: copy a queued message into recipients' Maildirs.
+
+Owns: the Maildir files mailhub writes (tmp/ -> new/, per
+https://cr.yp.to/proto/maildir.html, named so that a delivery repeated
+after a crash is recognised), the trace headers prepended to them
+(C{Return-Path}, C{Delivered-To}), the forwarding-loop check, and turning
+file-system errors into per-recipient L{Outcome}s (house rule 4).
+
+Must not touch: the spool (the message file is only read), retry decisions
+(the scheduler's), alias and mailbox lookups (the directory's), the
+reactor (file work runs through the injected C{run}, a thread by default).
+Logs nothing per recipient: the scheduler logs outcomes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .directory import Directory, InvalidMailbox, RecipientError, UnsafeMailbox
+from .envelope import Envelope, Outcome, Recipient
+
+__all__ = ["LocalDelivery", "CHUNK_SIZE"]
+
+log = Logger()
+
+#: Bytes read from the spool per read; the message is never read whole.
+CHUNK_SIZE = 1 << 20
+
+#: Header bytes scanned for Delivered-To before giving up (the header section
+#: of a sane message is far smaller; a hostile one must not cost memory).
+MAX_HEADER_SCAN = 1 << 20
+
+_QUOTA_ERRNOS = {getattr(errno, "EDQUOT", -1)}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _maildir_host(hostname: str) -> str:
+    """The host part of a Maildir name: C{/} and C{:} are escaped as the spec says."""
+    return hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+def _header_value(text: str) -> bytes:
+    """A trace header value, never able to start another header."""
+    return text.replace("\r", "").replace("\n", "").encode("utf-8", "surrogateescape")
+
+
+def delivered_to_addresses(path: str) -> set[str]:
+    """
+    The C{Delivered-To} addresses (lower case, without angle brackets) in
+    the header section of the message at C{path}: everything before the
+    first empty line, folded lines unfolded.
+    """
+    found: set[str] = set()
+    current: bytes | None = None
+    seen = 0
+
+    def flush(field: bytes | None) -> None:
+        if field is None:
+            return
+        name, sep, value = field.partition(b":")
+        if sep and name.strip().lower() == b"delivered-to":
+            v = value.decode("utf-8", "replace").strip()
+            if v.startswith("<") and v.endswith(">"):
+                v = v[1:-1].strip()
+            found.add(v.lower())
+
+    with open(path, "rb") as f:
+        while seen < MAX_HEADER_SCAN:
+            line = f.readline(65536)
+            if not line:
+                break
+            seen += len(line)
+            stripped = line.rstrip(b"\r\n")
+            if not stripped:
+                break
+            if stripped[:1] in (b" ", b"\t") and current is not None:
+                current += b" " + stripped.strip()
+            else:
+                flush(current)
+                current = stripped
+    flush(current)
+    return found
+
+
+def copy_lf(src: BinaryIO, dst: BinaryIO, chunk_size: int | None = None) -> int:
+    """
+    Copy C{src} to C{dst} in chunks, turning CRLF into LF (Maildir files use
+    the local line ending, as Postfix local(8) writes them).  A CR at the end
+    of a chunk is held back so a CRLF split across two reads is still seen.
+    Returns the number of bytes written.
+    """
+    size = CHUNK_SIZE if chunk_size is None else chunk_size
+    written = 0
+    held = b""
+    while True:
+        chunk = src.read(size)
+        if not chunk:
+            break
+        data = held + chunk
+        if data.endswith(b"\r"):
+            data, held = data[:-1], b"\r"
+        else:
+            held = b""
+        data = data.replace(b"\r\n", b"\n")
+        dst.write(data)
+        written += len(data)
+    if held:
+        dst.write(held)
+        written += len(held)
+    return written
+
+
+class LocalDelivery:
+    """
+    The delivery agent for local recipients: one Maildir file per recipient.
+
+    @param directory: maps final addresses to Maildirs.
+    @param hostname: used in unique file names.
+    @param run: runs the blocking file work and returns a Deferred:
+        C{deferToThread} in production, a synchronous runner in tests.
+    @param fsync: C{False} only for tests that do not measure durability.
+    """
+
+    def __init__(
+        self,
+        directory: Directory,
+        hostname: str,
+        run: Callable[..., defer.Deferred] = threads.deferToThread,
+        fsync: bool = True,
+    ) -> None:
+        self.directory = directory
+        self.hostname = hostname
+        self.run = run
+        self.fsync = fsync
+        self._host = _maildir_host(hostname)
+
+    # -- the DeliveryAgent interface ---------------------------------------------------
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> defer.Deferred:
+        """
+        Deliver the message at C{message_path} to each of C{recipients}.
+        Fires with one L{Outcome} per recipient, in order; never errbacks:
+        an unexpected failure is a temporary outcome for everyone.
+        """
+        addresses = [r.address for r in recipients]
+        d = self.run(self._deliver_all, envelope.queue_id, envelope.arrival, envelope.sender, addresses, message_path)
+
+        def failed(f: Failure) -> list[Outcome]:
+            log.failure("local delivery of {queue_id} failed", f, queue_id=envelope.queue_id)
+            return [Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0") for a in addresses]
+
+        return d.addErrback(failed)
+
+    # -- blocking work ------------------------------------------------------------------
+
+    def _deliver_all(
+        self, queue_id: str, arrival: float, sender: str, addresses: Iterable[str], message_path: str
+    ) -> list[Outcome]:
+        addresses = list(addresses)
+        try:
+            seen = delivered_to_addresses(message_path)
+        except OSError as e:
+            return [self._os_error(a, e, "cannot read queued message") for a in addresses]
+        outcomes = []
+        for a in addresses:
+            try:
+                outcomes.append(self._deliver_one(queue_id, arrival, sender, a, message_path, seen))
+            except Exception:
+                log.failure("local delivery to {address} failed", address=a)
+                outcomes.append(Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0"))
+        return outcomes
+
+    def _deliver_one(
+        self, queue_id: str, arrival: float, sender: str, address: str, message_path: str, seen: set[str]
+    ) -> Outcome:
+        if address.lower() in seen:
+            return Outcome.permanent(address, "mail forwarding loop for " + address, 554, "5.4.6")
+        try:
+            maildir = self.directory.maildir_for(address)
+        except InvalidMailbox as e:
+            return Outcome.permanent(address, e.text, e.code, e.enhanced)
+        except (UnsafeMailbox, RecipientError) as e:
+            return Outcome.temporary(address, e.text, 451, "4.3.5")
+        try:
+            if not os.path.isdir(maildir):
+                if not self.directory.may_create(address):
+                    return Outcome.permanent(address, "User unknown in local recipient table (mailbox vanished)", 550, "5.1.1")
+            self._make_maildir(maildir)
+            self._write(maildir, self._unique(queue_id, arrival, address), sender, address, message_path)
+        except OSError as e:
+            return self._os_error(address, e, "cannot write to maildir")
+        return Outcome.delivered(address, "delivered to maildir")
+
+    def _os_error(self, address: str, e: OSError, what: str) -> Outcome:
+        """Postfix treats every file-system error as soft: mail is kept and retried."""
+        text = f"{what}: {e.strerror or e}"
+        if e.errno in _QUOTA_ERRNOS:
+            return Outcome.temporary(address, f"mailbox full: {e.strerror}", 452, "4.2.2")
+        if e.errno == errno.ENOSPC:
+            return Outcome.temporary(address, f"mail system full: {e.strerror}", 452, "4.3.1")
+        if e.errno in _PERMISSION_ERRNOS:
+            return Outcome.temporary(address, text, 451, "4.2.0")
+        return Outcome.temporary(address, text, 451, "4.3.0")
+
+    def _make_maildir(self, maildir: str) -> None:
+        """Create the Maildir and its tmp/new/cur (mode 0700) where missing."""
+        if not os.path.isdir(maildir):
+            parent = os.path.dirname(maildir)
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            try:
+                os.mkdir(maildir, 0o700)
+            except FileExistsError:
+                pass
+            if self.fsync:
+                _fsync_dir(parent)
+        for sub in ("tmp", "new", "cur"):
+            try:
+                os.mkdir(os.path.join(maildir, sub), 0o700)
+            except FileExistsError:
+                pass
+
+    def _unique(self, queue_id: str, arrival: float, address: str) -> str:
+        """
+        C{<sec>.M<usec>Q<queue id>R<hash of address>.<host>}: the arrival time
+        of the message, then what makes the name unique -- the spool's queue
+        id (unique on this host) and the recipient.  Deliberately
+        deterministic: the same (message, recipient) always gets the same
+        name, so a delivery repeated after a crash (file in new/, outcome not
+        yet recorded in the spool) finds its first copy instead of leaving a
+        duplicate.  The maildir spec only asks for uniqueness; its
+        M, Q, R fields are conventions, and a random R would defeat this.
+        """
+        sec = int(arrival)
+        usec = min(int((arrival - sec) * 1_000_000), 999_999)
+        qid = "".join(c for c in queue_id if c.isalnum()) or "0"
+        tag = hashlib.sha256(address.lower().encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        return f"{sec}.M{usec}Q{qid}R{tag}.{self._host}"
+
+    def _write(self, maildir: str, unique: str, sender: str, address: str, message_path: str) -> str:
+        """
+        Write one Maildir file: tmp/, fsync, link into new/, fsync new/.
+        Returns its path.  If this exact delivery is already in new/ (or was
+        moved to cur/ by a reader) nothing is added.
+        """
+        tmp = os.path.join(maildir, "tmp", unique)
+        try:
+            os.unlink(tmp)  # ours, left by a crash in the middle of this delivery
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                out = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
+            except BaseException:
+                os.close(fd)
+                raise
+            with out:
+                header = (
+                    b"Return-Path: <" + _header_value(sender) + b">\n"
+                    b"Delivered-To: " + _header_value(address) + b"\n"
+                )
+                out.write(header)
+                with open(message_path, "rb") as src:
+                    size = len(header) + copy_lf(src, out)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+            name = f"{unique},S={size}"
+            final = os.path.join(maildir, "new", name)
+            if self._in_cur(maildir, name):
+                os.unlink(tmp)
+                return final
+            try:
+                # link(), as qmail does: fails instead of replacing, which
+                # is how a repeated delivery is recognised.
+                os.link(tmp, final)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if not os.path.exists(final):  # no hard links here: rename
+                    os.rename(tmp, final)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        if self.fsync:
+            _fsync_dir(os.path.join(maildir, "new"))
+        return final
+
+    @staticmethod
+    def _in_cur(maildir: str, name: str) -> bool:
+        """
+        Whether a reader already moved this delivery to cur/ (C{NAME:2,FLAGS}).
+        Only the usual flag sets are probed, so this stays O(1) in the
+        size of the mailbox; the case it covers (a crash between the rename
+        and the spool update, then a reader quicker than the restart) is rare.
+        """
+        cur = os.path.join(maildir, "cur")
+        return any(os.path.exists(os.path.join(cur, f"{name}:2,{flags}")) for flags in ("", "S", "RS", "FS", "T", "ST"))
