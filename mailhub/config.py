@@ -1,0 +1,515 @@
+"""
+Configuration: one TOML file turned into frozen, validated dataclasses.
+
+Owns: finding the configuration file (C{--config FILE} > C{$MAILHUB_CONFIG}
+> C{/etc/mailhub/mailhub.toml} > embedded defaults), reading it with
+C{tomllib}, applying command-line overrides, the embedded defaults, and
+validating every key.  Every problem is a L{ConfigError} whose message is
+one line naming the file and the key, e.g.::
+
+    /etc/mailhub/mailhub.toml: server.max_recipients: must be a positive integer, got -3
+
+Must not touch: the reactor, the network, the spool or mailboxes.  This is
+the only module that reads configuration files; everything else receives a
+L{Config}.  See docs/configuration.rst for every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+from .address import AddressError, normalize_domain
+
+__all__ = [
+    "ConfigError",
+    "ServerConfig",
+    "SpoolConfig",
+    "LocalConfig",
+    "RelayConfig",
+    "Config",
+    "DEFAULT_CONFIG_FILE",
+    "DEFAULT_DATA_DIR",
+    "ENV_VAR",
+    "find_config_file",
+    "load_config",
+    "format_config",
+    "parse_duration",
+]
+
+#: Where the daemon looks when neither C{--config} nor C{$MAILHUB_CONFIG} is given.
+DEFAULT_CONFIG_FILE = "/etc/mailhub/mailhub.toml"
+#: The environment variable naming a configuration file.
+ENV_VAR = "MAILHUB_CONFIG"
+#: Data directory of the embedded defaults, relative to the working directory.
+DEFAULT_DATA_DIR = "mailhub-data"
+
+#: How errors name overrides given on the command line.
+OVERRIDES_SOURCE = "command line"
+#: How errors name the embedded defaults.
+DEFAULTS_SOURCE = "embedded defaults"
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.  C{str(error)} is one line naming the
+    file (or C{command line}) and the key.
+    """
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str  # default socket.getfqdn()
+    smtp: tuple[str, ...] = ("tcp:8025:interface=127.0.0.1",)
+    max_message_size: int = 10240000  # bytes, Postfix message_size_limit
+    max_recipients: int = 1000  # Postfix smtpd_recipient_limit
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    timeout: float = 300.0  # idle timeout, seconds
+    max_connections: int = 100  # all clients together
+    max_connections_per_ip: int = 50  # Postfix smtpd_client_connection_count_limit
+    max_errors: int = 20  # Postfix smtpd_hard_error_limit -> 421 and close
+    soft_error_limit: int = 10  # Postfix smtpd_soft_error_limit
+    vrfy: bool = True  # VRFY answers 252 (never reveals); False -> 502
+    expn: bool = False  # EXPN 502 by default
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str  # default <data_dir>/spool
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    domains: tuple[str, ...] = ("localhost",)
+    mailboxes: str = ""  # default <data_dir>/mailboxes
+    users: tuple[str, ...] | None = None  # addresses/local parts that exist without a directory entry
+    aliases: str | None = None  # aliases(5) file path
+    extension_separator: str = "+"  # "" disables address extensions
+
+
+@dataclass(frozen=True)
+class RelayConfig:  # retry policy for ALL deliveries (local too)
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    max_queue_lifetime: float = 432000.0  # 5 days
+    delay_warning: float = 0.0  # 0 = off
+    concurrency: int = 100  # deliveries in flight, all destinations
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    spool: SpoolConfig
+    local: LocalConfig
+    relay: RelayConfig
+    source: str | None  # the config file read, or None for embedded defaults
+
+
+# -- finding the file ------------------------------------------------------------
+
+
+def find_config_file(explicit: str | None) -> str | None:
+    """
+    Which configuration file to read: C{explicit} (C{--config FILE}) if
+    given, else C{$MAILHUB_CONFIG} if set and non-empty, else
+    L{DEFAULT_CONFIG_FILE} if it exists, else C{None} (embedded defaults).
+
+    An explicit or environment path is returned even if it does not exist,
+    so that L{load_config} reports it instead of silently using defaults.
+    """
+    if explicit:
+        return explicit
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return env
+    if os.path.exists(DEFAULT_CONFIG_FILE):
+        return DEFAULT_CONFIG_FILE
+    return None
+
+
+# -- value checkers ------------------------------------------------------------------
+# Each takes the raw value and returns the typed value or raises _Bad(problem).
+
+
+class _Bad(Exception):
+    """A value problem, without the file and key (added by the caller)."""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> int:
+    if not _is_int(value) or value <= 0:
+        raise _Bad(f"must be a positive integer, got {_show(value)}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Bad(f"must be a non-empty string, got {_show(value)}")
+    return value
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> float:
+    """
+    Seconds from a number (C{300}, C{1.5}) or a Postfix-style string
+    (C{"300s"}, C{"5m"}, C{"1h"}, C{"5d"}, C{"1w"}, C{"1h30m"}).
+
+    @raise ValueError: anything else, or a negative number.
+    """
+    if _is_int(value) or isinstance(value, float):
+        if value < 0 or value != value or value == float("inf"):
+            raise ValueError(value)
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        pos, total = 0, 0.0
+        while pos < len(text):
+            m = _DURATION_PART.match(text, pos)
+            if not m:
+                raise ValueError(value)
+            total += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if not text:
+            raise ValueError(value)
+        return total
+    raise ValueError(value)
+
+
+def _duration(value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise _Bad(
+            f'must be a duration (seconds, or a string like "300s", "5m", "1h", "5d"), got {_show(value)}'
+        )
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise _Bad(f"must be a positive duration, got {_show(value)}")
+    return seconds
+
+
+def _string_list(value: Any, what: str = "strings") -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Bad(f"must be a list of {what}, got {_show(value)}")
+    return tuple(value)
+
+
+def check_endpoint(description: str) -> None:
+    """
+    Check a Twisted server endpoint description (C{tcp:8025:interface=127.0.0.1},
+    C{unix:/run/mailhub.sock}, C{tcp6:25}...) by building it against a
+    memory reactor: nothing is bound.
+
+    @raise ValueError: with a short explanation.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    except Exception as e:  # the parser raises ValueError, TypeError, KeyError...
+        hint = ""
+        if "multiple values" in str(e) and "::" in description:
+            hint = ' (escape colons in IPv6 addresses as "\\:")'
+        raise ValueError((str(e) or e.__class__.__name__) + hint)
+    port = getattr(endpoint, "_port", None)
+    if port is not None and _is_int(port) and not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    interface = getattr(endpoint, "_interface", None)
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            raise ValueError(f"interface must be an IP address, got {interface!r}")
+
+
+def _endpoints(value: Any) -> tuple[str, ...]:
+    items = _string_list(value, "endpoint strings")
+    if not items:
+        raise _Bad("must list at least one endpoint")
+    for item in items:
+        try:
+            check_endpoint(item)
+        except ValueError as e:
+            raise _Bad(f"invalid endpoint {item!r}: {e}")
+    return items
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    items = _string_list(value, "networks")
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _Bad(f"invalid network {item!r} (want e.g. \"192.0.2.0/24\" or \"::1/128\")")
+    return items
+
+
+def _domain(value: Any) -> str:
+    text = _string(value)
+    try:
+        return normalize_domain(text)
+    except AddressError as e:
+        raise _Bad(f"invalid domain {text!r}: {e}")
+
+
+def _domains(value: Any) -> tuple[str, ...]:
+    items = _string_list(value, "domains")
+    out = []
+    for item in items:
+        try:
+            out.append(normalize_domain(item))
+        except AddressError as e:
+            raise _Bad(f"invalid domain {item!r}: {e}")
+    return tuple(out)
+
+
+def _users(value: Any) -> tuple[str, ...]:
+    items = _string_list(value, "user names or addresses")
+    for item in items:
+        if not item or any(c.isspace() for c in item):
+            raise _Bad(f"invalid user {item!r}")
+    return items
+
+
+def _separator(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 1 or value in ("@",) or value.isspace() or value.isalnum():
+        raise _Bad(f'must be "" or one punctuation character such as "+" or "-", got {_show(value)}')
+    return value
+
+
+#: section -> key -> (checker, is_path).  Paths are made absolute relative
+#: to the directory of the file that set them.
+_Checker = Callable[[Any], Any]
+_SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
+    "server": {
+        "hostname": (_domain, False),
+        "smtp": (_endpoints, False),
+        "max_message_size": (_positive_int, False),
+        "max_recipients": (_positive_int, False),
+        "trusted_networks": (_networks, False),
+        "timeout": (_positive_duration, False),
+        "max_connections": (_positive_int, False),
+        "max_connections_per_ip": (_positive_int, False),
+        "max_errors": (_positive_int, False),
+        "soft_error_limit": (_positive_int, False),
+        "vrfy": (_boolean, False),
+        "expn": (_boolean, False),
+    },
+    "spool": {
+        "path": (_string, True),
+        "fsync": (_boolean, False),
+    },
+    "local": {
+        "domains": (_domains, False),
+        "mailboxes": (_string, True),
+        "users": (_users, False),
+        "aliases": (_string, True),
+        "extension_separator": (_separator, False),
+    },
+    "relay": {
+        "min_backoff": (_positive_duration, False),
+        "max_backoff": (_positive_duration, False),
+        "max_queue_lifetime": (_positive_duration, False),
+        "delay_warning": (_duration, False),
+        "concurrency": (_positive_int, False),
+    },
+}
+#: Top-level keys that are not sections.
+_TOP_KEYS = {"data_dir": (_string, True)}
+
+
+# -- loading ----------------------------------------------------------------------
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8: {e}")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}")
+
+
+def _check_value(source: str, base: str, key: str, checker: _Checker, is_path: bool, raw: Any) -> Any:
+    try:
+        value = checker(raw)
+    except _Bad as e:
+        raise ConfigError(f"{source}: {key}: {e}")
+    if is_path:
+        value = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+    return value
+
+
+def _collect(source: str, base: str, data: Mapping[str, Any], into: dict[str, dict[str, Any]], top: dict[str, Any]) -> None:
+    """Check the tables of one file into C{into[section][key]}."""
+    for name, value in data.items():
+        if name in _TOP_KEYS:
+            checker, is_path = _TOP_KEYS[name]
+            top[name] = _check_value(source, base, name, checker, is_path, value)
+            continue
+        if name not in _SCHEMA:
+            raise ConfigError(
+                f"{source}: {name}: unknown section or key (known: {', '.join(sorted([*_SCHEMA, *_TOP_KEYS]))})"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name}: must be a table ([{name}]), got {_show(value)}")
+        schema = _SCHEMA[name]
+        for key, raw in value.items():
+            dotted = f"{name}.{key}"
+            if key not in schema:
+                raise ConfigError(f"{source}: {dotted}: unknown key (known: {', '.join(schema)})")
+            checker, is_path = schema[key]
+            into[name][key] = _check_value(source, base, dotted, checker, is_path, raw)
+
+
+def _overrides_as_tables(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    tables: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        if "." not in dotted:
+            tables[dotted] = value
+            continue
+        section, key = dotted.split(".", 1)
+        table = tables.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{OVERRIDES_SOURCE}: {section}: must be a table")
+        if isinstance(value, tuple):
+            value = list(value)
+        table[key] = value
+    return tables
+
+
+def load_config(
+    path: str | None,
+    overrides: Mapping[str, Any] | None = None,
+    data_dir: str | None = None,
+) -> Config:
+    """
+    Read and validate the configuration.
+
+    @param path: the file to read (see L{find_config_file}), or C{None} for
+        the embedded defaults.
+    @param overrides: values from the command line, by dotted key
+        (C{{"server.smtp": ["tcp:2525"]}}); they win over the file.  Relative
+        paths in them are relative to the working directory.
+    @param data_dir: the data directory (C{--data}); wins over the file's
+        top-level C{data_dir}.  C{spool.path} defaults to C{DATA/spool} and
+        C{local.mailboxes} to C{DATA/mailboxes}, unless set explicitly.
+    @raise ConfigError: one line naming the file and the key.
+    """
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SCHEMA}
+    top: dict[str, Any] = {}
+    cwd = os.getcwd()
+    source = path
+    if path is not None:
+        data = _read_file(path)
+        base = os.path.dirname(os.path.abspath(path))
+        _collect(path, base, data, values, top)
+    if overrides:
+        _collect(OVERRIDES_SOURCE, cwd, _overrides_as_tables(overrides), values, top)
+    if data_dir is not None:
+        top["data_dir"] = _check_value(OVERRIDES_SOURCE, cwd, "data_dir", _string, True, data_dir)
+    where = source if source is not None else DEFAULTS_SOURCE
+
+    data_root = top.get("data_dir") or os.path.abspath(os.path.join(cwd, DEFAULT_DATA_DIR))
+    server = dict(values["server"])
+    server.setdefault("hostname", socket.getfqdn())
+    spool = dict(values["spool"])
+    spool.setdefault("path", os.path.join(data_root, "spool"))
+    local = dict(values["local"])
+    local.setdefault("mailboxes", os.path.join(data_root, "mailboxes"))
+    relay = dict(values["relay"])
+
+    aliases = local.get("aliases")
+    if aliases is not None and not os.path.isfile(aliases):
+        raise ConfigError(f"{where}: local.aliases: no such file {aliases}")
+    if aliases is not None and not os.access(aliases, os.R_OK):
+        raise ConfigError(f"{where}: local.aliases: cannot read {aliases}")
+    relay_cfg = RelayConfig(**relay)
+    if relay_cfg.min_backoff > relay_cfg.max_backoff:
+        raise ConfigError(
+            f"{where}: relay.min_backoff: must not exceed relay.max_backoff "
+            f"({relay_cfg.min_backoff:g}s > {relay_cfg.max_backoff:g}s)"
+        )
+    return Config(
+        server=ServerConfig(**server),
+        spool=SpoolConfig(**spool),
+        local=LocalConfig(**local),
+        relay=relay_cfg,
+        source=os.path.abspath(path) if path is not None else None,
+    )
+
+
+# -- showing ------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def format_config(config: Config) -> str:
+    """
+    The effective configuration as TOML, every key, for C{mailhub
+    check-config}.  Keys whose value is unset are shown as comments.
+    """
+    lines = [f"# source: {config.source or DEFAULTS_SOURCE}"]
+    for section in ("server", "spool", "local", "relay"):
+        lines.append("")
+        lines.append(f"[{section}]")
+        part = getattr(config, section)
+        for f in fields(part):
+            value = getattr(part, f.name)
+            if value is None:
+                lines.append(f"# {f.name} is not set")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
