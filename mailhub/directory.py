@@ -12,23 +12,33 @@ Must not touch: message bytes, the spool, the network, the reactor.  The
 one place that creates Maildirs is L{mailhub.local}; the one place that
 turns a L{RecipientError} into an SMTP reply is the policy/server.
 
-Layout: mail for C{user@domain} lives in C{<mailboxes>/<domain>/<user>/},
-where C{domain} is the normalised domain (lower case, IDNA A-labels) and
-C{user} is L{address.Mailbox.local_key} (unquoted, case-folded).
+Layout (virtual mode, the default): mail for C{user@domain} lives in
+C{<mailboxes>/<domain>/<user>/}, where C{domain} is the normalised domain
+(lower case, IDNA A-labels) and C{user} is L{address.Mailbox.local_key}
+(unquoted, case-folded).  System mode: the local parts are the host's
+accounts (L{system.Accounts}) in every local domain, mail goes to
+C{~user/Maildir}, postmaster without an alias means root.
+
+Aliases: C{|command} and C{/file} targets are never run; an alias with one
+is refused (550 5.3.0).  C{:include:} files are read only when owned by root
+or the daemon's user and not world-writable (see docs/delivery.rst).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import address
+from . import address, system
 from .address import AddressError, Mailbox
 
 __all__ = [
@@ -38,7 +48,10 @@ __all__ = [
     "InvalidMailbox",
     "UnsafeMailbox",
     "AliasesError",
+    "UnsupportedAlias",
+    "AliasUnavailable",
     "Directory",
+    "parse_include",
     "parse_aliases",
     "MAX_ALIAS_DEPTH",
     "MAX_ALIAS_FANOUT",
@@ -123,14 +136,29 @@ class AliasesError(ValueError):
 
 @dataclass(frozen=True)
 class _Target:
-    """One parsed alias target: a local part (same domain) or a full address."""
+    """
+    One parsed alias target.
 
-    local: str  # folded local part
+    C{kind} is C{"address"} (a local part in the alias's own domain when
+    C{domain} is None, else a full address; C{direct} for C{\\name}, which
+    skips alias lookup), C{"include"} (C{path} holds more targets) or
+    C{"pipe"} / C{"file"} (never run or written: the alias is rejected).
+    """
+
+    local: str  # folded local part ("" for include/pipe/file)
     domain: str | None  # normalised domain, or None for "the alias's own domain"
-    text: str  # as written, for remote addresses
+    text: str  # as written, for remote addresses and messages
+    kind: str = "address"
+    direct: bool = False
+    path: str = ""  # :include: file
+    where: str = ""  # FILE:LINE, for messages
 
 
-_UNSUPPORTED = ("|", "/", ":include:", '"|', '"/')
+def _unquote_target(raw: str) -> str:
+    """C{"|cmd arg"} -> C{|cmd arg}: quoted pipe/file/include targets, as sendmail allows."""
+    if len(raw) > 1 and raw.startswith('"') and raw.endswith('"') and raw[1:2] in ("|", "/", ":"):
+        return raw[1:-1]
+    return raw
 
 
 def _split_targets(text: str) -> list[str]:
@@ -163,6 +191,9 @@ def _parse_target(raw: str) -> _Target:
         if not address.is_safe_local_part(local):
             raise ValueError("unsafe local part")
         return _Target(local, mb.domain_key, raw)
+    direct = False
+    if raw.startswith("\\"):  # sendmail: \\user = the mailbox, no further aliasing
+        direct, raw = True, raw[1:]
     if raw.startswith('"'):
         if len(raw) < 2 or not raw.endswith('"'):
             raise ValueError("unbalanced quotes")
@@ -173,7 +204,41 @@ def _parse_target(raw: str) -> _Target:
             raise ValueError("not a valid local part")
     if not address.is_safe_local_part(local):
         raise ValueError("not a valid local part")
-    return _Target(local, None, raw)
+    return _Target(local, None, raw, direct=direct)
+
+
+def _parse_one(raw: str, filename: str, number: int, owner: str) -> _Target | None:
+    """
+    One target as written in C{filename} line C{number}, or None (logged)
+    when it is not usable.  C{owner} names the alias (or include file) for
+    the messages.
+    """
+    where = f"{filename}:{number}"
+    text = _unquote_target(raw)
+    if text.lower().startswith(":include:"):
+        path = text[len(":include:") :].strip()
+        if not os.path.isabs(path):
+            log.warn(
+                "aliases: {where}: target {target!r} ignored: an :include: path must be absolute",
+                where=where, target=raw,
+            )
+            return None
+        return _Target("", None, raw, kind="include", path=os.path.normpath(path), where=where)
+    if text.startswith(("|", "/")):
+        kind = "pipe" if text.startswith("|") else "file"
+        log.error(
+            "aliases: {where}: {owner}: {kind} target {target!r} is not supported "
+            "(mailhub never runs commands or writes files named in aliases); "
+            "mail for it is rejected with 550 5.3.0",
+            where=where, owner=owner, kind=kind, target=raw,
+        )
+        return _Target("", None, raw, kind=kind, where=where)
+    try:
+        target = _parse_target(raw)
+    except ValueError as e:
+        log.warn("aliases: {where}: target {target!r} ignored: {why}", where=where, target=raw, why=str(e))
+        return None
+    return target
 
 
 def _parse_key(raw: str) -> tuple[str, str | None]:
@@ -204,10 +269,12 @@ def parse_aliases(text: str, filename: str = "<aliases>") -> dict[tuple[str, str
 
     Syntax: C{name: target, target, ...}; a line starting with whitespace
     continues the previous entry; lines whose first non-blank character is
-    C{#} and blank lines are ignored.  Names are case-insensitive.  Targets
-    C{|command}, C{/file} and C{:include:} are not supported: each is
-    ignored with one warning naming the file and line.  A target that is not
-    a valid address is ignored the same way.
+    C{#} and blank lines are ignored.  Names are case-insensitive.  Targets:
+    addresses, C{\\user} (that mailbox, no further aliasing) and
+    C{:include:/path}.  C{|command} and C{/file} targets are kept as such
+    (and logged as an error naming the file and line): an alias with one is
+    rejected when used, never partly delivered.  A target that is not a
+    valid address is ignored with a warning.
 
     @raise AliasesError: on a syntax error (C{"FILE:LINE: problem"}).
     """
@@ -240,22 +307,66 @@ def parse_aliases(text: str, filename: str = "<aliases>") -> dict[tuple[str, str
             continue
         targets: list[_Target] = []
         for raw in _split_targets(rest):
-            if raw.lower().startswith(_UNSUPPORTED):
-                log.warn(
-                    "aliases: {filename}:{line}: target {target!r} ignored: "
-                    "command, file and :include: targets are not supported",
-                    filename=filename, line=number, target=raw,
-                )
-                continue
-            try:
-                targets.append(_parse_target(raw))
-            except ValueError as e:
-                log.warn(
-                    "aliases: {filename}:{line}: target {target!r} ignored: {why}",
-                    filename=filename, line=number, target=raw, why=str(e),
-                )
+            target = _parse_one(raw, filename, number, f"alias {name.strip()!r}")
+            if target is not None:
+                targets.append(target)
         table[key] = tuple(targets)
     return table
+
+
+def parse_include(text: str, filename: str) -> tuple[_Target, ...]:
+    """
+    Parse an C{:include:} file: targets separated by commas or newlines,
+    C{#} comment lines and blank lines ignored, the same target syntax as
+    the aliases file (nested C{:include:} too).
+    """
+    targets: list[_Target] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        for raw in _split_targets(line):
+            target = _parse_one(raw, filename, number, f":include: file {filename}")
+            if target is not None:
+                targets.append(target)
+    return tuple(targets)
+
+
+#: Largest :include: file read (a list of addresses; anything bigger is a mistake).
+MAX_INCLUDE_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Include:
+    sig: tuple[int, int, int] | None
+    targets: tuple[_Target, ...] | None  # None: unavailable
+    error: str | None
+
+
+def _load_include(path: str) -> tuple[tuple[_Target, ...] | None, str | None]:
+    """Read an include file safely: (targets, None) or (None, why not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "is a symbolic link (not followed)"
+        return None, f"cannot read: {e.strerror}"
+    try:
+        why = system.is_safe_include(os.fstat(fd))
+        if why is not None:
+            return None, why
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_INCLUDE_SIZE + 1)
+    except OSError as e:
+        return None, f"cannot read: {e.strerror}"
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_INCLUDE_SIZE:
+        return None, f"larger than {MAX_INCLUDE_SIZE} bytes"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8: {e}"
+    return parse_include(text, path), None
 
 
 # -- the directory ------------------------------------------------------------------
@@ -290,20 +401,55 @@ def _split_address(text: str) -> tuple[str, str]:
         raise InvalidMailbox()
 
 
+class UnsupportedAlias(RecipientError):
+    """
+    The alias has a C{|command} or C{/file} target.  mailhub never runs
+    those, and never delivers an alias partly, so the whole alias is refused.
+    """
+
+    code = 550
+    enhanced = "5.3.0"
+    text = "alias target type not supported"
+
+
+class AliasUnavailable(RecipientError):
+    """An C{:include:} file an alias depends on cannot be used right now (logged)."""
+
+    code = 451
+    enhanced = "4.3.0"
+    text = "alias temporarily unavailable"
+
+
+#: In system mode, postmaster without an alias means root (Debian's /etc/aliases default).
+_POSTMASTER_TO_ROOT = (_Target("root", None, "root"),)
+
+MODES = ("virtual", "system")
+
+
 class Directory:
     """
     Local domains, mailboxes and aliases.
 
     @param domains: the local domains (any case, U-labels or A-labels).
-    @param mailboxes: the mailbox root; C{<root>/<domain>/<user>/} are Maildirs.
+    @param mailboxes: the mailbox root; C{<root>/<domain>/<user>/} are Maildirs
+        (virtual mode; unused in system mode).
     @param users: addresses (C{"user@domain"}) or local parts (C{"user"}, in
-        every local domain) that exist even before their Maildir does.
+        every local domain) that exist even before their Maildir does
+        (virtual mode only).
     @param aliases_path: an aliases(5) file, reloaded when it changes.
     @param separator: the address extension separator (C{"+"}); C{""}
         disables extensions.
     @param clock: used to check the aliases file at most once per second.
+    @param mode: C{"virtual"} (mailboxes under C{mailboxes}) or C{"system"}
+        (local parts are the host's accounts, in every local domain; mail
+        goes to C{~user/<home_maildir>}, see L{mailhub.system}).
+    @param home_maildir: system mode: the Maildir relative to the home directory.
+    @param passwd_lookup: system mode: C{pwd.getpwnam} or a fake of it.
+    @param min_uid: system mode: the lowest uid (besides root's) with a mailbox.
+    @param max_uid: system mode: the highest uid with a mailbox.
 
     @raise AliasesError: if C{aliases_path} cannot be read or parsed at start.
+    @raise ValueError: unknown mode, bad C{home_maildir}, C{users} in system mode.
     """
 
     def __init__(
@@ -314,7 +460,20 @@ class Directory:
         aliases_path: str | None = None,
         separator: str = "+",
         clock: IReactorTime | None = None,
+        *,
+        mode: str = "virtual",
+        home_maildir: str = system.DEFAULT_HOME_MAILDIR,
+        passwd_lookup: Callable[[str], Any] = pwd.getpwnam,
+        min_uid: int = system.MIN_UID,
+        max_uid: int = system.MAX_UID,
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"local mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if mode == "system" and users:
+            raise ValueError("local.users cannot be used in system mode (the accounts are the users)")
+        self.mode = mode
+        self.home_maildir = system.check_maildir_name(home_maildir)
+        self.accounts = system.Accounts(passwd_lookup, min_uid, max_uid)
         normalised = [address.normalize_domain(d) for d in domains]
         self.domains = frozenset(normalised)
         #: The first configured domain (normalised): where a bare <postmaster> goes.
@@ -332,11 +491,13 @@ class Directory:
         self.aliases_path = aliases_path
         self._aliases: dict[tuple[str, str | None], tuple[_Target, ...]] = {}
         self._aliases_sig: tuple[int, int, int] | None = None
+        self._includes: dict[str, _Include] = {}
         self._last_check = float("-inf")
         if aliases_path is not None:
             sig = self._stat_aliases()
             self._aliases = self._read_aliases()
             self._aliases_sig = sig
+            self._refresh_includes()
             self._last_check = self.clock.seconds()
 
     # -- domains --------------------------------------------------------------------
@@ -379,7 +540,7 @@ class Directory:
         return table
 
     def _maybe_reload(self) -> None:
-        """Reload the aliases file if it changed; at most one stat per second."""
+        """Reload the aliases file and include files that changed; at most one check per second."""
         if self.aliases_path is None:
             return
         now = self.clock.seconds()
@@ -392,25 +553,63 @@ class Directory:
             if self._aliases_sig is not None:
                 log.error("aliases: {error}; keeping the previous table", error=str(e))
                 self._aliases_sig = None
+            self._refresh_includes()
             return
-        if sig == self._aliases_sig:
-            return
-        # Remember the signature even when parsing fails, so a broken file is
-        # reported once, not once a second.
-        self._aliases_sig = sig
-        try:
-            table = self._read_aliases()
-        except AliasesError as e:
-            log.error("aliases: {error}; keeping the previous table", error=str(e))
-            return
-        self._aliases = table
-        log.info("aliases: reloaded {filename} ({count} aliases)", filename=self.aliases_path, count=len(table))
+        if sig != self._aliases_sig:
+            # Remember the signature even when parsing fails, so a broken file is
+            # reported once, not once a second.
+            self._aliases_sig = sig
+            try:
+                table = self._read_aliases()
+            except AliasesError as e:
+                log.error("aliases: {error}; keeping the previous table", error=str(e))
+            else:
+                self._aliases = table
+                log.info(
+                    "aliases: reloaded {filename} ({count} aliases)", filename=self.aliases_path, count=len(table)
+                )
+        self._refresh_includes()
+
+    def _refresh_includes(self) -> None:
+        """
+        (Re)read the C{:include:} files the table refers to, directly or
+        through other include files, where their (mtime, size, inode)
+        changed.  A file that cannot be used is logged once per change and
+        its aliases answer 451 until it is fixed.
+        """
+        pending = [t.path for targets in self._aliases.values() for t in targets if t.kind == "include"]
+        seen: dict[str, _Include] = {}
+        while pending:
+            path = pending.pop()
+            if path in seen:
+                continue
+            try:
+                st = os.lstat(path)
+                sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                sig = None
+            old = self._includes.get(path)
+            if old is not None and sig is not None and old.sig == sig:
+                inc = old
+            else:
+                targets, error = _load_include(path)
+                inc = _Include(sig, targets, error)
+                if error is not None and (old is None or old.error != error or old.sig != sig):
+                    log.error(
+                        "aliases: :include:{path} {error}; aliases using it answer 451 4.3.0 until it is fixed",
+                        path=path, error=error,
+                    )
+            seen[path] = inc
+            pending.extend(t.path for t in inc.targets or () if t.kind == "include")
+        self._includes = seen
 
     def _alias(self, local: str, domain: str) -> tuple[_Target, ...] | None:
         targets = self._aliases.get((local, domain))
         if targets is None:
             targets = self._aliases.get((local, None))
-        # An alias whose every target was unsupported is as if not defined.
+        if not targets and self.mode == "system" and local == "postmaster":
+            return _POSTMASTER_TO_ROOT
+        # An alias whose every target was unusable is as if not defined.
         return targets or None
 
     # -- mailboxes ------------------------------------------------------------------
@@ -421,6 +620,11 @@ class Directory:
             raise InvalidMailbox()
         if domain not in self.domains:
             raise InvalidMailbox(text="not a local domain")
+        if self.mode == "system":
+            account = self.accounts.lookup(local)
+            if account is None:
+                raise UnknownRecipient()
+            return os.path.join(account.home, *self.home_maildir)
         path = os.path.join(self.mailboxes, domain, local)
         root = os.path.realpath(self.mailboxes)
         real = os.path.realpath(path)
@@ -436,7 +640,16 @@ class Directory:
         return local in self._any_domain_users or (local, domain) in self._domain_users
 
     def _has_mailbox(self, local: str, domain: str) -> bool:
-        """A Maildir exists, may be created (users list), or it is the postmaster."""
+        """
+        Virtual: a Maildir exists, may be created (users list), or it is the
+        postmaster.  System: an account that receives mail (L{system.Accounts}).
+        """
+        if self.mode == "system":
+            if not address.is_safe_local_part(local):
+                raise InvalidMailbox()
+            if domain not in self.domains:
+                raise InvalidMailbox(text="not a local domain")
+            return self.accounts.lookup(local) is not None
         path = self._path(local, domain)  # validates, even for listed names
         if local == "postmaster" or self._listed(local, domain):
             return True
@@ -445,21 +658,43 @@ class Directory:
     def maildir_for(self, address: str) -> str:
         """
         The absolute Maildir path of a final local address (as L{resolve}
-        returns it).  Never a path outside the mailbox root.
+        returns it).  Virtual mode: never a path outside the mailbox root.
+        System mode: C{~user/<home_maildir>} (informational: L{mailhub.local}
+        opens it through L{account_for}, never by this path).
 
         @raise InvalidMailbox: the local part cannot be a directory name or
             the domain is not local.
         @raise UnsafeMailbox: the path resolves (symlinks) outside the root.
+        @raise UnknownRecipient: system mode, no such account.
         """
         return self._path(*_split_address(address))
+
+    def account_for(self, address: str) -> system.Account:
+        """
+        System mode: the account that owns the mailbox of a final local
+        address (looked up again at delivery time).
+
+        @raise InvalidMailbox: unsafe local part, or the domain is not local.
+        @raise UnknownRecipient: no such account, or one without a mailbox.
+        """
+        local, domain = _split_address(address)
+        if not _is_safe_local_part(local) or domain not in self.domains:
+            raise InvalidMailbox(text="invalid mailbox name" if domain in self.domains else "not a local domain")
+        account = self.accounts.lookup(local)
+        if account is None:
+            raise UnknownRecipient()
+        return account
 
     def may_create(self, address: str) -> bool:
         """
         Whether the Maildir of C{address} may be created on first delivery:
-        it is in the users list or it is a postmaster.  A mailbox that exists
-        only as a directory and was removed after acceptance has vanished.
+        it is in the users list or it is a postmaster (system mode: the
+        account receives mail).  A mailbox that exists only as a directory
+        and was removed after acceptance has vanished.
         """
         local, domain = _split_address(address)
+        if self.mode == "system":
+            return self.accounts.lookup(local) is not None
         return local == "postmaster" or self._listed(local, domain)
 
     # -- resolution ---------------------------------------------------------------------
@@ -473,6 +708,8 @@ class Directory:
         @raise InvalidMailbox: unsafe local part (C{..}, C{/}, NUL...), 550 5.1.3.
         @raise UnknownRecipient: no such mailbox or alias, 550 5.1.1.
         @raise AliasLoop: alias loop without a mailbox or too deep, 550 5.4.6.
+        @raise UnsupportedAlias: the alias has a command or file target, 550 5.3.0.
+        @raise AliasUnavailable: an include file it needs is unusable, 451 4.3.0.
         @raise RecipientError: expansion larger than L{MAX_ALIAS_FANOUT}, 550 5.5.3.
         @raise UnsafeMailbox: the mailbox is a symlink out of the root, 451 4.3.5.
         """
@@ -523,14 +760,14 @@ class Directory:
         for name in candidates:
             targets = self._alias(name, domain)
             if targets is not None:
-                self._expand_alias(name, domain, targets, stack + ((name, domain),), out, budget)
+                self._expand_targets(name, domain, targets, stack + ((name, domain),), out, budget)
                 return
             if self._has_mailbox(name, domain):
                 self._emit(_format_address(name, domain), out, budget)
                 return
         raise UnknownRecipient()
 
-    def _expand_alias(
+    def _expand_targets(
         self,
         name: str,
         domain: str,
@@ -539,9 +776,35 @@ class Directory:
         out: dict[str, str],
         budget: list[int],
     ) -> None:
-        first_error: UnknownRecipient | None = None
+        """
+        Expand the targets of alias (or include file) C{name}.  At least one
+        must be reached; a missing member is skipped with a warning.
+        """
+        for target in targets:
+            if target.kind in ("pipe", "file"):
+                raise UnsupportedAlias()
+        first_error: RecipientError | None = None
+        unavailable: AliasUnavailable | None = None
         reached = 0
         for target in targets:
+            if target.kind == "include":
+                inc_key = ("\0:include:" + target.path, domain)
+                if inc_key in stack:
+                    raise AliasLoop(text=f"alias loop through :include:{target.path}")
+                if len(stack) > MAX_ALIAS_DEPTH:
+                    raise AliasLoop(text="alias expansion too deep")
+                inc = self._includes.get(target.path)
+                if inc is None or inc.targets is None:
+                    unavailable = unavailable or AliasUnavailable()
+                    continue
+                try:
+                    self._expand_targets(name, domain, inc.targets, stack + (inc_key,), out, budget)
+                    reached += 1
+                except UnknownRecipient as e:
+                    first_error = first_error or e
+                except AliasUnavailable as e:
+                    unavailable = unavailable or e
+                continue
             tdomain = domain if target.domain is None else target.domain
             if tdomain not in self.domains:
                 # Remote: kept as written, for the router; duplicates compared
@@ -550,7 +813,12 @@ class Directory:
                 reached += 1
                 continue
             try:
-                self._expand(target.local, tdomain, stack, out, budget)
+                if target.direct:
+                    if not self._has_mailbox(target.local, tdomain):
+                        raise UnknownRecipient()
+                    self._emit(_format_address(target.local, tdomain), out, budget)
+                else:
+                    self._expand(target.local, tdomain, stack, out, budget)
                 reached += 1
             except UnknownRecipient as e:
                 # One broken member does not reject mail for the others
@@ -560,8 +828,11 @@ class Directory:
                     alias=_format_address(name, domain), target=_format_address(target.local, tdomain),
                 )
                 first_error = first_error or e
+            except AliasUnavailable as e:
+                unavailable = unavailable or e
         if not reached:
-            raise first_error or UnknownRecipient()
+            # Temporary wins: the missing include may hold the members.
+            raise unavailable or first_error or UnknownRecipient()
 
     def _emit(self, final: str, out: dict[str, str], budget: list[int], key: str | None = None) -> None:
         key = final if key is None else key
@@ -571,3 +842,6 @@ class Directory:
         if budget[0] < 0:
             raise RecipientError(550, "5.5.3", f"alias expands to more than {MAX_ALIAS_FANOUT} addresses")
         out[key] = final
+
+
+_is_safe_local_part = address.is_safe_local_part

@@ -7,6 +7,11 @@ after a crash is recognised), the trace headers prepended to them
 (C{Return-Path}, C{Delivered-To}), the forwarding-loop check, and turning
 file-system errors into per-recipient L{Outcome}s (house rule 4).
 
+In system mode (C{directory.mode == "system"}) the Maildir is
+C{~user/Maildir}, opened through L{mailhub.system.open_maildir} (no symlink
+followed, directories owned by the user) and written by descriptor; each
+new file is C{fchown}ed to the recipient before it is written.
+
 Must not touch: the spool (the message file is only read), retry decisions
 (the scheduler's), alias and mailbox lookups (the directory's), the
 reactor (file work runs through the injected C{run}, a thread by default).
@@ -25,7 +30,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .directory import Directory, InvalidMailbox, RecipientError, UnsafeMailbox
+from . import system
+from .directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient, UnsafeMailbox
 from .envelope import Envelope, Outcome, Recipient
 
 __all__ = ["LocalDelivery", "CHUNK_SIZE"]
@@ -192,6 +198,8 @@ class LocalDelivery:
     ) -> Outcome:
         if address.lower() in seen:
             return Outcome.permanent(address, "mail forwarding loop for " + address, 554, "5.4.6")
+        if getattr(self.directory, "mode", "virtual") == "system":
+            return self._deliver_system(queue_id, arrival, sender, address, message_path)
         try:
             maildir = self.directory.maildir_for(address)
         except InvalidMailbox as e:
@@ -204,6 +212,28 @@ class LocalDelivery:
                     return Outcome.permanent(address, "User unknown in local recipient table (mailbox vanished)", 550, "5.1.1")
             self._make_maildir(maildir)
             self._write(maildir, self._unique(queue_id, arrival, address), sender, address, message_path)
+        except OSError as e:
+            return self._os_error(address, e, "cannot write to maildir")
+        return Outcome.delivered(address, "delivered to maildir")
+
+    def _deliver_system(self, queue_id: str, arrival: float, sender: str, address: str, message_path: str) -> Outcome:
+        """
+        System mode: C{~user/Maildir}, written by root and given to the
+        account (see L{mailhub.system} and L{_write_fds}).
+        """
+        try:
+            account = self.directory.account_for(address)
+        except UnknownRecipient:
+            return Outcome.permanent(address, "User unknown in local recipient table (account vanished)", 550, "5.1.1")
+        except InvalidMailbox as e:
+            return Outcome.permanent(address, e.text, e.code, e.enhanced)
+        except RecipientError as e:
+            return Outcome.temporary(address, e.text, 451, "4.3.5")
+        try:
+            with system.open_maildir(account, self.directory.home_maildir, self.fsync) as fds:
+                self._write_fds(fds, self._unique(queue_id, arrival, address), sender, address, message_path)
+        except system.UnsafeLocation as e:  # logged with the path by system
+            return Outcome.temporary(address, f"mailbox location not allowed: {e}", 451, "4.3.5")
         except OSError as e:
             return self._os_error(address, e, "cannot write to maildir")
         return Outcome.delivered(address, "delivered to maildir")
@@ -312,6 +342,67 @@ class LocalDelivery:
             _fsync_dir(os.path.join(maildir, "new"))
         return final
 
+    def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message_path: str) -> int:
+        header = (
+            b"Return-Path: <" + _header_value(sender) + b">\n"
+            b"Delivered-To: " + _header_value(address) + b"\n"
+        )
+        out.write(header)
+        with open(message_path, "rb") as src:
+            return len(header) + copy_lf(src, out)
+
+    def _write_fds(self, fds: system.MaildirFds, unique: str, sender: str, address: str, message_path: str) -> None:
+        """
+        L{_write} for a Maildir opened by L{system.open_maildir}: every name is
+        relative to a directory descriptor, nothing is followed, and the new
+        file is given to the recipient (C{fchown}) before a byte is written,
+        so quota and ownership are the recipient's, and what the user can
+        rename in their own tmp/ is never written or chowned by path.
+        """
+        try:
+            os.unlink(unique, dir_fd=fds.tmp)  # ours, left by a crash (or whatever the user put there)
+        except FileNotFoundError:
+            pass
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(unique, flags, 0o600, dir_fd=fds.tmp)
+        try:
+            try:
+                system.give(fd, fds.uid, fds.gid)
+                out = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
+            except BaseException:
+                os.close(fd)
+                raise
+            with out:
+                size = self._write_header_and_body(out, sender, address, message_path)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+            name = f"{unique},S={size}"
+            if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
+                os.unlink(unique, dir_fd=fds.tmp)
+                return
+            try:
+                os.link(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if not _exists_at(fds.new, name):  # no hard links here: rename
+                    os.rename(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new)
+            try:
+                os.unlink(unique, dir_fd=fds.tmp)
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            try:
+                os.unlink(unique, dir_fd=fds.tmp)
+            except OSError:
+                pass
+            raise
+        if self.fsync:
+            os.fsync(fds.new)
+
     @staticmethod
     def _in_cur(maildir: str, name: str) -> bool:
         """
@@ -321,4 +412,16 @@ class LocalDelivery:
         and the spool update, then a reader quicker than the restart) is rare.
         """
         cur = os.path.join(maildir, "cur")
-        return any(os.path.exists(os.path.join(cur, f"{name}:2,{flags}")) for flags in ("", "S", "RS", "FS", "T", "ST"))
+        return any(os.path.exists(os.path.join(cur, f"{name}:2,{flags}")) for flags in _CUR_FLAGS)
+
+
+#: The flag sets probed in cur/ for an already delivered message (see L{LocalDelivery._in_cur}).
+_CUR_FLAGS = ("", "S", "RS", "FS", "T", "ST")
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

@@ -18,6 +18,8 @@ from mailhub.directory import (
     RecipientError,
     UnknownRecipient,
     UnsafeMailbox,
+    UnsupportedAlias,
+    AliasUnavailable,
     parse_aliases,
 )
 
@@ -352,20 +354,33 @@ def test_alias_diamond_explosion_bounded(root):
     assert e.value.enhanced == "5.5.3"
 
 
-def test_unsupported_targets_warn_and_are_ignored(root, logged):
-    d = make(root, "prog: |/usr/bin/vacation, alice\nfile: /var/log/mail\ninc: :include:/etc/list\n"
-                   'q: "|cmd arg, more", bob\nbad: alice@, bob\n')
+def test_pipe_and_file_targets_reject_the_alias(root, tmp_path, logged):
+    d = make(root, "prog: |/usr/bin/vacation, alice\nfile: /var/log/mail\ninc: :include:/nonexistent/list\n"
+                   'q: "|cmd arg, more", bob\nbad: alice@, bob\nteam: alice, prog\n')
     lines = logged()
-    for number, what in [(1, "|/usr/bin/vacation"), (2, "/var/log/mail"), (3, ":include:/etc/list"),
-                         (4, '"|cmd arg, more"'), (5, "alice@")]:
+    for number, what in [(1, "|/usr/bin/vacation"), (2, "/var/log/mail"), (4, '"|cmd arg, more"'), (5, "alice@")]:
         hits = [line for line in lines if f"aliases:{number}:" in line and what in line]
         assert len(hits) == 1, (number, lines)
-    assert resolve(d, "prog@example.org") == ["alice@example.org"]
-    assert resolve(d, "q@example.org") == ["bob@example.org"]
+    assert any("aliases:1: alias 'prog': pipe target" in line and "550 5.3.0" in line for line in lines)
+    assert any("aliases:2: alias 'file': file target" in line for line in lines)
+    # never delivered partly: the whole alias is refused, also through another alias
+    for rcpt in ("prog@example.org", "file@example.org", "q@example.org", "team@example.org", "prog+x@example.org"):
+        with pytest.raises(UnsupportedAlias) as e:
+            resolve(d, rcpt)
+        assert (e.value.code, e.value.enhanced, e.value.text) == (550, "5.3.0", "alias target type not supported")
+    # an invalid address is just skipped
     assert resolve(d, "bad@example.org") == ["bob@example.org"]
-    # an alias with nothing usable left is not an alias: the mailbox lookup applies
-    with pytest.raises(UnknownRecipient):
-        resolve(d, "file@example.org")
+    # a missing :include: file is temporary (logged once at load)
+    with pytest.raises(AliasUnavailable) as e:
+        resolve(d, "inc@example.org")
+    assert (e.value.code, e.value.enhanced) == (451, "4.3.0")
+    assert len([line for line in logged() if ":include:/nonexistent/list cannot read" in line]) == 1
+
+
+def test_backslash_target_skips_aliases(root):
+    d = make(root, "alice: \\alice, bob\nbob: carol@remote.example\nx: \\ghost, alice\n")
+    assert resolve(d, "alice@example.org") == ["alice@example.org", "carol@remote.example"]
+    assert resolve(d, "x@example.org") == ["alice@example.org", "carol@remote.example"]
 
 
 @pytest.mark.parametrize(

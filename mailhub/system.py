@@ -1,0 +1,293 @@
+"""
+System mailboxes: local users are the host's accounts, mail goes to ~user/Maildir.
+
+Owns: the rule which passwd(5) accounts receive mail (L{Accounts}), and
+opening an account's Maildir safely from a daemon running as root
+(L{open_maildir}): every directory below the home directory is opened with
+C{O_NOFOLLOW} relative to its parent's descriptor, created where missing
+and handed to the account with C{fchown}, and must be owned by the account.
+A symlink anywhere from the home directory down (C{~/Maildir}, C{tmp},
+C{new}, C{cur}) is refused, never followed, so a user cannot redirect
+root's writes.
+
+Must not touch: message bytes and Maildir file names (L{mailhub.local}),
+aliases and address parsing (L{mailhub.directory}), the reactor.  Nothing
+here changes the process's uid: it is shared by the reactor and worker
+threads, so ownership is given per file and per directory instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+__all__ = [
+    "Account",
+    "Accounts",
+    "MaildirFds",
+    "UnsafeLocation",
+    "open_maildir",
+    "check_maildir_name",
+    "give",
+    "is_safe_include",
+    "DEFAULT_ALIASES",
+    "DEFAULT_HOME_MAILDIR",
+    "MIN_UID",
+    "MAX_UID",
+]
+
+log = Logger()
+
+#: aliases(5) file used in system mode when C{local.aliases} is not set and it exists.
+DEFAULT_ALIASES = "/etc/aliases"
+#: The Maildir below each home directory (Postfix C{home_mailbox = Maildir/}).
+DEFAULT_HOME_MAILDIR = "Maildir"
+#: Accounts in [MIN_UID, MAX_UID] receive mail, plus root (login.defs UID_MIN / UID_MAX).
+MIN_UID = 1000
+MAX_UID = 60000
+
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class UnsafeLocation(OSError):
+    """
+    A Maildir location that must not be written: a symlink, not a directory,
+    or owned by someone other than the account.  Already logged (once per
+    delivery attempt) with the path and the reason.
+    """
+
+
+@dataclass(frozen=True)
+class Account:
+    """A passwd entry that receives mail."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def check_maildir_name(name: str) -> tuple[str, ...]:
+    """
+    The path components of C{local.home_maildir} (relative to the home
+    directory).  Refuses what could leave the home directory.
+
+    @raise ValueError: absolute, empty, or with C{.} / C{..} components.
+    """
+    if not name or name.startswith("/"):
+        raise ValueError(f"home_maildir must be a relative path, not {name!r}")
+    parts = tuple(p for p in name.split("/") if p)
+    if not parts or any(p in (".", "..") or "\x00" in p for p in parts):
+        raise ValueError(f"home_maildir must not contain '.' or '..' components: {name!r}")
+    return parts
+
+
+class Accounts:
+    """
+    Which accounts have a mailbox.
+
+    The rule: C{root}, and accounts whose uid is in C{[min_uid, max_uid]}
+    (people: Debian's adduser and login.defs use 1000..60000).  System
+    accounts (daemon, www-data, other uid-0 names, nobody = 65534) have no
+    mailbox: mail for them needs an alias (C{www-data: root}), otherwise it
+    is rejected like an unknown user, so mailhub never creates a Maildir in
+    C{/var/www} or C{/usr/sbin}.  The login shell is not looked at: a
+    mail-only account with C{nologin} is a normal reason to receive mail.
+
+    Names are looked up as the directory folds them (lower case), as
+    Postfix local(8) does.  Lookups go to NSS every time (no cache): an
+    account added or removed takes effect at once.
+
+    @param passwd_lookup: C{pwd.getpwnam} or a fake with the same contract
+        (returns an object with C{pw_name, pw_uid, pw_gid, pw_dir}; raises
+        C{KeyError} for an unknown name).
+    """
+
+    def __init__(
+        self,
+        passwd_lookup: Callable[[str], Any] = pwd.getpwnam,
+        min_uid: int = MIN_UID,
+        max_uid: int = MAX_UID,
+    ) -> None:
+        self.passwd_lookup = passwd_lookup
+        self.min_uid = min_uid
+        self.max_uid = max_uid
+
+    def lookup(self, name: str) -> Account | None:
+        """The account C{name} if it exists and receives mail, else C{None}."""
+        try:
+            pw = self.passwd_lookup(name)
+        except (KeyError, ValueError, UnicodeError):  # unknown, NUL in name, ...
+            return None
+        if pw.pw_name != name:  # NSS modules that match case-insensitively
+            return None
+        uid = pw.pw_uid
+        if uid == 0:
+            if name != "root":
+                return None
+        elif not (self.min_uid <= uid <= self.max_uid):
+            return None
+        home = pw.pw_dir
+        if not home or not os.path.isabs(home):
+            return None
+        return Account(name, uid, pw.pw_gid, home)
+
+
+@dataclass
+class MaildirFds:
+    """Open descriptors of one Maildir and its tmp/new/cur; close() releases them."""
+
+    path: str
+    maildir: int
+    tmp: int
+    new: int
+    cur: int
+    uid: int
+    gid: int
+
+    def close(self) -> None:
+        for fd in (self.tmp, self.new, self.cur, self.maildir):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.maildir = self.tmp = self.new = self.cur = -1
+
+    def __enter__(self) -> "MaildirFds":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def give(fd: int, uid: int, gid: int) -> None:
+    """C{fchown} C{fd} to (uid, gid) unless it already is (a daemon not running as root)."""
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.fchown(fd, uid, gid)
+
+
+def _refuse(path: str, why: str) -> UnsafeLocation:
+    log.error("local: refusing to deliver into {path}: {why}", path=path, why=why)
+    return UnsafeLocation(why)
+
+
+def _open_subdir(parent: int, parent_path: str, name: str, uid: int, gid: int, fsync: bool) -> int:
+    """
+    Open (creating, mode 0700, owned by uid:gid) the directory C{name} in
+    C{parent}, never following a symlink, and check that it belongs to
+    C{uid}.  Returns its descriptor.
+    """
+    path = os.path.join(parent_path, name)
+    created = False
+    try:
+        fd = os.open(name, _NOFOLLOW_DIR, dir_fd=parent)
+    except FileNotFoundError:
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+            created = True
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(name, _NOFOLLOW_DIR, dir_fd=parent)
+        except OSError as e:
+            raise _classify(e, parent, name, path)
+    except OSError as e:
+        raise _classify(e, parent, name, path)
+    try:
+        st = os.fstat(fd)
+        if created and (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+            st = os.fstat(fd)
+        if st.st_uid != uid:
+            raise _refuse(path, f"owned by uid {st.st_uid}, not by the recipient (uid {uid})")
+        if created and fsync:
+            os.fsync(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _classify(e: OSError, parent: int, name: str, path: str) -> OSError:
+    """
+    A symlink (ELOOP, or ENOTDIR as Linux reports O_NOFOLLOW|O_DIRECTORY on
+    a link) or a non-directory is a refusal; the rest stays an OSError.
+    """
+    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+        return e
+    try:
+        is_link = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        is_link = e.errno == errno.ELOOP
+    if is_link:
+        return _refuse(path, "it is a symbolic link (never followed)")
+    return _refuse(path, "it is not a directory")
+
+
+def open_maildir(account: Account, components: Sequence[str], fsync: bool = True) -> MaildirFds:
+    """
+    Open C{~account/<components...>} and its tmp/new/cur for writing as root.
+
+    The home directory itself comes from passwd (root's data) and is opened
+    normally; it must be owned by the account (root's by root), otherwise
+    nothing is created in it.  Everything below is opened with C{O_NOFOLLOW}
+    relative to its parent's descriptor, created where missing (0700, then
+    C{fchown} to the account) and must be owned by the account.
+
+    @raise UnsafeLocation: a symlink, a non-directory, or a foreign owner
+        (logged here with the path).
+    @raise OSError: anything else (missing home directory, EACCES, ENOSPC...).
+    """
+    home = account.home
+    fds: list[int] = []
+    try:
+        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        fds.append(fd)
+        st = os.fstat(fd)
+        if st.st_uid != account.uid:
+            raise _refuse(home, f"home directory of {account.name} is owned by uid {st.st_uid}, not {account.uid}")
+        path = home
+        for name in components:
+            fds.append(_open_subdir(fds[-1], path, name, account.uid, account.gid, fsync))
+            path = os.path.join(path, name)
+        maildir = fds[-1]
+        subs = []
+        for sub in ("tmp", "new", "cur"):
+            subs.append(_open_subdir(maildir, path, sub, account.uid, account.gid, fsync))
+            fds.append(subs[-1])
+        # Keep the Maildir and its subdirectories open; close the ones above.
+        for fd in fds[: -4]:
+            os.close(fd)
+        return MaildirFds(path, maildir, subs[0], subs[1], subs[2], account.uid, account.gid)
+    except BaseException:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+
+
+def is_safe_include(st: os.stat_result) -> str | None:
+    """
+    Why an C{:include:} file with this C{fstat} must not be used, or None:
+    a regular file owned by root or the daemon's user, not writable by
+    others (else any local user could add themselves to a list, or point
+    it at an outside address).
+    """
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid} (must be root or the daemon's user)"
+    if st.st_mode & stat.S_IWOTH:
+        return "world-writable"
+    return None
