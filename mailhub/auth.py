@@ -23,7 +23,8 @@ Fields are separated by C{:}.  The first is the address (normalised: domain
 in lower case IDNA A-labels, local part folded to lower case as the mailbox
 directory does), the second a bcrypt hash, and any further fields are
 C{name=value} extensions.  Known: C{senders=} (comma-separated extra
-envelope senders the user may use).  Unknown extensions (e.g. API token
+envelope senders the user may use) and C{token=sha256-HEX} (an API token
+of the HTTP interface, see L{UsersFile.add_token}; repeatable).  Unknown extensions (e.g. API token
 hashes added by a later version) are kept untouched when the file is
 rewritten.  Addresses may therefore not contain C{:}, white space or
 quotes.
@@ -33,7 +34,10 @@ from __future__ import annotations
 
 import binascii
 import fcntl
+import hashlib
+import hmac
 import os
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -58,6 +62,7 @@ __all__ = [
     "UserExists",
     "normalize_user",
     "hash_password",
+    "hash_token",
     "check_password_acceptable",
     "UsersChecker",
     "owns_sender",
@@ -196,8 +201,22 @@ class UserEntry:
                 out.extend(s.strip() for s in value.split(",") if s.strip())
         return tuple(out)
 
+    @property
+    def token_hashes(self) -> tuple[str, ...]:
+        """API token hashes (C{token=sha256-HEX} extensions; see L{UsersFile.add_token})."""
+        return tuple(ext[len("token="):] for ext in self.extensions if ext.startswith("token="))
+
     def to_line(self) -> str:
         return ":".join((self.address, self.password_hash) + self.extensions)
+
+
+def hash_token(token: str) -> str:
+    """
+    The stored form of an API token: C{sha256-HEX} (no C{:}, the field separator).  Tokens are 256 random
+    bits, so a fast unsalted hash is enough (nothing to brute-force) and a
+    lookup costs one hash, not one bcrypt per user.
+    """
+    return "sha256-" + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _parse_line(line: str) -> UserEntry | None:
@@ -388,6 +407,35 @@ class UsersFile:
 
         self._edit(edit)
         return key
+
+    def add_token(self, address: str) -> str:
+        """
+        Create an API token for the HTTP interface and return it; only its
+        hash (L{hash_token}) is stored, so this is the one time it is seen.
+        A user may have several tokens (one C{token=} field each).
+
+        @raise UnknownUser: if the address is not in the file.
+        """
+        key = normalize_user(address)
+        token = "mh_" + secrets.token_urlsafe(32)
+        field = "token=" + hash_token(token)
+
+        def edit(lines: list[str], users: dict[str, UserEntry]) -> list[str]:
+            return self._replace_entry(lines, key, lambda e: replace(e, extensions=e.extensions + (field,)))
+
+        self._edit(edit)
+        return token
+
+    def check_token(self, token: str) -> str | None:
+        """The address owning API token C{token}, or C{None}."""
+        if not token or len(token) > 200:
+            return None
+        wanted = hash_token(token)
+        self._refresh()
+        for entry in self._users.values():
+            if any(hmac.compare_digest(h, wanted) for h in entry.token_hashes):
+                return entry.address
+        return None
 
     def _replace_entry(
         self, lines: list[str], key: str, change: Callable[[UserEntry], UserEntry | None]

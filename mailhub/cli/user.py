@@ -1,5 +1,5 @@
 """
-C{mailhub user add|passwd|del|list}: manage the SMTP AUTH users file.
+C{mailhub user add|passwd|del|list|token}: manage the SMTP AUTH users file.
 
 Owns: the command line of user management, password prompting and the
 exit codes (sysexits.h).  The file itself is edited by
@@ -71,6 +71,10 @@ class ListOptions(usage.Options):
     synopsis = "mailhub user list"
 
 
+class TokenOptions(_AddressOptions):
+    synopsis = "mailhub user token ADDRESS"
+
+
 class UserOptions(usage.Options):
     """C{mailhub user}: the subcommand's options; run with L{run_user}."""
 
@@ -83,11 +87,12 @@ class UserOptions(usage.Options):
         ["passwd", None, PasswdOptions, "change a user's password"],
         ["del", None, DelOptions, "delete a user"],
         ["list", None, ListOptions, "list user addresses"],
+        ["token", None, TokenOptions, "create an HTTP API token for a user and print it (shown once)"],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a subcommand: add, passwd, del or list")
+            raise usage.UsageError("give a subcommand: add, passwd, del, list or token")
 
 
 def _read_password(
@@ -164,6 +169,12 @@ def run_user(
         if command == "del":
             users.remove(key)
             print(f"mailhub: deleted user {key}", file=stderr)
+            return EX_OK
+        if command == "token":
+            if key not in users:
+                return fail(EX_NOUSER, f"no such user: {key}")
+            print(users.add_token(key), file=stdout)
+            print(f"mailhub: created an API token for {key}; it is shown only once", file=stderr)
             return EX_OK
         if command == "passwd" and key not in users:
             # Say so before asking for a password that would be thrown away.

@@ -1,0 +1,414 @@
+"""
+The HTTP API in memory: the real Site and HTTP parser over a StringTransport,
+a real spool in tmp_path, a real users file with tokens, a fake scheduler.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import errno
+import json
+import os
+import re
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailhub.auth import UsersFile
+from mailhub.httpapi import ROUTES, make_http_site
+from mailhub.metrics import MailMetrics, spool_queue_stats
+from mailhub.spool import Spool
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "openapi.json")
+
+
+class FakeScheduler:
+    def __init__(self) -> None:
+        self.enqueued: list = []
+        self.flushed: list = []
+
+    def enqueue(self, env) -> None:
+        self.enqueued.append(env)
+
+    def flush(self, queue_id=None) -> None:
+        if queue_id is not None and queue_id != "0000000000000AAAAA":
+            raise KeyError(queue_id)
+        self.flushed.append(queue_id)
+
+
+class Env:
+    def __init__(self, tmp_path, max_body=100_000, run=None) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.spool = Spool(str(tmp_path / "spool"), fsync=False)
+        self.users = UsersFile(str(tmp_path / "users"), rounds=4)
+        self.users.add("alice@example.com", "secret-a")
+        self.users.add("root@example.com", "secret-r")
+        self.alice = self.users.add_token("alice@example.com")
+        self.root = self.users.add_token("root@example.com")
+        self.scheduler = FakeScheduler()
+        self.metrics = MailMetrics(self.clock, spool_queue_stats(self.spool))
+        self.site = make_http_site(
+            self.spool, self.scheduler.enqueue, self.scheduler, self.users, self.metrics, "mx.example.com",
+            max_body=max_body, run=run, admins=["root@example.com"], clock=self.clock,
+        )
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None, token: str | None = None,
+                raw: bytes | None = None):
+        proto = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+                                    hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
+        proto.makeConnection(transport)
+        if raw is None:
+            h = {"Host": "localhost", "Content-Length": str(len(body))}
+            if token:
+                h["Authorization"] = f"Bearer {token}"
+            h.update(headers or {})
+            head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
+            raw = head.encode() + body
+        proto.dataReceived(raw)
+        return Response(transport.value(), transport)
+
+
+class Response:
+    def __init__(self, data: bytes, transport) -> None:
+        self.raw = data
+        self.transport = transport
+        head, _, self.body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1]) if lines[0] else 0
+        self.headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            self.headers[k.strip().lower()] = v.strip()
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@pytest.fixture
+def env(tmp_path):
+    return Env(tmp_path)
+
+
+def message_json(**kw):
+    data = {"from": "alice@example.com", "to": ["bob@example.org"], "subject": "Hi", "text": "Hello Bob\n"}
+    data.update(kw)
+    return json.dumps(data).encode()
+
+
+def post_json(env, body, token="alice"):
+    return env.request("POST", "/v1/messages", body, {"Content-Type": "application/json"},
+                       token=getattr(env, token) if token in ("alice", "root") else token)
+
+
+# -- submission -----------------------------------------------------------------------------
+
+
+def test_post_json_queues_a_mime_message(env):
+    att = base64.b64encode(b"\x00\x01binary").decode()
+    r = post_json(env, message_json(cc=["carol@example.net"], bcc=["dave@example.net"], html="<p>Hello</p>",
+                                    attachments=[{"filename": "a.bin", "content_type": "application/pdf", "content_base64": att}]))
+    assert r.status == 202, r.raw
+    qid = r.json()["queue_id"]
+    assert r.headers["content-type"] == "application/json"
+    env_ = env.spool.load(qid)
+    assert env_.sender == "alice@example.com"
+    assert [x.address for x in env_.recipients] == ["bob@example.org", "carol@example.net", "dave@example.net"]
+    assert env_.client["protocol"] == "HTTP" and env_.client["user"] == "alice@example.com"
+    assert env.scheduler.enqueued == [env_]
+    with open(env.spool.message_path(qid), "rb") as f:
+        raw = f.read()
+    assert raw.startswith(b"Received: from [127.0.0.1] (user alice@example.com)\r\n\tby mx.example.com (mailhub) with HTTP id " + qid.encode())
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["From"] == "alice@example.com" and msg["To"] == "bob@example.org" and msg["Cc"] == "carol@example.net"
+    assert msg["Bcc"] is None and msg["Subject"] == "Hi" and msg["Message-ID"].endswith("@mx.example.com>")
+    assert msg.get_content_type() == "multipart/mixed"
+    body = msg.get_body(("plain",))
+    assert body.get_content() == "Hello Bob\r\n"
+    assert msg.get_body(("html",)).get_content() == "<p>Hello</p>\r\n"
+    atts = list(msg.iter_attachments())
+    assert [(a.get_filename(), a.get_content_type(), a.get_content()) for a in atts] == [("a.bin", "application/pdf", b"\x00\x01binary")]
+    # the accepted metric went up through the log
+    assert env_.esmtp["size"] == len(raw)
+
+
+def test_post_raw_with_query_envelope(env):
+    raw = b"From: Alice <alice@example.com>\nTo: x@example.org\nBcc: secret@example.org\nSubject: raw\n\nbody line\n"
+    r = env.request("POST", "/v1/messages?from=alice%2Blists@example.com&to=bob@example.org&to=carol@example.org",
+                    raw, {"Content-Type": "message/rfc822"}, token=env.alice)
+    assert r.status == 202, r.raw
+    e = env.spool.load(r.json()["queue_id"])
+    assert e.sender == "alice+lists@example.com"
+    assert [x.address for x in e.recipients] == ["bob@example.org", "carol@example.org"]
+    with open(env.spool.message_path(e.queue_id), "rb") as f:
+        stored = f.read()
+    assert stored.endswith(b"From: Alice <alice@example.com>\r\nTo: x@example.org\r\nSubject: raw\r\n\r\nbody line\r\n")
+    assert b"for <bob@example.org>" not in stored
+
+
+def test_post_raw_envelope_from_headers(env):
+    raw = b"From: alice@example.com\r\nTo: a@example.org, B <b@example.org>\r\nCc: c@example.org\r\nBcc: d@example.org\r\n\r\nx\r\n"
+    r = env.request("POST", "/v1/messages", raw, {"Content-Type": "message/rfc822; charset=utf-8"}, token=env.alice)
+    assert r.status == 202, r.raw
+    e = env.spool.load(r.json()["queue_id"])
+    assert [x.address for x in e.recipients] == ["a@example.org", "b@example.org", "c@example.org", "d@example.org"]
+    with open(env.spool.message_path(e.queue_id), "rb") as f:
+        assert b"Bcc" not in f.read()
+
+
+@pytest.mark.parametrize(
+    "headers, token, status, text",
+    [
+        ({}, None, 401, "missing bearer token"),
+        ({"Authorization": "Basic YTpi"}, None, 401, "expected Authorization: Bearer TOKEN"),
+        ({}, "mh_wrong", 401, "invalid token"),
+    ],
+)
+def test_bad_tokens(env, headers, token, status, text):
+    h = {"Content-Type": "application/json"} | headers
+    r = env.request("POST", "/v1/messages", message_json(), h, token=token)
+    assert r.status == status
+    assert r.json() == {"error": text, "code": status}
+    assert r.headers["www-authenticate"] == 'Bearer realm="mailhub"'
+    assert env.spool.queue_ids() == []
+
+
+@pytest.mark.parametrize(
+    "body, status, error",
+    [
+        (b"{not json", 400, "malformed JSON"),
+        (b"[1, 2]", 400, "JSON body must be an object"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"]}', 400, "give text or html"),
+        (b'{"from": "alice@example.com", "to": [], "text": "x"}', 400, "no recipients"),
+        (b'{"from": "alice@example.com", "to": "not an address", "text": "x"}', 400, "invalid recipient"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": 5}', 400, "text must be a string"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "subject": "a\\r\\nBcc: x@y"}', 400, "subject must be one line"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "evil": 1}', 400, "unknown field(s): evil"),
+        (b'{"to": ["b@example.org"], "text": "x"}', 400, "missing sender"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "attachments": [{"filename": "a", "content_base64": "!!"}]}', 400, "not base64"),
+        (b'{"from": "bob@example.com", "to": ["b@example.org"], "text": "x"}', 403, "sender <bob@example.com> is not owned by alice@example.com"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "\\ud800"}', 400, "lone surrogate"),
+    ],
+)
+def test_bad_json_bodies(env, body, status, error):
+    r = post_json(env, body)
+    assert r.status == status, r.raw
+    assert r.json()["code"] == status
+    assert error in r.json()["error"]
+    assert env.spool.queue_ids() == [] and env.scheduler.enqueued == []
+
+
+def test_wrong_content_type(env):
+    r = env.request("POST", "/v1/messages", message_json(), {"Content-Type": "text/plain"}, token=env.alice)
+    assert r.status == 415
+    assert r.json() == {"error": "Content-Type must be application/json or message/rfc822", "code": 415}
+
+
+def test_oversized_content_length_refused_before_reading(env):
+    head = (
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {env.alice}\r\nContent-Length: 100001\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    r = env.request("POST", "/v1/messages", raw=head)  # no body sent at all
+    assert r.status == 413
+    assert r.json() == {"error": "request body larger than 100000 bytes", "code": 413}
+    assert r.headers["connection"] == "close"
+    assert b"100 Continue" not in r.raw
+    assert r.transport.disconnecting
+    assert env.spool.queue_ids() == []
+
+
+def test_oversized_chunked_body_refused(env):
+    chunk = b"x" * 60000
+    body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(3)) + b"0\r\n\r\n"
+    head = (
+        "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: message/rfc822\r\n"
+        f"Authorization: Bearer {env.alice}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    r = env.request("POST", "/v1/messages", raw=head + body)
+    assert r.status == 413
+    assert r.raw.count(b"HTTP/1.1") == 1
+    assert env.spool.queue_ids() == []
+
+
+def test_body_at_the_limit_is_accepted(tmp_path):
+    e = Env(tmp_path, max_body=2000)
+    body = message_json(text="x" * 100)
+    body = body[:-1] + b" " * (2000 - len(body)) + b"}"
+    assert len(body) == 2000
+    r = post_json(e, body)
+    assert r.status == 202, r.raw
+
+
+@pytest.mark.parametrize("err, status", [(errno.ENOSPC, 507), (errno.EIO, 503)])
+def test_spool_failure_is_not_202_and_queues_nothing(env, monkeypatch, err, status):
+    from mailhub import spool as spool_mod
+
+    def failing_commit(self, envelope):
+        self.abort()  # what the real commit does on any error
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(spool_mod.SpoolWriter, "commit", failing_commit)
+    r = post_json(env, message_json())
+    assert r.status == status
+    assert r.json()["code"] == status
+    assert env.spool.queue_ids() == [] and env.scheduler.enqueued == []
+    assert os.listdir(os.path.join(env.spool.path, "tmp")) == []
+
+
+# -- status and queue --------------------------------------------------------------------------
+
+
+def test_get_message_and_queue(env):
+    qid = post_json(env, message_json()).json()["queue_id"]
+    r = env.request("GET", f"/v1/messages/{qid}", token=env.alice)
+    assert r.status == 200
+    data = r.json()
+    assert data["queue_id"] == qid and data["state"] == "queued" and data["sender"] == "alice@example.com"
+    assert [(x["address"], x["state"], x["attempts"]) for x in data["recipients"]] == [("bob@example.org", "pending", 0)]
+    # root (admin) sees it, another user does not
+    env.users.add("eve@example.com", "secret-e")
+    eve = env.users.add_token("eve@example.com")
+    assert env.request("GET", f"/v1/messages/{qid}", token=eve).status == 404
+    assert env.request("GET", f"/v1/messages/{qid}", token=env.root).status == 200
+    assert env.request("GET", "/v1/queue", token=eve).json() == {"messages": [], "count": 0}
+    q = env.request("GET", "/v1/queue", token=env.root).json()
+    assert q["count"] == 1 and q["messages"][0]["queue_id"] == qid
+    assert env.request("GET", "/v1/queue", token=env.alice).json()["count"] == 1
+    assert env.request("GET", "/v1/queue").status == 401
+
+
+def test_get_unknown_or_bad_message_is_404(env):
+    assert env.request("GET", "/v1/messages/0000000000000ZZZZZ", token=env.alice).json() == {
+        "error": "no such message (not in the queue)", "code": 404}
+    assert env.request("GET", "/v1/messages/..%2F..%2Fetc", token=env.alice).status == 404
+    assert env.request("GET", "/v1/messages/", token=env.alice).status == 404
+
+
+def test_get_message_from_event_log_after_it_left(tmp_path):
+    from mailhub.eventlog import EventLogObserver
+    from twisted.logger import globalLogPublisher
+    from mailhub.maillog import mail_event
+
+    e = Env(tmp_path)
+    log_path = str(tmp_path / "events.jsonl")
+    e.site.resource.event_log = log_path
+    obs = EventLogObserver(log_path)
+    globalLogPublisher.addObserver(obs)
+    try:
+        qid = post_json(e, message_json()).json()["queue_id"]
+        mail_event("delivery", "{queue_id}: to=<{to}> status={status}", queue_id=qid, to="bob@example.org",
+                   orig_to="bob@example.org", relay="mx.example.org[192.0.2.1]:25", attempts=1, dsn="5.1.1",
+                   status="bounced", text="550 no such user", delay="1")
+        mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind="sender non-delivery notification",
+                   dsn_id="0000000000001BBBBB")
+        e.spool.remove(qid)
+    finally:
+        globalLogPublisher.removeObserver(obs)
+        obs.close()
+    r = e.request("GET", f"/v1/messages/{qid}", token=e.alice)
+    assert r.status == 200, r.raw
+    assert r.json()["state"] == "done" and r.json()["bounces"] == ["0000000000001BBBBB"]
+    assert [(x["address"], x["state"], x["last_status"]) for x in r.json()["recipients"]] == [
+        ("bob@example.org", "failed", "5.1.1")]
+    e.users.add("eve@example.com", "secret-e")
+    assert e.request("GET", f"/v1/messages/{qid}", token=e.users.add_token("eve@example.com")).status == 404
+
+
+def test_flush(env):
+    assert env.request("POST", "/v1/queue/flush", token=env.alice).status == 403
+    r = env.request("POST", "/v1/queue/flush", token=env.root)
+    assert r.status == 202 and r.json() == {"flushed": "all"}
+    r = env.request("POST", "/v1/queue/flush?queue_id=0000000000000AAAAA", token=env.root)
+    assert r.status == 202
+    assert env.request("POST", "/v1/queue/flush?queue_id=0000000000000ZZZZZ", token=env.root).status == 404
+    assert env.scheduler.flushed == [None, "0000000000000AAAAA"]
+
+
+def test_405_and_404(env):
+    r = env.request("DELETE", "/v1/queue", token=env.root)
+    assert r.status == 405 and r.headers["allow"] == "GET" and r.json()["code"] == 405
+    assert env.request("GET", "/v1/messages", token=env.alice).headers["allow"] == "POST"
+    assert env.request("GET", "/nope").json() == {"error": "no such resource", "code": 404}
+
+
+def test_metrics_endpoint_counts_http_submissions(env):
+    from twisted.logger import globalLogPublisher
+    from mailhub.metrics import MetricsObserver
+
+    obs = MetricsObserver(env.metrics)
+    globalLogPublisher.addObserver(obs)
+    try:
+        post_json(env, message_json())
+    finally:
+        globalLogPublisher.removeObserver(obs)
+    r = env.request("GET", "/metrics")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    text = r.body.decode()
+    assert 'messages_accepted_total{listener="http"} 1.0' in text.splitlines()
+    assert "queue_size 1.0" in text.splitlines()
+    assert "oldest_message_age_seconds 0.0" in text.splitlines()
+    env.clock.advance(30)
+    assert "oldest_message_age_seconds 30.0" in env.request("GET", "/metrics").body.decode().splitlines()
+
+
+def test_status_page_escapes_addresses(env):
+    env.metrics.observe({"mail_event": "delivery", "status": "bounced", "to": "<script>alert(1)</script>@x.org",
+                         "queue_id": "Q1", "relay": "local", "delay": "1", "text": "550 <b>no</b>", "dsn": "5.1.1"})
+    r = env.request("GET", "/")
+    assert r.status == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert b"<script>" not in r.body
+    assert b"&lt;script&gt;alert(1)&lt;/script&gt;@x.org" in r.body
+    assert b"550 &lt;b&gt;no&lt;/b&gt;" in r.body
+    assert env.request("GET", "/status").body.count(b"<svg") == 2
+
+
+def test_openapi_describes_every_route():
+    with open(DOCS) as f:
+        doc = json.load(f)
+    assert doc["openapi"].startswith("3.1")
+    described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops if m in ("get", "post", "put", "delete")}
+    assert described == set(ROUTES)
+    for method, path in ROUTES:
+        op = doc["paths"][path][method.lower()]
+        assert "200" in op["responses"] or "202" in op["responses"]
+        if path.startswith("/v1/"):
+            assert op["security"] == [{"bearer": []}] and "401" in op["responses"]
+    # every $ref resolves
+    refs = re.findall(r'"\$ref": "#/components/(\w+)/(\w+)"', json.dumps(doc))
+    for kind, name in refs:
+        assert name in doc["components"][kind]
+
+
+def test_tokens_are_stored_hashed_and_cli_prints_one(tmp_path):
+    import io
+
+    from mailhub.cli.user import UserOptions, run_user
+
+    users = UsersFile(str(tmp_path / "users"), rounds=4)
+    users.add("alice@example.com", "pw", extensions=["senders=a@example.org"])
+    opts = UserOptions()
+    opts.parseOptions(["token", "Alice@Example.COM"])
+    out, err = io.StringIO(), io.StringIO()
+    assert run_user(opts, users.path, stdout=out, stderr=err) == 0
+    token = out.getvalue().strip()
+    assert re.fullmatch(r"mh_[A-Za-z0-9_-]{43}", token)
+    with open(users.path) as f:
+        line = f.read()
+    assert token not in line and ":senders=a@example.org:token=sha256-" in line
+    fresh = UsersFile(users.path)
+    assert fresh.check_token(token) == "alice@example.com"
+    assert fresh.check_token(token + "x") is None and fresh.check_token("") is None
+    assert fresh.get("alice@example.com").senders == ("a@example.org",)
+    second = fresh.add_token("alice@example.com")
+    assert fresh.check_token(token) == fresh.check_token(second) == "alice@example.com"
+    opts = UserOptions()
+    opts.parseOptions(["token", "nobody@example.com"])
+    assert run_user(opts, users.path, stdout=io.StringIO(), stderr=io.StringIO()) == 67
