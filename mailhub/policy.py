@@ -1,45 +1,59 @@
 """
-Who may send what where: the relay decision and recipient checks.
+Who may send what where: the relay decision, recipient checks, and the
+submission rules (AUTH before MAIL, sender ownership).
 
 Owns: the one place where mailhub decides whether a recipient is accepted
-(house rule 2: no open relay by construction).  The rule is::
+(house rule 2: no open relay by construction).  The rule, the same on
+every listener kind (smtp, submission, smtps)::
 
-    recipient domain is local        -> ask the Directory (aliases, users);
-                                        its RecipientError becomes the reply
-    recipient domain is not local    -> accepted only if may_relay(session):
-                                          * the client IP is inside one of
-                                            trusted_networks (Postfix
-                                            permit_mynetworks), or
-                                          * the session is authenticated
-                                            (permit_sasl_authenticated);
-                                        otherwise 554 5.7.1 Relay access denied
-                                        (defer_unauth_destination, but final).
+    anyone (authenticated or not)     -> may send to the local domains;
+                                         the Directory answers (aliases,
+                                         users); its RecipientError becomes
+                                         the reply (550 5.1.1, ...)
+    authenticated users               -> may also relay (any domain)
+                                         (Postfix permit_sasl_authenticated)
+    clients in trusted_networks       -> may also relay without AUTH
+                                         (permit_mynetworks)
+    nobody else                       -> 554 5.7.1 Relay access denied
+                                         (defer_unauth_destination, but final)
 
-The rule is the same on every listener kind (smtp, submission, smtps):
-a listener never widens relaying.  IPv4-mapped IPv6 client addresses
-(``::ffff:192.0.2.1``) are compared as the IPv4 address they carry.
+A listener, TLS or the HELO name never widen relaying.  IPv4-mapped IPv6
+client addresses (``::ffff:192.0.2.1``) are compared as the IPv4 address
+they carry.
+
+Submission (RFC 6409) and implicit-TLS submission (RFC 8314) listeners
+additionally require AUTH before MAIL (L{Policy.check_mail}: 530 5.7.0,
+trusted networks included), and with C{sender_check = "strict"} an
+authenticated user may only use envelope senders they own
+(L{Policy.check_sender}: 553 5.7.1), on every listener.
 
 Replies are data (L{Reply}: code, RFC 3463 enhanced code, text); the SMTP
 server only formats them.
 
-Must not touch: sockets, the spool, configuration files.  It gets a
+Must not touch: sockets, the spool, configuration files, the users file
+(ownership is asked through the callable the server passes in).  It gets a
 L{mailhub.directory.Directory} and the trusted networks from its caller.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .address import AddressError, Mailbox
 
 from .directory import Directory, RecipientError
 
-__all__ = ["Reply", "Session", "Policy", "LISTENERS"]
+__all__ = ["Reply", "Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "SENDER_CHECKS", "is_loopback"]
 
 #: Listener kinds a session can arrive on.
 LISTENERS = ("smtp", "submission", "smtps")
+#: Listener kinds on which MAIL requires AUTH first (RFC 6409, RFC 8314).
+SUBMISSION_LISTENERS = ("submission", "smtps")
+#: Values of C{submission.sender_check}: "strict" checks ownership; "off"
+#: (alias "none") lets an authenticated user use any envelope sender.
+SENDER_CHECKS = ("strict", "off", "none")
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,19 @@ def _client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return addr
 
 
+def is_loopback(ip: str) -> bool:
+    """
+    Whether C{ip} is I{the} loopback address: exactly C{127.0.0.1} or
+    C{::1} (or C{::ffff:127.0.0.1}).  Used for
+    C{auth.allow_plaintext_loopback}.  Deliberately narrower than
+    127.0.0.0/8: every 127/8 address is local on Linux, so nothing is
+    lost, and other 127/8 addresses (127.0.0.2) can stand for a remote
+    client in tests.
+    """
+    addr = _client_address(ip)
+    return addr is not None and addr in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
 class Policy:
     """
     Recipient acceptance for the SMTP server.
@@ -117,13 +144,44 @@ class Policy:
 
     def may_relay(self, session: Session) -> bool:
         """
-        The relay decision: an authenticated session, or a client inside
-        the trusted networks.  Nothing else (not the listener, not TLS,
-        not HELO) ever allows relaying.
+        The relay decision, on every listener kind: an authenticated
+        session, or a client inside the trusted networks.  Nothing else
+        (not the listener, not TLS, not HELO) ever allows relaying;
+        local domains need no relay permission (L{check_recipient}).
         """
         if session.authenticated_user:
             return True
         return self.is_trusted(session.client_ip)
+
+    def check_mail(self, session: Session) -> Reply | None:
+        """
+        Whether the session may start a mail transaction at all: on the
+        submission listeners only after AUTH (530 5.7.0), whoever the
+        client is.  C{None} means yes.
+        """
+        if session.listener in SUBMISSION_LISTENERS and not session.authenticated_user:
+            return Reply(530, "5.7.0", "Authentication required")
+        return None
+
+    def check_sender(
+        self,
+        session: Session,
+        sender: str,
+        owns: Callable[[str, str], bool],
+        sender_check: str = "strict",
+    ) -> Reply | None:
+        """
+        Whether an authenticated user may use envelope sender C{sender}
+        (C{""} for the null sender).  With C{sender_check} C{"strict"},
+        C{owns(user, sender)} must say so (L{mailhub.auth.UsersFile.may_send_as}),
+        else 553 5.7.1.  Unauthenticated sessions are not checked here
+        (they cannot relay; on submission listeners L{check_mail} already
+        refused them).  C{None} means accepted.
+        """
+        user = session.authenticated_user
+        if not user or sender_check != "strict" or owns(user, sender):
+            return None
+        return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user}")
 
     def postmaster(self) -> Mailbox:
         """The mailbox a domain-less C{<postmaster>} recipient means."""

@@ -4,14 +4,19 @@ The ESMTP server: mailhub's own protocol and factory (not twisted.mail.smtp).
 Owns: the SMTP conversation with a client (RFC 5321) and its extensions
 PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
 ENHANCEDSTATUSCODES (RFC 2034/3463), SMTPUTF8 (RFC 6531), CHUNKING
-(RFC 3030) and DSN parameters (RFC 3461); the limits (line length, message
-size, recipients, idle timeout, connections, errors); turning DATA/BDAT
-bytes into the spool file with a trace header; building the L{Envelope}
-and answering 250 only after L{SpoolWriter.commit} returned.
+(RFC 3030), DSN parameters (RFC 3461), STARTTLS (RFC 3207) and AUTH
+PLAIN/LOGIN (RFC 4954); the limits (line length, message size,
+recipients, idle timeout, connections, errors); turning DATA/BDAT bytes
+into the spool file with a trace header; building the L{Envelope} and
+answering 250 only after L{SpoolWriter.commit} returned.  The pure pieces
+(reply formatting, parameter parsing, L{DotDecoder}, the Received header)
+live in L{mailhub.smtpproto}.
 
-Must not touch: the relay decision and recipient lookups (L{policy}), the
-spool's files (only through L{SpoolWriter}), delivery (the C{enqueue}
-callable), the global reactor (time comes from the injected clock).
+Must not touch: the relay decision, recipient lookups, AUTH-before-MAIL
+and sender ownership rules (L{policy}), passwords and SASL decoding
+(L{auth}), certificates (L{tls}), the spool's files (only through
+L{SpoolWriter}), delivery (the C{enqueue} callable), the global reactor
+(time comes from the injected clock).
 
 How bytes are read: everything received goes into one buffer.  In command
 mode complete lines are cut out of it; in DATA mode each received buffer is
@@ -19,13 +24,22 @@ handed whole to L{DotDecoder}, which finds the end marker, removes dot
 stuffing with bytes operations and reports bare CR/LF; in BDAT mode exact
 byte counts are taken.  Nothing is ever executed from inside message data.
 Command lines may end in CRLF or a bare LF (as Postfix accepts); they are
-at most 512 octets and may not contain control characters or invalid UTF-8.
+at most 512 octets (AUTH lines and SASL responses 12288, RFC 4954 4) and
+may not contain control characters or invalid UTF-8.
 While a commit is in progress (C{factory.run}, e.g. C{deferToThread}) no
 command is read, and the transport is paused once 64 KiB are waiting.
 
 Anti-smuggling (CVE-2023-51764 family): a message ends only at
 C{CRLF . CRLF}.  Data containing a bare CR or bare LF is read up to that
 real end, discarded, and answered C{550 5.6.0}.
+
+STARTTLS (CVE-2011-0411): after C{220 2.0.0 Ready to start TLS} every
+byte the client sent in clear after the STARTTLS line is discarded, then
+C{transport.startTLS} is called and the session is reset (HELO, AUTH and
+transaction forgotten: EHLO again).  AUTH is offered only with a users
+file and over TLS (or from 127.0.0.1/::1 when allowed); a failed login is
+answered only after the throttle's delay, and nothing is read meanwhile.
+Passwords and SASL responses are never logged.
 
 Replies: every reply after the greeting carries an RFC 3463 enhanced code,
 except the replies to HELO/EHLO (RFC 2034 section 3 excludes them) and the
@@ -37,23 +51,40 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from email.utils import format_datetime
 from typing import Any
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITLSTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from . import address
+from . import address, auth
 from .envelope import Envelope, Recipient
 from .maillog import mail_event
-from .policy import Policy, Reply, Session
+from .policy import SENDER_CHECKS, Policy, Reply, Session, is_loopback
+from .smtpproto import (
+    MAX_AUTH_LINE,
+    MAX_LINE,
+    TOO_BIG,
+    CommandError,
+    DotDecoder,
+    _fields,
+    format_reply,
+    parse_mail_params,
+    parse_params,
+    parse_rcpt_params,
+    received_header,
+    split_path,
+    with_protocol,
+    xtext_decode,
+)
 from .spool import Spool, SpoolWriter
 
 __all__ = [
     "SMTPServerFactory",
     "SMTPServer",
+    # Re-exported from smtpproto for older imports.
     "DotDecoder",
     "CommandError",
     "format_reply",
@@ -65,19 +96,16 @@ __all__ = [
     "with_protocol",
     "received_header",
     "MAX_LINE",
+    "MAX_AUTH_LINE",
 ]
 
 log = Logger()
 
-#: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
-MAX_LINE = 512
 #: Input kept while a commit is in progress before the transport is paused.
 MAX_PENDING_INPUT = 65536
-END_MARKER = b"\r\n.\r\n"
 #: Control characters never allowed in a command line (TAB is tolerated).
 _BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]{1,20}\Z")
-_NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 
 # Canned replies.
 OK = Reply(250, "2.0.0", "Ok")
@@ -85,233 +113,25 @@ NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
-TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 BARE_LINE_ENDING = Reply(550, "5.6.0", "Message contains bare CR or LF; lines must end with CRLF")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to local problem")
+IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+AUTH_DISABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
 
 
-class CommandError(Exception):
-    """A command cannot be accepted; carries the L{Reply} to send."""
-
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
-        super().__init__(text)
-        self.reply = Reply(code, enhanced, text)
-
-
-# -- pure helpers ------------------------------------------------------------------------
-
-
-def format_reply(code: int, enhanced: str, text: str | list[str]) -> bytes:
-    """
-    The bytes of a (possibly multi-line) reply; C{enhanced} may be C{""}.
-    CR and LF inside the text are replaced so a reply is never split.
-    """
-    lines = [text] if isinstance(text, str) else list(text)
-    out = []
-    for i, line in enumerate(lines):
-        sep = "-" if i < len(lines) - 1 else " "
-        line = line.replace("\r", " ").replace("\n", " ")
-        out.append(f"{code}{sep}{enhanced} {line}\r\n" if enhanced else f"{code}{sep}{line}\r\n")
-    return "".join(out).encode("utf-8", "replace")
-
-
-def split_path(arg: str) -> tuple[str, list[str]]:
-    """
-    Split what follows C{MAIL FROM:} / C{RCPT TO:} into the path and the
-    parameter words.  A C{>} inside a quoted local part does not end the path.
-    """
-    arg = arg.lstrip(" ")
-    if not arg.startswith("<"):
-        path, _, rest = arg.partition(" ")
-        return path, rest.split()
-    i, quoted = 1, False
-    while i < len(arg):
-        c = arg[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == ">":
-            break
-        i += 1
-    else:
-        raise CommandError(501, "5.1.3", "Error: bad address syntax")
-    path, rest = arg[: i + 1], arg[i + 1 :]
-    if rest and not rest.startswith(" "):
-        raise CommandError(501, "5.5.4", "Error: bad parameter syntax")
-    return path, rest.split()
-
-
-def parse_params(words: list[str]) -> dict[str, str | None]:
-    """C{["SIZE=10", "SMTPUTF8"]} -> C{{"SIZE": "10", "SMTPUTF8": None}} (keys upper-cased)."""
-    params: dict[str, str | None] = {}
-    for word in words:
-        key, eq, value = word.partition("=")
-        key = key.upper()
-        if not key or (eq and not value) or not key.isascii() or not key.replace("-", "").isalnum():
-            raise CommandError(501, "5.5.4", f"Error: bad parameter syntax: {word}")
-        if key in params:
-            raise CommandError(501, "5.5.4", f"Error: duplicate parameter: {key}")
-        params[key] = value if eq else None
-    return params
-
-
-def xtext_decode(text: str) -> str:
-    """RFC 3461 4: decode C{+XX} hex escapes; anything else malformed is a 501."""
-    out, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "+":
-            hx = text[i + 1 : i + 3]
-            if len(hx) != 2 or not all(h in "0123456789ABCDEF" for h in hx):
-                raise CommandError(501, "5.5.4", "Error: bad xtext encoding")
-            out.append(chr(int(hx, 16)))
-            i += 3
-            continue
-        if not ("!" <= c <= "~") or c == "=":
-            raise CommandError(501, "5.5.4", "Error: bad xtext encoding")
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-def _no_value(key: str, value: str | None) -> None:
-    if value is not None:
-        raise CommandError(501, "5.5.4", f"Error: {key} takes no value")
-
-
-def parse_mail_params(params: dict[str, str | None], max_size: int) -> dict[str, Any]:
-    """
-    MAIL FROM parameters -> the C{esmtp} fields of the envelope.  SIZE over
-    C{max_size} (0 = no limit) is 552 5.3.4; unknown keywords 555 5.5.4.
-    """
-    esmtp: dict[str, Any] = {"body": "7BIT", "smtputf8": False}
-    for key, value in params.items():
-        if key == "SIZE":
-            if value is None or not _DIGITS.match(value):
-                raise CommandError(501, "5.5.4", "Error: bad SIZE parameter")
-            if max_size and int(value) > max_size:
-                raise CommandError(*_fields(TOO_BIG))
-            esmtp["declared_size"] = int(value)
-        elif key == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                raise CommandError(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME")
-            esmtp["body"] = value.upper()
-        elif key == "SMTPUTF8":
-            _no_value(key, value)
-            esmtp["smtputf8"] = True
-        elif key == "RET":
-            if value is None or value.upper() not in ("FULL", "HDRS"):
-                raise CommandError(501, "5.5.4", "Error: RET must be FULL or HDRS")
-            esmtp["ret"] = value.upper()
-        elif key == "ENVID":
-            envid = xtext_decode(value or "")
-            if not envid or len(envid) > 100:
-                raise CommandError(501, "5.5.4", "Error: bad ENVID parameter")
-            esmtp["envid"] = envid
-        else:
-            raise CommandError(555, "5.5.4", f"Error: unsupported parameter: {key}")
-    return esmtp
-
-
-
-def parse_rcpt_params(params: dict[str, str | None]) -> tuple[list[str], str]:
-    """RCPT TO parameters (RFC 3461 NOTIFY, ORCPT) -> (notify, orcpt)."""
-    notify: list[str] = []
-    orcpt = ""
-    for key, value in params.items():
-        if key == "NOTIFY":
-            words = [w.upper() for w in (value or "").split(",")]
-            if words != ["NEVER"] and not (words and set(words) <= _NOTIFY and len(set(words)) == len(words)):
-                raise CommandError(501, "5.5.4", "Error: bad NOTIFY parameter")
-            notify = words
-        elif key == "ORCPT":
-            kind, semi, addr = (value or "").partition(";")
-            if not semi or not kind or not addr:
-                raise CommandError(501, "5.5.4", "Error: bad ORCPT parameter")
-            orcpt = f"{kind};{xtext_decode(addr)}"
-        else:
-            raise CommandError(555, "5.5.4", f"Error: unsupported parameter: {key}")
-    return notify, orcpt
-
-
-def with_protocol(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -> str:
-    """The C{with} keyword of the Received header (RFC 3848, RFC 6531 7.7)."""
-    if not esmtp:
-        return "SMTP"
-    base = "UTF8SMTP" if smtputf8 else "ESMTP"
-    return base + ("S" if tls else "") + ("A" if authenticated else "")
-
-
-def received_header(
-    helo: str, ip: str, hostname: str, proto: str, queue_id: str, rcpt: str | None, when: float
-) -> bytes:
-    """
-    The trace header written before the message (RFC 5321 4.4).  C{rcpt}
-    is given only when the message has exactly one recipient.
-    """
-    date = format_datetime(datetime.fromtimestamp(when, timezone.utc))
-    head = f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (mailhub) with {proto} id {queue_id}"
-    tail = f"\r\n\tfor <{rcpt}>; {date}\r\n" if rcpt is not None else f"; {date}\r\n"
-    return (head + tail).encode("utf-8")
-
-
-def _marker_prefix_len(data: bytes) -> int:
-    for k in (4, 3, 2, 1):
-        if data.endswith(END_MARKER[:k]):
-            return k
-    return 0
-
-
-class DotDecoder:
-    """
-    Incremental decoder of DATA content (RFC 5321 4.5.2).
-
-    L{feed} takes each received buffer and returns the message bytes it
-    completes (dot-unstuffed) and, once the end marker C{CRLF.CRLF} was seen,
-    the bytes after it.  Up to 4 bytes that may start a marker are held back
-    between calls, so markers split across reads at any position are found.
-    A virtual CRLF precedes the data so a first line of C{"."} ends it.
-
-    @ivar bare_line_ending: a CR not followed by LF or an LF not preceded
-        by CR was seen; the message must be rejected.
-    """
-
-    def __init__(self) -> None:
-        self._held = b"\r\n"
-        self._skip = 2
-        self.bare_line_ending = False
-        self.done = False
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
-        work = self._held + data
-        end = work.find(END_MARKER)
-        rest: bytes | None
-        if end >= 0:
-            body, rest, self._held = work[: end + 2], work[end + 5 :], b""
-            self.done = True
-        else:
-            keep = _marker_prefix_len(work)
-            cut = len(work) - keep
-            body, rest, self._held = work[:cut], None, work[cut:]
-        if not self.bare_line_ending:
-            crlf = body.count(b"\r\n")
-            if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-                self.bare_line_ending = True
-        body = body.replace(b"\r\n.", b"\r\n")
-        if self._skip:
-            cut = min(self._skip, len(body))
-            body, self._skip = body[cut:], self._skip - cut
-        return body, rest
+def _reply(t: tuple[int, str, str]) -> Reply:
+    """An L{auth} C{REPLY_*} tuple as a L{Reply}."""
+    return Reply(*t)
 
 
 # -- the protocol --------------------------------------------------------------------------
 
-COMMAND, DATA, BDAT, DISCARD = "command", "data", "bdat", "discard"
-NOT_IMPLEMENTED = {"STARTTLS", "AUTH", "ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML"}
+COMMAND, DATA, BDAT, DISCARD, SASL = "command", "data", "bdat", "discard", "sasl"
+NOT_IMPLEMENTED = {"ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML"}
 
 
 @dataclass
@@ -341,7 +161,9 @@ class SMTPServer(protocol.Protocol):
     def __init__(self, factory: "SMTPServerFactory") -> None:
         self.factory = factory
         self.config = factory.config
-        self.session = Session(client_ip="", listener=factory.listener)
+        # Implicit TLS (smtps): the factory is wrapped in TLS by
+        # tls.implicit_tls_endpoint, so the session is encrypted from the start.
+        self.session = Session(client_ip="", listener=factory.listener, tls=factory.listener == "smtps")
         self._buf = b""
         self._mode = COMMAND
         self._esmtp = False
@@ -356,6 +178,8 @@ class SMTPServer(protocol.Protocol):
         self._paused = False
         self._counted = False
         self._timer: IDelayedCall | None = None
+        self._sasl: auth.SASLExchange | None = None
+        self._auth_wait: defer.Deferred[Any] | None = None
         self._handlers: dict[str, Callable[[str], None]] = {
             "HELO": self.do_helo,
             "EHLO": self.do_ehlo,
@@ -369,6 +193,8 @@ class SMTPServer(protocol.Protocol):
             "HELP": self.do_help,
             "VRFY": self.do_vrfy,
             "EXPN": self.do_expn,
+            "STARTTLS": self.do_starttls,
+            "AUTH": self.do_auth,
         }
 
     # -- connection ------------------------------------------------------------------------
@@ -386,6 +212,10 @@ class SMTPServer(protocol.Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
         self._cancel_timer()
+        self._sasl = None
+        wait, self._auth_wait = self._auth_wait, None
+        if wait is not None:
+            wait.cancel()
         self._reset_transaction()
         if self._counted:
             self._counted = False
@@ -409,6 +239,7 @@ class SMTPServer(protocol.Protocol):
         if self._closed:
             return
         self._reset_transaction()
+        self._sasl = None
         self._write(421, "4.4.2", f"{self.config.hostname} Error: timeout exceeded")
         self._close()
 
@@ -459,20 +290,38 @@ class SMTPServer(protocol.Protocol):
                     if i >= 0:
                         self._mode = COMMAND
                 else:
-                    i = self._buf.find(b"\n", 0, MAX_LINE)
+                    limit = self._line_limit()
+                    i = self._buf.find(b"\n", 0, limit)
                     if i < 0:
-                        if len(self._buf) < MAX_LINE:
+                        if len(self._buf) < limit:
                             break
-                        self._mode = DISCARD
-                        self.reply(Reply(500, "5.5.2", "Error: line too long"))
+                        self._line_too_long()
                         continue
                     line, self._buf = self._buf[:i], self._buf[i + 1 :]
-                    self._command(line[:-1] if line.endswith(b"\r") else line)
+                    line = line[:-1] if line.endswith(b"\r") else line
+                    if self._mode == SASL:
+                        self._sasl_line(line)
+                    else:
+                        self._command(line)
         finally:
             self._processing = False
         if self._paused and not self._busy and not self._closed:
             self._paused = False
             self.transport.resumeProducing()
+
+    def _line_limit(self) -> int:
+        """512 octets per command line; 12288 for AUTH and SASL responses (RFC 4954 4)."""
+        if self._mode == SASL or self._buf[:5].upper() == b"AUTH ":
+            return MAX_AUTH_LINE
+        return MAX_LINE
+
+    def _line_too_long(self) -> None:
+        self._mode = DISCARD
+        if self._sasl is not None:
+            self._sasl = None
+            self.reply(AUTH_LINE_TOO_LONG)
+        else:
+            self.reply(Reply(500, "5.5.2", "Error: line too long"))
 
     def _command(self, raw: bytes) -> None:
         if _BAD_COMMAND_BYTES.search(raw):
@@ -507,12 +356,15 @@ class SMTPServer(protocol.Protocol):
 
     def reset_session(self) -> None:
         """
-        Forget everything the client told us: the transaction and HELO.
-        The one place to call after STARTTLS / AUTH changes who the client is.
+        Forget everything the client told us: the transaction, HELO/EHLO
+        and the authenticated user.  The one place to call when the
+        channel changes under the client (STARTTLS, RFC 3207 4.2).
         """
         self._reset_transaction()
         self._esmtp = False
+        self._sasl = None
         self.session.helo = None
+        self.session.authenticated_user = None
 
     # -- commands --------------------------------------------------------------------------------------
 
@@ -535,6 +387,12 @@ class SMTPServer(protocol.Protocol):
             self.config.hostname,
             "PIPELINING",
             f"SIZE {size}" if size else "SIZE",
+        ]
+        if self._starttls_offered():
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH " + " ".join(auth.MECHANISMS))
+        lines += [
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
@@ -552,6 +410,9 @@ class SMTPServer(protocol.Protocol):
             raise CommandError(*_fields(NEED_HELO))
         if self._tx is not None:
             raise CommandError(503, "5.5.1", "Error: nested MAIL command")
+        refusal = self.factory.policy.check_mail(self.session)  # 530 on submission without AUTH
+        if refusal is not None:
+            raise CommandError(*_fields(refusal))
         if arg[:5].upper() != "FROM:":
             raise CommandError(501, "5.5.4", "Syntax: MAIL FROM:<address>")
         path, words = split_path(arg[5:])
@@ -561,7 +422,20 @@ class SMTPServer(protocol.Protocol):
         except address.AddressError as e:
             self.reply(self._address_error(e, "sender"))
             return
-        self._tx = Transaction(sender="" if sender is None else str(sender), esmtp=esmtp)
+        sender_text = "" if sender is None else str(sender)
+        refusal = self.factory.policy.check_sender(
+            self.session, sender_text, self.factory.may_send_as, self.factory.sender_check
+        )
+        if refusal is not None:
+            mail_event(
+                "reject",
+                "NOQUEUE: reject: MAIL from [{client}]: {code} {enhanced} {text}; from=<{sender}> sasl_username={user}",
+                client=self.session.client_ip, code=refusal.code, enhanced=refusal.enhanced,
+                text=refusal.text, sender=sender_text, user=self.session.authenticated_user,
+            )
+            self.reply(refusal)
+            return
+        self._tx = Transaction(sender=sender_text, esmtp=esmtp)
         self.reply(Reply(250, "2.1.0", "Ok"))
 
     def do_rcpt(self, arg: str) -> None:
@@ -607,10 +481,13 @@ class SMTPServer(protocol.Protocol):
         try:
             tx.writer = self.factory.spool.new_message()
             one = tx.accepted[0] if len(tx.accepted) == 1 else None
+            user = self.session.authenticated_user
             tx.writer.write(
                 received_header(
                     self.session.helo or "", self.session.client_ip, self.config.hostname,
                     self._protocol_name(tx), tx.writer.queue_id, one, self.factory.clock.seconds(),
+                    auth_user=user if self.factory.received_auth_user else None,
+                    hide_client=bool(user) and self.factory.hide_client_ip,
                 )
             )
         except Exception:
@@ -691,6 +568,167 @@ class SMTPServer(protocol.Protocol):
         if not arg:
             raise CommandError(501, "5.5.4", "Syntax: EXPN list")
         self.reply(Reply(252, "2.5.0", "Cannot EXPN list, but will accept message and attempt delivery"))
+
+    # -- STARTTLS (RFC 3207) ---------------------------------------------------------------------
+
+    def _starttls_offered(self) -> bool:
+        """On smtp and submission listeners with a certificate, until TLS is up."""
+        return self.factory.tls is not None and not self.session.tls
+
+    def do_starttls(self, arg: str) -> None:
+        if arg:
+            raise CommandError(501, "5.5.4", "Syntax: STARTTLS")
+        if self.session.tls:
+            raise CommandError(*_fields(TLS_ACTIVE))
+        if self.factory.tls is None:
+            raise CommandError(502, "5.5.1", "Error: STARTTLS not implemented")
+        if self._tx is not None:
+            raise CommandError(*_fields(IN_TRANSACTION))
+        if not ITLSTransport.providedBy(self.transport):
+            raise CommandError(*_fields(TLS_UNAVAILABLE))
+        self.reply(TLS_READY)
+        # CVE-2011-0411: whatever the client pipelined after STARTTLS was
+        # sent in clear text and may have been injected by a man in the
+        # middle; it must never be executed as if it came over TLS.
+        # Bytes arriving after startTLS() go to the TLS layer instead.
+        if self._buf:
+            log.info(
+                "STARTTLS from [{client}]: {n} pipelined plaintext octets discarded",
+                client=self.session.client_ip, n=len(self._buf),
+            )
+        self._buf = b""
+        self.reset_session()
+        try:
+            self.transport.startTLS(self.factory.tls.options())
+        except Exception:
+            log.failure("STARTTLS failed for [{client}]", client=self.session.client_ip)
+            self._close()
+            return
+        self.session.tls = True
+
+    # -- AUTH (RFC 4954) ------------------------------------------------------------------------
+
+    def _auth_offered(self) -> bool:
+        """
+        PLAIN and LOGIN carry the password in clear: offered only with a
+        users file, and only over TLS or (if allowed) from 127.0.0.1 / ::1.
+        """
+        f = self.factory
+        if f.checker is None:
+            return False
+        return self.session.tls or (f.allow_plaintext_loopback and is_loopback(self.session.client_ip))
+
+    def do_auth(self, arg: str) -> None:
+        f = self.factory
+        if f.checker is None:
+            raise CommandError(502, "5.5.1", "Error: AUTH not implemented")
+        if self.session.helo is None:
+            raise CommandError(*_fields(NEED_HELO))
+        if self.session.authenticated_user:
+            raise CommandError(*auth.REPLY_ALREADY_AUTHENTICATED)
+        if self._tx is not None:
+            raise CommandError(*_fields(IN_TRANSACTION))
+        if not self._auth_offered():
+            if self._starttls_offered():
+                raise CommandError(*auth.REPLY_ENCRYPTION_REQUIRED)  # 538 5.7.11
+            raise CommandError(*_fields(AUTH_DISABLED))
+        if f.throttle is not None and f.throttle.blocked(self.session.client_ip):
+            self._write(*auth.REPLY_TOO_MANY_FAILURES)
+            self._close()
+            return
+        mechanism, _, initial = arg.partition(" ")
+        if not mechanism:
+            raise CommandError(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        initial = initial.strip(" ")
+        try:
+            self._sasl = auth.SASLExchange(mechanism, initial.encode("utf-8") if initial else None)
+        except auth.SASLError as e:
+            raise CommandError(*e.reply) from None
+        self._sasl_step()
+
+    def _sasl_step(self) -> None:
+        """Send the next 334 challenge, or check the credentials once complete."""
+        exchange = self._sasl
+        assert exchange is not None
+        try:
+            step = exchange.next()
+        except auth.SASLError as e:
+            self._sasl_end(_reply(e.reply))
+            return
+        if isinstance(step, bytes):
+            self._mode = SASL
+            self.transport.write(b"334 " + step + b"\r\n")
+            return
+        self._sasl = None
+        self._mode = COMMAND
+        self._busy = True  # read nothing more until the answer (and any delay) is sent
+        d = defer.maybeDeferred(self.factory.checker.requestAvatarId, step)
+        self._auth_wait = d
+        d.addBoth(self._auth_checked, exchange.mechanism)
+
+    def _sasl_line(self, line: bytes) -> None:
+        """A client response inside an AUTH exchange (never a command)."""
+        exchange = self._sasl
+        if exchange is None:  # cannot happen; be safe
+            self._mode = COMMAND
+            self._command(line)
+            return
+        try:
+            exchange.feed(line)  # "*" cancels: 501 5.7.0
+        except auth.SASLError as e:
+            self._sasl_end(_reply(e.reply))
+            return
+        self._sasl_step()
+
+    def _sasl_end(self, reply: Reply) -> None:
+        self._sasl = None
+        self._mode = COMMAND
+        self.reply(reply)
+
+    def _auth_checked(self, result: Any, mechanism: str) -> None:
+        self._auth_wait = None
+        if self._closed:
+            return None  # also swallows the CancelledError of connectionLost
+        client = self.session.client_ip
+        if isinstance(result, Failure):
+            if result.check(UnauthorizedLogin):
+                # The user name is not logged: clients type passwords into it.
+                log.info("AUTH {mechanism} failed from [{client}]", mechanism=mechanism, client=client)
+                throttle = self.factory.throttle
+                wait = throttle.failed(client) if throttle is not None else defer.succeed(False)
+                self._auth_wait = wait
+                wait.addBoth(self._auth_throttled)
+                return None
+            log.failure("AUTH checker error for [{client}]", result, client=client)
+            self._auth_done(_reply(auth.REPLY_TEMPORARY_FAILURE))
+            return None
+        self.session.authenticated_user = str(result)
+        log.info(
+            "AUTH {mechanism} from [{client}]: sasl_username={user}",
+            mechanism=mechanism, client=client, user=self.session.authenticated_user,
+        )
+        self._auth_done(_reply(auth.REPLY_AUTH_OK))
+        return None
+
+    def _auth_throttled(self, close: Any) -> None:
+        self._auth_wait = None
+        if self._closed:
+            return None
+        if isinstance(close, Failure):
+            log.failure("AUTH throttle error", close)
+            close = False
+        if close:
+            self._busy = False
+            self._write(*auth.REPLY_TOO_MANY_FAILURES)
+            self._close()
+            return None
+        self._auth_done(_reply(auth.REPLY_AUTH_FAILED))
+        return None
+
+    def _auth_done(self, reply: Reply) -> None:
+        self._busy = False
+        self.reply(reply)
+        self._process()
 
     # -- message content ------------------------------------------------------------------------------
 
@@ -798,10 +836,6 @@ class SMTPServer(protocol.Protocol):
         self._process()
 
 
-def _fields(reply: Reply) -> tuple[int, str, str]:
-    return reply.code, reply.enhanced, reply.text
-
-
 def _call(f: Callable[..., Any], *args: Any) -> Any:
     return f(*args)
 
@@ -816,6 +850,34 @@ class SMTPServerFactory(protocol.Factory):
         default in the reactor thread; pass C{twisted.internet.threads.deferToThread}
         to keep the reactor responsive.  The session reads no commands until
         the commit is done.
+
+    Submission and security (all optional; the defaults are a plain MX
+    listener without STARTTLS or AUTH):
+
+    @param tls: the L{mailhub.tls.ServerTLS}; STARTTLS is offered on
+        C{smtp} and C{submission} listeners when given.  For C{smtps} wrap
+        the factory with L{mailhub.tls.implicit_tls_endpoint}; the session
+        counts as encrypted from the start (C{tls} may then be C{None}).
+    @param users: the L{mailhub.auth.UsersFile}: enables AUTH PLAIN/LOGIN
+        (through C{checker}, default C{auth.UsersChecker(users)}) and is
+        asked who owns which sender.
+    @param checker: a twisted.cred checker for L{IUsernamePassword} whose
+        avatar id is the user's address; overrides the one built from
+        C{users} (tests pass one that does not use threads).
+    @param throttle: the L{mailhub.auth.AuthThrottle}, shared by all
+        listeners; default C{AuthThrottle(clock)} (1 s delay, 5 failures
+        per 300 s per client IP) whenever AUTH is enabled.
+    @param sender_check: C{"strict"}: an authenticated user may only use
+        envelope senders they own (553 5.7.1); C{"off"} (or C{"none"}).
+    @param allow_plaintext_loopback: offer AUTH without TLS to clients at
+        exactly 127.0.0.1 or ::1 (L{mailhub.policy.is_loopback}).
+    @param hide_client_ip: for authenticated sessions, write the Received
+        header without the client's HELO and IP address.
+    @param received_auth_user: add C{(Authenticated sender: USER)} to the
+        Received header of authenticated sessions (not with
+        C{hide_client_ip}).
+    @param extension_separator: the address extension separator the
+        sender check allows (C{alice+x@...} is alice's); C{""} disables.
     """
 
     protocol = SMTPServer  # type: ignore[assignment]
@@ -829,7 +891,32 @@ class SMTPServerFactory(protocol.Factory):
         clock: IReactorTime,
         listener: str = "smtp",
         run: Callable[..., Any] = _call,
+        *,
+        tls: Any = None,
+        users: auth.UsersFile | None = None,
+        checker: Any = None,
+        throttle: auth.AuthThrottle | None = None,
+        sender_check: str = "strict",
+        allow_plaintext_loopback: bool = False,
+        hide_client_ip: bool = False,
+        received_auth_user: bool = False,
+        extension_separator: str = "+",
     ) -> None:
+        if sender_check not in SENDER_CHECKS:
+            raise ValueError(f"sender_check must be one of {', '.join(SENDER_CHECKS)}, not {sender_check!r}")
+        self.tls = tls
+        self.users = users
+        if checker is None and users is not None:
+            checker = auth.UsersChecker(users)
+        self.checker = checker
+        if throttle is None and checker is not None:
+            throttle = auth.AuthThrottle(clock)
+        self.throttle = throttle
+        self.sender_check = sender_check
+        self.allow_plaintext_loopback = allow_plaintext_loopback
+        self.hide_client_ip = hide_client_ip
+        self.received_auth_user = received_auth_user
+        self.extension_separator = extension_separator
         self.config = config
         self.spool = spool
         self.enqueue = enqueue
@@ -842,6 +929,12 @@ class SMTPServerFactory(protocol.Factory):
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         return SMTPServer(self)
+
+    def may_send_as(self, user: str, sender: str) -> bool:
+        """Whether C{user} owns envelope sender C{sender} (for L{Policy.check_sender})."""
+        if self.users is not None:
+            return self.users.may_send_as(user, sender, separator=self.extension_separator)
+        return auth.owns_sender(user, sender, separator=self.extension_separator)
 
     def admit(self, ip: str) -> bool:
         """Count a new connection from C{ip}; False if a limit is reached."""

@@ -6,7 +6,7 @@ import pytest
 
 from mailhub.address import Mailbox, parse_mailbox
 from mailhub.directory import Directory
-from mailhub.policy import LISTENERS, Policy, Reply, Session
+from mailhub.policy import LISTENERS, Policy, Reply, Session, is_loopback
 
 
 @pytest.fixture
@@ -94,3 +94,42 @@ def test_postmaster_is_first_domain(policy, directory):
 def test_reply_ok():
     assert Reply(250, "2.1.5", "Ok").ok
     assert not Reply(451, "4.3.0", "x").ok
+
+
+@pytest.mark.parametrize(
+    "ip, expected",
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("127.0.0.2", False),  # deliberately: only THE loopback address
+        ("192.0.2.1", False),
+        ("", False),
+        ("junk", False),
+    ],
+)
+def test_is_loopback(ip, expected):
+    assert is_loopback(ip) is expected
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_check_mail_requires_auth_on_submission_listeners(policy, listener):
+    expected = None if listener == "smtp" else Reply(530, "5.7.0", "Authentication required")
+    # Trusted networks do not exempt a submission client from AUTH.
+    assert policy.check_mail(session("127.0.0.1", None, listener)) == expected
+    assert policy.check_mail(session("203.0.113.9", None, listener)) == expected
+    assert policy.check_mail(session("203.0.113.9", "alice@example.com", listener)) is None
+
+
+def test_check_sender(policy):
+    owned = {("alice@example.com", "alice@example.com"), ("alice@example.com", "")}
+    owns = lambda user, sender: (user, sender) in owned  # noqa: E731
+    alice = session("203.0.113.9", "alice@example.com", "submission")
+    assert policy.check_sender(alice, "alice@example.com", owns) is None
+    assert policy.check_sender(alice, "", owns) is None
+    assert policy.check_sender(alice, "bob@example.com", owns) == Reply(
+        553, "5.7.1", "<bob@example.com>: Sender address rejected: not owned by user alice@example.com")
+    assert policy.check_sender(alice, "bob@example.com", owns, "off") is None
+    assert policy.check_sender(alice, "bob@example.com", owns, "none") is None
+    # Unauthenticated sessions are not sender-checked.
+    assert policy.check_sender(session("203.0.113.9"), "bob@example.com", owns) is None

@@ -19,11 +19,11 @@ from twisted.logger import globalLogPublisher
 from mailhub.config import ServerConfig
 from mailhub.directory import Directory
 from mailhub.policy import Policy
-from mailhub.smtpd import (
+from mailhub.smtpd import SMTPServerFactory
+from mailhub.smtpproto import (
     CommandError,
     DotDecoder,
     MAX_LINE,
-    SMTPServerFactory,
     format_reply,
     parse_mail_params,
     parse_params,
@@ -777,15 +777,29 @@ def test_commit_in_progress_stops_reading(h):
 
 @pytest.mark.parametrize("listener", ["smtp", "submission", "smtps"])
 def test_no_open_relay_on_any_listener(h, listener):
+    """
+    House rule 2.  On smtp an unauthenticated foreign client reaches RCPT and
+    gets 554 5.7.1; on submission/smtps it does not even get a transaction
+    (530 5.7.0), trusted networks included.  (test_smtpd_tls_auth.py covers
+    the authenticated side; test_policy.py the decision on every listener.)
+    """
     h.factory.listener = listener
     c = h.ehlo()
     assert c.proto.session.listener == listener
-    converse(c, [
-        ("MAIL FROM:<a@elsewhere.test>\r\n", MAIL_OK),
-        ("RCPT TO:<victim@elsewhere.test>\r\n", "554 5.7.1 <victim@elsewhere.test>: Relay access denied\r\n"),
-    ])
     t = h.ehlo("127.0.0.1")
-    converse(t, [("MAIL FROM:<a@elsewhere.test>\r\n", MAIL_OK), ("RCPT TO:<victim@elsewhere.test>\r\n", RCPT_OK)])
+    if listener == "smtp":
+        converse(c, [
+            ("MAIL FROM:<a@elsewhere.test>\r\n", MAIL_OK),
+            ("RCPT TO:<victim@elsewhere.test>\r\n", "554 5.7.1 <victim@elsewhere.test>: Relay access denied\r\n"),
+        ])
+        converse(t, [("MAIL FROM:<a@elsewhere.test>\r\n", MAIL_OK), ("RCPT TO:<victim@elsewhere.test>\r\n", RCPT_OK)])
+    else:
+        for client in (c, t):
+            converse(client, [
+                ("MAIL FROM:<a@elsewhere.test>\r\n", "530 5.7.0 Authentication required\r\n"),
+                ("RCPT TO:<victim@elsewhere.test>\r\n", "503 5.5.1 Error: need MAIL command\r\n"),
+            ])
+    assert h.queued == []
 
 
 def test_delivery_resets_error_count(tmp_path):
