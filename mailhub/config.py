@@ -22,7 +22,8 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Callable
 
 from .address import AddressError, normalize_domain
@@ -33,6 +34,8 @@ __all__ = [
     "SpoolConfig",
     "LocalConfig",
     "RelayConfig",
+    "AuthConfig",
+    "SubmissionConfig",
     "Config",
     "DEFAULT_CONFIG_FILE",
     "DEFAULT_DATA_DIR",
@@ -41,6 +44,9 @@ __all__ = [
     "load_config",
     "format_config",
     "parse_duration",
+    "read_secret",
+    "TLS_LEVELS",
+    "SENDER_CHECKS",
 ]
 
 #: Where the daemon looks when neither C{--config} nor C{$MAILHUB_CONFIG} is given.
@@ -77,6 +83,11 @@ class ServerConfig:
     soft_error_limit: int = 10  # Postfix smtpd_soft_error_limit
     vrfy: bool = True  # VRFY answers 252 (never reveals); False -> 502
     expn: bool = False  # EXPN 502 by default
+    tls_cert: str | None = None  # PEM chain; with tls_key: STARTTLS offered
+    tls_key: str | None = None
+    submission: tuple[str, ...] = ()  # RFC 6409 listeners (STARTTLS, AUTH required)
+    smtps: tuple[str, ...] = ()  # RFC 8314 implicit TLS listeners (plain endpoint strings)
+    hide_client_ip: bool = False  # no client address in Received: for authenticated sessions
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,39 @@ class RelayConfig:  # retry policy for ALL deliveries (local too)
     max_queue_lifetime: float = 432000.0  # 5 days
     delay_warning: float = 0.0  # 0 = off
     concurrency: int = 100  # deliveries in flight, all destinations
+    # -- outbound SMTP (remote.py / smtpclient.py); see docs/relay.rst
+    smarthost: str | None = None  # next hop for every non-routed domain
+    smarthost_user: str | None = None
+    smarthost_password_file: str | None = None  # first line is the password
+    routes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    dns_servers: tuple[str, ...] = ()  # () = system resolver
+    port: int = 25
+    tls: str = "may"  # none | may | encrypt | verify (smtp_tls_security_level)
+    tls_ca_file: str | None = None  # for "verify"; None = system trust store
+    helo_name: str | None = None  # None = server.hostname
+    local_addresses: tuple[str, ...] = ()  # our public addresses, for loop detection
+    destination_concurrency: int = 20  # default_destination_concurrency_limit
+    connection_cache_time: float = 5.0  # smtp_connection_cache_time_limit
+    connect_timeout: float = 30.0  # smtp_connect_timeout
+    greeting_timeout: float = 300.0  # smtp_helo_timeout
+    command_timeout: float = 300.0
+    data_init_timeout: float = 120.0
+    data_xfer_timeout: float = 180.0
+    data_done_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:  # SMTP AUTH (docs/submission.rst)
+    users: str | None = None  # users file; None: no AUTH offered
+    allow_plaintext_loopback: bool = False  # AUTH without TLS from 127.0.0.0/8, ::1
+    max_failures: int = 5  # per client IP within failure_window -> 421
+    failure_window: float = 300.0
+    failure_delay: float = 1.0  # every failed AUTH is answered this late
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    sender_check: str = "strict"  # "strict": sender must belong to the user; "off"
 
 
 @dataclass(frozen=True)
@@ -110,6 +154,8 @@ class Config:
     local: LocalConfig
     relay: RelayConfig
     source: str | None  # the config file read, or None for embedded defaults
+    auth: AuthConfig = AuthConfig()
+    submission: SubmissionConfig = SubmissionConfig()
 
 
 # -- finding the file ------------------------------------------------------------
@@ -312,6 +358,119 @@ def _separator(value: Any) -> str:
     return value
 
 
+#: relay.tls values (Postfix smtp_tls_security_level).
+TLS_LEVELS = ("none", "may", "encrypt", "verify")
+#: submission.sender_check values.
+SENDER_CHECKS = ("strict", "off")
+
+
+def _port(value: Any) -> int:
+    if not _is_int(value) or not 0 < value < 65536:
+        raise _Bad(f"must be a port number 1-65535, got {_show(value)}")
+    return value
+
+
+def _optional_string(value: Any) -> str | None:
+    """A string where C{""} means "not set" (as in the documented examples)."""
+    if not isinstance(value, str):
+        raise _Bad(f"must be a string, got {_show(value)}")
+    return value or None
+
+
+def _optional_endpoints(value: Any) -> tuple[str, ...]:
+    items = _string_list(value, "endpoint strings")
+    for item in items:
+        try:
+            check_endpoint(item)
+        except ValueError as e:
+            raise _Bad(f"invalid endpoint {item!r}: {e}")
+    return items
+
+
+def _plain_endpoints(value: Any) -> tuple[str, ...]:
+    """Endpoints that mailhub wraps in TLS itself: C{ssl:} would bring its own certificate."""
+    items = _string_list(value, "endpoint strings")
+    for item in items:
+        if item.split(":", 1)[0].strip().lower() in ("ssl", "tls", "le", "lets"):
+            raise _Bad(
+                f"invalid endpoint {item!r}: give a plain endpoint (tcp:465...); "
+                "mailhub adds TLS with server.tls_cert / server.tls_key"
+            )
+    return _optional_endpoints(value)
+
+
+def _nexthop(value: Any) -> str | None:
+    from .remote import parse_nexthop
+
+    if not isinstance(value, str):
+        raise _Bad(f'must be a next hop string like "[smtp.example.net]:587", got {_show(value)}')
+    try:
+        parse_nexthop(value)
+    except ValueError as e:
+        raise _Bad(str(e))
+    return value.strip() or None
+
+
+def _routes(value: Any) -> Mapping[str, str]:
+    from .remote import parse_nexthop
+
+    if not isinstance(value, dict):
+        raise _Bad(f'must be a table of domain = "next hop", got {_show(value)}')
+    out: dict[str, str] = {}
+    for key, target in value.items():
+        dot = "." if key.startswith(".") else ""
+        try:
+            domain = dot + normalize_domain(key[len(dot):])
+        except AddressError as e:
+            raise _Bad(f"invalid domain {key!r}: {e}")
+        if not isinstance(target, str):
+            raise _Bad(f'{key!r}: must be a next hop string like "[host]:25" or "", got {_show(target)}')
+        try:
+            parse_nexthop(target)
+        except ValueError as e:
+            raise _Bad(f"{key!r}: {e}")
+        out[domain] = target.strip()
+    return MappingProxyType(out)
+
+
+def _dns_servers(value: Any) -> tuple[str, ...]:
+    from .remote import parse_dns_server
+
+    items = _string_list(value, 'DNS servers ("ip", "ip:port", "[ipv6]:port")')
+    for item in items:
+        try:
+            parse_dns_server(item)
+        except ValueError as e:
+            raise _Bad(str(e))
+    return items
+
+
+def _ip_addresses(value: Any) -> tuple[str, ...]:
+    items = _string_list(value, "IP addresses")
+    for item in items:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            raise _Bad(f"invalid IP address {item!r}")
+    return items
+
+
+def _choice(*allowed: str) -> _Checker:
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise _Bad(f"must be one of {', '.join(repr(a) for a in allowed)}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _sender_check(value: Any) -> str:
+    # "none" is how docs/submission.rst first spelled "off"; both are accepted.
+    if value == "none":
+        return "off"
+    return _choice(*SENDER_CHECKS)(value)
+
+
 #: section -> key -> (checker, is_path).  Paths are made absolute relative
 #: to the directory of the file that set them.
 _Checker = Callable[[Any], Any]
@@ -329,6 +488,11 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "soft_error_limit": (_positive_int, False),
         "vrfy": (_boolean, False),
         "expn": (_boolean, False),
+        "tls_cert": (_string, True),
+        "tls_key": (_string, True),
+        "submission": (_optional_endpoints, False),
+        "smtps": (_plain_endpoints, False),
+        "hide_client_ip": (_boolean, False),
     },
     "spool": {
         "path": (_string, True),
@@ -347,6 +511,34 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "max_queue_lifetime": (_positive_duration, False),
         "delay_warning": (_duration, False),
         "concurrency": (_positive_int, False),
+        "smarthost": (_nexthop, False),
+        "smarthost_user": (_optional_string, False),
+        "smarthost_password_file": (_string, True),
+        "routes": (_routes, False),
+        "dns_servers": (_dns_servers, False),
+        "port": (_port, False),
+        "tls": (_choice(*TLS_LEVELS), False),
+        "tls_ca_file": (_optional_string, True),
+        "helo_name": (_optional_string, False),
+        "local_addresses": (_ip_addresses, False),
+        "destination_concurrency": (_positive_int, False),
+        "connection_cache_time": (_duration, False),
+        "connect_timeout": (_positive_duration, False),
+        "greeting_timeout": (_positive_duration, False),
+        "command_timeout": (_positive_duration, False),
+        "data_init_timeout": (_positive_duration, False),
+        "data_xfer_timeout": (_positive_duration, False),
+        "data_done_timeout": (_positive_duration, False),
+    },
+    "auth": {
+        "users": (_string, True),
+        "allow_plaintext_loopback": (_boolean, False),
+        "max_failures": (_positive_int, False),
+        "failure_window": (_positive_duration, False),
+        "failure_delay": (_duration, False),
+    },
+    "submission": {
+        "sender_check": (_sender_check, False),
     },
 }
 #: Top-level keys that are not sections.
@@ -375,7 +567,7 @@ def _check_value(source: str, base: str, key: str, checker: _Checker, is_path: b
         value = checker(raw)
     except _Bad as e:
         raise ConfigError(f"{source}: {key}: {e}")
-    if is_path:
+    if is_path and value is not None:
         value = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
     return value
 
@@ -424,6 +616,7 @@ def load_config(
     path: str | None,
     overrides: Mapping[str, Any] | None = None,
     data_dir: str | None = None,
+    check_files: bool = False,
 ) -> Config:
     """
     Read and validate the configuration.
@@ -436,6 +629,12 @@ def load_config(
     @param data_dir: the data directory (C{--data}); wins over the file's
         top-level C{data_dir}.  C{spool.path} defaults to C{DATA/spool} and
         C{local.mailboxes} to C{DATA/mailboxes}, unless set explicitly.
+    @param check_files: also read the files the configuration names for
+        the daemon: load the TLS certificate and key, read the smarthost
+        password file, check that C{relay.tls_ca_file} is readable.  The
+        daemon and C{mailhub check-config} pass C{True}; the tools any user
+        runs (C{mailhub-sendmail}, C{mailhub queue}) leave it off, since
+        they need none of these and must not fail on root-only secrets.
     @raise ConfigError: one line naming the file and the key.
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in _SCHEMA}
@@ -472,13 +671,92 @@ def load_config(
             f"{where}: relay.min_backoff: must not exceed relay.max_backoff "
             f"({relay_cfg.min_backoff:g}s > {relay_cfg.max_backoff:g}s)"
         )
+    _check_relay(where, relay_cfg, check_files)
+    server_cfg = ServerConfig(**server)
+    auth_cfg = AuthConfig(**values["auth"])
+    _check_listeners(where, server_cfg, auth_cfg, check_files)
     return Config(
-        server=ServerConfig(**server),
+        server=server_cfg,
         spool=SpoolConfig(**spool),
         local=LocalConfig(**local),
         relay=relay_cfg,
         source=os.path.abspath(path) if path is not None else None,
+        auth=auth_cfg,
+        submission=SubmissionConfig(**values["submission"]),
     )
+
+
+def _readable_file(where: str, key: str, path: str | None) -> None:
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: {key}: no such file {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{where}: {key}: cannot read {path}")
+
+
+def _check_relay(where: str, relay: RelayConfig, check_files: bool) -> None:
+    """Checks that involve more than one relay key (single values are checked already)."""
+    if relay.helo_name is not None:
+        try:
+            normalize_domain(relay.helo_name)
+        except AddressError as e:
+            raise ConfigError(f"{where}: relay.helo_name: invalid domain {relay.helo_name!r}: {e}")
+    if (relay.smarthost_user is None) != (relay.smarthost_password_file is None):
+        missing = "relay.smarthost_password_file" if relay.smarthost_password_file is None else "relay.smarthost_user"
+        have = "relay.smarthost_user" if relay.smarthost_password_file is None else "relay.smarthost_password_file"
+        raise ConfigError(f"{where}: {have}: needs {missing} too")
+    if relay.smarthost_user is not None and relay.smarthost is None:
+        raise ConfigError(f"{where}: relay.smarthost_user: credentials are only used for relay.smarthost, which is not set")
+    if not check_files:
+        return
+    _readable_file(where, "relay.smarthost_password_file", relay.smarthost_password_file)
+    if relay.smarthost_password_file is not None:
+        read_secret(relay.smarthost_password_file, where, "relay.smarthost_password_file")
+    _readable_file(where, "relay.tls_ca_file", relay.tls_ca_file)
+
+
+def _check_listeners(where: str, server: ServerConfig, auth: AuthConfig, check_files: bool) -> None:
+    """TLS files load, and submission listeners have what they need."""
+    if (server.tls_cert is None) != (server.tls_key is None):
+        have, missing = ("server.tls_cert", "server.tls_key") if server.tls_key is None else ("server.tls_key", "server.tls_cert")
+        raise ConfigError(f"{where}: {have}: needs {missing} too (both or neither)")
+    if server.tls_cert is not None and check_files:
+        from .tls import ServerTLS
+
+        try:
+            ServerTLS(server.tls_cert, server.tls_key)  # type: ignore[arg-type]
+        except ValueError as e:  # names the file
+            key = "server.tls_key" if server.tls_key and server.tls_key in str(e) else "server.tls_cert"
+            raise ConfigError(f"{where}: {key}: {e}")
+    for key in ("submission", "smtps"):
+        if getattr(server, key) and server.tls_cert is None:
+            raise ConfigError(f"{where}: server.{key}: needs server.tls_cert and server.tls_key")
+        if getattr(server, key) and auth.users is None:
+            raise ConfigError(f"{where}: server.{key}: needs auth.users (AUTH is required there)")
+
+
+def read_secret(path: str, where: str | None = None, key: str = "relay.smarthost_password_file") -> str:
+    """
+    The first line of a secret file (a password), without its line end.
+    Secrets live in their own files so the configuration file can stay
+    world-readable (mailhub-sendmail reads it).
+
+    @raise ConfigError: the file cannot be read or its first line is empty.
+    """
+    where = where or path
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError as e:
+        raise ConfigError(f"{where}: {key}: cannot read {path}: {e.strerror or e}")
+    text = first.rstrip(b"\r\n")
+    if not text:
+        raise ConfigError(f"{where}: {key}: the first line of {path} is empty")
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {key}: {path} is not UTF-8")
 
 
 # -- showing ------------------------------------------------------------------------
@@ -493,6 +771,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(value)
 
 
@@ -502,7 +782,7 @@ def format_config(config: Config) -> str:
     check-config}.  Keys whose value is unset are shown as comments.
     """
     lines = [f"# source: {config.source or DEFAULTS_SOURCE}"]
-    for section in ("server", "spool", "local", "relay"):
+    for section in ("server", "spool", "local", "relay", "auth", "submission"):
         lines.append("")
         lines.append(f"[{section}]")
         part = getattr(config, section)

@@ -2,9 +2,11 @@
 The twistd plugin's options and service: the one place everything is wired.
 
 Owns: turning command-line options and the configuration into a running
-service tree -- spool, directory, delivery agents, router, scheduler,
-policy and one listener per configured endpoint -- and the first log lines
-that say what mailhub listens on and where mail goes.  This is the only
+service tree -- spool, directory, delivery agents (local and remote),
+router, scheduler, pickup, control socket, TLS, users file, AUTH throttle,
+policy and one listener per configured endpoint (smtp, submission, smtps)
+-- and the first log lines that say what mailhub listens on and where mail
+goes.  This is the only
 module that imports the global reactor (inside L{makeService}), so every
 other module gets its clock and reactor injected.
 
@@ -100,7 +102,7 @@ class Options(usage.Options):
 
     def loadConfig(self) -> Config:
         try:
-            return load_config(find_config_file(self["config"]), self.overrides(), self["data"])
+            return load_config(find_config_file(self["config"]), self.overrides(), self["data"], check_files=True)
         except ConfigError as e:
             fail(str(e))
 
@@ -172,22 +174,89 @@ class _Listener(StreamServerEndpointService):
         return port
 
 
+def _pickup_resolver(directory: Any) -> Any:
+    """
+    The C{resolve_recipient} of the pickup service: local recipients are
+    expanded like the SMTP server's policy does (aliases, extensions);
+    anything else is returned as is.  A RecipientError (unknown user) is
+    raised on purpose: the pickup service then queues the address as
+    written and the delivery outcome bounces it to the local sender.
+    """
+    from .address import parse_mailbox
+
+    def resolve(address: str) -> list[str]:
+        mailbox = parse_mailbox(address)
+        if not directory.is_local(mailbox.domain_key):
+            return [address]
+        return list(directory.resolve(mailbox)) or [address]
+
+    return resolve
+
+
+def _remote_delivery(config: Config, reactor: Any) -> Any:
+    """The outbound relay agent, from the [relay] keys (docs/relay.rst)."""
+    from .config import read_secret
+    from .remote import RemoteDelivery
+
+    relay, server = config.relay, config.server
+    auth = None
+    if relay.smarthost_user is not None and relay.smarthost_password_file is not None:
+        try:
+            auth = (relay.smarthost_user, read_secret(relay.smarthost_password_file, config.source or DEFAULTS_SOURCE))
+        except ConfigError as e:
+            fail(str(e))
+    try:
+        return RemoteDelivery(
+            reactor,
+            relay.helo_name or server.hostname,
+            smarthost=relay.smarthost,
+            smarthost_auth=auth,
+            routes=dict(relay.routes),
+            dns_servers=list(relay.dns_servers) or None,
+            port=relay.port,
+            tls=relay.tls,
+            destination_concurrency=relay.destination_concurrency,
+            total_concurrency=relay.concurrency,
+            local_addresses=list(relay.local_addresses),
+            local_names=[server.hostname],
+            client_options={
+                "tls_ca_file": relay.tls_ca_file,
+                "connect_timeout": relay.connect_timeout,
+                "greeting_timeout": relay.greeting_timeout,
+                "command_timeout": relay.command_timeout,
+                "data_init_timeout": relay.data_init_timeout,
+                "data_xfer_timeout": relay.data_xfer_timeout,
+                "data_done_timeout": relay.data_done_timeout,
+            },
+            idle_timeout=relay.connection_cache_time,
+        )
+    except ValueError as e:  # config.py checked every value; this is a safety net
+        fail(f"{config.source or DEFAULTS_SOURCE}: relay: {e}")
+
+
 def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
-    scheduler (whose startService recovers the spool and queues everything
-    pending) and then the listeners, so recovery always finishes before the
-    first client is accepted.
+    remote delivery agent, the scheduler (whose startService recovers the
+    spool and queues everything pending), the pickup service and the
+    control socket (both feed the scheduler), and then the SMTP listeners
+    (smtp, submission, smtps), so recovery always finishes before the
+    first client is accepted.  Stopping runs the other way round; stopping
+    the remote agent QUITs its idle connections.
     """
     from twisted.internet import reactor, threads
 
+    from .auth import AuthThrottle, UsersFile
+    from .control import control_service, socket_path
     from .directory import AliasesError, Directory
     from .local import LocalDelivery
+    from .pickup import PickupService
     from .policy import Policy
     from .router import Router
     from .scheduler import RetryPolicy, Scheduler
     from .smtpd import SMTPServerFactory
     from .spool import Spool
+    from .tls import ServerTLS, implicit_tls_endpoint, install_sighup_reload
 
     config = getattr(options, "config", None)
     if config is None:
@@ -195,12 +264,15 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             config = options.loadConfig()
         else:
             try:
-                config = load_config(find_config_file(options.get("config")), None, options.get("data"))
+                config = load_config(
+                    find_config_file(options.get("config")), None, options.get("data"), check_files=True
+                )
             except ConfigError as e:
                 fail(str(e))
 
     from twisted.internet.endpoints import serverFromString
 
+    source = config.source or DEFAULTS_SOURCE
     top = service.MultiService()
     _StartupLog(config).setServiceParent(top)
     try:
@@ -221,7 +293,10 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         fail(str(e))
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
-    router = Router(spool, directory, local)
+    remote = _remote_delivery(config, reactor)
+    remote.setName("remote")
+    remote.setServiceParent(top)
+    router = Router(spool, directory, local, remote)
     relay = config.relay
     retry = RetryPolicy(
         min_backoff=relay.min_backoff,
@@ -230,18 +305,84 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         delay_warning=relay.delay_warning,
     )
     scheduler = Scheduler(
-        spool, router, reactor, retry, concurrency=relay.concurrency, hostname=config.server.hostname
+        spool,
+        router,
+        reactor,
+        retry,
+        concurrency=relay.concurrency,
+        hostname=config.server.hostname,
+        postmaster=f"postmaster@{local_cfg.domains[0]}",
     )
     scheduler.setName("scheduler")
     scheduler.setServiceParent(top)
+
+    # Local submission (mailhub-sendmail) and the queue tools.
+    pickup = PickupService(
+        spool,
+        scheduler.enqueue,
+        reactor,
+        config.server.max_message_size,
+        resolve_recipient=_pickup_resolver(directory),
+        hostname=config.server.hostname,
+    )
+    pickup.setServiceParent(top)
+    control = control_service(scheduler, spool.path, reactor)
+    # Through _Listener: a socket that cannot be bound stops startup cleanly.
+    _Listener(socket_path(spool.path), control.endpoint, control.factory, "control").setServiceParent(top)
+
+    # TLS and AUTH, shared by every listener.
+    server_cfg, auth_cfg = config.server, config.auth
+    server_tls = None
+    if server_cfg.tls_cert is not None and server_cfg.tls_key is not None:
+        try:
+            server_tls = ServerTLS(server_cfg.tls_cert, server_cfg.tls_key)
+        except ValueError as e:  # names the file
+            fail(f"{source}: server.tls_cert: {e}")
+        install_sighup_reload(server_tls, reactor)
+    users = UsersFile(auth_cfg.users, clock=reactor) if auth_cfg.users is not None else None
+    throttle = AuthThrottle(  # one per daemon: failures count across listeners
+        reactor,
+        delay=auth_cfg.failure_delay,
+        max_failures=auth_cfg.max_failures,
+        window=auth_cfg.failure_window,
+    )
+
     # The first configured domain (directory.domains is a set) receives <postmaster>.
-    policy = Policy(directory, config.server.trusted_networks, postmaster_domain=local_cfg.domains[0])
-    for description in config.server.smtp:
+    policy = Policy(directory, server_cfg.trusted_networks, postmaster_domain=local_cfg.domains[0])
+
+    def factory(listener: str) -> Any:
         # The commit (fsyncs) runs in a thread so other sessions are not
         # stalled by the disk; the session reads nothing until it is done.
-        factory = SMTPServerFactory(
-            config.server, spool, scheduler.enqueue, policy, reactor, "smtp", run=threads.deferToThread
+        # Without a certificate no STARTTLS is offered; without a users
+        # file no AUTH (a plain MX listener).
+        return SMTPServerFactory(
+            server_cfg,
+            spool,
+            scheduler.enqueue,
+            policy,
+            reactor,
+            listener,
+            run=threads.deferToThread,
+            tls=server_tls,
+            users=users,
+            throttle=throttle,
+            sender_check=config.submission.sender_check,
+            allow_plaintext_loopback=auth_cfg.allow_plaintext_loopback,
+            hide_client_ip=server_cfg.hide_client_ip,
+            extension_separator=local_cfg.extension_separator,
         )
+
+    for description in server_cfg.smtp:
         endpoint = serverFromString(reactor, description)
-        _Listener(description, endpoint, factory, "smtp").setServiceParent(top)
+        _Listener(description, endpoint, factory("smtp"), "smtp").setServiceParent(top)
+    for description in server_cfg.submission:
+        endpoint = serverFromString(reactor, description)
+        _Listener(description, endpoint, factory("submission"), "submission").setServiceParent(top)
+    for description in server_cfg.smtps:
+        assert server_tls is not None  # config.py requires the certificate for smtps
+        try:
+            endpoint = implicit_tls_endpoint(reactor, description, server_tls)
+        except ValueError as e:
+            fail(f"{source}: server.smtps: {e}")
+        _Listener(description, endpoint, factory("smtps"), "smtps").setServiceParent(top)
     return top

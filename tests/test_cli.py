@@ -88,7 +88,9 @@ def test_main_in_process(tmp_path, monkeypatch, capsys):
 def test_console_script_entry_point():
     # setup.cfg's console_scripts names mailhub.cli.main:main
     with open(os.path.join(ROOT, "setup.cfg")) as f:
-        assert "mailhub = mailhub.cli.main:main" in f.read()
+        text = f.read()
+    assert "mailhub = mailhub.cli.main:main" in text
+    assert "mailhub-sendmail = mailhub.cli.sendmail:main" in text
 
 
 def test_readme_and_ci_run_the_same_test_command():
@@ -149,8 +151,13 @@ def test_tap_bad_config_exits_78_with_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_make_service_order(tmp_path, monkeypatch):
-    """The scheduler (spool recovery) starts before any listener."""
+    """
+    The scheduler (spool recovery) starts before anything that feeds it:
+    pickup, the control socket, then the SMTP listeners.
+    """
     from mailhub import tap
+    from mailhub.pickup import PickupService
+    from mailhub.remote import RemoteDelivery
     from mailhub.scheduler import Scheduler
 
     o = tap_options(["--smtp", "tcp:0:interface=127.0.0.1", "--smtp", "tcp:0:interface=127.0.0.2"],
@@ -158,11 +165,152 @@ def test_make_service_order(tmp_path, monkeypatch):
     top = tap.makeService(o)
     children = list(top)
     assert isinstance(children[0], tap._StartupLog)
-    assert isinstance(children[1], Scheduler)
-    listeners = children[2:]
+    assert isinstance(children[1], RemoteDelivery)
+    assert isinstance(children[2], Scheduler)
+    assert isinstance(children[3], PickupService)
+    control = children[4]
+    assert isinstance(control, tap._Listener) and control.kind == "control"
+    assert control.description == str(tmp_path / "mailhub-data" / "spool" / "control.sock")
+    listeners = children[5:]
     assert [l.description for l in listeners] == ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]
+    assert [l.kind for l in listeners] == ["smtp", "smtp"]
     assert all(isinstance(l, tap._Listener) and not l.running for l in listeners)
     assert os.path.isdir(tmp_path / "mailhub-data" / "spool" / "envelopes")
+    # the router hands non-local recipients to the remote agent
+    scheduler = children[2]
+    assert scheduler.deliver.remote is children[1]
+    assert scheduler.postmaster == "postmaster@localhost"
+
+
+def test_make_service_relay_wiring(tmp_path, monkeypatch):
+    from mailhub import tap
+    from mailhub.remote import Destination
+
+    (tmp_path / "pw").write_text("secret\n")
+    conf = tmp_path / "m.toml"
+    conf.write_text(
+        '[server]\nhostname = "mx.first.example"\nsmtp = ["tcp:0:interface=127.0.0.1"]\n'
+        '[local]\ndomains = ["first.example", "second.example"]\n'
+        '[relay]\nsmarthost = "[smtp.provider.example]:587"\nsmarthost_user = "me"\n'
+        'smarthost_password_file = "pw"\nport = 2525\n'
+        '[relay.routes]\n"partner.example" = "[127.0.0.1]:10025"\n"direct.example" = ""\n'
+    )
+    top = tap.makeService(tap_options(["--config", str(conf)], tmp_path, monkeypatch))
+    remote = top.getServiceNamed("remote")
+    assert remote.route("partner.example") == Destination("127.0.0.1", 10025, mx=False, explicit=True)
+    assert remote.route("elsewhere.example") == Destination("smtp.provider.example", 587, mx=False, explicit=True)
+    assert remote.route("direct.example") == Destination("direct.example", 2525, mx=True, explicit=False)
+    scheduler = top.getServiceNamed("scheduler")
+    assert scheduler.postmaster == "postmaster@first.example"
+    assert scheduler.hostname == "mx.first.example"
+
+
+def test_make_service_submission_listeners(tmp_path, monkeypatch):
+    import signal
+
+    from mailhub import tap
+    from mailhub.auth import UsersFile
+    from mailhub.tls import ServerTLS, make_self_signed
+
+    make_self_signed("mx.example", str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    conf = tmp_path / "m.toml"
+    conf.write_text(
+        '[server]\nsmtp = ["tcp:0:interface=127.0.0.1"]\nsubmission = ["tcp:0:interface=127.0.0.1"]\n'
+        'smtps = ["tcp:0:interface=127.0.0.1"]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n'
+        '[auth]\nusers = "users"\n'
+    )
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        top = tap.makeService(tap_options(["--config", str(conf)], tmp_path, monkeypatch))
+        assert signal.getsignal(signal.SIGHUP) is not previous  # certificate reload on SIGHUP
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    listeners = [c for c in top if isinstance(c, tap._Listener) and c.kind != "control"]
+    assert [l.kind for l in listeners] == ["smtp", "submission", "smtps"]
+    factories = [l.factory for l in listeners]
+    assert [f.listener for f in factories] == ["smtp", "submission", "smtps"]
+    tls = factories[0].tls
+    assert isinstance(tls, ServerTLS)
+    assert all(f.tls is tls for f in factories)  # one certificate, reloaded for all
+    assert isinstance(factories[0].users, UsersFile)
+    assert all(f.users is factories[0].users for f in factories)
+    assert all(f.throttle is factories[0].throttle for f in factories)  # failures count across listeners
+
+
+def test_make_service_bad_certificate_exits_78(tmp_path, monkeypatch, capsys):
+    from mailhub import tap
+
+    (tmp_path / "c.pem").write_text("not a certificate")
+    (tmp_path / "k.pem").write_text("not a key")
+    conf = tmp_path / "m.toml"
+    conf.write_text('[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n')
+    with pytest.raises(SystemExit) as e:
+        tap_options(["--config", str(conf)], tmp_path, monkeypatch)
+    assert e.value.code == 78
+    err = capsys.readouterr().err
+    assert err.startswith(f"mailhub: {conf}: server.tls_cert: {tmp_path / 'c.pem'}")
+    assert err.count("\n") == 1
+
+
+# -- the other commands: queue, user, make-cert --------------------------------------------------
+
+
+def test_queue_command(tmp_path):
+    from mailhub.spool import Spool
+
+    Spool(str(tmp_path / "q"))
+    conf = tmp_path / "m.toml"
+    conf.write_text('[spool]\npath = "q"\n')
+    r = run(["-C", str(conf), "queue", "list"], tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "Mail queue is empty\n", "")
+    r = run(["--config", str(conf), "queue"], tmp_path)  # list is the default
+    assert (r.returncode, r.stdout) == (0, "Mail queue is empty\n")
+    r = run(["--config", str(conf), "queue", "delete", "0BXK3M4Q2ZR7TW8NP"], tmp_path)
+    assert r.returncode == 66
+    assert r.stderr == "mailhub queue: 0BXK3M4Q2ZR7TW8NP: no such message\n"
+
+
+def test_queue_command_bad_config(tmp_path):
+    r = run(["-C", "nope.toml", "queue", "list"], tmp_path)
+    assert (r.returncode, r.stderr) == (78, "mailhub: nope.toml: cannot read: No such file or directory\n")
+
+
+def test_user_command_uses_auth_users(tmp_path):
+    conf = tmp_path / "m.toml"
+    conf.write_text('[auth]\nusers = "users"\n')
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("MAILHUB_CONFIG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "mailhub.cli.main", "-C", str(conf), "user", "add", "Alice@Example.ORG",
+         "--password-stdin"],
+        input="correct horse\n", cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert (r.returncode, r.stderr) == (0, "mailhub: added user alice@example.org\n")
+    assert (tmp_path / "users").read_text().startswith("alice@example.org:$2")
+    r = run(["-C", str(conf), "user", "list"], tmp_path)
+    assert (r.returncode, r.stdout) == (0, "alice@example.org\n")
+    # --file needs no configuration at all
+    r = run(["-C", "nope.toml", "user", "--file", str(tmp_path / "users"), "list"], tmp_path)
+    assert (r.returncode, r.stdout) == (0, "alice@example.org\n")
+    # without auth.users and --file: a usage error
+    r = run(["-C", str(tmp_path / "none.toml"), "user", "list"], tmp_path)
+    assert r.returncode == 78
+    (tmp_path / "none.toml").write_text("")
+    r = run(["-C", str(tmp_path / "none.toml"), "user", "list"], tmp_path)
+    assert (r.returncode, r.stderr) == (
+        64, "mailhub: no users file: set auth.users in the configuration or use --file\n"
+    )
+
+
+def test_make_cert_command(tmp_path):
+    r = run(["make-cert", "--hostname", "mx.example", "--cert", "c.pem", "--key", "k.pem", "--days", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "mailhub: wrote c.pem and k.pem for mx.example, valid 2 days\n"
+    assert oct((tmp_path / "k.pem").stat().st_mode & 0o777) == "0o600"
+    r = run(["make-cert", "--hostname", "mx.example", "--cert", "c.pem", "--key", "k.pem"], tmp_path)
+    assert (r.returncode, r.stderr) == (73, "mailhub: c.pem exists (use --force to replace it)\n")
+    r = run(["make-cert", "--cert", "c.pem"], tmp_path)
+    assert r.returncode == 64 and "--hostname is required" in r.stderr
 
 
 def test_plugin_is_found_from_the_source_tree():

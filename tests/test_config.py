@@ -16,6 +16,8 @@ from mailhub.config import (
     ConfigError,
     LocalConfig,
     RelayConfig,
+    AuthConfig,
+    SubmissionConfig,
     ServerConfig,
     SpoolConfig,
     find_config_file,
@@ -236,8 +238,9 @@ ERRORS = [
     ('[server]\ntrusted_networks = "10.0.0.0/8"\n', "server.trusted_networks: must be a list of networks, got '10.0.0.0/8'"),
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
      "max_recipients, trusted_networks, timeout, max_connections, max_connections_per_ip, max_errors, "
-     "soft_error_limit, vrfy, expn)"),
-    ("[srever]\nsmtp = []\n", "srever: unknown section or key (known: data_dir, local, relay, server, spool)"),
+     "soft_error_limit, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip)"),
+    ("[srever]\nsmtp = []\n",
+     "srever: unknown section or key (known: auth, data_dir, local, relay, server, spool, submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),
     ('[spool]\npath = ""\n', "spool.path: must be a non-empty string, got ''"),
     ('[spool]\nfsync = "no"\n', "spool.fsync: must be true or false, got 'no'"),
@@ -257,14 +260,68 @@ ERRORS = [
      "\"5m\", \"1h\", \"5d\"), got 'x'"),
     ("[relay]\nmin_backoff = 5000\n", "relay.min_backoff: must not exceed relay.max_backoff (5000s > 4000s)"),
     ("data_dir = 3\n", "data_dir: must be a non-empty string, got 3"),
+    # -- outbound relay
+    ('[relay]\nsmarthost = "[smtp.example.net"\n',
+     "relay.smarthost: unbalanced brackets in next hop '[smtp.example.net'"),
+    ('[relay]\nsmarthost = "2001:db8::1"\n', "relay.smarthost: IPv6 next hop must be bracketed: '2001:db8::1'"),
+    ('[relay]\nsmarthost = "[smtp.example.net]:x"\n', "relay.smarthost: bad port in next hop '[smtp.example.net]:x'"),
+    ("[relay]\nsmarthost = 25\n",
+     'relay.smarthost: must be a next hop string like "[smtp.example.net]:587", got 25'),
+    ('[relay.routes]\n"a.example" = "[mx.a.example]:99999"\n',
+     "relay.routes: 'a.example': port out of range in next hop '[mx.a.example]:99999'"),
+    ('[relay.routes]\n"bad domain" = "mx.example"\n', "relay.routes: invalid domain 'bad domain': invalid domain"),
+    ('[relay.routes]\n"a.example" = 1\n',
+     "relay.routes: 'a.example': must be a next hop string like \"[host]:25\" or \"\", got 1"),
+    ('[relay]\nroutes = ["a"]\n', "relay.routes: must be a table of domain = \"next hop\", got ['a']"),
+    ('[relay]\ndns_servers = ["dns.example"]\n',
+     "relay.dns_servers: DNS server must be an IP address[:port], got 'dns.example'"),
+    ('[relay]\ndns_servers = "192.0.2.53"\n',
+     "relay.dns_servers: must be a list of DNS servers (\"ip\", \"ip:port\", \"[ipv6]:port\"), got '192.0.2.53'"),
+    ("[relay]\nport = 0\n", "relay.port: must be a port number 1-65535, got 0"),
+    ('[relay]\ntls = "required"\n',
+     "relay.tls: must be one of 'none', 'may', 'encrypt', 'verify', got 'required'"),
+    ('[relay]\ntls_ca_file = "nope.pem"\n', "relay.tls_ca_file: no such file {dir}/nope.pem"),
+    ('[relay]\nhelo_name = "bad name"\n', "relay.helo_name: invalid domain 'bad name': invalid domain"),
+    ('[relay]\nlocal_addresses = ["192.0.2.300"]\n', "relay.local_addresses: invalid IP address '192.0.2.300'"),
+    ("[relay]\ndestination_concurrency = 0\n", "relay.destination_concurrency: must be a positive integer, got 0"),
+    ("[relay]\nconnect_timeout = 0\n", "relay.connect_timeout: must be a positive duration, got 0"),
+    ("[relay]\ndata_done_timeout = \"-1s\"\n", "relay.data_done_timeout: must be a duration (seconds, or a string "
+     "like \"300s\", \"5m\", \"1h\", \"5d\"), got '-1s'"),
+    ('[relay]\nsmarthost = "[smtp.example.net]:587"\nsmarthost_user = "me"\n',
+     "relay.smarthost_user: needs relay.smarthost_password_file too"),
+    ('[relay]\nsmarthost = "[smtp.example.net]:587"\nsmarthost_password_file = "pw"\n',
+     "relay.smarthost_password_file: needs relay.smarthost_user too"),
+    ('[relay]\nsmarthost_user = "me"\nsmarthost_password_file = "pw"\n',
+     "relay.smarthost_user: credentials are only used for relay.smarthost, which is not set"),
+    ('[relay]\nsmarthost = "[s.example]"\nsmarthost_user = "me"\nsmarthost_password_file = "pw"\n',
+     "relay.smarthost_password_file: no such file {dir}/pw"),
+    # -- submission, TLS, AUTH
+    ('[server]\ntls_cert = "cert.pem"\n', "server.tls_cert: needs server.tls_key too (both or neither)"),
+    ('[server]\ntls_key = "key.pem"\n', "server.tls_key: needs server.tls_cert too (both or neither)"),
+    ('[server]\ntls_cert = "cert.pem"\ntls_key = "key.pem"\n',
+     "server.tls_cert: {dir}/cert.pem: cannot read TLS certificate: No such file or directory"),
+    ('[server]\nsubmission = ["tcp:587"]\n', "server.submission: needs server.tls_cert and server.tls_key"),
+    ('[server]\nsmtps = ["tcp:465"]\n', "server.smtps: needs server.tls_cert and server.tls_key"),
+    ('[server]\nsubmission = ["tcp:x"]\n',
+     "server.submission: invalid endpoint 'tcp:x': invalid literal for int() with base 10: 'x'"),
+    ('[server]\nsmtps = ["ssl:465"]\n', "server.smtps: invalid endpoint 'ssl:465': give a plain endpoint "
+     "(tcp:465...); mailhub adds TLS with server.tls_cert / server.tls_key"),
+    ('[server]\nhide_client_ip = "yes"\n', "server.hide_client_ip: must be true or false, got 'yes'"),
+    ('[auth]\nusers = ""\n', "auth.users: must be a non-empty string, got ''"),
+    ("[auth]\nallow_plaintext_loopback = 1\n", "auth.allow_plaintext_loopback: must be true or false, got 1"),
+    ("[auth]\nmax_failures = 0\n", "auth.max_failures: must be a positive integer, got 0"),
+    ("[auth]\nfailure_window = 0\n", "auth.failure_window: must be a positive duration, got 0"),
+    ('[auth]\npassword = "x"\n', "auth.password: unknown key (known: users, allow_plaintext_loopback, "
+     "max_failures, failure_window, failure_delay)"),
+    ('[submission]\nsender_check = "loose"\n', "submission.sender_check: must be one of 'strict', 'off', got 'loose'"),
 ]
 
 
 @pytest.mark.parametrize("text, expected", ERRORS)
 def test_errors_name_file_and_key(tmp_path, text, expected):
     path = write(tmp_path, text)
-    message = error_of(path)
-    assert message == f"{path}: {expected}"
+    message = error_of(path, check_files=True)
+    assert message == f"{path}: {expected.format(dir=tmp_path)}"
     assert "\n" not in message
 
 
@@ -356,7 +413,193 @@ def test_format_config_round_trips(tmp_path):
 
 def test_format_config_shows_every_key(tmp_path):
     text = format_config(load_config(None))
-    for part in (ServerConfig, SpoolConfig, LocalConfig, RelayConfig):
+    for part in (ServerConfig, SpoolConfig, LocalConfig, RelayConfig, AuthConfig, SubmissionConfig):
         for name in part.__dataclass_fields__:
             assert f"\n{name} = " in text or f"\n# {name} is not set" in text, name
     assert "# users is not set" in text and "# aliases is not set" in text
+
+
+# -- relay, submission, TLS and AUTH keys ----------------------------------------------------
+
+
+def test_new_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = load_config(None)
+    assert (c.server.tls_cert, c.server.tls_key) == (None, None)
+    assert (c.server.submission, c.server.smtps, c.server.hide_client_ip) == ((), (), False)
+    r = c.relay
+    assert (r.smarthost, r.smarthost_user, r.smarthost_password_file) == (None, None, None)
+    assert dict(r.routes) == {} and r.dns_servers == () and r.local_addresses == ()
+    assert (r.port, r.tls, r.tls_ca_file, r.helo_name) == (25, "may", None, None)
+    assert (r.destination_concurrency, r.concurrency, r.connection_cache_time) == (20, 100, 5.0)
+    assert (r.connect_timeout, r.greeting_timeout, r.command_timeout) == (30.0, 300.0, 300.0)
+    assert (r.data_init_timeout, r.data_xfer_timeout, r.data_done_timeout) == (120.0, 180.0, 600.0)
+    assert c.auth == AuthConfig(
+        users=None, allow_plaintext_loopback=False, max_failures=5, failure_window=300.0, failure_delay=1.0
+    )
+    assert c.submission == SubmissionConfig(sender_check="strict")
+
+
+RELAY_AND_SUBMISSION = """
+[server]
+hostname = "mail.example.org"
+smtp = ["tcp:25"]
+submission = ["tcp:587", "tcp6:587:interface=\\\\:\\\\:1"]
+smtps = ["tcp:465"]
+tls_cert = "cert.pem"
+tls_key = "key.pem"
+hide_client_ip = true
+
+[auth]
+users = "users"
+allow_plaintext_loopback = true
+max_failures = 3
+failure_window = "10m"
+failure_delay = 0
+
+[submission]
+sender_check = "off"
+
+[relay]
+smarthost = "[smtp.provider.example]:587"
+smarthost_user = "mailhub@example.org"
+smarthost_password_file = "smarthost.password"
+dns_servers = ["192.0.2.53", "127.0.0.1:5353", "[2001:db8::53]:53"]
+port = 2525
+tls = "verify"
+tls_ca_file = "ca.pem"
+helo_name = "Out.Example.ORG"
+local_addresses = ["192.0.2.1", "2001:db8::1"]
+destination_concurrency = 4
+concurrency = 50
+connection_cache_time = "10s"
+connect_timeout = "15s"
+greeting_timeout = "1m"
+command_timeout = "2m"
+data_init_timeout = 60
+data_xfer_timeout = 90
+data_done_timeout = "5m"
+
+[relay.routes]
+"Partner.Example" = "[mx.partner.example]:2525"
+".corp.example" = "relay.corp.example"
+"direct.example" = ""
+"[192.0.2.7]" = "[127.0.0.1]:10025"
+"""
+
+
+def relay_files(tmp_path):
+    from mailhub.tls import make_self_signed
+
+    make_self_signed("mail.example.org", str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    (tmp_path / "ca.pem").write_bytes((tmp_path / "cert.pem").read_bytes())
+    (tmp_path / "smarthost.password").write_text("s3cret pass\nignored second line\n")
+
+
+def test_relay_and_submission_keys(tmp_path):
+    relay_files(tmp_path)
+    path = write(tmp_path, RELAY_AND_SUBMISSION)
+    c = load_config(path, check_files=True)
+    assert c.server.submission == ("tcp:587", "tcp6:587:interface=\\:\\:1")
+    assert c.server.smtps == ("tcp:465",)
+    assert (c.server.tls_cert, c.server.tls_key) == (str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    assert c.server.hide_client_ip is True
+    assert c.auth == AuthConfig(str(tmp_path / "users"), True, 3, 600.0, 0.0)
+    assert c.submission.sender_check == "off"
+    r = c.relay
+    assert r.smarthost == "[smtp.provider.example]:587"
+    assert r.smarthost_user == "mailhub@example.org"
+    assert r.smarthost_password_file == str(tmp_path / "smarthost.password")
+    assert cfg.read_secret(r.smarthost_password_file) == "s3cret pass"
+    assert dict(r.routes) == {
+        "partner.example": "[mx.partner.example]:2525",
+        ".corp.example": "relay.corp.example",
+        "direct.example": "",
+        "[192.0.2.7]": "[127.0.0.1]:10025",
+    }
+    assert r.dns_servers == ("192.0.2.53", "127.0.0.1:5353", "[2001:db8::53]:53")
+    assert (r.port, r.tls, r.tls_ca_file) == (2525, "verify", str(tmp_path / "ca.pem"))
+    assert r.helo_name == "Out.Example.ORG"
+    assert r.local_addresses == ("192.0.2.1", "2001:db8::1")
+    assert (r.destination_concurrency, r.concurrency, r.connection_cache_time) == (4, 50, 10.0)
+    assert (r.connect_timeout, r.greeting_timeout, r.command_timeout) == (15.0, 60.0, 120.0)
+    assert (r.data_init_timeout, r.data_xfer_timeout, r.data_done_timeout) == (60.0, 90.0, 300.0)
+    # the config is frozen, routes included
+    with pytest.raises(TypeError):
+        r.routes["x.example"] = "y"  # type: ignore[index]
+    # and round-trips through check-config's output
+    again = load_config(write(tmp_path, format_config(c), "again.toml"))
+    assert again == dataclass_replace(c, source=again.source)
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_empty_strings_mean_unset(tmp_path):
+    path = write(tmp_path, '[relay]\nsmarthost = ""\ntls_ca_file = ""\nhelo_name = ""\nsmarthost_user = ""\n')
+    r = load_config(path).relay
+    assert (r.smarthost, r.tls_ca_file, r.helo_name, r.smarthost_user) == (None, None, None, None)
+
+
+def test_tls_files_must_belong_together(tmp_path):
+    from mailhub.tls import make_self_signed
+
+    make_self_signed("a.example", str(tmp_path / "a.pem"), str(tmp_path / "a.key"))
+    make_self_signed("b.example", str(tmp_path / "b.pem"), str(tmp_path / "b.key"))
+    path = write(tmp_path, '[server]\ntls_cert = "a.pem"\ntls_key = "b.key"\n')
+    message = error_of(path, check_files=True)
+    assert message.startswith(f"{path}: server.tls_")
+    assert "\n" not in message
+    assert "a.pem" in message or "b.key" in message
+
+
+def test_submission_needs_users_file(tmp_path):
+    from mailhub.tls import make_self_signed
+
+    make_self_signed("a.example", str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    path = write(tmp_path, '[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\nsubmission = ["tcp:587"]\n')
+    assert error_of(path) == f"{path}: server.submission: needs auth.users (AUTH is required there)"
+    # STARTTLS on the MX listener alone needs no users file
+    path = write(tmp_path, '[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n', "ok.toml")
+    assert load_config(path).server.tls_cert == str(tmp_path / "c.pem")
+
+
+def test_read_secret_errors(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError) as e:
+        cfg.read_secret(str(tmp_path / "empty"))
+    assert str(e.value) == f"{tmp_path}/empty: relay.smarthost_password_file: the first line of {tmp_path}/empty is empty"
+    with pytest.raises(ConfigError) as e:
+        cfg.read_secret(str(tmp_path / "gone"), "m.toml")
+    assert str(e.value) == (
+        f"m.toml: relay.smarthost_password_file: cannot read {tmp_path}/gone: No such file or directory"
+    )
+
+
+def test_tools_do_not_need_the_daemons_secrets(tmp_path):
+    """
+    mailhub-sendmail and mailhub queue run as any user: they load the same
+    file without reading the certificate, key or password file (root-only
+    in practice); the daemon and check-config (check_files=True) do.
+    """
+    path = write(
+        tmp_path,
+        '[server]\ntls_cert = "gone.pem"\ntls_key = "gone.key"\n'
+        '[relay]\nsmarthost = "[s.example]:587"\nsmarthost_user = "me"\nsmarthost_password_file = "pw"\n',
+    )
+    c = load_config(path)
+    assert c.server.tls_cert == str(tmp_path / "gone.pem")
+    assert error_of(path, check_files=True) == (
+        f"{path}: relay.smarthost_password_file: no such file {tmp_path}/pw"
+    )
+    # the pairing rules are checked either way
+    path = write(tmp_path, '[server]\ntls_cert = "gone.pem"\n', "half.toml")
+    assert error_of(path) == f"{path}: server.tls_cert: needs server.tls_key too (both or neither)"
+
+
+def test_sender_check_none_is_off(tmp_path):
+    path = write(tmp_path, '[submission]\nsender_check = "none"\n')
+    assert load_config(path).submission.sender_check == "off"

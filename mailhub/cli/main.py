@@ -2,9 +2,11 @@
 The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 
 Owns: the command-line front end for administration.  Each command is a
-L{usage.Options} sub-command, so later issues add C{queue} and C{user}
-commands next to C{check-config}.  Exit statuses follow sysexits.h:
-0 success, 64 usage error, 78 configuration error.
+L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
+C{user} (L{mailhub.cli.user}) and C{make-cert} (L{mailhub.cli.certs}); this
+module finds and loads the configuration and hands each command what it
+needs.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
+configuration error; the commands add their own.
 
 Must not touch: the reactor, the spool, running daemons (commands that talk
 to a daemon will do it through the control socket).
@@ -17,7 +19,10 @@ from typing import Sequence, TextIO
 
 from twisted.python import usage
 
-from ..config import ConfigError, find_config_file, format_config, load_config
+from ..config import Config, ConfigError, find_config_file, format_config, load_config
+from .certs import MakeCertOptions, run_make_cert
+from .queue import QueueOptions, run_queue
+from .user import UserOptions, run_user
 
 __all__ = ["Options", "main", "EX_USAGE", "EX_CONFIG"]
 
@@ -46,7 +51,14 @@ class Options(usage.Options):
     ]
     subCommands = [
         ["check-config", None, CheckConfigOptions, "Validate the configuration and print every key."],
+        ["queue", None, QueueOptions, "List, show, flush, delete, hold or release queued messages."],
+        ["user", None, UserOptions, "Manage the SMTP AUTH users file (auth.users)."],
+        ["make-cert", None, MakeCertOptions, "Write a self-signed TLS certificate and key."],
     ]
+
+    def opt_C(self, path: str) -> None:
+        """Configuration file (as -c; the sendmail spelling)."""
+        self["config"] = path
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -55,7 +67,8 @@ class Options(usage.Options):
 
 def check_config(options: Options, out: TextIO, err: TextIO) -> int:
     try:
-        config = load_config(find_config_file(options["config"]), None, options["data"])
+        # everything the daemon checks, certificate and secrets included
+        config = load_config(find_config_file(options["config"]), None, options["data"], check_files=True)
     except ConfigError as e:
         err.write(f"mailhub: {e}\n")
         return EX_CONFIG
@@ -63,7 +76,37 @@ def check_config(options: Options, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-COMMANDS = {"check-config": check_config}
+def _config(options: Options, err: TextIO) -> Config | None:
+    try:
+        return load_config(find_config_file(options["config"]), None, options["data"])
+    except ConfigError as e:
+        err.write(f"mailhub: {e}\n")
+        return None
+
+
+def queue(options: Options, out: TextIO, err: TextIO) -> int:
+    config = _config(options, err)
+    if config is None:
+        return EX_CONFIG
+    return run_queue(options.subOptions, config, out=out, err=err)
+
+
+def user(options: Options, out: TextIO, err: TextIO) -> int:
+    sub = options.subOptions
+    users_path = None
+    if not sub["file"]:  # --file needs no configuration
+        config = _config(options, err)
+        if config is None:
+            return EX_CONFIG
+        users_path = config.auth.users
+    return run_user(sub, users_path, stdout=out, stderr=err)
+
+
+def make_cert(options: Options, out: TextIO, err: TextIO) -> int:
+    return run_make_cert(options.subOptions, stderr=err)
+
+
+COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
