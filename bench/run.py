@@ -1,0 +1,1048 @@
+#!/usr/bin/env python3
+"""
+mailhub's benchmark: the same scenarios against mailhub and against a
+throwaway Postfix instance, so that the mailhub/Postfix ratio comes from one
+run on one machine.
+
+Owns: everything under bench/ -- throwaway configurations (a temporary
+directory per server start), starting and stopping both servers on
+127.0.0.1, driving them with Postfix's C{smtp-source}, a Python latency
+probe, memory sampling from /proc, and the result table (stdout, JSON).
+
+Must not touch: mailhub's code and data (it only starts C{python -m twisted
+mailhub --config FILE} with a configuration of its own), the system's
+Postfix configuration (/etc/postfix is never written: C{postfix -c DIR}
+with main.cf and master.cf in the temporary directory works as root), and
+anything outside its temporary directory.
+
+Usage::
+
+    python bench/run.py                       # every scenario, both servers, medians of 3
+    python bench/run.py --quick --runs 1      # smoke run, small counts
+    python bench/run.py --scenarios 20x4KB --targets mailhub --profile /tmp/prof
+
+See docs/performance.rst for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import pwd
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOMAIN = "bench.example"
+SENDER = f"from@{DOMAIN}"
+#: smtp-source's -r N sends to "user", "2user", ..., "Nuser".
+RCPT_BASE = "user"
+PROBE_USER = "probe"
+MAX_RECIPIENTS = 5
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+POSTFIX = "/usr/sbin/postfix"
+#: Big enough for the 100 MB scenario on both servers.
+MESSAGE_SIZE_LIMIT = 200 * 1024 * 1024
+#: Connection limits raised on both servers so that 1000 idle sessions fit.
+CONNECTION_LIMIT = 2000
+
+
+# ---------------------------------------------------------------------------
+# Scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load shape.  Exactly one of messages, idle and big is non-zero."""
+
+    name: str
+    sessions: int = 1
+    messages: int = 0
+    size: int = 4096
+    recipients: int = 1
+    idle: int = 0  # connections held open
+    big: int = 0  # bytes of one message streamed by a Python client
+    probes: int = 200  # latency samples (sequential transactions of one client)
+
+    @property
+    def kind(self) -> str:
+        if self.idle:
+            return "idle"
+        if self.big:
+            return "big"
+        return "load"
+
+
+FULL = (
+    Scenario("1x4KB", sessions=1, messages=2000, size=4096),
+    Scenario("20x4KB", sessions=20, messages=5000, size=4096),
+    Scenario("20x1MB", sessions=20, messages=200, size=1024 * 1024, probes=50),
+    Scenario("5rcpt", sessions=1, messages=1000, size=4096, recipients=5),
+    Scenario("idle1000", idle=1000, probes=100),
+    Scenario("100MB", big=100 * 1024 * 1024, probes=1),
+)
+
+QUICK = (
+    Scenario("1x4KB", sessions=1, messages=200, size=4096, probes=20),
+    Scenario("20x4KB", sessions=20, messages=500, size=4096, probes=20),
+    Scenario("20x1MB", sessions=20, messages=20, size=1024 * 1024, probes=10),
+    Scenario("5rcpt", sessions=1, messages=100, size=4096, recipients=5, probes=20),
+    Scenario("idle1000", idle=200, probes=20),
+    Scenario("100MB", big=10 * 1024 * 1024, probes=1),
+)
+
+
+def select_scenarios(names: Sequence[str] | None, quick: bool) -> list[Scenario]:
+    """The scenarios to run, in the order given; unknown names are an error."""
+    table = QUICK if quick else FULL
+    if not names:
+        return list(table)
+    by_name = {s.name.lower(): s for s in table}
+    chosen = []
+    for name in names:
+        s = by_name.get(name.strip().lower())
+        if s is None:
+            raise ValueError(f"unknown scenario {name!r} (known: {', '.join(x.name for x in table)})")
+        chosen.append(s)
+    return chosen
+
+
+def recipient_users(count: int) -> list[str]:
+    """The local parts smtp-source's C{-t user@D -r count} sends to."""
+    return [RCPT_BASE] + [f"{i}{RCPT_BASE}" for i in range(2, count + 1)]
+
+
+def all_users() -> list[str]:
+    return recipient_users(MAX_RECIPIENTS) + [PROBE_USER]
+
+
+# ---------------------------------------------------------------------------
+# smtp-source
+
+
+def smtp_source_args(scenario: Scenario, port: int, program: str = SMTP_SOURCE) -> list[str]:
+    """
+    C{smtp-source} as the issue's Postfix numbers were taken: a new
+    connection per message (no C{-d}), HELO, no pipelining (it has none).
+    C{-c} prints a counter after each DATA, which is how we count.
+    """
+    args = [program, "-c", "-s", str(scenario.sessions), "-m", str(scenario.messages), "-l", str(scenario.size)]
+    if scenario.recipients > 1:
+        args += ["-r", str(scenario.recipients)]
+    args += ["-M", "client." + DOMAIN, "-f", SENDER, "-t", f"{RCPT_BASE}@{DOMAIN}", f"127.0.0.1:{port}"]
+    return args
+
+
+def parse_counter(output: str) -> int:
+    """
+    Messages smtp-source got through DATA: its C{-c} counter prints
+    C{1\\r2\\r...N\\r\\n}; the last number is the count (0 when none).
+    """
+    numbers = re.findall(r"\d+", output)
+    return int(numbers[-1]) if numbers else 0
+
+
+def parse_errors(stderr: str) -> list[str]:
+    """smtp-source's complaints (C{smtp-source: fatal: ...}, warnings), one per line."""
+    return [line.strip() for line in stderr.splitlines() if "smtp-source:" in line]
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); with 20 samples p99 is the maximum."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def median_of_runs(runs: Sequence[dict]) -> dict:
+    """Per metric, the median over the runs that measured it (numbers only)."""
+    keys: list[str] = []
+    for r in runs:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys:
+                keys.append(k)
+    out: dict = {}
+    for k in keys:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and not math.isnan(r[k])]
+        if vals:
+            out[k] = statistics.median(vals)
+    out["ok"] = all(r.get("ok", False) for r in runs) if runs else False
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a/b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+# ---------------------------------------------------------------------------
+# configuration files
+
+
+def mailhub_config(port: int, fsync: bool = True) -> str:
+    """
+    mailhub's throwaway configuration (paths relative to the file).  Default
+    durability; only the limits that the scenarios would otherwise hit are
+    raised: message size (100 MB message) and connections (1000 idle).
+    """
+    return f"""# written by bench/run.py
+[server]
+hostname = "mx.{DOMAIN}"
+smtp = ["tcp:{port}:interface=127.0.0.1"]
+max_message_size = {MESSAGE_SIZE_LIMIT}
+max_connections = {CONNECTION_LIMIT}
+max_connections_per_ip = {CONNECTION_LIMIT}
+
+[spool]
+path = "spool"
+fsync = {"true" if fsync else "false"}
+
+[local]
+domains = ["{DOMAIN}"]
+mailboxes = "mailboxes"
+"""
+
+
+def postfix_main_cf(base: str, uid: int, gid: int) -> str:
+    """
+    Postfix main.cf for an instance living entirely under C{base}: queue,
+    data, log and Maildirs.  Virtual delivery into C{base/mail/DOMAIN/USER/}
+    (the same layout as mailhub's mailbox root), default durability.
+    """
+    return f"""# written by bench/run.py
+compatibility_level = 3.6
+queue_directory = {base}/queue
+data_directory = {base}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.{DOMAIN}
+mydomain = {DOMAIN}
+myorigin = {DOMAIN}
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+relayhost =
+biff = no
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_base = {base}/mail
+virtual_mailbox_maps = texthash:{base}/etc/vmailbox
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+message_size_limit = {MESSAGE_SIZE_LIMIT}
+virtual_mailbox_limit = 0
+mailbox_size_limit = 0
+maillog_file = {base}/maillog
+maillog_file_prefixes = {base}
+"""
+
+
+_MASTER_SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def postfix_master_cf(port: int) -> str:
+    """
+    Debian's master.cf without chroot (the queue is in a temporary
+    directory) and with smtpd on 127.0.0.1:PORT only; its process limit
+    is raised so that 1000 idle sessions each get their smtpd.
+    """
+    return (
+        "# written by bench/run.py\n"
+        f"127.0.0.1:{port} inet n - n - {CONNECTION_LIMIT} smtpd\n" + _MASTER_SERVICES
+    )
+
+
+def postfix_vmailbox(users: Iterable[str]) -> str:
+    """virtual_mailbox_maps (texthash): a trailing slash means Maildir."""
+    return "".join(f"{u}@{DOMAIN} {DOMAIN}/{u}/\n" for u in users)
+
+
+def make_maildirs(root: str, users: Iterable[str], uid: int = -1, gid: int = -1) -> dict[str, str]:
+    """Create ROOT/DOMAIN/USER/{cur,new,tmp}; return user -> its new/ directory."""
+    out = {}
+    for u in users:
+        md = os.path.join(root, DOMAIN, u)
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(md, sub), exist_ok=True)
+        out[u] = os.path.join(md, "new")
+    if uid >= 0:
+        for dirpath, _dirs, _files in os.walk(root):
+            os.chown(dirpath, uid, gid)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# /proc
+
+
+def proc_kb(pid: int, key: str) -> int:
+    """A C{kB} field of /proc/PID/status (VmRSS, VmHWM), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages divided among their users."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def children_of(parent: int) -> list[int]:
+    """Direct children of a process (Postfix's master forks every daemon)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[1] == str(parent):
+            out.append(int(name))
+    return out
+
+
+class MemorySampler(threading.Thread):
+    """Samples the sum of VmRSS over a server's processes every C{interval} seconds."""
+
+    def __init__(self, pids: Callable[[], list[int]], interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.interval = interval
+        self.peak_kb = 0
+        self._halt = threading.Event()
+
+    def sample(self) -> int:
+        total = sum(proc_kb(p, "VmRSS") for p in self.pids())
+        self.peak_kb = max(self.peak_kb, total)
+        return total
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        self.sample()
+        return self.peak_kb
+
+
+# ---------------------------------------------------------------------------
+# servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("server exited during startup")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(5)
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port} within {timeout} s")
+
+
+class Server:
+    """A server started in its own temporary directory."""
+
+    name = "?"
+    port = 0
+    maildirs: dict[str, str]
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def peak_rss_kb(self, sampled: int) -> int:
+        return sampled
+
+    def pss_kb(self) -> int:
+        return sum(pss_kb(p) for p in self.pids())
+
+    def rss_kb(self) -> int:
+        return sum(proc_kb(p, "VmRSS") for p in self.pids())
+
+    def delivered(self, users: Iterable[str]) -> int:
+        return sum(len(os.listdir(self.maildirs[u])) for u in users)
+
+    def log_tail(self) -> str:
+        return ""
+
+
+class Mailhub(Server):
+    """C{python -m twisted mailhub --config FILE}, PYTHONPATH = the repository."""
+
+    name = "mailhub"
+
+    def __init__(self, base: str, python: str = sys.executable, profile: str | None = None) -> None:
+        self.base = base
+        self.python = python
+        self.profile = profile
+        self.proc: subprocess.Popen | None = None
+
+    def command(self, conf: str, log: str) -> list[str]:
+        tail = ["--log-format=text", f"--log-file={log}", "mailhub", "--config", conf]
+        if self.profile:
+            return [self.python, "-c", _PROFILE_SNIPPET, self.profile] + tail
+        return [self.python, "-m", "twisted"] + tail
+
+    def start(self) -> None:
+        self.port = free_port()
+        conf = os.path.join(self.base, "mailhub.toml")
+        with open(conf, "w") as f:
+            f.write(mailhub_config(self.port))
+        self.maildirs = make_maildirs(os.path.join(self.base, "mailboxes"), all_users())
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.log = os.path.join(self.base, "mailhub.log")
+        self.proc = subprocess.Popen(
+            self.command(conf, self.log), cwd=self.base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            wait_for_port(self.port, 60, lambda: self.proc.poll() is None)
+        except RuntimeError as e:
+            raise RuntimeError(f"mailhub: {e}: {self.log_tail()}") from None
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+    def peak_rss_kb(self, sampled: int) -> int:
+        return max(sampled, proc_kb(self.proc.pid, "VmHWM"))
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self) -> str:
+        err = ""
+        if self.proc and self.proc.poll() is not None and self.proc.stderr:
+            err = self.proc.stderr.read().decode(errors="replace")[-2000:]
+        try:
+            with open(self.log) as f:
+                return err + f.read()[-2000:]
+        except OSError:
+            return err
+
+
+#: Runs mailhub under cProfile (the reactor thread only) and dumps the
+#: statistics when the reactor has stopped (SIGTERM stops it cleanly).
+_PROFILE_SNIPPET = """
+import cProfile, sys
+out = sys.argv[1]
+sys.argv = ["twist"] + sys.argv[2:]
+from twisted.application.twist import _twist
+p = cProfile.Profile()
+def dump():
+    p.disable()
+    p.dump_stats(out)
+_exit_with_signal = _twist._exitWithSignal
+def _exitWithSignal(sig):  # twist re-raises SIGTERM after a clean stop
+    dump()
+    _exit_with_signal(sig)
+_twist._exitWithSignal = _exitWithSignal
+Twist = _twist.Twist
+p.enable()
+try:
+    Twist.main(sys.argv)
+finally:
+    dump()
+"""
+
+
+class Postfix(Server):
+    """
+    A Postfix instance whose configuration, queue, data, log and Maildirs
+    all live under C{base}: C{postfix -c BASE/etc check|start|stop}.  Needs
+    root (the master runs as root, its daemons as C{mail_owner} postfix).
+    """
+
+    name = "postfix"
+
+    def __init__(self, base: str, program: str = POSTFIX) -> None:
+        self.base = base
+        self.program = program
+        self.etc = os.path.join(base, "etc")
+
+    @staticmethod
+    def available() -> str | None:
+        """Why Postfix cannot be benchmarked here, or None."""
+        if not os.path.exists(POSTFIX):
+            return f"{POSTFIX} not found (Debian package postfix)"
+        if os.geteuid() != 0:
+            return "starting a Postfix instance needs root"
+        try:
+            pwd.getpwnam("postfix")
+        except KeyError:
+            return "no 'postfix' user"
+        return None
+
+    def _postfix(self, *args: str) -> None:
+        r = subprocess.run([self.program, "-c", self.etc, *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"postfix {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()} {self.log_tail()}")
+
+    def start(self) -> None:
+        self.port = free_port()
+        nobody = pwd.getpwnam("nobody")
+        os.chmod(self.base, 0o755)  # postfix and nobody must reach their directories
+        for d in ("etc", "queue", "data"):
+            os.makedirs(os.path.join(self.base, d), exist_ok=True)
+        shutil.chown(os.path.join(self.base, "data"), "postfix")
+        with open(os.path.join(self.etc, "main.cf"), "w") as f:
+            f.write(postfix_main_cf(self.base, nobody.pw_uid, nobody.pw_gid))
+        with open(os.path.join(self.etc, "master.cf"), "w") as f:
+            f.write(postfix_master_cf(self.port))
+        with open(os.path.join(self.etc, "vmailbox"), "w") as f:
+            f.write(postfix_vmailbox(all_users()))
+        self.maildirs = make_maildirs(os.path.join(self.base, "mail"), all_users(), nobody.pw_uid, nobody.pw_gid)
+        self._postfix("check")  # creates the queue's subdirectories with their owners
+        self._postfix("start")
+        wait_for_port(self.port, 60, lambda: True)
+
+    def master_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.base, "queue", "pid", "master.pid")) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def pids(self) -> list[int]:
+        master = self.master_pid()
+        if master is None or not os.path.exists(f"/proc/{master}"):
+            return []
+        return [master] + children_of(master)
+
+    def stop(self) -> None:
+        master = self.master_pid()
+        if master is None:
+            return
+        subprocess.run([self.program, "-c", self.etc, "stop"], capture_output=True)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{master}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.base, "maillog")) as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
+
+
+# ---------------------------------------------------------------------------
+# clients
+
+
+def message_bytes(size: int, serial: int) -> bytes:
+    """A message of about C{size} body bytes in 78-character lines (no leading dots)."""
+    line = b"Y" * 78 + b"\r\n"
+    body = line * max(1, size // len(line))
+    head = (
+        f"From: <{SENDER}>\r\nTo: <{PROBE_USER}@{DOMAIN}>\r\nSubject: probe {serial}\r\n"
+        f"Message-ID: <probe.{serial}.{time.monotonic_ns()}@{DOMAIN}>\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+class LatencyProbe(threading.Thread):
+    """
+    One smtplib connection, sequential transactions (MAIL, RCPT, DATA) to
+    C{probe@}, each timed from MAIL FROM to the 250 after the data, until
+    told to stop and at least C{minimum} are done.
+    """
+
+    def __init__(self, port: int, size: int, minimum: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.size = size
+        self.minimum = minimum
+        self.samples: list[float] = []
+        self.error: str | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import smtplib
+
+        try:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=120) as c:
+                c.ehlo("probe." + DOMAIN)
+                n = 0
+                while len(self.samples) < self.minimum or not self._halt.is_set():
+                    msg = message_bytes(self.size, n)
+                    t0 = time.perf_counter()
+                    c.sendmail(SENDER, [f"{PROBE_USER}@{DOMAIN}"], msg)
+                    self.samples.append(time.perf_counter() - t0)
+                    n += 1
+        except Exception as e:  # reported, never raised: the table says what failed
+            self.error = f"{type(e).__name__}: {e}"
+
+    def finish(self, timeout: float = 600) -> None:
+        self._halt.set()
+        self.join(timeout)
+
+
+def recv_reply(sock: socket.socket) -> bytes:
+    """Read one (possibly multi-line) SMTP reply."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {data!r}")
+        data += chunk
+        lines = data.split(b"\r\n")
+        for line in lines[:-1]:
+            if len(line) >= 4 and line[3:4] == b" ":
+                return data
+        # a reply ends with "NNN text\r\n"
+
+
+def send_big(port: int, size: int, chunk: int = 1 << 16) -> float:
+    """
+    Stream one message of C{size} bytes over a raw socket (never holding
+    it in memory); return the seconds from MAIL FROM to the final 250.
+    """
+    line = b"Z" * 78 + b"\r\n"
+    block = line * (chunk // len(line))
+    with socket.create_connection(("127.0.0.1", port), timeout=600) as s:
+        recv_reply(s)
+        s.sendall(f"EHLO big.{DOMAIN}\r\n".encode())
+        recv_reply(s)
+        t0 = time.perf_counter()
+        for cmd in (f"MAIL FROM:<{SENDER}> SIZE={size + 200}", f"RCPT TO:<{PROBE_USER}@{DOMAIN}>", "DATA"):
+            s.sendall(cmd.encode() + b"\r\n")
+            reply = recv_reply(s)
+            if not reply[:1] in (b"2", b"3"):
+                raise RuntimeError(f"{cmd}: {reply!r}")
+        s.sendall(f"From: <{SENDER}>\r\nSubject: big\r\n\r\n".encode())
+        sent = 0
+        while sent < size:
+            piece = block if size - sent >= len(block) else line * max(1, (size - sent) // len(line))
+            s.sendall(piece)
+            sent += len(piece)
+        s.sendall(b".\r\n")
+        reply = recv_reply(s)
+        elapsed = time.perf_counter() - t0
+        if not reply.startswith(b"250"):
+            raise RuntimeError(f"end of data: {reply!r}")
+        s.sendall(b"QUIT\r\n")
+        return elapsed
+
+
+def open_idle(port: int, count: int) -> list[socket.socket]:
+    """C{count} sessions greeted and EHLO'd, then left idle."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            socks.append(s)
+            recv_reply(s)
+            s.sendall(f"EHLO idle.{DOMAIN}\r\n".encode())
+            if not recv_reply(s).startswith(b"250"):
+                raise RuntimeError("EHLO refused")
+    except Exception:
+        close_all(socks)
+        raise
+    return socks
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
+def wait_delivered(server: Server, users: list[str], expected: int, timeout: float) -> tuple[int, float]:
+    """Poll the Maildirs' new/ until C{expected} files are there; (count, monotonic time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = server.delivered(users)
+        now = time.monotonic()
+        if n >= expected or now > deadline:
+            return n, now
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------
+# one measurement
+
+
+def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE) -> dict:
+    """Run one scenario against a started server; a dict of metrics (see docs/performance.rst)."""
+    sampler = MemorySampler(server.pids)
+    result: dict = {"ok": False, "errors": []}
+    start_rss = server.rss_kb()
+    result["start_rss_mb"] = start_rss / 1024
+    if scenario.kind == "load":
+        users = recipient_users(scenario.recipients)
+        sampler.start()
+        t0 = time.monotonic()
+        r = subprocess.run(smtp_source_args(scenario, server.port, smtp_source), capture_output=True, text=True)
+        t1 = time.monotonic()
+        accepted = parse_counter(r.stdout)
+        result["errors"] += parse_errors(r.stderr)
+        if r.returncode != 0 and not result["errors"]:
+            result["errors"].append(f"smtp-source exited {r.returncode}")
+        expected = scenario.messages * scenario.recipients
+        delivered, t2 = wait_delivered(server, users, expected, timeout=max(60.0, expected / 20))
+        # Latency afterwards, on the quiet server, so that the load above is
+        # smtp-source's alone (the issue's Postfix numbers were taken so).
+        probe = LatencyProbe(server.port, scenario.size, scenario.probes)
+        probe.start()
+        probe.finish()
+        if probe.error:
+            result["errors"].append("probe: " + probe.error)
+        probed, _ = wait_delivered(server, [PROBE_USER], len(probe.samples), timeout=60)
+        result.update(
+            accepted=accepted,
+            accepted_per_s=accepted / (t1 - t0),
+            delivered=delivered,
+            expected=expected,
+            delivered_per_s=scenario.messages / (t2 - t0) if delivered >= expected else 0.0,
+            lag_s=max(0.0, t2 - t1),
+            p50_ms=percentile(probe.samples, 50) * 1000,
+            p99_ms=percentile(probe.samples, 99) * 1000,
+            probes=len(probe.samples),
+        )
+        result["ok"] = (
+            accepted == scenario.messages
+            and delivered == expected
+            and probed == len(probe.samples)
+            and not result["errors"]
+        )
+    elif scenario.kind == "idle":
+        # warm up the code paths first so the delta is the sessions' cost
+        warm = LatencyProbe(server.port, 4096, 3)
+        warm.start()
+        warm.finish()
+        time.sleep(0.5)
+        before = server.pss_kb()
+        sampler.start()
+        socks: list[socket.socket] = []
+        try:
+            socks = open_idle(server.port, scenario.idle)
+            time.sleep(1.0)
+            after = server.pss_kb()
+            result["per_conn_kb"] = (after - before) / scenario.idle
+            result["idle_open"] = len(socks)
+            probe = LatencyProbe(server.port, 4096, scenario.probes)
+            probe.start()
+            probe.finish()
+            if probe.error:
+                result["errors"].append("probe: " + probe.error)
+            result["p50_ms"] = percentile(probe.samples, 50) * 1000
+            result["p99_ms"] = percentile(probe.samples, 99) * 1000
+            result["ok"] = len(socks) == scenario.idle and not result["errors"]
+        except Exception as e:
+            result["errors"].append(f"{type(e).__name__}: {e}")
+        finally:
+            close_all(socks)
+    else:  # big
+        sampler.start()
+        try:
+            elapsed = send_big(server.port, scenario.big)
+            result["p50_ms"] = result["p99_ms"] = elapsed * 1000
+            delivered, _ = wait_delivered(server, [PROBE_USER], 1, timeout=300)
+            result["delivered"] = delivered
+            result["ok"] = delivered == 1
+        except Exception as e:
+            result["errors"].append(f"{type(e).__name__}: {e}")
+    peak = server.peak_rss_kb(sampler.stop() if sampler.is_alive() else sampler.sample())
+    result["peak_rss_mb"] = peak / 1024
+    if scenario.kind == "big":
+        result["rss_growth_mb"] = (peak - start_rss) / 1024
+    if not result["ok"] and not result["errors"]:
+        result["errors"].append("not every message arrived")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# the table
+
+#: (key, label, format) per scenario kind, in table order.
+METRICS = {
+    "load": [
+        ("accepted_per_s", "accepted msg/s", "{:.0f}"),
+        ("delivered_per_s", "delivered msg/s (end to end)", "{:.0f}"),
+        ("lag_s", "last 250 -> all in Maildir, s", "{:.2f}"),
+        ("p50_ms", "p50 transaction ms", "{:.1f}"),
+        ("p99_ms", "p99 transaction ms", "{:.1f}"),
+        ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
+    ],
+    "idle": [
+        ("per_conn_kb", "memory per idle connection KB", "{:.1f}"),
+        ("p50_ms", "p50 transaction ms (while idle held)", "{:.1f}"),
+        ("p99_ms", "p99 transaction ms (while idle held)", "{:.1f}"),
+        ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
+    ],
+    "big": [
+        ("rss_growth_mb", "RSS growth MB", "{:.1f}"),
+        ("p50_ms", "transaction ms", "{:.0f}"),
+        ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
+    ],
+}
+
+
+def describe(s: Scenario) -> str:
+    if s.kind == "idle":
+        return f"{s.idle} idle connections"
+    if s.kind == "big":
+        return f"one {s.big // (1024 * 1024)} MB message"
+    size = f"{s.size // 1024} KB" if s.size < 1024 * 1024 else f"{s.size // (1024 * 1024)} MB"
+    rc = f" x {s.recipients} rcpt" if s.recipients > 1 else ""
+    return f"{s.sessions} sess x {s.messages} msg x {size}{rc}"
+
+
+def format_table(scenarios: Sequence[Scenario], medians: dict, targets: Sequence[str]) -> str:
+    """The human table: one row per metric, a column per server, then mailhub/Postfix."""
+    header = ["scenario", "metric"] + list(targets)
+    both = "mailhub" in targets and "postfix" in targets
+    if both:
+        header.append("mailhub/postfix")
+    rows = [header]
+    for s in scenarios:
+        first = True
+        for key, label, fmt in METRICS[s.kind]:
+            row = [f"{s.name} ({describe(s)})" if first else "", label]
+            first = False
+            vals = {}
+            for t in targets:
+                m = medians.get(s.name, {}).get(t)
+                v = m.get(key) if m else None
+                vals[t] = v
+                cell = "-" if v is None else fmt.format(v)
+                if m is not None and not m.get("ok", False) and key == METRICS[s.kind][0][0]:
+                    cell += " (FAILED)"
+                row.append(cell)
+            if both:
+                q = ratio(vals.get("mailhub"), vals.get("postfix"))
+                row.append("-" if q is None else f"{q:.2f}")
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def raise_nofile(want: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE (inherited by both servers) for the idle scenario."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark mailhub against Postfix on 127.0.0.1 (see docs/performance.rst).")
+    p.add_argument("--scenarios", help="comma-separated: " + ", ".join(s.name for s in FULL) + " (default: all)")
+    p.add_argument("--runs", type=int, default=3, help="runs per scenario and server; medians are reported (default 3)")
+    p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    p.add_argument("--targets", default="mailhub,postfix", help="mailhub,postfix (default both)")
+    p.add_argument("--json", metavar="FILE", help="also write every run and the medians as JSON")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs mailhub (default: this one)")
+    p.add_argument("--smtp-source", default=SMTP_SOURCE, help=f"load generator (default {SMTP_SOURCE})")
+    p.add_argument("--profile", metavar="DIR", help="run mailhub under cProfile; stats to DIR/SCENARIO-RUN.prof")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directories (logs, queues, Maildirs)")
+    p.add_argument("--workdir", default=None, help="where the temporary directories go (default: $TMPDIR)")
+    args = p.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for t in args.targets:
+        if t not in ("mailhub", "postfix"):
+            p.error(f"unknown target {t!r}")
+    try:
+        args.scenario_list = select_scenarios(args.scenarios.split(",") if args.scenarios else None, args.quick)
+    except ValueError as e:
+        p.error(str(e))
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not os.path.exists(args.smtp_source):
+        print(f"bench: {args.smtp_source} not found (Debian package postfix)", file=sys.stderr)
+        return 2
+    targets = list(args.targets)
+    if "postfix" in targets:
+        why = Postfix.available()
+        if why:
+            print(f"bench: skipping Postfix: {why}", file=sys.stderr)
+            targets.remove("postfix")
+    nofile = raise_nofile()
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    runs: dict = {s.name: {t: [] for t in targets} for s in args.scenario_list}
+    failed = False
+    for n in range(args.runs):
+        for s in args.scenario_list:
+            for t in targets:
+                base = tempfile.mkdtemp(prefix=f"mailhub-bench-{t}-{s.name}-", dir=args.workdir)
+                if t == "mailhub":
+                    prof = os.path.join(args.profile, f"{s.name}-{n + 1}.prof") if args.profile else None
+                    server: Server = Mailhub(base, args.python, prof)
+                else:
+                    server = Postfix(base)
+                print(f"[run {n + 1}/{args.runs}] {s.name} on {t} ...", file=sys.stderr, flush=True)
+                try:
+                    server.start()
+                    r = measure(server, s, args.smtp_source)
+                except Exception as e:
+                    r = {"ok": False, "errors": [f"{type(e).__name__}: {e}"]}
+                finally:
+                    server.stop()
+                if not r.get("ok"):
+                    failed = True
+                    print(f"  FAILED: {r.get('errors')} {server.log_tail()[-800:]}", file=sys.stderr)
+                else:
+                    summary = ", ".join(
+                        f"{k}={r[k]:.1f}" for k, _l, _f in METRICS[s.kind] if isinstance(r.get(k), float)
+                    )
+                    print(f"  {summary}", file=sys.stderr)
+                runs[s.name][t].append(r)
+                if args.keep:
+                    print(f"  kept {base}", file=sys.stderr)
+                else:
+                    shutil.rmtree(base, ignore_errors=True)
+                if args.profile and t == "mailhub":
+                    print_profile(os.path.join(args.profile, f"{s.name}-{n + 1}.prof"))
+    medians = {name: {t: median_of_runs(rs) for t, rs in per.items()} for name, per in runs.items()}
+    print(f"\n$ {command}")
+    print(
+        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"medians of {args.runs} run(s), RLIMIT_NOFILE {nofile}"
+    )
+    print(format_table(args.scenario_list, medians, targets))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "command": command,
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "scenarios": [asdict(s) for s in args.scenario_list],
+                    "runs": runs,
+                    "medians": medians,
+                    "ratios": {
+                        name: {
+                            k: ratio(per.get("mailhub", {}).get(k), per.get("postfix", {}).get(k))
+                            for k in per.get("mailhub", {})
+                            if k != "ok"
+                        }
+                        for name, per in medians.items()
+                    },
+                },
+                f,
+                indent=2,
+                default=str,
+            )
+    return 1 if failed else 0
+
+
+def print_profile(path: str, lines: int = 15) -> None:
+    """The top of a cProfile dump by internal time, to stderr."""
+    import pstats
+
+    if not os.path.exists(path):
+        print(f"  (no profile at {path})", file=sys.stderr)
+        return
+    pstats.Stats(path, stream=sys.stderr).sort_stats("tottime").print_stats(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""
+The benchmark harness's pure parts (bench/run.py): smtp-source's command
+line and output, statistics, scenario selection, the generated mailhub and
+Postfix configurations, the table.  No server is started and nothing is
+timed; the real runs are `python bench/run.py --quick`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import tomllib
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("mailhub_bench_run", os.path.join(ROOT, "bench", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+# smtp-source
+
+
+def test_counter_output_parsed_to_last_number():
+    assert bench.parse_counter("1\r2\r3\r4\r5\r\n") == 5
+    assert bench.parse_counter("1\r2\r10\r") == 10
+    assert bench.parse_counter("") == 0
+
+
+def test_errors_are_smtp_source_lines():
+    stderr = "something else\nsmtp-source: fatal: connect to 127.0.0.1:1: Connection refused\n"
+    assert bench.parse_errors(stderr) == ["smtp-source: fatal: connect to 127.0.0.1:1: Connection refused"]
+
+
+def test_smtp_source_args_new_connection_per_message_with_helo():
+    s = bench.Scenario("x", sessions=20, messages=5000, size=4096)
+    args = bench.smtp_source_args(s, 2525, "/usr/sbin/smtp-source")
+    assert args == [
+        "/usr/sbin/smtp-source", "-c", "-s", "20", "-m", "5000", "-l", "4096",
+        "-M", "client.bench.example", "-f", "from@bench.example", "-t", "user@bench.example",
+        "127.0.0.1:2525",
+    ]  # fmt: skip
+    # no -d (reuse the connection), no -o (skip HELO), no -L (LMTP)
+    assert not {"-d", "-o", "-L"} & set(args)
+
+
+def test_smtp_source_args_recipients():
+    s = bench.Scenario("x", messages=10, recipients=5)
+    args = bench.smtp_source_args(s, 1, "smtp-source")
+    assert args[args.index("-r") + 1] == "5"
+    assert bench.recipient_users(5) == ["user", "2user", "3user", "4user", "5user"]
+    assert bench.recipient_users(1) == ["user"]
+
+
+# statistics
+
+
+def test_percentile_nearest_rank():
+    values = [float(i) for i in range(1, 101)]
+    assert bench.percentile(values, 50) == 50.0
+    assert bench.percentile(values, 99) == 99.0
+    assert bench.percentile(list(reversed(values)), 100) == 100.0
+    assert bench.percentile([7.0], 99) == 7.0
+    assert math.isnan(bench.percentile([], 50))
+    # with 20 samples p99 is the largest
+    assert bench.percentile([float(i) for i in range(20)], 99) == 19.0
+
+
+def test_median_of_runs_per_metric_and_ok_of_all():
+    runs = [
+        {"ok": True, "accepted_per_s": 100.0, "p50_ms": 5.0, "errors": []},
+        {"ok": True, "accepted_per_s": 300.0, "p50_ms": 7.0, "errors": []},
+        {"ok": False, "accepted_per_s": 200.0, "errors": ["x"]},
+    ]
+    m = bench.median_of_runs(runs)
+    assert m["accepted_per_s"] == 200.0
+    assert m["p50_ms"] == 6.0  # median of the runs that measured it
+    assert m["ok"] is False
+    assert bench.median_of_runs([])["ok"] is False
+
+
+def test_ratio():
+    assert bench.ratio(300.0, 200.0) == 1.5
+    assert bench.ratio(1.0, 0.0) is None
+    assert bench.ratio(None, 2.0) is None
+    assert bench.ratio(1.0, math.nan) is None
+
+
+# scenarios
+
+
+def test_full_scenarios_are_the_issues():
+    by = {s.name: s for s in bench.select_scenarios(None, quick=False)}
+    assert (by["1x4KB"].sessions, by["1x4KB"].messages, by["1x4KB"].size) == (1, 2000, 4096)
+    assert (by["20x4KB"].sessions, by["20x4KB"].messages, by["20x4KB"].size) == (20, 5000, 4096)
+    assert (by["20x1MB"].sessions, by["20x1MB"].messages, by["20x1MB"].size) == (20, 200, 1024 * 1024)
+    assert (by["5rcpt"].sessions, by["5rcpt"].messages, by["5rcpt"].recipients) == (1, 1000, 5)
+    assert by["idle1000"].idle == 1000 and by["idle1000"].kind == "idle"
+    assert by["100MB"].big == 100 * 1024 * 1024 and by["100MB"].kind == "big"
+
+
+def test_select_scenarios_by_name_and_unknown():
+    chosen = bench.select_scenarios(["20x4kb", "100MB"], quick=True)
+    assert [s.name for s in chosen] == ["20x4KB", "100MB"]
+    assert chosen[0].messages < 5000  # quick counts
+    with pytest.raises(ValueError, match="unknown scenario 'nope'"):
+        bench.select_scenarios(["nope"], quick=False)
+
+
+def test_parse_args():
+    a = bench.parse_args(["--quick", "--runs", "1", "--scenarios", "1x4KB,5rcpt", "--targets", "mailhub"])
+    assert [s.name for s in a.scenario_list] == ["1x4KB", "5rcpt"]
+    assert a.targets == ["mailhub"] and a.runs == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--targets", "exim"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--runs", "0"])
+
+
+# configuration
+
+
+def test_mailhub_config_is_valid_for_mailhub(tmp_path):
+    text = bench.mailhub_config(2526)
+    data = tomllib.loads(text)
+    assert data["server"]["smtp"] == ["tcp:2526:interface=127.0.0.1"]
+    assert data["spool"]["fsync"] is True  # default durability
+    assert data["local"]["domains"] == ["bench.example"]
+    from mailhub.config import load_config
+
+    conf = tmp_path / "mailhub.toml"
+    conf.write_text(text)
+    c = load_config(str(conf), {})
+    assert c.server.max_message_size >= 100 * 1024 * 1024 + 1000
+    assert c.server.max_connections >= 1000 and c.server.max_connections_per_ip >= 1000
+    assert c.spool.path == str(tmp_path / "spool")
+    assert c.local.mailboxes == str(tmp_path / "mailboxes")
+
+
+def test_postfix_main_cf_stays_in_base_and_on_loopback():
+    text = bench.postfix_main_cf("/tmp/b", 65534, 65534)
+    params = dict(
+        (k.strip(), v.strip()) for k, v in (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    )
+    assert params["inet_interfaces"] == "127.0.0.1"
+    assert params["queue_directory"] == "/tmp/b/queue"
+    assert params["data_directory"] == "/tmp/b/data"
+    assert params["virtual_mailbox_base"] == "/tmp/b/mail"
+    assert params["virtual_mailbox_maps"] == "texthash:/tmp/b/etc/vmailbox"
+    assert params["virtual_mailbox_domains"] == "bench.example"
+    assert params["mail_owner"] == "postfix"
+    assert int(params["message_size_limit"]) > 100 * 1024 * 1024
+    assert params["virtual_uid_maps"] == "static:65534"
+
+
+def test_postfix_master_cf_smtpd_on_loopback_port_only():
+    text = bench.postfix_master_cf(2527)
+    inet = [line for line in text.splitlines() if " inet " in line]
+    assert inet == ["127.0.0.1:2527 inet n - n - 2000 smtpd"]
+    assert "virtual   unix" in text
+    # no service is chrooted (the queue is a temporary directory)
+    for line in text.splitlines()[1:]:
+        assert line.split()[4] == "n", line
+
+
+def test_vmailbox_and_maildirs(tmp_path):
+    assert bench.postfix_vmailbox(["user", "probe"]) == (
+        "user@bench.example bench.example/user/\nprobe@bench.example bench.example/probe/\n"
+    )
+    new = bench.make_maildirs(str(tmp_path), ["user", "2user"])
+    assert new["user"] == str(tmp_path / "bench.example" / "user" / "new")
+    for u in ("user", "2user"):
+        assert sorted(os.listdir(tmp_path / "bench.example" / u)) == ["cur", "new", "tmp"]
+
+
+# table
+
+
+def test_table_has_ratio_column_and_marks_failures():
+    scenarios = bench.select_scenarios(["20x4KB", "idle1000"], quick=True)
+    medians = {
+        "20x4KB": {
+            "mailhub": {"ok": True, "accepted_per_s": 750.0, "p50_ms": 2.0},
+            "postfix": {"ok": True, "accepted_per_s": 500.0, "p50_ms": 4.0},
+        },
+        "idle1000": {"mailhub": {"ok": False}, "postfix": {"ok": True, "per_conn_kb": 1000.0}},
+    }
+    out = bench.format_table(scenarios, medians, ["mailhub", "postfix"])
+    lines = out.splitlines()
+    assert lines[0].split() == ["scenario", "metric", "mailhub", "postfix", "mailhub/postfix"]
+    accepted = next(line for line in lines if "accepted msg/s" in line)
+    assert accepted.split()[-3:] == ["750", "500", "1.50"]
+    p50 = next(line for line in lines if "p50 transaction ms" in line and "idle" not in line)
+    assert p50.split()[-3:] == ["2.0", "4.0", "0.50"]
+    idle = next(line for line in lines if "memory per idle connection" in line)
+    assert "- (FAILED)" in idle and idle.split()[-1] == "-"
+
+
+def test_proc_readers_on_this_process():
+    me = os.getpid()
+    assert bench.proc_kb(me, "VmRSS") > 0
+    assert bench.proc_kb(2**22 + 12345, "VmRSS") == 0  # no such process
+    assert me in bench.children_of(os.getppid())
