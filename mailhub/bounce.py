@@ -1,11 +1,12 @@
 """
-Delivery status notifications (RFC 3464): the bytes of a bounce or a delay
-warning.
+Delivery status notifications (RFC 3464): the bytes of a bounce, a delay
+warning or a success notice (RFC 3461 NOTIFY=SUCCESS: "delivered" or
+"relayed").
 
 Owns: the text and structure of the DSN message -- a multipart/report with
 a human-readable part, the machine-readable message/delivery-status part
-and the original message's headers (or, for RET=FULL, the whole original
-when it is small enough).
+and the original message's headers (or, for RET=FULL in a failure report,
+the whole original when it is small enough).
 
 Must not touch: the spool, the clock, the network.  Everything here is
 pure: the scheduler decides I{when} to notify and queues what this module
@@ -18,13 +19,32 @@ import os
 import re
 from datetime import datetime, timezone
 from email.utils import format_datetime
+from typing import Mapping
 
 from .envelope import Envelope, Recipient
 
-__all__ = ["make_dsn", "FAILED_ACTION", "DELAYED_ACTION", "HEADERS_LIMIT", "FULL_LIMIT"]
+__all__ = [
+    "make_dsn",
+    "FAILED_ACTION",
+    "DELAYED_ACTION",
+    "DELIVERED_ACTION",
+    "RELAYED_ACTION",
+    "ACTIONS",
+    "HEADERS_LIMIT",
+    "FULL_LIMIT",
+]
 
+#: RFC 3464 2.3.3 Action values mailhub reports.  "expanded" is not used:
+#: aliases are expanded at RCPT time and each target reported on its own.
 FAILED_ACTION = "failed"
 DELAYED_ACTION = "delayed"
+#: delivered to the recipient's mailbox (local delivery)
+DELIVERED_ACTION = "delivered"
+#: handed to a next hop that does not speak DSN (RFC 3461 5.2.2): no
+#: further notice can be expected from it
+RELAYED_ACTION = "relayed"
+ACTIONS = (FAILED_ACTION, DELAYED_ACTION, DELIVERED_ACTION, RELAYED_ACTION)
+_SUCCESS = (DELIVERED_ACTION, RELAYED_ACTION)
 
 #: At most this many bytes of the original's header block are returned.
 HEADERS_LIMIT = 64 * 1024
@@ -37,6 +57,8 @@ _TEXT_LIMIT = 800
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
+#: how smtpclient words a peer's reply: "host H said: 550 5.1.1 text (in reply to RCPT TO command)"
+_AGENT_REPLY = re.compile(r"host (\S+) said: (\d{3}) (.*?)(?: \(in reply to [^()]*\))?$", re.S)
 
 
 def _clean(text: str, limit: int = _TEXT_LIMIT) -> str:
@@ -93,7 +115,9 @@ def _header_block(data: bytes) -> bytes:
 
 def _reason(r: Recipient, action: str) -> str:
     """The human-readable line about one recipient."""
-    if r.remote_mta:
+    if r.remote_mta and r.last_text.startswith(f"host {r.remote_mta}"):
+        text = r.last_text  # the agent already said who answered what
+    elif r.remote_mta:
         reply = r.last_text
         if r.last_status and not _STATUS.match(reply):
             reply = f"{r.last_status} {reply}"
@@ -106,14 +130,36 @@ def _reason(r: Recipient, action: str) -> str:
 
 
 def _diagnostic(r: Recipient) -> str | None:
+    """RFC 3464 2.3.6: the SMTP reply itself ("smtp; 550 5.1.1 text"), not our wording of it."""
     if not r.last_text and not r.last_code:
         return None
     if not r.last_code:
         return "X-Mailhub; " + _clean(r.last_text)
     text = _clean(r.last_text)
+    m = _AGENT_REPLY.match(text)
+    if m and int(m.group(2)) == r.last_code:
+        text = m.group(3)
     if r.last_status and not _STATUS.match(text):
         text = f"{r.last_status} {text}"
     return _clean(f"smtp; {r.last_code} {text}")
+
+
+def _original_recipient(r: Recipient) -> tuple[str, str] | None:
+    """
+    (address type, address) for Original-Recipient (RFC 3464 2.3.1): the
+    ORCPT given at RCPT, stored as C{"type;decoded-address"}; else the
+    address before alias expansion when it differs (as Postfix does).
+    """
+    if r.orcpt:
+        kind, sep, addr = r.orcpt.partition(";")
+        kind = _clean(kind, 32)
+        if sep and kind and addr.strip():
+            return kind, _clean(addr, 512)
+        return _addr_type(r.orcpt), _clean(r.orcpt, 512)
+    orig = _clean(r.original, 512)
+    if orig and orig != _clean(r.address, 512):
+        return _addr_type(orig), orig
+    return None
 
 
 def make_dsn(
@@ -127,6 +173,7 @@ def make_dsn(
     *,
     to: str | None = None,
     retry_until: float | None = None,
+    actions: Mapping[str, str] | None = None,
 ) -> bytes:
     """
     Build the DSN for C{recipients} of C{envelope}.
@@ -135,21 +182,29 @@ def make_dsn(
         spool file (read bounded, never whole).
     @param reporting_mta: this host's name (Reporting-MTA, From domain).
     @param now: the time of the report (Date, Message-ID).
-    @param action: C{"failed"} (a bounce) or C{"delayed"} (a warning).
+    @param action: C{"failed"} (a bounce), C{"delayed"} (a warning), or
+        C{"delivered"} / C{"relayed"} (a success notice).  It chooses the
+        subject and text; only a failure report returns the full message
+        for RET=FULL (RFC 3461 4.3: a DSN without failures returns headers).
+    @param actions: per-recipient Action where it differs from C{action}
+        (one success notice lists both delivered and relayed recipients);
+        keys are L{Recipient.address}.
     @param queue_id: the original's queue id; defaults to the envelope's.
     @param to: the notification's recipient; defaults to the envelope
         sender (a double bounce goes to the postmaster instead).
     @param retry_until: for a delay warning, when retrying stops.
     @return: the whole message, CRLF line ends, ready to spool.
     """
-    if action not in (FAILED_ACTION, DELAYED_ACTION):
+    actions = dict(actions or {})
+    if action not in ACTIONS or any(a not in ACTIONS for a in actions.values()):
         raise ValueError(f"unknown DSN action {action!r}")
     qid = queue_id or envelope.queue_id
     host = _clean(reporting_mta, 255)
     rcpt_to = _clean(envelope.sender if to is None else to, 512)
     failed = action == FAILED_ACTION
+    success = action in _SUCCESS
 
-    ret_full = str(envelope.esmtp.get("ret", "")).upper() == "FULL"
+    ret_full = failed and str(envelope.esmtp.get("ret", "")).upper() == "FULL"
     data, whole = _read_original(original, FULL_LIMIT if ret_full else HEADERS_LIMIT)
     if ret_full and whole:
         returned = _crlf(data)
@@ -160,10 +215,12 @@ def make_dsn(
     else:
         returned = _header_block(data)
         returned_type = "text/rfc822-headers"
-        returned_desc = "Undelivered Message Headers" if failed else "Delayed Message Headers"
+        returned_desc = (
+            "Undelivered Message Headers" if failed else "Message Headers" if success else "Delayed Message Headers"
+        )
 
     utf8 = not all(
-        r.address.isascii() and r.original.isascii() for r in recipients
+        r.address.isascii() and r.original.isascii() and r.orcpt.isascii() for r in recipients
     ) or not rcpt_to.isascii() or not envelope.sender.isascii()
     try:
         returned.decode("ascii")
@@ -189,6 +246,13 @@ def make_dsn(
             "If you do so, please include this problem report. You can",
             "delete your own text from the attached returned message.",
         ]
+    elif success:
+        lines += [
+            "Your message was successfully delivered to the destination(s)",
+            "listed below. If the message was delivered to mailbox you will",
+            "receive no further notifications. Otherwise you may still receive",
+            "notifications of mail delivery errors from other systems.",
+        ]
     else:
         hours = max(0, int((now - envelope.arrival) // 3600))
         lines += [
@@ -203,7 +267,17 @@ def make_dsn(
     lines += ["", "                   The mail system", ""]
     for r in recipients:
         expanded = f" (expanded from <{_clean(r.original, 512)}>)" if r.original != r.address else ""
-        lines.append(f"<{_clean(r.address, 512)}>{expanded}: {_reason(r, action)}")
+        what = actions.get(r.address, action)
+        if what == DELIVERED_ACTION:
+            reason = _clean(f"delivered: {r.last_text}" if r.last_text else "delivered")
+        elif what == RELAYED_ACTION:
+            reason = _clean(
+                f"relayed to a host that does not support delivery notifications: {r.last_text}"
+                if r.last_text else "relayed to a host that does not support delivery notifications"
+            )
+        else:
+            reason = _reason(r, what)
+        lines.append(f"<{_clean(r.address, 512)}>{expanded}: {reason}")
     human = "\r\n".join(lines) + "\r\n"
 
     # -- machine-readable part --------------------------------------------------
@@ -218,12 +292,14 @@ def make_dsn(
     for r in recipients:
         addr = _clean(r.address, 512)
         block = []
-        orig = _clean(r.orcpt or r.original, 512)
-        if orig and orig != addr:
-            block.append(f"Original-Recipient: {_addr_type(orig)}; {orig}")
+        orig = _original_recipient(r)
+        if orig:
+            block.append(f"Original-Recipient: {orig[0]}; {orig[1]}")
         block.append(f"Final-Recipient: {_addr_type(addr)}; {addr}")
-        block.append(f"Action: {action}")
-        block.append(f"Status: {_clean(r.last_status or ('5.0.0' if failed else '4.0.0'), 16)}")
+        what = actions.get(r.address, action)
+        block.append(f"Action: {what}")
+        default_status = {FAILED_ACTION: "5.0.0", DELAYED_ACTION: "4.0.0"}.get(what, "2.0.0")
+        block.append(f"Status: {_clean(r.last_status or default_status, 16)}")
         if r.remote_mta:
             block.append(f"Remote-MTA: dns; {_clean(r.remote_mta, 255)}")
         diagnostic = _diagnostic(r)
@@ -231,7 +307,7 @@ def make_dsn(
             block.append(f"Diagnostic-Code: {diagnostic}")
         if r.last_attempt:
             block.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
-        if not failed and retry_until is not None:
+        if what == DELAYED_ACTION and retry_until is not None:
             block.append(f"Will-Retry-Until: {_date(retry_until)}")
         status += "\r\n" + "\r\n".join(block) + "\r\n"
 
@@ -248,7 +324,11 @@ def make_dsn(
         n += 1
         boundary = f"{qid}.{stamp}.{n}/{host}"
     eight_bit = utf8 or utf8_returned or not human.isascii()
-    subject = "Undelivered Mail Returned to Sender" if failed else "Delayed Mail (still being retried)"
+    subject = (
+        "Undelivered Mail Returned to Sender" if failed
+        else "Successful Mail Delivery Report" if success
+        else "Delayed Mail (still being retried)"
+    )
     head = [
         f"Date: {_date(now)}",
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>",

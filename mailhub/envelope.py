@@ -199,6 +199,9 @@ class Outcome:
     @ivar status: RFC 3463 enhanced status code, e.g. C{"5.1.1"}.
     @ivar text: human-readable reply or error.
     @ivar remote_mta: the host that answered, if any (C{"mx.example[192.0.2.1]:25"}).
+    @ivar dsn_passed: the next hop supports RFC 3461 DSN and was given the
+        NOTIFY/ORCPT/ENVID parameters, so success notices are its job
+        (otherwise a SUCCESS request gets a "relayed" DSN from us).
     """
 
     recipient: str
@@ -207,14 +210,15 @@ class Outcome:
     status: str
     text: str
     remote_mta: str = ""
+    dsn_passed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"unknown outcome kind {self.kind!r}")
 
     @classmethod
-    def delivered(cls, recipient: str, text: str = "delivered", remote_mta: str = "") -> "Outcome":
-        return cls(recipient, DELIVERED_OUTCOME, 250, "2.0.0", text, remote_mta)
+    def delivered(cls, recipient: str, text: str = "delivered", remote_mta: str = "", dsn_passed: bool = False) -> "Outcome":
+        return cls(recipient, DELIVERED_OUTCOME, 250, "2.0.0", text, remote_mta, dsn_passed)
 
     @classmethod
     def temporary(cls, recipient: str, text: str, code: int = 451, status: str = "4.3.0", remote_mta: str = "") -> "Outcome":

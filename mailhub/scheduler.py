@@ -4,7 +4,8 @@ and what an attempt's outcomes mean (retry, bounce, expire, done).
 
 Owns: time.  A heap of C{(due, seq, queue_id)} and one C{callLater} on the
 injected C{IReactorTime}, armed for the earliest due time; the concurrency
-limit; the retry policy (backoff from attempts, clamped, jittered, capped
+limits (messages in flight in all, and per destination, so one slow or
+dead destination cannot take every slot); the retry policy (backoff from attempts, clamped, jittered, capped
 by the queue lifetime); turning failures into RFC 3464 bounces (new
 messages from C{<>}, never to C{<>}); the per-recipient delivery log lines.
 
@@ -30,11 +31,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import bounce
-from .envelope import FAILED, PENDING, Envelope, Outcome, Recipient
+from .envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
 from .maillog import mail_event
 from .spool import Spool, new_queue_id
 
-__all__ = ["RetryPolicy", "Scheduler", "EXPIRED_STATUS"]
+__all__ = ["RetryPolicy", "Scheduler", "EXPIRED_STATUS", "recipient_domain"]
 
 log = Logger()
 
@@ -42,6 +43,16 @@ log = Logger()
 EXPIRED_STATUS = "4.4.7"
 
 DeliverFunction = Callable[[Envelope, list[Recipient]], "Deferred[list[Outcome]]"]
+
+
+def recipient_domain(r: Recipient) -> str:
+    """
+    The default destination of a recipient for the per-destination limit:
+    its domain, lower-cased.  A domain is either local or remote, so this
+    also separates the transports.
+    """
+    at = r.address.rfind("@")
+    return r.address[at + 1 :].lower().rstrip(".") if at >= 0 else ""
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,25 @@ class Scheduler(service.Service):
     Dispatches due messages to C{deliver} and acts on the outcomes.
 
     Invariants: a queue id is at most once in flight; at most
-    C{concurrency} messages are in flight; a message's state is on disk
+    C{concurrency} messages are in flight; at most C{destination_concurrency}
+    of them have a pending recipient at any one destination (Postfix
+    default_destination_concurrency_limit); a message's state is on disk
     (C{spool.update}) before its next attempt is armed; a spool error never
     drops a message from the queue, it only postpones it.
+
+    Per-destination limit: a message is in flight for every destination
+    of its pending recipients (C{destination(recipient)}, by default the
+    domain).  A due message with a destination at its limit is parked on
+    that destination -- a small heap per destination, ordered by due time
+    -- instead of taking a global slot, and the heap goes on to the next
+    due message; so 150 messages stuck on a dead domain hold 20 slots and
+    mail for other domains still leaves at once.  When a round ends, each
+    of its destinations wakes its earliest parked message.  A woken
+    message that finds another of its destinations full parks there and
+    passes the wake-up on to the destinations it did not use, so a free
+    slot never waits behind it.  A message goes out whole (all its pending
+    recipients in one round), so one with a recipient at a full
+    destination waits for that destination.
     """
 
     def __init__(
@@ -99,14 +126,18 @@ class Scheduler(service.Service):
         hostname: str = "localhost",
         random: Callable[[], float] = _random.random,
         postmaster: str | None = None,
+        destination_concurrency: int = 20,
+        destination: Callable[[Recipient], str] = recipient_domain,
     ) -> None:
-        if concurrency < 1:
+        if concurrency < 1 or destination_concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.spool = spool
         self.deliver = deliver
         self.clock = clock
         self.policy = policy
         self.concurrency = concurrency
+        self.destination_concurrency = destination_concurrency
+        self.destination = destination
         self.hostname = hostname
         self.random = random
         #: where undeliverable bounces go, once
@@ -120,6 +151,10 @@ class Scheduler(service.Service):
         self._after: dict[str, float] = {}  # enqueue/flush that arrived while in flight
         self._removed: set[str] = set()  # remove() that arrived while in flight
         self._idle: list[Deferred] = []
+        self._busy: dict[str, int] = {}  # destination -> messages in flight for it
+        self._flight_keys: dict[str, frozenset[str]] = {}  # qid in flight -> its destinations
+        self._parked: dict[str, list[tuple[float, int, str]]] = {}  # destination -> heap of waiting entries
+        self._parked_ids: dict[str, int] = {}  # qid -> seq of its parked entry
         self._pumping = False
         self._repump = False
 
@@ -221,19 +256,29 @@ class Scheduler(service.Service):
     def in_flight(self) -> frozenset[str]:
         return frozenset(self._in_flight)
 
+    @property
+    def waiting(self) -> int:
+        """Due messages parked because a destination of theirs is at its limit."""
+        return len(self._parked_ids)
+
     # -- heap and timer ------------------------------------------------------------
 
     def _schedule(self, qid: str, due: float) -> None:
         seq = next(self._seq)
         self._scheduled[qid] = (seq, due)
+        self._parked_ids.pop(qid, None)  # a parked entry of it is stale now
         heapq.heappush(self._heap, (due, seq, qid))
         if len(self._heap) > 2 * len(self._scheduled) + 1024:
-            # too many stale entries (flushes, holds): rebuild, O(n)
-            self._heap = [(due, seq, q) for q, (seq, due) in self._scheduled.items()]
+            # too many stale entries (flushes, holds): rebuild, O(n); parked
+            # entries stay parked
+            self._heap = [
+                (due, seq, q) for q, (seq, due) in self._scheduled.items() if self._parked_ids.get(q) != seq
+            ]
             heapq.heapify(self._heap)
 
     def _unschedule(self, qid: str) -> None:
         self._scheduled.pop(qid, None)
+        self._parked_ids.pop(qid, None)
 
     def _peek(self) -> tuple[float, int, str] | None:
         """The earliest live entry, dropping stale ones (lazy deletion)."""
@@ -285,13 +330,68 @@ class Scheduler(service.Service):
                         break
                     heapq.heappop(self._heap)
                     qid = entry[2]
+                    if self._park_if_full(entry):
+                        continue
                     del self._scheduled[qid]
+                    self._parked_ids.pop(qid, None)
                     self._dispatch(qid)
                 if not self._repump:
                     break
         finally:
             self._pumping = False
         self._arm()
+
+    # -- per-destination limit ---------------------------------------------------------
+
+    def _destinations(self, recipients: list[Recipient]) -> frozenset[str]:
+        return frozenset(self.destination(r) for r in recipients)
+
+    def _park_if_full(self, entry: tuple[float, int, str]) -> bool:
+        """Park a due entry whose message has a destination at its limit; True if parked."""
+        qid = entry[2]
+        env = self._queue.get(qid)
+        if env is None or env.held:
+            return False  # _dispatch drops it
+        keys = self._destinations(env.pending_recipients())
+        limit = self.destination_concurrency
+        full = next((k for k in sorted(keys) if self._busy.get(k, 0) >= limit), None)
+        if full is None:
+            return False
+        heapq.heappush(self._parked.setdefault(full, []), entry)
+        self._parked_ids[qid] = entry[1]
+        # it may have been woken by a destination it does not use now:
+        # pass that wake-up on, or the free slot would wait behind it
+        for k in keys:
+            if k != full and k in self._parked and self._busy.get(k, 0) < limit:
+                self._wake(k)
+        return True
+
+    def _wake(self, key: str) -> None:
+        """Move the earliest live message parked on C{key} back to the ready heap."""
+        parked = self._parked.get(key)
+        while parked:
+            due, seq, qid = heapq.heappop(parked)
+            if self._parked_ids.get(qid) != seq:
+                continue  # flushed, held, removed or dispatched since
+            del self._parked_ids[qid]
+            live = self._scheduled.get(qid)
+            if live is None or live[0] != seq:
+                continue
+            heapq.heappush(self._heap, (due, seq, qid))
+            break
+        if not parked:
+            self._parked.pop(key, None)
+
+    def _release(self, qid: str) -> None:
+        """A round ended: free its destinations and wake one waiter on each."""
+        for key in self._flight_keys.pop(qid, ()):
+            n = self._busy.get(key, 0) - 1
+            if n > 0:
+                self._busy[key] = n
+            else:
+                self._busy.pop(key, None)
+            if key in self._parked:
+                self._wake(key)
 
     # -- one round -------------------------------------------------------------------
 
@@ -309,6 +409,10 @@ class Scheduler(service.Service):
                 self._schedule(qid, retry)
             return
         env.attempts += 1
+        keys = self._destinations(recipients)
+        self._flight_keys[qid] = keys
+        for key in keys:
+            self._busy[key] = self._busy.get(key, 0) + 1
         d = defer.maybeDeferred(self.deliver, env, list(recipients))
         self._in_flight[qid] = d
         d.addErrback(self._deliver_failed, env, recipients)
@@ -336,6 +440,8 @@ class Scheduler(service.Service):
         for r in recipients:
             if r.address not in seen:
                 env.apply(Outcome.temporary(r.address, "delivery agent reported no outcome", 451, "4.3.0"), now)
+
+        self._success_notice(env, recipients, outcomes, now)
 
         failed = [r for r in recipients if r.state == FAILED]
         expired = []
@@ -386,6 +492,7 @@ class Scheduler(service.Service):
     def _round_over(self, due: float | None, qid: str) -> None:
         """Free the slot, apply what arrived meanwhile (flush, remove, hold), pump."""
         del self._in_flight[qid]
+        self._release(qid)
         after = self._after.pop(qid, None)
         env = self._queue.get(qid)
         if qid in self._removed:
@@ -437,21 +544,71 @@ class Scheduler(service.Service):
 
     # -- notifications ---------------------------------------------------------------------
 
-    @staticmethod
-    def _wants(r: Recipient, action: str) -> bool:
-        """RFC 3461 NOTIFY: no keywords means the default (failures and delays)."""
-        notify = {n.upper() for n in r.notify}
-        if not notify:
-            return True
-        return (("FAILURE" if action == bounce.FAILED_ACTION else "DELAY") in notify) and "NEVER" not in notify
+    _KEYWORD = {
+        bounce.FAILED_ACTION: "FAILURE",
+        bounce.DELAYED_ACTION: "DELAY",
+        bounce.DELIVERED_ACTION: "SUCCESS",
+        bounce.RELAYED_ACTION: "SUCCESS",
+    }
 
-    def _notify(self, env: Envelope, recipients: list[Recipient], now: float, action: str) -> bool:
+    @classmethod
+    def _wants(cls, r: Recipient, action: str) -> bool:
+        """
+        RFC 3461 4.1 NOTIFY: NEVER means nothing; no keywords means the
+        default (failures and delays, never success); otherwise the keyword
+        that names the event.
+        """
+        notify = {n.upper() for n in r.notify}
+        if "NEVER" in notify:
+            return False
+        if not notify:
+            return action in (bounce.FAILED_ACTION, bounce.DELAYED_ACTION)
+        return cls._KEYWORD[action] in notify
+
+    def _success_notice(self, env: Envelope, recipients: list[Recipient], outcomes: list[Outcome], now: float) -> None:
+        """
+        RFC 3461 NOTIFY=SUCCESS: one notice for the recipients delivered in
+        this round.  "delivered" for a local delivery (no remote MTA);
+        "relayed" for a hand-over to a next hop that did not offer DSN
+        (RFC 3461 5.2.2); nothing for a next hop that took NOTIFY with the
+        message -- the success notice is then its job.  The delivery itself
+        is done whatever happens here, so a notice that cannot be queued is
+        logged and lost, never a reason to deliver again.
+        """
+        if not env.sender:
+            return
+        passed = {o.recipient for o in outcomes if o.dsn_passed}
+        actions: dict[str, str] = {}
+        for r in recipients:
+            if r.state != DELIVERED or not any(n.upper() == "SUCCESS" for n in r.notify):
+                continue
+            if not r.remote_mta:
+                actions[r.address] = bounce.DELIVERED_ACTION
+            elif r.address not in passed:
+                actions[r.address] = bounce.RELAYED_ACTION
+        if not actions:
+            return
+        chosen = [r for r in recipients if r.address in actions]
+        kind = bounce.DELIVERED_ACTION if bounce.DELIVERED_ACTION in actions.values() else bounce.RELAYED_ACTION
+        self._notify(env, chosen, now, kind, actions)
+
+    def _notify(
+        self,
+        env: Envelope,
+        recipients: list[Recipient],
+        now: float,
+        action: str,
+        actions: dict[str, str] | None = None,
+    ) -> bool:
         """
         Queue a DSN about C{recipients}.  Returns False only when it could
         not be queued (spool error), so the caller keeps the recipients.
+
+        @param actions: per-recipient Action where it differs from C{action}.
         """
         qid = env.queue_id
-        recipients = [r for r in recipients if self._wants(r, action)]
+        actions = actions or {}
+        recipients = [r for r in recipients if self._wants(r, actions.get(r.address, action))]
         if not recipients:
             return True
         to = env.sender
@@ -478,6 +635,7 @@ class Scheduler(service.Service):
                 qid,
                 to=to,
                 retry_until=self.policy.expires(env),
+                actions=actions,
             )
             esmtp: dict[str, Any] = {}
             if not message.isascii():
@@ -497,9 +655,14 @@ class Scheduler(service.Service):
         except OSError as e:
             log.error("{queue_id}: cannot queue a {action} notification: {error}", queue_id=qid, action=action, error=e)
             return False
-        kind = "delay notification" if action == bounce.DELAYED_ACTION else (
-            "postmaster non-delivery notification" if client.get("double_bounce") else "sender non-delivery notification"
-        )
+        if action == bounce.DELAYED_ACTION:
+            kind = "delay notification"
+        elif action in (bounce.DELIVERED_ACTION, bounce.RELAYED_ACTION):
+            kind = "sender delivery status notification"
+        elif client.get("double_bounce"):
+            kind = "postmaster non-delivery notification"
+        else:
+            kind = "sender non-delivery notification"
         mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind=kind, dsn_id=dsn.queue_id)
         self.enqueue(dsn)
         return True

@@ -686,8 +686,8 @@ class SMTPClientProtocol(Protocol):
     def _outcome(self, rcpt: Recipient, reply: SMTPReply, what: str) -> Outcome:
         text = f"host {self.remote_mta} said: {reply.code} {reply.text} (in reply to {what})"
         cls = reply.code // 100
-        if cls == 2:
-            return Outcome.delivered(rcpt.address, text, self.remote_mta)
+        if cls == 2:  # NOTIFY etc. went with the RCPT when the peer offered DSN
+            return Outcome.delivered(rcpt.address, text, self.remote_mta, dsn_passed="DSN" in self.extensions)
         if cls == 5:
             return Outcome.permanent(rcpt.address, text, reply.code, reply.enhanced, self.remote_mta)
         status = reply.enhanced if cls == 4 else "4.5.0"

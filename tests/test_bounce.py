@@ -104,7 +104,7 @@ def test_delayed_dsn():
 
 def test_unknown_action_refused():
     with pytest.raises(ValueError):
-        make_dsn(env([rcpt()]), [rcpt()], ORIGINAL, "h", NOW, "relayed")
+        make_dsn(env([rcpt()]), [rcpt()], ORIGINAL, "h", NOW, "expanded")
 
 
 def test_expired_recipient_text():
@@ -193,3 +193,79 @@ def test_boundary_not_in_content():
     msg = parse(make_dsn(env([r]), [r], tricky, "h", NOW))
     assert msg.get_boundary() != boundary
     assert len(msg.get_payload()) == 3
+
+
+# -- success notices, ENVID, ORCPT -----------------------------------------------------
+
+
+def ok(address="bob@example.org", **kw) -> Recipient:
+    defaults = dict(state="delivered", attempts=1, last_code=250, last_status="2.0.0",
+                    last_text="delivered to maildir", last_attempt=NOW, notify=["SUCCESS"])
+    defaults.update(kw)
+    return Recipient(address, **defaults)
+
+
+def test_success_dsn_mixed_delivered_and_relayed():
+    mta = "mx.example.net[192.0.2.1]:25"
+    a = ok("a@example.org", orcpt="rfc822;a-orig@example.org")
+    b = ok("b@far.example", remote_mta=mta, last_text=f"host {mta} said: 250 2.0.0 Ok: queued as 9 (in reply to end of DATA command)")
+    raw = make_dsn(env([a, b], esmtp={"envid": "ENV.1", "ret": "FULL"}), [a, b], ORIGINAL, "h.example", NOW,
+                   "delivered", actions={"b@far.example": "relayed"})
+    msg = parse(raw)
+    assert not msg.defects
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert msg["Message-ID"] == "<0ABCDEFGHJK123456.1700000000000000.delivered@h.example>"
+    per_msg, ra, rb = blocks(msg)
+    assert per_msg["Original-Envelope-Id"] == "ENV.1"
+    assert ra == {
+        "Original-Recipient": "rfc822; a-orig@example.org",
+        "Final-Recipient": "rfc822; a@example.org",
+        "Action": "delivered",
+        "Status": "2.0.0",
+        "Diagnostic-Code": "smtp; 250 2.0.0 delivered to maildir",
+        "Last-Attempt-Date": "Tue, 14 Nov 2023 22:13:20 +0000",
+    }
+    assert rb["Action"] == "relayed" and rb["Status"] == "2.0.0"
+    assert rb["Remote-MTA"] == f"dns; {mta}"
+    assert rb["Diagnostic-Code"] == "smtp; 250 2.0.0 Ok: queued as 9"
+    assert "Will-Retry-Until" not in rb
+    human = msg.get_payload()[0].get_content()
+    assert "Your message was successfully delivered" in human
+    assert "<a@example.org>: delivered: delivered to maildir" in human
+    assert "<b@far.example>: relayed to a host that does not support delivery notifications" in human
+    # RET=FULL applies to failure reports only
+    part = msg.get_payload()[2]
+    assert part.get_content_type() == "text/rfc822-headers" and part["Content-Description"] == "Message Headers"
+    assert "secret body line" not in part.get_payload()
+
+
+def test_orcpt_is_the_original_recipient_not_doubled():
+    r = rcpt(original="team@example.org", orcpt="rfc822;Team@Example.org")
+    _, per = blocks(parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW)))
+    assert per["Original-Recipient"] == "rfc822; Team@Example.org"
+    r = rcpt(orcpt="utf-8;jösé@exämple.org")
+    msg = parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW))
+    assert msg.get_payload()[1].get_content_type() == "message/global-delivery-status"
+    assert "Original-Recipient: utf-8; jösé@exämple.org" in msg.get_payload()[1].as_bytes().decode("utf-8")
+
+
+def test_remote_reply_text_not_repeated():
+    mta = "mx.example.org[192.0.2.9]:25"
+    r = rcpt(remote_mta=mta, last_text=f"host {mta} said: 550 no such user (in reply to RCPT TO command)")
+    msg = parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW))
+    _, per = blocks(msg)
+    assert per["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    human = msg.get_payload()[0].get_content()
+    assert f"<bob@example.org>: host {mta} said: 550 no such user (in reply to RCPT TO command)" in human.splitlines()
+
+
+def test_delayed_dsn_returns_headers_even_for_ret_full():
+    r = rcpt(state=PENDING, last_code=451, last_status="4.2.0", last_text="busy")
+    msg = parse(make_dsn(env([r], esmtp={"ret": "FULL", "envid": "W"}), [r], ORIGINAL, "h", NOW, "delayed"))
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert blocks(msg)[0]["Original-Envelope-Id"] == "W"
+
+
+def test_unknown_per_recipient_action_refused():
+    with pytest.raises(ValueError):
+        make_dsn(env([ok()]), [ok()], ORIGINAL, "h", NOW, "delivered", actions={"bob@example.org": "expanded"})

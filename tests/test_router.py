@@ -138,3 +138,15 @@ def test_with_the_real_directory(spool, tmp_path):
     run(Router(spool, directory, local, remote))
     assert local.calls[0][0] == ["me@Local.Example", "you@local.example"]
     assert remote.calls[0][0] == ["far@remote.example"]
+
+
+def test_remote_outcome_fields_survive_the_merge(spool):
+    """The scheduler's success notices read remote_mta and dsn_passed off the merged outcomes."""
+    local, remote = FakeAgent(), FakeAgent(auto=False)
+    results = []
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients).addCallback(results.append)
+    relayed = Outcome.delivered("far@remote.example", "host mx said: 250 ok", "mx[192.0.2.1]:25", dsn_passed=True)
+    remote.calls[0][2].callback([relayed])
+    [out] = results
+    assert out[1] is relayed
+    assert [(o.remote_mta, o.dsn_passed) for o in (out[0], out[2])] == [("", False), ("", False)]

@@ -574,3 +574,292 @@ def test_clock_set_back_never_waits_longer_than_max_backoff(spool, clock):
     assert s.next_due(env.queue_id) == T0 + 4000
     clock.advance(4000)
     assert len(deliver.calls) == 1
+
+
+# -- RFC 3461 success notices ----------------------------------------------------------
+
+MX = "mx.example.net[192.0.2.1]:25"
+
+
+def relayed(address: str, dsn_passed: bool) -> Outcome:
+    return Outcome.delivered(
+        address, f"host {MX} said: 250 2.0.0 Ok: queued as 4XYZ (in reply to end of DATA command)", MX,
+        dsn_passed=dsn_passed,
+    )
+
+
+@dataclass
+class Scripted:
+    """deliver(): fixed outcomes by address (delivered locally unless given); DSNs are left queued."""
+
+    clock: task.Clock
+    outcomes: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)
+
+    def __call__(self, envelope: Envelope, recipients: list[Recipient]) -> Deferred:
+        self.calls.append((envelope, [r.address for r in recipients]))
+        if envelope.sender == "":
+            return Deferred()  # keep notifications in the spool to read them
+        return defer.succeed([self.outcomes.get(r.address) or Outcome.delivered(r.address, "delivered to maildir")
+                              for r in recipients])
+
+
+def test_success_notice_for_local_delivery_with_envid_and_orcpt(spool, clock, events):
+    deliver = Scripted(clock)
+    env = queue(
+        spool, clock,
+        rcpts=[Recipient("bob@example.org", notify=["SUCCESS"], orcpt="rfc822;Bob.Original@example.org")],
+        esmtp={"envid": "QQ314159", "ret": "FULL"},
+    )
+    make(spool, clock, deliver)
+    assert env.queue_id not in spool.queue_ids()  # delivered and gone
+    [(benv, msg)] = dsns(spool)
+    assert benv.sender == "" and [r.address for r in benv.recipients] == ["alice@example.com"]
+    assert benv.client["bounce_of"] == env.queue_id
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert msg["To"] == "alice@example.com"
+    per_msg, [rcpt] = report(msg)
+    assert per_msg["Original-Envelope-Id"] == "QQ314159"
+    assert rcpt == {
+        "Original-Recipient": "rfc822; Bob.Original@example.org",
+        "Final-Recipient": "rfc822; bob@example.org",
+        "Action": "delivered",
+        "Status": "2.0.0",
+        "Diagnostic-Code": "smtp; 250 2.0.0 delivered to maildir",
+        "Last-Attempt-Date": "Tue, 14 Nov 2023 22:13:20 +0000",
+    }
+    # RET=FULL is for failure reports only (RFC 3461 4.3): headers here
+    returned = msg.get_payload()[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert "Message-ID: <m1@example.com>" in returned.get_payload()
+    assert "Hi there." not in returned.get_payload()
+    assert "delivered: delivered to maildir" in msg.get_payload()[0].get_content()
+    texts = [formatEvent(e) for e in events if e.get("mail_event") == "bounce"]
+    assert texts == [f"{env.queue_id}: sender delivery status notification: {benv.queue_id}"]
+
+
+def test_success_notice_relayed_only_when_next_hop_lacks_dsn(spool, clock):
+    deliver = Scripted(clock, {
+        "dsnhop@remote.example": relayed("dsnhop@remote.example", dsn_passed=True),
+        "plainhop@other.example": relayed("plainhop@other.example", dsn_passed=False),
+    })
+    rcpts = [Recipient(a, notify=["SUCCESS", "FAILURE"]) for a in
+             ("dsnhop@remote.example", "plainhop@other.example", "local@example.org")]
+    env = queue(spool, clock, rcpts=rcpts)
+    make(spool, clock, deliver)
+    # exactly one notice for the round, listing both events, not the DSN-capable hop
+    [(benv, msg)] = dsns(spool)
+    per_msg, blocks = report(msg)
+    assert "Original-Envelope-Id" not in per_msg  # no ENVID given
+    assert [(b["Final-Recipient"], b["Action"], b["Status"]) for b in blocks] == [
+        ("rfc822; plainhop@other.example", "relayed", "2.0.0"),
+        ("rfc822; local@example.org", "delivered", "2.0.0"),
+    ]
+    relay_block = blocks[0]
+    assert relay_block["Remote-MTA"] == f"dns; {MX}"
+    assert relay_block["Diagnostic-Code"] == "smtp; 250 2.0.0 Ok: queued as 4XYZ"
+    assert "Original-Recipient" not in relay_block
+    human = msg.get_payload()[0].get_content()
+    assert "<plainhop@other.example>: relayed to a host that does not support delivery notifications" in human
+    assert "dsnhop" not in human
+    assert env.queue_id not in spool.queue_ids()
+
+
+def test_no_success_notice_when_next_hop_took_notify(spool, clock):
+    deliver = Scripted(clock, {"a@remote.example": relayed("a@remote.example", dsn_passed=True)})
+    queue(spool, clock, rcpts=[Recipient("a@remote.example", notify=["SUCCESS"])], esmtp={"envid": "X1"})
+    make(spool, clock, deliver)
+    assert dsns(spool) == [] and spool.queue_ids() == []
+
+
+@pytest.mark.parametrize("notify", [[], ["FAILURE"], ["DELAY", "FAILURE"], ["NEVER"]])
+def test_no_success_notice_without_success_keyword(spool, clock, notify):
+    deliver = Scripted(clock, {"a@remote.example": relayed("a@remote.example", dsn_passed=False)})
+    queue(spool, clock, rcpts=[Recipient("a@remote.example", notify=notify), Recipient("b@example.org", notify=notify)])
+    make(spool, clock, deliver)
+    assert dsns(spool) == [] and spool.queue_ids() == []
+
+
+@pytest.mark.parametrize("how", ["local", "relayed"])
+def test_null_sender_never_gets_a_success_notice(spool, clock, how):
+    calls = []
+
+    def deliver(e, rcpts):
+        calls.append([r.address for r in rcpts])
+        return defer.succeed([
+            Outcome.delivered(r.address) if how == "local" else relayed(r.address, dsn_passed=False) for r in rcpts
+        ])
+
+    queue(spool, clock, sender="", rcpts=[Recipient("bob@example.org", notify=["SUCCESS"])])
+    make(spool, clock, deliver)
+    assert calls == [["bob@example.org"]] and spool.queue_ids() == []
+
+
+def test_notify_success_only_suppresses_the_bounce_and_mixed_round_gives_two_reports(spool, clock):
+    deliver = Scripted(clock, {
+        "gone@example.org": Outcome.permanent("gone@example.org", "no such user", 550, "5.1.1"),
+        "also-gone@example.org": Outcome.permanent("also-gone@example.org", "no such user", 550, "5.1.1"),
+    })
+    rcpts = [
+        Recipient("ok@example.org", notify=["SUCCESS", "FAILURE"], orcpt="rfc822;ok-orig@example.org"),
+        Recipient("gone@example.org", notify=["SUCCESS", "FAILURE"], orcpt="rfc822;gone-orig@example.org"),
+        Recipient("also-gone@example.org", notify=["SUCCESS"]),  # no FAILURE: no bounce for it
+    ]
+    queue(spool, clock, rcpts=rcpts, esmtp={"envid": "E-7"})
+    make(spool, clock, deliver)
+    found = {msg["Subject"]: msg for _, msg in dsns(spool)}
+    assert set(found) == {"Successful Mail Delivery Report", "Undelivered Mail Returned to Sender"}
+    ok_msg, ok_blocks = report(found["Successful Mail Delivery Report"])
+    bad_msg, bad_blocks = report(found["Undelivered Mail Returned to Sender"])
+    assert ok_msg["Original-Envelope-Id"] == bad_msg["Original-Envelope-Id"] == "E-7"
+    assert [(b["Original-Recipient"], b["Action"]) for b in ok_blocks] == [("rfc822; ok-orig@example.org", "delivered")]
+    assert [(b["Original-Recipient"], b["Action"], b["Status"]) for b in bad_blocks] == [
+        ("rfc822; gone-orig@example.org", "failed", "5.1.1")
+    ]
+
+
+def test_success_notice_per_round(spool, clock):
+    deliver = FakeDeliver(clock, {"b@example.org": [(451, "4.2.0", "busy")]})
+    routed = []
+
+    def route(e, r):
+        if e.sender == "":
+            routed.append(e)
+            return Deferred()
+        return deliver(e, r)
+
+    rcpts = [Recipient(a, notify=["SUCCESS", "DELAY"]) for a in ("a@example.org", "b@example.org")]
+    queue(spool, clock, rcpts=rcpts, esmtp={"envid": "R2"})
+    make(spool, clock, route, RetryPolicy(jitter=0, delay_warning=100))
+    [(_, first)] = dsns(spool)
+    assert [b["Final-Recipient"] for b in report(first)[1]] == ["rfc822; a@example.org"]
+    clock.advance(300)  # b delivered now
+    notices = [m for _, m in dsns(spool)]
+    assert len(notices) == 2
+    second = next(m for m in notices if m is not first and m["Message-ID"] != first["Message-ID"])
+    per_msg, [b] = report(second)
+    assert per_msg["Original-Envelope-Id"] == "R2"
+    assert (b["Final-Recipient"], b["Action"]) == ("rfc822; b@example.org", "delivered")
+    assert len(routed) == 2
+
+
+def test_delay_warning_carries_envid_and_orcpt(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "busy")] * 10})
+    route = lambda e, r: Deferred() if e.sender == "" else deliver(e, r)
+    queue(spool, clock, rcpts=[Recipient("bob@example.org", orcpt="rfc822;first@example.org")],
+          esmtp={"envid": "D-1", "ret": "FULL"})
+    make(spool, clock, route, RetryPolicy(jitter=0, delay_warning=200))
+    clock.advance(300)
+    [(_, msg)] = dsns(spool)
+    per_msg, [rcpt] = report(msg)
+    assert per_msg["Original-Envelope-Id"] == "D-1"
+    assert rcpt["Original-Recipient"] == "rfc822; first@example.org"
+    assert rcpt["Action"] == "delayed"
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"  # RET=FULL: failures only
+
+
+# -- per-destination fairness ---------------------------------------------------------------
+
+
+@dataclass
+class SlowAndFast:
+    """deliver(): never answers for slow.example (a dead or tarpitting host); answers at once otherwise."""
+
+    clock: task.Clock
+    slow: list = field(default_factory=list)  # (queue id, Deferred)
+    fast: list = field(default_factory=list)
+
+    def __call__(self, envelope: Envelope, recipients: list[Recipient]) -> Deferred:
+        if any(r.address.endswith("@slow.example") for r in recipients):
+            d: Deferred = Deferred()
+            self.slow.append((envelope.queue_id, d, [r.address for r in recipients]))
+            return d
+        self.fast.append((envelope.queue_id, self.clock.seconds()))
+        return defer.succeed([Outcome.delivered(r.address) for r in recipients])
+
+
+def test_slow_destination_does_not_hold_back_other_domains(spool, clock):
+    deliver = SlowAndFast(clock)
+    s = make(spool, clock, deliver, concurrency=100)
+    slow = [queue(spool, clock, rcpts=(f"u{i}@slow.example",)) for i in range(150)]
+    for e in slow:
+        s.enqueue(e)
+    assert len(deliver.slow) == 20 and len(s.in_flight) == 20 and s.waiting == 130
+    assert not clock.getDelayedCalls()  # nothing spins on the parked messages
+    fast = queue(spool, clock, rcpts=("bob@fast.example",))
+    s.enqueue(fast)
+    assert deliver.fast == [(fast.queue_id, T0)]
+    assert fast.queue_id not in spool.queue_ids()
+    # a slow round ends: the earliest parked slow message takes its slot
+    first_id, d, rcpts = deliver.slow[0]
+    d.callback([Outcome.temporary(rcpts[0], "connection timed out", 451, "4.4.1")])
+    assert len(deliver.slow) == 21 and deliver.slow[20][0] == slow[20].queue_id
+    assert len(s.in_flight) == 20 and s.waiting == 129
+    # the deferred one comes back after its backoff and waits its turn too
+    assert s.next_due(first_id) == T0 + 300
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [T0 + 300]
+    clock.advance(300)
+    assert s.waiting == 130 and len(s.in_flight) == 20
+    # parked messages keep their order: the next one out is slow[21], not the retried one
+    deliver.slow[1][1].callback([Outcome.delivered(deliver.slow[1][2][0])])
+    assert deliver.slow[-1][0] == slow[21].queue_id
+
+
+def test_global_limit_still_counts_all_destinations(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    s = make(spool, clock, deliver, concurrency=3, destination_concurrency=2)
+    envs = [queue(spool, clock, rcpts=(f"x{i}@{d}.example",)) for i, d in enumerate(["d0", "d0", "d0", "d1", "d2"])]
+    for e in envs:
+        s.enqueue(e)
+    # the third d0 message waits for d0, the d1 one takes the last global slot, d2 waits for a global slot
+    assert [c.recipients[0] for c in deliver.calls] == ["x0@d0.example", "x1@d0.example", "x3@d1.example"]
+    assert s.waiting == 1 and len(s.in_flight) == 3
+    deliver.calls[2].deferred.callback([Outcome.delivered("x3@d1.example")])
+    assert [c.recipients[0] for c in deliver.calls][3:] == ["x4@d2.example"]
+    deliver.calls[0].deferred.callback([Outcome.delivered("x0@d0.example")])
+    assert [c.recipients[0] for c in deliver.calls][4:] == ["x2@d0.example"]
+    assert s.waiting == 0 and len(s.in_flight) == 3
+
+
+def test_blocked_multi_destination_message_passes_its_wakeup_on(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    s = make(spool, clock, deliver, destination_concurrency=1)
+    m1 = queue(spool, clock, rcpts=("x@a.example",))
+    m2 = queue(spool, clock, rcpts=("x@b.example",))
+    m3 = queue(spool, clock, rcpts=("y@a.example", "y@b.example"))
+    m4 = queue(spool, clock, rcpts=("z@a.example",))
+    for e in (m1, m2, m3, m4):
+        s.enqueue(e)
+    assert [c.envelope.queue_id for c in deliver.calls] == [m1.queue_id, m2.queue_id]
+    assert s.waiting == 2
+    deliver.calls[0].deferred.callback([Outcome.delivered("x@a.example")])
+    # m3 was woken for a.example but b.example is full: m4 gets the a.example slot
+    assert [c.envelope.queue_id for c in deliver.calls][2:] == [m4.queue_id]
+    deliver.calls[1].deferred.callback([Outcome.delivered("x@b.example")])
+    assert len(deliver.calls) == 3  # m3 still needs a.example (m4 in flight)
+    deliver.calls[2].deferred.callback([Outcome.delivered("z@a.example")])
+    assert deliver.calls[3].envelope.queue_id == m3.queue_id
+    assert deliver.calls[3].recipients == ["y@a.example", "y@b.example"]
+    assert s.waiting == 0
+
+
+def test_parked_message_hold_flush_and_remove(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    s = make(spool, clock, deliver, destination_concurrency=1)
+    busy = queue(spool, clock, rcpts=("a@d.example",))
+    held = queue(spool, clock, rcpts=("b@d.example",))
+    gone = queue(spool, clock, rcpts=("c@d.example",))
+    flushed = queue(spool, clock, rcpts=("e@d.example",))
+    for e in (busy, held, gone, flushed):
+        s.enqueue(e)
+    assert s.waiting == 3
+    s.hold(held.queue_id)
+    s.remove(gone.queue_id)
+    s.flush(flushed.queue_id)  # still blocked: parked again, once
+    assert s.waiting == 1 and len(deliver.calls) == 1
+    deliver.calls[0].deferred.callback([Outcome.delivered("a@d.example")])
+    assert [c.envelope.queue_id for c in deliver.calls] == [busy.queue_id, flushed.queue_id]
+    deliver.calls[1].deferred.callback([Outcome.delivered("e@d.example")])
+    assert len(deliver.calls) == 2 and s.waiting == 0
+    s.release(held.queue_id)
+    assert [c.envelope.queue_id for c in deliver.calls][2:] == [held.queue_id]

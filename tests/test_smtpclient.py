@@ -872,3 +872,20 @@ def test_reuse_after_reset(msg):
         result_of(r)
     assert s.conn.usable
     assert s.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("ehlo, passed", [
+    (b"250-mx\r\n250-PIPELINING\r\n250 DSN\r\n", True),
+    (b"250-mx\r\n250 PIPELINING\r\n", False),
+])
+def test_delivered_outcome_says_whether_dsn_was_passed_on(msg, ehlo, passed):
+    """The scheduler sends a "relayed" success notice only when the next hop took no NOTIFY."""
+    s = Server(ehlo=ehlo)
+    env = Envelope("Q1", "s@x.org", [Recipient("a@x.com", notify=["SUCCESS"]), Recipient("b@x.com")], arrival=0)
+    d = s.conn.send(env, env.recipients, msg())
+    s.take()
+    s.say(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+    s.take()
+    s.say(b"250 2.0.0 queued\r\n")
+    out = result_of(d)
+    assert [(o.kind, o.dsn_passed) for o in out] == [(DELIVERED_OUTCOME, passed), (PERMANENT, False)]
