@@ -733,8 +733,9 @@ class SMTPClientProtocol(Protocol):
                 if ret in ("FULL", "HDRS"):
                     mail += f" RET={ret}"
                 envid = envelope.esmtp.get("envid")
-                if envid and _xtext_ok(str(envid)):
-                    mail += f" ENVID={envid}"
+                if envid:
+                    # Stored decoded by the server (smtpproto.parse_mail_params): encode again.
+                    mail += f" ENVID={_xtext(str(envid))}"
             rcpts = []
             for r in recipients:
                 cmd = f"RCPT TO:<{r.address}>"
@@ -885,11 +886,6 @@ class SMTPClientProtocol(Protocol):
         return Deferred.fromCoroutine(quit_())
 
 
-def _xtext_ok(value: str) -> bool:
-    """An ESMTP parameter value as stored (already xtext): printable ASCII, no space or '='."""
-    return bool(value) and all(33 <= ord(c) <= 126 and c != "=" for c in value)
-
-
 def _xtext(value: str) -> str:
     """RFC 3461 4 xtext encoding."""
     return "".join(
@@ -900,14 +896,19 @@ def _xtext(value: str) -> str:
 
 def _orcpt(r: Recipient) -> str:
     """
-    The ORCPT to pass on: the value given at RCPT if there was one (kept as
-    received, already "addr-type;xtext"), else none.
+    The ORCPT to pass on: the value given at RCPT if there was one, else none.
+    The server stores it as "addr-type;address" with the xtext decoded
+    (smtpproto.parse_rcpt_params), so the address is always encoded again
+    here: an address with "+" or "=" must not go out raw (RFC 3461 4.2).
     """
-    if r.orcpt and ";" in r.orcpt and _xtext_ok(r.orcpt.replace(";", "x", 1)):
-        return r.orcpt
-    if r.orcpt and r.orcpt.isascii():
-        return "rfc822;" + _xtext(r.orcpt)
-    return ""
+    if not r.orcpt:
+        return ""
+    kind, semi, addr = r.orcpt.partition(";")
+    if not semi:
+        kind, addr = "rfc822", r.orcpt
+    if not kind.isascii() or not addr.isascii() or not kind.strip():
+        return ""
+    return f"{kind.strip()};{_xtext(addr)}"
 
 
 class SMTPConnection:

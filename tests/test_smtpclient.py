@@ -568,7 +568,7 @@ def test_dsn_parameters_passed_when_offered(msg):
     s = Server(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 DSN\r\n")
     env = Envelope(
         "Q1", "s@x.org",
-        [Recipient("a@x.com", notify=["success", "failure"], orcpt="rfc822;orig+2B1@x.com"), Recipient("b@x.com")],
+        [Recipient("a@x.com", notify=["success", "failure"], orcpt="rfc822;orig+1@x.com"), Recipient("b@x.com")],
         arrival=0, esmtp={"ret": "hdrs", "envid": "ID123"},
     )
     s.conn.send(env, env.recipients, msg())
@@ -889,3 +889,20 @@ def test_delivered_outcome_says_whether_dsn_was_passed_on(msg, ehlo, passed):
     s.say(b"250 2.0.0 queued\r\n")
     out = result_of(d)
     assert [(o.kind, o.dsn_passed) for o in out] == [(DELIVERED_OUTCOME, passed), (PERMANENT, False)]
+
+
+@pytest.mark.parametrize(
+    "stored, sent",
+    [
+        ("rfc822;bob+tag@x.com", "rfc822;bob+2Btag@x.com"),
+        ("rfc822;a=b@x.com", "rfc822;a+3Db@x.com"),
+        ("bob@x.com", "rfc822;bob@x.com"),
+        ("rfc822;jörg@x.com", ""),
+        ("", ""),
+    ],
+)
+def test_orcpt_always_xtext_encoded(stored, sent):
+    """The server stores ORCPT decoded; the client must encode it again."""
+    from mailhub.smtpclient import _orcpt
+
+    assert _orcpt(Recipient("a@x.com", orcpt=stored)) == sent
