@@ -47,6 +47,7 @@ __all__ = [
     "read_secret",
     "TLS_LEVELS",
     "SENDER_CHECKS",
+    "LOCAL_MODES",
 ]
 
 #: Where the daemon looks when neither C{--config} nor C{$MAILHUB_CONFIG} is given.
@@ -88,6 +89,11 @@ class ServerConfig:
     submission: tuple[str, ...] = ()  # RFC 6409 listeners (STARTTLS, AUTH required)
     smtps: tuple[str, ...] = ()  # RFC 8314 implicit TLS listeners (plain endpoint strings)
     hide_client_ip: bool = False  # no client address in Received: for authenticated sessions
+    # -- HTTP API, metrics, status page, event log (docs/http.rst)
+    http: tuple[str, ...] = ()  # HTTP listeners; () = none
+    http_max_body: int = 14680064  # bytes per request body (message_size_limit as base64 in JSON)
+    http_admins: tuple[str, ...] = ()  # users that may list the whole queue and flush it
+    event_log: str | None = None  # JSON-lines event log; None = off
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,11 @@ class LocalConfig:
     users: tuple[str, ...] | None = None  # addresses/local parts that exist without a directory entry
     aliases: str | None = None  # aliases(5) file path
     extension_separator: str = "+"  # "" disables address extensions
+    # -- system mailboxes (docs/delivery.rst "System mailboxes")
+    mode: str = "virtual"  # "virtual": DOMAIN/USER under mailboxes; "system": ~account/home_maildir
+    home_maildir: str = "Maildir"  # system mode: relative to the home directory
+    min_uid: int = 1000  # system mode: accounts with a mailbox are root and min_uid..max_uid
+    max_uid: int = 60000
 
 
 @dataclass(frozen=True)
@@ -358,6 +369,42 @@ def _separator(value: Any) -> str:
     return value
 
 
+def _admins(value: Any) -> tuple[str, ...]:
+    """User addresses, normalised as the users file stores them (L{mailhub.auth.normalize_user})."""
+    from .address import parse_mailbox
+
+    items = _string_list(value, "user addresses")
+    out = []
+    for item in items:
+        try:
+            if any(c in item for c in ':"\\') or any(c.isspace() for c in item):
+                raise AddressError("invalid user address")
+            mailbox = parse_mailbox(item)
+        except AddressError:
+            raise _Bad(f"invalid user address {item!r} (want e.g. \"root@example.org\")")
+        out.append(f"{mailbox.local_key}@{mailbox.domain_key}")
+    return tuple(out)
+
+
+def _home_maildir(value: Any) -> str:
+    from .system import check_maildir_name
+
+    text = _string(value)
+    try:
+        check_maildir_name(text)
+    except ValueError as e:
+        raise _Bad(str(e).replace("home_maildir ", "", 1))
+    return text
+
+
+def _uid(value: Any) -> int:
+    if not _is_int(value) or not 0 < value < 2**32 - 1:
+        raise _Bad(f"must be a user id 1-4294967294, got {_show(value)}")
+    return value
+
+
+#: local.mode values.
+LOCAL_MODES = ("virtual", "system")
 #: relay.tls values (Postfix smtp_tls_security_level).
 TLS_LEVELS = ("none", "may", "encrypt", "verify")
 #: submission.sender_check values.
@@ -493,6 +540,10 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "submission": (_optional_endpoints, False),
         "smtps": (_plain_endpoints, False),
         "hide_client_ip": (_boolean, False),
+        "http": (_optional_endpoints, False),
+        "http_max_body": (_positive_int, False),
+        "http_admins": (_admins, False),
+        "event_log": (_optional_string, True),
     },
     "spool": {
         "path": (_string, True),
@@ -504,6 +555,10 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "users": (_users, False),
         "aliases": (_string, True),
         "extension_separator": (_separator, False),
+        "mode": (_choice(*LOCAL_MODES), False),
+        "home_maildir": (_home_maildir, False),
+        "min_uid": (_uid, False),
+        "max_uid": (_uid, False),
     },
     "relay": {
         "min_backoff": (_positive_duration, False),
@@ -660,6 +715,7 @@ def load_config(
     local.setdefault("mailboxes", os.path.join(data_root, "mailboxes"))
     relay = dict(values["relay"])
 
+    _check_local(where, local)
     aliases = local.get("aliases")
     if aliases is not None and not os.path.isfile(aliases):
         raise ConfigError(f"{where}: local.aliases: no such file {aliases}")
@@ -684,6 +740,27 @@ def load_config(
         auth=auth_cfg,
         submission=SubmissionConfig(**values["submission"]),
     )
+
+
+def _check_local(where: str, local: dict[str, Any]) -> None:
+    """
+    System mode: no C{users} (the accounts are the users), a sane uid
+    range, and C{/etc/aliases} as the aliases file when none is set and it
+    exists (as Postfix's C{alias_maps} default).
+    """
+    from . import system
+
+    if local.get("min_uid", system.MIN_UID) > local.get("max_uid", system.MAX_UID):
+        raise ConfigError(
+            f"{where}: local.min_uid: must not exceed local.max_uid "
+            f"({local.get('min_uid', system.MIN_UID)} > {local.get('max_uid', system.MAX_UID)})"
+        )
+    if local.get("mode", "virtual") != "system":
+        return
+    if local.get("users") is not None:
+        raise ConfigError(f'{where}: local.users: cannot be used with local.mode = "system" (the accounts are the users)')
+    if local.get("aliases") is None and os.path.isfile(system.DEFAULT_ALIASES):
+        local["aliases"] = system.DEFAULT_ALIASES
 
 
 def _readable_file(where: str, key: str, path: str | None) -> None:

@@ -4,11 +4,12 @@ The twistd plugin's options and service: the one place everything is wired.
 Owns: turning command-line options and the configuration into a running
 service tree -- spool, directory, delivery agents (local and remote),
 router, scheduler, pickup, control socket, TLS, users file, AUTH throttle,
-policy and one listener per configured endpoint (smtp, submission, smtps)
--- and the first log lines that say what mailhub listens on and where mail
-goes.  This is the only
-module that imports the global reactor (inside L{makeService}), so every
-other module gets its clock and reactor injected.
+policy, one listener per configured endpoint (smtp, submission, smtps,
+http), the log observers that feed the metrics and the event log -- and
+the first log lines that say what mailhub listens on and where mail goes.
+This is the only module that imports the global reactor (inside
+L{makeService}), so every other module gets its clock and reactor
+injected.
 
 Must not touch: protocol details, delivery, the spool's files.  A
 configuration problem stops startup with one line on stderr
@@ -18,13 +19,14 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger, LoggingFile
+from twisted.logger import ILogObserver, Logger, LoggingFile, globalLogPublisher
 from twisted.python import usage
 
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
@@ -123,12 +125,53 @@ class _StartupLog(service.Service):
             hostname=c.server.hostname,
             source=c.source or DEFAULTS_SOURCE,
         )
+        if c.local.mode == "system":
+            mailboxes = f"~ACCOUNT/{c.local.home_maildir} (system accounts)"
+        else:
+            mailboxes = c.local.mailboxes
         log.info(
             "mail goes to: spool {spool}; mailboxes {mailboxes}; local domains {domains}",
             spool=c.spool.path,
-            mailboxes=c.local.mailboxes,
+            mailboxes=mailboxes,
             domains=", ".join(c.local.domains),
         )
+        if c.server.event_log:
+            log.info("event log: {path}", path=c.server.event_log)
+
+    def startService(self) -> None:
+        # Runs after twistd has dropped privileges (--uid): this euid writes the mail.
+        super().startService()
+        euid = os.geteuid()
+        if self.config.local.mode == "system" and euid != 0:
+            log.warn(
+                'local.mode = "system" but mailhub runs as uid {euid}, not root: it can deliver '
+                "only into Maildirs it may create and own (its own account); mail for other "
+                "accounts stays queued with 451 4.3.x (docs/delivery.rst)",
+                euid=euid,
+            )
+
+
+class _Observer(service.Service):
+    """
+    A log observer (metrics, event log) on the global log publisher while
+    the service runs.  Started before the scheduler (spool recovery logs
+    mail events) and stopped after it, so no mail event is missed; C{close}
+    (the event log's file) runs when it stops.
+    """
+
+    def __init__(self, observer: ILogObserver, close: Callable[[], None] | None = None) -> None:
+        self.observer = observer
+        self.close = close
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self.observer)
+
+    def stopService(self) -> Any:
+        globalLogPublisher.removeObserver(self.observer)
+        if self.close is not None:
+            self.close()
+        return super().stopService()
 
 
 class _Listener(StreamServerEndpointService):
@@ -237,19 +280,24 @@ def _remote_delivery(config: Config, reactor: Any) -> Any:
 def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
+    log observers (metrics, event log) and the status page sampler, the
     remote delivery agent, the scheduler (whose startService recovers the
     spool and queues everything pending), the pickup service and the
     control socket (both feed the scheduler), and then the SMTP listeners
-    (smtp, submission, smtps), so recovery always finishes before the
-    first client is accepted.  Stopping runs the other way round; stopping
+    (smtp, submission, smtps) and the HTTP listeners, so recovery always
+    finishes before the first client is accepted.  Stopping runs the other way round; stopping
     the remote agent QUITs its idle connections.
     """
+    from twisted.application.internet import TimerService
     from twisted.internet import reactor, threads
 
     from .auth import AuthThrottle, UsersFile
     from .control import control_service, socket_path
     from .directory import AliasesError, Directory
+    from .eventlog import EventLogObserver
+    from .httpapi import make_http_site
     from .local import LocalDelivery
+    from .metrics import MailMetrics, MetricsObserver, spool_queue_stats
     from .pickup import PickupService
     from .policy import Policy
     from .router import Router
@@ -279,6 +327,22 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         spool = Spool(config.spool.path, config.spool.fsync)
     except OSError as e:
         fail(f"cannot create spool {config.spool.path}: {e.strerror or e}", EX_OSERR)
+
+    # Observability: fed from the mail log (maillog events), so these observe
+    # before anything that emits mail events starts (scheduler recovery).
+    metrics = MailMetrics(reactor, spool_queue_stats(spool))
+    _Observer(MetricsObserver(metrics)).setServiceParent(top)
+    event_log = config.server.event_log
+    if event_log:
+        try:
+            event_observer = EventLogObserver(event_log)
+        except OSError as e:
+            fail(f"{source}: server.event_log: cannot open {event_log}: {e.strerror or e}")
+        _Observer(event_observer, event_observer.close).setServiceParent(top)
+    sampler = TimerService(60, metrics.sample)  # queue size history of the status page
+    sampler.clock = reactor
+    sampler.setServiceParent(top)
+
     local_cfg = config.local
     try:
         directory = Directory(
@@ -288,9 +352,15 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             local_cfg.aliases,
             local_cfg.extension_separator,
             clock=reactor,
+            mode=local_cfg.mode,
+            home_maildir=local_cfg.home_maildir,
+            min_uid=local_cfg.min_uid,
+            max_uid=local_cfg.max_uid,
         )
     except AliasesError as e:  # "FILE:LINE: problem"
         fail(str(e))
+    except ValueError as e:  # config.py checked these; a safety net
+        fail(f"{source}: local: {e}")
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
     remote = _remote_delivery(config, reactor)
@@ -317,12 +387,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     scheduler.setServiceParent(top)
 
     # Local submission (mailhub-sendmail) and the queue tools.
+    resolve_recipient = _pickup_resolver(directory)
     pickup = PickupService(
         spool,
         scheduler.enqueue,
         reactor,
         config.server.max_message_size,
-        resolve_recipient=_pickup_resolver(directory),
+        resolve_recipient=resolve_recipient,
         hostname=config.server.hostname,
     )
     pickup.setServiceParent(top)
@@ -385,4 +456,25 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         except ValueError as e:
             fail(f"{source}: server.smtps: {e}")
         _Listener(description, endpoint, factory("smtps"), "smtps").setServiceParent(top)
+
+    # HTTP: API, /metrics, status page (docs/http.rst); one site for every listener.
+    if server_cfg.http:
+        site = make_http_site(
+            spool,
+            scheduler.enqueue,
+            scheduler,
+            users,
+            metrics,
+            server_cfg.hostname,
+            max_body=server_cfg.http_max_body,
+            run=threads.deferToThread,
+            resolve_recipient=resolve_recipient,
+            admins=server_cfg.http_admins,
+            max_recipients=server_cfg.max_recipients,
+            event_log=event_log or None,
+            clock=reactor,
+        )
+        for description in server_cfg.http:
+            endpoint = serverFromString(reactor, description)
+            _Listener(description, endpoint, site, "http").setServiceParent(top)
     return top

@@ -155,7 +155,10 @@ def test_make_service_order(tmp_path, monkeypatch):
     The scheduler (spool recovery) starts before anything that feeds it:
     pickup, the control socket, then the SMTP listeners.
     """
+    from twisted.application.internet import TimerService
+
     from mailhub import tap
+    from mailhub.metrics import MetricsObserver
     from mailhub.pickup import PickupService
     from mailhub.remote import RemoteDelivery
     from mailhub.scheduler import Scheduler
@@ -165,6 +168,11 @@ def test_make_service_order(tmp_path, monkeypatch):
     top = tap.makeService(o)
     children = list(top)
     assert isinstance(children[0], tap._StartupLog)
+    # the metrics observer and the status page sampler come before anything that logs mail events
+    assert isinstance(children[1], tap._Observer)
+    assert isinstance(children[1].observer, MetricsObserver)
+    assert isinstance(children[2], TimerService) and children[2].step == 60
+    children = [children[0], *children[3:]]
     assert isinstance(children[1], RemoteDelivery)
     assert isinstance(children[2], Scheduler)
     assert isinstance(children[3], PickupService)
@@ -321,3 +329,178 @@ def test_plugin_is_found_from_the_source_tree():
         cwd="/", env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60,
     )
     assert r.stdout.strip() == "['mailhub']", r.stderr
+
+
+# -- HTTP, metrics, event log, system mode in makeService -------------------------------------
+
+
+def test_make_service_http_and_observers(tmp_path, monkeypatch):
+    from twisted.logger import globalLogPublisher
+
+    from mailhub import tap
+    from mailhub.auth import UsersFile
+    from mailhub.eventlog import EventLogObserver
+    from mailhub.httpapi import ApiSite
+    from mailhub.maillog import mail_event
+    from mailhub.metrics import MetricsObserver
+
+    conf = tmp_path / "m.toml"
+    conf.write_text(
+        '[server]\nsmtp = ["tcp:0:interface=127.0.0.1"]\n'
+        'http = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]\n'
+        'http_max_body = 5000\nhttp_admins = ["Root@Example.org"]\nevent_log = "events.jsonl"\n'
+        '[local]\ndomains = ["example.org"]\n[auth]\nusers = "users"\n'
+    )
+    top = tap.makeService(tap_options(["--config", str(conf)], tmp_path, monkeypatch))
+    observers = [c for c in top if isinstance(c, tap._Observer)]
+    assert [type(o.observer) for o in observers] == [MetricsObserver, EventLogObserver]
+    http = [c for c in top if isinstance(c, tap._Listener) and c.kind == "http"]
+    assert [l.description for l in http] == ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]
+    site = http[0].factory
+    assert isinstance(site, ApiSite) and http[1].factory is site
+    assert site.max_body == 5000
+    api = site.resource
+    assert api.admins == {"root@example.org"}
+    assert isinstance(api.users, UsersFile)
+    assert api.metrics is observers[0].observer.metrics
+    assert api.event_log == str(tmp_path / "events.jsonl")
+    assert api.enqueue == top.getServiceNamed("scheduler").enqueue
+    # recipients are resolved like the pickup service does: aliases, extensions
+    assert api.resolve_recipient("postmaster+x@example.org") == ["postmaster@example.org"]
+    assert api.resolve_recipient("someone@elsewhere.example") == ["someone@elsewhere.example"]
+    # listeners come last
+    kinds = [c.kind for c in top if isinstance(c, tap._Listener)]
+    assert kinds == ["control", "smtp", "http", "http"]
+
+    # the observers are on the global log publisher only while they run
+    for o in observers:
+        o.startService()
+    try:
+        mail_event("accepted", "{queue_id}: accepted", queue_id="0ABC", listener="smtp")
+    finally:
+        for o in reversed(observers):
+            o.stopService()
+    mail_event("accepted", "{queue_id}: accepted", queue_id="0ABD", listener="smtp")
+    assert observers[0].observer not in globalLogPublisher._observers
+    text = (tmp_path / "events.jsonl").read_text()
+    assert '"queue_id": "0ABC"' in text and "0ABD" not in text
+    metrics = observers[0].observer.metrics
+    assert metrics.accepted.labels(listener="smtp")._value.get() == 1
+
+
+def test_make_service_without_http_has_no_http_listener(tmp_path, monkeypatch):
+    from mailhub import tap
+    from mailhub.eventlog import EventLogObserver
+
+    top = tap.makeService(tap_options(["--smtp", "tcp:0:interface=127.0.0.1"], tmp_path, monkeypatch))
+    assert [c.kind for c in top if isinstance(c, tap._Listener)] == ["control", "smtp"]
+    assert not any(isinstance(c, tap._Observer) and isinstance(c.observer, EventLogObserver) for c in top)
+
+
+def test_make_service_event_log_cannot_open(tmp_path, monkeypatch, capsys):
+    from mailhub import tap
+
+    conf = tmp_path / "m.toml"
+    conf.write_text('[server]\nevent_log = "missing/dir/events.jsonl"\n')
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(tap_options(["--config", str(conf)], tmp_path, monkeypatch))
+    assert e.value.code == 78
+    assert capsys.readouterr().err == (
+        f"mailhub: {conf}: server.event_log: cannot open {tmp_path / 'missing/dir/events.jsonl'}: "
+        "No such file or directory\n"
+    )
+
+
+def test_make_service_system_mode(tmp_path, monkeypatch):
+    from mailhub import tap
+
+    (tmp_path / "aliases").write_text("root: someone@elsewhere.example\n")
+    conf = tmp_path / "m.toml"
+    conf.write_text(
+        '[local]\nmode = "system"\nhome_maildir = "Mail/inbox"\nmin_uid = 2000\nmax_uid = 3000\n'
+        'aliases = "aliases"\n'
+    )
+    top = tap.makeService(tap_options(["--config", str(conf)], tmp_path, monkeypatch))
+    directory = top.getServiceNamed("scheduler").deliver.directory
+    assert directory.mode == "system"
+    assert directory.home_maildir == ("Mail", "inbox")
+    assert (directory.accounts.min_uid, directory.accounts.max_uid) == (2000, 3000)
+    assert directory.aliases_path == str(tmp_path / "aliases")
+
+
+def test_system_mode_warns_when_not_root(tmp_path, monkeypatch):
+    from twisted.logger import globalLogPublisher
+
+    from mailhub import tap
+
+    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(tmp_path / "absent"))
+    conf = tmp_path / "m.toml"
+    conf.write_text('[local]\nmode = "system"\n')
+    options = tap_options(["--config", str(conf)], tmp_path, monkeypatch)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        startup = tap._StartupLog(options.config)
+        startup.privilegedStartService()
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+        startup.startService()
+        monkeypatch.setattr(os, "geteuid", lambda: 0)
+        tap._StartupLog(options.config).startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    from twisted.logger import formatEvent
+
+    texts = [formatEvent(e) for e in events if e.get("log_namespace") == "mailhub.tap"]
+    assert any("mailboxes ~ACCOUNT/Maildir (system accounts)" in t for t in texts), texts
+    warnings = [t for t in texts if "runs as uid" in t]
+    assert len(warnings) == 1 and "runs as uid 1000, not root" in warnings[0]
+
+
+# -- mailhub log, lazy imports ------------------------------------------------------------------
+
+
+def test_log_command(tmp_path):
+    import json
+
+    events = tmp_path / "events.jsonl"
+    records = [
+        {"event": "accepted", "queue_id": "0AAA", "time": 1700000000.25, "text": "0AAA: accepted from=<a@x.example>"},
+        {"event": "accepted", "queue_id": "0BBB", "time": 1700000001.0, "text": "0BBB: accepted from=<b@x.example>"},
+        {"event": "delivery", "queue_id": "0AAA", "time": 1700000002.5, "text": "0AAA: to=<c@x.example>, status=sent"},
+    ]
+    events.write_text("".join(json.dumps(r) + "\n" for r in records))
+    conf = tmp_path / "m.toml"
+    conf.write_text('[server]\nevent_log = "events.jsonl"\n')
+    r = run(["-C", str(conf), "log", "0AAA"], tmp_path)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == (
+        "2023-11-14T22:13:20.250Z 0AAA: accepted from=<a@x.example>\n"
+        "2023-11-14T22:13:22.500Z 0AAA: to=<c@x.example>, status=sent\n"
+    )
+    r = run(["-C", "nope.toml", "log", "--file", str(events), "--json", "0BBB"], tmp_path)
+    assert (r.returncode, [json.loads(l) for l in r.stdout.splitlines()]) == (0, [records[1]])
+    r = run(["-C", str(conf), "log", "0CCC"], tmp_path)
+    assert (r.returncode, r.stderr) == (1, f"mailhub: no events for 0CCC in {events}\n")
+    (tmp_path / "none.toml").write_text("")
+    r = run(["-C", str(tmp_path / "none.toml"), "log", "0AAA"], tmp_path)
+    assert (r.returncode, r.stderr) == (
+        64, "mailhub: no event log: set server.event_log in the configuration or use --file\n"
+    )
+    r = run(["-C", "nope.toml", "log", "0AAA"], tmp_path)
+    assert (r.returncode, r.stderr) == (78, "mailhub: nope.toml: cannot read: No such file or directory\n")
+    r = run(["log"], tmp_path)
+    assert r.returncode == 64
+
+
+def test_commands_import_only_what_they_need(tmp_path):
+    # check-config and queue must not pay for bcrypt (user) or OpenSSL (make-cert)
+    code = (
+        "import sys; from mailhub.cli.main import main; "
+        "rc = main(['check-config'], out=open('/dev/null', 'w')); "
+        "print(rc, sorted(m for m in ('bcrypt', 'OpenSSL', 'mailhub.auth', 'mailhub.tls', 'mailhub.cli.user') "
+        "if m in sys.modules))"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("MAILHUB_CONFIG", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout == "0 []\n", r.stderr

@@ -68,6 +68,9 @@ def test_embedded_defaults(tmp_path, monkeypatch):
     assert (c.relay.min_backoff, c.relay.max_backoff) == (300.0, 4000.0)
     assert c.relay.max_queue_lifetime == 5 * 86400
     assert c.relay.delay_warning == 0.0 and c.relay.concurrency == 100
+    assert (c.local.mode, c.local.home_maildir, c.local.min_uid, c.local.max_uid) == ("virtual", "Maildir", 1000, 60000)
+    assert (c.server.http, c.server.http_max_body, c.server.http_admins) == ((), 14680064, ())
+    assert c.server.event_log is None
 
 
 def test_empty_file_is_defaults(tmp_path, monkeypatch):
@@ -238,7 +241,8 @@ ERRORS = [
     ('[server]\ntrusted_networks = "10.0.0.0/8"\n', "server.trusted_networks: must be a list of networks, got '10.0.0.0/8'"),
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
      "max_recipients, trusted_networks, timeout, max_connections, max_connections_per_ip, max_errors, "
-     "soft_error_limit, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip)"),
+     "soft_error_limit, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
+     "http_admins, event_log)"),
     ("[srever]\nsmtp = []\n",
      "srever: unknown section or key (known: auth, data_dir, local, relay, server, spool, submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),
@@ -314,6 +318,29 @@ ERRORS = [
     ('[auth]\npassword = "x"\n', "auth.password: unknown key (known: users, allow_plaintext_loopback, "
      "max_failures, failure_window, failure_delay)"),
     ('[submission]\nsender_check = "loose"\n', "submission.sender_check: must be one of 'strict', 'off', got 'loose'"),
+    # HTTP and observability (docs/http.rst)
+    ('[server]\nhttp = "tcp:8080"\n', "server.http: must be a list of endpoint strings, got 'tcp:8080'"),
+    ('[server]\nhttp = ["tcp:x"]\n',
+     "server.http: invalid endpoint 'tcp:x': invalid literal for int() with base 10: 'x'"),
+    ("[server]\nhttp_max_body = 0\n", "server.http_max_body: must be a positive integer, got 0"),
+    ('[server]\nhttp_admins = "root@example.org"\n',
+     "server.http_admins: must be a list of user addresses, got 'root@example.org'"),
+    ('[server]\nhttp_admins = ["root"]\n',
+     "server.http_admins: invalid user address 'root' (want e.g. \"root@example.org\")"),
+    ('[server]\nhttp_admins = ["a b@example.org"]\n',
+     "server.http_admins: invalid user address 'a b@example.org' (want e.g. \"root@example.org\")"),
+    ("[server]\nevent_log = 1\n", "server.event_log: must be a string, got 1"),
+    # system mailboxes (docs/delivery.rst)
+    ('[local]\nmode = "unix"\n', "local.mode: must be one of 'virtual', 'system', got 'unix'"),
+    ('[local]\nhome_maildir = "/var/mail"\n', "local.home_maildir: must be a relative path, not '/var/mail'"),
+    ('[local]\nhome_maildir = "../x"\n',
+     "local.home_maildir: must not contain '.' or '..' components: '../x'"),
+    ('[local]\nhome_maildir = ""\n', "local.home_maildir: must be a non-empty string, got ''"),
+    ("[local]\nmin_uid = 0\n", "local.min_uid: must be a user id 1-4294967294, got 0"),
+    ('[local]\nmax_uid = "60000"\n', "local.max_uid: must be a user id 1-4294967294, got '60000'"),
+    ("[local]\nmin_uid = 2000\nmax_uid = 1999\n", "local.min_uid: must not exceed local.max_uid (2000 > 1999)"),
+    ('[local]\nmode = "system"\nusers = ["alice"]\n',
+     'local.users: cannot be used with local.mode = "system" (the accounts are the users)'),
 ]
 
 
@@ -603,3 +630,71 @@ def test_tools_do_not_need_the_daemons_secrets(tmp_path):
 def test_sender_check_none_is_off(tmp_path):
     path = write(tmp_path, '[submission]\nsender_check = "none"\n')
     assert load_config(path).submission.sender_check == "off"
+
+
+# -- HTTP, event log, system mailboxes ----------------------------------------------------------
+
+
+def test_http_and_event_log_keys(tmp_path):
+    path = write(
+        tmp_path,
+        '[server]\nhttp = ["tcp:8080:interface=127.0.0.1", "unix:http.sock"]\nhttp_max_body = 1000\n'
+        'http_admins = ["Root@Example.ORG", "admin@bücher.example"]\nevent_log = "log/events.jsonl"\n',
+    )
+    c = load_config(path)
+    assert c.server.http == ("tcp:8080:interface=127.0.0.1", "unix:http.sock")
+    assert c.server.http_max_body == 1000
+    # normalised as the users file stores its users
+    assert c.server.http_admins == ("root@example.org", "admin@xn--bcher-kva.example")
+    assert c.server.event_log == str(tmp_path / "log" / "events.jsonl")
+
+
+def test_event_log_empty_string_is_off(tmp_path):
+    c = load_config(write(tmp_path, '[server]\nevent_log = ""\n'))
+    assert c.server.event_log is None
+
+
+def test_system_mode_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(tmp_path / "no-etc-aliases"))
+    path = write(tmp_path, '[local]\nmode = "system"\nhome_maildir = "Mail/inbox"\nmin_uid = 500\nmax_uid = 999\n')
+    c = load_config(path)
+    assert (c.local.mode, c.local.home_maildir, c.local.min_uid, c.local.max_uid) == ("system", "Mail/inbox", 500, 999)
+    assert c.local.aliases is None  # no /etc/aliases: none
+
+
+def test_system_mode_uses_etc_aliases_when_it_exists(tmp_path, monkeypatch):
+    etc_aliases = tmp_path / "etc-aliases"
+    etc_aliases.write_text("postmaster: root\n")
+    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(etc_aliases))
+    c = load_config(write(tmp_path, '[local]\nmode = "system"\n'))
+    assert c.local.aliases == str(etc_aliases)
+    # an explicit aliases file wins
+    (tmp_path / "mine").write_text("")
+    c = load_config(write(tmp_path, '[local]\nmode = "system"\naliases = "mine"\n'))
+    assert c.local.aliases == str(tmp_path / "mine")
+    # virtual mode never picks it up
+    assert load_config(write(tmp_path, "")).local.aliases is None
+
+
+def test_system_mode_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(tmp_path / "absent"))
+    c = load_config(write(tmp_path, '[local]\nmode = "system"\n[server]\nhttp = ["tcp:0"]\nhttp_admins = ["a@b.example"]\n'))
+    again = load_config(write(tmp_path, format_config(c), "again.toml"))
+    assert (again.server, again.local) == (c.server, c.local)
+
+
+def test_every_key_is_documented():
+    # README.rst's key table and docs/configuration.rst name every key config.py accepts
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.rst"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(root, "docs", "configuration.rst"), encoding="utf-8") as f:
+        reference = f.read()
+    missing = []
+    for section, keys in cfg._SCHEMA.items():
+        for key in keys:
+            if f"\n``{section}.{key}`` " not in readme:
+                missing.append(f"README.rst: {section}.{key}")
+            if f"``{key}``" not in reference:
+                missing.append(f"docs/configuration.rst: {section}.{key}")
+    assert missing == []

@@ -3,9 +3,11 @@ The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 
 Owns: the command-line front end for administration.  Each command is a
 L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
-C{user} (L{mailhub.cli.user}) and C{make-cert} (L{mailhub.cli.certs}); this
-module finds and loads the configuration and hands each command what it
-needs.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
+C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}) and
+C{log} (L{mailhub.eventlog}); this module finds and loads the configuration
+and hands each command what it needs.  A command's module is imported only
+when that command runs (L{_lazy}): C{user} brings bcrypt, C{make-cert}
+OpenSSL, and C{mailhub queue} should not pay for them.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
 configuration error; the commands add their own.
 
 Must not touch: the reactor, the spool, running daemons (commands that talk
@@ -14,15 +16,13 @@ to a daemon will do it through the control socket).
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from twisted.python import usage
 
 from ..config import Config, ConfigError, find_config_file, format_config, load_config
-from .certs import MakeCertOptions, run_make_cert
-from .queue import QueueOptions, run_queue
-from .user import UserOptions, run_user
 
 __all__ = ["Options", "main", "EX_USAGE", "EX_CONFIG"]
 
@@ -38,6 +38,25 @@ class CheckConfigOptions(usage.Options):
     )
 
 
+def _lazy(module: str, name: str) -> Callable[[], usage.Options]:
+    """
+    A sub-command parser for L{usage.Options.subCommands} that imports its
+    module only when the command is used (usage calls it with no arguments
+    to build the sub-options; the usage text needs only names and docs).
+    """
+
+    def build() -> usage.Options:
+        return getattr(importlib.import_module(module, __package__), name)()
+
+    build.__name__ = name
+    return build
+
+
+def _run(module: str, name: str) -> Callable[..., Any]:
+    """The run function C{name} of C{module}, imported now."""
+    return getattr(importlib.import_module(module, __package__), name)
+
+
 class Options(usage.Options):
     synopsis = "mailhub [--config FILE] [--data DIR] <command> [options]"
     longdesc = (
@@ -51,9 +70,10 @@ class Options(usage.Options):
     ]
     subCommands = [
         ["check-config", None, CheckConfigOptions, "Validate the configuration and print every key."],
-        ["queue", None, QueueOptions, "List, show, flush, delete, hold or release queued messages."],
-        ["user", None, UserOptions, "Manage the SMTP AUTH users file (auth.users)."],
-        ["make-cert", None, MakeCertOptions, "Write a self-signed TLS certificate and key."],
+        ["queue", None, _lazy(".queue", "QueueOptions"), "List, show, flush, delete, hold or release queued messages."],
+        ["user", None, _lazy(".user", "UserOptions"), "Manage the SMTP AUTH users file (auth.users) and API tokens."],
+        ["make-cert", None, _lazy(".certs", "MakeCertOptions"), "Write a self-signed TLS certificate and key."],
+        ["log", None, _lazy("..eventlog", "LogOptions"), "Print the story of one message from the event log."],
     ]
 
     def opt_C(self, path: str) -> None:
@@ -88,7 +108,7 @@ def queue(options: Options, out: TextIO, err: TextIO) -> int:
     config = _config(options, err)
     if config is None:
         return EX_CONFIG
-    return run_queue(options.subOptions, config, out=out, err=err)
+    return _run(".queue", "run_queue")(options.subOptions, config, out=out, err=err)
 
 
 def user(options: Options, out: TextIO, err: TextIO) -> int:
@@ -99,14 +119,25 @@ def user(options: Options, out: TextIO, err: TextIO) -> int:
         if config is None:
             return EX_CONFIG
         users_path = config.auth.users
-    return run_user(sub, users_path, stdout=out, stderr=err)
+    return _run(".user", "run_user")(sub, users_path, stdout=out, stderr=err)
 
 
 def make_cert(options: Options, out: TextIO, err: TextIO) -> int:
-    return run_make_cert(options.subOptions, stderr=err)
+    return _run(".certs", "run_make_cert")(options.subOptions, stderr=err)
 
 
-COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert}
+def log(options: Options, out: TextIO, err: TextIO) -> int:
+    sub = options.subOptions
+    event_log = None
+    if not sub["file"]:  # --file needs no configuration
+        config = _config(options, err)
+        if config is None:
+            return EX_CONFIG
+        event_log = config.server.event_log
+    return _run("..eventlog", "run_log")(sub, event_log, stdout=out, stderr=err)
+
+
+COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -1,0 +1,226 @@
+"""
+End-to-end: the real daemon (C{twistd -n mailhub}) with C{server.http} on a
+free loopback port and C{server.event_log} set.  Mail sent with smtplib
+moves the Prometheus counters; a token made with C{mailhub user token}
+submits a message over C{POST /v1/messages}, which lands in a Maildir;
+C{GET /v1/messages/ID} follows it after it left the queue (from the event
+log) and C{mailhub log ID} tells its story.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from test_e2e_daemon import CLEAN_EXIT, DOMAIN, ROOT, Daemon, read_maildir, send, split_message, wait_for
+
+_HTTP = re.compile(r"listening for HTTP on tcp:0:interface=127\.0\.0\.1 \(127\.0\.0\.1:(\d+)\)")
+
+CONFIG = f"""
+[server]
+hostname = "mx.{DOMAIN}"
+smtp = ["tcp:0:interface=127.0.0.1"]
+trusted_networks = []
+http = ["tcp:0:interface=127.0.0.1"]
+http_admins = ["admin@{DOMAIN}"]
+event_log = "events.jsonl"
+
+[spool]
+path = "spool"
+
+[local]
+domains = ["{DOMAIN}"]
+mailboxes = "mailboxes"
+users = ["alice", "bob"]
+
+[auth]
+users = "users"
+
+[relay]
+min_backoff = 1
+max_backoff = 2
+"""
+
+
+def mailhub(d: Daemon, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The C{mailhub} console script against the daemon's configuration."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailhub.cli.main", "--config", d.conf, *args],
+        cwd=d.home, env=d.env(), input=stdin, capture_output=True, text=True, timeout=60,
+    )
+
+
+class HttpDaemon(Daemon):
+    http_port = 0
+
+    def start(self) -> "HttpDaemon":
+        super().start()
+        m = wait_for(lambda: _HTTP.search(self.log()), 10, "the HTTP listener")
+        self.http_port = int(m.group(1))
+        return self
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        """(status, headers, body) of one HTTP request; error statuses are returned, not raised."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method, headers=headers or {}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=20) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = HttpDaemon(tmp_path_factory.mktemp("http"), CONFIG).start()
+    yield d
+    assert d.stop() == CLEAN_EXIT, d.stderr()
+    assert "Traceback" not in d.log()
+    assert d.stderr() == ""
+
+
+@pytest.fixture(scope="module")
+def token(daemon):
+    r = mailhub(daemon, "user", "add", f"alice@{DOMAIN}", "--password-stdin", stdin="correct horse\n")
+    assert (r.returncode, r.stderr) == (0, f"mailhub: added user alice@{DOMAIN}\n")
+    r = mailhub(daemon, "user", "token", f"alice@{DOMAIN}")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"mailhub: created an API token for alice@{DOMAIN}; it is shown only once\n"
+    assert re.fullmatch(r"mh_[A-Za-z0-9_-]{40,}\n", r.stdout), r.stdout
+    return r.stdout.strip()
+
+
+_SAMPLE = re.compile(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", re.M)
+
+
+def scrape(d: HttpDaemon) -> dict[str, float]:
+    status, headers, body = d.request("GET", "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    return {name: float(value) for name, value in _SAMPLE.findall(body.decode())}
+
+
+ACCEPTED_SMTP = 'messages_accepted_total{listener="smtp"}'
+ACCEPTED_HTTP = 'messages_accepted_total{listener="http"}'
+SENT_LOCAL = 'deliveries_total{status="sent",transport="local"}'
+
+
+def find_in_maildir(d: Daemon, user: str, needle: bytes) -> bytes:
+    def find():
+        return next((raw for raw in read_maildir(d.maildir(user)) if needle in raw), None)
+
+    return wait_for(find, 10, f"{needle!r} in {user}'s Maildir")
+
+
+def test_startup_log_names_the_http_listener(daemon):
+    assert f"listening for HTTP on tcp:0:interface=127.0.0.1 (127.0.0.1:{daemon.http_port})" in daemon.log()
+    assert f"event log: {os.path.join(daemon.home, 'events.jsonl')}" in daemon.log()
+
+
+def test_smtp_mail_moves_the_counters(daemon):
+    before = scrape(daemon)
+    qid = send(
+        daemon, f"alice@{DOMAIN}",
+        b"From: s@client.test\r\nSubject: counted\r\nMessage-ID: <counted@client.test>\r\n\r\nhello\r\n",
+    )
+    find_in_maildir(daemon, "alice", b"<counted@client.test>")
+    # the delivery event follows the Maildir rename; poll the scrape, bounded
+    after = wait_for(
+        lambda: (m := scrape(daemon))[SENT_LOCAL] == before[SENT_LOCAL] + 1 and m, 10, "deliveries_total to move"
+    )
+    assert after[ACCEPTED_SMTP] == before[ACCEPTED_SMTP] + 1
+    assert after['deliveries_total{status="deferred",transport="local"}'] == before[
+        'deliveries_total{status="deferred",transport="local"}'
+    ]
+    assert after["delivery_latency_seconds_count"] == before["delivery_latency_seconds_count"] + 1
+    assert "queue_size" in after and "oldest_message_age_seconds" in after
+    # and the event log has the story
+    r = mailhub(daemon, "log", qid)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f"{qid}: accepted " in lines[0] or f"{qid}: " in lines[0]
+    assert any(f"to=<alice@{DOMAIN}>" in l and "status=sent" in l for l in lines), lines
+
+
+def test_api_needs_a_token(daemon):
+    status, headers, body = daemon.request("GET", "/v1/queue")
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert json.loads(body)["code"] == 401
+    status, _, body = daemon.request("GET", "/v1/queue", headers={"Authorization": "Bearer mh_wrong"})
+    assert (status, json.loads(body)["code"]) == (401, 401)
+
+
+def test_http_submission_is_delivered_and_followed(daemon, token):
+    before = scrape(daemon)
+    auth = {"Authorization": f"Bearer {token}"}
+    payload = {
+        "from": f"alice@{DOMAIN}",
+        "to": [f"bob+api@{DOMAIN}"],
+        "subject": "via HTTP",
+        "text": "Sent through the API.\n",
+    }
+    status, _, body = daemon.request(
+        "POST", "/v1/messages", json.dumps(payload).encode(), {**auth, "Content-Type": "application/json"}
+    )
+    assert status == 202, body
+    qid = json.loads(body)["queue_id"]
+    assert re.fullmatch(r"[0-9A-Z]+", qid)
+
+    raw = find_in_maildir(daemon, "bob", b"Subject: via HTTP")
+    head, text = split_message(raw)
+    assert f"with HTTP id {qid}".encode() in head
+    assert f"Delivered-To: bob@{DOMAIN}".encode() in head  # the extension resolved like SMTP/pickup
+    assert text == b"Sent through the API.\n"
+    wait_for(lambda: qid + ".json" not in daemon.queued(), 10, "the spool to drop " + qid)
+
+    # left the queue: the answer comes from the event log
+    def followed():
+        status, _, body = daemon.request("GET", f"/v1/messages/{qid}", headers=auth)
+        doc = json.loads(body)
+        return status == 200 and doc["recipients"] and doc
+
+    doc = wait_for(followed, 10, "GET /v1/messages/ID from the event log")
+    assert doc["queue_id"] == qid and doc["state"] == "done"
+    assert [(r["address"], r["original"], r["state"]) for r in doc["recipients"]] == [
+        (f"bob@{DOMAIN}", f"bob+api@{DOMAIN}", "delivered")
+    ]
+
+    after = scrape(daemon)
+    assert after[ACCEPTED_HTTP] == before.get(ACCEPTED_HTTP, 0.0) + 1
+    assert after[SENT_LOCAL] == before[SENT_LOCAL] + 1
+
+    # mailhub log tells the same story: accepted over HTTP, then the delivery
+    r = mailhub(daemon, "log", qid)
+    assert (r.returncode, r.stderr) == (0, "")
+    lines = r.stdout.splitlines()
+    assert re.match(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z {qid}: accepted .*proto=HTTP", lines[0]), lines
+    assert any(f"to=<bob@{DOMAIN}>" in l and "status=sent" in l for l in lines[1:]), lines
+    r = mailhub(daemon, "log", "--json", qid)
+    events = [json.loads(l)["event"] for l in r.stdout.splitlines()]
+    assert events[0] == "accepted" and "delivery" in events
+
+
+def test_sender_not_owned_is_403(daemon, token):
+    payload = {"from": f"bob@{DOMAIN}", "to": [f"alice@{DOMAIN}"], "subject": "x", "text": "x"}
+    status, _, body = daemon.request(
+        "POST", "/v1/messages", json.dumps(payload).encode(),
+        {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert (status, json.loads(body)["code"]) == (403, 403)
+
+
+def test_status_page(daemon):
+    status, headers, body = daemon.request("GET", "/status")
+    assert status == 200
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert b"<svg" in body and b"mx.example.test" in body
