@@ -380,6 +380,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         reactor,
         retry,
         concurrency=relay.concurrency,
+        destination_concurrency=relay.destination_concurrency,
         hostname=config.server.hostname,
         postmaster=f"postmaster@{local_cfg.domains[0]}",
     )
