@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -30,7 +31,8 @@ __all__ = [
     "MAX_PATH",
 ]
 
-#: RFC 5321 4.5.3.1.1 to 4.5.3.1.3, in octets.
+#: RFC 5321 4.5.3.1.1 to 4.5.3.1.3, in octets.  MAX_PATH counts the
+#: angle brackets ("<" local "@" domain ">"), as 4.5.3.1.3 says.
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
@@ -128,13 +130,17 @@ class Mailbox:
     @property
     def local_key(self) -> str:
         """
-        The local part used for lookups: unquoted and case-folded, as
-        Postfix's local(8) folds local parts to lower case.
+        The local part used for lookups: unquoted, case-folded (as
+        Postfix's local(8) folds local parts to lower case) and in Unicode
+        NFC, so a UTF-8 local part composed differently by two clients
+        (C{"e\\u0301"} or C{"\\u00e9"}) names one mailbox (RFC 6532 3.1 recommends NFC).
+        Domains need no such step: IDNA (UTS 46) normalises U-labels.
         """
         local = self.local
         if local.startswith('"'):
             local = re.sub(r"\\(.)", r"\1", local[1:-1])
-        return local.lower()
+        local = local.lower()
+        return local if local.isascii() else unicodedata.normalize("NFC", local)
 
     @property
     def is_ascii(self) -> bool:
@@ -190,7 +196,7 @@ def parse_path(text: str, allow_utf8: bool = True) -> Mailbox | None:
         raise AddressError("unbalanced angle brackets", "5.1.3")
     if text == "":
         return None
-    if len(text.encode("utf-8")) > MAX_PATH:
+    if len(text.encode("utf-8")) + 2 > MAX_PATH:  # with its "<" and ">"
         raise AddressError("path too long", "5.1.3")
     route = _SOURCE_ROUTE.match(text)
     if route:

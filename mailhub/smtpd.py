@@ -19,15 +19,32 @@ L{SpoolWriter}), delivery (the C{enqueue} callable), the global reactor
 (time comes from the injected clock).
 
 How bytes are read: everything received goes into one buffer.  In command
-mode complete lines are cut out of it; in DATA mode each received buffer is
-handed whole to L{DotDecoder}, which finds the end marker, removes dot
-stuffing with bytes operations and reports bare CR/LF; in BDAT mode exact
-byte counts are taken.  Nothing is ever executed from inside message data.
-Command lines may end in CRLF or a bare LF (as Postfix accepts); they are
-at most 512 octets (AUTH lines and SASL responses 12288, RFC 4954 4) and
-may not contain control characters or invalid UTF-8.
-While a commit is in progress (C{factory.run}, e.g. C{deferToThread}) no
-command is read, and the transport is paused once 64 KiB are waiting.
+mode complete lines are cut out of it by moving an offset (the buffer is
+sliced once per run, so thousands of pipelined commands cost linear time);
+in DATA mode each received buffer is handed whole to L{DotDecoder}, which
+finds the end marker, removes dot stuffing with bytes operations and
+reports bare CR/LF; in BDAT mode exact byte counts are taken.  Nothing is
+ever executed from inside message data.  Command lines may end in CRLF or a
+bare LF (as Postfix accepts); they are at most 512 octets, MAIL and RCPT
+lines 2048 (their extension parameters, Postfix line_length_limit), AUTH
+lines and SASL responses 12288 (RFC 4954 4), and may not contain control
+characters or invalid UTF-8.  The header section of a message is scanned
+(buffers, not lines) for C{Received:} fields: C{max_hops} of them is a
+mail loop, C{554 5.4.6 Too many hops} (RFC 5321 6.3).
+
+Flow control: nothing is executed while a commit is in progress
+(C{factory.run}, e.g. C{deferToThread}), while the client does not read our
+replies (the session is a streaming producer on its transport, which calls
+C{pauseProducing} when its write buffer is full), or during the one-second
+delay after C{soft_error_limit} errors; meanwhile the transport's reading
+is paused once 64 KiB are waiting.  A client that shuts down its sending
+side (half-close) still gets every reply before the server closes.
+
+Timeouts (Postfix smtpd_per_request_deadline, smtpd_min_data_rate): a
+command must be complete within C{timeout} of the previous one; bytes of an
+unfinished line do not reset the timer.  In DATA / BDAT each buffer extends
+the deadline by its size divided by C{min_data_rate}, at most to
+C{timeout} from now.
 
 Anti-smuggling (CVE-2023-51764 family): a message ends only at
 C{CRLF . CRLF}.  Data containing a bare CR or bare LF is read up to that
@@ -55,9 +72,17 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITLSTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import address, auth
 from .envelope import Envelope, Recipient
@@ -66,9 +91,11 @@ from .policy import SENDER_CHECKS, Policy, Reply, Session, is_loopback
 from .smtpproto import (
     MAX_AUTH_LINE,
     MAX_LINE,
+    MAX_MAIL_LINE,
     TOO_BIG,
     CommandError,
     DotDecoder,
+    HopCounter,
     _fields,
     format_reply,
     parse_mail_params,
@@ -97,6 +124,7 @@ __all__ = [
     "received_header",
     "MAX_LINE",
     "MAX_AUTH_LINE",
+    "MAX_MAIL_LINE",
 ]
 
 log = Logger()
@@ -121,6 +149,17 @@ TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to local problem")
 IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 AUTH_DISABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")
+
+# Why the session reads no command: a commit or an AUTH check is in flight,
+# the client is not reading our replies (the transport's write buffer is
+# full: it called pauseProducing), or the soft error limit's delay runs.
+BUSY, OUTPUT, SLEEP = "busy", "output", "sleep"
+#: Seconds every reply waits once the soft error limit is reached (Postfix smtpd_error_sleep_time).
+ERROR_SLEEP = 1.0
+#: Verbs whose lines may exceed MAX_LINE (MAIL, RCPT: MAX_MAIL_LINE; AUTH: MAX_AUTH_LINE).
+_LONG_VERBS = (b"MAIL ", b"RCPT ", b"AUTH ")
 
 
 def _reply(t: tuple[int, str, str]) -> Reply:
@@ -144,6 +183,7 @@ class Transaction:
     accepted: list[str] = field(default_factory=list)  # RCPT TO addresses accepted, as given
     writer: SpoolWriter | None = None
     decoder: DotDecoder | None = None
+    hops: HopCounter = field(default_factory=HopCounter)
     size: int = 0
     error: Reply | None = None  # first problem found while reading the message
     bdat: bool = False
@@ -153,8 +193,18 @@ class Transaction:
         return bool(self.esmtp.get("smtputf8"))
 
 
+@implementer(IHalfCloseableProtocol, IHandshakeListener, IPushProducer)
 class SMTPServer(protocol.Protocol):
-    """One SMTP session.  See the module docstring for how bytes are read."""
+    """
+    One SMTP session.  See the module docstring for how bytes are read.
+
+    The session is a streaming producer registered on its own transport:
+    when the client does not read our replies and the transport's write
+    buffer fills, the transport calls L{pauseProducing} and the session
+    stops executing commands (and stops reading) until L{resumeProducing}.
+    It is half-close aware (L{readConnectionLost}): a client that sends
+    its commands and shuts down its sending side still gets every reply.
+    """
 
     factory: "SMTPServerFactory"
 
@@ -164,7 +214,10 @@ class SMTPServer(protocol.Protocol):
         # Implicit TLS (smtps): the factory is wrapped in TLS by
         # tls.implicit_tls_endpoint, so the session is encrypted from the start.
         self.session = Session(client_ip="", listener=factory.listener, tls=factory.listener == "smtps")
+        # Input not yet consumed is self._buf[self._pos:]; lines are cut
+        # by moving _pos, and the buffer is sliced once per _process run.
         self._buf = b""
+        self._pos = 0
         self._mode = COMMAND
         self._esmtp = False
         self._tx: Transaction | None = None
@@ -173,11 +226,16 @@ class SMTPServer(protocol.Protocol):
         self._bdat_error: Reply | None = None
         self._errors = 0
         self._closed = False
-        self._busy = False
+        self._eof = False  # the client shut down its sending side
+        self._pauses: set[str] = set()  # BUSY, OUTPUT, SLEEP: no command is executed
         self._processing = False
-        self._paused = False
+        self._paused = False  # whether we paused the transport's reading
         self._counted = False
+        self._starttls = False  # STARTTLS answered, handshake not yet complete
         self._timer: IDelayedCall | None = None
+        self._sleep: IDelayedCall | None = None
+        self._slept = False  # the error delay for the next reply has been served
+        self._held: Transaction | None = None  # a complete message whose reply waits for that delay
         self._sasl: auth.SASLExchange | None = None
         self._auth_wait: defer.Deferred[Any] | None = None
         self._handlers: dict[str, Callable[[str], None]] = {
@@ -197,15 +255,33 @@ class SMTPServer(protocol.Protocol):
             "AUTH": self.do_auth,
         }
 
+    @property
+    def _busy(self) -> bool:
+        """A commit or an AUTH check is in flight: nothing more is read until it is answered."""
+        return BUSY in self._pauses
+
+    @_busy.setter
+    def _busy(self, value: bool) -> None:
+        if value:
+            self._pauses.add(BUSY)
+        else:
+            self._pauses.discard(BUSY)
+
     # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.session.client_ip = getattr(self.transport.getPeer(), "host", "")
         if not self.factory.admit(self.session.client_ip):
-            self._write(421, "4.7.0", "Too many connections")
+            self._write(421, "4.7.0", f"{self.config.hostname} Error: too many connections")
             self._close()
             return
         self._counted = True
+        mail_event(
+            "connection",
+            "connect from [{client}] listener={listener} tls={tls}",
+            client=self.session.client_ip, listener=self.session.listener, tls=self.session.tls,
+        )
+        self.transport.registerProducer(self, True)
         self._timer = self.factory.clock.callLater(self.config.timeout, self._timed_out)
         self._write(220, "", f"{self.config.hostname} ESMTP mailhub")
 
@@ -224,33 +300,121 @@ class SMTPServer(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.config.timeout)
-        self._buf += data
-        if self._busy:
-            if len(self._buf) > MAX_PENDING_INPUT and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()
+        self._buf = self._buf + data if self._buf else data
+        if self._pauses:
+            self._update_reading()
             return
         self._process()
+
+    # IHalfCloseableProtocol
+
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its sending side (C{shutdown(SHUT_WR)}) after,
+        typically, a whole pipelined transaction and QUIT.  Everything it
+        sent is still executed and answered; the connection is closed once
+        the replies are written (L{_process} does it when nothing more can
+        be executed).  A half-received command or message is dropped.
+        """
+        if self._eof:
+            return
+        self._eof = True
+        if not self._closed:
+            self._process()
+
+    def writeConnectionLost(self) -> None:
+        """The client can no longer receive replies: nothing more is worth doing."""
+        if not self._closed:
+            self._reset_transaction()
+            self._close()
+
+    # IPushProducer: called by the transport about its write buffer
+
+    def pauseProducing(self) -> None:
+        """The client is not reading our replies (or TLS is not ready): execute nothing more."""
+        self._pauses.add(OUTPUT)
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The write buffer drained: go on with the buffered commands."""
+        if OUTPUT in self._pauses:
+            self._pauses.discard(OUTPUT)
+            self._process()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; L{connectionLost} follows and cleans up."""
+
+    # IHandshakeListener
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake after STARTTLS succeeded (for smtps the C{connection} event says tls)."""
+        if self._starttls and not self._closed:
+            self._starttls = False
+            mail_event(
+                "starttls",
+                "STARTTLS from [{client}] listener={listener}",
+                client=self.session.client_ip, listener=self.session.listener,
+            )
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _touch(self) -> None:
+        """
+        A request was completed (a command line, the end of a message):
+        the client again has the full C{timeout} for the next one.  Bytes
+        of an unfinished line do not count, so a client trickling one byte
+        a second still times out (Postfix smtpd_per_request_deadline).
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.config.timeout)
+
+    def _extend(self, n: int) -> None:
+        """
+        C{n} message bytes arrived: the deadline moves out by
+        C{n / min_data_rate} seconds, never beyond C{timeout} from now
+        (Postfix smtpd_min_data_rate).  A client sending slower than the
+        minimum rate runs out of time; a faster one never does.
+        """
+        timer = self._timer
+        rate = self.factory.min_data_rate
+        if timer is None or not timer.active() or not n or rate <= 0:
+            return
+        now = self.factory.clock.seconds()
+        deadline = min(timer.getTime() + n / rate, now + self.config.timeout)
+        timer.reset(deadline - now)
 
     def _timed_out(self) -> None:
         self._timer = None
         if self._closed:
             return
+        stuck = OUTPUT in self._pauses
         self._reset_transaction()
         self._sasl = None
         self._write(421, "4.4.2", f"{self.config.hostname} Error: timeout exceeded")
         self._close()
+        if stuck:
+            # The client reads nothing: the 421 and the replies before it
+            # would wait forever in the write buffer.
+            abort = getattr(self.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._sleep is not None and self._sleep.active():
+            self._sleep.cancel()
+        self._sleep = None
 
     def _close(self) -> None:
         self._closed = True
         self._cancel_timer()
+        # Unregister first: a TLS transport does not shut down while a
+        # producer is registered, and a TCP transport whose buffer drains
+        # resumes a paused producer instead of closing.
+        if self._counted:
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # -- replies -------------------------------------------------------------------------------
@@ -267,53 +431,143 @@ class SMTPServer(protocol.Protocol):
             self._errors += 1
             if self.config.max_errors and self._errors >= self.config.max_errors:
                 self._reset_transaction()
-                self._write(421, "4.7.0", "Too many errors")
+                self._write(421, "4.7.0", f"{self.config.hostname} Error: too many errors")
                 self._close()
+
+    def _must_sleep(self) -> bool:
+        """
+        After C{soft_error_limit} errors every reply waits one second
+        (Postfix smtpd_soft_error_limit / smtpd_error_sleep_time), through
+        the clock: the session executes nothing meanwhile, so pipelined
+        commands stay in order.  True if that wait was just started.
+        """
+        limit = self.factory.soft_error_limit
+        if not limit or self._errors < limit:
+            return False
+        if self._slept:
+            self._slept = False
+            return False
+        self._pauses.add(SLEEP)
+        self._sleep = self.factory.clock.callLater(ERROR_SLEEP, self._wake)
+        return True
+
+    def _wake(self) -> None:
+        self._sleep = None
+        self._pauses.discard(SLEEP)
+        if self._closed:
+            return
+        held, self._held = self._held, None
+        if held is not None:
+            self._finish_message(held)  # the end of data waited
+        else:
+            self._slept = True  # the next command line goes first
+        self._process()
 
     # -- input loop ------------------------------------------------------------------------------
 
     def _process(self) -> None:
+        """
+        Execute what is buffered, until it runs out or something pauses the
+        session.  Lines are cut by moving C{_pos}; the buffer is sliced once
+        at the end, so many small pipelined commands cost linear time.
+        """
         if self._processing:
             return
         self._processing = True
+        lines = 0
         try:
-            while not self._closed and not self._busy and self._buf:
-                if self._mode == DATA:
-                    data, self._buf = self._buf, b""
-                    self._data_chunk(data)
-                elif self._mode == BDAT:
-                    take, self._buf = self._buf[: self._bdat_left], self._buf[self._bdat_left :]
-                    self._bdat_chunk(take)
-                elif self._mode == DISCARD:
-                    i = self._buf.find(b"\n")
-                    self._buf = self._buf[i + 1 :] if i >= 0 else b""
-                    if i >= 0:
-                        self._mode = COMMAND
-                else:
-                    limit = self._line_limit()
-                    i = self._buf.find(b"\n", 0, limit)
+            while not self._closed and not self._pauses:
+                buf, pos = self._buf, self._pos
+                if pos >= len(buf):
+                    break
+                mode = self._mode
+                if mode == DATA:
+                    self._buf, self._pos = b"", 0
+                    self._data_chunk(buf[pos:] if pos else buf)
+                elif mode == BDAT:
+                    end = min(pos + self._bdat_left, len(buf))
+                    self._pos = end
+                    self._bdat_chunk(buf[pos:end])
+                elif mode == DISCARD:
+                    i = buf.find(b"\n", pos)
                     if i < 0:
-                        if len(self._buf) < limit:
+                        self._pos = len(buf)
+                        break
+                    self._pos = i + 1
+                    self._mode = COMMAND
+                    lines += 1
+                else:
+                    limit = self._line_limit(buf, pos)
+                    i = buf.find(b"\n", pos, pos + limit)
+                    if i < 0:
+                        if len(buf) - pos < limit:
                             break
                         self._line_too_long()
                         continue
-                    line, self._buf = self._buf[:i], self._buf[i + 1 :]
-                    line = line[:-1] if line.endswith(b"\r") else line
+                    if self._must_sleep():
+                        break
+                    lines += 1
+                    self._pos = i + 1
+                    length = i + 1 - pos  # with its CRLF (or bare LF)
+                    if i > pos and buf[i - 1] == 13:  # CR
+                        i -= 1
                     if self._mode == SASL:
-                        self._sasl_line(line)
+                        self._sasl_line(buf[pos:i])
+                    elif length > MAX_LINE and buf[pos : pos + 5].upper() not in _LONG_VERBS:
+                        self.reply(LINE_TOO_LONG)  # RFC 5321 4.5.3.1.4: 512 with CRLF
                     else:
-                        self._command(line)
+                        self._command(buf[pos:i])
         finally:
             self._processing = False
-        if self._paused and not self._busy and not self._closed:
-            self._paused = False
-            self.transport.resumeProducing()
+            if self._pos:
+                self._buf = self._buf[self._pos :]
+                self._pos = 0
+        if self._closed:
+            return
+        if lines:
+            self._touch()
+        if self._eof and not self._pauses:
+            # Everything the half-closed client sent is answered; what is
+            # left cannot become a command.  loseConnection writes the
+            # replies out first.
+            self._reset_transaction()
+            self._close()
+            return
+        self._update_reading()
 
-    def _line_limit(self) -> int:
-        """512 octets per command line; 12288 for AUTH and SASL responses (RFC 4954 4)."""
-        if self._mode == SASL or self._buf[:5].upper() == b"AUTH ":
+    def _update_reading(self) -> None:
+        """
+        Pause the transport's reading while the session executes nothing
+        (the client does not read our replies, a commit or AUTH check is
+        in flight, the error delay runs) and more than
+        L{MAX_PENDING_INPUT} octets wait; resume when it goes on.  So a
+        client that pipelines without reading holds at most that much
+        input and the transport's write buffer (plus one batch of replies)
+        in memory.  Reading is not paused at once on L{pauseProducing}: a
+        TLS layer pauses its producer while the handshake is in progress,
+        and the handshake needs reading.  Never resumed after the
+        client's EOF.
+        """
+        if self._closed or self._eof:
+            return
+        want = bool(self._pauses) and len(self._buf) - self._pos > MAX_PENDING_INPUT
+        if want != self._paused:
+            self._paused = want
+            if want:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _line_limit(self, buf: bytes, pos: int) -> int:
+        """
+        How far to look for the end of a command line: 12288 octets for
+        AUTH and SASL responses (RFC 4954 4), 2048 for the others (the 512
+        limit is checked per verb once the line is complete: MAIL and RCPT
+        may use up to 2048 for their parameters).
+        """
+        if self._mode == SASL or buf[pos : pos + 5].upper() == b"AUTH ":
             return MAX_AUTH_LINE
-        return MAX_LINE
+        return MAX_MAIL_LINE
 
     def _line_too_long(self) -> None:
         self._mode = DISCARD
@@ -321,7 +575,7 @@ class SMTPServer(protocol.Protocol):
             self._sasl = None
             self.reply(AUTH_LINE_TOO_LONG)
         else:
-            self.reply(Reply(500, "5.5.2", "Error: line too long"))
+            self.reply(LINE_TOO_LONG)
 
     def _command(self, raw: bytes) -> None:
         if _BAD_COMMAND_BYTES.search(raw):
@@ -350,9 +604,10 @@ class SMTPServer(protocol.Protocol):
 
     def _reset_transaction(self) -> None:
         """Forget the mail transaction (RSET, EHLO, errors, disconnect)."""
-        tx, self._tx = self._tx, None
-        if tx is not None and tx.writer is not None:
-            tx.writer.abort()
+        for tx in (self._tx, self._held):
+            if tx is not None and tx.writer is not None:
+                tx.writer.abort()
+        self._tx = self._held = None
 
     def reset_session(self) -> None:
         """
@@ -405,6 +660,18 @@ class SMTPServer(protocol.Protocol):
         code = 553 if e.enhanced == "5.6.7" else 501
         return Reply(code, e.enhanced, f"Error: bad {what} address: {e}")
 
+    def _sender_error(self, e: address.AddressError) -> Reply:
+        """
+        A bad MAIL FROM path, with the sender codes of RFC 3463: X.1.7 bad
+        sender mailbox syntax, X.1.8 bad sender system address (the domain);
+        the recipient codes X.1.3 / X.1.2 are for RCPT.
+        """
+        if e.enhanced == "5.1.3":
+            return Reply(501, "5.1.7", f"Bad sender address syntax: {e}")
+        if e.enhanced == "5.1.2":
+            return Reply(501, "5.1.8", f"Bad sender system address: {e}")
+        return self._address_error(e, "sender")
+
     def do_mail(self, arg: str) -> None:
         if self.session.helo is None:
             raise CommandError(*_fields(NEED_HELO))
@@ -415,12 +682,19 @@ class SMTPServer(protocol.Protocol):
             raise CommandError(*_fields(refusal))
         if arg[:5].upper() != "FROM:":
             raise CommandError(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-        path, words = split_path(arg[5:])
+        try:
+            path, words = split_path(arg[5:])
+        except CommandError as e:
+            if e.reply.enhanced == "5.1.3":
+                raise CommandError(501, "5.1.7", "Bad sender address syntax") from None
+            raise
+        if not path:  # "MAIL FROM:" is not the null sender; "<>" is
+            raise CommandError(501, "5.5.4", "Syntax: MAIL FROM:<address>")
         esmtp = parse_mail_params(parse_params(words), self.config.max_message_size)
         try:
             sender = address.parse_path(path, allow_utf8=esmtp["smtputf8"])
         except address.AddressError as e:
-            self.reply(self._address_error(e, "sender"))
+            self.reply(self._sender_error(e))
             return
         sender_text = "" if sender is None else str(sender)
         refusal = self.factory.policy.check_sender(
@@ -447,6 +721,8 @@ class SMTPServer(protocol.Protocol):
         if arg[:3].upper() != "TO:":
             raise CommandError(501, "5.5.4", "Syntax: RCPT TO:<address>")
         path, words = split_path(arg[3:])
+        if not path:
+            raise CommandError(501, "5.5.4", "Syntax: RCPT TO:<address>")
         notify, orcpt = parse_rcpt_params(parse_params(words))
         if path.removeprefix("<").removesuffix(">").lower() == "postmaster":
             mailbox = self.factory.policy.postmaster()
@@ -591,13 +867,15 @@ class SMTPServer(protocol.Protocol):
         # sent in clear text and may have been injected by a man in the
         # middle; it must never be executed as if it came over TLS.
         # Bytes arriving after startTLS() go to the TLS layer instead.
-        if self._buf:
+        pending = len(self._buf) - self._pos
+        if pending:
             log.info(
                 "STARTTLS from [{client}]: {n} pipelined plaintext octets discarded",
-                client=self.session.client_ip, n=len(self._buf),
+                client=self.session.client_ip, n=pending,
             )
-        self._buf = b""
+        self._buf, self._pos = b"", 0
         self.reset_session()
+        self._starttls = True
         try:
             self.transport.startTLS(self.factory.tls.options())
         except Exception:
@@ -754,22 +1032,40 @@ class SMTPServer(protocol.Protocol):
         if tx.writer is not None:
             tx.writer.abort()
 
+    def _count_hops(self, tx: Transaction, body: bytes) -> None:
+        """
+        Count C{Received:} fields in the header section (RFC 5321 6.3): a
+        message that would leave here with more than C{max_hops} of them
+        (ours included) is looping and is refused at the end of the data.
+        """
+        hops = tx.hops
+        if hops.done:
+            return
+        hops.feed(body)
+        limit = self.factory.max_hops
+        if limit and hops.count >= limit and tx.error is None:
+            self._fail(tx, TOO_MANY_HOPS)
+
     def _data_chunk(self, data: bytes) -> None:
         tx = self._tx
         assert tx is not None and tx.decoder is not None
+        self._extend(len(data))
         body, rest = tx.decoder.feed(data)
         if tx.decoder.bare_line_ending and tx.error is None:
             self._fail(tx, BARE_LINE_ENDING)
+        self._count_hops(tx, body)
         self._take(tx, body)
         if rest is not None:
-            self._buf = rest + self._buf
+            self._buf, self._pos = rest + self._buf[self._pos :], 0
             self._mode = COMMAND
             self._end_of_message(tx)
 
     def _bdat_chunk(self, data: bytes) -> None:
         self._bdat_left -= len(data)
+        self._extend(len(data))
         tx = self._tx
         if self._bdat_error is None and tx is not None:
+            self._count_hops(tx, data)
             self._take(tx, data)
         if self._bdat_left:
             return
@@ -784,11 +1080,26 @@ class SMTPServer(protocol.Protocol):
             self.reply(Reply(250, "2.0.0", f"Ok: {tx.size} octets received"))
 
     def _end_of_message(self, tx: Transaction) -> None:
-        """The message is complete: reject it, or commit it and answer 250 only once it is durable."""
+        """The message is complete (after the error delay, if one is due): see L{_finish_message}."""
         self._tx = None
+        self._touch()
+        if self._must_sleep():
+            self._held = tx
+            return
+        self._finish_message(tx)
+
+    def _finish_message(self, tx: Transaction) -> None:
+        """Reject the message, or commit it and answer 250 only once it is durable."""
         if tx.error is not None:
             if tx.writer is not None:
                 tx.writer.abort()
+            if tx.error is TOO_MANY_HOPS:
+                mail_event(
+                    "reject",
+                    "NOQUEUE: reject: DATA from [{client}]: {code} {enhanced} {text}; hops={hops} from=<{sender}>",
+                    client=self.session.client_ip, code=tx.error.code, enhanced=tx.error.enhanced,
+                    text=tx.error.text, hops=tx.hops.count, sender=tx.sender, reason="too_many_hops",
+                )
             self.reply(tx.error)
             return
         writer = tx.writer
@@ -813,18 +1124,22 @@ class SMTPServer(protocol.Protocol):
 
     def _committed(self, _: object, envelope: Envelope) -> None:
         self._busy = False
+        # Logged before enqueue: enqueue may deliver at once, and the story
+        # of a message in the log must start with its arrival.
+        mail_event(
+            "accepted",
+            "{queue_id}: accepted from=<{sender}> nrcpt={nrcpt} size={size} client=[{client}] proto={proto}"
+            " listener={listener} sasl_username={user}",
+            queue_id=envelope.queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
+            size=envelope.esmtp["size"], client=envelope.client["addr"], proto=envelope.client["protocol"],
+            listener=envelope.client["listener"], user=envelope.client["user"],
+            **{"from": envelope.sender},
+        )
         try:
             self.factory.enqueue(envelope)
         except Exception:
             # Committed means queued: the scheduler finds it again at start.
             log.failure("enqueue failed for {queue_id}", queue_id=envelope.queue_id)
-        mail_event(
-            "accepted",
-            "{queue_id}: accepted from=<{sender}> nrcpt={nrcpt} size={size} client=[{client}] proto={proto}",
-            queue_id=envelope.queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
-            size=envelope.esmtp["size"], client=envelope.client["addr"], proto=envelope.client["protocol"],
-            **{"from": envelope.sender},
-        )
         self._errors = 0  # Postfix: the hard limit counts errors "without delivering mail"
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
         self._process()
@@ -878,6 +1193,22 @@ class SMTPServerFactory(protocol.Factory):
         C{hide_client_ip}).
     @param extension_separator: the address extension separator the
         sender check allows (C{alice+x@...} is alice's); C{""} disables.
+
+    Limits (Postfix 3.7 defaults; 0 disables each):
+
+    @param max_hops: a message carrying C{max_hops} or more C{Received:}
+        header fields (so more than C{max_hops} with ours) is refused at
+        the end of DATA / BDAT with C{554 5.4.6 Too many hops}: two MTAs
+        forwarding to each other stop (Postfix hopcount_limit, RFC 5321 6.3).
+    @param min_data_rate: octets per second a client must keep up in
+        DATA / BDAT: each received buffer extends the deadline by
+        C{len / min_data_rate} seconds, at most to C{config.timeout} from
+        now (Postfix smtpd_min_data_rate).  Outside message data only a
+        complete command line resets the timeout.
+    @param soft_error_limit: after this many errors in a session every
+        reply waits one second (Postfix smtpd_soft_error_limit,
+        smtpd_error_sleep_time); C{None}: C{config.soft_error_limit}.
+        C{config.max_errors} (hard limit) still closes the session.
     """
 
     protocol = SMTPServer  # type: ignore[assignment]
@@ -901,6 +1232,9 @@ class SMTPServerFactory(protocol.Factory):
         hide_client_ip: bool = False,
         received_auth_user: bool = False,
         extension_separator: str = "+",
+        max_hops: int = 50,
+        min_data_rate: int = 500,
+        soft_error_limit: int | None = None,
     ) -> None:
         if sender_check not in SENDER_CHECKS:
             raise ValueError(f"sender_check must be one of {', '.join(SENDER_CHECKS)}, not {sender_check!r}")
@@ -917,6 +1251,11 @@ class SMTPServerFactory(protocol.Factory):
         self.hide_client_ip = hide_client_ip
         self.received_auth_user = received_auth_user
         self.extension_separator = extension_separator
+        self.max_hops = max_hops
+        self.min_data_rate = min_data_rate
+        if soft_error_limit is None:
+            soft_error_limit = getattr(config, "soft_error_limit", 10)
+        self.soft_error_limit = soft_error_limit
         self.config = config
         self.spool = spool
         self.enqueue = enqueue

@@ -33,6 +33,8 @@ __all__ = [
     "received_header",
     "MAX_LINE",
     "MAX_AUTH_LINE",
+    "MAX_MAIL_LINE",
+    "HopCounter",
     "END_MARKER",
     "TOO_BIG",
 ]
@@ -41,6 +43,10 @@ __all__ = [
 MAX_LINE = 512
 #: RFC 4954 4: AUTH command lines and SASL responses may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
+#: MAIL and RCPT lines with extension parameters: RFC 5321 4.5.3.1.4 allows
+#: extensions to raise the 512 octets (RFC 1870 +26, RFC 3461 +100 for MAIL
+#: and +500 for RCPT, ...); like Postfix (line_length_limit) 2048 octets.
+MAX_MAIL_LINE = 2048
 END_MARKER = b"\r\n.\r\n"
 _DIGITS = re.compile(r"[0-9]{1,20}\Z")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
@@ -287,3 +293,44 @@ class DotDecoder:
             cut = min(self._skip, len(body))
             body, self._skip = body[cut:], self._skip - cut
         return body, rest
+
+
+class HopCounter:
+    """
+    Counts the C{Received:} header fields of a message as its bytes arrive
+    (RFC 5321 6.3: a loop is detected by counting trace headers).
+
+    Only the header section is looked at: lines up to the first empty one.
+    Once it has been seen, L{feed} returns at once, so the message body
+    costs nothing.  Work is done on whole buffers with bytes operations
+    (C{find}, C{count}, C{lower}), never per line; a field name split
+    across two buffers is found because the last few bytes are carried
+    over.  Lines are split at LF, so CRLF (DATA) and bare LF (BDAT, which
+    is taken as sent) are both understood.
+
+    @ivar count: C{Received:} fields seen so far.
+    @ivar done: the end of the header section has been seen.
+    """
+
+    _FIELD = b"\nreceived:"
+
+    def __init__(self) -> None:
+        self._tail = b"\n"  # a virtual line end before the message
+        self.count = 0
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        if self.done or not data:
+            return
+        work = self._tail + data
+        ends = [i for i in (work.find(b"\n\n"), work.find(b"\n\r\n")) if i >= 0]
+        if ends:
+            end = min(ends)
+            self.count += work[:end].lower().count(self._FIELD)
+            self.done = True
+            self._tail = b""
+            return
+        # An occurrence needs len(_FIELD) bytes, one more than the tail
+        # keeps: none is counted twice, none split across buffers is lost.
+        self.count += work.lower().count(self._FIELD)
+        self._tail = work[-(len(self._FIELD) - 1) :]

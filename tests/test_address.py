@@ -85,6 +85,44 @@ def test_keys():
     assert str(mb) == "User.Name@Bücher.Example"
 
 
+def test_local_key_is_nfc():
+    """Composed and decomposed forms of one UTF-8 local part name one mailbox (and one directory)."""
+    composed = parse_mailbox("J\u00f6rg@example.com")  # o with diaeresis, one code point
+    decomposed = parse_mailbox("Jo\u0308rg@example.com")  # o + combining diaeresis
+    assert composed.local_key == decomposed.local_key == "j\u00f6rg"
+    assert decomposed.key() == composed.key()
+    assert parse_mailbox('"Jo\u0308rg X"@example.com').local_key == "j\u00f6rg x"
+    assert decomposed.local == "Jo\u0308rg"  # kept as written
+
+
+def _path_of(length: int) -> str:
+    """A valid <local@domain> path of exactly C{length} octets, brackets included."""
+    local = "l" * 64
+    labels, left = [], length - 2 - len(local) - 1 - len(".com")
+    while left > 0:
+        n = min(63, left)
+        if left - n == 1:  # never leave a one-octet remainder for "."+label
+            n -= 2
+        labels.append("d" * n)
+        left -= n + 1 if left - n > 0 else n
+    domain = ".".join(labels) + ".com"
+    path = f"<{local}@{domain}>"
+    assert len(path) == length, (len(path), length)
+    return path
+
+
+def test_path_length_counts_the_brackets():
+    """RFC 5321 4.5.3.1.3: the path, "<" and ">" included, is at most 256 octets."""
+    ok = _path_of(256)
+    assert parse_path(ok) is not None
+    assert parse_path(ok[1:-1]) is not None  # without brackets: counted as if they were there
+    with pytest.raises(AddressError) as e:
+        parse_path(_path_of(257))
+    assert e.value.enhanced == "5.1.3" and str(e.value) == "path too long"
+    with pytest.raises(AddressError):
+        parse_path(_path_of(257)[1:-1])
+
+
 def test_normalize_domain():
     assert normalize_domain("EXAMPLE.com.") == "example.com"
     assert normalize_domain("[IPv6:2001:DB8:0:0::1]") == "[IPv6:2001:db8::1]"

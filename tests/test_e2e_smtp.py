@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import smtplib
 import socket
+import threading
 
 import pytest
 from twisted.internet import threads
@@ -36,6 +37,7 @@ class Server:
         factory = SMTPServerFactory(cfg, self.spool, self.queued.append, Policy(directory, cfg.trusted_networks), reactor)
         if run is not None:
             factory.run = run
+        self.factory = factory
         endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
         self.port = in_reactor(reactor, endpoint.listen, factory)
         self.address = ("127.0.0.1", self.port.getHost().port)
@@ -189,3 +191,153 @@ def test_postfix_smtp_source(server):
     for env in server.queued:
         body = server.stored(env.queue_id)
         assert body.endswith(b"\r\n") and len(body) >= 20000
+
+
+def _read_all(sock: socket.socket, into: list[bytes]) -> None:
+    while chunk := sock.recv(1 << 20):
+        into.append(chunk)
+
+
+def test_client_that_never_reads_replies(reactor, tmp_path):
+    """
+    A client pipelines 4 MB of NOOP and reads nothing.  The server must
+    stop executing (and reading) while its replies are not being read,
+    so its user-space buffers stay small: the unsent output (the
+    transport's write buffer) and the unparsed input are sampled after
+    every reply.  Then the client reads everything: one reply per NOOP.
+    """
+    srv = Server(reactor, tmp_path)
+    peak = {"out": 0, "in": 0}
+    build = srv.factory.buildProtocol
+
+    def build_tracking(addr):
+        proto = build(addr)
+        write = proto._write
+
+        def tracking_write(*args):
+            write(*args)
+            t = proto.transport  # twisted.internet.tcp.Server: a FileDescriptor's write buffer
+            peak["out"] = max(peak["out"], len(t.dataBuffer) - t.offset + t._tempDataLen)
+            peak["in"] = max(peak["in"], len(proto._buf) - getattr(proto, "_pos", 0))
+
+        proto._write = tracking_write
+        return proto
+
+    srv.factory.buildProtocol = build_tracking
+    n = 4 * 2**20 // 6
+    data = b"NOOP\r\n" * n
+    replies: list[bytes] = []
+    try:
+        with socket.socket() as s:
+            # Small client buffers: the replies back up into the server quickly.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            s.connect(srv.address)
+            s.settimeout(10)
+            assert s.recv(1000) == f"220 {HOST} ESMTP mailhub\r\n".encode()
+            s.settimeout(1.0)
+            sent = 0
+            while sent < len(data):
+                try:
+                    sent += s.send(data[sent : sent + 65536])
+                except TimeoutError:
+                    break  # the server stopped reading: it is waiting for us
+            s.settimeout(30)
+            reader = threading.Thread(target=_read_all, args=(s, replies))
+            reader.start()
+            s.sendall(data[sent:] + b"QUIT\r\n")
+            reader.join(60)
+            assert not reader.is_alive()
+    finally:
+        srv.stop()
+    assert peak["out"] < 2**20, peak  # without flow control: megabytes
+    assert peak["in"] < 2**20, peak
+    out = b"".join(replies)
+    assert out == b"250 2.0.0 Ok\r\n" * n + b"221 2.0.0 Bye\r\n"
+
+
+@pytest.mark.parametrize("quit", [True, False])
+def test_half_close_gets_every_reply(server, quit):
+    """
+    A client sends a whole pipelined transaction, then shutdown(SHUT_WR):
+    it still gets every reply (else it would retry and the message would
+    arrive twice), and the server closes after the last one.
+    """
+    script = (
+        b"EHLO client.test\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n"
+        b"Subject: half\r\n\r\nclosed\r\n.\r\nNOOP\r\n" + (b"QUIT\r\n" if quit else b"")
+    )
+    with socket.create_connection(server.address, timeout=10) as s:
+        assert s.recv(1000) == f"220 {HOST} ESMTP mailhub\r\n".encode()
+        s.sendall(script)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    [env] = server.queued
+    assert out.decode().endswith(
+        "250 DSN\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        f"250 2.0.0 Ok: queued as {env.queue_id}\r\n250 2.0.0 Ok\r\n" + ("221 2.0.0 Bye\r\n" if quit else "")
+    )
+    assert server.stored(env.queue_id) == b"Subject: half\r\n\r\nclosed\r\n"
+
+
+def test_starttls_and_connection_events(reactor, tmp_path):
+    """The real TLS layer calls handshakeCompleted: one "starttls" mail event per handshake."""
+    import ssl
+
+    from twisted.logger import globalLogPublisher
+
+    from mailhub import tls
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    tls.make_self_signed("127.0.0.1", cert, key)
+    srv = Server(reactor, tmp_path)
+    srv.factory.tls = tls.ServerTLS(cert, key)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        with smtplib.SMTP(*srv.address, timeout=10) as client:
+            client.starttls(context=context)
+            assert client.noop() == (250, b"2.0.0 Ok")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        srv.stop()
+    names = [e["mail_event"] for e in events if "mail_event" in e]
+    assert names == ["connection", "starttls"]
+    assert [e["listener"] for e in events if "mail_event" in e] == ["smtp", "smtp"]
+
+
+def test_smtps_quit_closes_the_connection(reactor, tmp_path):
+    """
+    Over implicit TLS the server itself ends the session after 221 (a TLS
+    transport does not shut down while a producer is registered on it).
+    """
+    import ssl
+
+    from twisted.internet import endpoints
+
+    from mailhub import tls
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    tls.make_self_signed("127.0.0.1", cert, key)
+    srv = Server(reactor, tmp_path)
+    srv.factory.listener = "smtps"
+    endpoint = endpoints.wrapServerTLS(tls.ServerTLS(cert, key), serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    port = in_reactor(reactor, endpoint.listen, srv.factory)
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as raw:
+            with context.wrap_socket(raw) as s:
+                assert s.recv(1000) == f"220 {HOST} ESMTP mailhub\r\n".encode()
+                s.sendall(b"NOOP\r\nQUIT\r\n")
+                out = b""
+                while chunk := s.recv(1000):  # ends only when the server closes
+                    out += chunk
+        assert out == b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
+    finally:
+        in_reactor(reactor, port.stopListening)
+        srv.stop()

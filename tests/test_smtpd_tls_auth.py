@@ -240,6 +240,26 @@ def test_starttls_injection_discarded(h):
     assert c.send("RCPT TO:<alice@example.com>\r\n") == "503 5.5.1 Error: need MAIL command\r\n"
 
 
+def test_starttls_event_after_handshake(h):
+    """mail event "starttls" (metrics: tls_connections_total) once the handshake is complete, not before."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        c = h.connect()
+        assert c.send("EHLO client.test\r\n") == ehlo_reply(starttls=True)
+        c.proto.handshakeCompleted()  # no STARTTLS yet: nothing
+        assert c.send("STARTTLS\r\n") == READY
+        assert [e for e in events if e.get("mail_event") == "starttls"] == []
+        c.proto.handshakeCompleted()  # the TLS layer calls it (IHandshakeListener)
+        c.proto.handshakeCompleted()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [ev] = [e for e in events if e.get("mail_event") == "starttls"]
+    assert (ev["client"], ev["listener"]) == (FOREIGN, "smtp")
+    [conn] = [e for e in events if e.get("mail_event") == "connection"]
+    assert (conn["client"], conn["listener"], conn["tls"]) == (FOREIGN, "smtp", False)
+
+
 def test_starttls_forgets_helo_and_auth(tmp_path):
     h = Harness(tmp_path, allow_plaintext_loopback=True)
     c = h.connect("127.0.0.1")
