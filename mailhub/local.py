@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
@@ -33,6 +34,7 @@ from twisted.python.failure import Failure
 from . import system
 from .directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient, UnsafeMailbox
 from .envelope import Envelope, Outcome, Recipient
+from .spool import DirSync
 
 __all__ = ["LocalDelivery", "CHUNK_SIZE"]
 
@@ -44,6 +46,9 @@ CHUNK_SIZE = 1 << 20
 #: Header bytes scanned for Delivered-To before giving up (the header section
 #: of a sane message is far smaller; a hostile one must not cost memory).
 MAX_HEADER_SCAN = 1 << 20
+
+#: Maildirs whose new/ group-commit state is remembered (see L{LocalDelivery._sync_new}).
+MAX_DIR_SYNCS = 4096
 
 _QUOTA_ERRNOS = {getattr(errno, "EDQUOT", -1)}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
@@ -156,6 +161,8 @@ class LocalDelivery:
         self.run = run
         self.fsync = fsync
         self._host = _maildir_host(hostname)
+        self._syncs_lock = threading.Lock()
+        self._syncs: dict[object, DirSync] = {}
 
     # -- the DeliveryAgent interface ---------------------------------------------------
 
@@ -339,8 +346,25 @@ class LocalDelivery:
                 pass
             raise
         if self.fsync:
-            _fsync_dir(os.path.join(maildir, "new"))
+            new = os.path.join(maildir, "new")
+            self._sync_new(new, lambda: _fsync_dir(new))
         return final
+
+    def _sync_new(self, key: object, fsync: Callable[[], None]) -> None:
+        """
+        Make a link into a Maildir's new/ durable, sharing the fsync with
+        concurrent deliveries into the same Maildir (L{DirSync}): under load
+        most mail goes to few mailboxes, and one directory fsync then covers
+        every file linked before it began.  The table is bounded; forgetting
+        an entry only costs a group its sharing, never its fsync.
+        """
+        with self._syncs_lock:
+            ds = self._syncs.get(key)
+            if ds is None:
+                if len(self._syncs) >= MAX_DIR_SYNCS:
+                    self._syncs.clear()
+                ds = self._syncs[key] = DirSync()
+        ds.sync(fsync)
 
     def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message_path: str) -> int:
         header = (
@@ -401,7 +425,11 @@ class LocalDelivery:
                 pass
             raise
         if self.fsync:
-            os.fsync(fds.new)
+            # keyed by inode, not path: the user owns the path; the fsync
+            # is made on a descriptor the leader holds, of that same inode
+            st = os.fstat(fds.new)
+            new_fd = fds.new
+            self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
 
     @staticmethod
     def _in_cur(maildir: str, name: str) -> bool:

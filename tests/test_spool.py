@@ -74,6 +74,7 @@ class ShortWrites:
 
 def test_writer_survives_short_writes(spool):
     w = spool.new_message()
+    w._open()  # a message beyond MEMORY_LIMIT: straight to tmp/
     w._file = ShortWrites(w._file)
     w.write(b"0123456789")
     assert w.size == 10
@@ -117,6 +118,11 @@ def test_update_of_removed_message_refused(spool):
 def test_remove(spool):
     env = commit(spool)
     spool.remove(env.queue_id)
+    # the envelope is gone at once: no longer queued
+    assert listing(spool)["envelopes"] == [] and spool.queue_ids() == []
+    with pytest.raises(KeyError):
+        spool.load(env.queue_id)
+    spool.drain()  # the message file goes in the remover thread
     assert listing(spool) == {"tmp": [], "new": [], "envelopes": [], "corrupt": []}
     spool.remove(env.queue_id)  # idempotent
     with pytest.raises(KeyError):
@@ -250,3 +256,156 @@ def test_recover_twice_quarantine_names_do_not_collide(spool):
         f.write(b"junk")
     spool.recover()
     assert len(listing(spool)["corrupt"]) == 2
+
+
+# -- performance machinery: in-memory small messages, group commit, remover --------
+
+
+def test_small_message_touches_no_file_before_commit(spool):
+    w = spool.new_message()
+    w.write(BODY)
+    assert listing(spool)["tmp"] == []
+    w.commit(envelope(w.queue_id))
+    with open(spool.message_path(w.queue_id), "rb") as f:
+        assert f.read() == BODY
+    w2 = spool.new_message()
+    w2.write(BODY)
+    w2.abort()
+    assert listing(spool)["tmp"] == [] and listing(spool)["new"] == [w.queue_id]
+
+
+def test_large_message_spills_to_tmp(spool):
+    w = spool.new_message()
+    chunk = b"x" * 1000 + b"\r\n"
+    n = spool_module.MEMORY_LIMIT // len(chunk) + 2
+    for _ in range(n):
+        w.write(chunk)
+    assert listing(spool)["tmp"] == [w.queue_id + ".msg"]
+    assert w.size == n * len(chunk)
+    w.commit(envelope(w.queue_id))
+    with open(spool.message_path(w.queue_id), "rb") as f:
+        assert f.read() == chunk * n
+    assert listing(spool)["tmp"] == []
+
+
+def test_large_message_abort_removes_tmp(spool):
+    w = spool.new_message()
+    w.write(b"x" * (spool_module.MEMORY_LIMIT + 1))
+    assert listing(spool)["tmp"] == [w.queue_id + ".msg"]
+    w.abort()
+    assert listing(spool)["tmp"] == []
+
+
+def test_dirsync_one_fsync_covers_concurrent_callers():
+    """While an fsync runs, arriving callers wait and then share one more."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow_fsync():
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            started.set()
+            release.wait(5)
+
+    ds = spool_module.DirSync()
+    first = threading.Thread(target=ds.sync, args=(slow_fsync,), name="first")
+    first.start()
+    assert started.wait(5)
+    # these renamed after the first fsync began: it does not cover them
+    others = [threading.Thread(target=ds.sync, args=(slow_fsync,), name=f"o{i}") for i in range(8)]
+    for t in others:
+        t.start()
+    release.set()
+    for t in [first] + others:
+        t.join(5)
+        assert not t.is_alive()
+    assert len(calls) == 2 and ds.fsyncs == 2  # not 9
+
+
+def test_dirsync_error_reaches_every_waiter():
+    ds = spool_module.DirSync()
+
+    def broken():
+        raise OSError(5, "I/O error")
+
+    with pytest.raises(OSError):
+        ds.sync(broken)
+    ds.sync(lambda: None)  # a later fsync is a new chance
+
+
+def test_remover_unlinks_message_only_after_envelopes_fsync(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "spool"))
+    env = commit(spool)
+    events = []
+    real = spool_module._fsync_dir
+
+    def fsync_dir(path):
+        events.append(("fsync", os.path.basename(path), os.path.exists(spool.envelope_path(env.queue_id)),
+                       os.path.exists(spool.message_path(env.queue_id))))
+        return real(path)
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    spool.remove(env.queue_id)
+    spool.drain()
+    # envelope already unlinked, message still there, when envelopes/ was synced
+    assert events == [("fsync", "envelopes", False, True)]
+    assert not os.path.exists(spool.message_path(env.queue_id))
+
+
+def test_remover_keeps_message_when_fsync_fails(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "spool"))
+    env = commit(spool)
+
+    def fsync_dir(path):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    spool.remove(env.queue_id)
+    spool.drain()
+    monkeypatch.undo()
+    assert listing(spool)["new"] == [env.queue_id] and listing(spool)["envelopes"] == []
+    assert spool.recover() == [] and listing(spool)["new"] == []  # the orphan goes at the next start
+
+
+def test_update_while_removing_refused(tmp_path, monkeypatch):
+    """An update racing a removal must not bring back a ghost envelope."""
+    spool = Spool(str(tmp_path / "spool"))
+    env = commit(spool)
+    import threading
+
+    gate = threading.Event()
+    real = spool_module._fsync_dir
+    monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (gate.wait(5), real(p)))
+    spool.remove(env.queue_id)
+    assert os.path.exists(spool.message_path(env.queue_id))  # the remover is blocked
+    with pytest.raises(KeyError):
+        spool.update(env)
+    gate.set()
+    spool.drain()
+    assert listing(spool)["envelopes"] == [] and listing(spool)["new"] == []
+
+
+def test_concurrent_commits_share_directory_fsyncs(tmp_path):
+    import threading
+
+    spool = Spool(str(tmp_path / "spool"))
+    envs = []
+    lock = threading.Lock()
+
+    def one():
+        for _ in range(10):
+            e = commit(spool)
+            with lock:
+                envs.append(e)
+
+    ts = [threading.Thread(target=one) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(spool.queue_ids()) == sorted(e.queue_id for e in envs) and len(envs) == 80
+    # never more than one fsync per commit, usually far fewer
+    assert spool.new_sync.fsyncs <= 80 and spool.envelopes_sync.fsyncs <= 80
+    assert all(spool.load(e.queue_id) == e for e in envs)
