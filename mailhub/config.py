@@ -82,6 +82,8 @@ class ServerConfig:
     max_connections_per_ip: int = 50  # Postfix smtpd_client_connection_count_limit
     max_errors: int = 20  # Postfix smtpd_hard_error_limit -> 421 and close
     soft_error_limit: int = 10  # Postfix smtpd_soft_error_limit
+    max_hops: int = 50  # Received: fields that make a mail loop; 0 = off (Postfix hopcount_limit)
+    min_data_rate: int = 500  # bytes/s in DATA/BDAT; 0 = off (Postfix smtpd_min_data_rate)
     vrfy: bool = True  # VRFY answers 252 (never reveals); False -> 502
     expn: bool = False  # EXPN 502 by default
     tls_cert: str | None = None  # PEM chain; with tls_key: STARTTLS offered
@@ -221,6 +223,13 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _non_negative_int(value: Any) -> int:
+    """A count or rate where 0 switches the limit off."""
+    if not _is_int(value) or value < 0:
+        raise _Bad(f"must be a non-negative integer (0 disables), got {_show(value)}")
+    return value
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Bad(f"must be true or false, got {_show(value)}")
@@ -315,14 +324,9 @@ def check_endpoint(description: str) -> None:
 
 
 def _endpoints(value: Any) -> tuple[str, ...]:
-    items = _string_list(value, "endpoint strings")
+    items = _optional_endpoints(value)
     if not items:
         raise _Bad("must list at least one endpoint")
-    for item in items:
-        try:
-            check_endpoint(item)
-        except ValueError as e:
-            raise _Bad(f"invalid endpoint {item!r}: {e}")
     return items
 
 
@@ -533,6 +537,8 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "max_connections_per_ip": (_positive_int, False),
         "max_errors": (_positive_int, False),
         "soft_error_limit": (_positive_int, False),
+        "max_hops": (_non_negative_int, False),
+        "min_data_rate": (_non_negative_int, False),
         "vrfy": (_boolean, False),
         "expn": (_boolean, False),
         "tls_cert": (_string, True),
@@ -716,11 +722,7 @@ def load_config(
     relay = dict(values["relay"])
 
     _check_local(where, local)
-    aliases = local.get("aliases")
-    if aliases is not None and not os.path.isfile(aliases):
-        raise ConfigError(f"{where}: local.aliases: no such file {aliases}")
-    if aliases is not None and not os.access(aliases, os.R_OK):
-        raise ConfigError(f"{where}: local.aliases: cannot read {aliases}")
+    _readable_file(where, "local.aliases", local.get("aliases"))
     relay_cfg = RelayConfig(**relay)
     if relay_cfg.min_backoff > relay_cfg.max_backoff:
         raise ConfigError(

@@ -46,11 +46,18 @@ class NoSuchMessage(Exception):
 _ERRORS = {NoSuchMessage: b"NO_SUCH_MESSAGE", KeyError: b"NO_SUCH_MESSAGE"}
 
 
+#: What a Flush or Delete answer may say beyond "done": the scheduler's
+#: word for it (Flush: "flushed" or "held"; Delete: "removed" or "pending",
+#: the message being in flight).  Optional, so an old daemon's empty answer
+#: still parses.
+_STATUS = [(b"status", amp.Unicode(optional=True))]
+
+
 class Flush(amp.Command):
     """Try deferred messages now: all of them, or one."""
 
     arguments = [(b"queue_id", amp.Unicode(optional=True))]
-    response: list = []
+    response = _STATUS
     errors = _ERRORS
 
 
@@ -67,8 +74,10 @@ class Release(amp.Command):
 
 
 class Delete(amp.Command):
+    """Remove a message without notices; "pending" while it is being delivered."""
+
     arguments = [(b"queue_id", amp.Unicode())]
-    response: list = []
+    response = _STATUS
     errors = _ERRORS
 
 
@@ -83,10 +92,13 @@ class ControlProtocol(amp.AMP):
         super().__init__()
         self.scheduler = scheduler
 
+    @staticmethod
+    def _status(result: Any) -> dict:
+        return {"status": result} if isinstance(result, str) else {}
+
     @Flush.responder
     def flush(self, queue_id: str | None = None) -> dict:
-        self.scheduler.flush(queue_id)
-        return {}
+        return self._status(self.scheduler.flush(queue_id))
 
     @Hold.responder
     def hold(self, queue_id: str) -> dict:
@@ -100,8 +112,7 @@ class ControlProtocol(amp.AMP):
 
     @Delete.responder
     def delete(self, queue_id: str) -> dict:
-        self.scheduler.remove(queue_id)
-        return {}
+        return self._status(self.scheduler.remove(queue_id))
 
 
 class ControlFactory(protocol.Factory):
@@ -167,6 +178,14 @@ class ControlClient:
 
     def call(self, command: str, queue_id: str | None) -> str | None:
         """Run C{command} (flush, hold, release, delete); return an error text or C{None}."""
+        return self.ask(command, queue_id)[0]
+
+    def ask(self, command: str, queue_id: str | None) -> tuple[str | None, str]:
+        """
+        Run C{command}; return (error text or C{None}, status).  The status
+        is the daemon's word on a flush ("flushed", "held") or a delete
+        ("removed", or "pending" for a message being delivered), else "".
+        """
         tag = str(next(self._tags)).encode()
         box = amp.AmpBox(_command=_COMMANDS[command], _ask=tag)
         if queue_id is not None:
@@ -174,7 +193,7 @@ class ControlClient:
         self.sock.sendall(box.serialize())
         answer = self._read_box()
         if answer.get(b"_answer") == tag:
-            return None
+            return None, answer.get(b"status", b"").decode("utf-8", "replace")
         if answer.get(b"_error_code") == b"NO_SUCH_MESSAGE":
-            return "no such message"
-        return answer.get(b"_error_description", b"control command failed").decode("utf-8", "replace")
+            return "no such message", ""
+        return answer.get(b"_error_description", b"control command failed").decode("utf-8", "replace"), ""

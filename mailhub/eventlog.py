@@ -28,8 +28,9 @@ import sys
 from typing import IO, Any, Iterable, Iterator, TextIO
 
 from twisted.logger import ILogObserver, formatEvent
-from twisted.python import usage
 from zope.interface import implementer
+
+from .cli import Command
 
 __all__ = ["EventLogObserver", "event_record", "read_events", "story", "LogOptions", "run_log"]
 
@@ -162,7 +163,7 @@ def format_record(record: dict[str, Any]) -> str:
     return f"{stamp} {record.get('text', '')}"
 
 
-class LogOptions(usage.Options):
+class LogOptions(Command):
     """C{mailhub log [--file PATH] [--json] QUEUE_ID}."""
 
     synopsis = "mailhub log [--file EVENTLOG] [--json] QUEUE_ID"

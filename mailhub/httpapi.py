@@ -39,6 +39,7 @@ from twisted.web import resource, server
 from . import address
 from .envelope import Envelope, Recipient
 from .maillog import mail_event
+from .smtpproto import trace_header
 from .spool import is_queue_id
 
 __all__ = ["make_http_site", "ApiSite", "ApiResource", "ROUTES", "DEFAULT_MAX_BODY", "HttpError"]
@@ -598,13 +599,10 @@ class ApiResource(resource.Resource):
         def write() -> Envelope:
             writer = self.spool.new_message()
             try:
-                received = (
-                    f"Received: from [{client_ip}] (user {user})\r\n"
-                    f"\tby {self.hostname} (mailhub) with HTTP id {writer.queue_id}"
-                    + (f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else "")
-                    + f"; {email.utils.formatdate(now, localtime=False)}\r\n"
-                ).encode("utf-8")
-                writer.write(received)
+                clauses = [f"from [{client_ip}] (user {user})", f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}"]
+                if len(recipients) == 1:
+                    clauses.append(f"for <{recipients[0]}>")
+                writer.write(trace_header(clauses, email.utils.formatdate(now, localtime=False)))
                 writer.write(message)
                 esmtp: dict[str, Any] = {"size": writer.size, "body": "7BIT" if message.isascii() else "8BITMIME"}
                 if not sender.isascii() or not all(r.address.isascii() for r in rcpts):

@@ -7,7 +7,10 @@ injected C{IReactorTime}, armed for the earliest due time; the concurrency
 limits (messages in flight in all, and per destination, so one slow or
 dead destination cannot take every slot); the retry policy (backoff from attempts, clamped, jittered, capped
 by the queue lifetime); turning failures into RFC 3464 bounces (new
-messages from C{<>}, never to C{<>}); the per-recipient delivery log lines.
+messages from C{<>}, never to C{<>}), addressed through the same recipient
+resolver as submitted mail (aliases, extensions); operator actions on a
+message in flight (a removal ignores that round's outcomes); the
+per-recipient delivery log lines.
 
 Must not touch: message bytes or the network (the delivery agents do),
 the spool's files (only through L{Spool}'s methods), configuration files.
@@ -31,11 +34,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import bounce
+from .address import AddressError
+from .directory import RecipientError
 from .envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
 from .maillog import mail_event
 from .spool import Spool, new_queue_id
 
-__all__ = ["RetryPolicy", "Scheduler", "EXPIRED_STATUS", "recipient_domain"]
+__all__ = [
+    "RetryPolicy",
+    "Scheduler",
+    "EXPIRED_STATUS",
+    "recipient_domain",
+    "REMOVED",
+    "REMOVE_PENDING",
+    "FLUSHED",
+    "HELD",
+]
 
 log = Logger()
 
@@ -43,6 +57,26 @@ log = Logger()
 EXPIRED_STATUS = "4.4.7"
 
 DeliverFunction = Callable[[Envelope, list[Recipient]], "Deferred[list[Outcome]]"]
+ResolveFunction = Callable[[str], list[str]]
+
+#: L{Scheduler.remove}: the message is gone from the queue and the spool.
+REMOVED = "removed"
+#: L{Scheduler.remove}: the message is being delivered; it is removed when
+#: that attempt ends, and the attempt's outcomes are ignored (no notices).
+REMOVE_PENDING = "pending"
+#: L{Scheduler.flush}: due now (or again as soon as its round in flight ends).
+FLUSHED = "flushed"
+#: L{Scheduler.flush}: on hold, so not flushed.
+HELD = "held"
+
+
+class _Unresolved(Exception):
+    """A notification recipient the resolver refused; C{temporary} for a 4xx."""
+
+    def __init__(self, text: str, temporary: bool) -> None:
+        super().__init__(text)
+        self.text = text
+        self.temporary = temporary
 
 
 def recipient_domain(r: Recipient) -> str:
@@ -128,6 +162,7 @@ class Scheduler(service.Service):
         postmaster: str | None = None,
         destination_concurrency: int = 20,
         destination: Callable[[Recipient], str] = recipient_domain,
+        resolve: ResolveFunction | None = None,
     ) -> None:
         if concurrency < 1 or destination_concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -142,6 +177,10 @@ class Scheduler(service.Service):
         self.random = random
         #: where undeliverable bounces go, once
         self.postmaster = postmaster or f"postmaster@{hostname}"
+        #: the final addresses of a notification's recipient: local ones
+        #: through the directory (aliases, extensions), others as given --
+        #: the resolver the pickup service uses; None: addresses as given
+        self.resolve = resolve
         self._queue: dict[str, Envelope] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._scheduled: dict[str, tuple[int, float]] = {}  # qid -> (seq, due) of its live heap entry
@@ -195,11 +234,13 @@ class Scheduler(service.Service):
         self._schedule(qid, due)
         self._pump()
 
-    def flush(self, queue_id: str | None = None) -> None:
+    def flush(self, queue_id: str | None = None) -> str:
         """
         Make one message (or every queued one) due now.  Held messages stay
         held.  A message in flight is tried again as soon as its round ends.
 
+        @return: L{HELD} when the one message named is on hold (nothing
+            done), else L{FLUSHED}.
         @raise KeyError: C{queue_id} is not queued.
         """
         now = self.clock.seconds()
@@ -209,12 +250,16 @@ class Scheduler(service.Service):
                 raise KeyError(queue_id)
         else:
             ids = sorted(self._queue)  # queue ids sort by arrival
+        held = queue_id is not None and self._queue[queue_id].held
         for qid in ids:
+            if self._queue[qid].held:
+                continue  # a flush asked while it was in flight would undo the hold
             if qid in self._in_flight:
                 self._after[qid] = now
-            elif not self._queue[qid].held:
+            else:
                 self._schedule(qid, now)
         self._pump()
+        return HELD if held else FLUSHED
 
     def hold(self, queue_id: str) -> None:
         """Put a message on hold: kept, persisted as held, never dispatched until released."""
@@ -235,14 +280,27 @@ class Scheduler(service.Service):
             self._schedule(queue_id, env.next_attempt)
             self._pump()
 
-    def remove(self, queue_id: str) -> None:
-        """Delete a message from the queue (after its round, if it is in flight)."""
+    def remove(self, queue_id: str) -> str:
+        """
+        Delete a message from the queue, like C{postsuper -d}: no notices.
+
+        A message in flight cannot be taken from the delivery agent that is
+        reading it: it is marked, and when its round ends the outcomes are
+        ignored (logged, but no bounce, delay or success notice and no
+        envelope update) and it is removed from the spool.
+
+        @return: L{REMOVED}, or L{REMOVE_PENDING} for a message in flight.
+        @raise KeyError: C{queue_id} is not queued.
+        @raise OSError: the spool could not remove it (it stays queued).
+        """
         if queue_id not in self._queue:
             raise KeyError(queue_id)
         if queue_id in self._in_flight:
             self._removed.add(queue_id)
-            return
+            self._after.pop(queue_id, None)
+            return REMOVE_PENDING
         self._drop(queue_id, "removed by operator")
+        return REMOVED
 
     def next_due(self, queue_id: str) -> float | None:
         """When C{queue_id} is next dispatched, or C{None} (held, in flight, unknown)."""
@@ -441,6 +499,14 @@ class Scheduler(service.Service):
             if r.address not in seen:
                 env.apply(Outcome.temporary(r.address, "delivery agent reported no outcome", 451, "4.3.0"), now)
 
+        if env.queue_id in self._removed:
+            # deleted by the operator during the round (postsuper -d): what
+            # the agents did is logged; nothing is persisted, retried or
+            # notified -- _round_over removes it
+            for r in recipients:
+                self._log_delivery(env, r, now, False)
+            return None
+
         self._success_notice(env, recipients, outcomes, now)
 
         failed = [r for r in recipients if r.state == FAILED]
@@ -481,9 +547,11 @@ class Scheduler(service.Service):
             due = max(due, now + self.policy.min_backoff)
         return due
 
-    def _round_failed(self, failure: Failure, env: Envelope) -> float:
+    def _round_failed(self, failure: Failure, env: Envelope) -> float | None:
         """A bug while recording a round: log it, keep the message, try later."""
         log.failure("{queue_id}: error recording delivery outcomes", failure, queue_id=env.queue_id)
+        if env.queue_id in self._removed:
+            return None
         now = self.clock.seconds()
         env.next_attempt = now + self.policy.min_backoff
         self._persist(env)
@@ -500,8 +568,13 @@ class Scheduler(service.Service):
             if env is not None:
                 try:
                     self._drop(qid, "removed by operator")
-                except (OSError, KeyError):
-                    pass
+                except KeyError:
+                    self._queue.pop(qid, None)  # already gone from the spool
+                    self._unschedule(qid)
+                except OSError as e:
+                    # kept (unscheduled, so never retried on its own): the
+                    # operator sees it in the queue and deletes it again
+                    log.error("{queue_id}: cannot remove from the spool: {error}", queue_id=qid, error=e)
         elif env is not None and due is not None and not env.held:
             if after is not None:
                 due = min(due, after)
@@ -619,11 +692,16 @@ class Scheduler(service.Service):
             if env.client.get("double_bounce"):
                 mail_event("bounce", "{queue_id}: undeliverable postmaster notification discarded", queue_id=qid)
                 return True
-            if all(r.address.lower() == self.postmaster.lower() for r in recipients):
+            postmaster = self.postmaster.lower()
+            if all(postmaster in (r.address.lower(), r.original.lower()) for r in recipients):
                 mail_event("bounce", "{queue_id}: undeliverable bounce to postmaster discarded", queue_id=qid)
                 return True
             to = self.postmaster
             client["double_bounce"] = True
+        addressed = self._address_notice(qid, to, client, action)
+        if isinstance(addressed, bool):
+            return addressed  # False: try again later; True: discarded
+        to, finals = addressed
         try:
             message = bounce.make_dsn(
                 env,
@@ -640,12 +718,12 @@ class Scheduler(service.Service):
             esmtp: dict[str, Any] = {}
             if not message.isascii():
                 esmtp["body"] = "8BITMIME"
-            if not to.isascii():
+            if not all(a.isascii() for a in [to, *finals]):
                 esmtp["smtputf8"] = True
             dsn = Envelope(
                 queue_id=new_queue_id(now),
                 sender="",
-                recipients=[Recipient(to)],
+                recipients=[Recipient(final, original=to) for final in finals],
                 arrival=now,
                 next_attempt=now,
                 esmtp=esmtp,
@@ -666,6 +744,67 @@ class Scheduler(service.Service):
         mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind=kind, dsn_id=dsn.queue_id)
         self.enqueue(dsn)
         return True
+
+    def _address_notice(
+        self, qid: str, to: str, client: dict[str, Any], action: str
+    ) -> tuple[str, list[str]] | bool:
+        """
+        (recipient, its final addresses) of a notification to C{to}.  A
+        sender that no longer resolves gets no notice: a bounce goes to
+        the postmaster instead (C{client} is marked a double bounce), other
+        notices are dropped (C{True}); a postmaster that does not resolve
+        gets it unexpanded -- its own mailbox, the postmaster rule, is the
+        last place left.  C{False}: a temporary error, try again later.
+        """
+        while True:
+            try:
+                return to, self._resolve(to)
+            except _Unresolved as e:
+                if e.temporary:
+                    log.warn(
+                        "{queue_id}: cannot resolve the notification recipient {to} now: {error}",
+                        queue_id=qid, to=to, error=e.text,
+                    )
+                    return False
+                if client.get("double_bounce"):
+                    log.error(
+                        "{queue_id}: cannot resolve the notification recipient {to}: {error}; sending to it unexpanded",
+                        queue_id=qid, to=to, error=e.text,
+                    )
+                    return to, [to]
+                if action != bounce.FAILED_ACTION:
+                    log.warn(
+                        "{queue_id}: {action} notification for {to} discarded: {error}",
+                        queue_id=qid, action=action, to=to, error=e.text,
+                    )
+                    return True
+                log.warn(
+                    "{queue_id}: cannot resolve the sender {to}: {error}; notifying the postmaster",
+                    queue_id=qid, to=to, error=e.text,
+                )
+                to = self.postmaster
+                client["double_bounce"] = True
+
+    def _resolve(self, to: str) -> list[str]:
+        """
+        The final addresses of a notification's recipient, as local delivery
+        expects them (an alias or C{user+tag} address has no Maildir of its
+        own).
+
+        @raise _Unresolved: the resolver refused it (temporary for a 4xx).
+        """
+        if self.resolve is None:
+            return [to]
+        try:
+            finals = [a for a in self.resolve(to) if a]
+        except RecipientError as e:
+            raise _Unresolved(str(e), 400 <= e.code < 500) from e
+        except AddressError as e:
+            raise _Unresolved(f"bad address: {e}", False) from e
+        except Exception as e:  # a bug: never lose the round for it
+            log.failure("cannot resolve the notification recipient {to}", to=to)
+            raise _Unresolved(f"{type(e).__name__}: {e}", False) from e
+        return finals or [to]
 
     # -- logging ---------------------------------------------------------------------------
 

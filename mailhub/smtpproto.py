@@ -37,6 +37,13 @@ __all__ = [
     "HopCounter",
     "END_MARKER",
     "TOO_BIG",
+    "NEED_HELO",
+    "COMMAND",
+    "DATA",
+    "BDAT",
+    "DISCARD",
+    "SASL",
+    "trace_header",
 ]
 
 #: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
@@ -52,6 +59,11 @@ _DIGITS = re.compile(r"[0-9]{1,20}\Z")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 
 TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+
+#: What a session's next input bytes are: command lines, DATA content, a
+#: BDAT chunk, the rest of a too long line (discarded), a SASL response.
+COMMAND, DATA, BDAT, DISCARD, SASL = "command", "data", "bdat", "discard", "sasl"
 
 
 def _fields(reply: Reply) -> tuple[int, str, str]:
@@ -214,6 +226,16 @@ def with_protocol(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -
     return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
+def trace_header(clauses: list[str], date: str) -> bytes:
+    """
+    A C{Received:} trace header (RFC 5321 4.4): the clauses (C{from ...},
+    C{by ...}, C{for <...>}) one per folded line, then C{; DATE}.  Every
+    way into the spool (SMTP, the pickup directory, HTTP) writes its trace
+    header with this function; only the clauses differ.
+    """
+    return ("Received: " + "\r\n\t".join(clauses) + f"; {date}\r\n").encode("utf-8")
+
+
 def received_header(
     helo: str,
     ip: str,
@@ -236,14 +258,15 @@ def received_header(
         name and IP address) for the privacy of authenticated submission
         clients: C{Received: by HOST (mailhub) with ESMTPSA id QID}.
     """
-    date = format_datetime(datetime.fromtimestamp(when, timezone.utc))
-    if hide_client:
-        head = f"Received: by {hostname} (mailhub) with {proto} id {queue_id}"
-    else:
-        comment = f"\r\n\t(Authenticated sender: {auth_user})" if auth_user else ""
-        head = f"Received: from {helo} ([{ip}]){comment}\r\n\tby {hostname} (mailhub) with {proto} id {queue_id}"
-    tail = f"\r\n\tfor <{rcpt}>; {date}\r\n" if rcpt is not None else f"; {date}\r\n"
-    return (head + tail).encode("utf-8")
+    clauses = []
+    if not hide_client:
+        clauses.append(f"from {helo} ([{ip}])")
+        if auth_user:
+            clauses.append(f"(Authenticated sender: {auth_user})")
+    clauses.append(f"by {hostname} (mailhub) with {proto} id {queue_id}")
+    if rcpt is not None:
+        clauses.append(f"for <{rcpt}>")
+    return trace_header(clauses, format_datetime(datetime.fromtimestamp(when, timezone.utc)))
 
 
 def _marker_prefix_len(data: bytes) -> int:

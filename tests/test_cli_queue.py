@@ -167,3 +167,11 @@ def test_mailq_via_sendmail_bp(spool, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1].startswith(a.queue_id.encode())
+
+
+def test_flush_of_a_held_message_says_so(spool):
+    a = deferred(spool, held=True)
+    status, out, err = run(spool, "flush", a.queue_id, now=ARRIVAL + 10)
+    assert (status, err) == (0, "")
+    assert out.startswith(f"{a.queue_id}: on hold, not flushed (release it first)\n")
+    assert spool.load(a.queue_id).next_attempt == ARRIVAL + 3600 and spool.load(a.queue_id).held

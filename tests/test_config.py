@@ -241,11 +241,14 @@ ERRORS = [
     ('[server]\ntrusted_networks = "10.0.0.0/8"\n', "server.trusted_networks: must be a list of networks, got '10.0.0.0/8'"),
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
      "max_recipients, trusted_networks, timeout, max_connections, max_connections_per_ip, max_errors, "
-     "soft_error_limit, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
+     "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
      "http_admins, event_log)"),
     ("[srever]\nsmtp = []\n",
      "srever: unknown section or key (known: auth, data_dir, local, relay, server, spool, submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),
+    ("[server]\nmax_hops = -1\n", "server.max_hops: must be a non-negative integer (0 disables), got -1"),
+    ('[server]\nmin_data_rate = "fast"\n',
+     "server.min_data_rate: must be a non-negative integer (0 disables), got 'fast'"),
     ('[spool]\npath = ""\n', "spool.path: must be a non-empty string, got ''"),
     ('[spool]\nfsync = "no"\n', "spool.fsync: must be true or false, got 'no'"),
     ('[local]\ndomains = ["ex ample.org"]\n', "local.domains: invalid domain 'ex ample.org': invalid domain"),

@@ -25,6 +25,8 @@ class FakeScheduler:
     def __init__(self):
         self.calls = []
         self.known = {QID}
+        self.held = set()
+        self.in_flight = set()
 
     def _call(self, name, qid):
         if qid is not None and qid not in self.known:
@@ -32,7 +34,9 @@ class FakeScheduler:
         self.calls.append((name, qid))
 
     def flush(self, queue_id=None):
+        # the real scheduler's answers (mailhub.scheduler.FLUSHED / HELD)
         self._call("flush", queue_id)
+        return "held" if queue_id in self.held else "flushed"
 
     def hold(self, queue_id):
         self._call("hold", queue_id)
@@ -41,7 +45,9 @@ class FakeScheduler:
         self._call("release", queue_id)
 
     def remove(self, queue_id):
+        # REMOVE_PENDING for a message being delivered, else REMOVED
         self._call("remove", queue_id)
+        return "pending" if queue_id in self.in_flight else "removed"
 
 
 @pytest.fixture
@@ -85,3 +91,25 @@ def test_unknown_message(daemon):
 def test_client_raises_without_daemon(tmp_path):
     with pytest.raises(OSError):
         ControlClient(str(tmp_path / "control.sock"))
+
+
+def test_delete_in_flight_and_flush_of_held_are_reported(daemon):
+    spool, scheduler = daemon
+    scheduler.in_flight.add(QID)
+    assert run(spool, "delete", QID) == (
+        0, f"{QID}: delete pending (being delivered now: removed when that attempt ends, without notices)\n", "")
+    scheduler.held.add(QID)
+    assert run(spool, "flush", QID) == (0, f"{QID}: on hold, not flushed (release it first)\n", "")
+    assert scheduler.calls == [("remove", QID), ("flush", QID)]
+
+
+def test_client_ask_and_call(daemon):
+    spool, scheduler = daemon
+    client = ControlClient(socket_path(spool.path))
+    try:
+        assert client.ask("delete", QID) == (None, "removed")
+        assert client.ask("hold", QID) == (None, "")
+        assert client.call("flush", QID) is None
+        assert client.ask("release", "ZZZZZZZZZZ") == ("no such message", "")
+    finally:
+        client.close()

@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from test_e2e_daemon import CLEAN_EXIT, DOMAIN, Daemon, config_text, read_maildir, split_message, wait_for
+from daemon import CLEAN_EXIT, DOMAIN, Daemon, config_text, read_maildir, split_message, wait_for
 
 TOTAL = 200
 CONNECTIONS = 4

@@ -3,174 +3,18 @@ End-to-end: the real daemon (C{twistd -n mailhub}) in a subprocess, on a
 free port on 127.0.0.1, with a temporary configuration; mail sent with
 smtplib is read back from the Maildir with C{mailbox.Maildir}.
 
-L{Daemon} is also used by test_e2e_crash.py.
+The daemon, its configuration and the send/read helpers are in
+tests/daemon.py (shared with the other test_e2e_daemon* files).
 """
 
 from __future__ import annotations
 
-import mailbox
 import os
-import re
-import signal
-import smtplib
 import subprocess
-import sys
-import time
-from typing import Callable
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOMAIN = "example.test"
-TWISTD = "from twisted.scripts.twistd import run; run()"
-_LISTENING = re.compile(r"listening for SMTP on \S+ \(127\.0\.0\.1:(\d+)\)")
-
-
-#: twistd stops cleanly on SIGTERM and then re-raises the signal, so a clean
-#: stop exits "killed by SIGTERM".
-CLEAN_EXIT = -signal.SIGTERM
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
-    """Poll C{predicate} until it is true; bounded, for real subprocesses."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def config_text(trusted: str = "[]", fsync: bool = True, extra_local: str = "") -> str:
-    return f"""
-[server]
-hostname = "mx.{DOMAIN}"
-smtp = ["tcp:0:interface=127.0.0.1"]
-trusted_networks = {trusted}
-
-[spool]
-path = "spool"
-fsync = {"true" if fsync else "false"}
-
-[local]
-domains = ["{DOMAIN}"]
-mailboxes = "mailboxes"
-users = ["alice", "bob"]
-{extra_local}
-
-[relay]
-min_backoff = 1
-max_backoff = 2
-"""
-
-
-class Daemon:
-    """
-    C{twistd -n mailhub --config FILE} as a subprocess, working directory
-    C{home}.  The listener is C{tcp:0}; the real port is read from the
-    startup log line.
-    """
-
-    def __init__(self, home, text: str | None = None) -> None:
-        self.home = str(home)
-        self.conf = os.path.join(self.home, "mailhub.toml")
-        if text is not None or not os.path.exists(self.conf):
-            with open(self.conf, "w") as f:
-                f.write(text if text is not None else config_text())
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.runs = 0
-
-    @property
-    def spool(self) -> str:
-        return os.path.join(self.home, "spool")
-
-    def maildir(self, user: str) -> str:
-        return os.path.join(self.home, "mailboxes", DOMAIN, user)
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("MAILHUB_CONFIG", None)
-        return env
-
-    def command(self, *extra: str) -> list[str]:
-        return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mailhub", "--config", self.conf, *extra]
-
-    def start(self) -> "Daemon":
-        self.runs += 1
-        self.log_path = os.path.join(self.home, f"daemon{self.runs}.log")
-        self.err_path = os.path.join(self.home, f"daemon{self.runs}.err")
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=self.home,
-            env=self.env(),
-            stdout=open(self.log_path, "wb"),
-            stderr=open(self.err_path, "wb"),
-        )
-
-        def listening():
-            m = _LISTENING.search(self.log())
-            if m:
-                return int(m.group(1))
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"daemon exited with {self.proc.returncode}:\n{self.log()}\n{self.stderr()}"
-                )
-            return None
-
-        self.port = wait_for(listening, 30, "the daemon to listen")
-        return self
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def stderr(self) -> str:
-        with open(self.err_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def smtp(self) -> smtplib.SMTP:
-        return smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=20)
-
-    def stop(self) -> int:
-        """SIGTERM and wait: a clean shutdown."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError("daemon did not stop within 20 s of SIGTERM")
-
-    def kill(self) -> None:
-        """SIGKILL: the crash."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def queued(self) -> list[str]:
-        return sorted(os.listdir(os.path.join(self.spool, "envelopes")))
-
-
-def read_maildir(path: str) -> list[bytes]:
-    """Every message in the Maildir (new/ and cur/), as bytes."""
-    if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("tmp", "new", "cur")):
-        return []  # not created yet (or being created right now)
-    box = mailbox.Maildir(path, factory=None, create=False)
-    return [box.get_bytes(key) for key in sorted(box.keys())]
-
-
-def split_message(raw: bytes) -> tuple[bytes, bytes]:
-    """(headers, body) with line ends normalised to LF."""
-    raw = raw.replace(b"\r\n", b"\n")
-    head, sep, body = raw.partition(b"\n\n")
-    assert sep, raw[:200]
-    return head, body
+from daemon import BODY, CLEAN_EXIT, DOMAIN, Daemon, delivered_with, message, send, split_message, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -180,50 +24,6 @@ def daemon(tmp_path_factory):
     assert d.stop() == CLEAN_EXIT, d.stderr()
     assert "Traceback" not in d.log()
     assert d.stderr() == ""
-
-
-BODY = (
-    b"First line\r\n"
-    b".a line that starts with a dot\r\n"
-    b"..two dots\r\n"
-    b"\r\n"
-    b"tabs\tand trailing spaces   \r\n"
-    + b"x" * 990 + b"\r\n"
-    b"last line\r\n"
-)
-
-
-def message(to: str, msgid: str) -> bytes:
-    return (
-        f"From: sender@client.test\r\nTo: {to}\r\nSubject: e2e {msgid}\r\n"
-        f"Message-ID: <{msgid}@client.test>\r\n\r\n"
-    ).encode() + BODY
-
-
-def send(d: Daemon, rcpt: str, data: bytes, sender: str = "sender@client.test") -> str:
-    """Send one message; return the queue id from the 250 reply."""
-    with d.smtp() as s:
-        code, _ = s.ehlo()
-        assert code == 250
-        code, reply = s.mail(sender)
-        assert (code, reply[:5]) == (250, b"2.1.0"), reply
-        code, reply = s.rcpt(rcpt)
-        assert (code, reply[:5]) == (250, b"2.1.5"), reply
-        code, reply = s.data(data)
-        assert code == 250, reply
-        m = re.match(rb"2\.0\.0 .*queued as ([0-9A-Z]+)", reply)
-        assert m, reply
-        return m.group(1).decode()
-
-
-def delivered_with(d: Daemon, user: str, msgid: str) -> bytes:
-    def find():
-        for raw in read_maildir(d.maildir(user)):
-            if f"<{msgid}@client.test>".encode() in raw:
-                return raw
-        return None
-
-    return wait_for(find, 10, f"{msgid} in {user}'s Maildir")
 
 
 def test_startup_log_says_where(daemon):

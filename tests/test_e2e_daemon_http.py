@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from test_e2e_daemon import CLEAN_EXIT, DOMAIN, ROOT, Daemon, read_maildir, send, split_message, wait_for
+from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, send, split_message, wait_for
 
 _HTTP = re.compile(r"listening for HTTP on tcp:0:interface=127\.0\.0\.1 \(127\.0\.0\.1:(\d+)\)")
 

@@ -18,87 +18,18 @@ from __future__ import annotations
 import email
 import email.policy
 import os
-import pwd
 import re
-import socket
 import subprocess
-import time
 
 import pytest
 
-from conftest import require_tool
-from test_e2e_daemon import CLEAN_EXIT, Daemon, read_maildir, split_message, wait_for
-
-BODY = (
-    b"First line\r\n"
-    b".a line that starts with a dot\r\n"
-    b"..two dots\r\n"
-    b"\r\n"
-    b"tabs\tand trailing spaces   \r\n"
-    + b"x" * 990 + b"\r\n"
-    b"last line\r\n"
-)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from daemon import BODY, CLEAN_EXIT, Daemon, read_maildir, send, split_message, wait_for
+from daemon import message as _message
+from peers import Sink, free_port, sink_message
 
 
 def message(to: str, msgid: str, sender: str = "sender@client.test") -> bytes:
-    return (
-        f"From: {sender}\r\nTo: {to}\r\nSubject: relay {msgid}\r\n"
-        f"Message-ID: <{msgid}@client.test>\r\n\r\n"
-    ).encode() + BODY
-
-
-class Sink:
-    """smtp-sink on 127.0.0.1:port, one dump file per transaction in C{dump}."""
-
-    def __init__(self, dump, port: int, *args: str) -> None:
-        tool = require_tool("smtp-sink")
-        self.dump = dump
-        self.port = port
-        dump.mkdir(exist_ok=True)
-        # -u is required when running as root; staying the same user keeps
-        # tmp_path (mode 0700) writable for the dumps.
-        user = ["-u", pwd.getpwuid(os.getuid()).pw_name]
-        self.proc = subprocess.Popen(
-            [tool, *user, "-h", "sink.test", "-d", f"{dump}/%M.", *args, f"127.0.0.1:{port}", "10"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-
-        def up():
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_for(up, 10, "smtp-sink to listen")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
-        self.proc.stderr.close()
-
-    def dumps(self) -> list[bytes]:
-        return [(self.dump / n).read_bytes() for n in sorted(os.listdir(self.dump))]
-
-
-def sink_message(dump: bytes) -> tuple[dict, bytes]:
-    """(smtp-sink's X- headers, the message as received, LF line ends)."""
-    lines = dump.split(b"\n")
-    i = next(n for n, line in enumerate(lines) if line.startswith(b"Received: from"))
-    headers: dict = {}
-    for line in lines[:i]:
-        k, _, v = line.decode().partition(": ")
-        headers.setdefault(k, []).append(v)
-    return headers, b"\n".join(lines[i + 3 :])  # after smtp-sink's own 3-line Received
+    return _message(to, msgid, sender, topic="relay")
 
 
 def config(hostname: str, domain: str, smtp: str, trusted: str, routes: dict[str, str], users: str) -> str:
@@ -166,20 +97,6 @@ def net(tmp_path_factory):
         assert d.stderr() == ""
 
 
-def send(d: Daemon, sender: str, rcpt: str, data: bytes) -> str:
-    with d.smtp() as s:
-        assert s.ehlo()[0] == 250
-        code, reply = s.mail(sender)
-        assert (code, reply[:5]) == (250, b"2.1.0"), reply
-        code, reply = s.rcpt(rcpt)
-        assert (code, reply[:5]) == (250, b"2.1.5"), reply
-        code, reply = s.data(data)
-        assert code == 250, reply
-        m = re.match(rb"2\.0\.0 .*queued as ([0-9A-Z]+)", reply)
-        assert m, reply
-        return m.group(1).decode()
-
-
 def gone_from_spool(d: Daemon, qid: str) -> None:
     wait_for(lambda: qid + ".json" not in d.queued(), 10, f"{qid} to leave the spool")
 
@@ -194,7 +111,7 @@ def test_startup_log_names_the_relay_and_control_listener(net):
 def test_route_to_smtp_sink_exact_bytes(net):
     a, sink = net["A"], net["sink"]
     data = message("user@sink.test", "r1")
-    qid = send(a, "sender@client.test", "user@sink.test", data)
+    qid = send(a, "user@sink.test", data, sender="sender@client.test")
 
     def received():
         for dump in sink.dumps():
@@ -217,7 +134,7 @@ def test_route_to_smtp_sink_exact_bytes(net):
 def test_route_to_second_mailhub_daemon(net):
     a, b = net["A"], net["B"]
     data = message("carol@remote.test", "r2")
-    qid = send(a, "sender@client.test", "Carol@Remote.Test", data)
+    qid = send(a, "Carol@Remote.Test", data, sender="sender@client.test")
     box = os.path.join(b.home, "mailboxes", "remote.test", "carol")
 
     def delivered():
@@ -238,7 +155,7 @@ def test_route_to_second_mailhub_daemon(net):
 def test_rejected_recipient_bounces_once_to_local_sender(net):
     a, reject = net["A"], net["reject"]
     data = message("bob@reject.test", "r3", sender="alice@example.test")
-    qid = send(a, "alice@example.test", "bob@reject.test", data)
+    qid = send(a, "bob@reject.test", data, sender="alice@example.test")
     box = a.maildir("alice")
 
     def bounces():

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from test_e2e_daemon import CLEAN_EXIT, Daemon, read_maildir, split_message, wait_for
-from test_e2e_daemon_relay import Sink, free_port, send
+from daemon import CLEAN_EXIT, Daemon, read_maildir, send, split_message, wait_for
+from peers import Sink, free_port
 
 DOMAIN = "example.test"
 
@@ -153,7 +153,7 @@ def deferred_with_error(d: Daemon, qid: str) -> str:
 def test_deferred_listed_then_flush_delivers(setup):
     d, ports, sinks, home = setup
     data = b"Subject: deferred\r\nMessage-ID: <deferred@client.test>\r\n\r\nwaiting for the sink\r\n"
-    qid = send(d, "sender@client.test", "x@dead.test", data)
+    qid = send(d, "x@dead.test", data, sender="sender@client.test")
     listing = deferred_with_error(d, qid)
     block = listing.split(qid, 1)[1].split("\n\n", 1)[0]
     assert "sender@client.test" in block
@@ -178,8 +178,8 @@ def test_deferred_listed_then_flush_delivers(setup):
 def test_delete_removes_exactly_one(setup):
     d, _, _, _ = setup
     data = b"Subject: held\r\n\r\nnever delivered\r\n"
-    q1 = send(d, "sender@client.test", "one@held.test", data)
-    q2 = send(d, "sender@client.test", "two@held.test", data)
+    q1 = send(d, "one@held.test", data, sender="sender@client.test")
+    q2 = send(d, "two@held.test", data, sender="sender@client.test")
     deferred_with_error(d, q1)
     deferred_with_error(d, q2)
     r = queue(d, "delete", q1)

@@ -25,6 +25,7 @@ from conftest import in_reactor, require_tool
 from mailhub.directory import Directory
 from mailhub.envelope import Envelope, Recipient
 from mailhub.local import LocalDelivery
+from peers import free_port
 
 MESSAGE = (
     b"Received: from client.example ([127.0.0.1]) by mx.example.org\r\n"
@@ -109,14 +110,6 @@ def test_mblaze_reads_delivered_message(tmp_path):
 
 
 # -- (b) Dovecot ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def mail_identity() -> tuple[int, int, str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import subprocess
 import time
 
@@ -32,6 +31,7 @@ from conftest import in_reactor, require_tool
 from mailhub import smtpclient
 from mailhub.envelope import Envelope, Recipient
 from mailhub.remote import RemoteDelivery
+from peers import free_port, wait_listening
 from test_remote import AAAA, CNAME, MX, A, Zone
 
 MESSAGE = (
@@ -61,27 +61,6 @@ ZONE = {
     "me.e2e.test": [A("127.0.0.9")],
     "lo.e2e.test": [MX(10, "sink.e2e.test")],
 }
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"smtp-sink exited: {proc.stderr.read()!r}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)  # waiting for a subprocess to bind, not for a timer
-    raise RuntimeError("smtp-sink did not start")
 
 
 @pytest.fixture

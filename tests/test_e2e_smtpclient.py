@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pwd
-import socket
-import subprocess
-import time
 
 import pytest
 from cryptography import x509
@@ -27,17 +23,12 @@ from twisted.internet import endpoints, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
-from conftest import in_reactor, require_tool
+from conftest import in_reactor
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
 from mailhub.smtpclient import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
+from peers import Sink, free_port, sink_message
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def boundary_message(blocks: int) -> bytes:
@@ -82,52 +73,24 @@ def env_for(*rcpts: str, **esmtp) -> Envelope:
 
 @pytest.fixture
 def sink(tmp_path):
-    tool = require_tool("smtp-sink")
-    procs = []
+    """start(*smtp-sink options) -> (port, dump directory); all share tmp_path/dump."""
+    sinks = []
 
     def start(*args: str):
-        dump = tmp_path / "dump"
-        dump.mkdir(exist_ok=True)
-        port = free_port()
-        # -u is required when running as root; staying the same user keeps
-        # tmp_path (mode 0700 under pytest) writable for the dumps.
-        user = ["-u", pwd.getpwuid(os.getuid()).pw_name]
-        p = subprocess.Popen(
-            [tool, *user, "-h", "sink.test", "-d", f"{dump}/%M.", *args, f"127.0.0.1:{port}", "10"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        procs.append(p)
-        deadline = time.monotonic() + 10
-        while True:  # wait for the listener (a subprocess, not a timer)
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                assert p.poll() is None, p.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-        # that probe was a session of its own; give smtp-sink its dump dir clean
-        return port, dump
+        s = Sink(tmp_path / "dump", free_port(), *args)
+        sinks.append(s)
+        return s.port, s.dump
 
     yield start
-    for p in procs:
-        p.terminate()
-        p.wait(5)
-        p.stderr.close()
+    for s in sinks:
+        s.stop()
 
 
 def sink_dumps(dump) -> list[tuple[dict, bytes]]:
     """(smtp-sink headers, message body with LF line ends) per dump file."""
     result = []
     for name in sorted(os.listdir(dump)):
-        data = (dump / name).read_bytes()
-        lines = data.split(b"\n")
-        i = next(n for n, line in enumerate(lines) if line.startswith(b"Received: from"))
-        headers: dict = {}
-        for line in lines[:i]:
-            k, _, v = line.decode().partition(": ")
-            headers.setdefault(k, []).append(v)
-        body = b"\n".join(lines[i + 3 :])
+        headers, body = sink_message((dump / name).read_bytes())
         assert body.endswith(b"\n")  # smtp-sink appends an empty line
         result.append((headers, body[:-1]))
     return result

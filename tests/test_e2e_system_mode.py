@@ -21,7 +21,7 @@ import subprocess
 import pytest
 
 from conftest import require_tool
-from test_e2e_daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, send, split_message, wait_for
+from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, send, split_message, wait_for
 
 
 def free_uid() -> int:

@@ -863,3 +863,274 @@ def test_parked_message_hold_flush_and_remove(spool, clock):
     assert len(deliver.calls) == 2 and s.waiting == 0
     s.release(held.queue_id)
     assert [c.envelope.queue_id for c in deliver.calls][2:] == [held.queue_id]
+
+
+# -- notifications go through the recipient resolver (aliases, +extensions) -------------
+
+from mailhub.directory import AliasLoop, AliasUnavailable, Directory, UnknownRecipient  # noqa: E402
+from mailhub.local import LocalDelivery  # noqa: E402
+from mailhub.router import Router  # noqa: E402
+
+
+class Resolver:
+    """A fake of the pickup resolver: a table for local addresses, errors by address, others as given."""
+
+    def __init__(self, table: dict, errors: dict | None = None) -> None:
+        self.table = table
+        self.errors = errors or {}
+        self.calls: list[str] = []
+
+    def __call__(self, address: str) -> list[str]:
+        self.calls.append(address)
+        error = self.errors.get(address)
+        if error is not None:
+            raise error
+        return list(self.table.get(address, [address]))
+
+
+def rcpts_of(env: Envelope) -> list[tuple[str, str]]:
+    return [(r.address, r.original) for r in env.recipients]
+
+
+def test_bounce_to_alias_sender_is_resolved(spool, clock):
+    deliver = Scripted(clock, {"bob@example.net": Outcome.permanent("bob@example.net", "no such user", 550, "5.1.1")})
+    resolve = Resolver({"webmaster@example.org": ["alice@example.org"]})
+    env = queue(spool, clock, rcpts=("bob@example.net",), sender="webmaster@example.org")
+    make(spool, clock, deliver, resolve=resolve)
+    [(benv, msg)] = dsns(spool)
+    assert rcpts_of(benv) == [("alice@example.org", "webmaster@example.org")]
+    assert benv.client == {"protocol": "dsn", "bounce_of": env.queue_id}
+    assert msg["To"] == "webmaster@example.org"  # the header names the sender as written
+    assert resolve.calls == ["webmaster@example.org"]
+
+
+def test_success_and_delay_notices_are_resolved_too(spool, clock):
+    deliver = Scripted(clock, {"carol@example.net": Outcome.temporary("carol@example.net", "later", 451, "4.2.0")})
+    resolve = Resolver({"alice+tag@example.org": ["alice@example.org"]})
+    policy = RetryPolicy(jitter=0.0, delay_warning=100.0)
+    env = queue(spool, clock, rcpts=[Recipient("bob@example.net", notify=["SUCCESS"]), "carol@example.net"],
+                sender="alice+tag@example.org")
+    make(spool, clock, deliver, policy=policy, resolve=resolve)
+    clock.advance(300)  # second round: carol still deferred, past delay_warning
+    notices = dsns(spool)
+    assert sorted(msg["Subject"] for _, msg in notices) == [
+        "Delayed Mail (still being retried)", "Successful Mail Delivery Report"]
+    for benv, _ in notices:
+        assert rcpts_of(benv) == [("alice@example.org", "alice+tag@example.org")]
+    assert env.queue_id in spool.queue_ids()
+
+
+def test_unknown_sender_bounce_goes_to_the_postmaster_alias(spool, clock, events):
+    deliver = Scripted(clock, {"bob@example.net": Outcome.permanent("bob@example.net", "no such user", 550, "5.1.1")})
+    resolve = Resolver({"postmaster@mx.example.org": ["admin@mx.example.org", "ops@example.net"]},
+                       errors={"gone@mx.example.org": UnknownRecipient()})
+    env = queue(spool, clock, rcpts=("bob@example.net",), sender="gone@mx.example.org")
+    make(spool, clock, deliver, resolve=resolve)
+    [(benv, msg)] = dsns(spool)
+    assert rcpts_of(benv) == [("admin@mx.example.org", "postmaster@mx.example.org"),
+                              ("ops@example.net", "postmaster@mx.example.org")]
+    assert benv.client == {"protocol": "dsn", "bounce_of": env.queue_id, "double_bounce": True}
+    assert msg["To"] == "postmaster@mx.example.org"
+    texts = [formatEvent(e) for e in events if e.get("mail_event") == "bounce"]
+    assert texts == [f"{env.queue_id}: postmaster non-delivery notification: {benv.queue_id}"]
+
+
+def bounce_held_back(clock: task.Clock) -> tuple[FakeDeliver, FakeDeliver, object]:
+    """(deliver for originals: bob@example.net refused; deliver for notifications: never answers; route)."""
+    originals = FakeDeliver(clock, {"bob@example.net": [(550, "5.1.1", "no such user")]})
+    notices = FakeDeliver(clock, auto=False)
+    return originals, notices, lambda e, r: (notices if e.client.get("bounce_of") else originals)(e, r)
+
+
+def test_double_bounce_follows_the_postmaster_alias(spool, clock):
+    _, _, deliver = bounce_held_back(clock)
+    resolve = Resolver({"postmaster@mx.example.org": ["admin@mx.example.org"]})
+    queue(spool, clock, rcpts=("bob@example.net",), sender="")
+    make(spool, clock, deliver, resolve=resolve)
+    [(benv, _)] = [(e, m) for e, m in dsns(spool) if e.client.get("bounce_of")]
+    assert rcpts_of(benv) == [("admin@mx.example.org", "postmaster@mx.example.org")]
+    assert benv.client["double_bounce"] is True
+
+
+def test_unresolvable_postmaster_is_logged_and_gets_its_own_mailbox(spool, clock, events):
+    _, _, deliver = bounce_held_back(clock)
+    resolve = Resolver({}, errors={"postmaster@mx.example.org": AliasLoop()})
+    env = queue(spool, clock, rcpts=("bob@example.net",), sender="")
+    make(spool, clock, deliver, resolve=resolve)
+    [(benv, _)] = [(e, m) for e, m in dsns(spool) if e.client.get("bounce_of")]
+    assert rcpts_of(benv) == [("postmaster@mx.example.org", "postmaster@mx.example.org")]
+    texts = [formatEvent(e) for e in events if e.get("log_level") is not None and "cannot resolve" in formatEvent(e)]
+    assert texts == [f"{env.queue_id}: cannot resolve the notification recipient postmaster@mx.example.org: "
+                     "550 5.4.6 alias loop; sending to it unexpanded"]
+
+
+def test_temporary_resolver_error_keeps_the_bounce_for_later(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.net": [(550, "5.1.1", "no")] * 2})
+    resolve = Resolver({"webmaster@example.org": ["alice@example.org"]},
+                       errors={"webmaster@example.org": AliasUnavailable()})
+    env = queue(spool, clock, rcpts=("bob@example.net",), sender="webmaster@example.org")
+    make(spool, clock, deliver, resolve=resolve)
+    assert dsns(spool) == [] and env.queue_id in spool.queue_ids()
+    assert on_disk(spool, env.queue_id)["recipients"][0]["state"] == PENDING
+    del resolve.errors["webmaster@example.org"]
+    clock.advance(300)
+    assert env.queue_id not in spool.queue_ids()
+    [bounce_call] = deliver.to("alice@example.org")
+    assert rcpts_of(bounce_call.envelope) == [("alice@example.org", "webmaster@example.org")]
+
+
+def test_failed_bounce_to_an_aliased_postmaster_is_discarded(spool, clock, events):
+    deliver = FakeDeliver(clock, {"admin@example.net": [(550, "5.1.1", "no")]})
+    resolve = Resolver({"postmaster@mx.example.org": ["admin@example.net"]})
+    queue(spool, clock, sender="", rcpts=[Recipient("admin@example.net", original="postmaster@mx.example.org")])
+    make(spool, clock, deliver, resolve=resolve)
+    assert len(deliver.calls) == 1 and spool.queue_ids() == []
+    texts = [formatEvent(e) for e in events if e.get("mail_event") == "bounce"]
+    assert any(t.endswith("undeliverable bounce to postmaster discarded") for t in texts)
+
+
+class RemoteRefuses:
+    """The remote agent: every recipient refused for good."""
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> Deferred:
+        return defer.succeed([Outcome.permanent(r.address, "no such user", 550, "5.1.1", remote_mta="mx.example.net")
+                              for r in recipients])
+
+
+def sync_run(f, *args, **kwargs):
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def maildir_files(root, user: str) -> list[bytes]:
+    new = root / "example.org" / user / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+
+@pytest.mark.parametrize("sender", ["webmaster@example.org", "alice+tag@example.org", "Alice@Example.org"])
+def test_bounce_to_local_alias_or_extension_reaches_the_mailbox(tmp_path, spool, clock, sender):
+    """The real resolver, directory and local agent: the bounce lands in alice's Maildir."""
+    from mailhub.tap import _pickup_resolver
+
+    root = tmp_path / "mailboxes"
+    for user in ("alice", "admin"):
+        (root / "example.org" / user).mkdir(parents=True)
+    aliases = tmp_path / "aliases"
+    aliases.write_text("webmaster: alice\npostmaster: admin\n")
+    directory = Directory(["example.org"], str(root), aliases_path=str(aliases), clock=clock)
+    router = Router(spool, directory, LocalDelivery(directory, "mx.example.org", run=sync_run, fsync=False),
+                    RemoteRefuses())
+    queue(spool, clock, rcpts=("bob@example.net",), sender=sender)
+    make(spool, clock, router, resolve=_pickup_resolver(directory), postmaster="postmaster@example.org")
+    assert spool.queue_ids() == []
+    [bounce_msg] = maildir_files(root, "alice")
+    assert b"Subject: Undelivered Mail Returned to Sender" in bounce_msg
+    assert f"To: {sender}\r\n".encode() in bounce_msg.replace(b"\n", b"\r\n").replace(b"\r\r", b"\r")
+    assert maildir_files(root, "admin") == [] and maildir_files(root, "postmaster") == []
+
+
+def test_double_bounce_reaches_the_postmaster_alias_mailbox(tmp_path, spool, clock):
+    from mailhub.tap import _pickup_resolver
+
+    root = tmp_path / "mailboxes"
+    (root / "example.org" / "admin").mkdir(parents=True)
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: admin\n")
+    directory = Directory(["example.org"], str(root), aliases_path=str(aliases), clock=clock)
+    router = Router(spool, directory, LocalDelivery(directory, "mx.example.org", run=sync_run, fsync=False),
+                    RemoteRefuses())
+    queue(spool, clock, rcpts=("bob@example.net",), sender="")
+    make(spool, clock, router, resolve=_pickup_resolver(directory), postmaster="postmaster@example.org")
+    assert spool.queue_ids() == []
+    [dbl] = maildir_files(root, "admin")
+    assert b"To: postmaster@example.org" in dbl
+    assert maildir_files(root, "postmaster") == []
+
+
+# -- operator actions on a message in flight ---------------------------------------------
+
+
+def test_remove_in_flight_is_pending_and_sends_no_notices(spool, clock, monkeypatch, events):
+    deliver = FakeDeliver(clock, auto=False)
+    env = queue(spool, clock, rcpts=["bob@example.net", Recipient("carol@example.org", notify=["SUCCESS"]),
+                                     "dave@example.net"])
+    s = make(spool, clock, deliver)
+    updates = []
+    real_update = spool.update
+    monkeypatch.setattr(spool, "update", lambda e: (updates.append(e.queue_id), real_update(e)))
+    assert s.remove(env.queue_id) == "pending"
+    assert s.remove(env.queue_id) == "pending"  # asking twice changes nothing
+    assert spool.queue_ids() == [env.queue_id]
+    deliver.calls[0].deferred.callback([
+        Outcome.permanent("bob@example.net", "no such user", 550, "5.1.1"),
+        Outcome.delivered("carol@example.org", "delivered to maildir"),
+        Outcome.temporary("dave@example.net", "later", 451, "4.2.0"),
+    ])
+    assert spool.queue_ids() == [] and len(s) == 0 and dsns(spool) == []
+    assert updates == [] and len(deliver.calls) == 1 and not clock.getDelayedCalls()
+    assert not [e for e in events if e.get("mail_event") == "bounce"]
+    # the deliveries that did happen are still logged
+    assert len(delivery_lines(events)) == 3
+    assert any(formatEvent(e) == f"{env.queue_id}: removed (removed by operator)"
+               for e in events if e.get("mail_event") == "removed")
+
+
+def test_remove_returns_removed_when_idle(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "later")]})
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    assert s.remove(env.queue_id) == "removed"
+    assert spool.queue_ids() == []
+    with pytest.raises(KeyError):
+        s.remove(env.queue_id)
+
+
+def test_hold_in_flight_is_not_rescheduled_when_the_round_ends(spool, clock):
+    deliver = FakeDeliver(clock, auto=False)
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    s.hold(env.queue_id)
+    s.flush(env.queue_id)
+    deliver.calls[0].deferred.callback([Outcome.temporary("bob@example.org", "busy", 451, "4.2.0")])
+    assert s.next_due(env.queue_id) is None and not clock.getDelayedCalls()
+    clock.advance(100000)
+    assert len(deliver.calls) == 1
+    assert on_disk(spool, env.queue_id)["held"] is True
+    assert on_disk(spool, env.queue_id)["next_attempt"] == T0 + 300
+    s.release(env.queue_id)
+    assert len(deliver.calls) == 2  # its time had passed
+
+
+def test_flush_reports_held(spool, clock):
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "later")] * 2})
+    env = queue(spool, clock)
+    s = make(spool, clock, deliver)
+    assert s.flush(env.queue_id) == "flushed"
+    s.hold(env.queue_id)
+    assert s.flush(env.queue_id) == "held"
+    assert len(deliver.calls) == 2
+
+
+def test_delay_notice_to_an_unknown_sender_is_dropped_not_sent_to_postmaster(spool, clock, events):
+    deliver = FakeDeliver(clock, {"bob@example.net": [(451, "4.2.0", "later")] * 3})
+    resolve = Resolver({}, errors={"gone@mx.example.org": UnknownRecipient()})
+    env = queue(spool, clock, rcpts=("bob@example.net",), sender="gone@mx.example.org")
+    make(spool, clock, deliver, policy=RetryPolicy(jitter=0.0, delay_warning=100.0), resolve=resolve)
+    clock.advance(300)
+    clock.advance(600)
+    assert dsns(spool) == [] and on_disk(spool, env.queue_id)["warned"] is True
+    assert resolve.calls == ["gone@mx.example.org"]  # once: warned is recorded
+    texts = [formatEvent(e) for e in events if "discarded" in formatEvent(e)]
+    assert texts == [f"{env.queue_id}: delayed notification for gone@mx.example.org discarded: "
+                     "550 5.1.1 User unknown in local recipient table"]
+
+
+def test_bad_sender_address_bounces_to_the_postmaster(spool, clock):
+    from mailhub.address import AddressError
+
+    _, _, deliver = bounce_held_back(clock)
+    resolve = Resolver({}, errors={"x@[bad": AddressError("bad domain")})
+    env = queue(spool, clock, rcpts=("bob@example.net",), sender="x@[bad")
+    make(spool, clock, deliver, resolve=resolve)
+    [(benv, _)] = dsns(spool)
+    assert rcpts_of(benv) == [("postmaster@mx.example.org", "postmaster@mx.example.org")]
+    assert benv.client == {"protocol": "dsn", "bounce_of": env.queue_id, "double_bounce": True}

@@ -18,6 +18,7 @@ from typing import TextIO
 from twisted.python import usage
 
 from ..tls import make_self_signed
+from . import Command
 
 __all__ = ["MakeCertOptions", "run_make_cert"]
 
@@ -26,7 +27,7 @@ EX_USAGE = 64
 EX_CANTCREAT = 73
 
 
-class MakeCertOptions(usage.Options):
+class MakeCertOptions(Command):
     """C{mailhub make-cert --hostname H --cert F --key F [--days N] [--force]}."""
 
     synopsis = "mailhub make-cert --hostname HOST --cert CERT.pem --key KEY.pem [--days N] [--force]"

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 from twisted.python import usage
 
+from . import Command
 from ..config import Config, ConfigError, find_config_file, format_config, load_config
 
 __all__ = ["Options", "main", "EX_USAGE", "EX_CONFIG"]
@@ -30,7 +31,7 @@ EX_USAGE = 64
 EX_CONFIG = 78
 
 
-class CheckConfigOptions(usage.Options):
+class CheckConfigOptions(Command):
     synopsis = "mailhub [--config FILE] check-config"
     longdesc = (
         "Validate the configuration and print the effective value of every key "
@@ -148,7 +149,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))
     except usage.UsageError as e:
-        err.write(f"{options}\nmailhub: {e}\n")
+        shown: usage.Options = options  # the usage of the (sub-)command that failed
+        while getattr(shown, "subOptions", None) is not None:
+            shown = shown.subOptions
+        err.write(f"{shown}\nmailhub: {e}\n")
         return EX_USAGE
     return COMMANDS[options.subCommand](options, out, err)
 

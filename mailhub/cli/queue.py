@@ -24,6 +24,7 @@ from typing import Any, Callable, TextIO
 
 from twisted.python import usage
 
+from . import Command
 from ..envelope import EnvelopeFormatError, PENDING
 from ..pickup import list_pickup
 from ..spool import Spool, is_queue_id
@@ -39,7 +40,7 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 
 
-class _IdsOptions(usage.Options):
+class _IdsOptions(Command):
     """A sub-command taking one or more queue ids."""
 
     ids: list[str]
@@ -50,21 +51,21 @@ class _IdsOptions(usage.Options):
         self.ids = list(ids)
 
 
-class ListOptions(usage.Options):
-    synopsis = "list"
+class ListOptions(Command):
+    synopsis = "mailhub queue list"
     longdesc = 'List queued messages like mailq: "!" after the id marks a held message.'
 
 
-class ShowOptions(usage.Options):
-    synopsis = "show ID"
+class ShowOptions(Command):
+    synopsis = "mailhub queue show ID"
     longdesc = "Print a message's envelope and its header."
 
     def parseArgs(self, queue_id: str) -> None:
         self.ids = [queue_id]
 
 
-class FlushOptions(usage.Options):
-    synopsis = "flush [ID...]"
+class FlushOptions(Command):
+    synopsis = "mailhub queue flush [ID...]"
     longdesc = "Try deferred messages (all, or the ones named) now."
 
     def parseArgs(self, *ids: str) -> None:
@@ -72,7 +73,7 @@ class FlushOptions(usage.Options):
 
 
 class DeleteOptions(_IdsOptions):
-    synopsis = "delete ID... | --all"
+    synopsis = "mailhub queue delete ID... | --all"
     optFlags = [["all", None, "delete every queued message"]]
 
     def parseArgs(self, *ids: str) -> None:
@@ -86,19 +87,19 @@ class DeleteOptions(_IdsOptions):
 
 
 class HoldOptions(_IdsOptions):
-    synopsis = "hold ID..."
+    synopsis = "mailhub queue hold ID..."
     longdesc = "Put messages on hold: the scheduler skips them until released."
 
 
 class ReleaseOptions(_IdsOptions):
-    synopsis = "release ID..."
+    synopsis = "mailhub queue release ID..."
     longdesc = "Release held messages."
 
 
-class QueueOptions(usage.Options):
+class QueueOptions(Command):
     """C{mailhub queue list|show ID|flush [ID]|delete ID|--all|hold ID|release ID}."""
 
-    synopsis = "queue [list|show ID|flush [ID...]|delete ID...|delete --all|hold ID...|release ID...]"
+    synopsis = "mailhub queue [list|show ID|flush [ID...]|delete ID...|delete --all|hold ID...|release ID...]"
     subCommands = [
         ["list", None, ListOptions, "list the queue (like mailq)"],
         ["show", None, ShowOptions, "show one message's envelope and header"],
@@ -206,6 +207,7 @@ def _direct(spool: Spool, command: str, queue_id: str, now: float) -> str | None
         if not os.path.exists(spool.envelope_path(queue_id)):
             return "no such message"
         spool.remove(queue_id)
+        spool.drain()  # the message file goes in the spool's remover thread
         return None
     env = spool.load(queue_id)
     if command == "hold":
@@ -213,7 +215,9 @@ def _direct(spool: Spool, command: str, queue_id: str, now: float) -> str | None
     elif command == "release":
         env.held = False
     elif command == "flush":
-        if env.held or env.done:
+        if env.held:
+            return HELD_NOTE
+        if env.done:
             return None
         env.next_attempt = now
     spool.update(env)
@@ -221,6 +225,14 @@ def _direct(spool: Spool, command: str, queue_id: str, now: float) -> str | None
 
 
 _DONE = {"delete": "deleted", "hold": "on hold", "release": "released", "flush": "flushed"}
+#: what to print instead of _DONE when the daemon answers with a status
+#: (L{mailhub.control.ControlClient.ask}); not errors: the exit status is 0
+_STATUS_TEXT = {
+    ("delete", "pending"): "delete pending (being delivered now: removed when that attempt ends, without notices)",
+    ("flush", "held"): "on hold, not flushed (release it first)",
+}
+#: _direct's answer for a flush of a held message: a note, not an error
+HELD_NOTE = "held"
 
 
 def _change(
@@ -229,13 +241,13 @@ def _change(
     ids: list[str],
     out: TextIO,
     err: TextIO,
-    control: Callable[[str, str | None], str | None] | None,
+    control: Callable[[str, str | None], tuple[str | None, str]] | None,
     now: float,
 ) -> int:
     status = EX_OK
     if command == "flush" and not ids:
         if control is not None:
-            problem = control("flush", None)
+            problem, _ = control("flush", None)
             if problem:
                 err.write(f"{PROG}: flush: {problem}\n")
                 return EX_TEMPFAIL
@@ -247,11 +259,14 @@ def _change(
             err.write(f"{PROG}: {qid}: not a queue id\n")
             status = EX_USAGE
             continue
+        state = ""
         try:
             if control is not None:
-                problem = control(command, qid)
+                problem, state = control(command, qid)
             else:
                 problem = _direct(spool, command, qid, now)
+                if problem == HELD_NOTE:
+                    problem, state = None, "held"
         except KeyError:
             problem = "no such message"
         except EnvelopeFormatError as e:
@@ -260,7 +275,7 @@ def _change(
             err.write(f"{PROG}: {qid}: {problem}\n")
             status = EX_NOINPUT if problem == "no such message" else EX_TEMPFAIL
         else:
-            out.write(f"{qid}: {_DONE[command]}\n")
+            out.write(f"{qid}: {_STATUS_TEXT.get((command, state), _DONE[command])}\n")
     if command == "flush" and control is None and ids:
         out.write(
             f"{PROG}: the daemon is not running: these messages are due now and "
@@ -269,7 +284,7 @@ def _change(
     return status
 
 
-def _connect_control(spool_path: str) -> Callable[[str, str | None], str | None] | None:
+def _connect_control(spool_path: str) -> Callable[[str, str | None], tuple[str | None, str]] | None:
     """A control-channel client when the daemon answers on its socket, else C{None}."""
     path = os.path.join(spool_path, "control.sock")
     if not os.path.exists(path):
@@ -279,7 +294,7 @@ def _connect_control(spool_path: str) -> Callable[[str, str | None], str | None]
     except ImportError:
         return None
     try:
-        return ControlClient(path).call
+        return ControlClient(path).ask
     except OSError:
         return None  # stale socket: the daemon is not running
 

@@ -22,6 +22,7 @@ from typing import Callable, TextIO
 
 from twisted.python import usage
 
+from . import Command
 from ..auth import UnknownUser, UserExists, UsersFile, UsersFileError, check_password_acceptable, normalize_user
 
 __all__ = ["UserOptions", "run_user", "EX_OK", "EX_USAGE", "EX_DATAERR", "EX_NOUSER", "EX_CANTCREAT"]
@@ -33,7 +34,7 @@ EX_NOUSER = 67
 EX_CANTCREAT = 73
 
 
-class _AddressOptions(usage.Options):
+class _AddressOptions(Command):
     def parseOptions(self, options: list[str] | None = None) -> None:
         # usage.Options stops at the first argument (POSIX getopt); allow
         # "add ADDRESS --password-stdin" as well by moving options first.
@@ -67,7 +68,7 @@ class DelOptions(_AddressOptions):
     synopsis = "mailhub user del ADDRESS"
 
 
-class ListOptions(usage.Options):
+class ListOptions(Command):
     synopsis = "mailhub user list"
 
 
@@ -75,7 +76,7 @@ class TokenOptions(_AddressOptions):
     synopsis = "mailhub user token ADDRESS"
 
 
-class UserOptions(usage.Options):
+class UserOptions(Command):
     """C{mailhub user}: the subcommand's options; run with L{run_user}."""
 
     synopsis = "mailhub user [--file USERS] add|passwd|del|list ..."
