@@ -374,6 +374,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         max_queue_lifetime=relay.max_queue_lifetime,
         delay_warning=relay.delay_warning,
     )
+    # One resolver for every address that enters the queue without an SMTP
+    # RCPT: bounces and notices, local submissions, HTTP submissions.
+    resolve_recipient = _pickup_resolver(directory)
     scheduler = Scheduler(
         spool,
         router,
@@ -383,12 +386,12 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         destination_concurrency=relay.destination_concurrency,
         hostname=config.server.hostname,
         postmaster=f"postmaster@{local_cfg.domains[0]}",
+        resolve=resolve_recipient,
     )
     scheduler.setName("scheduler")
     scheduler.setServiceParent(top)
 
     # Local submission (mailhub-sendmail) and the queue tools.
-    resolve_recipient = _pickup_resolver(directory)
     pickup = PickupService(
         spool,
         scheduler.enqueue,
