@@ -46,6 +46,7 @@ import secrets
 import socket
 import stat
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -57,6 +58,7 @@ from twisted.logger import Logger
 from .address import AddressError, parse_mailbox
 from .envelope import Envelope, Recipient
 from .maillog import mail_event
+from .smtpproto import trace_header
 from .spool import Spool
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "CRLFNormalizer",
     "pickup_dirs",
     "ensure_pickup_dirs",
+    "clean_fullname",
     "format_header",
     "read_header",
     "write_pickup",
@@ -152,13 +155,27 @@ def _check_value(text: str) -> None:
         raise ValueError("line breaks are not allowed in a pickup header value")
 
 
+def clean_fullname(name: str | None) -> str | None:
+    """
+    A full name (sendmail C{-F}, GECOS) made safe for a header line: control
+    characters (C0, DEL, C1) and Unicode line/paragraph separators become
+    spaces and runs of white space one space, so a name can never start a
+    new header line.  Postfix sanitises the full name the same way instead
+    of refusing the message.  C{None} or an empty result is C{None}.
+    """
+    if name is None:
+        return None
+    out = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in name)
+    return " ".join(out.split()) or None
+
+
 def format_header(sender: str, recipients: Iterable[str], fullname: str | None = None) -> bytes:
     """The header block of a pickup file, ending with its blank line."""
     lines = [_MAGIC.decode("ascii").rstrip("\n")]
     _check_value(sender)
     lines.append(f"sender {sender}" if sender else "sender")
+    fullname = clean_fullname(fullname)
     if fullname:
-        _check_value(fullname)
         lines.append(f"fullname {fullname}")
     count = 0
     for r in recipients:
@@ -651,11 +668,8 @@ class PickupService(service.Service):
         writer = self.spool.new_message()
         user = _user_name(uid)
         try:
-            received = (
-                f"Received: by {self.hostname} (mailhub, from userid {uid})\r\n"
-                f"\tid {writer.queue_id}; {email.utils.formatdate(now, localtime=True)}\r\n"
-            ).encode("utf-8")
-            writer.write(received)
+            clauses = [f"by {self.hostname} (mailhub, from userid {uid})", f"id {writer.queue_id}"]
+            writer.write(trace_header(clauses, email.utils.formatdate(now, localtime=True)))
             eight_bit = False
             while True:
                 chunk = f.read(_CHUNK)

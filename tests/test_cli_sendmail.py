@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import os
 import smtplib
 import socket
@@ -39,12 +40,16 @@ def env(tmp_path):
     return str(config), spool
 
 
-def sendmail(config, args, stdin=b"", extra_env=None, **kw):
+def sendmail(config, args, stdin=b"", extra_env=None, stdin_fd=None, **kw):
     environ = dict(os.environ, PYTHONPATH=ROOT)
     environ.pop("MAILHUB_CONFIG", None)
     environ.update(extra_env or {})
     cmd = [sys.executable, "-m", "mailhub.cli.sendmail"] + (["-C", config] if config else []) + args
-    return subprocess.run(cmd, input=stdin, capture_output=True, cwd=ROOT, env=environ, timeout=30, **kw)
+    if stdin_fd is not None:
+        kw["stdin"] = stdin_fd
+    else:
+        kw["input"] = stdin
+    return subprocess.run(cmd, capture_output=True, cwd=ROOT, env=environ, timeout=30, **kw)
 
 
 def pickup_files(spool):
@@ -330,3 +335,259 @@ def test_parse_modes(prog, argv, mode, qid):
 def test_parse_unsupported_b():
     with pytest.raises(UsageError):
         parse_args(["-bv", "a@b.example"])
+
+
+# -- hostile input: full names, recipient arguments, crashes ----------------------------
+
+
+@pytest.mark.parametrize(
+    "fullname, cleaned",
+    [
+        ("Evil\r\nBcc: x", "Evil Bcc: x"),
+        ("Evil\nTo: y@ok.test", "Evil To: y@ok.test"),
+        ("Soh\x01and\x7fdel\x1b", "Soh and del"),
+        ("Line\u2028sep\x85nel", "Line sep nel"),
+    ],
+)
+def test_fullname_control_characters_replaced_by_spaces(env, fullname, cleaned):
+    """Like Postfix, a full name cannot add header lines: controls become spaces."""
+    config, spool = env
+    r = sendmail(config, ["-f", "alice@example.org", "-F", fullname, "bob@example.com"], b"Subject: s\n\nx\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, body, msg = only_pickup(spool)
+    assert header.fullname == cleaned
+    assert header.recipients == ("bob@example.com",)
+    head = body.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert [line for line in head if not line.startswith((b"Subject:", b"Date:", b"Message-ID:"))] == [
+        b"From: " + email.utils.formataddr((cleaned, "alice@example.org")).encode()
+    ]
+    assert msg["From"].addresses[0].display_name == cleaned
+
+
+def test_fullname_control_characters_in_bs_mode(env):
+    config, spool = env
+    r = sendmail(config, ["-bs", "-F", "Evil\r\nBcc: x"],
+                 b"HELO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: s\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    assert r.returncode == 0 and b"250 2.0.0 Ok: queued as" in r.stdout, r.stdout
+    header, body, msg = only_pickup(spool)
+    assert header.fullname == "Evil Bcc: x"
+    assert msg["From"] == '"Evil Bcc: x" <a@example.org>'
+    assert msg["Bcc"] is None
+
+
+@pytest.mark.parametrize(
+    "argument",
+    ["carol\nBcc: inj2@ok.test", "carol\r\nBcc: inj2@ok.test", "a@example.org\r", "a\tb@example.org",
+     "a@example.org,\x1bb@example.org", "a\u2028@example.org", "a\x85@example.org"],
+)
+def test_recipient_argument_with_control_character_refused(env, argument):
+    """An argument is an address (list), never a header: no group parsing across a newline."""
+    config, spool = env
+    r = sendmail(config, ["-f", "alice@example.org", "ok@example.com", argument], b"Subject: s\n\nx\n")
+    assert r.returncode == 67
+    assert r.stderr == (
+        f"mailhub-sendmail: invalid recipient address {argument!r}: control character in the address\n"
+    ).encode()
+    assert pickup_files(spool) == []
+    assert os.listdir(pickup_dirs(spool.path)[0]) == []
+
+
+def test_sender_argument_with_control_character_refused(env):
+    config, spool = env
+    r = sendmail(config, ["-f", "alice@example.org\nBcc: x@ok.test", "bob@example.com"], b"x\n")
+    assert r.returncode == 64
+    assert r.stderr == (
+        b"mailhub-sendmail: invalid sender address 'alice@example.org\\nBcc: x@ok.test': "
+        b"control character in the address\n"
+    )
+    assert pickup_files(spool) == []
+
+
+def test_comma_separated_argument_still_accepted(env):
+    config, spool = env
+    r = sendmail(config, ["-f", "a@example.org", "Bob <bob@example.com>, carol", "dave@example.com"], b"x\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, _, _ = only_pickup(spool)
+    assert header.recipients == ("bob@example.com", "carol@example.org", "dave@example.com")
+
+
+# -- Resent- headers and -t -------------------------------------------------------------------
+
+
+def test_t_with_resent_headers_uses_resent_recipients(env):
+    """Postfix sendmail -t: with Resent-To/Cc/Bcc present those are the recipients, not To/Cc/Bcc."""
+    config, spool = env
+    message = (
+        b"From: Orig <orig@example.com>\nTo: first@example.com\nCc: second@example.com\n"
+        b"Bcc: hidden1@example.com\nDate: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <m1@example.com>\n"
+        b"Resent-To: r1@example.com,\n r2\nResent-Cc: r3@example.com\nResent-Bcc: hidden2@example.com\n"
+        b"Subject: fwd\n\nbody\n"
+    )
+    r = sendmail(config, ["-t", "-f", "me@example.org", "arg@example.com"], message)
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, body, msg = only_pickup(spool)
+    assert header.recipients == (
+        "arg@example.com", "r1@example.com", "r2@example.org", "r3@example.com", "hidden2@example.com",
+    )
+    assert b"hidden" not in body and b"Bcc" not in body
+    # Resent mode: the Resent- trace headers are added, not Date / Message-ID / From.
+    assert len(msg.get_all("Date")) == 1 and b"\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n" in body
+    assert msg.get_all("Message-ID") == ["<m1@example.com>"]
+    assert msg["Resent-From"].addresses[0].addr_spec == "me@example.org" and msg["From"] == "Orig <orig@example.com>"
+    assert msg["Resent-Date"] and msg["Resent-Message-ID"].endswith("@mx.example>")
+    assert msg["Resent-To"] == "r1@example.com, r2@example.org"
+
+
+def test_t_without_resent_recipient_headers_uses_to_cc_bcc(env):
+    config, spool = env
+    message = b"From: a@example.org\nTo: first@example.com\nResent-Date: Mon, 1 Jan 2024 00:00:00 +0000\n\nx\n"
+    r = sendmail(config, ["-t"], message)
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, _, msg = only_pickup(spool)
+    assert header.recipients == ("first@example.com",)
+    assert msg["Resent-Message-ID"] and msg["Resent-From"] and msg["Date"] is None
+
+
+def test_resent_bcc_removed_without_t(env):
+    config, spool = env
+    message = b"From: a@example.org\nResent-Bcc: hidden@example.com\nResent-From: a@example.org\n\nx\n"
+    r = sendmail(config, ["b@example.com"], message)
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, body, _ = only_pickup(spool)
+    assert header.recipients == ("b@example.com",)
+    assert b"hidden" not in body and b"Resent-Bcc" not in body
+
+
+# -- unqualified header addresses ---------------------------------------------------------------
+
+
+def test_unqualified_header_addresses_get_the_origin_domain(env):
+    config, spool = env
+    message = (
+        b"From: Alice (the boss) <alice>\n"
+        b'To: bob, "Doe, J" <jdoe>, c@example.com, undisclosed-recipients:;\n'
+        b"Cc: =?utf-8?q?J=C3=B6rg?= <joerg>,\n   eve (Eve)\n"
+        b"Reply-To: list (comment), Group: member, x@example.com;\n"
+        b"Sender: <>\n"
+        b"X-Other: bob\n"
+        b"Resent-From: admin\n"
+        b"Subject: To: nobody\n\nTo: body\n"
+    )
+    r = sendmail(config, ["-i", "-f", "a@example.org", "t@example.com"], message)
+    assert (r.returncode, r.stderr) == (0, b"")
+    _, body, _ = only_pickup(spool)
+    head = body.split(b"\r\n\r\n", 1)
+    assert head[0].split(b"\r\n")[:9] == [
+        b"From: Alice (the boss) <alice@example.org>",
+        b'To: bob@example.org, "Doe, J" <jdoe@example.org>, c@example.com, undisclosed-recipients:;',
+        b"Cc: =?utf-8?q?J=C3=B6rg?= <joerg@example.org>,",
+        b"   eve@example.org (Eve)",
+        b"Reply-To: list@example.org (comment), Group: member@example.org, x@example.com;",
+        b"Sender: <>",
+        b"X-Other: bob",
+        b"Resent-From: admin@example.org",
+        b"Subject: To: nobody",
+    ]
+    assert head[1] == b"To: body\r\n"
+
+
+def test_header_qualification_leaves_odd_values_alone(env):
+    config, spool = env
+    message = (
+        b"To: =?utf-8?q?not_an_address?=\n"
+        b"Cc: John Doe\n"
+        b"From: \"unterminated <x>\n"
+        b"\n\n"
+    )
+    r = sendmail(config, ["-f", "a@example.org", "t@example.com"], message)
+    assert (r.returncode, r.stderr) == (0, b"")
+    _, body, _ = only_pickup(spool)
+    assert body.startswith(b"To: =?utf-8?q?not_an_address?=\r\nCc: John Doe\r\nFrom: \"unterminated <x>\r\n")
+
+
+def test_t_bare_to_is_qualified_in_header_and_envelope(env):
+    config, spool = env
+    r = sendmail(config, ["-t"], b"To: alice\nSubject: s\n\nx\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    header, body, msg = only_pickup(spool)
+    assert header.recipients == ("alice@example.org",)
+    assert body.startswith(b"To: alice@example.org\r\n")
+    assert msg["From"].addresses[0].addr_spec == f"{LOGIN}@example.org"
+
+
+# -- never a traceback ----------------------------------------------------------------------------
+
+
+def test_unexpected_error_is_tempfail_in_one_line(env, tmp_path):
+    """Reading stdin fails (opened write-only): one line on stderr, exit 75, nothing left."""
+    config, spool = env
+    fd = os.open(str(tmp_path / "stdin"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        r = sendmail(config, ["bob@example.com"], stdin=None, stdin_fd=fd)
+    finally:
+        os.close(fd)
+    assert r.returncode == 75, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert r.stderr.count(b"\n") == 1 and r.stderr.startswith(b"mailhub-sendmail: ")
+    assert b"try again later" in r.stderr
+    assert pickup_files(spool) == []
+    assert os.listdir(pickup_dirs(spool.path)[0]) == []
+
+
+def test_error_after_commit_exits_0(env):
+    """stderr is a broken pipe: -v cannot report, but the message is in pickup, so exit 0."""
+    config, spool = env
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    environ.pop("MAILHUB_CONFIG", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailhub.cli.sendmail", "-C", config, "-v", "bob@example.com"],
+            input=b"Subject: s\n\nx\n", stdout=subprocess.PIPE, stderr=write_end, cwd=ROOT, env=environ,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0
+    header, _, _ = only_pickup(spool)
+    assert header.recipients == ("bob@example.com",)
+
+
+def test_closed_stderr_still_queues(env):
+    """cron may run sendmail with descriptor 2 closed ("2>&-"): still exit 0, message queued."""
+    config, spool = env
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    environ.pop("MAILHUB_CONFIG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailhub.cli.sendmail", "-C", config, "-v", "bob@example.com"],
+        input=b"Subject: s\n\nx\n", stdout=subprocess.PIPE, cwd=ROOT, env=environ, timeout=30,
+        preexec_fn=lambda: os.close(2),
+    )
+    assert proc.returncode == 0
+    assert len(pickup_files(spool)) == 1
+
+
+def test_bs_input_ending_inside_data_queues_nothing(env):
+    """A -bs client that disconnects before the final "." must not get a truncated message queued."""
+    config, spool = env
+    r = sendmail(config, ["-bs"], b"HELO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+                                  b"DATA\r\nSubject: half\r\n\r\npartial body")
+    assert r.returncode == 0
+    assert r.stdout.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert pickup_files(spool) == []
+    assert os.listdir(pickup_dirs(spool.path)[0]) == []
+    r = sendmail(config, ["-bs"], b"HELO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubj")
+    assert r.returncode == 0 and pickup_files(spool) == []
+
+
+def test_bs_control_characters_in_paths_refused(env):
+    config, spool = env
+    r = sendmail(config, ["-bs"], "HELO x\r\nMAIL FROM:<a\u2028@example.org>\r\nMAIL FROM:<a@example.org>\r\n"
+                                  "RCPT TO:<b\x85@example.com>\r\nQUIT\r\n".encode())
+    assert r.returncode == 0
+    assert r.stdout.split(b"\r\n")[2:5] == [
+        b"501 5.1.7 Bad sender address syntax: control character in the address",
+        b"250 2.1.0 Ok",
+        b"501 5.1.3 Bad recipient address syntax: control character in the address",
+    ]

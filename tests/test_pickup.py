@@ -101,6 +101,28 @@ def test_newline_in_value_refused():
 
 
 @pytest.mark.parametrize(
+    "fullname, line",
+    [
+        ("Evil\r\nrecipient evil@x.example", b"fullname Evil recipient evil@x.example\n"),
+        ("a\x00b\x7fc\x85d\u2028e\u2029f\tg", b"fullname a b c d e f g\n"),
+        ("\r\n", None),
+    ],
+)
+def test_fullname_control_characters_become_spaces(fullname, line):
+    """An informational full name is sanitised, never refused (sendmail -F must not crash)."""
+    raw = format_header("a@b.example", ["bob@example.com"], fullname)
+    lines = raw.split(b"\n")
+    assert lines[:2] == [b"mailhub-pickup 1", b"sender a@b.example"]
+    assert lines[-3:] == [b"recipient bob@example.com", b"", b""]
+    if line is None:
+        assert len(lines) == 5
+        assert read_header(io.BytesIO(raw)).fullname is None
+    else:
+        assert len(lines) == 6 and lines[2] + b"\n" == line
+        assert read_header(io.BytesIO(raw)).fullname == line[9:-1].decode()
+
+
+@pytest.mark.parametrize(
     "raw, why",
     [
         (b"hello\n", "not a mailhub pickup file"),

@@ -3,8 +3,12 @@ mailhub-sendmail: the sendmail(1)-compatible submission command.
 
 Owns: the command line of /usr/sbin/sendmail (also as C{mailq} and
 C{newaliases} by the name it is called with), header fix-ups of local
-submissions (Date, Message-ID, From added when missing; Bcc removed),
-C{-t} recipient extraction, and the C{-bs} SMTP dialogue on stdin/stdout.
+submissions (Date, Message-ID, From -- or their Resent- forms -- added when
+missing; Bcc and Resent-Bcc removed; bare names in address headers
+qualified with the origin domain), C{-t} recipient extraction (Resent-To/
+Cc/Bcc first, as Postfix), and the C{-bs} SMTP dialogue on stdin/stdout.
+Hostile arguments (control characters in addresses or the full name) are
+refused or sanitised; the command never ends in a traceback.
 Every message goes into the pickup area (L{mailhub.pickup.write_pickup});
 the daemon need not be running.
 
@@ -23,14 +27,18 @@ import secrets
 import socket
 import sys
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from ..address import AddressError, parse_mailbox, parse_path
-from ..pickup import MessageTooLarge, write_pickup
+from ..pickup import MessageTooLarge, clean_fullname, write_pickup
 
-__all__ = ["main", "run", "Settings", "UsageError", "parse_args", "Invocation", "compose_message"]
+__all__ = [
+    "main", "run", "Settings", "UsageError", "parse_args", "Invocation", "compose_message",
+    "split_addresses", "qualify_header_value", "has_control", "Progress",
+]
 
 PROG = "mailhub-sendmail"
 
@@ -215,6 +223,90 @@ def qualify(address: str, origin: str) -> str:
     return str(parse_mailbox(address))
 
 
+def has_control(text: str) -> bool:
+    """
+    Whether C{text} holds a control character (C0, DEL, C1) or a Unicode
+    line or paragraph separator.  A command-line address containing one is
+    refused: it could only be an attempt to make an argument look like
+    several header lines (C{$'carol\\nBcc: x'} would otherwise parse as
+    an RFC 5322 group and silently drop C{carol}).
+    """
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def _scan_addresses(value: str) -> tuple[list[tuple[str, int]], bool]:
+    """
+    The addresses of one RFC 5322 address list, each as C{(addr-spec text,
+    end)}: the text with comments dropped, and the index in C{value} just
+    after the addr-spec's last character (where C{@domain} belongs; for
+    C{Name <x>} that is before the C{>}).  Groups are flattened: a group's
+    display name is not an address.  The flag says whether every quote,
+    comment and bracket was closed (a value that is not is not rewritten).
+    """
+    out: list[tuple[str, int]] = []
+    cur: list[str] = []
+    last = close = -1  # index after the last non-space char kept; that index before the last ">"
+    quoted = escaped = at = False  # at: the current token has an "@" (not a group name then)
+    angle = square = comment = 0
+
+    def keep(i: int, c: str, literal: bool = False) -> None:
+        nonlocal last, close, at
+        if c == ">" and not literal:
+            close = last
+        at = at or c == "@"
+        cur.append(c)
+        if not c.isspace():
+            last = i + 1
+
+    def finish() -> None:
+        token = "".join(cur).strip()
+        if "<" in token and token.endswith(">"):
+            token, end = token[token.rindex("<") + 1 : -1].strip(), close
+        else:
+            end = last
+        if token:
+            out.append((token, end))
+
+    for i, c in enumerate(value):
+        if escaped:
+            escaped = False
+            if comment == 0:
+                keep(i, c, literal=True)
+            continue
+        if c == "\\" and (quoted or comment):
+            escaped = True
+            if comment == 0:
+                keep(i, c, literal=True)
+            continue
+        if comment:
+            comment += {"(": 1, ")": -1}.get(c, 0)
+            continue
+        if quoted:
+            quoted = c != '"'
+            keep(i, c, literal=True)
+            continue
+        if c == "(":
+            comment = 1
+        elif c == '"':
+            quoted = True
+            keep(i, c)
+        elif c in "<>":
+            angle += 1 if c == "<" else -1
+            keep(i, c)
+        elif c in "[]":
+            square += 1 if c == "[" else -1
+            keep(i, c)
+        elif c in ",;" and not angle and not square:
+            finish()
+            cur, at = [], False
+        elif c == ":" and not angle and not square and not at:
+            cur = []  # a group's display name
+        else:
+            keep(i, c)
+    finish()
+    return out, not (quoted or escaped or comment or angle or square)
+
+
 def split_addresses(values: Iterable[str]) -> list[str]:
     """
     Addresses out of RFC 5322 address lists (C{"A <a@x>, "Doe, J" <j@y>, b@z"},
@@ -223,56 +315,39 @@ def split_addresses(values: Iterable[str]) -> list[str]:
     (C{"a@exa mple.org"} becomes C{a@example.org}): a malformed address
     must reach the validator as written and be refused.
     """
-    out = []
-    for value in values:
-        tokens: list[str] = []
-        cur: list[str] = []
-        quoted = escaped = False
-        angle = square = comment = 0
-        for c in value:
-            if escaped:
-                escaped = False
-                if comment == 0:
-                    cur.append(c)
-                continue
-            if c == "\\" and (quoted or comment):
-                escaped = True
-                if comment == 0:
-                    cur.append(c)
-                continue
-            if comment:
-                comment += {"(": 1, ")": -1}.get(c, 0)
-                continue
-            if quoted:
-                quoted = c != '"'
-                cur.append(c)
-                continue
-            if c == "(":
-                comment = 1
-            elif c == '"':
-                quoted = True
-                cur.append(c)
-            elif c in "<>":
-                angle += 1 if c == "<" else -1
-                cur.append(c)
-            elif c in "[]":
-                square += 1 if c == "[" else -1
-                cur.append(c)
-            elif c in ",;" and not angle and not square:
-                tokens.append("".join(cur))
-                cur = []
-            elif c == ":" and not angle and not square and "@" not in "".join(cur):
-                cur = []  # a group's display name
-            else:
-                cur.append(c)
-        tokens.append("".join(cur))
-        for token in tokens:
-            token = token.strip()
-            if "<" in token and token.endswith(">"):
-                token = token[token.rindex("<") + 1 : -1].strip()
-            if token:
-                out.append(token)
-    return out
+    return [address for value in values for address, _ in _scan_addresses(value)[0]]
+
+
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+
+
+def qualify_header_value(value: str, origin: str) -> str:
+    """
+    Append C{@origin} to the bare local names in an address header value
+    (C{To: alice, Bob <bob>} -> C{To: alice@ORIGIN, Bob <bob@ORIGIN>}), as
+    Postfix's cleanup does for locally submitted mail (append_at_myorigin
+    on header addresses).  Only an insertion is made: display names,
+    comments, encoded words, folding and already qualified addresses stay
+    byte for byte.  An address is touched only when C{local@origin} is a
+    valid mailbox and it is not an encoded word; anything odd is left as it
+    is (with C{-t}, the recipient check refuses it later).
+    """
+    inserts = []
+    addresses, complete = _scan_addresses(value)
+    if not complete:
+        return value
+    for address, end in addresses:
+        if end < 0 or "@" in _QUOTED.sub("", address) or _ENCODED_WORD.search(address):
+            continue
+        try:
+            parse_mailbox(f"{address}@{origin}")
+        except AddressError:
+            continue
+        inserts.append(end)
+    for end in sorted(inserts, reverse=True):
+        value = f"{value[:end]}@{origin}{value[end:]}"
+    return value
 
 
 def _dedupe(addresses: Iterable[str]) -> list[str]:
@@ -289,6 +364,23 @@ def _dedupe(addresses: Iterable[str]) -> list[str]:
 # -- the message ----------------------------------------------------------------------------
 
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+#: Address headers whose bare local names get @origin (Postfix cleanup's
+#: sender and recipient header classes, header_opts.c; Return-Path aside).
+ADDRESS_HEADERS = frozenset({
+    b"from", b"sender", b"reply-to", b"errors-to", b"return-receipt-to", b"disposition-notification-to",
+    b"mail-followup-to", b"to", b"cc", b"bcc",
+    b"resent-from", b"resent-sender", b"resent-reply-to", b"resent-to", b"resent-cc", b"resent-bcc",
+})
+#: Any of these makes the message a resent one (Postfix HDR_OPT_RR).
+RESENT_HEADERS = frozenset({
+    b"resent-bcc", b"resent-cc", b"resent-date", b"resent-from", b"resent-message-id",
+    b"resent-reply-to", b"resent-sender", b"resent-to",
+})
+_RECIPIENT_HEADERS = (b"to", b"cc", b"bcc")
+_RESENT_RECIPIENT_HEADERS = (b"resent-to", b"resent-cc", b"resent-bcc")
+#: Never passed on (blind copies).
+_DROPPED_HEADERS = (b"bcc", b"resent-bcc")
 
 
 def stdin_lines(stream: BinaryIO, dots: bool) -> Iterator[bytes]:
@@ -308,7 +400,7 @@ def stdin_lines(stream: BinaryIO, dots: bool) -> Iterator[bytes]:
 class Composed:
     """A message ready for the pickup area."""
 
-    header_recipients: list[str]  # To/Cc/Bcc addresses (for -t)
+    header_recipients: list[str]  # To/Cc/Bcc, or Resent-To/Cc/Bcc when present (for -t)
     chunks: Iterator[bytes]  # the message bytes, fixed-up header first
 
 
@@ -321,10 +413,14 @@ def compose_message(
     now: float | None = None,
 ) -> Composed:
     """
-    Read the header section from C{lines} (bounded), remove Bcc, and add
-    From, Date and Message-ID when missing (as Postfix's cleanup does for
-    local submissions).  The body is not read here: it streams through
-    C{chunks}.
+    Read the header section from C{lines} (bounded), remove Bcc and
+    Resent-Bcc, qualify bare names in address headers with C{@origin}, and
+    add From, Date and Message-ID when missing -- or, in a resent message
+    (any Resent- header), Resent-From, Resent-Date and Resent-Message-ID --
+    as Postfix's cleanup does for local submissions.  The recipients for
+    C{-t} come from To/Cc/Bcc, or from Resent-To/Cc/Bcc when one of those is
+    present (Postfix sendmail).  The body is not read here: it streams
+    through C{chunks}.
     """
     fields: list[tuple[bytes, list[bytes]]] = []
     size = 0
@@ -346,23 +442,25 @@ def compose_message(
             body_start.append(line)  # not a header: the body starts here
             break
     names = {name for name, _ in fields}
+    wanted = _RESENT_RECIPIENT_HEADERS if names.intersection(_RESENT_RECIPIENT_HEADERS) else _RECIPIENT_HEADERS
     recipients: list[str] = []
     for name, raw in fields:
-        if name in (b"to", b"cc", b"bcc"):
+        if name in wanted:
             value = b"".join(raw).split(b":", 1)[1].decode("utf-8", "replace")
             recipients.extend(split_addresses([" ".join(value.split())]))
-    kept = [b"".join(raw) for name, raw in fields if name != b"bcc"]
+    kept = [_qualify_field(name, raw, origin) for name, raw in fields if name not in _DROPPED_HEADERS]
+    resent = "Resent-" if names & RESENT_HEADERS else ""
     added = []
-    if b"from" not in names:
+    if resent.lower().encode() + b"from" not in names:
         if sender:
-            added.append(f"From: {email.utils.formataddr((fullname or '', sender))}\n")
+            added.append(f"{resent}From: {email.utils.formataddr((fullname or '', sender))}\n")
         else:
-            added.append(f"From: MAILER-DAEMON@{origin}\n")
-    if b"date" not in names:
-        added.append(f"Date: {email.utils.formatdate(now, localtime=True)}\n")
-    if b"message-id" not in names:
+            added.append(f"{resent}From: MAILER-DAEMON@{origin}\n")
+    if resent.lower().encode() + b"date" not in names:
+        added.append(f"{resent}Date: {email.utils.formatdate(now, localtime=True)}\n")
+    if resent.lower().encode() + b"message-id" not in names:
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
-        added.append(f"Message-ID: <{stamp}.{secrets.token_hex(8)}@{hostname}>\n")
+        added.append(f"{resent}Message-ID: <{stamp}.{secrets.token_hex(8)}@{hostname}>\n")
     head = b"".join(kept) + "".join(added).encode("utf-8")
 
     def chunks() -> Iterator[bytes]:
@@ -372,6 +470,19 @@ def compose_message(
         yield from lines
 
     return Composed(recipients, chunks())
+
+
+def _qualify_field(name: bytes, raw: list[bytes], origin: str) -> bytes:
+    """One header field as bytes, its bare address names qualified when it is an address header."""
+    field = b"".join(raw)
+    if name not in ADDRESS_HEADERS:
+        return field
+    head, value = field.split(b":", 1)
+    text = value.decode("utf-8", "surrogateescape")
+    qualified = qualify_header_value(text, origin)
+    if qualified == text:
+        return field
+    return head + b":" + qualified.encode("utf-8", "surrogateescape")
 
 
 # -- submitting ------------------------------------------------------------------------------
@@ -385,7 +496,27 @@ def _errno_status(e: OSError) -> int:
     return EX_CANTCREAT
 
 
-def _submit(inv: Invocation, settings: Settings, stdin: BinaryIO, stderr: TextIO) -> int:
+@dataclass
+class Progress:
+    """
+    Where the current submission stands, for the last-resort error handler
+    in L{run}: once a message is committed to the pickup area the command
+    must report success whatever fails afterwards (the caller would
+    otherwise send it again).
+    """
+
+    committed: bool = False
+
+
+_CONTROL = "control character in the address"
+
+
+def _submit(
+    inv: Invocation, settings: Settings, stdin: BinaryIO, stderr: TextIO, progress: Progress | None = None
+) -> int:
+    if inv.sender is not None and has_control(inv.sender):
+        stderr.write(f"{PROG}: invalid sender address {inv.sender!r}: {_CONTROL}\n")
+        return EX_USAGE
     try:
         sender = "" if inv.sender in ("<>", "") else qualify(inv.sender or login_name(), settings.origin)
     except AddressError as e:
@@ -394,6 +525,11 @@ def _submit(inv: Invocation, settings: Settings, stdin: BinaryIO, stderr: TextIO
     if not inv.extract and not inv.recipients:
         stderr.write(f"{PROG}: no recipients given (use -t or list addresses)\n")
         return EX_USAGE
+    for arg in inv.recipients:
+        # One argument is one address or a comma-separated list, never a header.
+        if has_control(arg):
+            stderr.write(f"{PROG}: invalid recipient address {arg!r}: {_CONTROL}\n")
+            return EX_NOUSER
     recipients = []
     for raw in split_addresses(inv.recipients) if inv.recipients else []:
         try:
@@ -401,7 +537,7 @@ def _submit(inv: Invocation, settings: Settings, stdin: BinaryIO, stderr: TextIO
         except AddressError as e:
             stderr.write(f"{PROG}: invalid recipient address {raw!r}: {e}\n")
             return EX_NOUSER
-    fullname = inv.fullname if inv.fullname is not None else gecos_name()
+    fullname = clean_fullname(inv.fullname if inv.fullname is not None else gecos_name())
     composed = compose_message(
         stdin_lines(stdin, inv.dots), sender, fullname, settings.hostname, settings.origin
     )
@@ -425,6 +561,8 @@ def _submit(inv: Invocation, settings: Settings, stdin: BinaryIO, stderr: TextIO
     except OSError as e:
         stderr.write(f"{PROG}: cannot write to the pickup directory {settings.spool_path}/pickup: {e.strerror or e}\n")
         return _errno_status(e)
+    if progress is not None:
+        progress.committed = True
     if inv.verbose:
         stderr.write(f"{PROG}: queued as pickup file {name} for {', '.join(_dedupe(recipients))}\n")
     return EX_OK
@@ -436,6 +574,10 @@ _MAIL = re.compile(r"MAIL FROM:\s*(<[^>]*>|[^\s<>]+)(.*)\Z", re.I | re.S)
 _RCPT = re.compile(r"RCPT TO:\s*(<[^>]*>|[^\s<>]+)(.*)\Z", re.I | re.S)
 
 
+class _InputEnded(Exception):
+    """The -bs input ended inside DATA."""
+
+
 class StdioSMTP:
     """
     A minimal, correct SMTP server on a pair of byte streams, submitting
@@ -444,9 +586,17 @@ class StdioSMTP:
     process whose identity the daemon takes from the pickup file's owner.
     """
 
-    def __init__(self, settings: Settings, fullname: str | None, rfile: BinaryIO, wfile: BinaryIO) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fullname: str | None,
+        rfile: BinaryIO,
+        wfile: BinaryIO,
+        progress: Progress | None = None,
+    ) -> None:
         self.settings = settings
-        self.fullname = fullname
+        self.fullname = clean_fullname(fullname)
+        self.progress = progress if progress is not None else Progress()
         self.rfile = rfile
         self.wfile = wfile
         self._reset()
@@ -560,6 +710,9 @@ class StdioSMTP:
             self.reply(552, "5.3.4", "Message size exceeds fixed limit")
             return
         path = m.group(1)
+        if has_control(path):
+            self.reply(501, "5.1.7", f"Bad sender address syntax: {_CONTROL}")
+            return
         try:
             if path.strip("<>") == "":
                 sender = ""
@@ -569,6 +722,7 @@ class StdioSMTP:
             self.reply(501, "5.1.7", f"Bad sender address syntax: {e}")
             return
         self.sender = sender
+        self.progress.committed = False  # a new transaction: nothing of it is queued yet
         self.declared_size = size
         self.reply(250, "2.1.0", "Ok")
 
@@ -587,6 +741,9 @@ class StdioSMTP:
             self.reply(452, "4.5.3", "Error: too many recipients")
             return
         path = m.group(1)
+        if has_control(path):
+            self.reply(501, "5.1.3", f"Bad recipient address syntax: {_CONTROL}")
+            return
         try:
             if path.strip("<>") == "":
                 raise AddressError("empty recipient", "5.1.3")
@@ -604,7 +761,9 @@ class StdioSMTP:
             line = self.rfile.readline(_READ)
             if not line:
                 state["eof"] = True
-                return
+                # Raising (not returning) makes write_pickup remove the partial
+                # file: a message cut off before its "." is never queued.
+                raise _InputEnded()
             if at_start and line in (b".\r\n", b".\n"):
                 state["ended"] = True
                 return
@@ -614,27 +773,31 @@ class StdioSMTP:
             yield line
 
     def _data(self) -> bool:
-        """Receive one message; C{False} when the input ended inside DATA."""
+        """Receive one message; C{False} when the input ended inside DATA (nothing is queued)."""
         self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
         state = {"eof": False, "ended": False}
         source = self._data_lines(state)
-        composed = compose_message(
-            source, self.sender or "", self.fullname, self.settings.hostname, self.settings.origin
-        )
         reply: tuple[int, str, str]
         try:
+            composed = compose_message(
+                source, self.sender or "", self.fullname, self.settings.hostname, self.settings.origin
+            )
             name = write_pickup(
                 self.settings.spool_path, self.sender or "", _dedupe(self.recipients),
                 composed.chunks, self.fullname, self.settings.max_size,
             )
+            self.progress.committed = True
             reply = (250, "2.0.0", f"Ok: queued as {name}")
         except MessageTooLarge:
             reply = (552, "5.3.4", "Error: message too large")
         except OSError as e:
             reply = (451, "4.3.0", f"Error: cannot write to the pickup directory: {e.strerror or e}")
-        for _ in source:  # drain what the writer did not read
-            pass
-        if state["eof"] and not state["ended"]:
+        except _InputEnded:
+            return False
+        try:
+            for _ in source:  # drain what the writer did not read
+                pass
+        except _InputEnded:
             return False
         self._reset()
         self.reply(*reply)
@@ -652,6 +815,26 @@ def _queue_command(args: list[str], settings: Settings, stdout: TextIO) -> int:
     return run_queue(options, settings.spool_path, out=stdout)
 
 
+def _say(stderr: TextIO, line: str) -> None:
+    """
+    Write one line to stderr, never raising: when stderr is gone (a closed
+    pipe) it is pointed at /dev/null so that the interpreter's final flush
+    cannot fail and change the exit status.
+    """
+    try:
+        stderr.write(line)
+        stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, stderr.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
 def run(
     argv: list[str],
     stdin: BinaryIO,
@@ -659,7 +842,34 @@ def run(
     stderr: TextIO,
     prog: str = "sendmail",
 ) -> int:
-    """Run the command; return the exit status (sysexits.h)."""
+    """
+    Run the command; return the exit status (sysexits.h).  Never raises
+    (except SystemExit): an unexpected error is one line on stderr and
+    EX_TEMPFAIL, so callers retry -- unless the message was already
+    committed to the pickup area, then it is EX_OK (a retry would send it
+    twice).
+    """
+    progress = Progress()
+    try:
+        return _run(argv, stdin, stdout, stderr, prog, progress)
+    except (Exception, KeyboardInterrupt) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        what = " ".join(what.split())
+        if progress.committed:
+            _say(stderr, f"{PROG}: warning: {what} (the message was queued)\n")
+            return EX_OK
+        _say(stderr, f"{PROG}: internal error, message not sent, try again later: {what}\n")
+        return EX_TEMPFAIL
+
+
+def _run(
+    argv: list[str],
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    stderr: TextIO,
+    prog: str,
+    progress: Progress,
+) -> int:
     try:
         inv = parse_args(argv, prog)
     except UsageError as e:
@@ -684,8 +894,8 @@ def run(
             text.detach()
     if inv.mode == "s":
         fullname = inv.fullname if inv.fullname is not None else gecos_name()
-        return StdioSMTP(settings, fullname, stdin, stdout).serve()
-    return _submit(inv, settings, stdin, stderr)
+        return StdioSMTP(settings, fullname, stdin, stdout, progress).serve()
+    return _submit(inv, settings, stdin, stderr, progress)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -693,7 +903,12 @@ def main(argv: list[str] | None = None) -> None:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sendmail"
     if argv is None:
         argv = sys.argv[1:]
-    sys.exit(run(argv, sys.stdin.buffer, sys.stdout.buffer, sys.stderr, prog))
+    # A closed standard descriptor (cron, "2>&-") is None here; like Postfix's
+    # sendmail, use /dev/null rather than fail.
+    stdin = sys.stdin.buffer if sys.stdin is not None else open(os.devnull, "rb")
+    stdout = sys.stdout.buffer if sys.stdout is not None else open(os.devnull, "wb")
+    stderr = sys.stderr if sys.stderr is not None else open(os.devnull, "w")
+    sys.exit(run(argv, stdin, stdout, stderr, prog))
 
 
 if __name__ == "__main__":
