@@ -51,10 +51,10 @@ class AddressError(ValueError):
 
 
 # atext of RFC 5322, plus every non-ASCII character (RFC 6531 UTF8-non-ascii).
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u00a0-\u2027\u202a-\U0010ffff]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 # qtextSMTP / quoted-pairSMTP (RFC 5321 4.1.2), UTF-8 allowed.
-_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u00a0-\u2027\u202a-\U0010ffff]|\\[\x20-\x7e])*"\Z')
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _SOURCE_ROUTE = re.compile(r"@[^:,]+(?:,@[^:,]+)*:")
 
@@ -160,7 +160,9 @@ def parse_mailbox(text: str, allow_utf8: bool = True) -> Mailbox:
         announced SMTPUTF8, RFC 6531 3.4).
     @raise AddressError: on any syntax problem.
     """
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    # C0, DEL, C1 and the Unicode line/paragraph separators: none of them
+    # may reach a header, a log line or a file name.
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text):
         raise AddressError("control characters in address", "5.1.3")
     if not allow_utf8 and not _is_ascii(text):
         raise AddressError("non-ASCII address requires SMTPUTF8", "5.6.7")
