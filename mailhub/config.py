@@ -102,6 +102,7 @@ class ServerConfig:
 class SpoolConfig:
     path: str  # default <data_dir>/spool
     fsync: bool = True
+    pickup_group: str | None = None  # only this group may submit (Postfix's postdrop); None: every local user
 
 
 @dataclass(frozen=True)
@@ -390,6 +391,19 @@ def _admins(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _group(value: Any) -> str | None:
+    """A Unix group name that must exist; C{""} means "not set"."""
+    import grp
+
+    text = _optional_string(value)
+    if text is not None:
+        try:
+            grp.getgrnam(text)
+        except KeyError:
+            raise _Bad(f"no such group: {text!r}")
+    return text
+
+
 def _home_maildir(value: Any) -> str:
     from .system import check_maildir_name
 
@@ -554,6 +568,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
     "spool": {
         "path": (_string, True),
         "fsync": (_boolean, False),
+        "pickup_group": (_group, False),
     },
     "local": {
         "domains": (_domains, False),

@@ -86,6 +86,8 @@ PICKUP_VERSION = 1
 _MAGIC = b"mailhub-pickup %d\n" % PICKUP_VERSION
 #: Mode of pickup/, pickup/tmp/, pickup/new/: sticky, writable by all, not listable.
 DIR_MODE = 0o1733
+#: With a submission group: members may submit, others may not even look.
+GROUP_DIR_MODE = 0o1730
 #: Mode of a finished pickup file: readable by an unprivileged daemon.
 FILE_MODE = 0o644
 #: The header block may not be longer than this (about 20000 recipients).
@@ -127,12 +129,16 @@ def pickup_dirs(spool_path: str) -> tuple[str, str]:
     return os.path.join(base, "tmp"), os.path.join(base, "new")
 
 
-def ensure_pickup_dirs(spool_path: str, mode: int = DIR_MODE) -> None:
+def ensure_pickup_dirs(spool_path: str, mode: int = DIR_MODE, gid: int | None = None) -> None:
     """
     Create the pickup directories with C{mode} (explicit chmod: the umask
     must not take the sticky or write bits away), and make the spool root
     searchable (adds C{--x} only: nothing becomes listable) so that users
     can reach C{pickup/}.  Run by the daemon at start.
+
+    With C{gid} (a submission group, like Postfix's C{postdrop}) the
+    directories belong to that group and C{mode} should leave nothing to
+    "others" (C{GROUP_DIR_MODE}): only the group's members may submit.
     """
     base = os.path.join(spool_path, "pickup")
     for path in (base, *pickup_dirs(spool_path)):
@@ -140,7 +146,10 @@ def ensure_pickup_dirs(spool_path: str, mode: int = DIR_MODE) -> None:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass
-        if stat.S_IMODE(os.lstat(path).st_mode) != mode:
+        st = os.lstat(path)
+        if gid is not None and st.st_gid != gid:
+            os.chown(path, -1, gid)
+        if stat.S_IMODE(st.st_mode) != mode:
             os.chmod(path, mode)
     root = os.stat(spool_path)
     if mode & 0o011 and stat.S_IMODE(root.st_mode) & 0o011 != 0o011:
@@ -465,6 +474,7 @@ class PickupService(service.Service):
         poll_interval: float = 1.0,
         rescan_interval: float = 60.0,
         dir_mode: int = DIR_MODE,
+        gid: int | None = None,
     ) -> None:
         self.spool = spool
         self.enqueue = enqueue
@@ -476,6 +486,7 @@ class PickupService(service.Service):
         self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
         self.dir_mode = dir_mode
+        self.gid = gid
         self.tmp_dir, self.new_dir = pickup_dirs(spool.path)
         self._notifier: Any = None
         self._timer: Any = None
@@ -487,7 +498,7 @@ class PickupService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        ensure_pickup_dirs(self.spool.path, self.dir_mode)
+        ensure_pickup_dirs(self.spool.path, self.dir_mode, self.gid)
         self._clean_tmp()
         # Read the queue now, before any delivery could remove an envelope
         # whose pickup file survived a crash between commit and unlink.

@@ -392,6 +392,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     scheduler.setServiceParent(top)
 
     # Local submission (mailhub-sendmail) and the queue tools.
+    pickup_mode: dict[str, Any] = {}
+    if config.spool.pickup_group is not None:
+        import grp
+
+        from .pickup import GROUP_DIR_MODE
+
+        pickup_mode = {"dir_mode": GROUP_DIR_MODE, "gid": grp.getgrnam(config.spool.pickup_group).gr_gid}
     pickup = PickupService(
         spool,
         scheduler.enqueue,
@@ -399,6 +406,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         config.server.max_message_size,
         resolve_recipient=resolve_recipient,
         hostname=config.server.hostname,
+        **pickup_mode,
     )
     pickup.setServiceParent(top)
     control = control_service(scheduler, spool.path, reactor)
