@@ -59,6 +59,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
 #: how smtpclient words a peer's reply: "host H said: 550 5.1.1 text (in reply to RCPT TO command)"
 _AGENT_REPLY = re.compile(r"host (\S+) said: (\d{3}) (.*?)(?: \(in reply to [^()]*\))?$", re.S)
+#: the "[ip]:port" an agent's remote_mta ("mx.example[192.0.2.1]:25") adds to the host name
+_MTA_ADDRESS = re.compile(r"\[[^\[\]]*\](?::\d+)?$")
 
 
 def _clean(text: str, limit: int = _TEXT_LIMIT) -> str:
@@ -301,7 +303,9 @@ def make_dsn(
         default_status = {FAILED_ACTION: "5.0.0", DELAYED_ACTION: "4.0.0"}.get(what, "2.0.0")
         block.append(f"Status: {_clean(r.last_status or default_status, 16)}")
         if r.remote_mta:
-            block.append(f"Remote-MTA: dns; {_clean(r.remote_mta, 255)}")
+            # RFC 3464 2.3.5: a host name, as Postfix writes it, not "name[ip]:port"
+            mta_name = _MTA_ADDRESS.sub("", r.remote_mta) or r.remote_mta
+            block.append(f"Remote-MTA: dns; {_clean(mta_name, 255)}")
         diagnostic = _diagnostic(r)
         if diagnostic:
             block.append(f"Diagnostic-Code: {diagnostic}")

@@ -25,14 +25,27 @@ Replies are parsed from bytes with hard bounds (L{MAX_LINE}, L{MAX_LINES},
 L{MAX_EARLY_REPLIES}): a hostile server cannot make us buffer without limit.
 
 8BITMIME: C{BODY=8BITMIME} is sent when the envelope says so and the peer
-offers 8BITMIME.  When it does not, the message is sent anyway, unchanged --
-Postfix's default (it does not downgrade to quoted-printable unless asked
-to, and most servers accept 8-bit data anyway).
+offers 8BITMIME.  When the peer does not offer it and the message has 8-bit
+bytes, the message is converted to 7 bit before it is sent (RFC 6152 3;
+Postfix's default, C{disable_mime_output_conversion = no}): 8-bit MIME
+bodies become quoted-printable (text) or base64 (others), everything else
+is kept byte for byte (L{mailhub.downgrade}).  What cannot be converted
+(8-bit headers, 8-bit in a part that must not be encoded) fails for every
+recipient of the transaction with C{554 5.6.3} (RFC 3463 "Conversion
+required but not supported").  A peer that offers SMTPUTF8 is taken to
+accept 8-bit data in an SMTPUTF8 transaction (RFC 6531 3.1 requires it to
+offer 8BITMIME too).
+
+SMTPUTF8: required (C{5.6.7} at a peer without it) only when the envelope
+addresses are not ASCII, or the message was received with SMTPUTF8 I{and}
+its header section really has non-ASCII bytes (RFC 6531 3.2, as Postfix):
+an ASCII-only message flagged SMTPUTF8 goes out without the parameter.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -52,6 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .downgrade import ConversionError, downgrade, split_header
 from .envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
 
 __all__ = [
@@ -91,6 +105,9 @@ CHUNK_SIZE = 64 * 1024
 #: Bytes written in one go before yielding to the reactor even if the
 #: transport has not asked us to pause (keeps other connections served).
 MAX_BURST = 1024 * 1024
+#: Most bytes read to find the end of a message's header section (for the
+#: SMTPUTF8 decision); past it the headers count as possibly non-ASCII.
+MAX_HEADER_SCAN = 1024 * 1024
 
 # Locally generated reply codes (no server said them).
 _LOCAL_TEMP = 451
@@ -163,12 +180,24 @@ class SMTPReply:
     One (possibly multi-line) reply.  C{enhanced} is the reply's own RFC
     3463 code when it has one of the right class, else C{X.0.0}; C{text} is
     the lines without code and enhanced code, joined with spaces.
+    C{has_enhanced} says whether the server gave the enhanced code.
     """
 
     code: int
     enhanced: str
     text: str
     lines: tuple[str, ...] = field(default=(), compare=False)
+    has_enhanced: bool = field(default=False, compare=False)
+
+    @property
+    def said(self) -> str:
+        """
+        The reply as the server said it, for "host X said: ...": code, the
+        server's own enhanced code (never one we made up) and text.
+        """
+        if self.has_enhanced:
+            return f"{self.code} {self.enhanced} {self.text}".rstrip()
+        return f"{self.code} {self.text}".rstrip()
 
     @property
     def kind(self) -> str:
@@ -185,10 +214,13 @@ def _parse_reply(lines: list[tuple[int, str]]) -> SMTPReply:
             enhanced = enhanced or f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}"
             text = text[m.end() :]
         texts.append(text)
+    has_enhanced = bool(enhanced)
     if not enhanced:
         cls = code // 100
         enhanced = f"{cls}.0.0" if cls in (2, 4, 5) else "4.5.0"
-    return SMTPReply(code, enhanced, " ".join(t for t in texts if t).strip(), tuple(t for _, t in lines))
+    return SMTPReply(
+        code, enhanced, " ".join(t for t in texts if t).strip(), tuple(t for _, t in lines), has_enhanced
+    )
 
 
 class _Broken(Exception):
@@ -495,7 +527,7 @@ class SMTPClientProtocol(Protocol):
         if r.code == 421:
             # The server is closing the session: whatever we were doing on
             # this connection is over (RFC 5321 3.8).
-            raise _Broken(f"host {self.remote_mta} said: {r.code} {r.text}", r.enhanced, code=421)
+            raise _Broken(f"host {self.remote_mta} said: {r.said}", r.enhanced, code=421)
         return r
 
     # -- session set-up ---------------------------------------------------------------
@@ -504,7 +536,7 @@ class SMTPClientProtocol(Protocol):
         return SessionError(
             reply.code,
             reply.enhanced,
-            f"host {self.remote_mta} said: {reply.code} {reply.text} (in reply to {what})",
+            f"host {self.remote_mta} said: {reply.said} (in reply to {what})",
             permanent=reply.code // 100 == 5,
             remote_mta=self.remote_mta,
             **kw,
@@ -565,7 +597,7 @@ class SMTPClientProtocol(Protocol):
                 return
             raise SessionError(
                 _LOCAL_TEMP, "4.7.4",
-                f"TLS is required, but host {self.remote_mta} refused to start TLS: {reply.code} {reply.text}",
+                f"TLS is required, but host {self.remote_mta} refused to start TLS: {reply.said}",
                 False, self.remote_mta,
             )
         if self._buf or self._early or self._lines:
@@ -643,7 +675,7 @@ class SMTPClientProtocol(Protocol):
         if reply.code == 535:
             raise SessionError(
                 535, "5.7.8",
-                f"SASL authentication failed; server {self.remote_mta} said: {reply.code} {reply.text}",
+                f"SASL authentication failed; server {self.remote_mta} said: {reply.said}",
                 True, self.remote_mta,
             )
         if reply.code == 334:
@@ -678,13 +710,22 @@ class SMTPClientProtocol(Protocol):
 
     # -- transactions ----------------------------------------------------------------
 
-    def _needs_smtputf8(self, envelope: Envelope, recipients: list[Recipient]) -> bool:
-        if envelope.esmtp.get("smtputf8"):
+    def _needs_smtputf8(self, envelope: Envelope, recipients: list[Recipient], header: bytes | None) -> bool:
+        """
+        Whether this transaction cannot go without SMTPUTF8 (RFC 6531 3.2,
+        as Postfix): the envelope addresses are not ASCII, or the message
+        came in with SMTPUTF8 and its header section (C{header}; None when
+        it could not be read within bounds) is not ASCII.  A message flagged
+        SMTPUTF8 whose envelope and headers are all ASCII does not need it.
+        """
+        if not envelope.sender.isascii() or any(not r.address.isascii() for r in recipients):
             return True
-        return not envelope.sender.isascii() or any(not r.address.isascii() for r in recipients)
+        if envelope.esmtp.get("smtputf8"):
+            return header is None or not header.isascii()
+        return False
 
     def _outcome(self, rcpt: Recipient, reply: SMTPReply, what: str) -> Outcome:
-        text = f"host {self.remote_mta} said: {reply.code} {reply.text} (in reply to {what})"
+        text = f"host {self.remote_mta} said: {reply.said} (in reply to {what})"
         cls = reply.code // 100
         if cls == 2:  # NOTIFY etc. went with the RCPT when the peer offered DSN
             return Outcome.delivered(rcpt.address, text, self.remote_mta, dsn_passed="DSN" in self.extensions)
@@ -705,16 +746,44 @@ class SMTPClientProtocol(Protocol):
 
         if not recipients:
             return []
-        utf8 = self._needs_smtputf8(envelope, recipients)
-        if utf8 and "SMTPUTF8" not in self.extensions:
-            return all_(lambda r: Outcome.permanent(
-                r.address, f"SMTPUTF8 is required, but was not offered by host {mta}", 550, "5.6.7", mta))
         try:
             f = open(message_path, "rb")
         except OSError as e:
             return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))
         with f:
-            size = os.fstat(f.fileno()).st_size
+            try:
+                size = os.fstat(f.fileno()).st_size
+                header = _read_header(f) if envelope.esmtp.get("smtputf8") else b""
+            except OSError as e:
+                return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))
+            utf8 = self._needs_smtputf8(envelope, recipients, header)
+            if utf8 and "SMTPUTF8" not in self.extensions:
+                return all_(lambda r: Outcome.permanent(
+                    r.address, f"SMTPUTF8 is required, but was not offered by host {mta}", 550, "5.6.7", mta))
+            # Flagged at MAIL and the peer can take it: pass the flag on.
+            utf8 = utf8 or bool(envelope.esmtp.get("smtputf8") and "SMTPUTF8" in self.extensions)
+            body: IO[bytes] = f
+            if "8BITMIME" not in self.extensions and not utf8:
+                # RFC 6152 3: no 8-bit data to a peer that did not offer
+                # 8BITMIME.  Rare, so the message (at most the size limit)
+                # is converted in memory.
+                try:
+                    raw = _read_if_8bit(f)
+                except OSError as e:
+                    return all_(lambda r: Outcome.temporary(
+                        r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))
+                if raw is not None:
+                    try:
+                        converted = downgrade(raw)
+                    except ConversionError as e:
+                        text = (f"Conversion required but not supported: host {mta} does not offer 8BITMIME "
+                                f"and the message cannot be converted to 7 bit ({e})")
+                        log.info("{text}", text=text)
+                        return all_(lambda r: Outcome.permanent(r.address, text, 554, "5.6.3", mta))
+                    log.info("converted 8-bit message to 7 bit for {mta} ({old} -> {new} bytes)",
+                             mta=mta, old=size, new=len(converted))
+                    body = io.BytesIO(converted)
+                    size = len(converted)
             limit = self.extensions.get("SIZE", "").strip()
             if limit.isdigit() and int(limit) > 0 and size > int(limit):
                 return all_(lambda r: Outcome.permanent(
@@ -792,7 +861,7 @@ class SMTPClientProtocol(Protocol):
                         else:  # a 2xx to DATA accepts nothing: protocol error
                             outcomes[i] = Outcome.temporary(
                                 recipients[i].address,
-                                f"host {mta} said: {data_r.code} {data_r.text} (unexpected reply to DATA command)",
+                                f"host {mta} said: {data_r.said} (unexpected reply to DATA command)",
                                 _LOCAL_TEMP, "4.5.0", mta)
                     if data_r is not None and data_r.code == 354:
                         # Pipelined DATA accepted with no recipient: end it
@@ -804,7 +873,7 @@ class SMTPClientProtocol(Protocol):
                         self.usable = False
                     return [outcomes[i] for i in range(len(recipients))]
 
-                self._producer = _BodyProducer(self, f)
+                self._producer = _BodyProducer(self, body)
                 self._producer.start()
                 broken = await self._producer.done
                 if broken is not None:
@@ -860,7 +929,7 @@ class SMTPClientProtocol(Protocol):
                 return
             if r.code // 100 != 2:
                 self.usable = False
-                self._abort(f"host {self.remote_mta} refused RSET: {r.code} {r.text}")
+                self._abort(f"host {self.remote_mta} refused RSET: {r.said}")
 
         def done(result: Any) -> Any:
             self._busy = False
@@ -884,6 +953,43 @@ class SMTPClientProtocol(Protocol):
                 self.transport.loseConnection()
 
         return Deferred.fromCoroutine(quit_())
+
+
+def _read_header(f: IO[bytes]) -> bytes | None:
+    """
+    The header section of the open message file (read from the start, at
+    most L{MAX_HEADER_SCAN} bytes; None when it does not end within that),
+    leaving the file at its start.
+    """
+    f.seek(0)
+    data = f.read(MAX_HEADER_SCAN + 1)
+    f.seek(0)
+    eof = len(data) <= MAX_HEADER_SCAN
+    data = data[:MAX_HEADER_SCAN]
+    norm = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    head, sep, rest, _complete = split_header(norm)
+    if sep or rest or eof:
+        return head
+    return None  # the prefix ended inside the header section: the rest is unknown
+
+
+def _read_if_8bit(f: IO[bytes]) -> bytes | None:
+    """
+    The whole message when it has any 8-bit byte, else None; scanned in
+    chunks so a 7-bit message is never held in memory.  Leaves the file at
+    its start.
+    """
+    f.seek(0)
+    try:
+        while True:
+            chunk = f.read(CHUNK_SIZE)
+            if not chunk:
+                return None
+            if not chunk.isascii():
+                f.seek(0)
+                return f.read()
+    finally:
+        f.seek(0)
 
 
 def _xtext(value: str) -> str:

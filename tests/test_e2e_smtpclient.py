@@ -3,7 +3,9 @@ mailhub.smtpclient on real sockets (127.0.0.1 only):
 
 (a) Postfix's smtp-sink receives messages (a 1 MB one with "." lines at
     every 64 KiB read boundary) and dumps what it got; the dump must equal
-    the message we sent, byte for byte after its LF conversion.
+    the message we sent, byte for byte after its LF conversion; with -8 (no
+    8BITMIME) it must get 7-bit data that decodes to the original, and
+    without SMTPUTF8 it must still get ASCII mail flagged SMTPUTF8.
 (b) a small in-test Twisted responder answers 250/451/550 per recipient,
     records the exact DATA bytes, and offers STARTTLS with a certificate
     made here by a test CA, for tls="may", "verify" (right and wrong name).
@@ -12,6 +14,8 @@ mailhub.smtpclient on real sockets (127.0.0.1 only):
 from __future__ import annotations
 
 import datetime
+import email
+import email.policy
 import os
 
 import pytest
@@ -146,6 +150,66 @@ def test_sink_soft_and_hard_rcpt_rejects(reactor, sink, tmp_path):
     assert os.listdir(dump) == []  # no DATA was sent in either case
 
 
+EIGHT_BIT_MULTIPART = (
+    b"From: a@client.test\r\nSubject: 8-bit\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="=b="\r\n\r\n'
+    b"--=b=\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + "Grüße aus Köln\r\n.\r\n".encode() + b"\r\n"
+    b"--=b=\r\nContent-Type: application/octet-stream\r\n\r\n"
+    + bytes(b for b in range(256) if b not in (10, 13)) + b"\r\n"
+    b"--=b=--\r\n"
+)
+
+
+def test_sink_without_8bitmime_receives_7bit(reactor, sink, tmp_path):
+    """RFC 6152 3: smtp-sink -8 offers no 8BITMIME; what it gets is 7-bit and decodes to the original."""
+    port, dump = sink("-8")
+    path = tmp_path / "m"
+    path.write_bytes(EIGHT_BIT_MULTIPART)
+    outcomes, _ = deliver(
+        reactor, port, ClientOptions("client.test", tls="none"), env_for("a@dest.test", body="8BITMIME"), str(path)
+    )
+    assert [(o.kind, o.code) for o in outcomes] == [(DELIVERED_OUTCOME, 250)]
+    (headers, body), = sink_dumps(dump)
+    assert headers["X-Mail-Args"] == ["<sender@client.test>"]  # no BODY=8BITMIME
+    assert body.isascii()
+    assert b"Content-Transfer-Encoding: quoted-printable\n\nGr=C3=BC=C3=9Fe aus K=C3=B6ln\n=2E\n" in body
+    got = email.message_from_bytes(body, policy=email.policy.default)
+    want = email.message_from_bytes(EIGHT_BIT_MULTIPART, policy=email.policy.default)
+    assert [p.get_content() for p in got.iter_parts()][0].replace("\n", "\r\n") == (
+        [p.get_content() for p in want.iter_parts()][0])
+    assert [p.get_content() for p in got.iter_parts()][1] == [p.get_content() for p in want.iter_parts()][1]
+    assert got["Subject"] == "8-bit"
+
+
+def test_sink_without_8bitmime_unconvertible_is_554_563_and_nothing_sent(reactor, sink, tmp_path):
+    port, dump = sink("-8")
+    path = tmp_path / "m"
+    path.write_bytes("Subject: Grüße\r\n\r\nhi\r\n".encode())
+    outcomes, _ = deliver(
+        reactor, port, ClientOptions("client.test", tls="none"), env_for("a@dest.test", body="8BITMIME"), str(path)
+    )
+    assert [(o.kind, o.code, o.status) for o in outcomes] == [(PERMANENT, 554, "5.6.3")]
+    assert outcomes[0].text.startswith("Conversion required but not supported: ")
+    assert os.listdir(dump) == []
+
+
+def test_sink_without_smtputf8_takes_ascii_mail_flagged_smtputf8(reactor, sink, tmp_path):
+    """RFC 6531 3.2: SMTPUTF8 only matters when envelope or headers really are UTF-8 (smtp-sink offers none)."""
+    port, dump = sink()
+    ascii_path, utf8_path = tmp_path / "a", tmp_path / "u"
+    ascii_path.write_bytes(b"Subject: plain\r\n\r\nhi\r\n")
+    utf8_path.write_bytes("Subject: Grüße\r\n\r\nhi\r\n".encode())
+    options = ClientOptions("client.test", tls="none")
+    outcomes, _ = deliver(reactor, port, options, env_for("a@dest.test", smtputf8=True), str(ascii_path))
+    assert [(o.kind, o.code) for o in outcomes] == [(DELIVERED_OUTCOME, 250)]
+    outcomes, _ = deliver(reactor, port, options, env_for("a@dest.test", smtputf8=True), str(utf8_path))
+    assert [(o.kind, o.code, o.status) for o in outcomes] == [(PERMANENT, 550, "5.6.7")]
+    (headers, body), = sink_dumps(dump)
+    assert headers["X-Mail-Args"] == ["<sender@client.test>"]
+    assert body == b"Subject: plain\n\nhi\n"
+
+
 def test_sink_421_after_mail(reactor, sink, tmp_path):
     path = tmp_path / "m"
     path.write_bytes(b"hi\r\n")
@@ -270,7 +334,9 @@ def test_responder_mixed_per_recipient_replies(reactor, responder, tmp_path):
         ("bad@d.test", PERMANENT, 550, "5.1.1"),
         ("ok2@d.test", DELIVERED_OUTCOME, 250, "2.0.0"),
     ]
-    assert outcomes[2].text == f"host peer.test[127.0.0.1]:{port} said: 550 <bad@d.test>: no such user (in reply to RCPT TO command)"
+    assert outcomes[2].text == (
+        f"host peer.test[127.0.0.1]:{port} said: 550 5.1.1 <bad@d.test>: no such user (in reply to RCPT TO command)"
+    )
     assert f.messages == [stuff(raw)[: -len(b".\r\n")]]
     assert f.commands == [
         "EHLO client.test",

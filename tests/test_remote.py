@@ -541,7 +541,9 @@ def test_explicit_route_to_loopback_is_not_a_loop(tmp_path) -> None:
                                  local_addresses=["198.51.100.1"])
     o = one(run(agent, msg, "u@loop.test"))
     assert o.kind == "delivered"
-    assert net.connects[0][1:3] == ("127.0.0.1", 2525)
+    # the name given to the client (Remote-MTA in a DSN) is the route's host: here the IP literal
+    assert net.connects[0][:3] == ("127.0.0.1", "127.0.0.1", 2525)
+    assert o.remote_mta == "127.0.0.1[127.0.0.1]:2525"
 
 
 # -- routes, smarthost, literals -----------------------------------------------------------------

@@ -656,7 +656,7 @@ def test_success_notice_relayed_only_when_next_hop_lacks_dsn(spool, clock):
         ("rfc822; local@example.org", "delivered", "2.0.0"),
     ]
     relay_block = blocks[0]
-    assert relay_block["Remote-MTA"] == f"dns; {MX}"
+    assert relay_block["Remote-MTA"] == "dns; mx.example.net"  # MX is "mx.example.net[192.0.2.1]:25"
     assert relay_block["Diagnostic-Code"] == "smtp; 250 2.0.0 Ok: queued as 4XYZ"
     assert "Original-Recipient" not in relay_block
     human = msg.get_payload()[0].get_content()

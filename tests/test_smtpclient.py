@@ -6,6 +6,8 @@ outcomes are exact.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import random
 
 import pytest
@@ -192,7 +194,7 @@ def test_greeting_554_permanent_and_quit():
     s = Server(greeting=b"554-mx.example no\r\n554 5.7.1 not for you\r\n", ehlo=None)
     e = failure_of(s.d)
     assert (e.code, e.enhanced, e.permanent) == (554, "5.7.1", True)
-    assert e.text == f"host {MTA} said: 554 mx.example no not for you (in reply to initial server greeting)"
+    assert e.text == f"host {MTA} said: 554 5.7.1 mx.example no not for you (in reply to initial server greeting)"
     assert s.take() == b"QUIT\r\n"
 
 
@@ -381,8 +383,10 @@ def test_pipelined_batch_and_mixed_replies(msg):
         ("c@x.com", PERMANENT, 550, "5.1.1"),
         ("d@x.com", DELIVERED_OUTCOME, 250, "2.0.0"),
     ]
-    assert out[2].text == f"host {MTA} said: 550 no such user (in reply to RCPT TO command)"
-    assert out[0].text == f"host {MTA} said: 250 queued as X (in reply to end of DATA command)"
+    # The server's own enhanced code stays in the text (as Postfix quotes it).
+    assert out[1].text == f"host {MTA} said: 451 4.7.1 greylisted (in reply to RCPT TO command)"
+    assert out[2].text == f"host {MTA} said: 550 5.1.1 no such user (in reply to RCPT TO command)"
+    assert out[0].text == f"host {MTA} said: 250 2.0.0 queued as X (in reply to end of DATA command)"
     assert all(o.remote_mta == MTA for o in out)
     assert s.conn.usable
 
@@ -542,8 +546,53 @@ def test_smtputf8_missing_is_550_567(msg):
     out = result_of(s.conn.send(env, env.recipients, msg()))
     assert kinds(out) == [("jöran@x.com", PERMANENT, 550, "5.6.7"), ("b@x.com", PERMANENT, 550, "5.6.7")]
     assert s.take() == b""
+    # Flagged SMTPUTF8 and the headers really are UTF-8: still required.
     env = envelope(smtputf8=True)
-    assert kinds(result_of(s.conn.send(env, env.recipients, msg()))) == [("a@example.com", PERMANENT, 550, "5.6.7")]
+    out = result_of(s.conn.send(env, env.recipients, msg("Subject: grüße\r\n\r\nbody\r\n".encode())))
+    assert kinds(out) == [("a@example.com", PERMANENT, 550, "5.6.7")]
+    assert out[0].text == f"SMTPUTF8 is required, but was not offered by host {MTA}"
+    assert s.take() == b""
+
+
+def test_smtputf8_flag_without_utf8_content_is_not_required(msg):
+    """RFC 6531 3.2 / Postfix: an all-ASCII envelope and header section go out without SMTPUTF8."""
+    s = Server(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    env = envelope(smtputf8=True)
+    d = s.conn.send(env, env.recipients, msg("Subject: hi\r\n\r\nbody: grüße\r\n".encode()))
+    assert s.take() == b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"
+    s.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert s.take() == "Subject: hi\r\n\r\nbody: grüße\r\n.\r\n".encode()
+    s.say(b"250 2.0.0 ok\r\n")
+    assert kinds(result_of(d)) == [("a@example.com", DELIVERED_OUTCOME, 250, "2.0.0")]
+
+
+def test_smtputf8_flag_kept_when_offered_even_if_ascii(msg):
+    s = Server()
+    env = envelope(smtputf8=True)
+    s.conn.send(env, env.recipients, msg(b"Subject: hi\r\n\r\nx\r\n"))
+    assert s.take().startswith(b"MAIL FROM:<sender@example.org> SIZE=18 SMTPUTF8\r\n")
+
+
+@pytest.mark.parametrize("data, needs", [
+    (b"Subject: hi\r\n\r\n", False),
+    (b"Subject: hi\nX-Folded: a\n b\n\nbody \xc3\xa9\n", False),
+    (b"Subject: hi", False),  # headers only, no line end
+    (b"\r\nbody \xc3\xa9\r\n", False),  # no headers at all
+    ("Subject: hi\r\nFrom: Jörg <j@x.org>\r\n\r\n".encode(), True),
+    ("Subject: hi\r\n X-cont: ü\r\n\r\n".encode(), True),
+    ("Subject: ü".encode(), True),  # headers only, 8-bit
+    # no end of the header section within the scan limit: unknown, so required
+    (b"Subject: hi\r\nX-Long: " + b"a" * (smtpclient.MAX_HEADER_SCAN + 10) + b"\r\n\r\n", True),
+])
+def test_smtputf8_need_read_from_the_header_section(msg, data, needs):
+    s = Server(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    env = envelope(smtputf8=True)
+    d = s.conn.send(env, env.recipients, msg(data))
+    if needs:
+        assert kinds(result_of(d)) == [("a@example.com", PERMANENT, 550, "5.6.7")]
+        assert s.take() == b""
+    else:
+        assert s.take().startswith(b"MAIL FROM:<sender@example.org>\r\n")
 
 
 def test_smtputf8_sent_when_needed_and_offered(msg):
@@ -555,13 +604,87 @@ def test_smtputf8_sent_when_needed_and_offered(msg):
     )
 
 
-def test_8bitmime_not_offered_sent_anyway_without_param(msg):
+def test_8bitmime_not_offered_message_converted_to_7bit(msg):
+    """RFC 6152 3 (Postfix disable_mime_output_conversion = no): quoted-printable, no 8-bit byte on the wire."""
+    s = Server(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
+    env = envelope(body="8BITMIME")
+    text = "Grüße, \tçà va?\r\n.\r\nend\r\n"
+    original = (b"Subject: hi\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Transfer-Encoding: 8bit\r\nX-After:  kept\r\n\r\n" + text.encode())
+    expected = (b"Subject: hi\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"X-After:  kept\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+                b"Gr=C3=BC=C3=9Fe, \t=C3=A7=C3=A0 va?\r\n=2E\r\nend\r\n")  # b2a_qp encodes a lone "."
+    d = s.conn.send(env, env.recipients, msg(original))
+    # SIZE is the size of what is sent; no BODY=8BITMIME to a peer without 8BITMIME
+    assert s.take() == (f"MAIL FROM:<sender@example.org> SIZE={len(expected)}\r\n"
+                        "RCPT TO:<a@example.com>\r\nDATA\r\n").encode()
+    s.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    data = s.take()
+    assert data == stuff(expected)
+    assert data.isascii()
+    parsed = email.message_from_bytes(expected, policy=email.policy.default)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parsed.get_content() == text
+    s.say(b"250 2.0.0 ok\r\n")
+    assert kinds(result_of(d)) == [("a@example.com", DELIVERED_OUTCOME, 250, "2.0.0")]
+
+
+def test_8bit_without_body_parameter_is_converted_too(msg):
+    """The bytes decide, not the BODY= the client declared: a non-MIME 8-bit message gets MIME labels."""
+    s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
+    env = envelope()
+    s.conn.send(env, env.recipients, msg("Subject: x\n\né\n".encode()))
+    s.take()
+    s.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert s.take() == (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n.\r\n")
+
+
+def test_8bitmime_offered_nothing_converted(msg):
+    s = Server()
+    env = envelope(body="8BITMIME")
+    raw = "Subject: x\r\n\r\né\r\n".encode()
+    s.conn.send(env, env.recipients, msg(raw))
+    s.take()
+    s.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert s.take() == stuff(raw)
+
+
+def test_8bitmime_not_offered_7bit_message_sent_unchanged(msg):
     s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
     env = envelope(body="8BITMIME")
-    s.conn.send(env, env.recipients, msg("é\r\n".encode()))
+    s.conn.send(env, env.recipients, msg(b"Subject: x\n\nplain\n"))
     assert s.take() == b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"
     s.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    assert s.take() == "é\r\n.\r\n".encode()
+    assert s.take() == b"Subject: x\r\n\r\nplain\r\n.\r\n"
+
+
+@pytest.mark.parametrize("data, why", [
+    ("Subject: grüße\r\n\r\nbody\r\n".encode(), "8-bit data in a message header"),
+    (b"Content-Type: message/partial; id=x\r\n\r\n\xff\r\n", "8-bit data in message/partial, which must not be encoded"),
+    (b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n\xff\r\n",
+     "8-bit data in a part encoded as base64"),
+])
+def test_8bit_that_cannot_be_converted_is_554_563(msg, data, why):
+    s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
+    env = envelope(rcpts=("a@x.com", "b@x.com"), body="8BITMIME")
+    out = result_of(s.conn.send(env, env.recipients, msg(data)))
+    assert kinds(out) == [("a@x.com", PERMANENT, 554, "5.6.3"), ("b@x.com", PERMANENT, 554, "5.6.3")]
+    assert out[0].text == (f"Conversion required but not supported: host {MTA} does not offer 8BITMIME "
+                           f"and the message cannot be converted to 7 bit ({why})")
+    assert s.take() == b""  # nothing sent
+    assert s.conn.usable
+
+
+def test_8bit_headers_fine_in_an_smtputf8_transaction(msg):
+    """A peer offering SMTPUTF8 takes 8-bit data in it (RFC 6531 requires 8BITMIME too)."""
+    s = Server(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+    env = envelope(smtputf8=True)
+    raw = "Subject: grüße\r\n\r\nbody é\r\n".encode()
+    s.conn.send(env, env.recipients, msg(raw))
+    assert s.take() == b"MAIL FROM:<sender@example.org> SMTPUTF8\r\nRCPT TO:<a@example.com>\r\nDATA\r\n"
+    s.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert s.take() == stuff(raw)
 
 
 def test_dsn_parameters_passed_when_offered(msg):
@@ -906,3 +1029,27 @@ def test_orcpt_always_xtext_encoded(stored, sent):
     from mailhub.smtpclient import _orcpt
 
     assert _orcpt(Recipient("a@x.com", orcpt=stored)) == sent
+
+
+def test_bounce_of_a_remote_reject_quotes_it_once_and_names_the_host(msg):
+    """
+    The outcome text keeps the server's enhanced code; the DSN built from it
+    (bounce.py) must not repeat it, and Remote-MTA is the host name only.
+    """
+    from mailhub.bounce import make_dsn
+
+    s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
+    env = envelope(rcpts=("a@x.com",))
+    d = s.conn.send(env, env.recipients, msg())
+    s.take()
+    s.say(b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n250 2.0.0 ok\r\n")
+    (o,) = result_of(d)
+    assert o.text == f"host {MTA} said: 550 5.1.1 no such user (in reply to RCPT TO command)"
+    r = env.apply(o, 1.0)
+    dsn = email.message_from_bytes(make_dsn(env, [r], b"Subject: hi\r\n\r\n", "me.example", 2.0),
+                                   policy=email.policy.default)
+    human, status = dsn.get_payload()[0].get_content(), dsn.get_payload()[1]
+    block = dict(status.get_payload()[1].items())
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert block["Remote-MTA"] == "dns; mx.example"
+    assert f"<a@x.com>: host {MTA} said: 550 5.1.1 no such user (in reply to RCPT TO command)" in human.splitlines()
