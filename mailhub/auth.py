@@ -753,6 +753,17 @@ class AuthThrottle:
     at AUTH) until its failures age out of the window.  Successful logins
     do not clear the count, so one valid account cannot be used to reset
     guessing on others.
+
+    Parallel connections: a password check takes a while (bcrypt in a
+    thread), so counting failures only when they are known would let a
+    client start any number of guesses at once before the first failure
+    is recorded.  The server therefore reserves a slot with L{begin} before
+    each check and gives it back with L{finish}: failures in the window
+    plus checks in flight never exceed C{max_failures} per IP, so at most
+    C{max_failures} wrong guesses per window are ever evaluated, whatever
+    the concurrency.  A success gives its slot back without counting (as a
+    sequential success does not count), but it never lifts the failures or
+    the other slots, so it cannot raise that bound.
     """
 
     def __init__(
@@ -769,6 +780,7 @@ class AuthThrottle:
         self.window = window
         self._max_clients = max_clients
         self._failures: dict[str, deque[float]] = {}
+        self._in_flight: dict[str, int] = {}
 
     def _recent(self, client_ip: str) -> deque[float] | None:
         times = self._failures.get(client_ip)
@@ -790,6 +802,40 @@ class AuthThrottle:
     def blocked(self, client_ip: str) -> bool:
         """Whether C{client_ip} must get 421 4.7.0 instead of another try."""
         return self.failures(client_ip) >= self.max_failures
+
+    def in_flight(self, client_ip: str) -> int:
+        """Checks of C{client_ip} started with L{begin} and not yet finished."""
+        return self._in_flight.get(client_ip, 0)
+
+    def begin(self, client_ip: str) -> bool:
+        """
+        Reserve a slot for one credential check of C{client_ip}, before the
+        check starts.  C{False}: failures in the window plus checks in
+        flight already reach C{max_failures}; the server answers
+        L{REPLY_TOO_MANY_FAILURES} (421 4.7.0) and closes without checking.
+        C{True}: check, then call L{finish} exactly once.
+        """
+        if self.failures(client_ip) + self.in_flight(client_ip) >= self.max_failures:
+            return False
+        self._in_flight[client_ip] = self.in_flight(client_ip) + 1
+        return True
+
+    def finish(self, client_ip: str, ok: bool) -> defer.Deferred[bool]:
+        """
+        Give back the slot of L{begin}.  C{ok}: the check did not reject
+        the password (a success, or a checker error that revealed nothing):
+        nothing is counted and the Deferred has already fired with
+        C{False}.  Otherwise this is L{failed}: the failure is counted and
+        the Deferred fires after C{delay} with whether to close.
+        """
+        count = self._in_flight.get(client_ip, 0) - 1
+        if count > 0:
+            self._in_flight[client_ip] = count
+        else:
+            self._in_flight.pop(client_ip, None)
+        if ok:
+            return defer.succeed(False)
+        return self.failed(client_ip)
 
     def record_failure(self, client_ip: str) -> bool:
         """Count a failure now; returns whether the client is now blocked."""

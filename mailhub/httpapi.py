@@ -28,6 +28,7 @@ import email.utils
 import errno
 import json
 import re
+from datetime import datetime, timezone
 from email.message import EmailMessage
 from typing import Any, Callable, Collection, Sequence
 from urllib.parse import parse_qs
@@ -39,6 +40,7 @@ from twisted.web import resource, server
 from . import address
 from .envelope import Envelope, Recipient
 from .maillog import mail_event
+from .scheduler import FLUSHED, HELD
 from .smtpproto import trace_header
 from .spool import is_queue_id
 
@@ -415,10 +417,13 @@ class ApiResource(resource.Resource):
         if self.scheduler is None:
             raise HttpError(503, "no scheduler")
         try:
-            self.scheduler.flush(qid)
+            result = self.scheduler.flush(qid)
         except KeyError:
             raise HttpError(404, "no such message")
-        return (202, {"flushed": qid or "all"})
+        if qid is None:
+            return (202, {"flushed": "all"})
+        # Scheduler.flush: HELD when the one message named is on hold (nothing done)
+        return (202, {"flushed": qid, "result": HELD if result == HELD else FLUSHED})
 
     # -- submission ------------------------------------------------------------------
 
@@ -472,6 +477,7 @@ class ApiResource(resource.Resource):
         message = re.sub(rb"\r?\n", b"\r\n", body)
         if not message.endswith(b"\r\n"):
             message += b"\r\n"
+        message = _complete_header(message, self.hostname, _date(self._now()))
         query = _query(request)
         sender = query.get("from", [None])[0]
         recipients: list[Any] = list(query.get("to", []))
@@ -535,7 +541,7 @@ class ApiResource(resource.Resource):
         if data.get("reply_to"):
             msg["Reply-To"] = data["reply_to"]
         msg["Subject"] = data.get("subject", "")
-        msg["Date"] = email.utils.formatdate(self._now(), localtime=False)
+        msg["Date"] = _date(self._now())
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
         msg["MIME-Version"] = "1.0"
         if "text" in data:
@@ -602,7 +608,7 @@ class ApiResource(resource.Resource):
                 clauses = [f"from [{client_ip}] (user {user})", f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}"]
                 if len(recipients) == 1:
                     clauses.append(f"for <{recipients[0]}>")
-                writer.write(trace_header(clauses, email.utils.formatdate(now, localtime=False)))
+                writer.write(trace_header(clauses, _date(now)))
                 writer.write(message)
                 esmtp: dict[str, Any] = {"size": writer.size, "body": "7BIT" if message.isascii() else "8BITMIME"}
                 if not sender.isascii() or not all(r.address.isascii() for r in rcpts):
@@ -661,6 +667,53 @@ def _query(request: server.Request) -> dict[str, list[str]]:
     uri = request.uri.decode("utf-8", "replace")
     _, _, qs = uri.partition("?")
     return parse_qs(qs, keep_blank_values=False)
+
+
+def _date(when: float) -> str:
+    """An RFC 5322 date in UTC, C{+0000}: the form of smtpd's Received headers (not C{-0000}, "zone unknown")."""
+    return email.utils.format_datetime(datetime.fromtimestamp(when, timezone.utc))
+
+
+#: a header field's first line (RFC 5322 field name, optional obsolete white space, colon)
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+def _complete_header(message: bytes, hostname: str, date: str) -> bytes:
+    """
+    C{message} (CRLF lines) with C{Date:} and C{Message-ID: <...@hostname>}
+    added at the end of its header section when missing (RFC 5322 3.6
+    requires Date; Postfix's cleanup and mailhub-sendmail add both).  Only
+    the header section is looked at and only added to: the body stays byte
+    for byte.  The header section ends at the empty line, or at the first
+    line that is not a header field (the empty line is then inserted before
+    it, as sendmail does), or at the end of a message without a body.
+    """
+    names: set[bytes] = set()
+    pos = 0
+    separator = False
+    while pos < len(message):
+        nl = message.find(b"\r\n", pos)
+        end = len(message) if nl < 0 else nl + 2
+        line = message[pos:end]
+        if line == b"\r\n":
+            separator = True
+            break
+        if line[:1] in (b" ", b"\t") and names:
+            pass  # continuation of the field before
+        elif _FIELD.match(line):
+            names.add(line.split(b":", 1)[0].strip().lower())
+        else:
+            break  # not a header field: the body starts here
+        pos = end
+    added = b""
+    if b"date" not in names:
+        added += b"Date: " + date.encode("ascii") + b"\r\n"
+    if b"message-id" not in names:
+        added += b"Message-ID: " + email.utils.make_msgid(domain=hostname).encode("utf-8") + b"\r\n"
+    rest = message[pos:]
+    if not separator:
+        rest = b"\r\n" + rest
+    return message[:pos] + added + rest
 
 
 def _strip_header(message: bytes, name: bytes) -> bytes:

@@ -13,6 +13,10 @@ C{transport.startTLS} is called and the session is reset (HELO, AUTH and
 transaction forgotten: EHLO again).  AUTH is offered only with a users
 file and over TLS (or from 127.0.0.1/::1 when allowed); a failed login is
 answered only after the throttle's delay, and nothing is read meanwhile.
+Each credential check holds a throttle slot (L{auth.AuthThrottle.begin})
+from before it starts until its outcome is counted, also when the client
+disconnected meanwhile, so parallel connections from one IP cannot have
+more than C{max_failures} guesses evaluated per window.
 Passwords and SASL responses are never logged.
 
 Must not touch: passwords and SASL decoding (L{mailhub.auth}),
@@ -179,10 +183,21 @@ class TLSAuthMixin:
             return
         self._sasl = None
         self._mode = COMMAND
+        throttle = self.factory.throttle
+        if throttle is not None and not throttle.begin(self.session.client_ip):
+            # Failures plus checks in flight from this IP (parallel
+            # connections) already reach the limit: no more guesses.
+            log.info("AUTH {mechanism} from [{client}] refused: too many attempts",
+                     mechanism=exchange.mechanism, client=self.session.client_ip)
+            self._write(*auth.REPLY_TOO_MANY_FAILURES)
+            self._close()
+            return
         self._busy = True  # read nothing more until the answer (and any delay) is sent
+        # Not kept in _auth_wait: connectionLost must not cancel the check,
+        # so that its throttle slot is held until the check really ended
+        # (a thread cannot be stopped) and its outcome is counted.
         d = defer.maybeDeferred(self.factory.checker.requestAvatarId, step)
-        self._auth_wait = d
-        d.addBoth(self._auth_checked, exchange.mechanism)
+        d.addBoth(self._auth_checked, exchange.mechanism, throttle)
 
     def _sasl_line(self, line: bytes) -> None:
         """A client response inside an AUTH exchange (never a command)."""
@@ -203,17 +218,28 @@ class TLSAuthMixin:
         self._mode = COMMAND
         self.reply(reply)
 
-    def _auth_checked(self, result: Any, mechanism: str) -> None:
-        self._auth_wait = None
-        if self._closed:
-            return None  # also swallows the CancelledError of connectionLost
+    def _auth_checked(self, result: Any, mechanism: str, throttle: auth.AuthThrottle | None) -> None:
+        """
+        The checker answered.  The slot reserved in C{throttle} (the one
+        L{auth.AuthThrottle.begin} was called on) is given back first, even
+        when the connection is gone meanwhile (a wrong password still
+        counts); the delayed 535 / 421 follows unless nobody is there.
+        """
         client = self.session.client_ip
+        wrong = isinstance(result, Failure) and result.check(UnauthorizedLogin) is not None
+        wait: defer.Deferred[bool] = defer.succeed(False)
+        if throttle is not None:
+            wait = throttle.finish(client, ok=not wrong)  # slot back; a failure is counted
+        if self._closed:
+            wait.cancel()  # nobody to answer: no delay timer
+            wait.addErrback(lambda f: None)
+            if isinstance(result, Failure) and not wrong:
+                log.failure("AUTH checker error for [{client}]", result, client=client)
+            return None
         if isinstance(result, Failure):
-            if result.check(UnauthorizedLogin):
+            if wrong:
                 # The user name is not logged: clients type passwords into it.
                 log.info("AUTH {mechanism} failed from [{client}]", mechanism=mechanism, client=client)
-                throttle = self.factory.throttle
-                wait = throttle.failed(client) if throttle is not None else defer.succeed(False)
                 self._auth_wait = wait
                 wait.addBoth(self._auth_throttled)
                 return None

@@ -483,6 +483,53 @@ def test_throttle_memory_is_bounded(clock):
     assert t.failures("192.0.2.9") == 1
 
 
+def test_throttle_slots_count_checks_in_flight_with_failures(clock):
+    t = AuthThrottle(clock, delay=1.0, max_failures=3, window=300)
+    ip = "192.0.2.1"
+    assert [t.begin(ip) for _ in range(4)] == [True, True, True, False]
+    assert t.in_flight(ip) == 3 and t.failures(ip) == 0
+    assert t.begin("192.0.2.2")  # other clients are not affected
+    # A success gives its slot back without counting; nothing else changes.
+    fired = []
+    t.finish(ip, ok=True).addCallback(fired.append)
+    assert fired == [False] and t.in_flight(ip) == 2 and t.failures(ip) == 0
+    assert t.begin(ip) and not t.begin(ip)
+    # A failure turns its slot into a counted failure: still no room.
+    t.finish(ip, ok=False).addCallback(fired.append)
+    assert t.in_flight(ip) == 2 and t.failures(ip) == 1
+    assert not t.begin(ip)
+    clock.advance(1)
+    assert fired == [False, False]
+    t.finish(ip, ok=False).addCallback(fired.append)
+    t.finish(ip, ok=False).addCallback(fired.append)
+    clock.advance(1)
+    assert fired == [False, False, False, True]  # the third failure closes
+    assert t.in_flight(ip) == 0 and t.blocked(ip) and not t.begin(ip)
+    assert ip not in t._in_flight  # no empty entries left behind
+    clock.advance(300)
+    assert not t.blocked(ip) and t.begin(ip)
+
+
+def test_throttle_never_evaluates_more_than_max_failures_wrong_guesses(clock):
+    """Any interleaving of begin/finish: at most max_failures wrong guesses per window."""
+    import random
+
+    rng = random.Random(1234)
+    t = AuthThrottle(clock, delay=0, max_failures=5, window=300)
+    ip = "192.0.2.1"
+    running: list[bool] = []  # True: this check will succeed
+    wrong_evaluated = 0
+    for _ in range(2000):
+        if running and rng.random() < 0.5:
+            ok = running.pop(rng.randrange(len(running)))
+            wrong_evaluated += not ok
+            t.finish(ip, ok)
+        elif t.begin(ip):
+            running.append(rng.random() < 0.3)
+        assert wrong_evaluated + sum(not ok for ok in running) <= 5
+    assert wrong_evaluated == 5 and t.blocked(ip)
+
+
 def test_rewrite_keeps_owner(users, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to chown")

@@ -232,3 +232,64 @@ def test_msmtp_submission_starttls_auth(servers, tmp_path):
     raw = servers.stored(env.queue_id)
     assert f"with ESMTPSA id {env.queue_id}" in received(raw)
     assert raw.endswith(MESSAGE)
+
+
+class CountingChecker:
+    """The real bcrypt checker (in a thread), recording which passwords it was asked to check."""
+
+    def __init__(self, checker: auth.UsersChecker) -> None:
+        self.checker = checker
+        self.passwords: list[bytes] = []
+
+    def requestAvatarId(self, credentials):
+        self.passwords.append(credentials.password)
+        return self.checker.requestAvatarId(credentials)
+
+
+def test_parallel_auth_guesses_are_capped_over_real_sockets(reactor, tmp_path):
+    """40 STARTTLS sessions from one IP send AUTH PLAIN at once: at most max_failures (3) wrong guesses are checked."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    tls.make_self_signed("127.0.0.1", cert, key)
+    users = auth.UsersFile(str(tmp_path / "users"), rounds=10)  # a check takes a while, as in production
+    users.add(USER, PASSWORD)
+    checker = CountingChecker(auth.UsersChecker(users))
+    cfg = ServerConfig(hostname=HOST, trusted_networks=("127.0.0.1/32",))
+    policy = Policy(Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice"]), cfg.trusted_networks)
+    factory = SMTPServerFactory(
+        cfg, Spool(str(tmp_path / "spool"), fsync=False), lambda env: None, policy, reactor, "submission",
+        tls=tls.ServerTLS(cert, key), users=users, checker=checker,
+        throttle=auth.AuthThrottle(reactor, delay=0.05, max_failures=3, window=300),
+    )
+    port = in_reactor(reactor, serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen, factory)
+    address = ("127.0.0.1", port.getHost().port)
+    context = ssl.create_default_context(cafile=cert)
+    n = 40
+    ready = threading.Barrier(n, timeout=30)
+
+    def guess(i: int) -> int:
+        password = PASSWORD if i == n - 1 else f"wrong-{i}"
+        with smtplib.SMTP(*address, timeout=20, source_address=("127.0.0.3", 0)) as c:
+            c.starttls(context=context)
+            c.ehlo("client.test")
+            ready.wait()
+            code, _ = c.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{USER}\0{password}".encode()).decode())
+            try:
+                c.quit()
+            except smtplib.SMTPServerDisconnected:
+                pass
+            return code
+
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            codes = list(pool.map(guess, range(n)))
+    finally:
+        in_reactor(reactor, port.stopListening)
+    wrong_checked = [p for p in checker.passwords if p != PASSWORD.encode()]
+    assert len(wrong_checked) <= 3, (len(wrong_checked), codes)
+    assert codes.count(535) <= 2 and codes.count(235) <= 1
+    assert codes.count(421) + codes.count(535) + codes.count(235) == n, codes
+    if codes[-1] == 235:  # the right password was among the first checks
+        assert PASSWORD.encode() in checker.passwords

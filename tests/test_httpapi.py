@@ -34,10 +34,12 @@ class FakeScheduler:
     def enqueue(self, env) -> None:
         self.enqueued.append(env)
 
-    def flush(self, queue_id=None) -> None:
-        if queue_id is not None and queue_id != "0000000000000AAAAA":
+    def flush(self, queue_id=None) -> str:
+        """As Scheduler.flush: KeyError if not queued; "held" for the one message named when on hold."""
+        if queue_id is not None and queue_id not in ("0000000000000AAAAA", "0000000000000HHHHH"):
             raise KeyError(queue_id)
         self.flushed.append(queue_id)
+        return "held" if queue_id == "0000000000000HHHHH" else "flushed"
 
 
 class Env:
@@ -148,7 +150,9 @@ def test_post_raw_with_query_envelope(env):
     assert [x.address for x in e.recipients] == ["bob@example.org", "carol@example.org"]
     with open(env.spool.message_path(e.queue_id), "rb") as f:
         stored = f.read()
-    assert stored.endswith(b"From: Alice <alice@example.com>\r\nTo: x@example.org\r\nSubject: raw\r\n\r\nbody line\r\n")
+    assert re.search(rb"\r\nFrom: Alice <alice@example.com>\r\nTo: x@example.org\r\nSubject: raw\r\n"
+                     rb"Date: Tue, 14 Nov 2023 22:13:20 \+0000\r\nMessage-ID: <[^>\r\n]+@mx\.example\.com>\r\n"
+                     rb"\r\nbody line\r\n\Z", stored), stored
     assert b"for <bob@example.org>" not in stored
 
 
@@ -160,6 +164,131 @@ def test_post_raw_envelope_from_headers(env):
     assert [x.address for x in e.recipients] == ["a@example.org", "b@example.org", "c@example.org", "d@example.org"]
     with open(env.spool.message_path(e.queue_id), "rb") as f:
         assert b"Bcc" not in f.read()
+
+
+DATE = b"Tue, 14 Nov 2023 22:13:20 +0000"  # the Env clock, 1_700_000_000, as smtpd writes dates
+MSGID = rb"Message-ID: <[^>\r\n]+@mx\.example\.com>\r\n"
+
+
+def post_raw(env, raw: bytes, query: str = "?from=alice@example.com&to=bob@example.org") -> bytes:
+    r = env.request("POST", "/v1/messages" + query, raw, {"Content-Type": "message/rfc822"}, token=env.alice)
+    assert r.status == 202, r.raw
+    with open(env.spool.message_path(r.json()["queue_id"]), "rb") as f:
+        return f.read()
+
+
+def received_of(stored: bytes) -> tuple[bytes, bytes]:
+    """(the date of the Received header mailhub wrote first, the message after that header)."""
+    m = re.match(rb"Received: from \[127\.0\.0\.1\] \(user alice@example\.com\)\r\n"
+                 rb"\tby mx\.example\.com \(mailhub\) with HTTP id [0-9A-Z]+(\r\n\tfor <[^>]+>)?; (.*?)\r\n", stored)
+    assert m, stored
+    return m.group(2), stored[m.end():]
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        # Date and Message-ID go at the end of the header section; look-alikes in the body do not count
+        (b"From: alice@example.com\nSubject: s\n  folded\n\nDate: not a header\nMessage-ID: <body@x>\n\n.\n",
+         rb"From: alice@example.com\r\nSubject: s\r\n  folded\r\nDate: " + re.escape(DATE) + rb"\r\n" + MSGID +
+         rb"\r\nDate: not a header\r\nMessage-ID: <body@x>\r\n\r\n\.\r\n"),
+        # present ones are kept as they are (any case), nothing is added
+        (b"DATE: Mon, 1 Jan 2024 00:00:00 +0100\r\nmessage-id: <m@x>\r\n\r\nbody\r\n",
+         rb"DATE: Mon, 1 Jan 2024 00:00:00 \+0100\r\nmessage-id: <m@x>\r\n\r\nbody\r\n"),
+        (b"Subject: s\nMessage-Id: <m@x>\n\nbody",
+         rb"Subject: s\r\nMessage-Id: <m@x>\r\nDate: " + re.escape(DATE) + rb"\r\n\r\nbody\r\n"),
+        # no empty line: the body starts at the first line that is not a field; the separator is inserted
+        (b"Subject: s\nhello world: not a field\n", rb"Subject: s\r\nDate: " + re.escape(DATE) + rb"\r\n" + MSGID +
+         rb"\r\nhello world: not a field\r\n"),
+        # only a header section (and a Bcc, which must still go)
+        (b"Subject: s\nBcc: secret@example.org\n", rb"Subject: s\r\nDate: " + re.escape(DATE) + rb"\r\n" + MSGID + rb"\r\n"),
+        # no header at all
+        (b"just text\n", rb"Date: " + re.escape(DATE) + rb"\r\n" + MSGID + rb"\r\njust text\r\n"),
+    ],
+)
+def test_post_raw_adds_date_and_message_id_to_the_header_only(env, raw, expected):
+    date, message = received_of(post_raw(env, raw))
+    assert date == DATE
+    assert re.fullmatch(expected, message), message
+
+
+def test_http_dates_are_written_as_smtpd_writes_them(env, tmp_path):
+    from mailhub.smtpproto import received_header
+
+    smtp = received_header("c", "192.0.2.1", "mx.example.com", "ESMTP", "Q", None, env.clock.seconds())
+    assert smtp.endswith(b"; " + DATE + b"\r\n")
+    r = post_json(env, message_json())
+    with open(env.spool.message_path(r.json()["queue_id"]), "rb") as f:
+        stored = f.read()
+    assert received_of(stored)[0] == DATE
+    assert re.search(rb"\r\nDate: " + re.escape(DATE) + rb"\r\n", stored)
+
+
+# -- the OpenAPI document and the code agree ------------------------------------------------------
+
+
+def _openapi() -> dict:
+    with open(DOCS) as f:
+        return json.load(f)
+
+
+def conforms(value, schema: dict, doc: dict) -> bool:
+    """A JSON Schema check for the keywords docs/openapi.json uses ($ref, oneOf, type, enum, items, properties)."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        if not conforms(value, doc["components"]["schemas"][name], doc):
+            return False
+    if "oneOf" in schema and sum(conforms(value, s, doc) for s in schema["oneOf"]) != 1:
+        return False
+    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None)}
+    if "type" in schema:
+        wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(isinstance(value, types[t]) and not (t != "boolean" and isinstance(value, bool)) for t in wanted):
+            return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    if isinstance(value, list) and "items" in schema and not all(conforms(v, schema["items"], doc) for v in value):
+        return False
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        if any(k not in value for k in schema.get("required", [])):
+            return False
+        if schema.get("additionalProperties") is False and any(k not in props for k in value):
+            return False
+        if not all(conforms(v, props[k], doc) for k, v in value.items() if k in props):
+            return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "fields, recipients",
+    [
+        ({"to": "bob@example.org"}, ["bob@example.org"]),
+        ({"to": ["bob@example.org"], "cc": "carol@example.net", "bcc": "dave@example.net"},
+         ["bob@example.org", "carol@example.net", "dave@example.net"]),
+        ({"to": ["bob@example.org", "carol@example.net"]}, ["bob@example.org", "carol@example.net"]),
+        ({"to": 5}, None),
+        ({"to": ["bob@example.org", 5]}, None),
+        ({"to": {"address": "bob@example.org"}}, None),
+        ({"cc": None, "to": "bob@example.org"}, None),
+    ],
+)
+def test_recipient_fields_accept_what_openapi_says(env, fields, recipients):
+    """to/cc/bcc: one address as a string or a list of them -- the document and the code agree."""
+    doc = _openapi()
+    body = {"from": "alice@example.com", "text": "x", **fields}
+    assert conforms(body, doc["components"]["schemas"]["NewMessage"], doc) == (recipients is not None)
+    r = post_json(env, json.dumps(body).encode())
+    if recipients is None:
+        assert r.status == 400 and "must be a list of addresses" in r.json()["error"], r.raw
+        return
+    assert r.status == 202, r.raw
+    e = env.spool.load(r.json()["queue_id"])
+    assert [x.address for x in e.recipients] == recipients
+    with open(env.spool.message_path(e.queue_id), "rb") as f:
+        msg = email.message_from_bytes(f.read(), policy=email.policy.default)
+    if isinstance(fields["to"], str):
+        assert msg["To"] == fields["to"]
 
 
 @pytest.mark.parametrize(
@@ -326,9 +455,42 @@ def test_flush(env):
     r = env.request("POST", "/v1/queue/flush", token=env.root)
     assert r.status == 202 and r.json() == {"flushed": "all"}
     r = env.request("POST", "/v1/queue/flush?queue_id=0000000000000AAAAA", token=env.root)
-    assert r.status == 202
+    assert r.status == 202 and r.json() == {"flushed": "0000000000000AAAAA", "result": "flushed"}
+    # a held message is not flushed (Scheduler.flush -> "held"): the answer says so
+    r = env.request("POST", "/v1/queue/flush?queue_id=0000000000000HHHHH", token=env.root)
+    assert r.status == 202 and r.json() == {"flushed": "0000000000000HHHHH", "result": "held"}
     assert env.request("POST", "/v1/queue/flush?queue_id=0000000000000ZZZZZ", token=env.root).status == 404
-    assert env.scheduler.flushed == [None, "0000000000000AAAAA"]
+    assert env.scheduler.flushed == [None, "0000000000000AAAAA", "0000000000000HHHHH"]
+
+
+def test_flush_answers_match_openapi(env):
+    doc = _openapi()
+    schema = doc["paths"]["/v1/queue/flush"]["post"]["responses"]["202"]["content"]["application/json"]["schema"]
+    for query in ("", "?queue_id=0000000000000AAAAA", "?queue_id=0000000000000HHHHH"):
+        answer = env.request("POST", "/v1/queue/flush" + query, token=env.root).json()
+        assert conforms(answer, schema, doc), answer
+    assert not conforms({"flushed": "x", "result": "maybe"}, schema, doc)
+
+
+def test_flush_with_the_real_scheduler_reports_held(tmp_path):
+    from twisted.internet import defer
+
+    from mailhub.scheduler import RetryPolicy, Scheduler
+
+    e = Env(tmp_path)
+    attempts: list = []
+    sched = Scheduler(e.spool, lambda *a, **kw: attempts.append(a) or defer.Deferred(), e.clock, RetryPolicy(jitter=0.0))
+    e.site = make_http_site(e.spool, sched.enqueue, sched, e.users, e.metrics, "mx.example.com",
+                            admins=["root@example.com"], clock=e.clock)
+    sched.startService()
+    qid = post_json(e, message_json()).json()["queue_id"]
+    assert len(attempts) == 1
+    r = e.request("POST", f"/v1/queue/flush?queue_id={qid}", token=e.root)
+    assert r.status == 202 and r.json() == {"flushed": qid, "result": "flushed"}
+    sched.hold(qid)
+    r = e.request("POST", f"/v1/queue/flush?queue_id={qid}", token=e.root)
+    assert r.status == 202 and r.json() == {"flushed": qid, "result": "held"}
+    assert e.request("POST", "/v1/queue/flush", token=e.root).json() == {"flushed": "all"}
 
 
 def test_405_and_404(env):

@@ -11,6 +11,7 @@ import base64
 import re
 
 import pytest
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITLSTransport
@@ -380,6 +381,96 @@ def test_throttle_closes_with_421_and_blocks_new_connections(h):
     assert h.tls_session("203.0.113.1").send(f"AUTH PLAIN {PLAIN}\r\n") == AUTH_OK
     h.clock.advance(300)
     assert h.tls_session().send(f"AUTH PLAIN {PLAIN}\r\n") == AUTH_OK
+
+
+class HeldChecker:
+    """A checker whose answers the test gives: one unfired Deferred per check."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bytes, defer.Deferred]] = []
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((credentials.password, d))
+        return d
+
+    def answer(self, i: int) -> None:
+        password, d = self.calls[i]
+        if password == PASSWORD.encode():
+            d.callback(USER)
+        else:
+            d.errback(UnauthorizedLogin())
+
+
+def test_parallel_auth_cannot_exceed_max_failures(h):
+    """40 sessions from one IP guess at once (right password last): only 3 guesses are evaluated."""
+    h.factory.checker = checker = HeldChecker()
+    sessions = [h.tls_session() for _ in range(40)]
+    replies = [c.send(f"AUTH PLAIN {PLAIN if i == 39 else PLAIN_WRONG}\r\n") for i, c in enumerate(sessions)]
+    assert replies == [""] * 3 + [TOO_MANY] * 37
+    assert all(c.closed for c in sessions[3:])
+    assert len(checker.calls) == 3  # the 40th guess was never checked
+    for i in range(3):
+        checker.answer(i)
+    h.clock.advance(1)
+    assert [c.read() for c in sessions[:3]] == [AUTH_FAILED, AUTH_FAILED, TOO_MANY]
+    assert [c.user for c in sessions] == [None] * 40
+    assert h.factory.throttle.in_flight(FOREIGN) == 0
+    assert h.tls_session().send(f"AUTH PLAIN {PLAIN}\r\n") == TOO_MANY
+
+
+def test_parallel_success_gives_no_extra_wrong_guesses(h):
+    """A success frees its own slot only: wrong guesses stay at max_failures (3)."""
+    h.factory.checker = checker = HeldChecker()
+    a, b, c = (h.tls_session() for _ in range(3))
+    assert a.send(f"AUTH PLAIN {PLAIN}\r\n") == ""
+    assert b.send(f"AUTH PLAIN {PLAIN_WRONG}\r\n") == ""
+    # LOGIN reserves its slot when the password arrives.
+    converse(c, [("AUTH LOGIN\r\n", "334 VXNlcm5hbWU6\r\n"), (b64(USER) + "\r\n", "334 UGFzc3dvcmQ6\r\n"),
+                 (b64("nope") + "\r\n", "")])
+    full = h.tls_session()
+    assert full.send(f"AUTH PLAIN {PLAIN_WRONG}\r\n") == TOO_MANY and full.closed
+    checker.answer(0)
+    assert a.read() == AUTH_OK and a.user == USER
+    e = h.tls_session()
+    assert e.send(f"AUTH PLAIN {PLAIN_WRONG}\r\n") == ""  # the success's slot
+    assert h.tls_session().send(f"AUTH PLAIN {PLAIN}\r\n") == TOO_MANY
+    for i in (1, 2, 3):
+        checker.answer(i)
+    h.clock.advance(1)
+    assert (b.read(), c.read(), e.read()) == (AUTH_FAILED, AUTH_FAILED, TOO_MANY)
+    assert len(checker.calls) == 4  # 1 success + 3 wrong guesses
+    assert h.factory.throttle.failures(FOREIGN) == 3
+    assert h.tls_session().send(f"AUTH PLAIN {PLAIN}\r\n") == TOO_MANY
+    assert a.send("NOOP\r\n") == OK  # the authenticated session goes on
+
+
+def test_disconnect_during_check_keeps_the_slot_until_the_outcome(h):
+    h.factory.checker = checker = HeldChecker()
+    sessions = [h.tls_session() for _ in range(3)]
+    for c in sessions:
+        assert c.send(f"AUTH PLAIN {PLAIN_WRONG}\r\n") == ""
+        c.proto.connectionLost(None)
+    # Hanging up does not give the slots back while the checks still run...
+    assert h.tls_session().send(f"AUTH PLAIN {PLAIN}\r\n") == TOO_MANY
+    # ...and the wrong guesses count once they are known; no timers are left.
+    for i in range(3):
+        checker.answer(i)
+    assert h.clock.getDelayedCalls() == []
+    assert h.factory.throttle.failures(FOREIGN) == 3 and h.factory.throttle.in_flight(FOREIGN) == 0
+    assert [c.read() for c in sessions] == [""] * 3
+
+
+def test_checker_error_gives_the_slot_back(h):
+    h.factory.checker = checker = HeldChecker()
+    sessions = [h.tls_session() for _ in range(3)]
+    for c in sessions:
+        assert c.send(f"AUTH PLAIN {PLAIN}\r\n") == ""
+    for _, d in checker.calls:
+        d.errback(OSError("users file unreadable"))
+    assert [c.read() for c in sessions] == ["454 4.7.0 Temporary authentication failure\r\n"] * 3
+    assert h.factory.throttle.in_flight(FOREIGN) == 0 and h.factory.throttle.failures(FOREIGN) == 0
+    assert sessions[0].send(f"AUTH PLAIN {PLAIN}\r\n") == ""
 
 
 def test_connection_lost_while_delayed_cancels_timer(h):
