@@ -425,6 +425,11 @@ _POSTMASTER_TO_ROOT = (_Target("root", None, "root"),)
 
 MODES = ("virtual", "system")
 
+#: Seconds a mailbox found at RCPT time is remembered (L{Directory._has_mailbox}).
+MAILBOX_CACHE_TTL = 1.0
+#: Mailboxes remembered at most (the table is simply cleared when full).
+MAILBOX_CACHE_SIZE = 10000
+
 
 class Directory:
     """
@@ -493,6 +498,8 @@ class Directory:
         self._aliases_sig: tuple[int, int, int] | None = None
         self._includes: dict[str, _Include] = {}
         self._last_check = float("-inf")
+        # (folded local, domain) -> clock time until which its mailbox is known to exist
+        self._found: dict[tuple[str, str], float] = {}
         if aliases_path is not None:
             sig = self._stat_aliases()
             self._aliases = self._read_aliases()
@@ -643,6 +650,14 @@ class Directory:
         """
         Virtual: a Maildir exists, may be created (users list), or it is the
         postmaster.  System: an account that receives mail (L{system.Accounts}).
+
+        Virtual mode remembers a mailbox found for L{MAILBOX_CACHE_TTL}
+        seconds (by the injected clock): the two C{realpath} calls and the
+        C{stat} of the symlink check were a large share of an RCPT's cost.
+        Only "exists and is safe" is remembered, so a new mailbox is seen
+        at once; a mailbox removed or turned into a symlink out of the root
+        may still be accepted for that long -- delivery checks it again
+        (L{maildir_for}, never cached) and keeps the mail queued (4.3.5).
         """
         if self.mode == "system":
             if not address.is_safe_local_part(local):
@@ -650,10 +665,20 @@ class Directory:
             if domain not in self.domains:
                 raise InvalidMailbox(text="not a local domain")
             return self.accounts.lookup(local) is not None
-        path = self._path(local, domain)  # validates, even for listed names
-        if local == "postmaster" or self._listed(local, domain):
+        now = self.clock.seconds()
+        key = (local, domain)
+        until = self._found.get(key)
+        if until is not None and now < until:
             return True
-        return os.path.isdir(path)
+        path = self._path(local, domain)  # validates, even for listed names
+        found = local == "postmaster" or self._listed(local, domain) or os.path.isdir(path)
+        if found:
+            if len(self._found) >= MAILBOX_CACHE_SIZE:
+                self._found.clear()
+            self._found[key] = now + MAILBOX_CACHE_TTL
+        else:
+            self._found.pop(key, None)
+        return found
 
     def maildir_for(self, address: str) -> str:
         """

@@ -29,4 +29,18 @@ def mail_event(event: str, format: str, **fields: Any) -> None:
     event is about a queued message.
     """
     fields.setdefault("queue_id", "-")
+    # The text is made here with str.format (C code, a few microseconds),
+    # and the event's log_format is that text with its braces doubled:
+    # twisted.logger's own formatting of a template (string.Formatter, in
+    # Python) cost about 40 us per event, several times per message, on
+    # the reactor thread.  Every field stays in the event for the metrics
+    # and the event log; the formatted line is the same.
+    try:
+        text = format.format_map(fields)
+    except Exception:  # a bad template: let twisted.logger report it
+        text = None
+    if text is not None:
+        if "{" in text or "}" in text:
+            text = text.replace("{", "{{").replace("}", "}}")
+        format = text
     maillog.info(format, mail_event=event, **fields)
