@@ -22,6 +22,12 @@ C{transport_maps} and C{relayhost}:
 
 A next hop written C{[host]:port} is used as is, C{host:port} means "look
 up the MX records of host" (Postfix brackets).  See docs/relay.rst.
+
+Outcomes are given back twice: to the optional C{report} callback of
+L{RemoteDelivery.deliver} as soon as each transaction (one next hop, at
+most C{recipient_limit} recipients) has ended or its next hop has failed,
+so the scheduler records a fast domain's deliveries while a slow one is
+still in its DATA timeout; and all together when the Deferred fires.
 """
 
 from __future__ import annotations
@@ -341,10 +347,21 @@ class RemoteDelivery(service.Service):
 
     # -- public -------------------------------------------------------------------
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> Deferred:
+    def deliver(
+        self,
+        envelope: Envelope,
+        recipients: list[Recipient],
+        message_path: str,
+        report: Callable[[list[Outcome]], None] | None = None,
+    ) -> Deferred:
         """
         Deliver C{message_path} to C{recipients}; fires with one L{Outcome}
         per recipient, never with a failure.
+
+        @param report: called with the outcomes of each transaction as soon
+            as it ends (and of each next hop that could not be reached), so
+            they can be recorded before the slowest next hop has answered.
+            The final list repeats them.  An exception from it is logged.
         """
         groups: dict[Destination, list[Recipient]] = {}
         early: list[Outcome] = []
@@ -360,7 +377,7 @@ class RemoteDelivery(service.Service):
                 continue
             groups.setdefault(self.route(domain), []).append(r)
         ds = [
-            defer.ensureDeferred(self._deliver_group(dest, envelope, rcpts, message_path))
+            defer.ensureDeferred(self._deliver_group(dest, envelope, rcpts, message_path, report))
             for dest, rcpts in groups.items()
         ]
 
@@ -418,7 +435,24 @@ class RemoteDelivery(service.Service):
 
     # -- one group of recipients to one next hop ---------------------------------------
 
-    async def _deliver_group(self, dest: Destination, envelope: Envelope, rcpts: list[Recipient], path: str) -> list[Outcome]:
+    @staticmethod
+    def _report(report: Callable[[list[Outcome]], None] | None, envelope: Envelope, outcomes: list[Outcome]) -> None:
+        """Pass one transaction's outcomes on; the caller's bug never breaks a delivery."""
+        if report is None or not outcomes:
+            return
+        try:
+            report(list(outcomes))
+        except Exception:
+            log.failure("{queue_id}: error reporting outcomes", queue_id=envelope.queue_id)
+
+    async def _deliver_group(
+        self,
+        dest: Destination,
+        envelope: Envelope,
+        rcpts: list[Recipient],
+        path: str,
+        report: Callable[[list[Outcome]], None] | None = None,
+    ) -> list[Outcome]:
         conn = None
         slot = False
         try:
@@ -435,19 +469,31 @@ class RemoteDelivery(service.Service):
                         conn = await self._reuse(dest, conn)
                 if conn is None:
                     conn = await self._connect_any(dest, targets)
-            outcomes, broken = await self._transactions(conn, envelope, rcpts, path)
+            outcomes, broken = await self._transactions(conn, envelope, rcpts, path, report)
             if broken:
                 self._quit(dest, conn)
                 conn = None
             return outcomes
         except _Fail as f:
-            return [f.outcome(r.address) for r in rcpts]
+            failed = [f.outcome(r.address) for r in rcpts]
+            self._report(report, envelope, failed)
+            return failed
         finally:
             if slot:
                 self._release(dest, conn)
 
-    async def _transactions(self, conn: Any, envelope: Envelope, rcpts: list[Recipient], path: str) -> tuple[list[Outcome], bool]:
-        """Send in chunks of C{recipient_limit}; (outcomes, connection broken)."""
+    async def _transactions(
+        self,
+        conn: Any,
+        envelope: Envelope,
+        rcpts: list[Recipient],
+        path: str,
+        report: Callable[[list[Outcome]], None] | None = None,
+    ) -> tuple[list[Outcome], bool]:
+        """
+        Send in chunks of C{recipient_limit}, reporting each chunk's outcomes
+        when its transaction ends; (outcomes, connection broken).
+        """
         outcomes: list[Outcome] = []
         chunks = [rcpts[i : i + self._recipient_limit] for i in range(0, len(rcpts), self._recipient_limit)]
         for n, chunk in enumerate(chunks):
@@ -458,16 +504,18 @@ class RemoteDelivery(service.Service):
             except Exception as e:
                 fail = self._session_fail(e, conn.remote_mta)
                 log.info("transaction with {remote} failed: {error}", remote=conn.remote_mta, error=fail.text)
-                for rest in chunks[n:]:
-                    outcomes.extend(fail.outcome(r.address) for r in rest)
+                failed = [fail.outcome(r.address) for rest in chunks[n:] for r in rest]
+                self._report(report, envelope, failed)
+                outcomes.extend(failed)
                 return outcomes, True
             answered = {o.recipient for o in got}
-            outcomes.extend(got)
-            outcomes.extend(
+            done = list(got) + [
                 Outcome.temporary(r.address, "no reply for this recipient", 451, "4.4.2", conn.remote_mta)
                 for r in chunk
                 if r.address not in answered
-            )
+            ]
+            self._report(report, envelope, done)
+            outcomes.extend(done)
         return outcomes, False
 
     def _session_fail(self, e: BaseException, remote: str) -> _Fail:

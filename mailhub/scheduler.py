@@ -12,6 +12,25 @@ resolver as submitted mail (aliases, extensions); operator actions on a
 message in flight (a removal ignores that round's outcomes); the
 per-recipient delivery log lines.
 
+Outcomes are recorded as soon as a destination answers, not when the
+whole round has ended: C{deliver} is given a C{report} callback (when its
+signature takes one, see L{takes_report}) and calls it with the outcomes
+of each transaction as it ends (the router: each agent's batch; the
+remote agent: each next hop's transaction).  A delivered (or temporarily
+failed) recipient is applied to the envelope at once, and a report with
+a delivery is written (one C{spool.update}) while another destination of
+the round is still busy, so a crash while that slow destination is in
+its DATA timeout never sends the delivered recipient again (Postfix
+qmgr/smtp update the queue file per recipient the same way).  A permanent failure is only recorded in memory then and
+applied at the end of the round, together with its bounce: written as
+C{failed} before its DSN is queued, a crash would lose the bounce.
+Everything that is decided per message -- bounces, delay warnings,
+success notices, expiry, the log lines, the next attempt -- still happens
+once, at the end of the round, when C{deliver}'s Deferred fires with the
+final list; outcomes already reported are not applied twice (the first
+outcome for a recipient wins).  A message removed in flight is never
+written: its reported outcomes are kept for the round's log lines only.
+
 Must not touch: message bytes or the network (the delivery agents do),
 the spool's files (only through L{Spool}'s methods), configuration files.
 Nothing here polls: a message is looked at when it is due, never before.
@@ -19,11 +38,13 @@ Nothing here polls: a message is looked at when it is due, never before.
 
 from __future__ import annotations
 
+import functools
 import heapq
+import inspect
 import itertools
 import math
 import random as _random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.application import service
@@ -36,7 +57,7 @@ from twisted.python.failure import Failure
 from . import bounce
 from .address import AddressError
 from .directory import RecipientError
-from .envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
+from .envelope import DELIVERED, DELIVERED_OUTCOME, FAILED, PENDING, PERMANENT, Envelope, Outcome, Recipient
 from .maillog import mail_event
 from .spool import Spool, new_queue_id
 
@@ -49,6 +70,8 @@ __all__ = [
     "REMOVE_PENDING",
     "FLUSHED",
     "HELD",
+    "ReportFunction",
+    "takes_report",
 ]
 
 log = Logger()
@@ -56,7 +79,11 @@ log = Logger()
 #: RFC 3463 "delivery time expired".
 EXPIRED_STATUS = "4.4.7"
 
-DeliverFunction = Callable[[Envelope, list[Recipient]], "Deferred[list[Outcome]]"]
+#: C{report(outcomes)}: some recipients' outcomes, as soon as they are known.
+ReportFunction = Callable[[list[Outcome]], None]
+#: C{deliver(envelope, recipients)} or C{deliver(envelope, recipients,
+#: report=ReportFunction)}; fires with the final list of outcomes.
+DeliverFunction = Callable[..., "Deferred[list[Outcome]]"]
 ResolveFunction = Callable[[str], list[str]]
 
 #: L{Scheduler.remove}: the message is gone from the queue and the spool.
@@ -77,6 +104,42 @@ class _Unresolved(Exception):
         super().__init__(text)
         self.text = text
         self.temporary = temporary
+
+
+def takes_report(deliver: Callable[..., Any]) -> bool:
+    """
+    Whether C{deliver} accepts a C{report} keyword (or C{**kwargs}), so
+    it can be given a progress callback.  Checked once, when it is wired:
+    callables written before progress reports existed (and the tests'
+    fakes) keep their two- or three-argument form and are simply called
+    without one; their outcomes are recorded when they fire.
+    """
+    try:
+        params = inspect.signature(deliver).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == "report" and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        for p in params
+    )
+
+
+@dataclass(eq=False)
+class _Round:
+    """
+    One delivery round of one message: what was given, and the outcomes
+    known so far.  C{first} holds the first outcome per recipient, from a
+    report or from the final list, and is what the round records;
+    C{applied} are the recipients whose outcome is on the envelope already.
+    """
+
+    env: Envelope
+    recipients: list[Recipient]
+    given: frozenset[str]
+    first: dict[str, Outcome] = field(default_factory=dict)
+    applied: set[str] = field(default_factory=set)
+    open: bool = True
 
 
 def recipient_domain(r: Recipient) -> str:
@@ -181,6 +244,8 @@ class Scheduler(service.Service):
         #: through the directory (aliases, extensions), others as given --
         #: the resolver the pickup service uses; None: addresses as given
         self.resolve = resolve
+        #: deliver takes report=: outcomes are recorded per destination
+        self._reports = takes_report(deliver)
         self._queue: dict[str, Envelope] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._scheduled: dict[str, tuple[int, float]] = {}  # qid -> (seq, due) of its live heap entry
@@ -471,12 +536,59 @@ class Scheduler(service.Service):
         self._flight_keys[qid] = keys
         for key in keys:
             self._busy[key] = self._busy.get(key, 0) + 1
-        d = defer.maybeDeferred(self.deliver, env, list(recipients))
+        rnd = _Round(env, recipients, frozenset(r.address for r in recipients))
+        if self._reports:
+            d = defer.maybeDeferred(self.deliver, env, list(recipients), report=functools.partial(self._report, rnd))
+        else:
+            d = defer.maybeDeferred(self.deliver, env, list(recipients))
         self._in_flight[qid] = d
         d.addErrback(self._deliver_failed, env, recipients)
-        d.addCallback(self._round_done, env, recipients)
-        d.addErrback(self._round_failed, env)
+        d.addCallback(self._round_done, rnd)
+        d.addErrback(self._round_failed, rnd)
         d.addCallback(self._round_over, qid)
+
+    def _report(self, rnd: _Round, outcomes: list[Outcome]) -> None:
+        """
+        Progress from C{deliver}: some recipients' outcomes, as soon as their
+        destination has answered.  Delivered and temporary outcomes are
+        applied at once, and written (one C{spool.update}) when one of them
+        is a delivery -- the only outcome whose loss in a crash would send
+        mail twice -- and some recipient of the round is still unanswered
+        (otherwise the end of the round, which follows, writes or removes
+        the envelope: a message to one destination costs no extra write).
+        Permanent ones wait for the end of the round and their bounce.  Nothing is written for a message removed in flight; nothing
+        at all happens after the round has ended.  Never raises into the
+        delivery agent.
+        """
+        env = rnd.env
+        if not rnd.open:
+            log.warn("{queue_id}: outcomes reported after the round ended, ignored", queue_id=env.queue_id)
+            return
+        try:
+            now = self.clock.seconds()
+            removed = env.queue_id in self._removed
+            delivered = False
+            for o in outcomes:
+                if o.recipient not in rnd.given:
+                    log.warn("{queue_id}: ignoring outcome for {rcpt}", queue_id=env.queue_id, rcpt=o.recipient)
+                    continue
+                if o.recipient in rnd.first:
+                    continue  # the first outcome of a recipient wins
+                rnd.first[o.recipient] = o
+                if removed or o.kind == PERMANENT:
+                    continue
+                env.apply(o, now)
+                rnd.applied.add(o.recipient)
+                delivered = delivered or o.kind == DELIVERED_OUTCOME
+            if delivered and len(rnd.first) < len(rnd.given):
+                # with every recipient answered the round ends right after
+                # (same reactor turn) and writes or removes the envelope
+                # itself: no extra write for a one-destination message
+                self._persist(env)
+        except Exception:
+            # a bug here must not break the agent's delivery; the end of the
+            # round records whatever is not applied yet
+            log.failure("{queue_id}: error recording reported outcomes", queue_id=env.queue_id)
 
     def _deliver_failed(self, failure: Failure, env: Envelope, recipients: list[Recipient]) -> list[Outcome]:
         """An exception from deliver() is a temporary failure of every recipient given."""
@@ -484,20 +596,32 @@ class Scheduler(service.Service):
         text = f"delivery error: {failure.getErrorMessage()}"
         return [Outcome.temporary(r.address, text, 451, "4.3.0") for r in recipients]
 
-    def _round_done(self, outcomes: list[Outcome], env: Envelope, recipients: list[Recipient]) -> float | None:
-        """Record outcomes, bounce, warn, persist.  Returns the next due time, or None when finished."""
+    def _round_done(self, outcomes: list[Outcome], rnd: _Round) -> float | None:
+        """
+        Record the outcomes not reported yet, bounce, warn, persist.  Returns
+        the next due time, or None when finished.
+        """
+        rnd.open = False
+        env, recipients = rnd.env, rnd.recipients
         now = self.clock.seconds()
-        given = {r.address for r in recipients}
         seen: set[str] = set()
         for o in outcomes:
-            if o.recipient not in given or o.recipient in seen:
+            if o.recipient not in rnd.given or o.recipient in seen:
                 log.warn("{queue_id}: ignoring outcome for {rcpt}", queue_id=env.queue_id, rcpt=o.recipient)
                 continue
             seen.add(o.recipient)
-            env.apply(o, now)
+            rnd.first.setdefault(o.recipient, o)  # a reported outcome wins
         for r in recipients:
-            if r.address not in seen:
-                env.apply(Outcome.temporary(r.address, "delivery agent reported no outcome", 451, "4.3.0"), now)
+            if r.address in rnd.applied:
+                continue
+            o = rnd.first.get(r.address)
+            if o is None:
+                o = rnd.first[r.address] = Outcome.temporary(
+                    r.address, "delivery agent reported no outcome", 451, "4.3.0"
+                )
+            env.apply(o, now)
+            rnd.applied.add(r.address)
+        outcomes = list(rnd.first.values())
 
         if env.queue_id in self._removed:
             # deleted by the operator during the round (postsuper -d): what
@@ -547,8 +671,10 @@ class Scheduler(service.Service):
             due = max(due, now + self.policy.min_backoff)
         return due
 
-    def _round_failed(self, failure: Failure, env: Envelope) -> float | None:
+    def _round_failed(self, failure: Failure, rnd: _Round) -> float | None:
         """A bug while recording a round: log it, keep the message, try later."""
+        rnd.open = False
+        env = rnd.env
         log.failure("{queue_id}: error recording delivery outcomes", failure, queue_id=env.queue_id)
         if env.queue_id in self._removed:
             return None

@@ -779,3 +779,124 @@ def test_fakes_match_smtpclient_contract(tmp_path) -> None:
                 == ["self"] + list(inspect.signature(getattr(conn, name)).parameters)), name
     e = SessionError(451, "4.4.1", "x", False, "m", tls_failed=True)
     assert (e.code, e.enhanced, e.text, e.permanent, e.remote_mta, e.tls_failed) == (451, "4.4.1", "x", False, "m", True)
+
+
+# -- outcomes reported per transaction (report=) ---------------------------------------------
+
+
+def slow_sends(agent: RemoteDelivery, net: FakeNet, ip: str) -> list[tuple[defer.Deferred, list[Recipient], str]]:
+    """Connections to C{ip} take the message and keep the final "." unanswered until the test fires."""
+    held: list[tuple[defer.Deferred, list[Recipient], str]] = []
+
+    class SlowSend(FakeConnection):
+        def send(self, envelope, recipients, message_path):
+            d: defer.Deferred = defer.Deferred()
+            held.append((d, list(recipients), self.remote_mta))
+            return d
+
+    real = net.connect
+
+    def connect(*a, **k):
+        d = real(*a, **k)
+        return d.addCallback(lambda c: (c.remote_mta.endswith(f"[{ip}]:25") and setattr(c, "__class__", SlowSend), c)[1])
+
+    agent._connect = connect
+    return held
+
+
+def answer(held, n: int = 0) -> None:
+    d, rcpts, mta = held.pop(n)
+    d.callback([Outcome.delivered(r.address, f"host {mta} said: 250 2.0.0 Ok", mta) for r in rcpts])
+
+
+def test_each_next_hop_reported_when_its_transaction_ends(tmp_path) -> None:
+    agent, net, _, _, msg = make(tmp_path)
+    held = slow_sends(agent, net, "192.0.2.1")  # pref.test's MX is slow
+    reports: list[list[Outcome]] = []
+    results: list = []
+    e, r = env("slow@pref.test", "fast@aonly.test", "bad@nullmx.test")
+    agent.deliver(e, r, msg, report=reports.append).addCallback(results.append)
+    # aonly.test answered and nullmx.test failed at once; pref.test is still in DATA
+    assert sorted((o.recipient, o.kind) for rep in reports for o in rep) == [
+        ("bad@nullmx.test", "permanent"), ("fast@aonly.test", "delivered")]
+    assert len(reports) == 2 and results == []
+    answer(held)
+    assert [(o.recipient, o.kind) for o in reports[2]] == [("slow@pref.test", "delivered")]
+    [out] = results
+    assert sorted(o.recipient for o in out) == ["bad@nullmx.test", "fast@aonly.test", "slow@pref.test"]
+    assert reports[2][0] in out  # the final list repeats what was reported
+
+
+def test_one_report_per_transaction_and_for_a_failed_session(tmp_path) -> None:
+    agent, net, _, _, msg = make(tmp_path, recipient_limit=2)
+    reports: list[list[Outcome]] = []
+    run_with = lambda *rcpts: agent.deliver(*env(*rcpts), msg, report=reports.append)  # noqa: E731
+    run_with("a@pref.test", "b@pref.test", "c@pref.test")
+    assert [[o.recipient for o in rep] for rep in reports] == [["a@pref.test", "b@pref.test"], ["c@pref.test"]]
+    reports.clear()
+    net.behaviour["192.0.2.20"] = "refused"
+    net.behaviour["2001:db8::20"] = "refused"
+    run_with("x@aonly.test")
+    [[o]] = reports
+    assert (o.recipient, o.kind, o.status) == ("x@aonly.test", "temporary", "4.4.1")
+
+
+def test_a_failing_report_does_not_break_the_delivery(tmp_path) -> None:
+    agent, net, _, _, msg = make(tmp_path)
+
+    def report(outcomes):
+        raise RuntimeError("scheduler bug")
+
+    result: list = []
+    agent.deliver(*env("u@pref.test"), msg, report=report).addBoth(result.append)
+    [[o]] = result
+    assert o.kind == "delivered" and agent._total == 1  # the connection went back to the idle pool
+
+
+def test_scheduler_records_the_fast_domain_while_the_slow_one_is_in_data(tmp_path) -> None:
+    """
+    Scheduler, Router and this agent in memory: a message to a fast and a
+    slow domain.  When the fast one has answered, its recipient is delivered
+    on disk; a scheduler started on that spool (after a crash) only tries
+    the slow one.
+    """
+    from mailhub.router import Router
+    from mailhub.scheduler import RetryPolicy, Scheduler
+    from mailhub.spool import Spool
+
+    class Remote:
+        def is_local(self, domain: str) -> bool:
+            return False
+
+    agent, net, _, clock, msg = make(tmp_path)
+    held = slow_sends(agent, net, "192.0.2.1")
+    spool = Spool(str(tmp_path / "spool"), fsync=False)
+    writer = spool.new_message()
+    writer.write(b"Subject: hi\r\n\r\nbody\r\n")
+    e = Envelope(writer.queue_id, "sender@example.org", [Recipient("slow@pref.test"), Recipient("fast@aonly.test")],
+                 arrival=0.0)
+    writer.commit(e)
+    sched = Scheduler(spool, Router(spool, Remote(), agent, agent), clock, RetryPolicy(jitter=0.0))
+    sched.startService()
+    assert len(held) == 1 and e.queue_id in sched.in_flight
+
+    def on_disk() -> dict[str, str]:
+        with open(spool.envelope_path(e.queue_id), "rb") as f:
+            return {r.address: r.state for r in Envelope.from_json(f.read()).recipients}
+
+    assert on_disk() == {"slow@pref.test": "pending", "fast@aonly.test": "delivered"}
+
+    # a crash now: the next daemon's scheduler sends only to the slow domain
+    given: list[list[str]] = []
+
+    def after_crash(envelope, recipients):
+        given.append([r.address for r in recipients])
+        return defer.Deferred()
+
+    Scheduler(Spool(str(tmp_path / "spool"), fsync=False), after_crash, clock, RetryPolicy(jitter=0.0)).startService()
+    assert given == [["slow@pref.test"]]
+
+    # without a crash the round ends normally: done, nothing sent twice
+    answer(held)
+    assert spool.queue_ids() == [] and e.queue_id not in sched.in_flight
+    assert sorted(m[2][0] for m in net.messages) == ["fast@aonly.test"]  # slow ones are not in net.messages

@@ -150,3 +150,82 @@ def test_remote_outcome_fields_survive_the_merge(spool):
     [out] = results
     assert out[1] is relayed
     assert [(o.remote_mta, o.dsn_passed) for o in (out[0], out[2])] == [("", False), ("", False)]
+
+
+# -- progress reports (report=) ---------------------------------------------------------
+
+
+@dataclass
+class ReportingAgent:
+    """An agent whose deliver() takes report=, like the remote agent."""
+
+    calls: list = field(default_factory=list)
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str, report=None) -> Deferred:
+        d: Deferred = Deferred()
+        self.calls.append(([r.address for r in recipients], report, d))
+        return d
+
+
+def test_local_batch_reported_when_the_local_agent_ends(spool):
+    local, remote = FakeAgent(auto=False), FakeAgent(auto=False)
+    reports: list[list[Outcome]] = []
+    results = []
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=reports.append) \
+        .addCallback(results.append)
+    assert reports == []
+    local.calls[0][2].callback([Outcome.delivered("me@Local.Example"), Outcome.delivered("you@local.example")])
+    # recorded now, while the remote agent is still busy
+    assert [[o.recipient for o in r] for r in reports] == [["me@Local.Example", "you@local.example"]]
+    assert not results
+    remote.calls[0][2].callback([Outcome.temporary("far@remote.example", "busy")])
+    assert [[o.recipient for o in r] for r in reports][1:] == [["far@remote.example"]]
+    [out] = results
+    assert [o.kind for o in out] == [DELIVERED_OUTCOME, TEMPORARY, DELIVERED_OUTCOME]
+
+
+def test_agent_reports_forwarded_at_once_filtered_and_never_twice(spool):
+    local, remote = FakeAgent(auto=False), ReportingAgent()
+    reports: list[list[Outcome]] = []
+    results = []
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=reports.append) \
+        .addCallback(results.append)
+    [(rcpts, agent_report, d)] = remote.calls
+    assert rcpts == ["far@remote.example"] and agent_report is not None
+    relayed = Outcome.delivered("far@remote.example", "250 ok", "mx[192.0.2.1]:25")
+    agent_report([relayed, Outcome.delivered("me@Local.Example")])  # the stray one is dropped
+    assert reports == [[relayed]]
+    agent_report([Outcome.temporary("far@remote.example", "again?")])
+    assert reports == [[relayed]]  # a recipient is reported once
+    # the agent then fails: its reported delivery stands, in the report and the merged list
+    d.errback(RuntimeError("boom"))
+    assert reports == [[relayed]]
+    local.calls[0][2].callback([Outcome.delivered("me@Local.Example"), Outcome.delivered("you@local.example")])
+    [out] = results
+    assert out[1] is relayed
+    assert len(reports) == 2 and [o.recipient for o in reports[1]] == ["me@Local.Example", "you@local.example"]
+
+
+def test_agents_without_report_still_called_the_old_way(spool):
+    """Three-argument agents (LocalDelivery, fakes) are not given report=."""
+    local, remote = FakeAgent(), FakeAgent()
+    reports: list[list[Outcome]] = []
+    out = []
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=reports.append) \
+        .addCallback(out.extend)
+    assert len(out) == 3 and sorted(o.recipient for r in reports for o in r) == sorted(r.address for r in ENV.recipients)
+
+
+def test_a_failing_report_does_not_fail_the_delivery(spool):
+    local, remote = FakeAgent(), ReportingAgent()
+
+    def report(outcomes):
+        raise RuntimeError("scheduler bug")
+
+    results = []
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=report) \
+        .addCallback(results.append)
+    remote.calls[0][1]([Outcome.delivered("far@remote.example")])
+    remote.calls[0][2].callback([Outcome.delivered("far@remote.example")])
+    [out] = results
+    assert [o.kind for o in out] == [DELIVERED_OUTCOME] * 3

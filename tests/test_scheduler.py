@@ -1134,3 +1134,264 @@ def test_bad_sender_address_bounces_to_the_postmaster(spool, clock):
     [(benv, _)] = dsns(spool)
     assert rcpts_of(benv) == [("postmaster@mx.example.org", "postmaster@mx.example.org")]
     assert benv.client == {"protocol": "dsn", "bounce_of": env.queue_id, "double_bounce": True}
+
+
+# -- outcomes recorded per destination, as each answers (report=) ----------------------
+
+
+@dataclass
+class Progress:
+    """One call of a report-taking deliver(): its report callback and its final Deferred."""
+
+    recipients: list[str]
+    report: object
+    deferred: Deferred
+
+
+@dataclass
+class ReportingDeliver:
+    """deliver(envelope, recipients, report=None): the test reports and fires by hand."""
+
+    calls: list[Progress] = field(default_factory=list)
+
+    def __call__(self, envelope: Envelope, recipients: list[Recipient], report=None) -> Deferred:
+        d: Deferred = Deferred()
+        self.calls.append(Progress([r.address for r in recipients], report, d))
+        return d
+
+
+FAST, SLOW = "bob@fast.example", "carol@slow.example"
+
+
+def states(spool: Spool, qid: str) -> dict[str, str]:
+    return {r["address"]: r["state"] for r in on_disk(spool, qid)["recipients"]}
+
+
+def counting_updates(spool: Spool, monkeypatch) -> list[str]:
+    updates: list[str] = []
+    real_update = spool.update
+    monkeypatch.setattr(spool, "update", lambda e: (updates.append(e.queue_id), real_update(e)))
+    return updates
+
+
+def test_takes_report():
+    from mailhub.scheduler import takes_report
+
+    assert takes_report(lambda e, r, report=None: None)
+    assert takes_report(lambda e, r, *, report=None: None)
+    assert takes_report(lambda *a, **kw: None)
+    assert not takes_report(lambda e, r: None)
+    assert not takes_report(FakeDeliver(task.Clock()))
+    assert takes_report(ReportingDeliver())
+    assert not takes_report(len)  # a builtin: no signature to read, so no report
+
+
+def test_fast_destination_is_on_disk_while_the_slow_one_is_pending(tmp_path, spool, clock, monkeypatch, events):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW))
+    s = make(spool, clock, deliver)
+    updates = counting_updates(spool, monkeypatch)
+    [call] = deliver.calls
+    assert call.recipients == [FAST, SLOW] and call.report is not None
+    clock.advance(3)
+    call.report([Outcome.delivered(FAST, "host mx.fast said: 250 ok", "mx.fast[192.0.2.1]:25")])
+    # written at once, one update for the report; the round is still open
+    assert updates == [env.queue_id]
+    assert states(spool, env.queue_id) == {FAST: DELIVERED, SLOW: PENDING}
+    fast = on_disk(spool, env.queue_id)["recipients"][0]
+    assert (fast["attempts"], fast["last_attempt"], fast["remote_mta"]) == (1, T0 + 3, "mx.fast[192.0.2.1]:25")
+    assert env.queue_id in s.in_flight and delivery_lines(events) == []  # logged when the round ends
+
+    # the daemon dies here (slow.example still in its DATA timeout); a new
+    # scheduler on the same spool retries only the slow recipient
+    again = ReportingDeliver()
+    make(Spool(str(tmp_path / "spool"), fsync=False), clock, again)
+    assert [c.recipients for c in again.calls] == [[SLOW]]
+
+
+def test_final_list_does_not_apply_a_reported_outcome_twice(spool, clock, monkeypatch, events):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW))
+    s = make(spool, clock, deliver)
+    updates = counting_updates(spool, monkeypatch)
+    [call] = deliver.calls
+    call.report([Outcome.delivered(FAST, "250 ok", "mx.fast[192.0.2.1]:25")])
+    call.report([Outcome.temporary(FAST, "late contradiction", 451, "4.4.2")])  # the first outcome wins
+    assert updates == [env.queue_id]
+    clock.advance(600)
+    # the final list repeats the fast outcome (or contradicts it): ignored
+    call.deferred.callback([Outcome.temporary(FAST, "agent error", 451, "4.3.0"),
+                            Outcome.temporary(SLOW, "data timeout", 451, "4.4.2")])
+    disk = on_disk(spool, env.queue_id)["recipients"]
+    assert [(r["address"], r["state"], r["attempts"], r["last_text"]) for r in disk] == [
+        (FAST, DELIVERED, 1, "250 ok"),
+        (SLOW, PENDING, 1, "data timeout"),
+    ]
+    assert updates == [env.queue_id, env.queue_id]  # the report, then the round's end
+    assert s.next_due(env.queue_id) == T0 + 600 + 300
+    lines = delivery_lines(events)
+    assert len(lines) == 2 and "status=sent (250 ok)" in lines[0] and "status=deferred (data timeout)" in lines[1]
+    assert not [e for e in events if "ignoring outcome" in formatEvent(e)]
+    # the next round gives only the slow one, and the message is done when it is delivered
+    clock.advance(300)
+    assert deliver.calls[1].recipients == [SLOW]
+    deliver.calls[1].deferred.callback([Outcome.delivered(SLOW)])
+    assert spool.queue_ids() == []
+
+
+def test_reports_with_only_temporary_outcomes_write_nothing(spool, clock, monkeypatch):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW, "dave@third.example", "erin@fourth.example"))
+    make(spool, clock, deliver)
+    updates = counting_updates(spool, monkeypatch)
+    call = deliver.calls[0]
+    call.report([Outcome.temporary(FAST, "greylisted", 451, "4.7.1")])
+    assert updates == []  # nothing a crash could repeat: wait for the end of the round
+    call.report([Outcome.delivered(SLOW), Outcome.delivered("dave@third.example")])
+    assert updates == [env.queue_id]  # one update per report
+    assert states(spool, env.queue_id) == {FAST: PENDING, SLOW: DELIVERED, "dave@third.example": DELIVERED,
+                                           "erin@fourth.example": PENDING}
+    assert on_disk(spool, env.queue_id)["recipients"][0]["last_text"] == "greylisted"
+
+
+def test_a_report_answering_the_whole_round_is_not_written_twice(spool, clock, monkeypatch):
+    """One destination (the common case): the report and the round's end cost one removal, no update."""
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, "dave@fast.example"))
+    s = make(spool, clock, deliver)
+    updates = counting_updates(spool, monkeypatch)
+    deliver.calls[0].report([Outcome.delivered(FAST), Outcome.delivered("dave@fast.example")])
+    assert updates == []
+    deliver.calls[0].deferred.callback([Outcome.delivered(FAST), Outcome.delivered("dave@fast.example")])
+    assert updates == [] and spool.queue_ids() == [] and len(s) == 0
+
+
+def test_permanent_failures_wait_for_one_bounce_per_round(spool, clock, monkeypatch):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW, "dave@third.example", "erin@fourth.example"))
+    make(spool, clock, deliver)
+    updates = counting_updates(spool, monkeypatch)
+    call = deliver.calls[0]
+    call.report([Outcome.permanent(FAST, "no such user", 550, "5.1.1", "mx.fast[192.0.2.1]:25")])
+    # not written as failed before its bounce exists: a crash now retries it, never loses the bounce
+    assert updates == [] and states(spool, env.queue_id)[FAST] == PENDING and dsns(spool) == []
+    call.report([Outcome.delivered("erin@fourth.example")])
+    assert states(spool, env.queue_id) == {FAST: PENDING, SLOW: PENDING, "dave@third.example": PENDING,
+                                           "erin@fourth.example": DELIVERED}
+    assert dsns(spool) == []
+    call.deferred.callback([Outcome.permanent(SLOW, "mailbox disabled", 550, "5.2.1"),
+                            Outcome.temporary("dave@third.example", "later", 451, "4.2.0")])
+    # the permanent outcomes of the round in one bounce
+    [(benv, msg)] = dsns(spool)
+    _, per_rcpt = report(msg)
+    assert [b["Final-Recipient"] for b in per_rcpt] == [f"rfc822; {FAST}", f"rfc822; {SLOW}"]
+    assert [b["Status"] for b in per_rcpt] == ["5.1.1", "5.2.1"]
+    assert states(spool, env.queue_id) == {FAST: FAILED, SLOW: FAILED, "dave@third.example": PENDING,
+                                           "erin@fourth.example": DELIVERED}
+
+
+def test_remove_in_flight_writes_no_reported_outcome(spool, clock, monkeypatch, events):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW))
+    s = make(spool, clock, deliver)
+    updates = counting_updates(spool, monkeypatch)
+    assert s.remove(env.queue_id) == "pending"
+    call = deliver.calls[0]
+    call.report([Outcome.delivered(FAST)])
+    assert updates == [] and states(spool, env.queue_id) == {FAST: PENDING, SLOW: PENDING}
+    call.deferred.callback([Outcome.delivered(FAST), Outcome.permanent(SLOW, "no such user", 550, "5.1.1")])
+    assert updates == [] and spool.queue_ids() == [] and dsns(spool) == []
+    lines = delivery_lines(events)  # still logged, once each
+    assert len(lines) == 2 and "status=sent" in lines[0] and "status=bounced" in lines[1]
+
+
+def test_remove_after_a_written_report_still_removes(spool, clock, monkeypatch):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW))
+    s = make(spool, clock, deliver)
+    updates = counting_updates(spool, monkeypatch)
+    call = deliver.calls[0]
+    call.report([Outcome.delivered(FAST)])
+    assert updates == [env.queue_id]
+    assert s.remove(env.queue_id) == "pending"
+    call.report([Outcome.delivered(SLOW)])
+    assert updates == [env.queue_id]  # removed meanwhile: no more writes
+    call.deferred.callback([])
+    assert spool.queue_ids() == [] and len(s) == 0
+
+
+def test_hold_in_flight_survives_a_report(spool, clock):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW))
+    s = make(spool, clock, deliver)
+    s.hold(env.queue_id)
+    deliver.calls[0].report([Outcome.delivered(FAST)])
+    disk = on_disk(spool, env.queue_id)
+    assert disk["held"] is True and states(spool, env.queue_id)[FAST] == DELIVERED
+    deliver.calls[0].deferred.callback([Outcome.temporary(SLOW, "later", 451, "4.2.0")])
+    assert s.next_due(env.queue_id) is None and on_disk(spool, env.queue_id)["held"] is True
+    s.release(env.queue_id)
+    clock.advance(300)
+    assert deliver.calls[1].recipients == [SLOW]
+
+
+def test_reported_delivery_survives_an_agent_error(spool, clock):
+    """deliver() reports a delivery, then fails: the delivery stays recorded, only the rest is retried."""
+    reports = []
+
+    def deliver(envelope, recipients, report=None):
+        reports.append([r.address for r in recipients])
+        if FAST in reports[-1]:
+            report([Outcome.delivered(FAST)])  # synchronously, before deliver returns
+        raise RuntimeError("agent bug")
+
+    env = queue(spool, clock, rcpts=(FAST, SLOW))
+    s = make(spool, clock, deliver)
+    assert states(spool, env.queue_id) == {FAST: DELIVERED, SLOW: PENDING}
+    assert "agent bug" in on_disk(spool, env.queue_id)["recipients"][1]["last_text"]
+    clock.advance(300)
+    assert reports == [[FAST, SLOW], [SLOW]] and s.next_due(env.queue_id) == T0 + 300 + 600
+
+
+def test_report_after_the_round_is_ignored(spool, clock, monkeypatch, events):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST, SLOW))
+    make(spool, clock, deliver)
+    call = deliver.calls[0]
+    call.deferred.callback([Outcome.temporary(FAST, "later", 451, "4.2.0"), Outcome.temporary(SLOW, "later", 451, "4.2.0")])
+    updates = counting_updates(spool, monkeypatch)
+    call.report([Outcome.delivered(FAST), Outcome.delivered("stranger@example.org")])
+    assert updates == [] and states(spool, env.queue_id) == {FAST: PENDING, SLOW: PENDING}
+    assert any("reported after the round ended" in formatEvent(e) for e in events)
+
+
+def test_stray_reported_outcome_is_ignored(spool, clock, events):
+    deliver = ReportingDeliver()
+    env = queue(spool, clock, rcpts=(FAST,))
+    make(spool, clock, deliver)
+    deliver.calls[0].report([Outcome.delivered("stranger@example.org")])
+    assert states(spool, env.queue_id) == {FAST: PENDING}
+    assert any(formatEvent(e) == f"{env.queue_id}: ignoring outcome for stranger@example.org" for e in events)
+
+
+def test_router_reports_the_local_batch_before_the_remote_agent_ends(tmp_path, spool, clock):
+    """Scheduler, Router, the real local agent and a remote agent that never answers."""
+    root = tmp_path / "mailboxes"
+    (root / "example.org" / "bob").mkdir(parents=True)
+    directory = Directory(["example.org"], str(root), clock=clock)
+    remote = []
+
+    class SlowRemote:
+        def deliver(self, envelope, recipients, message_path):
+            remote.append(Deferred())
+            return remote[-1]
+
+    router = Router(spool, directory, LocalDelivery(directory, "mx.example.org", run=sync_run, fsync=False),
+                    SlowRemote())
+    env = queue(spool, clock, rcpts=("bob@example.org", SLOW))
+    make(spool, clock, router)
+    assert len(remote) == 1 and len(maildir_files(root, "bob")) == 1
+    assert states(spool, env.queue_id) == {"bob@example.org": DELIVERED, SLOW: PENDING}
+    remote[0].callback([Outcome.temporary(SLOW, "data timeout", 451, "4.4.2")])
+    disk = on_disk(spool, env.queue_id)["recipients"]
+    assert [(r["state"], r["attempts"]) for r in disk] == [(DELIVERED, 1), (PENDING, 1)]
