@@ -748,6 +748,10 @@ def load_config(
     server_cfg = ServerConfig(**server)
     auth_cfg = AuthConfig(**values["auth"])
     _check_listeners(where, server_cfg, auth_cfg, check_files)
+    if check_files:
+        _creatable_dir(where, "spool.path", spool["path"])
+        _creatable_dir(where, "local.mailboxes", local["mailboxes"])
+        _writable_log(where, "server.event_log", server_cfg.event_log)
     return Config(
         server=server_cfg,
         spool=SpoolConfig(**spool),
@@ -783,10 +787,45 @@ def _check_local(where: str, local: dict[str, Any]) -> None:
 def _readable_file(where: str, key: str, path: str | None) -> None:
     if path is None:
         return
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError(f"{where}: {key}: not a regular file {path}")
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: {key}: no such file {path}")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{where}: {key}: cannot read {path}")
+
+
+def _creatable_dir(where: str, key: str, path: str) -> None:
+    """
+    The daemon creates C{path} with its missing parents (os.makedirs): it
+    must be a directory already, or the nearest existing ancestor must be.
+    """
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{where}: {key}: not a directory {path}")
+        return
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f"{where}: {key}: cannot create {path}: {ancestor} is not a directory")
+
+
+def _writable_log(where: str, key: str, path: str | None) -> None:
+    """The event log is opened for appending (and created) in an existing directory."""
+    if path is None:
+        return
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{where}: {key}: not a regular file {path}")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{where}: {key}: cannot write {path}")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{where}: {key}: no such directory {parent}")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{where}: {key}: cannot create {path}: directory {parent} is not writable")
 
 
 def _check_relay(where: str, relay: RelayConfig, check_files: bool) -> None:

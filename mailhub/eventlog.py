@@ -24,6 +24,7 @@ emits mail events itself and nothing depends on it being configured.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import IO, Any, Iterable, Iterator, TextIO
 
@@ -88,7 +89,10 @@ class EventLogObserver:
         if stream is None:
             if path is None:
                 raise ValueError("give a path or a stream")
-            stream = open(path, "a", encoding="utf-8", buffering=1)
+            # 0640 when created (senders, recipients, client IPs are not for
+            # every local user); an existing file keeps its mode.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
         self.path = path
         self._stream = stream
         self._failed = False

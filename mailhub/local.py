@@ -216,7 +216,7 @@ class LocalDelivery:
         try:
             if not os.path.isdir(maildir):
                 if not self.directory.may_create(address):
-                    return Outcome.permanent(address, "User unknown in local recipient table (mailbox vanished)", 550, "5.1.1")
+                    return Outcome.permanent(address, "User unknown in local recipient table", 550, "5.1.1")
             self._make_maildir(maildir)
             self._write(maildir, self._unique(queue_id, arrival, address), sender, address, message_path)
         except OSError as e:

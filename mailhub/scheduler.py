@@ -226,6 +226,7 @@ class Scheduler(service.Service):
         destination_concurrency: int = 20,
         destination: Callable[[Recipient], str] = recipient_domain,
         resolve: ResolveFunction | None = None,
+        is_local: Callable[[str], bool] | None = None,
     ) -> None:
         if concurrency < 1 or destination_concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -244,6 +245,11 @@ class Scheduler(service.Service):
         #: through the directory (aliases, extensions), others as given --
         #: the resolver the pickup service uses; None: addresses as given
         self.resolve = resolve
+        #: whether a domain is ours, for the log's relay= field: an outcome
+        #: without a remote host is "local" for our domains, "none" (as
+        #: Postfix) for a remote one whose next hop was never reached;
+        #: None: always "local"
+        self.is_local = is_local
         #: deliver takes report=: outcomes are recorded per destination
         self._reports = takes_report(deliver)
         self._queue: dict[str, Envelope] = {}
@@ -934,6 +940,11 @@ class Scheduler(service.Service):
 
     # -- logging ---------------------------------------------------------------------------
 
+    def _no_relay(self, r: Recipient) -> str:
+        if self.is_local is None or self.is_local(recipient_domain(r)):
+            return "local"
+        return "none"
+
     def _log_delivery(self, env: Envelope, r: Recipient, now: float, expired: bool) -> None:
         if r.state == PENDING:
             status, text = "deferred", r.last_text
@@ -949,7 +960,7 @@ class Scheduler(service.Service):
             queue_id=env.queue_id,
             to=r.address,
             orig_to=r.original,
-            relay=r.remote_mta or "local",
+            relay=r.remote_mta or self._no_relay(r),
             delay=("%.2f" % max(0.0, now - env.arrival)).rstrip("0").rstrip("."),
             attempts=r.attempts,
             dsn=r.last_status,

@@ -205,6 +205,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         if self._counted:
             self._counted = False
             self.factory.release(self.session.client_ip)
+        self.factory.session_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -714,9 +715,83 @@ class SMTPServerFactory(protocol.Factory):
         self.run = run
         self.connections = 0
         self.per_ip: dict[str, int] = {}
+        # Shutdown drain: commits whose reply is not yet written, sessions
+        # closed after their reply until the reply is flushed (see drain).
+        self._commits: dict[defer.Deferred[Any], SMTPServer] = {}
+        self._closing: set[SMTPServer] = set()
+        self._drained: list[defer.Deferred[None]] = []
+        self.draining = False
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         return SMTPServer(self)
+
+    def track_commit(self, session: SMTPServer, d: defer.Deferred[Any]) -> None:
+        """
+        Remember a commit in flight until its callbacks (which write the 250
+        or 451 reply) have run: L{drain} waits for it, so a shutdown never
+        queues a message whose client did not get its reply.
+        """
+        self._commits[d] = session
+
+        def done(result: object) -> object:
+            self._commits.pop(d, None)
+            if self.draining and not session._closed and not session._busy:
+                # The reply is in the transport's buffer: loseConnection
+                # flushes it before closing, the reactor's disconnectAll
+                # would drop it.  Wait for connectionLost.
+                self._closing.add(session)
+                session._close()
+            self._check_drained()
+            return result
+
+        d.addBoth(done)
+
+    def session_lost(self, session: SMTPServer) -> None:
+        """Called by each session's connectionLost (ends its part of L{drain})."""
+        if self._closing:
+            self._closing.discard(session)
+            self._check_drained()
+
+    def drain(self, timeout: float = 30.0) -> defer.Deferred[None]:
+        """
+        Begin shutdown (call after the port stopped listening): the returned
+        Deferred fires once every commit in flight has finished, its reply
+        was written and flushed (the session is closed after it), or after
+        C{timeout} seconds, whichever comes first.  Sessions without a
+        commit are left to the reactor, which closes them.
+        """
+        self.draining = True
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        if not self._commits and not self._closing:
+            self._check_drained()
+            return d
+
+        def give_up() -> None:
+            if not d.called:
+                log.warn(
+                    "shutdown: {n} commit(s) on the {listener} listener did not finish within {t} s",
+                    n=len(self._commits), listener=self.listener, t=timeout,
+                )
+                self._drained.remove(d)
+                d.callback(None)
+
+        timer = self.clock.callLater(timeout, give_up)
+
+        def cancel_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(cancel_timer)
+        return d
+
+    def _check_drained(self) -> None:
+        if self._commits or self._closing or not self.draining:
+            return
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            d.callback(None)
 
     def may_send_as(self, user: str, sender: str) -> bool:
         """Whether C{user} owns envelope sender C{sender} (for L{Policy.check_sender})."""

@@ -212,6 +212,7 @@ class MessageMixin:
         self._busy = True
         d = defer.maybeDeferred(self.factory.run, writer.commit, envelope)
         d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope,), errbackArgs=(envelope,))
+        self.factory.track_commit(self, d)
 
     def _committed(self, _: object, envelope: Envelope) -> None:
         self._busy = False

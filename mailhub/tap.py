@@ -182,11 +182,29 @@ class _Listener(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, description: str, endpoint: Any, factory: Any, kind: str) -> None:
+    def __init__(
+        self, description: str, endpoint: Any, factory: Any, kind: str,
+        drain: Callable[[], Any] | None = None,
+    ) -> None:
         super().__init__(endpoint, factory)
         self.description = description
         self.kind = kind
         self.port: Any = None
+        self.drain = drain
+
+    def stopService(self) -> Any:
+        """
+        Stop listening first, then (SMTP listeners) wait, bounded, until the
+        commits in flight have answered 250 or 451: twistd waits for this
+        Deferred before the reactor drops the connections.
+        """
+        from twisted.internet import defer
+
+        d = defer.maybeDeferred(super().stopService)
+        if self.drain is not None:
+            drain = self.drain
+            d.addBoth(lambda _: drain())
+        return d
 
     def privilegedStartService(self) -> None:
         try:
@@ -387,6 +405,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         hostname=config.server.hostname,
         postmaster=f"postmaster@{local_cfg.domains[0]}",
         resolve=resolve_recipient,
+        is_local=directory.is_local,
     )
     scheduler.setName("scheduler")
     scheduler.setServiceParent(top)
@@ -459,17 +478,20 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
 
     for description in server_cfg.smtp:
         endpoint = serverFromString(reactor, description)
-        _Listener(description, endpoint, factory("smtp"), "smtp").setServiceParent(top)
+        smtp_factory = factory("smtp")
+        _Listener(description, endpoint, smtp_factory, "smtp", smtp_factory.drain).setServiceParent(top)
     for description in server_cfg.submission:
         endpoint = serverFromString(reactor, description)
-        _Listener(description, endpoint, factory("submission"), "submission").setServiceParent(top)
+        smtp_factory = factory("submission")
+        _Listener(description, endpoint, smtp_factory, "submission", smtp_factory.drain).setServiceParent(top)
     for description in server_cfg.smtps:
         assert server_tls is not None  # config.py requires the certificate for smtps
         try:
             endpoint = implicit_tls_endpoint(reactor, description, server_tls)
         except ValueError as e:
             fail(f"{source}: server.smtps: {e}")
-        _Listener(description, endpoint, factory("smtps"), "smtps").setServiceParent(top)
+        smtp_factory = factory("smtps")
+        _Listener(description, endpoint, smtp_factory, "smtps", smtp_factory.drain).setServiceParent(top)
 
     # HTTP: API, /metrics, status page (docs/http.rst); one site for every listener.
     if server_cfg.http:

@@ -420,8 +420,7 @@ def test_make_service_event_log_cannot_open(tmp_path, monkeypatch, capsys):
         tap.makeService(tap_options(["--config", str(conf)], tmp_path, monkeypatch))
     assert e.value.code == 78
     assert capsys.readouterr().err == (
-        f"mailhub: {conf}: server.event_log: cannot open {tmp_path / 'missing/dir/events.jsonl'}: "
-        "No such file or directory\n"
+        f"mailhub: {conf}: server.event_log: no such directory {tmp_path / 'missing/dir'}\n"
     )
 
 

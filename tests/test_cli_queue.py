@@ -175,3 +175,28 @@ def test_flush_of_a_held_message_says_so(spool):
     assert (status, err) == (0, "")
     assert out.startswith(f"{a.queue_id}: on hold, not flushed (release it first)\n")
     assert spool.load(a.queue_id).next_attempt == ARRIVAL + 3600 and spool.load(a.queue_id).held
+
+
+@pytest.mark.parametrize("command", [
+    ["mailhub.cli.main", "-c", "{config}", "queue", "list"],
+    ["mailhub.cli.sendmail", "-C", "{config}", "-bp"],
+])
+@pytest.mark.parametrize("messages", [1, 300])
+def test_list_into_a_closed_pipe_is_quiet(spool, tmp_path, command, messages):
+    """mailhub queue list | head, mailq | head: the reader left; exit 0, nothing on stderr (like mailq)."""
+    for n in range(messages):
+        deferred(spool, n=n)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[spool]\npath = "{spool.path}"\n')
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    environ.pop("MAILHUB_CONFIG", None)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m"] + [a.format(config=config) for a in command],
+            stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT, env=environ, timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (0, b"")

@@ -701,3 +701,52 @@ def test_every_key_is_documented():
             if f"``{key}``" not in reference:
                 missing.append(f"docs/configuration.rst: {section}.{key}")
     assert missing == []
+
+
+# -- paths the daemon opens (check_files=True: the daemon and check-config) ------------------
+
+
+def test_event_log_in_missing_directory(tmp_path):
+    path = write(tmp_path, '[server]\nevent_log = "nodir/events.log"\n')
+    load_config(path)  # the user tools do not care
+    assert error_of(path, check_files=True) == (
+        f"{path}: server.event_log: no such directory {tmp_path / 'nodir'}"
+    )
+
+
+def test_event_log_that_is_a_directory(tmp_path):
+    (tmp_path / "events.log").mkdir()
+    path = write(tmp_path, '[server]\nevent_log = "events.log"\n')
+    assert error_of(path, check_files=True) == (
+        f"{path}: server.event_log: not a regular file {tmp_path / 'events.log'}"
+    )
+
+
+def test_event_log_in_an_existing_directory_passes(tmp_path):
+    path = write(tmp_path, f'data_dir = "{tmp_path}/data"\n[server]\nevent_log = "events.log"\n')
+    assert load_config(path, check_files=True).server.event_log == str(tmp_path / "events.log")
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "data").write_text("")
+    path = write(tmp_path, f'data_dir = "{tmp_path}/data"\n')
+    load_config(path)
+    assert error_of(path, check_files=True) == (
+        f"{path}: spool.path: cannot create {tmp_path}/data/spool: {tmp_path}/data is not a directory"
+    )
+
+
+def test_mailboxes_that_is_a_file(tmp_path):
+    (tmp_path / "boxes").write_text("")
+    path = write(tmp_path, f'data_dir = "{tmp_path}/data"\n[local]\nmailboxes = "boxes"\n')
+    assert error_of(path, check_files=True) == f"{path}: local.mailboxes: not a directory {tmp_path}/boxes"
+
+
+def test_missing_data_dir_is_created_by_the_daemon(tmp_path):
+    path = write(tmp_path, f'data_dir = "{tmp_path}/a/b/data"\n')
+    assert load_config(path, check_files=True).spool.path == f"{tmp_path}/a/b/data/spool"
+
+
+def test_aliases_that_is_a_directory(tmp_path):
+    path = write(tmp_path, f'[local]\naliases = "{tmp_path}"\n')
+    assert error_of(path) == f"{path}: local.aliases: not a regular file {tmp_path}"

@@ -121,3 +121,28 @@ def test_run_log(log_path):
     assert run_log(opts, log_path, io.StringIO(), err) == 1
     assert err.getvalue() == f"mailhub: no events for NOSUCHID00 in {log_path}\n"
     assert run_log(opts, None, io.StringIO(), err) == 64
+
+
+def test_created_not_world_readable(tmp_path):
+    import os
+    import stat
+
+    path = str(tmp_path / "events.log")
+    old = os.umask(0o022)
+    try:
+        EventLogObserver(path).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_existing_file_keeps_its_mode(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "events.log"
+    path.write_text("")
+    os.chmod(path, 0o600)
+    obs = EventLogObserver(str(path))
+    obs.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -15,7 +15,7 @@ import pytest
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
 from mailhub.scheduler import RetryPolicy, Scheduler
@@ -72,14 +72,6 @@ def clock() -> task.Clock:
 @pytest.fixture
 def spool(tmp_path) -> Spool:
     return Spool(str(tmp_path / "spool"), fsync=False)
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 def delivery_lines(events: list[dict]) -> list[str]:
@@ -1395,3 +1387,24 @@ def test_router_reports_the_local_batch_before_the_remote_agent_ends(tmp_path, s
     remote[0].callback([Outcome.temporary(SLOW, "data timeout", 451, "4.4.2")])
     disk = on_disk(spool, env.queue_id)["recipients"]
     assert [(r["state"], r["attempts"]) for r in disk] == [(DELIVERED, 1), (PENDING, 1)]
+
+
+def test_relay_field_is_none_for_an_unreached_remote_domain(spool, clock, events):
+    """Postfix writes relay=none when no host answered (failed MX lookup) for a remote domain."""
+    deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.4.3", "Host or domain name not found")]})
+    env = queue(spool, clock)
+    make(spool, clock, deliver, is_local=lambda domain: domain == "example.com")
+    assert delivery_lines(events)[0] == (
+        f"{env.queue_id}: to=<bob@example.org>, orig_to=<bob@example.org>, relay=none, delay=0, "
+        "attempts=1, dsn=4.4.3, status=deferred (Host or domain name not found)"
+    )
+
+
+def test_relay_field_is_local_for_our_domains(spool, clock, events):
+    deliver = FakeDeliver(clock, {})
+    env = queue(spool, clock)
+    make(spool, clock, deliver, is_local=lambda domain: domain == "example.org")
+    assert delivery_lines(events)[0] == (
+        f"{env.queue_id}: to=<bob@example.org>, orig_to=<bob@example.org>, relay=local, delay=0, "
+        "attempts=1, dsn=2.0.0, status=sent (delivered)"
+    )

@@ -309,9 +309,41 @@ def run_queue(
     """
     Run a parsed C{mailhub queue} command against C{target}: a
     L{mailhub.config.Config} or a spool directory path.  Returns a
-    sysexits.h status.
+    sysexits.h status.  A reader that goes away (C{mailhub queue list |
+    head}) ends the command quietly with status 0, like Postfix's mailq.
     """
     out = out or sys.stdout
+    try:
+        status = _run_queue(options, target, out, err, now)
+        out.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return status
+    except BrokenPipeError:
+        return _reader_gone(out)
+
+
+def _reader_gone(out: TextIO) -> int:
+    """
+    Point C{out}'s descriptor at /dev/null (Python's documented recipe for
+    SIGPIPE), so that flushing what is still buffered at exit cannot fail.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, out.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EX_OK
+
+
+def _run_queue(
+    options: QueueOptions,
+    target: Any,
+    out: TextIO,
+    err: TextIO | None,
+    now: float | None,
+) -> int:
     err = err or sys.stderr
     spool_path = target.spool.path if hasattr(target, "spool") else str(target)
     command = options.subCommand or "list"
