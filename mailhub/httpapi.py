@@ -196,7 +196,29 @@ class ApiResource(resource.Resource):
         separator: str = "+",
         clock: Any = None,
     ) -> None:
+        """
+        @param spool: L{mailhub.spool.Spool}.
+        @param enqueue: C{scheduler.enqueue}, called after each commit.
+        @param scheduler: for C{POST /v1/queue/flush} (C{flush(queue_id=None)}).
+        @param users: L{mailhub.auth.UsersFile} (C{check_token}, C{may_send_as}).
+        @param metrics: L{mailhub.metrics.MailMetrics} or C{None}.
+        @param status_page: a L{mailhub.statuspage.StatusPage}, C{"default"} for
+            one over C{metrics}, or C{None} to disable C{/} and C{/status}.
+        @param run: how the blocking spool commit runs: C{deferToThread} in the
+            daemon, synchronous (the default) in tests.
+        @param resolve_recipient: alias/extension resolution of a recipient
+            (e.g. C{lambda a: directory.resolve(parse_mailbox(a))} for local
+            domains); C{None} queues recipients as given.
+        @param admins: users allowed to list the whole queue and flush it.
+        @param event_log: the JSON event log, to answer for messages that left the queue.
+        """
         super().__init__()
+        if status_page == "default":
+            status_page = None
+            if metrics is not None:
+                from .statuspage import StatusPage
+
+                status_page = StatusPage(metrics, hostname)
         self.spool = spool
         self.enqueue = enqueue
         self.scheduler = scheduler
@@ -736,50 +758,18 @@ def _strip_header(message: bytes, name: bytes) -> bytes:
 
 
 def make_http_site(
-    spool: Any,
-    enqueue: Callable[[Envelope], None],
-    scheduler: Any,
-    users: Any,
-    metrics: Any,
-    hostname: str,
-    max_body: int = DEFAULT_MAX_BODY,
-    run: Callable[..., Any] | None = None,
-    resolve_recipient: Callable[[str], Sequence[str]] | None = None,
-    admins: Collection[str] = (),
-    max_recipients: int = 1000,
-    event_log: str | None = None,
-    status_page: Any = "default",
-    clock: Any = None,
+    *args: Any, max_body: int = DEFAULT_MAX_BODY, status_page: Any = "default", **kwargs: Any
 ) -> ApiSite:
     """
     The HTTP site: API, C{/metrics} and the status page.
 
-    @param spool: L{mailhub.spool.Spool}.
-    @param enqueue: C{scheduler.enqueue}, called after each commit.
-    @param scheduler: for C{POST /v1/queue/flush} (C{flush(queue_id=None)}).
-    @param users: L{mailhub.auth.UsersFile} (C{check_token}, C{may_send_as}).
-    @param metrics: L{mailhub.metrics.MailMetrics} or C{None}.
-    @param run: how the blocking spool commit runs: C{deferToThread} in the
-        daemon, synchronous (the default) in tests.
-    @param resolve_recipient: alias/extension resolution of a recipient
-        (e.g. C{lambda a: directory.resolve(parse_mailbox(a))} for local
-        domains); C{None} queues recipients as given.
-    @param admins: users allowed to list the whole queue and flush it.
-    @param event_log: the JSON event log, to answer for messages that left the queue.
-    @param status_page: a L{mailhub.statuspage.StatusPage}, C{"default"} for
-        one over C{metrics}, or C{None} to disable C{/} and C{/status}.
+    @param args: L{ApiResource}'s arguments (spool, enqueue, scheduler,
+        users, metrics, hostname); C{kwargs} its keywords, documented there.
+    @param max_body: the largest request body accepted, in bytes.
+    @param status_page: as for L{ApiResource}, but C{"default"} (one over
+        C{metrics}) unless told otherwise.
     """
-    if status_page == "default":
-        status_page = None
-        if metrics is not None:
-            from .statuspage import StatusPage
-
-            status_page = StatusPage(metrics, hostname)
-    root = ApiResource(
-        spool, enqueue, scheduler, users, metrics, hostname, status_page=status_page, run=run,
-        resolve_recipient=resolve_recipient, admins=admins, max_recipients=max_recipients,
-        event_log=event_log, clock=clock,
-    )
+    root = ApiResource(*args, status_page=status_page, **kwargs)
     site = ApiSite(root, max_body=max_body)
     site.displayTracebacks = False
     return site

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pytest
 
 from twisted.internet import threads
+from twisted.logger import formatEvent, globalLogPublisher
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,21 @@ def reactor():
     yield _reactor
     _reactor.callFromThread(_reactor.stop)
     thread.join(10)
+
+
+@pytest.fixture
+def events():
+    """Every log event emitted during the test, as twisted.logger dicts."""
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+@pytest.fixture
+def logged(events):
+    """Formatted text of every log event emitted during the test (call it)."""
+    return lambda: [formatEvent(e) for e in events]
 
 
 def in_reactor(reactor: Any, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -6,7 +6,6 @@ import os
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from mailhub.address import Mailbox, parse_mailbox
 from mailhub.directory import (
@@ -24,15 +23,6 @@ from mailhub.directory import (
 )
 
 DOMAINS = ("example.org", "Bücher.example")
-
-
-@pytest.fixture
-def logged():
-    """Formatted text of every log event emitted during the test."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield lambda: [formatEvent(e) for e in events]
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture

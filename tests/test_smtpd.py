@@ -11,15 +11,8 @@ import os
 import re
 
 import pytest
-from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
 from mailhub.smtpproto import (
     CommandError,
     DotDecoder,
@@ -34,75 +27,41 @@ from mailhub.smtpproto import (
     with_protocol,
     xtext_decode,
 )
-from mailhub.spool import Spool, SpoolWriter
+from mailhub.spool import SpoolWriter
+from smtpharness import (
+    DATE,
+    FOREIGN,
+    GO_AHEAD,
+    GREETING,
+    HOST,
+    MAIL_OK,
+    NOW,
+    OK,
+    RCPT_OK,
+    Client,
+    converse,
+    queued_id,
+    strip_received,
+)
+from smtpharness import Harness as _Harness
 
-HOST = "mx.example.com"
-NOW = 1700000000.0  # Tue, 14 Nov 2023 22:13:20 +0000
-DATE = "Tue, 14 Nov 2023 22:13:20 +0000"
-GREETING = f"220 {HOST} ESMTP mailhub\r\n"
 EHLO = (
     f"250-{HOST}\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n"
     "250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250 DSN\r\n"
 )
-OK = "250 2.0.0 Ok\r\n"
-MAIL_OK = "250 2.1.0 Ok\r\n"
-RCPT_OK = "250 2.1.5 Ok\r\n"
-GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 BARE = "550 5.6.0 Message contains bare CR or LF; lines must end with CRLF\r\n"
-QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n\Z")
-FOREIGN = "198.51.100.7"
 TOO_MANY_CONNECTIONS = f"421 4.7.0 {HOST} Error: too many connections\r\n"
 TOO_MANY_ERRORS = f"421 4.7.0 {HOST} Error: too many errors\r\n"
 
 
-class Client:
-    """One in-memory connection; send() returns what the server wrote."""
+class Harness(_Harness):
+    """Two local domains and an aliases file; ServerConfig fields as keywords."""
 
-    def __init__(self, harness: "Harness", ip: str) -> None:
-        self.harness = harness
-        self.proto = harness.factory.buildProtocol(None)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
-        self.proto.makeConnection(self.transport)
-        self.greeting = self.read()
-
-    def read(self) -> str:
-        out = self.transport.value().decode("utf-8")
-        self.transport.clear()
-        return out
-
-    def send(self, data: bytes | str) -> str:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        self.proto.dataReceived(data)
-        return self.read()
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting
-
-    def lose(self) -> None:
-        self.proto.connectionLost(None)
-
-
-class Harness:
     def __init__(self, tmp_path, **config) -> None:
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.spool = Spool(str(tmp_path / "spool"), fsync=False)
-        self.queued: list = []
-        aliases = tmp_path / "aliases"
-        aliases.write_text("list: alice, bob\npostmaster: alice\n")
-        self.directory = Directory(
-            ["example.com", "example.org"], str(tmp_path / "mailboxes"), users=["alice", "bob"],
-            aliases_path=str(aliases),
+        super().__init__(
+            tmp_path, domains=("example.com", "example.org"), aliases="list: alice, bob\npostmaster: alice\n", **config
         )
-        self.config = ServerConfig(hostname=HOST, **config)
-        self.policy = Policy(self.directory, self.config.trusted_networks)
-        self.run = None
-        self.factory = SMTPServerFactory(self.config, self.spool, self.queued.append, self.policy, self.clock)
-
-    def connect(self, ip: str = FOREIGN) -> Client:
-        return Client(self, ip)
+        self.serve()
 
     def ehlo(self, ip: str = FOREIGN) -> Client:
         c = self.connect(ip)
@@ -110,34 +69,10 @@ class Harness:
         assert c.send("EHLO client.test\r\n") == EHLO
         return c
 
-    def message(self, qid: str) -> bytes:
-        with open(self.spool.message_path(qid), "rb") as f:
-            return f.read()
-
-    def spool_is_empty(self) -> bool:
-        return all(not os.listdir(os.path.join(self.spool.path, d)) for d in ("tmp", "new", "envelopes"))
-
-
-def strip_received(raw: bytes) -> tuple[bytes, bytes]:
-    m = re.match(rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*", raw)
-    assert m, raw[:200]
-    return m.group(0), raw[m.end() :]
-
-
-def queued_id(reply: str) -> str:
-    m = QUEUED.match(reply)
-    assert m, reply
-    return m.group(1)
-
 
 @pytest.fixture
 def h(tmp_path):
     return Harness(tmp_path)
-
-
-def converse(client: Client, script: list[tuple[bytes | str, str]]) -> None:
-    for send, expected in script:
-        assert client.send(send) == expected, send
 
 
 # -- pure helpers -----------------------------------------------------------------------------
@@ -762,15 +697,7 @@ def test_write_error_is_451_after_end_marker(h, monkeypatch):
 
 
 def test_commit_in_progress_stops_reading(h):
-    pending: list[defer.Deferred] = []
-
-    def run(f, *args):
-        d = defer.Deferred()
-        d.addCallback(lambda _: f(*args))
-        pending.append(d)
-        return d
-
-    h.factory.run = run
+    pending = h.hold_commits()
     c = h.ehlo()
     paused = []
     c.transport.pauseProducing = lambda: paused.append(True)

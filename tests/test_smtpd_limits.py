@@ -9,108 +9,39 @@ metrics read.  StringTransport + task.Clock; exact replies.
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import pytest
-from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from smtpharness import FOREIGN, GO_AHEAD, GREETING, HOST, MAIL_OK, OK, RCPT_OK, Client, queued_id
+from smtpharness import Harness as _Harness
 
-HOST = "mx.example.com"
-NOW = 1700000000.0
-FOREIGN = "198.51.100.7"
-GREETING = f"220 {HOST} ESMTP mailhub\r\n"
-OK = "250 2.0.0 Ok\r\n"
-MAIL_OK = "250 2.1.0 Ok\r\n"
-RCPT_OK = "250 2.1.5 Ok\r\n"
-GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 BYE = "221 2.0.0 Bye\r\n"
 HOPS = "554 5.4.6 Too many hops\r\n"
 TIMEOUT = f"421 4.4.2 {HOST} Error: timeout exceeded\r\n"
 UNKNOWN = "500 5.5.2 Error: command not recognized\r\n"
 TOO_LONG = "500 5.5.2 Error: line too long\r\n"
-QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n\Z")
 START = "MAIL FROM:<a@elsewhere.test>\r\nRCPT TO:<alice@example.com>\r\n"
 
 
-class Client:
-    def __init__(self, factory: SMTPServerFactory, ip: str) -> None:
-        self.proto = factory.buildProtocol(None)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
-        self.proto.makeConnection(self.transport)
-        self.greeting = self.read()
+class Harness(_Harness):
+    """ServerConfig fields as keywords; factory_kw for the limits under test."""
 
-    def read(self) -> str:
-        out = self.transport.value().decode("utf-8")
-        self.transport.clear()
-        return out
-
-    def send(self, data: bytes | str) -> str:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        self.proto.dataReceived(data)
-        return self.read()
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting
-
-
-class Harness:
     def __init__(self, tmp_path, factory_kw: dict | None = None, **config) -> None:
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.spool = Spool(str(tmp_path / "spool"), fsync=False)
-        self.queued: list = []
-        directory = Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice", "bob"])
-        self.config = ServerConfig(hostname=HOST, **config)
-        policy = Policy(directory, self.config.trusted_networks)
-        self.factory = SMTPServerFactory(
-            self.config, self.spool, self.enqueue, policy, self.clock, **(factory_kw or {})
-        )
-
-    def enqueue(self, envelope) -> None:
-        self.queued.append(envelope)
+        super().__init__(tmp_path, **config)
+        self.serve(**(factory_kw or {}))
 
     def ehlo(self, ip: str = FOREIGN) -> Client:
-        c = Client(self.factory, ip)
+        c = self.connect(ip)
         assert c.greeting == GREETING
         assert c.send("EHLO client.test\r\n").startswith(f"250-{HOST}\r\n")
         return c
-
-    def body(self, qid: str) -> bytes:
-        with open(self.spool.message_path(qid), "rb") as f:
-            raw = f.read()
-        m = re.match(rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*", raw)
-        assert m is not None
-        return raw[m.end() :]
 
 
 @pytest.fixture
 def h(tmp_path):
     return Harness(tmp_path)
-
-
-def queued_id(reply: str) -> str:
-    m = QUEUED.match(reply)
-    assert m, reply
-    return m.group(1)
-
-
-@pytest.fixture
-def events():
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 # -- 1. hop count (mail loops) -----------------------------------------------------------------
@@ -402,15 +333,7 @@ def test_pause_inside_write_stops_at_once(h):
 
 def test_commit_and_transport_pause_combine(h):
     """A commit in flight and a full write buffer are separate reasons: both must end."""
-    pending: list[defer.Deferred] = []
-
-    def run(f, *args):
-        d = defer.Deferred()
-        d.addCallback(lambda _: f(*args))
-        pending.append(d)
-        return d
-
-    h.factory.run = run
+    pending = h.hold_commits()
     c = h.ehlo()
     assert c.send(START + "DATA\r\nx\r\n.\r\nNOOP\r\n") == MAIL_OK + RCPT_OK + GO_AHEAD
     c.proto.pauseProducing()
@@ -435,15 +358,7 @@ def test_half_close_answers_everything_then_closes(h):
 
 
 def test_half_close_waits_for_commit(h):
-    pending: list[defer.Deferred] = []
-
-    def run(f, *args):
-        d = defer.Deferred()
-        d.addCallback(lambda _: f(*args))
-        pending.append(d)
-        return d
-
-    h.factory.run = run
+    pending = h.hold_commits()
     c = h.ehlo()
     assert c.send(START + "DATA\r\nx\r\n.\r\nNOOP\r\nQUIT\r\n") == MAIL_OK + RCPT_OK + GO_AHEAD
     c.proto.readConnectionLost()

@@ -8,30 +8,33 @@ call, a task.Clock for the throttle's delay, a real UsersFile (bcrypt with
 from __future__ import annotations
 
 import base64
-import re
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet import defer
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from mailhub import auth
-from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
 from mailhub.smtpproto import received_header
-from mailhub.spool import Spool
+from smtpharness import (
+    DATE,
+    FOREIGN,
+    GO_AHEAD,
+    GREETING,
+    HOST,
+    MAIL_OK,
+    NOW,
+    OK,
+    RCPT_OK,
+    Client,
+    converse,
+    queued_id,
+)
+from smtpharness import Harness as _Harness
 
-HOST = "mx.example.com"
-NOW = 1700000000.0
-DATE = "Tue, 14 Nov 2023 22:13:20 +0000"
-GREETING = f"220 {HOST} ESMTP mailhub\r\n"
-FOREIGN = "198.51.100.7"
 USER, PASSWORD = "alice@example.com", "s3cret-Pa55"
 TLS_OPTIONS = object()  # what the fake ServerTLS hands to startTLS
 
@@ -48,11 +51,6 @@ TOO_MANY = "421 4.7.0 Too many failed authentication attempts, closing connectio
 NOT_ENABLED = "503 5.5.1 Error: authentication not enabled\r\n"
 IN_TX = "503 5.5.1 Error: MAIL transaction in progress\r\n"
 NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first\r\n"
-OK = "250 2.0.0 Ok\r\n"
-MAIL_OK = "250 2.1.0 Ok\r\n"
-RCPT_OK = "250 2.1.5 Ok\r\n"
-GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
-QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n\Z")
 
 
 def ehlo_reply(starttls: bool = False, auth_: bool = False) -> str:
@@ -92,44 +90,15 @@ class TLSStringTransport(StringTransport):
         self.written_before_tls = self.value()
 
 
-class Client:
-    def __init__(self, factory: SMTPServerFactory, ip: str, transport_class=TLSStringTransport) -> None:
-        self.proto = factory.buildProtocol(None)
-        peer = IPv6Address("TCP", ip, 40000) if ":" in ip else IPv4Address("TCP", ip, 40000)
-        self.transport = transport_class(peerAddress=peer)
-        self.proto.makeConnection(self.transport)
-        self.greeting = self.read()
+class Harness(_Harness):
+    """
+    TLS (FakeTLS) and users (bcrypt, 4 rounds, checked synchronously) on by
+    default; connect() hands out TLSStringTransports and checks the greeting.
+    """
 
-    def read(self) -> str:
-        out = self.transport.value().decode("utf-8")
-        self.transport.clear()
-        return out
-
-    def send(self, data: str | bytes) -> str:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        self.proto.dataReceived(data)
-        return self.read()
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting
-
-    @property
-    def user(self) -> str | None:
-        return self.proto.session.authenticated_user
-
-
-class Harness:
     def __init__(self, tmp_path, listener: str = "smtp", tls: bool = True, users: bool = True,
                  trusted=("127.0.0.0/8", "::1/128"), **factory_kw) -> None:
-        self.clock = task.Clock()
-        self.clock.advance(NOW)
-        self.spool = Spool(str(tmp_path / "spool"), fsync=False)
-        self.queued: list = []
-        self.directory = Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice", "bob"])
-        self.config = ServerConfig(hostname=HOST, trusted_networks=tuple(trusted))
-        self.policy = Policy(self.directory, self.config.trusted_networks)
+        super().__init__(tmp_path, trusted_networks=tuple(trusted))
         self.users = None
         kw: dict = {}
         if users:
@@ -142,12 +111,10 @@ class Harness:
         if tls:
             kw["tls"] = FakeTLS()
         kw.update(factory_kw)
-        self.factory = SMTPServerFactory(
-            self.config, self.spool, self.queued.append, self.policy, self.clock, listener, **kw
-        )
+        self.serve(listener, **kw)
 
-    def connect(self, ip: str = FOREIGN, **kw) -> Client:
-        c = Client(self.factory, ip, **kw)
+    def connect(self, ip: str = FOREIGN, transport_class=TLSStringTransport) -> Client:
+        c = Client(self.factory, ip, transport_class)
         assert c.greeting == GREETING
         return c
 
@@ -166,25 +133,10 @@ class Harness:
         assert c.user == USER
         return c
 
-    def message(self, qid: str) -> bytes:
-        with open(self.spool.message_path(qid), "rb") as f:
-            return f.read()
-
 
 @pytest.fixture
 def h(tmp_path):
     return Harness(tmp_path)
-
-
-def converse(c: Client, script) -> None:
-    for send, expected in script:
-        assert c.send(send) == expected, send
-
-
-def queued_id(reply: str) -> str:
-    m = QUEUED.match(reply)
-    assert m, reply
-    return m.group(1)
 
 
 # -- EHLO ---------------------------------------------------------------------------------------

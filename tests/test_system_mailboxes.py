@@ -18,7 +18,6 @@ import stat
 import pytest
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import formatEvent, globalLogPublisher
 
 from conftest import in_reactor
 from mailhub.address import Mailbox, parse_mailbox
@@ -61,14 +60,6 @@ class FakePasswd:
         if "\x00" in name:
             raise ValueError("embedded null character")
         return self.entries[name]
-
-
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield lambda: [formatEvent(e) for e in events]
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest.fixture

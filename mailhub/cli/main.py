@@ -112,30 +112,34 @@ def queue(options: Options, out: TextIO, err: TextIO) -> int:
     return _run(".queue", "run_queue")(options.subOptions, config, out=out, err=err)
 
 
-def user(options: Options, out: TextIO, err: TextIO) -> int:
-    sub = options.subOptions
-    users_path = None
-    if not sub["file"]:  # --file needs no configuration
-        config = _config(options, err)
-        if config is None:
-            return EX_CONFIG
-        users_path = config.auth.users
-    return _run(".user", "run_user")(sub, users_path, stdout=out, stderr=err)
+def _file_or_config(module: str, function: str, pick: Callable[[Config], str | None]) -> Callable[..., int]:
+    """
+    A command whose --file stands in for the configuration: without it the
+    path comes from the configuration (C{pick}), so a broken configuration
+    never stops work on an explicitly named file.
+    """
+
+    def command(options: Options, out: TextIO, err: TextIO) -> int:
+        sub = options.subOptions
+        path = None
+        if not sub["file"]:  # --file needs no configuration
+            config = _config(options, err)
+            if config is None:
+                return EX_CONFIG
+            path = pick(config)
+        return _run(module, function)(sub, path, stdout=out, stderr=err)
+
+    return command
+
+
+user = _file_or_config(".user", "run_user", lambda config: config.auth.users)
 
 
 def make_cert(options: Options, out: TextIO, err: TextIO) -> int:
     return _run(".certs", "run_make_cert")(options.subOptions, stderr=err)
 
 
-def log(options: Options, out: TextIO, err: TextIO) -> int:
-    sub = options.subOptions
-    event_log = None
-    if not sub["file"]:  # --file needs no configuration
-        config = _config(options, err)
-        if config is None:
-            return EX_CONFIG
-        event_log = config.server.event_log
-    return _run("..eventlog", "run_log")(sub, event_log, stdout=out, stderr=err)
+log = _file_or_config("..eventlog", "run_log", lambda config: config.server.event_log)
 
 
 COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log}

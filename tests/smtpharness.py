@@ -1,0 +1,149 @@
+"""
+The in-memory harness the mailhub.smtpd tests share (not a test file).
+
+Owns: a Client (one StringTransport connection to an SMTPServerFactory), a
+Harness (task.Clock at NOW, a real Spool in tmp_path, a Directory, a list
+as enqueue) and the replies and helpers every smtpd transcript uses.
+Must not hold assertions about the server's behaviour: those stay in the
+test files, so each keeps its exact expected replies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import StringTransport
+
+from mailhub.config import ServerConfig
+from mailhub.directory import Directory
+from mailhub.policy import Policy
+from mailhub.smtpd import SMTPServerFactory
+from mailhub.spool import Spool
+
+HOST = "mx.example.com"
+NOW = 1700000000.0  # Tue, 14 Nov 2023 22:13:20 +0000
+DATE = "Tue, 14 Nov 2023 22:13:20 +0000"
+FOREIGN = "198.51.100.7"
+GREETING = f"220 {HOST} ESMTP mailhub\r\n"
+OK = "250 2.0.0 Ok\r\n"
+MAIL_OK = "250 2.1.0 Ok\r\n"
+RCPT_OK = "250 2.1.5 Ok\r\n"
+GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
+QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n\Z")
+
+
+class Client:
+    """One in-memory connection; send() returns what the server wrote."""
+
+    def __init__(self, factory: SMTPServerFactory, ip: str, transport_class: type = StringTransport) -> None:
+        self.proto = factory.buildProtocol(None)
+        peer = IPv6Address("TCP", ip, 40000) if ":" in ip else IPv4Address("TCP", ip, 40000)
+        self.transport = transport_class(peerAddress=peer)
+        self.proto.makeConnection(self.transport)
+        self.greeting = self.read()
+
+    def read(self) -> str:
+        out = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return out
+
+    def send(self, data: bytes | str) -> str:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.proto.dataReceived(data)
+        return self.read()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    @property
+    def user(self) -> str | None:
+        return self.proto.session.authenticated_user
+
+    def lose(self) -> None:
+        self.proto.connectionLost(None)
+
+
+class Harness:
+    """
+    Everything an SMTPServerFactory needs, in memory, with time at NOW.
+    serve() builds the factory, so a test file can add its own factory
+    arguments (users, TLS, limits) made from this harness's clock.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Any,
+        domains: tuple[str, ...] = ("example.com",),
+        aliases: str | None = None,
+        **config: Any,
+    ) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.spool = Spool(str(tmp_path / "spool"), fsync=False)
+        self.queued: list = []
+        directory_kw: dict = {}
+        if aliases is not None:
+            (tmp_path / "aliases").write_text(aliases)
+            directory_kw["aliases_path"] = str(tmp_path / "aliases")
+        self.directory = Directory(list(domains), str(tmp_path / "mailboxes"), users=["alice", "bob"], **directory_kw)
+        self.config = ServerConfig(hostname=HOST, **config)
+        self.policy = Policy(self.directory, self.config.trusted_networks)
+
+    def serve(self, listener: str = "smtp", **factory_kw: Any) -> SMTPServerFactory:
+        self.factory = SMTPServerFactory(
+            self.config, self.spool, self.queued.append, self.policy, self.clock, listener, **factory_kw
+        )
+        return self.factory
+
+    def hold_commits(self) -> list[defer.Deferred]:
+        """
+        Make the factory's commits wait: each runs when the test fires its
+        Deferred in the returned list (in arrival order).
+        """
+        pending: list[defer.Deferred] = []
+
+        def run(f: Any, *args: Any) -> defer.Deferred:
+            d = defer.Deferred()
+            d.addCallback(lambda _: f(*args))
+            pending.append(d)
+            return d
+
+        self.factory.run = run
+        return pending
+
+    def connect(self, ip: str = FOREIGN, **kw: Any) -> Client:
+        return Client(self.factory, ip, **kw)
+
+    def message(self, qid: str) -> bytes:
+        with open(self.spool.message_path(qid), "rb") as f:
+            return f.read()
+
+    def body(self, qid: str) -> bytes:
+        """The spooled message without the Received header the server added."""
+        return strip_received(self.message(qid))[1]
+
+    def spool_is_empty(self) -> bool:
+        return all(not os.listdir(os.path.join(self.spool.path, d)) for d in ("tmp", "new", "envelopes"))
+
+
+def strip_received(raw: bytes) -> tuple[bytes, bytes]:
+    m = re.match(rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*", raw)
+    assert m, raw[:200]
+    return m.group(0), raw[m.end() :]
+
+
+def queued_id(reply: str) -> str:
+    m = QUEUED.match(reply)
+    assert m, reply
+    return m.group(1)
+
+
+def converse(client: Client, script: list[tuple[bytes | str, str]]) -> None:
+    for send, expected in script:
+        assert client.send(send) == expected, send
