@@ -231,7 +231,7 @@ class LocalDelivery:
         try:
             account = self.directory.account_for(address)
         except UnknownRecipient:
-            return Outcome.permanent(address, "User unknown in local recipient table (account vanished)", 550, "5.1.1")
+            return Outcome.permanent(address, "User unknown in local recipient table", 550, "5.1.1")
         except InvalidMailbox as e:
             return Outcome.permanent(address, e.text, e.code, e.enhanced)
         except RecipientError as e:

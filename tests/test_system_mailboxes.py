@@ -381,8 +381,8 @@ def test_vanished_account_is_permanent(passwd, tmp_path):
     assert resolve(d, "bob@example.org") == ["bob@example.org"]
     del passwd.entries["bob"]  # userdel after the message was accepted
     assert deliver(d, tmp_path, "bob@example.org", "ghost@example.org", "alice@example.org") == [
-        Outcome("bob@example.org", "permanent", 550, "5.1.1", "User unknown in local recipient table (account vanished)"),
-        Outcome("ghost@example.org", "permanent", 550, "5.1.1", "User unknown in local recipient table (account vanished)"),
+        Outcome("bob@example.org", "permanent", 550, "5.1.1", "User unknown in local recipient table"),
+        Outcome("ghost@example.org", "permanent", 550, "5.1.1", "User unknown in local recipient table"),
         Outcome("alice@example.org", "delivered", 250, "2.0.0", "delivered to maildir"),
     ]
 

@@ -24,7 +24,6 @@ import os
 import pwd
 import re
 import secrets
-import socket
 import sys
 import time
 import unicodedata
