@@ -3,15 +3,35 @@ The command-line tools: C{mailhub} (L{mailhub.cli.main}) and its
 sub-commands, and C{mailhub-sendmail} (L{mailhub.cli.sendmail}).
 
 Owns: L{Command}, the base of every sub-command's options, so that each
-command's usage line is written once, in full.  Must not touch anything
-else: the commands live in their own modules.
+command's usage line is written once, in full, and L{silence}, what every
+command does when its reader has gone.  Must not touch anything else: the
+commands live in their own modules.
 """
 
 from __future__ import annotations
 
+import os
+from typing import IO, Any
+
 from twisted.python import usage
 
-__all__ = ["Command"]
+__all__ = ["Command", "silence"]
+
+
+def silence(stream: IO[Any]) -> None:
+    """
+    Point C{stream}'s descriptor at /dev/null (Python's documented recipe
+    for SIGPIPE), so that flushing what is still buffered at exit cannot
+    fail and change the exit status.  Never raises.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class Command(usage.Options):

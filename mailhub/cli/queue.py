@@ -24,7 +24,7 @@ from typing import Any, Callable, TextIO
 
 from twisted.python import usage
 
-from . import Command
+from . import Command, silence
 from ..envelope import EnvelopeFormatError, PENDING
 from ..pickup import list_pickup
 from ..spool import Spool, is_queue_id
@@ -322,18 +322,8 @@ def run_queue(
 
 
 def _reader_gone(out: TextIO) -> int:
-    """
-    Point C{out}'s descriptor at /dev/null (Python's documented recipe for
-    SIGPIPE), so that flushing what is still buffered at exit cannot fail.
-    """
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, out.fileno())
-        finally:
-            os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
+    """The reader of our output has gone (C{mailhub queue list | head}): quietly done."""
+    silence(out)
     return EX_OK
 
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
+from . import silence
 from ..address import AddressError, parse_mailbox, parse_path
 from ..pickup import MessageTooLarge, clean_fullname, write_pickup
 
@@ -824,14 +825,7 @@ def _say(stderr: TextIO, line: str) -> None:
         stderr.write(line)
         stderr.flush()
     except (OSError, ValueError, AttributeError):
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, stderr.fileno())
-            finally:
-                os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
+        silence(stderr)
 
 
 def run(
