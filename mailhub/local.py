@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from . import system
 from .directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient, UnsafeMailbox
 from .envelope import Envelope, Outcome, Recipient
-from .spool import DirSync
+from .spool import DirSync, fsync_dir
 
 __all__ = ["LocalDelivery", "CHUNK_SIZE"]
 
@@ -52,14 +52,6 @@ MAX_DIR_SYNCS = 4096
 
 _QUOTA_ERRNOS = {getattr(errno, "EDQUOT", -1)}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _maildir_host(hostname: str) -> str:
@@ -266,7 +258,7 @@ class LocalDelivery:
             except FileExistsError:
                 pass
             if self.fsync:
-                _fsync_dir(parent)
+                fsync_dir(parent)
         for sub in ("tmp", "new", "cur"):
             try:
                 os.mkdir(os.path.join(maildir, sub), 0o700)
@@ -347,7 +339,7 @@ class LocalDelivery:
             raise
         if self.fsync:
             new = os.path.join(maildir, "new")
-            self._sync_new(new, lambda: _fsync_dir(new))
+            self._sync_new(new, lambda: fsync_dir(new))
         return final
 
     def _sync_new(self, key: object, fsync: Callable[[], None]) -> None:

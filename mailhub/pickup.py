@@ -59,7 +59,7 @@ from .address import AddressError, parse_mailbox
 from .envelope import Envelope, Recipient
 from .maillog import mail_event
 from .smtpproto import trace_header
-from .spool import Spool
+from .spool import Spool, fsync_dir
 
 __all__ = [
     "PICKUP_VERSION",
@@ -303,15 +303,11 @@ def _chunks(message: BinaryIO | Iterable[bytes]) -> Iterable[bytes]:
 
 def _fsync_dir(path: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fsync_dir(path)
     except PermissionError:
         # An unprivileged submitter cannot open the unlistable new/: the
         # file itself was fsync'd; the daemon syncs new/ when it reads.
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        pass
 
 
 def _unique_name() -> str:

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 
 from .envelope import Envelope, EnvelopeFormatError
 
-__all__ = ["Spool", "SpoolWriter", "DirSync", "new_queue_id", "is_queue_id", "MEMORY_LIMIT"]
+__all__ = ["Spool", "SpoolWriter", "DirSync", "fsync_dir", "new_queue_id", "is_queue_id", "MEMORY_LIMIT"]
 
 log = Logger()
 
@@ -75,12 +75,16 @@ def is_queue_id(text: str) -> bool:
 
 
 def _fsync_dir(path: str) -> None:
+    """fsync a directory, so the renames and unlinks in it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
+
+#: The same, for the other modules that write durably (local.py, pickup.py).
+fsync_dir = _fsync_dir
 
 class DirSync:
     """
