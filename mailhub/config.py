@@ -96,6 +96,7 @@ class ServerConfig:
     http_max_body: int = 14680064  # bytes per request body (message_size_limit as base64 in JSON)
     http_admins: tuple[str, ...] = ()  # users that may list the whole queue and flush it
     event_log: str | None = None  # JSON-lines event log; None = off
+    mail_log: str | None = None  # mail lines to this file instead of twistd's log; None = off
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class LocalConfig:
     home_maildir: str = "Maildir"  # system mode: relative to the home directory
     min_uid: int = 1000  # system mode: accounts with a mailbox are root and min_uid..max_uid
     max_uid: int = 60000
+    # Maildir delivery in this many processes of their own (mailhub.localproc);
+    # 0: in the daemon's threads.  See docs/delivery.rst.
+    delivery_processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,17 @@ def _positive_int(value: Any) -> int:
     if not _is_int(value) or value <= 0:
         raise _Bad(f"must be a positive integer, got {_show(value)}")
     return value
+
+
+def _delivery_processes(value: Any) -> int:
+    n = _non_negative_int(value)
+    if n > MAX_DELIVERY_PROCESSES:
+        raise _Bad(f"must be at most {MAX_DELIVERY_PROCESSES} (0: deliver in the daemon's threads), got {value}")
+    return n
+
+
+#: More delivery processes than this only add memory (each is a Python process).
+MAX_DELIVERY_PROCESSES = 32
 
 
 def _non_negative_int(value: Any) -> int:
@@ -564,6 +579,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "http_max_body": (_positive_int, False),
         "http_admins": (_admins, False),
         "event_log": (_optional_string, True),
+        "mail_log": (_optional_string, True),
     },
     "spool": {
         "path": (_string, True),
@@ -580,6 +596,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "home_maildir": (_home_maildir, False),
         "min_uid": (_uid, False),
         "max_uid": (_uid, False),
+        "delivery_processes": (_delivery_processes, False),
     },
     "relay": {
         "min_backoff": (_positive_duration, False),
@@ -752,6 +769,7 @@ def load_config(
         _creatable_dir(where, "spool.path", spool["path"])
         _creatable_dir(where, "local.mailboxes", local["mailboxes"])
         _writable_log(where, "server.event_log", server_cfg.event_log)
+        _writable_log(where, "server.mail_log", server_cfg.mail_log)
     return Config(
         server=server_cfg,
         spool=SpoolConfig(**spool),

@@ -26,10 +26,11 @@ from typing import Any, Callable, NoReturn
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
-from twisted.logger import ILogObserver, Logger, LoggingFile, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LoggingFile
 from twisted.python import usage
 
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
+from .maillog import mail_publisher
 
 __all__ = ["Options", "makeService", "EX_CONFIG", "EX_OSERR"]
 
@@ -137,6 +138,8 @@ class _StartupLog(service.Service):
         )
         if c.server.event_log:
             log.info("event log: {path}", path=c.server.event_log)
+        if c.server.mail_log:
+            log.info("mail log: {path}", path=c.server.mail_log)
 
     def startService(self) -> None:
         # Runs after twistd has dropped privileges (--uid): this euid writes the mail.
@@ -153,10 +156,12 @@ class _StartupLog(service.Service):
 
 class _Observer(service.Service):
     """
-    A log observer (metrics, event log) on the global log publisher while
-    the service runs.  Started before the scheduler (spool recovery logs
-    mail events) and stopped after it, so no mail event is missed; C{close}
-    (the event log's file) runs when it stops.
+    A log observer (metrics, event log) on the mail events' publisher
+    (L{mailhub.maillog.mail_publisher}: they only use mail events, and it
+    has them whether or not C{server.mail_log} keeps them out of twistd's
+    log) while the service runs.  Started before the scheduler (spool
+    recovery logs mail events) and stopped after it, so no mail event is
+    missed; C{close} (the event log's file) runs when it stops.
     """
 
     def __init__(self, observer: ILogObserver, close: Callable[[], None] | None = None) -> None:
@@ -165,10 +170,10 @@ class _Observer(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        globalLogPublisher.addObserver(self.observer)
+        mail_publisher.addObserver(self.observer)
 
     def stopService(self) -> Any:
-        globalLogPublisher.removeObserver(self.observer)
+        mail_publisher.removeObserver(self.observer)
         if self.close is not None:
             self.close()
         return super().stopService()
@@ -298,7 +303,7 @@ def _remote_delivery(config: Config, reactor: Any) -> Any:
 def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
-    log observers (metrics, event log) and the status page sampler, the
+    log observers (metrics, event log, mail log file) and the status page sampler, the
     remote delivery agent, the scheduler (whose startService recovers the
     spool and queues everything pending), the pickup service and the
     control socket (both feed the scheduler), and then the SMTP listeners
@@ -315,6 +320,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from .eventlog import EventLogObserver
     from .httpapi import make_http_site
     from .local import LocalDelivery
+    from .localproc import LocalDeliveryProcesses, settings_for
     from .metrics import MailMetrics, MetricsObserver, spool_queue_stats
     from .pickup import PickupService
     from .policy import Policy
@@ -357,30 +363,54 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         except OSError as e:
             fail(f"{source}: server.event_log: cannot open {event_log}: {e.strerror or e}")
         _Observer(event_observer, event_observer.close).setServiceParent(top)
+    if config.server.mail_log:
+        # Mail lines to a file of mailhub's own instead of twistd's log
+        # (docs/performance.rst, "mail log"); the observers above still see them.
+        from .maillog import MailLogFile, MailLogService
+
+        try:
+            mail_log_file = MailLogFile(config.server.mail_log, reactor)
+        except OSError as e:
+            fail(f"{source}: server.mail_log: cannot open {config.server.mail_log}: {e.strerror or e}")
+        MailLogService(mail_log_file).setServiceParent(top)
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)
 
     local_cfg = config.local
     try:
-        directory = Directory(
-            local_cfg.domains,
-            local_cfg.mailboxes,
-            local_cfg.users,
-            local_cfg.aliases,
-            local_cfg.extension_separator,
-            clock=reactor,
-            mode=local_cfg.mode,
-            home_maildir=local_cfg.home_maildir,
-            min_uid=local_cfg.min_uid,
-            max_uid=local_cfg.max_uid,
-        )
+        # Also the settings of the local delivery processes, which build
+        # their own Directory from them.
+        directory_args = {
+            "domains": list(local_cfg.domains),
+            "mailboxes": local_cfg.mailboxes,
+            "users": None if local_cfg.users is None else list(local_cfg.users),
+            "aliases_path": local_cfg.aliases,
+            "separator": local_cfg.extension_separator,
+            "mode": local_cfg.mode,
+            "home_maildir": local_cfg.home_maildir,
+            "min_uid": local_cfg.min_uid,
+            "max_uid": local_cfg.max_uid,
+        }
+        directory = Directory(clock=reactor, **directory_args)
     except AliasesError as e:  # "FILE:LINE: problem"
         fail(str(e))
     except ValueError as e:  # config.py checked these; a safety net
         fail(f"{source}: local: {e}")
     # spool.fsync is the one durability switch: it covers the Maildir files too.
-    local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
+    local: Any
+    if local_cfg.delivery_processes:
+        # Maildir delivery in processes of their own (docs/delivery.rst):
+        # its file work and Python run beside the SMTP sessions, not
+        # against them for the interpreter lock.
+        local = LocalDeliveryProcesses(
+            settings_for(directory_args, config.server.hostname, config.spool.fsync),
+            local_cfg.delivery_processes,
+            reactor,
+        )
+        local.setServiceParent(top)
+    else:
+        local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
     remote = _remote_delivery(config, reactor)
     remote.setName("remote")
     remote.setServiceParent(top)

@@ -173,6 +173,11 @@ def test_make_service_order(tmp_path, monkeypatch):
     assert isinstance(children[1].observer, MetricsObserver)
     assert isinstance(children[2], TimerService) and children[2].step == 60
     children = [children[0], *children[3:]]
+    # local delivery processes (started before the scheduler, stopped after it)
+    from mailhub.localproc import LocalDeliveryProcesses
+
+    assert isinstance(children[1], LocalDeliveryProcesses) and children[1].count == 1
+    local_agent = children.pop(1)
     assert isinstance(children[1], RemoteDelivery)
     assert isinstance(children[2], Scheduler)
     assert isinstance(children[3], PickupService)
@@ -187,6 +192,7 @@ def test_make_service_order(tmp_path, monkeypatch):
     # the router hands non-local recipients to the remote agent
     scheduler = children[2]
     assert scheduler.deliver.remote is children[1]
+    assert scheduler.deliver.local is local_agent
     assert scheduler.postmaster == "postmaster@localhost"
 
 

@@ -242,7 +242,7 @@ ERRORS = [
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
      "max_recipients, trusted_networks, timeout, max_connections, max_connections_per_ip, max_errors, "
      "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
-     "http_admins, event_log)"),
+     "http_admins, event_log, mail_log)"),
     ("[srever]\nsmtp = []\n",
      "srever: unknown section or key (known: auth, data_dir, local, relay, server, spool, submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),
@@ -344,6 +344,13 @@ ERRORS = [
     ("[local]\nmin_uid = 2000\nmax_uid = 1999\n", "local.min_uid: must not exceed local.max_uid (2000 > 1999)"),
     ('[local]\nmode = "system"\nusers = ["alice"]\n',
      'local.users: cannot be used with local.mode = "system" (the accounts are the users)'),
+    # local delivery processes (docs/delivery.rst)
+    ("[local]\ndelivery_processes = -1\n",
+     "local.delivery_processes: must be a non-negative integer (0 disables), got -1"),
+    ("[local]\ndelivery_processes = true\n",
+     "local.delivery_processes: must be a non-negative integer (0 disables), got true"),
+    ("[local]\ndelivery_processes = 33\n",
+     "local.delivery_processes: must be at most 32 (0: deliver in the daemon's threads), got 33"),
 ]
 
 

@@ -1,0 +1,396 @@
+"""
+Local delivery in processes of its own (Postfix's local(8) beside qmgr).
+
+Owns: the pool of local delivery processes (L{LocalDeliveryProcesses}, a
+delivery agent and a service of the daemon) and the program each of them
+runs (L{main}, C{python -m mailhub.localproc}).
+
+Why: Maildir delivery is file work -- read the queued message, write a
+copy, fsync it, link it, fsync the directory -- plus the Python around
+it.  Done in the daemon's threads it competes for the one interpreter
+lock with the SMTP sessions and the commits, and every syscall of a
+delivery thread hands that lock back and forth with the reactor thread
+(hundreds of futex calls per message were measured).  A process of its
+own runs on the other core and costs the daemon one line out and one line
+in per message.
+
+Protocol, over the child's stdin and stdout, one JSON object per line:
+
+ - first line, parent to child: the settings (L{settings_for}): the
+   L{mailhub.directory.Directory} arguments, the host name and the fsync
+   switch.  The child builds its own Directory and
+   L{mailhub.local.LocalDelivery} from them (the aliases file is read,
+   and re-read when it changes, by each process).
+ - then requests: C{{"id": N, "queue_id", "arrival", "sender",
+   "addresses": [...], "message_path"}};
+ - answers, in order: C{{"id": N, "outcomes": [{"recipient", "kind",
+   "code", "status", "text"}, ...]}}: L{mailhub.local.LocalDelivery}'s
+   outcomes, one per address.
+
+The child logs to its stderr; the parent logs each line.  A child that
+exits or sends garbage fails its requests in flight with a temporary
+outcome (451 4.3.0: tried again later; Maildir file names are derived
+from the queue id and the recipient, so a delivery that had in fact
+completed is not duplicated) and is started again after a pause.
+Requests queue in the parent while no child is running.
+
+Must not touch: the spool (only the message file named in a request is
+read), retry decisions (the scheduler's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .envelope import Envelope, Outcome, Recipient
+
+__all__ = ["LocalDeliveryProcesses", "settings_for", "main", "MAX_LINE"]
+
+log = Logger()
+
+#: A line longer than this from a child is garbage (answers are small).
+MAX_LINE = 1024 * 1024
+
+#: Seconds before a child that exited is started again (a child that dies at
+#: once, e.g. a broken aliases file, must not become a fork loop).
+RESTART_DELAY = 1.0
+
+#: The directory that holds the mailhub package (for the children's PYTHONPATH).
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: The child's program: mailhub is imported from where this process found it
+#: (appended to sys.path, so an installed mailhub still comes first).
+_CHILD_MAIN = "import sys; sys.path.append(sys.argv[1]); from mailhub.localproc import main; sys.exit(main())"
+
+#: Seconds stopService waits for the children to finish what they were given.
+STOP_TIMEOUT = 30.0
+
+
+def settings_for(directory_args: dict[str, Any], hostname: str, fsync: bool) -> dict[str, Any]:
+    """
+    The first line sent to each child: what it needs to deliver like the
+    daemon.  C{directory_args} are the keyword arguments the daemon built
+    its L{mailhub.directory.Directory} with (JSON values only; no clock).
+    """
+    return {"directory": dict(directory_args), "hostname": hostname, "fsync": fsync}
+
+
+def _outcome_to_json(o: Outcome) -> dict[str, Any]:
+    return {"recipient": o.recipient, "kind": o.kind, "code": o.code, "status": o.status, "text": o.text}
+
+
+def _outcome_from_json(d: Any) -> Outcome:
+    return Outcome(str(d["recipient"]), str(d["kind"]), int(d["code"]), str(d["status"]), str(d["text"]))
+
+
+class _Request:
+    __slots__ = ("id", "line", "addresses", "deferred")
+
+    def __init__(self, id: int, line: bytes, addresses: list[str]) -> None:
+        self.id = id
+        self.line = line
+        self.addresses = addresses
+        self.deferred: defer.Deferred[list[Outcome]] = defer.Deferred()
+
+
+class _Child(protocol.ProcessProtocol):
+    """One delivery process, seen from the daemon."""
+
+    def __init__(self, pool: "LocalDeliveryProcesses", slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.inflight: deque[_Request] = deque()
+        self._out = b""
+        self._err = b""
+        self.running = False
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    # -- parent to child ------------------------------------------------------------------
+
+    def send(self, request: _Request) -> None:
+        self.inflight.append(request)
+        assert self.transport is not None
+        self.transport.write(request.line)
+
+    def connectionMade(self) -> None:
+        self.running = True
+        assert self.transport is not None
+        self.transport.write(self.pool.settings_line)
+
+    # -- child to parent ------------------------------------------------------------------
+
+    def outReceived(self, data: bytes) -> None:
+        buf = self._out + data
+        lines = buf.split(b"\n")
+        self._out = lines.pop()
+        if len(self._out) > MAX_LINE:
+            self._broken("answer line too long")
+            return
+        for line in lines:
+            if not self._answer(line):
+                return
+
+    def _answer(self, line: bytes) -> bool:
+        try:
+            data = json.loads(line)
+            request = self.inflight[0] if self.inflight else None
+            if request is None or data["id"] != request.id:
+                raise ValueError(f"unexpected answer id {data.get('id')!r}")
+            outcomes = [_outcome_from_json(o) for o in data["outcomes"]]
+            if [o.recipient for o in outcomes] != request.addresses:
+                raise ValueError("answer is not about the recipients asked for")
+        except (ValueError, KeyError, TypeError) as e:
+            self._broken(f"bad answer: {e}")
+            return False
+        self.inflight.popleft()
+        request.deferred.callback(outcomes)
+        self.pool._idle(self)
+        return True
+
+    def errReceived(self, data: bytes) -> None:
+        buf = self._err + data
+        lines = buf.split(b"\n")
+        self._err = lines.pop()[-MAX_LINE:]
+        for line in lines:
+            if line.strip():
+                log.warn("local delivery process {pid}: {line}", pid=self._pid(), line=line.decode("utf-8", "replace"))
+
+    def _pid(self) -> Any:
+        return getattr(self.transport, "pid", None)
+
+    def _broken(self, why: str) -> None:
+        log.error("local delivery process {pid}: {why}; restarting it", pid=self._pid(), why=why)
+        self.running = False
+        try:
+            assert self.transport is not None
+            self.transport.signalProcess("KILL")
+        except (error.ProcessExitedAlready, AttributeError):
+            pass
+
+    def outConnectionLost(self) -> None:
+        # The child closed its stdout: it has exited (or is exiting).  This,
+        # not processEnded, is when its requests are failed and it is
+        # replaced: processEnded needs the child reaped, which without a
+        # SIGCHLD handler (a reactor not in the main thread) may be late.
+        self._gone("its output ended")
+
+    def processEnded(self, reason: Failure) -> None:
+        self._gone(reason.getErrorMessage())
+
+    def _gone(self, why: str) -> None:
+        if self.ended.called:
+            return
+        self.running = False
+        if self._err.strip():
+            self.errReceived(b"\n")
+        failed, self.inflight = list(self.inflight), deque()
+        if failed or not self.pool.stopping:
+            log.error(
+                "local delivery process {pid} ended ({why}); {count} delivery attempt(s) in flight tried again later",
+                pid=self._pid(), why=why, count=len(failed),
+            )
+        for request in failed:
+            request.deferred.callback(
+                [Outcome.temporary(a, "local delivery process ended unexpectedly", 451, "4.3.0") for a in request.addresses]
+            )
+        self.ended.callback(None)
+        self.pool._ended(self)
+
+
+class LocalDeliveryProcesses(service.Service):
+    """
+    A delivery agent (see L{mailhub.router.DeliveryAgent}) that hands each
+    local delivery to one of C{count} child processes, the least busy.
+
+    @param settings: L{settings_for}'s dictionary.
+    @param reactor: spawns the children and times their restarts.
+    @param python: the interpreter for the children (default: this one).
+    """
+
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        count: int,
+        reactor: Any,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        self.settings_line = json.dumps(settings).encode("utf-8") + b"\n"
+        self.count = count
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.python = python or sys.executable
+        self.env = env
+        self.children: list[_Child | None] = [None] * count
+        self.waiting: deque[_Request] = deque()
+        self.stopping = False
+        self._next_id = 0
+        self._restarts: dict[int, Any] = {}
+
+    # -- service ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.stopping = False
+        for slot in range(self.count):
+            self._spawn(slot)
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Close the children's input: each ends once it has answered what it was given."""
+        super().stopService()
+        self.stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        for request in list(self.waiting):
+            request.deferred.callback(
+                [Outcome.temporary(a, "mail system is shutting down", 451, "4.3.0") for a in request.addresses]
+            )
+        self.waiting.clear()
+        ends = []
+        for child in self.children:
+            if child is not None and child.running:
+                ends.append(child.ended)
+                assert child.transport is not None
+                child.transport.closeStdin()
+        if not ends:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.DeferredList(ends).addCallback(lambda _: None)
+
+        def kill() -> None:
+            for child in self.children:
+                if child is not None and child.running:
+                    log.warn("local delivery process {pid} did not end in time: killed", pid=child._pid())
+                    child._broken("stopping")
+
+        timer = self.clock.callLater(STOP_TIMEOUT, kill)
+        return done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+
+    def _spawn(self, slot: int) -> None:
+        self._restarts.pop(slot, None)
+        if self.stopping:
+            return
+        child = _Child(self, slot)
+        self.children[slot] = child
+        reactor: IReactorProcess = self.reactor
+        reactor.spawnProcess(
+            child,
+            self.python,
+            [self.python, "-c", _CHILD_MAIN, _PACKAGE_ROOT],
+            env=dict(os.environ) if self.env is None else self.env,
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+
+    def _ended(self, child: _Child) -> None:
+        if self.children[child.slot] is child:
+            self.children[child.slot] = None
+        if not self.stopping:
+            self._restarts[child.slot] = self.clock.callLater(RESTART_DELAY, self._spawn, child.slot)
+        # whatever waited for a free child may go to another one
+        self._dispatch()
+
+    def _idle(self, child: _Child) -> None:
+        self._dispatch()
+
+    # -- the DeliveryAgent interface ------------------------------------------------------------
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> defer.Deferred[list[Outcome]]:
+        """Fires with one L{Outcome} per recipient, in order; never errbacks."""
+        addresses = [r.address for r in recipients]
+        if self.stopping:
+            return defer.succeed(
+                [Outcome.temporary(a, "mail system is shutting down", 451, "4.3.0") for a in addresses]
+            )
+        self._next_id += 1
+        line = json.dumps(
+            {
+                "id": self._next_id,
+                "queue_id": envelope.queue_id,
+                "arrival": envelope.arrival,
+                "sender": envelope.sender,
+                "addresses": addresses,
+                "message_path": message_path,
+            },
+            ensure_ascii=False,
+        ).encode("utf-8", "surrogateescape") + b"\n"
+        request = _Request(self._next_id, line, addresses)
+        self.waiting.append(request)
+        self._dispatch()
+        return request.deferred
+
+    def _dispatch(self) -> None:
+        """
+        Give waiting requests to running children, the least busy first.
+        A child may be given several (they wait in its pipe): the scheduler
+        already bounds how many deliveries are in flight.
+        """
+        while self.waiting:
+            running = [c for c in self.children if c is not None and c.running]
+            if not running:
+                return
+            child = min(running, key=lambda c: len(c.inflight))
+            child.send(self.waiting.popleft())
+
+
+# -- the child ----------------------------------------------------------------------------
+
+
+def _serve(stdin: Any, stdout: Any) -> int:
+    """Read the settings, then answer requests until stdin ends."""
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from .directory import Directory
+    from .local import LocalDelivery
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr, timeFormat=None)], redirectStandardIO=False)
+    first = stdin.readline()
+    if not first:
+        return 0
+    settings = json.loads(first)
+    directory = Directory(**settings["directory"])
+    agent = LocalDelivery(directory, settings["hostname"], fsync=bool(settings["fsync"]), run=_direct)
+    for line in stdin:
+        request = json.loads(line)
+        try:
+            outcomes = agent._deliver_all(
+                request["queue_id"], float(request["arrival"]), request["sender"],
+                request["addresses"], request["message_path"],
+            )
+        except Exception:  # _deliver_all answers per recipient; this is a safety net
+            log.failure("local delivery of {queue_id} failed", queue_id=request.get("queue_id"))
+            outcomes = [
+                Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0") for a in request["addresses"]
+            ]
+        stdout.write(json.dumps({"id": request["id"], "outcomes": [_outcome_to_json(o) for o in outcomes]}).encode() + b"\n")
+        stdout.flush()
+    return 0
+
+
+def _direct(f: Any, *args: Any) -> Any:
+    return f(*args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """C{python -m mailhub.localproc}: a local delivery process (started by the daemon, not by hand)."""
+    if os.isatty(0):
+        print("mailhub.localproc: started by the mailhub daemon, not by hand", file=sys.stderr)
+        return 64
+    return _serve(sys.stdin.buffer, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

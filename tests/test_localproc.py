@@ -1,0 +1,306 @@
+"""
+Local delivery processes (mailhub.localproc): the child program over real
+pipes, the pool in a real reactor with real child processes (deliveries,
+a child killed with work in flight, a child answering garbage, shutdown),
+and the daemon with a delivery process killed under it.
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from twisted.internet import defer
+
+from conftest import in_reactor
+from daemon import Daemon, config_text, delivered_with, message, send
+from mailhub import localproc
+from mailhub.config import load_config
+from mailhub.envelope import Envelope, Recipient
+from peers import wait_for
+
+DOMAIN = "example.test"
+MESSAGE = b"From: a@client.test\r\nSubject: hello\r\n\r\nbody line\r\n.dot line\r\n"
+
+
+def directory_args(tmp_path) -> dict:
+    return {
+        "domains": [DOMAIN],
+        "mailboxes": str(tmp_path / "mailboxes"),
+        "users": ["alice", "bob"],
+        "aliases_path": None,
+        "separator": "+",
+        "mode": "virtual",
+        "home_maildir": "Maildir",
+        "min_uid": 1000,
+        "max_uid": 60000,
+    }
+
+
+def queued(tmp_path, name: str = "Q1", data: bytes = MESSAGE) -> str:
+    path = tmp_path / "spool-new" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def maildir_messages(tmp_path, user: str) -> list[bytes]:
+    path = tmp_path / "mailboxes" / DOMAIN / user
+    if not path.exists():
+        return []
+    box = mailbox.Maildir(str(path), factory=None, create=False)
+    return [box.get_bytes(k) for k in sorted(box.keys())]
+
+
+# -- the child program, over real pipes ----------------------------------------------------
+
+
+def child(tmp_path) -> subprocess.Popen:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(localproc.__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", localproc._CHILD_MAIN, root],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path),
+    )
+    settings = localproc.settings_for(directory_args(tmp_path), "mx.example.test", True)
+    proc.stdin.write(json.dumps(settings).encode() + b"\n")
+    proc.stdin.flush()
+    return proc
+
+
+def ask(proc, request: dict) -> dict:
+    proc.stdin.write(json.dumps(request).encode() + b"\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def test_child_delivers_and_answers_one_outcome_per_recipient(tmp_path):
+    path = queued(tmp_path)
+    proc = child(tmp_path)
+    try:
+        answer = ask(proc, {
+            "id": 7, "queue_id": "15NXAAAAAAAAAAAAA", "arrival": 1700000000.25, "sender": "a@client.test",
+            "addresses": [f"alice@{DOMAIN}", f"carol@{DOMAIN}", f"bob@{DOMAIN}"], "message_path": path,
+        })
+        assert answer == {"id": 7, "outcomes": [
+            {"recipient": f"alice@{DOMAIN}", "kind": "delivered", "code": 250, "status": "2.0.0",
+             "text": "delivered to maildir"},
+            {"recipient": f"carol@{DOMAIN}", "kind": "permanent", "code": 550, "status": "5.1.1",
+             "text": "User unknown in local recipient table"},
+            {"recipient": f"bob@{DOMAIN}", "kind": "delivered", "code": 250, "status": "2.0.0",
+             "text": "delivered to maildir"},
+        ]}
+        # what a Maildir reader sees: our two header lines, then the message with LF line ends
+        assert maildir_messages(tmp_path, "alice") == [
+            b"Return-Path: <a@client.test>\nDelivered-To: alice@example.test\n"
+            b"From: a@client.test\nSubject: hello\n\nbody line\n.dot line\n"
+        ]
+        assert len(maildir_messages(tmp_path, "bob")) == 1
+        # the same delivery again (a retry after a crash): recognised, not duplicated
+        again = ask(proc, {
+            "id": 8, "queue_id": "15NXAAAAAAAAAAAAA", "arrival": 1700000000.25, "sender": "a@client.test",
+            "addresses": [f"alice@{DOMAIN}"], "message_path": path,
+        })
+        assert again["outcomes"][0]["kind"] == "delivered"
+        assert len(maildir_messages(tmp_path, "alice")) == 1
+        # a queued file that cannot be read: temporary, per recipient
+        gone = ask(proc, {
+            "id": 9, "queue_id": "15NXBBBBBBBBBBBBB", "arrival": 1700000001.0, "sender": "",
+            "addresses": [f"alice@{DOMAIN}"], "message_path": str(tmp_path / "missing"),
+        })
+        assert gone["outcomes"][0]["kind"] == "temporary"
+        assert (gone["outcomes"][0]["code"], gone["outcomes"][0]["status"]) == (451, "4.3.0")
+    finally:
+        proc.stdin.close()
+    assert proc.wait(20) == 0  # the end of its input ends it
+
+
+def test_child_refuses_a_terminal(tmp_path):
+    # started by hand on a terminal it says so instead of waiting for JSON
+    import pty
+
+    master, slave = pty.openpty()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(localproc.__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", localproc._CHILD_MAIN, root], stdin=slave,
+                            stderr=subprocess.PIPE)
+    os.close(slave)
+    try:
+        assert proc.wait(20) == 64
+        assert b"started by the mailhub daemon" in proc.stderr.read()
+    finally:
+        os.close(master)
+
+
+# -- the pool, in a real reactor with real children ------------------------------------------
+
+
+def envelope(qid: str, rcpts: list[str]) -> tuple[Envelope, list[Recipient]]:
+    recipients = [Recipient(a) for a in rcpts]
+    return Envelope(qid, "a@client.test", recipients, 1700000000.0), recipients
+
+
+@pytest.fixture
+def pool(reactor, tmp_path):
+    settings = localproc.settings_for(directory_args(tmp_path), "mx.example.test", True)
+    p = localproc.LocalDeliveryProcesses(settings, 2, reactor)
+    in_reactor(reactor, p.startService)
+    wait_for(lambda: all(c is not None and c.running for c in p.children), 20, "two delivery processes")
+    yield p
+    if p.running:
+        in_reactor(reactor, p.stopService)
+
+
+def deliver(reactor, pool, qid: str, rcpts: list[str], path: str):
+    env, recipients = envelope(qid, rcpts)
+    return in_reactor(reactor, pool.deliver, env, recipients, path)
+
+
+def test_pool_spreads_deliveries_over_its_processes(reactor, pool, tmp_path):
+    path = queued(tmp_path)
+
+    def many():
+        ds = []
+        for i in range(40):
+            env, recipients = envelope(f"15NXCCCCCCCC{i:05d}", [f"alice@{DOMAIN}", f"bob@{DOMAIN}"])
+            ds.append(pool.deliver(env, recipients, path))
+        # both children have work in their pipes at once
+        busy = sorted(len(c.inflight) for c in pool.children)
+        return defer.gatherResults(ds).addCallback(lambda r: (busy, r))
+
+    busy, results = in_reactor(reactor, many)
+    assert busy == [20, 20]
+    assert all([o.kind for o in outcomes] == ["delivered", "delivered"] for outcomes in results)
+    assert len(maildir_messages(tmp_path, "alice")) == 40
+    assert len(maildir_messages(tmp_path, "bob")) == 40
+
+
+def test_killed_process_fails_its_work_softly_and_is_replaced(reactor, pool, tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)  # opening it blocks: the delivery hangs in the child
+    path = queued(tmp_path)
+
+    def start():
+        env, recipients = envelope("15NXDDDDDDDDDDDDD", [f"alice@{DOMAIN}"])
+        d = pool.deliver(env, recipients, fifo)
+        stuck = [c for c in pool.children if c.inflight][0]
+        return d, stuck, stuck.transport.pid
+
+    d, stuck, pid = in_reactor(reactor, start)
+    os.kill(pid, signal.SIGKILL)
+    outcomes = wait_for(lambda: d.called and d.result, 20, "the failed delivery")
+    assert [(o.kind, o.code, o.status, o.text) for o in outcomes] == [
+        ("temporary", 451, "4.3.0", "local delivery process ended unexpectedly")
+    ]
+    # a new process takes the slot after the restart delay, and works
+    wait_for(lambda: pool.children[stuck.slot] is not None and pool.children[stuck.slot] is not stuck
+             and pool.children[stuck.slot].running, 20, "the replacement process")
+    for i in range(4):
+        [o] = deliver(reactor, pool, f"15NXEEEEEEEEEEE{i:02d}", [f"alice@{DOMAIN}"], path)
+        assert o.kind == "delivered"
+
+
+def test_garbage_from_a_process_is_a_soft_failure_and_a_restart(reactor, pool, tmp_path):
+    def start():
+        env, recipients = envelope("15NXFFFFFFFFFFFFF", [f"alice@{DOMAIN}"])
+        child = pool.children[0]
+        pool.waiting.append(localproc._Request(999, b"", [f"alice@{DOMAIN}"]))
+        request = pool.waiting.pop()
+        child.inflight.append(request)
+        child.outReceived(b"this is not json\n")
+        return request.deferred, child
+
+    d, child = in_reactor(reactor, start)
+    outcomes = wait_for(lambda: d.called and d.result, 20, "the failed request")
+    assert [(o.kind, o.code, o.status) for o in outcomes] == [("temporary", 451, "4.3.0")]
+    wait_for(lambda: pool.children[0] is not child and pool.children[0] is not None
+             and pool.children[0].running, 20, "the replacement process")
+
+
+def test_stop_lets_processes_finish_and_exit(reactor, tmp_path):
+    settings = localproc.settings_for(directory_args(tmp_path), "mx.example.test", True)
+    p = localproc.LocalDeliveryProcesses(settings, 1, reactor)
+    in_reactor(reactor, p.startService)
+    wait_for(lambda: p.children[0] is not None and p.children[0].running, 20, "the delivery process")
+    pid = in_reactor(reactor, lambda: p.children[0].transport.pid)
+    path = queued(tmp_path)
+
+    def deliver_then_stop():
+        env, recipients = envelope("15NXGGGGGGGGGGGGG", [f"alice@{DOMAIN}"])
+        d = p.deliver(env, recipients, path)
+        stopped = p.stopService()  # the request already sent is still answered
+        return defer.gatherResults([d, stopped])
+
+    [outcomes, _] = in_reactor(reactor, deliver_then_stop)
+    assert outcomes[0].kind == "delivered"
+    # after stop: no new work is taken, the answer is a soft "shutting down"
+    [o] = deliver(reactor, p, "15NXHHHHHHHHHHHHH", [f"alice@{DOMAIN}"], path)
+    assert (o.kind, o.code, o.status, o.text) == ("temporary", 451, "4.3.0", "mail system is shutting down")
+
+    wait_for(lambda: gone(pid), 20, "the delivery process to exit")
+
+
+def test_delivery_processes_setting(tmp_path):
+    conf = tmp_path / "m.toml"
+    conf.write_text("")
+    assert load_config(str(conf)).local.delivery_processes == 1
+    conf.write_text("[local]\ndelivery_processes = 0\n")
+    assert load_config(str(conf)).local.delivery_processes == 0
+    conf.write_text("[local]\ndelivery_processes = 4\n")
+    assert load_config(str(conf)).local.delivery_processes == 4
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+
+def delivery_pids(daemon_pid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == daemon_pid and b"mailhub.localproc" in cmdline and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def test_daemon_delivers_through_its_processes_and_survives_losing_one(tmp_path):
+    d = Daemon(tmp_path, config_text(extra_local="delivery_processes = 2")).start()
+    try:
+        pids = wait_for(lambda: len(delivery_pids(d.proc.pid)) == 2 and delivery_pids(d.proc.pid), 20,
+                        "two delivery processes")
+        send(d, f"alice@{DOMAIN}", message(f"alice@{DOMAIN}", "before"))
+        delivered_with(d, "alice", "before")
+        os.kill(pids[0], signal.SIGKILL)
+        # replaced after a second; mail keeps flowing meanwhile (the other one)
+        wait_for(lambda: len(delivery_pids(d.proc.pid)) == 2 and pids[0] not in delivery_pids(d.proc.pid), 20,
+                 "the replacement process")
+        for i in range(5):
+            send(d, f"bob@{DOMAIN}", message(f"bob@{DOMAIN}", f"after{i}"))
+        for i in range(5):
+            delivered_with(d, "bob", f"after{i}")
+        assert "local delivery process" in d.log() and "ended" in d.log()
+        wait_for(lambda: d.queued() == [], 10, "an empty queue")
+        children = delivery_pids(d.proc.pid)
+    finally:
+        d.stop()
+    # a clean stop ends them too
+    wait_for(lambda: all(gone(p) for p in children), 20, "the delivery processes to exit")
+
+
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody has reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
