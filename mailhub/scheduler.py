@@ -273,8 +273,7 @@ class Scheduler(service.Service):
     def startService(self) -> None:
         """Recover the spool and queue every pending message at its persisted time."""
         service.Service.startService(self)
-        for envelope in self.spool.recover():
-            self.enqueue(envelope)
+        self._enqueue_many(self.spool.recover())
         log.info("scheduler: {count} message(s) in the queue", count=len(self._queue))
 
     def stopService(self) -> Deferred:
@@ -303,6 +302,30 @@ class Scheduler(service.Service):
         # was set back: never wait longer than max_backoff
         due = min(envelope.next_attempt, self.clock.seconds() + self.policy.max_backoff)
         self._schedule(qid, due)
+        self._pump()
+
+    def _enqueue_many(self, envelopes: list[Envelope]) -> None:
+        """
+        L{enqueue} for the whole queue at startup: one heapify and one pump
+        instead of a heap push, a pump and a timer reset per message
+        (100 000 queued messages cost seconds the other way).
+        """
+        limit = self.clock.seconds() + self.policy.max_backoff
+        for envelope in envelopes:
+            qid = envelope.queue_id
+            if qid in self._in_flight:
+                self.enqueue(envelope)
+                continue
+            self._queue[qid] = envelope
+            if envelope.held:
+                self._unschedule(qid)
+                continue
+            seq = next(self._seq)
+            due = min(envelope.next_attempt, limit)
+            self._scheduled[qid] = (seq, due)
+            self._parked_ids.pop(qid, None)
+            self._heap.append((due, seq, qid))
+        heapq.heapify(self._heap)
         self._pump()
 
     def flush(self, queue_id: str | None = None) -> str:
