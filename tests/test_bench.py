@@ -102,6 +102,9 @@ def test_ratio():
 
 def test_full_scenarios_are_the_issues():
     by = {s.name: s for s in bench.select_scenarios(None, quick=False)}
+    assert by["backlog"].backlog == 100_000 and by["backlog"].kind == "backlog"
+    assert (by["backlog"].probes, by["backlog"].sessions, by["backlog"].messages) == (50, 1, 500)
+    assert bench.select_scenarios(["backlog"], quick=True)[0].backlog == 10_000
     assert (by["1x4KB"].sessions, by["1x4KB"].messages, by["1x4KB"].size) == (1, 2000, 4096)
     assert (by["20x4KB"].sessions, by["20x4KB"].messages, by["20x4KB"].size) == (20, 5000, 4096)
     assert (by["20x1MB"].sessions, by["20x1MB"].messages, by["20x1MB"].size) == (20, 200, 1024 * 1024)
@@ -212,3 +215,141 @@ def test_proc_readers_on_this_process():
     assert bench.proc_kb(me, "VmRSS") > 0
     assert bench.proc_kb(2**22 + 12345, "VmRSS") == 0  # no such process
     assert me in bench.children_of(os.getppid())
+
+
+# backlog
+
+
+def test_backlog_filler_writes_deferred_envelopes_the_spool_reads(tmp_path):
+    from mailhub.envelope import PENDING
+    from mailhub.spool import Spool
+
+    now = 1_700_000_000.0
+    ids = bench.fill_backlog(str(tmp_path / "spool"), 25, 4096, now=now)
+    assert len(ids) == len(set(ids)) == 25
+    spool = Spool(str(tmp_path / "spool"), fsync=False)
+    assert spool.queue_ids() == sorted(ids) == ids  # oldest first = filling order
+    for n, qid in enumerate(ids):
+        env = spool.load(qid)
+        assert env.queue_id == qid and env.sender == "from@bench.example"
+        assert env.attempts == 1 and env.next_attempt == now + 86400 and env.arrival == now - 3600
+        assert not env.held and not env.done
+        [r] = env.recipients
+        assert r.address == f"rcpt{n}@deferred.example" and r.state == PENDING
+        assert (r.attempts, r.last_code, r.last_status) == (1, 451, "4.4.1")
+        assert r.last_text.startswith("connect to mx.deferred.example")
+        with open(spool.message_path(qid), "rb") as f:
+            data = f.read()
+        assert 4096 - 80 <= len(data) <= 4096
+        assert f"Message-ID: <backlog.{n}@bench.example>\r\n".encode() in data
+        assert b"\n." not in data  # nothing to dot-stuff
+    # what the daemon's recovery would queue: all of them, nothing moved away
+    assert sorted(e.queue_id for e in spool.recover()) == ids
+    assert os.listdir(tmp_path / "spool" / "corrupt") == []
+    assert os.listdir(tmp_path / "spool" / "tmp") == []
+    assert bench.still_queued(str(tmp_path / "spool"), ids + ["15NXMVXZ3KR9JFRSC"]) == 25
+    spool.remove(ids[0])
+    assert bench.still_queued(str(tmp_path / "spool"), ids) == 24
+    assert bench.still_queued(str(tmp_path / "nowhere"), ids) == -1
+
+
+def test_backlog_is_never_local():
+    conf = tomllib.loads(bench.mailhub_config(1))
+    assert bench.BACKLOG_DOMAIN not in conf["local"]["domains"]
+
+
+def test_queue_loaded_pattern_matches_the_schedulers_line():
+    import inspect
+
+    from mailhub import scheduler
+
+    source = inspect.getsource(scheduler.Scheduler.startService)
+    assert '"scheduler: {count} message(s) in the queue"' in source
+    line = "2026-11-28T17:43:49+0000 [mailhub.scheduler#info] scheduler: 100000 message(s) in the queue"
+    m = bench.QUEUE_LOADED.search(line)
+    assert m and m.group(1) == "100000"
+    assert bench.QUEUE_LOADED.search("scheduler: 1 message in the queue") is None
+
+
+def test_log_watcher_notes_the_first_matching_line(tmp_path):
+    log = tmp_path / "mailhub.log"
+    w = bench.LogWatcher(str(log), bench.QUEUE_LOADED, interval=0.001)
+    assert not w.feed("x [mailhub.tap#info] listening\n", 1.0) and w.matched_at is None
+    assert w.feed("a\nb scheduler: 7 message(s) in the queue\n", 2.5)
+    assert w.matched_at == 2.5 and w.match.group(1) == "7"
+    # as a thread, on a file that appears and grows, with a split line
+    w = bench.LogWatcher(str(log), bench.QUEUE_LOADED, interval=0.001)
+    w.start()
+    with open(log, "w") as f:
+        f.write("first line\nscheduler: 12 mess")
+        f.flush()
+        assert w.wait(0.05) is None
+        f.write("age(s) in the queue\n")
+    assert w.wait(10) is not None and w.match.group(1) == "12"
+    w.stop()
+
+
+def test_backlog_table_rows_and_postfix_not_applicable():
+    [s] = bench.select_scenarios(["backlog"], quick=False)
+    medians = {
+        "backlog": {
+            "mailhub": {
+                "ok": True, "startup_s": 4.321, "loaded_s": 4.2, "new_p99_ms": 12.34,
+                "accepted_per_s": 180.4, "peak_rss_mb": 300.0,
+            },
+            "postfix": bench.medians_or_na([]),
+        }
+    }  # fmt: skip
+    out = bench.format_table([s], medians, ["mailhub", "postfix"])
+    lines = out.splitlines()
+    assert lines[2].startswith("backlog (100000 deferred queued; 50 new + 1 sess x 500 msg)")
+    labels = [label for _k, label, _f in bench.METRICS["backlog"]]
+    assert labels == [
+        "startup s", "queue loaded s", "new message 250 -> Maildir p99 ms",
+        "accepted msg/s (with backlog)", "peak RSS MB",
+    ]  # fmt: skip
+    assert len(lines) == 2 + 5
+    cells = [line.split()[-3:] for line in lines[2:]]
+    assert cells == [
+        ["4.32", "n/a", "-"], ["4.20", "n/a", "-"], ["12.3", "n/a", "-"], ["180", "n/a", "-"], ["300.0", "n/a", "-"],
+    ]  # fmt: skip
+    for line, label in zip(lines[2:], labels):
+        assert label in line
+
+
+def test_unsupported_only_postfix_backlog():
+    for s in bench.select_scenarios(None, quick=False):
+        assert bench.unsupported(s, "mailhub") is None
+        assert (bench.unsupported(s, "postfix") is not None) == (s.name == "backlog")
+    assert bench.medians_or_na([]) == {"na": True}
+    assert bench.medians_or_na([{"ok": True, "x": 1.0}]) == {"x": 1.0, "ok": True}
+
+
+def test_wait_for_port_waits_on_a_connection_for_a_late_greeting():
+    """mailhub binds before its spool recovery and greets after it."""
+    import socket
+    import threading
+    import time
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(5)
+        port = srv.getsockname()[1]
+        greeted = []
+
+        def late():
+            conn, _ = srv.accept()
+            time.sleep(1.2)  # longer than one recv timeout of the waiter
+            greeted.append(time.monotonic())
+            conn.sendall(b"220 mx ESMTP\r\n")
+            assert conn.recv(100) == b"QUIT\r\n"
+            conn.close()
+
+        t = threading.Thread(target=late, daemon=True)
+        t.start()
+        bench.wait_for_port(port, 10, lambda: True)
+        back = time.monotonic()
+        t.join(5)
+        assert greeted and 0 <= back - greeted[0] < 0.5
+    with pytest.raises(RuntimeError, match="server exited"):
+        bench.wait_for_port(port, 5, lambda: False)
