@@ -102,6 +102,36 @@ def delivered_to_addresses(path: str) -> set[str]:
     return found
 
 
+#: A queued message up to this size is read and converted to LF line ends
+#: once per delivery round, then written to each recipient from memory
+#: (one pass over the recipients); a bigger one is streamed per recipient.
+PRELOAD_LIMIT = CHUNK_SIZE
+
+
+class QueuedMessage:
+    """
+    The queued message of one delivery round, as each Maildir copy gets
+    it (LF line ends): read once into memory when it is at most
+    L{PRELOAD_LIMIT} bytes, so five recipients cost one read and one
+    conversion, not five; streamed from C{path} otherwise.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.body: bytes | None = None
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size <= PRELOAD_LIMIT:
+                self.body = f.read().replace(b"\r\n", b"\n")
+
+    def write_to(self, out: BinaryIO) -> int:
+        """Write the message to C{out}; returns the bytes written."""
+        if self.body is not None:
+            out.write(self.body)
+            return len(self.body)
+        with open(self.path, "rb") as src:
+            return copy_lf(src, out)
+
+
 def copy_lf(src: BinaryIO, dst: BinaryIO, chunk_size: int | None = None) -> int:
     """
     Copy C{src} to C{dst} in chunks, turning CRLF into LF (Maildir files use
@@ -181,24 +211,25 @@ class LocalDelivery:
         addresses = list(addresses)
         try:
             seen = delivered_to_addresses(message_path)
+            message = QueuedMessage(message_path)
         except OSError as e:
             return [self._os_error(a, e, "cannot read queued message") for a in addresses]
         outcomes = []
         for a in addresses:
             try:
-                outcomes.append(self._deliver_one(queue_id, arrival, sender, a, message_path, seen))
+                outcomes.append(self._deliver_one(queue_id, arrival, sender, a, message, seen))
             except Exception:
                 log.failure("local delivery to {address} failed", address=a)
                 outcomes.append(Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0"))
         return outcomes
 
     def _deliver_one(
-        self, queue_id: str, arrival: float, sender: str, address: str, message_path: str, seen: set[str]
+        self, queue_id: str, arrival: float, sender: str, address: str, message: "QueuedMessage", seen: set[str]
     ) -> Outcome:
         if address.lower() in seen:
             return Outcome.permanent(address, "mail forwarding loop for " + address, 554, "5.4.6")
         if getattr(self.directory, "mode", "virtual") == "system":
-            return self._deliver_system(queue_id, arrival, sender, address, message_path)
+            return self._deliver_system(queue_id, arrival, sender, address, message)
         try:
             maildir = self.directory.maildir_for(address)
         except InvalidMailbox as e:
@@ -210,12 +241,12 @@ class LocalDelivery:
                 if not self.directory.may_create(address):
                     return Outcome.permanent(address, "User unknown in local recipient table", 550, "5.1.1")
             self._make_maildir(maildir)
-            self._write(maildir, self._unique(queue_id, arrival, address), sender, address, message_path)
+            self._write(maildir, self._unique(queue_id, arrival, address), sender, address, message)
         except OSError as e:
             return self._os_error(address, e, "cannot write to maildir")
         return Outcome.delivered(address, "delivered to maildir")
 
-    def _deliver_system(self, queue_id: str, arrival: float, sender: str, address: str, message_path: str) -> Outcome:
+    def _deliver_system(self, queue_id: str, arrival: float, sender: str, address: str, message: "QueuedMessage") -> Outcome:
         """
         System mode: C{~user/Maildir}, written by root and given to the
         account (see L{mailhub.system} and L{_write_fds}).
@@ -230,7 +261,7 @@ class LocalDelivery:
             return Outcome.temporary(address, e.text, 451, "4.3.5")
         try:
             with system.open_maildir(account, self.directory.home_maildir, self.fsync) as fds:
-                self._write_fds(fds, self._unique(queue_id, arrival, address), sender, address, message_path)
+                self._write_fds(fds, self._unique(queue_id, arrival, address), sender, address, message)
         except system.UnsafeLocation as e:  # logged with the path by system
             return Outcome.temporary(address, f"mailbox location not allowed: {e}", 451, "4.3.5")
         except OSError as e:
@@ -282,7 +313,7 @@ class LocalDelivery:
         tag = hashlib.sha256(address.lower().encode("utf-8", "surrogateescape")).hexdigest()[:12]
         return f"{sec}.M{usec}Q{qid}R{tag}.{self._host}"
 
-    def _write(self, maildir: str, unique: str, sender: str, address: str, message_path: str) -> str:
+    def _write(self, maildir: str, unique: str, sender: str, address: str, message: "QueuedMessage") -> str:
         """
         Write one Maildir file: tmp/, fsync, link into new/, fsync new/.
         Returns its path.  If this exact delivery is already in new/ (or was
@@ -301,13 +332,7 @@ class LocalDelivery:
                 os.close(fd)
                 raise
             with out:
-                header = (
-                    b"Return-Path: <" + _header_value(sender) + b">\n"
-                    b"Delivered-To: " + _header_value(address) + b"\n"
-                )
-                out.write(header)
-                with open(message_path, "rb") as src:
-                    size = len(header) + copy_lf(src, out)
+                size = self._write_header_and_body(out, sender, address, message)
                 out.flush()
                 if self.fsync:
                     os.fsync(out.fileno())
@@ -358,16 +383,15 @@ class LocalDelivery:
                 ds = self._syncs[key] = DirSync()
         ds.sync(fsync)
 
-    def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message_path: str) -> int:
+    def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message: "QueuedMessage") -> int:
         header = (
             b"Return-Path: <" + _header_value(sender) + b">\n"
             b"Delivered-To: " + _header_value(address) + b"\n"
         )
         out.write(header)
-        with open(message_path, "rb") as src:
-            return len(header) + copy_lf(src, out)
+        return len(header) + message.write_to(out)
 
-    def _write_fds(self, fds: system.MaildirFds, unique: str, sender: str, address: str, message_path: str) -> None:
+    def _write_fds(self, fds: system.MaildirFds, unique: str, sender: str, address: str, message: "QueuedMessage") -> None:
         """
         L{_write} for a Maildir opened by L{system.open_maildir}: every name is
         relative to a directory descriptor, nothing is followed, and the new
@@ -389,7 +413,7 @@ class LocalDelivery:
                 os.close(fd)
                 raise
             with out:
-                size = self._write_header_and_body(out, sender, address, message_path)
+                size = self._write_header_and_body(out, sender, address, message)
                 out.flush()
                 if self.fsync:
                     os.fsync(out.fileno())

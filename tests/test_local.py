@@ -251,15 +251,19 @@ def test_vanished_mailbox_is_permanent(agent, root, tmp_path):
         (errno.EROFS, "temporary", 451, "4.3.0"),
     ],
 )
-def test_write_errors_are_temporary_and_clean_tmp(agent, root, tmp_path, monkeypatch, err, kind, code, status):
-    real_copy = local.copy_lf
+@pytest.mark.parametrize("preloaded", [True, False])
+def test_write_errors_are_temporary_and_clean_tmp(agent, root, tmp_path, monkeypatch, err, kind, code, status, preloaded):
+    if not preloaded:
+        monkeypatch.setattr(local, "PRELOAD_LIMIT", 0)  # streamed from the spool per recipient
+    real_write = local.QueuedMessage.write_to
 
-    def failing_copy(src, dst, chunk_size=None):
-        dst.write(b"partial")
-        real_copy(src, dst)
+    def failing_write(self, out):
+        assert (self.body is not None) == preloaded
+        out.write(b"partial")
+        real_write(self, out)
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(local, "copy_lf", failing_copy)
+    monkeypatch.setattr(local.QueuedMessage, "write_to", failing_write)
     outcomes = deliver(agent, envelope("s@x.example", "alice@example.org", "bob@example.org"),
                        spool_message(tmp_path))
     for o in outcomes:
@@ -428,3 +432,22 @@ def test_default_runner_is_a_thread(directory):
     from twisted.internet import threads
 
     assert LocalDelivery(directory, "h").run is threads.deferToThread
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 5, 1000])
+def test_preloaded_and_streamed_copies_are_identical(tmp_path, monkeypatch, size):
+    """A small message is read once for all recipients; a big one is streamed: the Maildir bytes are the same."""
+    raw = b"Subject: s\r\n\r\n" + b"a\rb\r\n" * size + b"end\r"  # CRs alone, CRLFs, a CR at the very end
+    path = tmp_path / "msg"
+    path.write_bytes(raw)
+    preloaded = local.QueuedMessage(str(path))
+    assert preloaded.body is not None
+    monkeypatch.setattr(local, "PRELOAD_LIMIT", 0)
+    streamed = local.QueuedMessage(str(path))
+    assert streamed.body is None
+    outs = []
+    for m in (preloaded, streamed):
+        out = io.BytesIO()
+        assert m.write_to(out) == len(out.getvalue())
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1] == raw.replace(b"\r\n", b"\n")
