@@ -250,6 +250,8 @@ max_message_size = {MESSAGE_SIZE_LIMIT}
 max_connections = {CONNECTION_LIMIT}
 max_connections_per_ip = {CONNECTION_LIMIT}
 
+mail_log = "mail.log"
+
 [spool]
 path = "spool"
 fsync = {"true" if fsync else "false"}
@@ -700,10 +702,16 @@ class Mailhub(Server):
         self.ready_at = time.monotonic()
 
     def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+        # the daemon and its local delivery processes (local.delivery_processes)
+        if not self.proc or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid] + children_of(self.proc.pid)
 
     def peak_rss_kb(self, sampled: int) -> int:
-        return max(sampled, proc_kb(self.proc.pid, "VmHWM"))
+        # the daemon's own high-water mark plus its children's at their
+        # peak (VmHWM of each): never less than the sampled sum
+        children = sum(proc_kb(p, "VmHWM") for p in children_of(self.proc.pid))
+        return max(sampled, proc_kb(self.proc.pid, "VmHWM") + children)
 
     def stop(self) -> None:
         if self.loaded is not None:
