@@ -520,6 +520,25 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
+def tree_cpu_s(pids: Iterable[int]) -> float:
+    """
+    User + system CPU seconds of these processes, including their children
+    that have exited and been reaped (C{cutime}, C{cstime}): the difference
+    of two readings over [master] + children is the CPU the whole server
+    used between them, whether its workers lived throughout or not.
+    """
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def children_of(parent: int) -> list[int]:
     """Direct children of a process (Postfix's master forks every daemon)."""
     out = []
@@ -1021,6 +1040,7 @@ def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE) 
     if scenario.kind == "load":
         users = recipient_users(scenario.recipients)
         sampler.start()
+        cpu0 = tree_cpu_s(server.pids())
         t0 = time.monotonic()
         r = subprocess.run(smtp_source_args(scenario, server.port, smtp_source), capture_output=True, text=True)
         t1 = time.monotonic()
@@ -1030,6 +1050,8 @@ def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE) 
             result["errors"].append(f"smtp-source exited {r.returncode}")
         expected = scenario.messages * scenario.recipients
         delivered, t2 = wait_delivered(server, users, expected, timeout=max(60.0, expected / 20))
+        # everything the server spent on the load: accepting and delivering
+        result["cpu_ms_per_msg"] = (tree_cpu_s(server.pids()) - cpu0) * 1000 / max(1, scenario.messages)
         # Latency afterwards, on the quiet server, so that the load above is
         # smtp-source's alone (the issue's Postfix numbers were taken so).
         probe = LatencyProbe(server.port, scenario.size, scenario.probes)
@@ -1189,6 +1211,7 @@ METRICS = {
         ("accepted_per_s", "accepted msg/s", "{:.0f}"),
         ("delivered_per_s", "delivered msg/s (end to end)", "{:.0f}"),
         ("lag_s", "last 250 -> all in Maildir, s", "{:.2f}"),
+        ("cpu_ms_per_msg", "server CPU ms per message", "{:.2f}"),
         ("p50_ms", "p50 transaction ms", "{:.1f}"),
         ("p99_ms", "p99 transaction ms", "{:.1f}"),
         ("peak_rss_mb", "peak RSS MB", "{:.1f}"),

@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import sys
+import time
 import tomllib
 
 import pytest
@@ -353,3 +354,12 @@ def test_wait_for_port_waits_on_a_connection_for_a_late_greeting():
         assert greeted and 0 <= back - greeted[0] < 0.5
     with pytest.raises(RuntimeError, match="server exited"):
         bench.wait_for_port(port, 5, lambda: False)
+
+
+def test_tree_cpu_counts_this_process_and_grows():
+    before = bench.tree_cpu_s([os.getpid()])
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    after = bench.tree_cpu_s([os.getpid(), 999999999])  # a pid that does not exist counts nothing
+    assert after - before >= 0.03
