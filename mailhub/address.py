@@ -12,6 +12,7 @@ all parse addresses the same way.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -63,11 +64,16 @@ def _is_ascii(text: str) -> bool:
     return text.isascii()
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_domain(domain: str) -> str:
     """
     Return the form of C{domain} used for comparisons and DNS: lower case,
     IDNA A-labels, no trailing dot.  Address literals are returned in
     canonical form with their brackets.
+
+    Remembered for the last 4096 domains (a pure function asked about the
+    same few domains several times per message: RCPT, routing, delivery);
+    errors are not remembered.
 
     @raise AddressError: if the domain is not a valid host name or literal.
     """
