@@ -229,7 +229,9 @@ def _positive_int(value: Any) -> int:
 
 
 def _delivery_processes(value: Any) -> int:
-    n = _non_negative_int(value)
+    if not _is_int(value) or value < 0:
+        raise _Bad(f"must be a number of processes, 0 to {MAX_DELIVERY_PROCESSES} (0: deliver in the daemon's threads), got {_show(value)}")
+    n = value
     if n > MAX_DELIVERY_PROCESSES:
         raise _Bad(f"must be at most {MAX_DELIVERY_PROCESSES} (0: deliver in the daemon's threads), got {value}")
     return n

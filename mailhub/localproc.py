@@ -62,9 +62,11 @@ log = Logger()
 #: A line longer than this from a child is garbage (answers are small).
 MAX_LINE = 1024 * 1024
 
-#: Seconds before a child that exited is started again (a child that dies at
-#: once, e.g. a broken aliases file, must not become a fork loop).
+#: Seconds before a child that exited is started again; doubled for each
+#: child of the slot that ended without answering anything (a child that
+#: dies at once must not become a fork loop), up to L{MAX_RESTART_DELAY}.
 RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 60.0
 
 #: The directory that holds the mailhub package (for the children's PYTHONPATH).
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,8 +84,14 @@ def settings_for(directory_args: dict[str, Any], hostname: str, fsync: bool) -> 
     The first line sent to each child: what it needs to deliver like the
     daemon.  C{directory_args} are the keyword arguments the daemon built
     its L{mailhub.directory.Directory} with (JSON values only; no clock).
+
+    Without the aliases file: aliases are expanded by the daemon when a
+    message is accepted, and delivery only maps final addresses to
+    Maildirs.  So a child never reads it -- and an aliases file broken
+    while the daemon runs (the daemon keeps its previous table) cannot
+    stop a child from starting.
     """
-    return {"directory": dict(directory_args), "hostname": hostname, "fsync": fsync}
+    return {"directory": dict(directory_args, aliases_path=None), "hostname": hostname, "fsync": fsync}
 
 
 def _outcome_to_json(o: Outcome) -> dict[str, Any]:
@@ -114,6 +122,7 @@ class _Child(protocol.ProcessProtocol):
         self._out = b""
         self._err = b""
         self.running = False
+        self.answered = 0
         self.ended: defer.Deferred[None] = defer.Deferred()
 
     # -- parent to child ------------------------------------------------------------------
@@ -127,6 +136,8 @@ class _Child(protocol.ProcessProtocol):
         self.running = True
         assert self.transport is not None
         self.transport.write(self.pool.settings_line)
+        # what waited while no process ran (a restart) goes to this one now
+        self.pool._dispatch()
 
     # -- child to parent ------------------------------------------------------------------
 
@@ -144,6 +155,8 @@ class _Child(protocol.ProcessProtocol):
     def _answer(self, line: bytes) -> bool:
         try:
             data = json.loads(line)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             request = self.inflight[0] if self.inflight else None
             if request is None or data["id"] != request.id:
                 raise ValueError(f"unexpected answer id {data.get('id')!r}")
@@ -154,6 +167,7 @@ class _Child(protocol.ProcessProtocol):
             self._broken(f"bad answer: {e}")
             return False
         self.inflight.popleft()
+        self.answered += 1
         request.deferred.callback(outcomes)
         self.pool._idle(self)
         return True
@@ -170,7 +184,8 @@ class _Child(protocol.ProcessProtocol):
         return getattr(self.transport, "pid", None)
 
     def _broken(self, why: str) -> None:
-        log.error("local delivery process {pid}: {why}; restarting it", pid=self._pid(), why=why)
+        if not self.pool.stopping:
+            log.error("local delivery process {pid}: {why}; restarting it", pid=self._pid(), why=why)
         self.running = False
         try:
             assert self.transport is not None
@@ -239,6 +254,7 @@ class LocalDeliveryProcesses(service.Service):
         self.stopping = False
         self._next_id = 0
         self._restarts: dict[int, Any] = {}
+        self._failures: dict[int, int] = {}  # per slot: children in a row that answered nothing
 
     # -- service ----------------------------------------------------------------------------
 
@@ -287,19 +303,54 @@ class LocalDeliveryProcesses(service.Service):
         child = _Child(self, slot)
         self.children[slot] = child
         reactor: IReactorProcess = self.reactor
-        reactor.spawnProcess(
-            child,
-            self.python,
-            [self.python, "-c", _CHILD_MAIN, _PACKAGE_ROOT],
-            env=dict(os.environ) if self.env is None else self.env,
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
+        try:
+            reactor.spawnProcess(
+                child,
+                self.python,
+                [self.python, "-c", _CHILD_MAIN, _PACKAGE_ROOT],
+                env=dict(os.environ) if self.env is None else self.env,
+                childFDs={0: "w", 1: "r", 2: "r"},
+            )
+        except Exception as e:  # OSError (EMFILE, EAGAIN, ENOENT...), whatever the reactor raises
+            self.children[slot] = None
+            delay = self._backoff(slot, failed=True)
+            log.error(
+                "cannot start a local delivery process: {error}; trying again in {delay:.0f} s",
+                error=e, delay=delay,
+            )
+            self._restarts[slot] = self.clock.callLater(delay, self._spawn, slot)
+            self._fail_waiting_if_none_running()
+
+    def _backoff(self, slot: int, failed: bool) -> float:
+        """The delay before the next start of C{slot}: doubled per failure in a row, reset by success."""
+        n = self._failures.get(slot, 0) + 1 if failed else 0
+        self._failures[slot] = n
+        return min(MAX_RESTART_DELAY, RESTART_DELAY * (2 ** max(0, n - 1)))
+
+    def _fail_waiting_if_none_running(self) -> None:
+        """
+        With no process running and none that got work since it started,
+        waiting deliveries are answered "try later" instead of waiting for
+        a start that may not come (the scheduler retries them).
+        """
+        if any(c is not None and c.running for c in self.children):
+            return
+        waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            request.deferred.callback(
+                [Outcome.temporary(a, "no local delivery process is running", 451, "4.3.0") for a in request.addresses]
+            )
 
     def _ended(self, child: _Child) -> None:
         if self.children[child.slot] is child:
             self.children[child.slot] = None
         if not self.stopping:
-            self._restarts[child.slot] = self.clock.callLater(RESTART_DELAY, self._spawn, child.slot)
+            # a child that answered nothing (crashed at start, or on its
+            # first request) restarts later and later
+            delay = self._backoff(child.slot, failed=child.answered == 0)
+            self._restarts[child.slot] = self.clock.callLater(delay, self._spawn, child.slot)
+            if child.answered == 0:
+                self._fail_waiting_if_none_running()
         # whatever waited for a free child may go to another one
         self._dispatch()
 
@@ -325,8 +376,7 @@ class LocalDeliveryProcesses(service.Service):
                 "addresses": addresses,
                 "message_path": message_path,
             },
-            ensure_ascii=False,
-        ).encode("utf-8", "surrogateescape") + b"\n"
+        ).encode("ascii") + b"\n"  # \u escapes: any str, lone surrogates too, round-trips
         request = _Request(self._next_id, line, addresses)
         self.waiting.append(request)
         self._dispatch()
@@ -364,6 +414,8 @@ def _serve(stdin: Any, stdout: Any) -> int:
     directory = Directory(**settings["directory"])
     agent = LocalDelivery(directory, settings["hostname"], fsync=bool(settings["fsync"]), run=_direct)
     for line in stdin:
+        # A line that is not a request ends this process: the daemon fails
+        # what it had sent softly and starts another.
         request = json.loads(line)
         try:
             outcomes = agent._deliver_all(

@@ -346,9 +346,9 @@ ERRORS = [
      'local.users: cannot be used with local.mode = "system" (the accounts are the users)'),
     # local delivery processes (docs/delivery.rst)
     ("[local]\ndelivery_processes = -1\n",
-     "local.delivery_processes: must be a non-negative integer (0 disables), got -1"),
+     "local.delivery_processes: must be a number of processes, 0 to 32 (0: deliver in the daemon's threads), got -1"),
     ("[local]\ndelivery_processes = true\n",
-     "local.delivery_processes: must be a non-negative integer (0 disables), got true"),
+     "local.delivery_processes: must be a number of processes, 0 to 32 (0: deliver in the daemon's threads), got true"),
     ("[local]\ndelivery_processes = 33\n",
      "local.delivery_processes: must be at most 32 (0: deliver in the daemon's threads), got 33"),
 ]

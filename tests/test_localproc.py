@@ -304,3 +304,75 @@ def gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+# -- failures to start -----------------------------------------------------------------------
+
+
+def test_children_never_read_the_aliases_file(tmp_path):
+    args = dict(directory_args(tmp_path), aliases_path=str(tmp_path / "aliases"))
+    settings = localproc.settings_for(args, "mx.example.test", False)
+    assert settings["directory"]["aliases_path"] is None
+    assert args["aliases_path"] == str(tmp_path / "aliases")  # the daemon's own copy is untouched
+
+
+class _NoProcesses:
+    """A reactor whose spawnProcess fails (EMFILE), with a Clock for the restarts."""
+
+    def __init__(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.spawns = 0
+
+    def callLater(self, *a, **kw):
+        return self.clock.callLater(*a, **kw)
+
+    def seconds(self):
+        return self.clock.seconds()
+
+    def spawnProcess(self, *a, **kw):
+        self.spawns += 1
+        raise OSError(24, "Too many open files")
+
+
+def test_a_process_that_cannot_be_started_is_retried_later_and_deliveries_are_soft_failures(tmp_path, events):
+    reactor = _NoProcesses()
+    p = localproc.LocalDeliveryProcesses(localproc.settings_for(directory_args(tmp_path), "h", False), 1, reactor)
+    p.startService()
+    assert reactor.spawns == 1 and p.children == [None]
+    env, recipients = envelope("15NXSSSSSSSSSSSSS", [f"alice@{DOMAIN}"])
+    d = p.deliver(env, recipients, "/nonexistent")
+    # held while a restart is pending; failed softly when that start fails too
+    assert not d.called
+    reactor.clock.advance(1.0)
+    assert reactor.spawns == 2
+    [o] = d.result
+    assert (o.kind, o.code, o.status, o.text) == ("temporary", 451, "4.3.0", "no local delivery process is running")
+    # the delay doubles per failure in a row: 1 s, 2 s, 4 s ... up to a minute
+    reactor.clock.advance(1.9)
+    assert reactor.spawns == 2
+    reactor.clock.advance(0.1)
+    assert reactor.spawns == 3
+    for _ in range(10):
+        reactor.clock.advance(localproc.MAX_RESTART_DELAY)
+    assert reactor.spawns == 13
+    errors = [e for e in events if "cannot start a local delivery process" in str(e.get("log_format", ""))]
+    assert errors and "Too many open files" in str(errors[0]["error"])
+    p.stopService()
+    reactor.clock.advance(localproc.MAX_RESTART_DELAY)
+    assert reactor.spawns == 13  # no restart after stop
+
+
+def test_a_process_that_dies_at_once_backs_off_and_fails_work_softly(reactor, tmp_path):
+    # /bin/false stands for a child that cannot even read its settings
+    settings = localproc.settings_for(directory_args(tmp_path), "mx.example.test", True)
+    p = localproc.LocalDeliveryProcesses(settings, 1, reactor, python="/bin/false")
+    in_reactor(reactor, p.startService)
+    try:
+        env, recipients = envelope("15NXTTTTTTTTTTTTT", [f"alice@{DOMAIN}"])
+        outcomes = in_reactor(reactor, p.deliver, env, recipients, queued(tmp_path))  # waits for the answer
+        assert [(o.kind, o.code, o.status) for o in outcomes] == [("temporary", 451, "4.3.0")]
+        wait_for(lambda: p._failures.get(0, 0) >= 2, 20, "a second failed start")
+    finally:
+        in_reactor(reactor, p.stopService)
