@@ -158,6 +158,14 @@ class Mailbox:
         return f"{self.local_key}@{self.domain_key}"
 
 
+def _utf8_len(text: str) -> int:
+    """Octets of C{text} in UTF-8; a lone surrogate (JSON C{"\\udcff"} from the HTTP API) is an AddressError."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise AddressError("invalid characters in address", "5.1.3") from None
+
+
 def parse_mailbox(text: str, allow_utf8: bool = True) -> Mailbox:
     """
     Parse C{local@domain} (no angle brackets).
@@ -170,6 +178,7 @@ def parse_mailbox(text: str, allow_utf8: bool = True) -> Mailbox:
     # may reach a header, a log line or a file name.
     if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text):
         raise AddressError("control characters in address", "5.1.3")
+    _utf8_len(text)
     if not allow_utf8 and not _is_ascii(text):
         raise AddressError("non-ASCII address requires SMTPUTF8", "5.6.7")
     at = text.rfind("@")
@@ -204,7 +213,7 @@ def parse_path(text: str, allow_utf8: bool = True) -> Mailbox | None:
         raise AddressError("unbalanced angle brackets", "5.1.3")
     if text == "":
         return None
-    if len(text.encode("utf-8")) + 2 > MAX_PATH:  # with its "<" and ">"
+    if _utf8_len(text) + 2 > MAX_PATH:  # with its "<" and ">"
         raise AddressError("path too long", "5.1.3")
     route = _SOURCE_ROUTE.match(text)
     if route:

@@ -157,3 +157,11 @@ def test_normalize_domain():
 )
 def test_safe_local_part(name, safe):
     assert is_safe_local_part(name) is safe
+
+
+@pytest.mark.parametrize("text", ["\udcff@example.test", "a@\udcffexample.test", "<\ud800@x.test>"])
+def test_lone_surrogates_are_an_address_error(text):
+    """Not UnicodeEncodeError: callers (SMTP, HTTP API, sendmail) only expect AddressError."""
+    with pytest.raises(AddressError) as e:
+        parse_path(text, allow_utf8=True)
+    assert e.value.enhanced == "5.1.3"
