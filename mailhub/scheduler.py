@@ -404,6 +404,18 @@ class Scheduler(service.Service):
     def __len__(self) -> int:
         return len(self._queue)
 
+    def queue_stats(self) -> tuple[int, float | None]:
+        """
+        (queued messages, arrival time of the oldest or None), from memory:
+        the metrics' gauges and the status page ask this every minute and
+        at every scrape; listing and sorting C{envelopes/} instead cost the
+        event loop a pause proportional to the queue (100 000 files).
+        Queue ids sort by arrival, so the oldest is the smallest id.
+        """
+        if not self._queue:
+            return 0, None
+        return len(self._queue), float(self._queue[min(self._queue)].arrival)
+
     @property
     def in_flight(self) -> frozenset[str]:
         return frozenset(self._in_flight)

@@ -439,6 +439,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     )
     scheduler.setName("scheduler")
     scheduler.setServiceParent(top)
+    # From now on the queue gauges come from the scheduler's memory, not a
+    # listing of the spool (which stays for the moments before it exists).
+    metrics.queue_stats = scheduler.queue_stats
 
     # Local submission (mailhub-sendmail) and the queue tools.
     pickup_mode: dict[str, Any] = {}

@@ -1408,3 +1408,24 @@ def test_relay_field_is_local_for_our_domains(spool, clock, events):
         f"{env.queue_id}: to=<bob@example.org>, orig_to=<bob@example.org>, relay=local, delay=0, "
         "attempts=1, dsn=2.0.0, status=sent (delivered)"
     )
+
+
+def test_queue_stats_from_memory(tmp_path):
+    """Size and oldest arrival without listing the spool (the metrics' gauges)."""
+    from twisted.internet.task import Clock
+
+    from mailhub.envelope import Envelope, Recipient
+    from mailhub.scheduler import RetryPolicy, Scheduler
+    from mailhub.spool import Spool, new_queue_id
+
+    spool = Spool(str(tmp_path / "spool"), fsync=False)
+    clock = Clock()
+    clock.advance(1_000_000)
+    s = Scheduler(spool, lambda env, rcpts: None, clock, RetryPolicy())
+    assert s.queue_stats() == (0, None)
+    for arrival in (1000.0, 500.0, 2000.0):
+        env = Envelope(new_queue_id(arrival), "a@x.example", [Recipient("b@y.example")], arrival,
+                       next_attempt=clock.seconds() + 3600, attempts=1)
+        spool.add(env, b"Subject: x\r\n\r\nbody\r\n")
+        s.enqueue(env)
+    assert s.queue_stats() == (3, 500.0)
