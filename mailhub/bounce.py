@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timezone
-from email.utils import format_datetime
 from typing import Mapping
 
 from .envelope import Envelope, Recipient
+from .smtpproto import rfc5322_date
 
 __all__ = [
     "make_dsn",
@@ -69,10 +68,6 @@ def _clean(text: str, limit: int = _TEXT_LIMIT) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
-
-
-def _date(when: float) -> str:
-    return format_datetime(datetime.fromtimestamp(when, timezone.utc))
 
 
 def _addr_type(address: str) -> str:
@@ -265,7 +260,7 @@ def make_dsn(
             f"Your message could not be delivered for more than {hours} hour(s).",
         ]
         if retry_until is not None:
-            lines.append(f"It will be retried until {_date(retry_until)}.")
+            lines.append(f"It will be retried until {rfc5322_date(retry_until)}.")
     lines += ["", "                   The mail system", ""]
     for r in recipients:
         expanded = f" (expanded from <{_clean(r.original, 512)}>)" if r.original != r.address else ""
@@ -289,7 +284,7 @@ def make_dsn(
         fields.append(f"Original-Envelope-Id: {_clean(str(envid), 100)}")
     sender = _clean(envelope.sender, 512)
     fields.append(f"X-Mailhub-Sender: {_addr_type(sender)}; {sender}")
-    fields.append(f"Arrival-Date: {_date(envelope.arrival)}")
+    fields.append(f"Arrival-Date: {rfc5322_date(envelope.arrival)}")
     status = "\r\n".join(fields) + "\r\n"
     for r in recipients:
         addr = _clean(r.address, 512)
@@ -310,9 +305,9 @@ def make_dsn(
         if diagnostic:
             block.append(f"Diagnostic-Code: {diagnostic}")
         if r.last_attempt:
-            block.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
+            block.append(f"Last-Attempt-Date: {rfc5322_date(r.last_attempt)}")
         if what == DELAYED_ACTION and retry_until is not None:
-            block.append(f"Will-Retry-Until: {_date(retry_until)}")
+            block.append(f"Will-Retry-Until: {rfc5322_date(retry_until)}")
         status += "\r\n" + "\r\n".join(block) + "\r\n"
 
     # -- assembly ----------------------------------------------------------------
@@ -334,7 +329,7 @@ def make_dsn(
         else "Delayed Mail (still being retried)"
     )
     head = [
-        f"Date: {_date(now)}",
+        f"Date: {rfc5322_date(now)}",
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
         f"To: {rcpt_to}" if rcpt_to else "To: undisclosed-recipients:;",
         f"Subject: {subject}",

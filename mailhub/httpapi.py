@@ -28,7 +28,6 @@ import email.utils
 import errno
 import json
 import re
-from datetime import datetime, timezone
 from email.message import EmailMessage
 from typing import Any, Callable, Collection, Sequence
 from urllib.parse import parse_qs
@@ -41,7 +40,7 @@ from . import address
 from .envelope import Envelope, Recipient
 from .maillog import mail_event
 from .scheduler import FLUSHED, HELD
-from .smtpproto import trace_header
+from .smtpproto import rfc5322_date, trace_header
 from .spool import is_queue_id
 
 __all__ = ["make_http_site", "ApiSite", "ApiResource", "ROUTES", "DEFAULT_MAX_BODY", "HttpError"]
@@ -499,7 +498,7 @@ class ApiResource(resource.Resource):
         message = re.sub(rb"\r?\n", b"\r\n", body)
         if not message.endswith(b"\r\n"):
             message += b"\r\n"
-        message = _complete_header(message, self.hostname, _date(self._now()))
+        message = _complete_header(message, self.hostname, rfc5322_date(self._now()))
         query = _query(request)
         sender = query.get("from", [None])[0]
         recipients: list[Any] = list(query.get("to", []))
@@ -563,7 +562,7 @@ class ApiResource(resource.Resource):
         if data.get("reply_to"):
             msg["Reply-To"] = data["reply_to"]
         msg["Subject"] = data.get("subject", "")
-        msg["Date"] = _date(self._now())
+        msg["Date"] = rfc5322_date(self._now())
         msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
         msg["MIME-Version"] = "1.0"
         if "text" in data:
@@ -630,7 +629,7 @@ class ApiResource(resource.Resource):
                 clauses = [f"from [{client_ip}] (user {user})", f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}"]
                 if len(recipients) == 1:
                     clauses.append(f"for <{recipients[0]}>")
-                writer.write(trace_header(clauses, _date(now)))
+                writer.write(trace_header(clauses, rfc5322_date(now)))
                 writer.write(message)
                 esmtp: dict[str, Any] = {"size": writer.size, "body": "7BIT" if message.isascii() else "8BITMIME"}
                 if not sender.isascii() or not all(r.address.isascii() for r in rcpts):
@@ -689,11 +688,6 @@ def _query(request: server.Request) -> dict[str, list[str]]:
     uri = request.uri.decode("utf-8", "replace")
     _, _, qs = uri.partition("?")
     return parse_qs(qs, keep_blank_values=False)
-
-
-def _date(when: float) -> str:
-    """An RFC 5322 date in UTC, C{+0000}: the form of smtpd's Received headers (not C{-0000}, "zone unknown")."""
-    return email.utils.format_datetime(datetime.fromtimestamp(when, timezone.utc))
 
 
 #: a header field's first line (RFC 5322 field name, optional obsolete white space, colon)

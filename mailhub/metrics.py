@@ -190,6 +190,18 @@ class MailMetrics:
         self.accepted.labels(listener="smtp")
         self._history: deque[MinuteBucket] = deque(maxlen=HISTORY_MINUTES)
         self.recent = _Recent()
+        # labelled children by label values: Counter.labels() validates and
+        # locks on every call, and it ran four times per message
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, counter: Any, *values: str) -> Any:
+        key = (id(counter), *values)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > 1024:  # label values come from events: stay bounded
+                self._children.clear()
+            child = self._children[key] = counter.labels(*values)
+        return child
 
     # -- exposition ----------------------------------------------------------
 
@@ -227,7 +239,7 @@ class MailMetrics:
         """Update the metrics from one mail event (see the module docstring)."""
         name = event.get("mail_event")
         if name == "connection":
-            self.connections.labels(listener=str(event.get("listener", "smtp"))).inc()
+            self._child(self.connections, str(event.get("listener", "smtp"))).inc()
             if event.get("tls"):
                 self.tls_connections.inc()
         elif name in ("tls", "starttls"):
@@ -237,10 +249,10 @@ class MailMetrics:
                 listener = "pickup"
             else:
                 listener = event.get("listener") or ("http" if str(event.get("proto", "")).upper() == "HTTP" else "smtp")
-            self.accepted.labels(listener=str(listener)).inc()
+            self._child(self.accepted, str(listener)).inc()
             self._bucket().accepted += 1
         elif name == "reject":
-            self.rejected.labels(reason=reject_reason(event)).inc()
+            self._child(self.rejected, reject_reason(event)).inc()
         elif name == "delivery":
             self._delivery(event)
         elif name == "bounce":
@@ -256,7 +268,7 @@ class MailMetrics:
         transport = event.get("transport")
         if not transport:
             transport = "local" if event.get("relay", "local") == "local" else "smtp"
-        self.deliveries.labels(status=status, transport=str(transport)).inc()
+        self._child(self.deliveries, status, str(transport)).inc()
         bucket = self._bucket()
         setattr(bucket, status, getattr(bucket, status) + 1)
         if status in ("sent", "bounced"):

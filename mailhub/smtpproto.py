@@ -266,7 +266,26 @@ def received_header(
     clauses.append(f"by {hostname} (mailhub) with {proto} id {queue_id}")
     if rcpt is not None:
         clauses.append(f"for <{rcpt}>")
-    return trace_header(clauses, format_datetime(datetime.fromtimestamp(when, timezone.utc)))
+    return trace_header(clauses, rfc5322_date(when))
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def rfc5322_date(when: float) -> str:
+    """
+    C{when} as an RFC 5322 date in UTC (C{Sat, 28 Nov 2026 18:43:28 +0000}),
+    made once per second: every message's trace header asks for it, and
+    C{email.utils.format_datetime} is slow Python.
+    """
+    global _last_date
+    second = int(when)
+    cached = _last_date
+    if cached[0] == second:
+        return cached[1]
+    text = format_datetime(datetime.fromtimestamp(second, timezone.utc))
+    _last_date = (second, text)
+    return text
 
 
 def _marker_prefix_len(data: bytes) -> int:
