@@ -142,6 +142,8 @@ class _Child(protocol.ProcessProtocol):
     # -- child to parent ------------------------------------------------------------------
 
     def outReceived(self, data: bytes) -> None:
+        if not self.running:
+            return  # broken and being killed: nothing it says counts any more
         buf = self._out + data
         lines = buf.split(b"\n")
         self._out = lines.pop()
