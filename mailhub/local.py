@@ -326,16 +326,7 @@ class LocalDelivery:
             pass
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            try:
-                out = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
-            except BaseException:
-                os.close(fd)
-                raise
-            with out:
-                size = self._write_header_and_body(out, sender, address, message)
-                out.flush()
-                if self.fsync:
-                    os.fsync(out.fileno())
+            size = self._fill(fd, sender, address, message)
             name = f"{unique},S={size}"
             final = os.path.join(maildir, "new", name)
             if self._in_cur(maildir, name):
@@ -383,6 +374,24 @@ class LocalDelivery:
                 ds = self._syncs[key] = DirSync()
         ds.sync(fsync)
 
+    def _fill(self, fd: int, sender: str, address: str, message: "QueuedMessage") -> int:
+        """
+        Write the Maildir copy into the new file C{fd} (closed here, also
+        on error) and fsync it; returns its size.  Shared by both ways of
+        delivering (by path, and by descriptor in system mode).
+        """
+        try:
+            out = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        with out:
+            size = self._write_header_and_body(out, sender, address, message)
+            out.flush()
+            if self.fsync:
+                os.fsync(out.fileno())
+        return size
+
     def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message: "QueuedMessage") -> int:
         header = (
             b"Return-Path: <" + _header_value(sender) + b">\n"
@@ -408,15 +417,10 @@ class LocalDelivery:
         try:
             try:
                 system.give(fd, fds.uid, fds.gid)
-                out = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
             except BaseException:
                 os.close(fd)
                 raise
-            with out:
-                size = self._write_header_and_body(out, sender, address, message)
-                out.flush()
-                if self.fsync:
-                    os.fsync(out.fileno())
+            size = self._fill(fd, sender, address, message)
             name = f"{unique},S={size}"
             if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
                 os.unlink(unique, dir_fd=fds.tmp)
