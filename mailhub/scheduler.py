@@ -290,42 +290,33 @@ class Scheduler(service.Service):
 
     def enqueue(self, envelope: Envelope) -> None:
         """A committed message: due at C{envelope.next_attempt} (at once when that is past)."""
+        if self._add(envelope):
+            self._pump()
+
+    def _add(self, envelope: Envelope) -> bool:
+        """L{enqueue} without the pump; True when the message was scheduled."""
         qid = envelope.queue_id
         if qid in self._in_flight:
             self._after[qid] = min(self._after.get(qid, math.inf), envelope.next_attempt)
-            return
+            return False
         self._queue[qid] = envelope
         if envelope.held:
             self._unschedule(qid)
-            return
+            return False
         # a persisted time further away than any backoff means the clock
         # was set back: never wait longer than max_backoff
         due = min(envelope.next_attempt, self.clock.seconds() + self.policy.max_backoff)
         self._schedule(qid, due)
-        self._pump()
+        return True
 
     def _enqueue_many(self, envelopes: list[Envelope]) -> None:
         """
-        L{enqueue} for the whole queue at startup: one heapify and one pump
-        instead of a heap push, a pump and a timer reset per message
+        L{enqueue} for the whole queue at startup: one pump (and one timer)
+        at the end instead of a pump and a timer reset per message
         (100 000 queued messages cost seconds the other way).
         """
-        limit = self.clock.seconds() + self.policy.max_backoff
         for envelope in envelopes:
-            qid = envelope.queue_id
-            if qid in self._in_flight:
-                self.enqueue(envelope)
-                continue
-            self._queue[qid] = envelope
-            if envelope.held:
-                self._unschedule(qid)
-                continue
-            seq = next(self._seq)
-            due = min(envelope.next_attempt, limit)
-            self._scheduled[qid] = (seq, due)
-            self._parked_ids.pop(qid, None)
-            self._heap.append((due, seq, qid))
-        heapq.heapify(self._heap)
+            self._add(envelope)
         self._pump()
 
     def flush(self, queue_id: str | None = None) -> str:
