@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import auth
+from .eagerwrite import write_now
 from .maillog import mail_event
 from .policy import Reply, is_loopback
 from .smtpproto import COMMAND, NEED_HELO, SASL, CommandError, _fields
@@ -179,7 +180,7 @@ class TLSAuthMixin:
             return
         if isinstance(step, bytes):
             self._mode = SASL
-            self.transport.write(b"334 " + step + b"\r\n")
+            write_now(self.transport, b"334 " + step + b"\r\n")
             return
         self._sasl = None
         self._mode = COMMAND

@@ -66,6 +66,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .downgrade import ConversionError, downgrade, split_header
+from .eagerwrite import write_now
 from .envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
 
 __all__ = [
@@ -514,7 +515,7 @@ class SMTPClientProtocol(Protocol):
 
     def _write(self, *commands: str) -> None:
         if not self._closed:
-            self.transport.write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
+            write_now(self.transport, b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
 
     async def _command(self, command: str, timeout: float, what: str) -> SMTPReply:
         self._write(command)

@@ -60,6 +60,7 @@ from zope.interface import implementer
 
 from . import address, auth, smtpproto
 from .envelope import Envelope, Recipient
+from .eagerwrite import write_now
 from .maillog import mail_event
 from .policy import SENDER_CHECKS, Policy, Reply, Session
 from .smtpauth import AUTH_LINE_TOO_LONG, TLSAuthMixin
@@ -251,7 +252,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     # -- replies -------------------------------------------------------------------------------
 
     def _write(self, code: int, enhanced: str, text: str | list[str]) -> None:
-        self.transport.write(format_reply(code, enhanced, text))
+        write_now(self.transport, format_reply(code, enhanced, text))
 
     def reply(self, reply: Reply) -> None:
         """Send C{reply}; count errors and close after too many (hard error limit)."""
