@@ -416,8 +416,9 @@ def fill_backlog(spool_path: str, count: int, size: int = 4096, now: float | Non
     """
     Queue C{count} deferred messages in the spool at C{spool_path} (created
     if missing) through L{mailhub.spool.Spool.add} without fsync -- the
-    spool's own format and commit order, as fast as it goes -- before the
-    daemon starts.  Returns their queue ids.
+    spool's own format and commit order (one queue file per message,
+    written in C{tmp/} and renamed to C{queue/ID}, the envelope inside it),
+    as fast as it goes -- before the daemon starts.  Returns their queue ids.
     """
     _import_mailhub()
     from mailhub.spool import Spool, new_queue_id
@@ -1130,12 +1131,15 @@ def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE) 
 
 
 def still_queued(spool_path: str, ids: Iterable[str]) -> int:
-    """How many of C{ids} still have their envelope in the spool (no deferred message lost or sent)."""
+    """
+    How many of C{ids} still have their queue file (C{queue/ID}) in the
+    spool (no deferred message lost or sent); -1 if there is no spool.
+    """
     try:
-        names = set(os.listdir(os.path.join(spool_path, "envelopes")))
+        names = set(os.listdir(os.path.join(spool_path, "queue")))
     except OSError:
         return -1
-    return sum(1 for qid in ids if qid + ".json" in names)
+    return sum(1 for qid in ids if qid in names)
 
 
 def measure_backlog(server: Server, scenario: Scenario, result: dict, smtp_source: str = SMTP_SOURCE) -> None:

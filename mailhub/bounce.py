@@ -20,6 +20,7 @@ import re
 from typing import Mapping
 
 from .envelope import Envelope, Recipient
+from .spool import QueueFileError, open_message
 from .smtpproto import rfc5322_date
 
 __all__ = [
@@ -85,8 +86,10 @@ def _read_original(original: bytes | str, limit: int) -> tuple[bytes, bool]:
         data = bytes(original)
         return data[:limit], len(data) <= limit
     try:
-        with open(original, "rb") as f:
+        with open_message(original) as f:
             data = f.read(limit + 1)
+    except QueueFileError as e:
+        return b"X-Mailhub-Note: original message unavailable: " + _clean(str(e)).encode() + b"\r\n", False
     except OSError as e:
         return b"X-Mailhub-Note: original message unavailable: " + _clean(os.strerror(e.errno or 0)).encode() + b"\r\n", False
     return data[:limit], len(data) <= limit
@@ -176,7 +179,7 @@ def make_dsn(
     Build the DSN for C{recipients} of C{envelope}.
 
     @param original: the original message, as bytes or the path of its
-        spool file (read bounded, never whole).
+        queue file (L{mailhub.spool.open_message}: read bounded, never whole).
     @param reporting_mta: this host's name (Reporting-MTA, From domain).
     @param now: the time of the report (Date, Message-ID).
     @param action: C{"failed"} (a bounce), C{"delayed"} (a warning), or

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -34,7 +35,7 @@ from twisted.python.failure import Failure
 from . import system
 from .directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient, UnsafeMailbox
 from .envelope import Envelope, Outcome, Recipient
-from .spool import DirSync, fsync_dir
+from .spool import DirSync, QueueFileError, fsync_dir, open_message
 
 __all__ = ["LocalDelivery", "CHUNK_SIZE"]
 
@@ -67,9 +68,16 @@ def _header_value(text: str) -> bytes:
 def delivered_to_addresses(path: str) -> set[str]:
     """
     The C{Delivered-To} addresses (lower case, without angle brackets) in
-    the header section of the message at C{path}: everything before the
-    first empty line, folded lines unfolded.
+    the header section of the queued message at C{path} (a queue file,
+    L{open_message}): everything before the first empty line, folded lines
+    unfolded.
     """
+    with open_message(path) as f:
+        return _delivered_to(f)
+
+
+def _delivered_to(f: BinaryIO) -> set[str]:
+    """L{delivered_to_addresses} of an open message (CRLF or LF line ends)."""
     found: set[str] = set()
     current: bytes | None = None
     seen = 0
@@ -84,20 +92,19 @@ def delivered_to_addresses(path: str) -> set[str]:
                 v = v[1:-1].strip()
             found.add(v.lower())
 
-    with open(path, "rb") as f:
-        while seen < MAX_HEADER_SCAN:
-            line = f.readline(65536)
-            if not line:
-                break
-            seen += len(line)
-            stripped = line.rstrip(b"\r\n")
-            if not stripped:
-                break
-            if stripped[:1] in (b" ", b"\t") and current is not None:
-                current += b" " + stripped.strip()
-            else:
-                flush(current)
-                current = stripped
+    while seen < MAX_HEADER_SCAN:
+        line = f.readline(65536)
+        if not line:
+            break
+        seen += len(line)
+        stripped = line.rstrip(b"\r\n")
+        if not stripped:
+            break
+        if stripped[:1] in (b" ", b"\t") and current is not None:
+            current += b" " + stripped.strip()
+        else:
+            flush(current)
+            current = stripped
     flush(current)
     return found
 
@@ -119,16 +126,21 @@ class QueuedMessage:
     def __init__(self, path: str) -> None:
         self.path = path
         self.body: bytes | None = None
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size <= PRELOAD_LIMIT:
+        with open_message(path) as f:
+            if f.length <= PRELOAD_LIMIT:
                 self.body = f.read().replace(b"\r\n", b"\n")
+            else:
+                #: the Delivered-To addresses already in the header (loop detection)
+                self.delivered_to = _delivered_to(f)
+        if self.body is not None:
+            self.delivered_to = _delivered_to(io.BytesIO(self.body))
 
     def write_to(self, out: BinaryIO) -> int:
         """Write the message to C{out}; returns the bytes written."""
         if self.body is not None:
             out.write(self.body)
             return len(self.body)
-        with open(self.path, "rb") as src:
+        with open_message(self.path) as src:
             return copy_lf(src, out)
 
 
@@ -210,10 +222,12 @@ class LocalDelivery:
     ) -> list[Outcome]:
         addresses = list(addresses)
         try:
-            seen = delivered_to_addresses(message_path)
             message = QueuedMessage(message_path)
         except OSError as e:
             return [self._os_error(a, e, "cannot read queued message") for a in addresses]
+        except QueueFileError as e:
+            return [Outcome.temporary(a, f"cannot read queued message: {e}", 451, "4.3.0") for a in addresses]
+        seen = message.delivered_to
         outcomes = []
         for a in addresses:
             try:

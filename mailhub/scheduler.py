@@ -399,7 +399,7 @@ class Scheduler(service.Service):
         """
         (queued messages, arrival time of the oldest or None), from memory:
         the metrics' gauges and the status page ask this every minute and
-        at every scrape; listing and sorting C{envelopes/} instead cost the
+        at every scrape; listing and sorting C{queue/} instead cost the
         event loop a pause proportional to the queue (100 000 files).
         Queue ids sort by arrival, so the oldest is the smallest id.
         """

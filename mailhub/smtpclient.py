@@ -68,6 +68,7 @@ from zope.interface import implementer
 from .downgrade import ConversionError, downgrade, split_header
 from .eagerwrite import write_now
 from .envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
+from .spool import QueueFileError, open_message
 
 __all__ = [
     "TLS_NONE",
@@ -748,12 +749,12 @@ class SMTPClientProtocol(Protocol):
         if not recipients:
             return []
         try:
-            f = open(message_path, "rb")
-        except OSError as e:
+            f = open_message(message_path)
+        except (OSError, QueueFileError) as e:
             return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))
         with f:
             try:
-                size = os.fstat(f.fileno()).st_size
+                size = f.length
                 header = _read_header(f) if envelope.esmtp.get("smtputf8") else b""
             except OSError as e:
                 return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))

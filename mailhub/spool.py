@@ -1,26 +1,42 @@
 """
-The queue on disk: a Maildir-style spool of messages and their envelopes.
+The queue on disk: one file per queued message, as Postfix keeps it.
 
 Owns: the spool directory and every file in it.  A message is queued when,
-and only when, its envelope file exists in C{envelopes/}; everything before
-that rename can be thrown away after a crash because no 250 was given.
+and only when, its queue file exists in C{queue/}; everything before that
+rename can be thrown away after a crash because no 250 was given.
 
 Layout (see docs/spool.rst)::
 
-    SPOOL/tmp/            files being written: ID.msg, ID.env (cleaned at startup)
-    SPOOL/new/ID          committed message bytes, never changed after commit
-    SPOOL/envelopes/ID.json  the envelope; its rename is the commit point
-    SPOOL/corrupt/        unreadable envelopes and orphans, moved, never deleted
+    SPOOL/tmp/               files being written: ID.msg, ID.env (emptied at startup)
+    SPOOL/queue/ID           the queue file: the message bytes exactly as
+                             received, then the envelope as it was at the
+                             commit (one JSON line), then a 44-byte footer
+                             giving both lengths; never changed after commit
+    SPOOL/envelopes/ID.json  the envelope, once it changed after the commit
+                             (it then replaces the copy in the queue file)
+    SPOOL/corrupt/           unreadable queue files and envelopes, moved, never deleted
 
-Commit order: message fsync'd in tmp/, renamed into new/, new/ fsync'd;
-envelope fsync'd in tmp/, renamed into envelopes/, envelopes/ fsync'd.
-Directory fsyncs are group commits (L{DirSync}): concurrent commits in
-worker threads share one fsync of new/ and one of envelopes/.
-Removal order is the reverse: envelope first, then message; the message
-file goes only after the envelope's unlink is durable.  Both unlinks run in
-the spool's own remover thread, so the caller (the reactor thread) makes no
-syscall; until they are done the message is hidden from L{Spool.load},
-L{Spool.queue_ids} and L{Spool.update} in this process.
+Commit: the message, its envelope and the footer are written to C{tmp/},
+fsync'd, renamed into C{queue/}, and C{queue/} is fsync'd: one file, one
+create, two fsyncs (the first layout, a message file and an envelope file,
+needed two creates and four fsyncs; see docs/performance.rst).  The rename
+is the commit point.  Directory fsyncs are group commits (L{DirSync}):
+concurrent commits in worker threads share one fsync of C{queue/}.
+
+An envelope that changes later (an attempt made, a recipient delivered) is
+written to C{envelopes/ID.json} the same way (C{tmp/}, fsync, rename,
+fsync of C{envelopes/}).  Removal unlinks the queue file first; only a
+message that has such an envelope waits for that unlink to be durable
+before its envelope goes (riding on the commits' fsync of C{queue/}), so a
+crash can leave an envelope without its queue file (recovery deletes it:
+the message was removed) but never revive a message with a stale
+envelope.  Unlinks run in the spool's own remover thread, so the caller
+(the reactor thread) makes no syscall; until they are done the message is
+hidden from L{Spool.load}, L{Spool.queue_ids} and L{Spool.update} in this
+process.
+
+Readers of a queued message open it with L{open_message}, which stops at
+the end of the message: nothing may read a queue file to its end.
 
 Must not touch: the reactor, clocks, the network.  Calls are synchronous
 and thread-safe; callers decide in which thread they run.  The only thread
@@ -30,6 +46,7 @@ of its own is the remover (L{Spool.remove}), which exits when idle.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import secrets
@@ -41,7 +58,10 @@ from twisted.logger import Logger
 
 from .envelope import Envelope, EnvelopeFormatError
 
-__all__ = ["Spool", "SpoolWriter", "DirSync", "fsync_dir", "new_queue_id", "is_queue_id", "MEMORY_LIMIT"]
+__all__ = [
+    "Spool", "SpoolWriter", "DirSync", "MessageFile", "QueueFileError", "fsync_dir", "new_queue_id",
+    "is_queue_id", "open_message", "queue_file_bytes", "queue_file_trailer", "MEMORY_LIMIT", "FOOTER_SIZE",
+]
 
 log = Logger()
 
@@ -177,7 +197,7 @@ class DirSync:
             raise error
 
 
-#: Seconds the remover waits for a commit's fsync of envelopes/ to ride on
+#: Seconds the remover waits for a commit's fsync of queue/ to ride on
 #: before it makes its own (and lingers, idle, before its thread ends).
 REMOVER_PATIENCE = 0.05
 
@@ -185,6 +205,134 @@ REMOVER_PATIENCE = 0.05
 #: runs in a worker thread) and written there: the reactor thread makes no
 #: file system call for it.  Larger ones go to tmp/ as they arrive.
 MEMORY_LIMIT = 64 * 1024
+
+#: The footer that ends every queue file: the message's length and the
+#: envelope's, in hexadecimal, so a reader finds both with one read from
+#: the end.  Fixed size (FOOTER_SIZE bytes).
+_FOOTER = b"\n#mailhub-queue 2 %016x %08x\n"
+_FOOTER_RE = re.compile(rb"\n#mailhub-queue 2 ([0-9a-f]{16}) ([0-9a-f]{8})\n")
+FOOTER_SIZE = len(_FOOTER % (0, 0))
+
+#: Bytes read from the end of a queue file to find its envelope in one
+#: read (an envelope with a handful of recipients is well under this).
+_TAIL_READ = 8192
+
+
+class QueueFileError(ValueError):
+    """A file in queue/ that is not a complete queue file."""
+
+
+def queue_file_trailer(message_length: int, envelope: Envelope) -> bytes:
+    """
+    What follows the message in its queue file: the envelope and the
+    footer.  (Public for tools that build a queue by hand: the benchmark's
+    backlog, tests.)
+    """
+    env = envelope.to_json()
+    return env + _FOOTER % (message_length, len(env))
+
+
+def queue_file_bytes(message: bytes, envelope: Envelope) -> bytes:
+    """A whole queue file for C{message} (tools and tests that build one by hand)."""
+    return message + queue_file_trailer(len(message), envelope)
+
+
+def _read_trailer(fd: int, size: int) -> tuple[int, bytes]:
+    """
+    The message length and the envelope bytes of the open queue file
+    C{fd} of C{size} bytes.
+
+    @raise QueueFileError: no valid footer, or lengths that do not add up.
+    """
+    if size < FOOTER_SIZE:
+        raise QueueFileError(f"{size} bytes, shorter than a footer")
+    start = max(0, size - _TAIL_READ)
+    tail = os.pread(fd, size - start, start)
+    m = _FOOTER_RE.fullmatch(tail, len(tail) - FOOTER_SIZE)
+    if m is None:
+        raise QueueFileError("no queue file footer")
+    length, env_length = int(m.group(1), 16), int(m.group(2), 16)
+    if length + env_length + FOOTER_SIZE != size:
+        raise QueueFileError(f"lengths {length}+{env_length} do not match the file size {size}")
+    env_start = length - start  # in tail
+    if env_start >= 0:
+        return length, tail[env_start : len(tail) - FOOTER_SIZE]
+    return length, os.pread(fd, env_length, length)
+
+
+class _MessageSlice(io.RawIOBase):
+    """The first C{length} bytes of an open queue file, as a raw stream."""
+
+    def __init__(self, fd: int, length: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        want = min(len(buffer), self._length - self._pos)
+        if want <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:want]], self._pos)
+        self._pos += got
+        return got
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
+class MessageFile(io.BufferedReader):
+    """
+    A queued message opened for reading (L{open_message}): a buffered
+    binary file that ends where the message ends.
+
+    @ivar length: the message's size in bytes (what C{fstat} would say of
+        a file holding only the message).
+    """
+
+    length: int
+
+
+def open_message(path: str) -> MessageFile:
+    """
+    Open the queue file at C{path} for reading its message.
+
+    @raise OSError: it cannot be opened (e.g. FileNotFoundError: removed).
+    @raise QueueFileError: it is not a complete queue file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        length, _ = _read_trailer(fd, os.fstat(fd).st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    f = MessageFile(_MessageSlice(fd, length), CHUNK)
+    f.length = length
+    return f
+
+
+#: Read buffer of L{open_message} files.
+CHUNK = 64 * 1024
 
 
 def _write_file(path: str, data: bytes, sync: bool) -> None:
@@ -199,12 +347,20 @@ def _write_file(path: str, data: bytes, sync: bool) -> None:
         os.close(fd)
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class SpoolWriter:
     """
     A message being received.  Up to L{MEMORY_LIMIT} bytes are kept in
-    memory (most mail is small, and the commit then does all the file work
-    in its worker thread); beyond that, everything goes to a file in
-    C{tmp/} as it arrives, so memory stays bounded whatever the message size.
+    memory (most mail is small, and the commit then does all the file work,
+    one write of message, envelope and footer, in its worker thread);
+    beyond that, everything goes to a file in C{tmp/} as it arrives, so
+    memory stays bounded whatever the message size.
     """
 
     def __init__(self, spool: "Spool", queue_id: str) -> None:
@@ -220,8 +376,7 @@ class SpoolWriter:
     def _open(self) -> None:
         self._file = open(self._tmp, "xb", buffering=0)
         pending, self._buffer = self._buffer or [], None
-        for chunk in pending:
-            self._write_raw(chunk)
+        self._write_raw(b"".join(pending))
 
     def _write_raw(self, data: bytes) -> None:
         # An unbuffered file may write less than asked (e.g. disk nearly
@@ -248,18 +403,25 @@ class SpoolWriter:
         """
         Make the message durable and queued.  When this returns without an
         exception the caller may answer 250; any exception means nothing is
-        queued (the temporary files are removed) and the answer must be 4xx.
+        queued (the temporary file is removed) and the answer must be 4xx.
         """
         if envelope.queue_id != self.queue_id:
             raise ValueError("envelope is for another message")
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        trailer = queue_file_trailer(self.size, envelope)
         try:
             if self._file is None:
-                self._open()
-            if self.spool.fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-            self._closed = True
-            self.spool._commit(self._tmp, envelope)
+                pending, self._buffer = self._buffer or [], None
+                self._closed = True
+                _write_file(self._tmp, b"".join(pending + [trailer]), self.spool.fsync)
+            else:
+                self._write_raw(trailer)
+                if self.spool.fsync:
+                    os.fsync(self._file.fileno())
+                self._file.close()
+                self._closed = True
+            self.spool._commit(self._tmp, envelope.queue_id)
         except BaseException:
             self.abort()
             raise
@@ -272,10 +434,7 @@ class SpoolWriter:
             if self._file is None:
                 return  # nothing was written to disk
             self._file.close()
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(self._tmp)
 
 
 class Spool:
@@ -288,13 +447,13 @@ class Spool:
     def __init__(self, path: str, fsync: bool = True) -> None:
         self.path = os.path.abspath(path)
         self.fsync = fsync
-        for sub in ("tmp", "new", "envelopes", "corrupt"):
+        for sub in ("tmp", "queue", "envelopes", "corrupt"):
             os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
         #: group commits of the two directories whose renames matter
-        self.new_sync = DirSync(os.path.join(self.path, "new"))
+        self.queue_sync = DirSync(os.path.join(self.path, "queue"))
         self.envelopes_sync = DirSync(os.path.join(self.path, "envelopes"))
-        # removal: ids whose envelope is gone (or going) and whose message
-        # the remover thread deletes once that is durable
+        # removal: ids hidden from load/queue_ids/update whose files the
+        # remover thread deletes
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._removing: set[str] = set()
@@ -305,10 +464,26 @@ class Spool:
     # -- paths ------------------------------------------------------------------
 
     def message_path(self, queue_id: str) -> str:
-        return os.path.join(self.path, "new", queue_id)
+        """The queue file; read its message with L{open_message}, never to its end."""
+        return os.path.join(self.path, "queue", queue_id)
 
     def envelope_path(self, queue_id: str) -> str:
+        """Where the envelope goes once it changed after the commit."""
         return os.path.join(self.path, "envelopes", queue_id + ".json")
+
+    def open_message(self, queue_id: str) -> MessageFile:
+        """
+        L{open_message} of a queued message.
+
+        @raise KeyError: not a queue id (a path trick), or no such message.
+        @raise QueueFileError: the file is damaged.
+        """
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            return open_message(self.message_path(queue_id))
+        except FileNotFoundError:
+            raise KeyError(queue_id)
 
     # -- writing ------------------------------------------------------------------
 
@@ -316,38 +491,26 @@ class Spool:
         """Start receiving a message under a fresh queue id."""
         return SpoolWriter(self, new_queue_id())
 
-    def _commit(self, tmp_message: str, envelope: Envelope) -> None:
-        qid = envelope.queue_id
-        os.rename(tmp_message, self.message_path(qid))
+    def _commit(self, tmp: str, queue_id: str) -> None:
+        final = self.message_path(queue_id)
+        os.rename(tmp, final)
         try:
             if self.fsync:
-                self.new_sync.sync()
-            self._write_envelope(envelope)
+                self.queue_sync.sync()
         except BaseException:
-            # Nothing may stay queued when commit fails (the client gets a
-            # 4xx): the envelope too, if the failure came after its rename.
-            for path in (self.envelope_path(qid), self.message_path(qid)):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            # Nothing may stay queued when commit fails (the client gets a 4xx).
+            _unlink_quietly(final)
             raise
 
     def _write_envelope(self, envelope: Envelope) -> None:
         qid = envelope.queue_id
         tmp = os.path.join(self.path, "tmp", qid + ".env")
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         try:
             _write_file(tmp, envelope.to_json(), self.fsync)
             os.rename(tmp, self.envelope_path(qid))
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
             raise
         if self.fsync:
             self.envelopes_sync.sync()
@@ -380,20 +543,20 @@ class Spool:
     def remove(self, queue_id: str) -> None:
         """
         Dequeue a message: it is no longer queued for this process when
-        this returns (L{load}, L{queue_ids} and L{update} no longer see it);
-        the files go in the remover thread, the envelope first, then the
-        message only after an fsync of C{envelopes/} has made the
-        envelope's unlink durable -- so a crash leaves an orphan message
-        (deleted by L{recover}), never an envelope without its message.
-        That fsync is shared (L{DirSync}) with concurrent commits, and the
-        caller, usually the reactor thread, makes no syscall and waits for
-        no fsync at all (with C{fsync=False} both unlinks happen here).
-        An envelope that cannot be unlinked is logged and stays queued on
+        this returns (L{load}, L{queue_ids} and L{update} no longer see it).
+        The files go in the remover thread: the queue file first; then, if
+        the message has an envelope file, that one, but only after an fsync
+        of C{queue/} has made the queue file's unlink durable (shared,
+        L{DirSync}, with concurrent commits), so a crash can never bring
+        the message back with its first envelope once a later one is gone.
+        The caller, usually the reactor thread, makes no syscall and waits
+        for no fsync (with C{fsync=False} the unlinks happen here).  A
+        queue file that cannot be unlinked is logged and stays queued on
         disk (it is found again at the next start).
 
-        Nothing here makes the envelope's removal itself durable before
-        returning: after a crash it may be back, and its recipients are
-        tried again (local delivery recognises its own Maildir file; remote
+        Nothing here makes the removal itself durable before returning:
+        after a crash the message may be back, and its recipients are tried
+        again (local delivery recognises its own Maildir file; remote
         delivery is at least once, as with Postfix).  See docs/spool.rst.
         """
         if not is_queue_id(queue_id):
@@ -403,47 +566,26 @@ class Spool:
                 return
             self._removing.add(queue_id)
             if self.fsync:
-                # Everything, the envelope's unlink included, in the remover
-                # thread: an unlink costs the event loop about 0.3 ms on a
-                # VM.  Meanwhile _removing hides the message from load,
-                # queue_ids and update, so it is dequeued for this process
-                # when this returns.
                 self._to_remove.append(queue_id)
                 self._idle.notify_all()  # wake a lingering remover
                 if self._remover is None:
                     # Not a daemon thread: a short-lived process (the queue
                     # tool) finishes its removals before it exits.
-                    self._remover = threading.Thread(target=self._remove_messages, name="mailhub-spool-remover")
+                    self._remover = threading.Thread(target=self._remove_files, name="mailhub-spool-remover")
                     self._remover.start()
                 return
         try:
-            os.unlink(self.envelope_path(queue_id))
-        except FileNotFoundError:
-            pass
-        except BaseException:
+            for path in (self.message_path(queue_id), self.envelope_path(queue_id)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        finally:
             with self._lock:
                 self._removing.discard(queue_id)
-            raise
-        if not self.fsync:
-            try:
-                os.unlink(self.message_path(queue_id))
-            except FileNotFoundError:
-                pass
-            finally:
-                with self._lock:
-                    self._removing.discard(queue_id)
-            return
-        with self._lock:
-            self._to_remove.append(queue_id)
-            self._idle.notify_all()  # wake a lingering remover
-            if self._remover is None:
-                # Not a daemon thread: a short-lived process (the queue
-                # tool) finishes its removals before it exits.
-                self._remover = threading.Thread(target=self._remove_messages, name="mailhub-spool-remover")
-                self._remover.start()
 
-    def _remove_messages(self) -> None:
-        """The remover thread: unlink envelopes, fsync envelopes/, then unlink the messages it covers."""
+    def _remove_files(self) -> None:
+        """The remover thread: unlink queue files, then (after an fsync of queue/) their envelope files."""
         while True:
             with self._lock:
                 if not self._to_remove and not self._draining:
@@ -455,43 +597,47 @@ class Spool:
                     self._remover = None
                     self._idle.notify_all()
                     return
-            gone = []
+            updated = []
             for qid in batch:
-                try:
-                    os.unlink(self.envelope_path(qid))
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    # still queued on disk: it comes back at the next start
-                    log.error("spool: cannot remove envelope {queue_id}: {error}", queue_id=qid, error=e)
-                    with self._lock:
-                        self._removing.discard(qid)
-                    continue
-                gone.append(qid)
-            batch = gone
-            if not batch:
-                continue
-            try:
-                self.envelopes_sync.sync(patience=patience)
-            except OSError as e:
-                # the envelopes' removal may not be durable: keep the
-                # messages (recover() deletes them once they are orphans)
-                log.error("spool: cannot sync envelopes/, {count} message file(s) kept: {error}", count=len(batch), error=e)
-                with self._lock:
-                    self._removing.difference_update(batch)
-                continue
-            for qid in batch:
+                has_envelope = os.path.exists(self.envelope_path(qid))
                 try:
                     os.unlink(self.message_path(qid))
                 except FileNotFoundError:
                     pass
                 except OSError as e:
-                    log.error("spool: cannot remove message {queue_id}: {error}", queue_id=qid, error=e)
+                    # still queued on disk: it comes back at the next start
+                    log.error("spool: cannot remove queue file {queue_id}: {error}", queue_id=qid, error=e)
+                    with self._lock:
+                        self._removing.discard(qid)
+                    continue
+                if has_envelope:
+                    updated.append(qid)
+                else:
+                    with self._lock:
+                        self._removing.discard(qid)
+            if not updated:
+                continue
+            try:
+                self.queue_sync.sync(patience=patience)
+            except OSError as e:
+                # the queue files' removal may not be durable: keep their
+                # envelopes (recover() deletes them once they are orphans)
+                log.error("spool: cannot sync queue/, {count} envelope file(s) kept: {error}", count=len(updated), error=e)
+                with self._lock:
+                    self._removing.difference_update(updated)
+                continue
+            for qid in updated:
+                try:
+                    os.unlink(self.envelope_path(qid))
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.error("spool: cannot remove envelope {queue_id}: {error}", queue_id=qid, error=e)
             with self._lock:
-                self._removing.difference_update(batch)
+                self._removing.difference_update(updated)
 
     def drain(self) -> None:
-        """Wait until every removed message's file is gone (tests, shutdown, recovery)."""
+        """Wait until every removed message's files are gone (tests, shutdown, recovery)."""
         with self._lock:
             self._draining += 1
             try:
@@ -505,10 +651,11 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         """
-        Read one envelope.
+        Read one envelope: its envelope file if it changed after the
+        commit, else the one in its queue file.
 
         @raise KeyError: no such message.
-        @raise EnvelopeFormatError: the file is not a valid envelope.
+        @raise EnvelopeFormatError: not a valid envelope or queue file.
         """
         if not is_queue_id(queue_id) or queue_id in self._removing:
             raise KeyError(queue_id)
@@ -516,18 +663,28 @@ class Spool:
             with open(self.envelope_path(queue_id), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            raise KeyError(queue_id)
+            raw = self._queued_envelope(queue_id)
         env = Envelope.from_json(raw)
         if env.queue_id != queue_id:
             raise EnvelopeFormatError("queue_id does not match the file name")
         return env
 
+    def _queued_envelope(self, queue_id: str) -> bytes:
+        """The envelope bytes in the queue file (KeyError: none; EnvelopeFormatError: bad file)."""
+        try:
+            fd = os.open(self.message_path(queue_id), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise KeyError(queue_id)
+        try:
+            return _read_trailer(fd, os.fstat(fd).st_size)[1]
+        except QueueFileError as e:
+            raise EnvelopeFormatError(f"bad queue file: {e}")
+        finally:
+            os.close(fd)
+
     def queue_ids(self) -> list[str]:
         """Ids of all queued messages, oldest first."""
-        ids = []
-        for name in os.listdir(os.path.join(self.path, "envelopes")):
-            if name.endswith(".json") and is_queue_id(name[:-5]):
-                ids.append(name[:-5])
+        ids = [name for name in os.listdir(os.path.join(self.path, "queue")) if is_queue_id(name)]
         with self._lock:
             removing = set(self._removing)
         return sorted(i for i in ids if i not in removing)
@@ -548,17 +705,88 @@ class Spool:
         os.rename(path, target)
         log.error("spool: moved {path} to {target}: {why}", path=path, target=target, why=why)
 
+    def migrate(self) -> int:
+        """
+        Convert messages queued in the first spool layout (C{new/ID} and
+        C{envelopes/ID.json}, mailhub before queue files) into queue files;
+        return how many.  Each is written and made durable in C{queue/}
+        before its old files go, so a crash meanwhile leaves both copies
+        and the next run only deletes the old ones.  A message in C{new/}
+        without an envelope was never committed and is deleted; an
+        unreadable envelope goes to C{corrupt/} with its message.  C{new/}
+        is removed when empty, so this costs one C{stat} afterwards.
+        """
+        new = os.path.join(self.path, "new")
+        try:
+            names = sorted(os.listdir(new))
+        except FileNotFoundError:
+            return 0
+        queued = set(os.listdir(os.path.join(self.path, "queue")))
+        moved: list[str] = []
+        for name in names:
+            old = os.path.join(new, name)
+            if name in queued:
+                continue  # converted before a crash: only the old files are left to delete
+            if not is_queue_id(name):
+                self._quarantine(old, "not a queue id")
+                continue
+            try:
+                with open(self.envelope_path(name), "rb") as f:
+                    env = Envelope.from_json(f.read())
+                if env.queue_id != name:
+                    raise EnvelopeFormatError("queue_id does not match the file name")
+            except FileNotFoundError:
+                os.unlink(old)  # never committed
+                continue
+            except (EnvelopeFormatError, OSError) as e:
+                self._quarantine(self.envelope_path(name), f"unreadable envelope: {e}")
+                self._quarantine(old, "message of an unreadable envelope")
+                continue
+            tmp = os.path.join(self.path, "tmp", name + ".msg")
+            _unlink_quietly(tmp)
+            with open(old, "rb") as src, open(tmp, "xb") as dst:
+                length = 0
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+                    length += len(chunk)
+                dst.write(queue_file_trailer(length, env))
+                dst.flush()
+                if self.fsync:
+                    os.fsync(dst.fileno())
+            os.rename(tmp, self.message_path(name))
+            moved.append(name)
+        if self.fsync:
+            _fsync_dir(os.path.join(self.path, "queue"))
+        # Now every message of new/ is durable in queue/ (or was never
+        # committed): the old files go.  Its old envelope would only repeat
+        # the copy in the queue file.
+        for name in names:
+            if name in moved or name in queued:
+                _unlink_quietly(self.envelope_path(name))
+            _unlink_quietly(os.path.join(new, name))
+        if self.fsync:
+            _fsync_dir(os.path.join(self.path, "envelopes"))
+        try:
+            os.rmdir(new)
+        except OSError:
+            pass
+        if moved:
+            log.info("spool: converted {count} message(s) to queue files", count=len(moved))
+        return len(moved)
+
     def recover(self) -> list[Envelope]:
         """
         Make the spool consistent after a start or a crash and return every
         queued envelope that still has pending recipients.
 
         - C{tmp/} is emptied: nothing in it was ever acknowledged.
-        - a message in C{new/} with no envelope was never committed: removed.
-        - an envelope that cannot be parsed, or whose message is missing,
-          is moved to C{corrupt/} and logged, never deleted.
-        - an envelope with no pending recipient (crash during removal) is
-          removed with its message.
+        - messages of the first spool layout are converted (L{migrate}).
+        - a queue file that cannot be read, or whose envelope cannot, is
+          moved to C{corrupt/} (with that envelope) and logged, never deleted.
+        - an envelope file without its queue file is what a crash during
+          removal leaves: deleted.
+        - a message with no pending recipient (crash during removal) is
+          removed.
         """
         self.drain()
         tmp = os.path.join(self.path, "tmp")
@@ -567,40 +795,44 @@ class Spool:
                 os.unlink(os.path.join(tmp, name))
             except IsADirectoryError:
                 pass
-        queued = set()
+        self.migrate()
         pending = []
-        messages = set(os.listdir(os.path.join(self.path, "new")))  # one listing, not a stat per envelope
-        for name in sorted(os.listdir(os.path.join(self.path, "envelopes"))):
-            path = os.path.join(self.path, "envelopes", name)
-            qid = name[:-5] if name.endswith(".json") else ""
-            if not is_queue_id(qid):
-                self._quarantine(path, "not an envelope file name")
+        envelopes = set(os.listdir(os.path.join(self.path, "envelopes")))  # one listing, not a stat per message
+        queued = set()
+        for name in sorted(os.listdir(os.path.join(self.path, "queue"))):
+            path = self.message_path(name)
+            if not is_queue_id(name):
+                self._quarantine(path, "not a queue file name")
                 continue
             try:
-                env = self.load(qid)
-            except (KeyError, EnvelopeFormatError, OSError) as e:
-                self._quarantine(path, f"unreadable envelope: {e}")
-                # its message was acknowledged: keep it next to the envelope
-                if qid in messages:
-                    self._quarantine(self.message_path(qid), "message of an unreadable envelope")
+                if name + ".json" in envelopes:
+                    env = self.load(name)
+                else:
+                    env = Envelope.from_json(self._queued_envelope(name))
+                    if env.queue_id != name:
+                        raise EnvelopeFormatError("queue_id does not match the file name")
+            except KeyError:
+                continue  # gone meanwhile (removed by the queue tool)
+            except (EnvelopeFormatError, OSError) as e:
+                self._quarantine(path, f"unreadable: {e}")
+                if name + ".json" in envelopes:
+                    self._quarantine(self.envelope_path(name), "envelope of an unreadable message")
+                    envelopes.discard(name + ".json")
                 continue
-            if qid not in messages:
-                self._quarantine(path, "envelope without message")
-                continue
-            queued.add(qid)
+            queued.add(name)
             if env.done:
-                self.remove(qid)
+                self.remove(name)
                 continue
             pending.append(env)
+        for entry in sorted(envelopes):
+            qid = entry[:-5] if entry.endswith(".json") else ""
+            if not is_queue_id(qid):
+                self._quarantine(os.path.join(self.path, "envelopes", entry), "not an envelope file name")
+            elif qid not in queued:
+                # the queue file's unlink was durable, this one's was not
+                _unlink_quietly(self.envelope_path(qid))
+                log.info("spool: removed the envelope of {queue_id}, whose message was already removed", queue_id=qid)
         self.drain()
-        for name in os.listdir(os.path.join(self.path, "new")):
-            if name not in queued:
-                path = os.path.join(self.path, "new", name)
-                try:
-                    os.unlink(path)
-                except OSError as e:
-                    if e.errno != errno.ENOENT:
-                        raise
         if self.fsync:
-            _fsync_dir(os.path.join(self.path, "new"))
+            _fsync_dir(os.path.join(self.path, "envelopes"))
         return pending

@@ -149,7 +149,17 @@ class Daemon:
         self.proc.wait(10)
 
     def queued(self) -> list[str]:
-        return sorted(os.listdir(os.path.join(self.spool, "envelopes")))
+        """
+        One C{ID.json} per queued message, listed from C{queue/} (spool
+        format 2: C{envelopes/} holds only envelopes changed after the
+        commit).  The names keep the first layout's envelope file names, so
+        callers' C{qid + ".json"} checks mean what they meant; read an
+        envelope with C{Spool(d.spool).load(qid)}, not from C{envelopes/}.
+        """
+        from mailhub.spool import is_queue_id
+
+        names = os.listdir(os.path.join(self.spool, "queue"))
+        return sorted(name + ".json" for name in names if is_queue_id(name))
 
 
 def read_maildir(path: str) -> list[bytes]:

@@ -121,7 +121,7 @@ class Harness:
         return Client(self.factory, ip, **kw)
 
     def message(self, qid: str) -> bytes:
-        with open(self.spool.message_path(qid), "rb") as f:
+        with self.spool.open_message(qid) as f:
             return f.read()
 
     def body(self, qid: str) -> bytes:
@@ -129,7 +129,7 @@ class Harness:
         return strip_received(self.message(qid))[1]
 
     def spool_is_empty(self) -> bool:
-        return all(not os.listdir(os.path.join(self.spool.path, d)) for d in ("tmp", "new", "envelopes"))
+        return all(not os.listdir(os.path.join(self.spool.path, d)) for d in ("tmp", "queue", "envelopes"))
 
 
 def strip_received(raw: bytes) -> tuple[bytes, bytes]:

@@ -239,8 +239,12 @@ def test_backlog_filler_writes_deferred_envelopes_the_spool_reads(tmp_path):
         assert r.address == f"rcpt{n}@deferred.example" and r.state == PENDING
         assert (r.attempts, r.last_code, r.last_status) == (1, 451, "4.4.1")
         assert r.last_text.startswith("connect to mx.deferred.example")
-        with open(spool.message_path(qid), "rb") as f:
+        # one queue file, no separate envelope file (the envelope has not changed since the commit)
+        assert os.path.isfile(spool.message_path(qid))
+        assert not os.path.exists(spool.envelope_path(qid))
+        with spool.open_message(qid) as f:
             data = f.read()
+            assert f.length == len(data)
         assert 4096 - 80 <= len(data) <= 4096
         assert f"Message-ID: <backlog.{n}@bench.example>\r\n".encode() in data
         assert b"\n." not in data  # nothing to dot-stuff
@@ -248,6 +252,9 @@ def test_backlog_filler_writes_deferred_envelopes_the_spool_reads(tmp_path):
     assert sorted(e.queue_id for e in spool.recover()) == ids
     assert os.listdir(tmp_path / "spool" / "corrupt") == []
     assert os.listdir(tmp_path / "spool" / "tmp") == []
+    assert os.listdir(tmp_path / "spool" / "envelopes") == []
+    assert not os.path.exists(tmp_path / "spool" / "new")  # nothing in the first layout
+    assert sorted(os.listdir(tmp_path / "spool" / "queue")) == ids
     assert bench.still_queued(str(tmp_path / "spool"), ids + ["15NXMVXZ3KR9JFRSC"]) == 25
     spool.remove(ids[0])
     assert bench.still_queued(str(tmp_path / "spool"), ids) == 24

@@ -12,6 +12,7 @@ import pytest
 
 from mailhub.bounce import FULL_LIMIT, HEADERS_LIMIT, make_dsn
 from mailhub.envelope import FAILED, PENDING, Envelope, Recipient
+from mailhub.spool import queue_file_bytes
 
 ORIGINAL = (
     b"Received: from client\r\n\tby mx\r\nFrom: Alice <alice@example.com>\r\n"
@@ -140,9 +141,9 @@ def test_ret_full_too_big_returns_headers_only():
 
 
 def test_original_from_file_path_and_bare_lf(tmp_path):
-    path = tmp_path / "msg"
-    path.write_bytes(b"Subject: from file\nX-A: 1\n\nbody\n")
+    path = tmp_path / "msg"  # a queue file: the message, then envelope and footer
     r = rcpt()
+    path.write_bytes(queue_file_bytes(b"Subject: from file\nX-A: 1\n\nbody\n", env([r])))
     raw = make_dsn(env([r]), [r], str(path), "h", NOW)
     assert b"Subject: from file\r\nX-A: 1\r\n" in raw
     assert b"body" not in raw.split(b"text/rfc822-headers")[1]

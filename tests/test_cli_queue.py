@@ -31,6 +31,11 @@ def spool(tmp_path):
     return s
 
 
+def message_for(n: int) -> bytes:
+    """The bytes queued by L{deferred} for message C{n}."""
+    return b"From: alice@example.org\r\nSubject: deferred %d\r\n\r\nbody\r\n" % n
+
+
 def deferred(spool, sender="alice@example.org", held=False, n=0):
     qid = new_queue_id(ARRIVAL + n)
     env = Envelope(
@@ -47,7 +52,7 @@ def deferred(spool, sender="alice@example.org", held=False, n=0):
         held=held,
         client={"protocol": "esmtp", "addr": "127.0.0.1"},
     )
-    spool.add(env, b"From: alice@example.org\r\nSubject: deferred %d\r\n\r\nbody\r\n" % n)
+    spool.add(env, message_for(n))
     return env
 
 
@@ -69,7 +74,10 @@ def test_list(spool):
     b = deferred(spool, sender="", held=True, n=1)
     status, out, err = run(spool, "list")
     assert (status, err) == (0, "")
-    size = os.path.getsize(spool.message_path(a.queue_id))
+    # the message's size, not its queue file's (which adds the envelope and a footer)
+    size = len(message_for(0))
+    with spool.open_message(a.queue_id) as f:
+        assert f.length == size
     when = time.strftime("%a %b %e %H:%M:%S", time.localtime(ARRIVAL))
     indent = " " * 49
     lines = out.splitlines()
@@ -200,3 +208,51 @@ def test_list_into_a_closed_pipe_is_quiet(spool, tmp_path, command, messages):
     finally:
         os.close(write_end)
     assert (r.returncode, r.stderr) == (0, b"")
+
+
+# -- cat: the message as received, never its envelope or footer ---------------------------
+
+
+def test_cat_prints_exactly_the_message(spool, tmp_path):
+    qid = new_queue_id(ARRIVAL)
+    raw = b"From: a@example.org\r\nSubject: caf\xc3\xa9\r\n\r\n8-bit \xff body\r\nlast line without end"
+    spool.add(Envelope(qid, "a@example.org", [Recipient("b@example.com")], arrival=ARRIVAL), raw)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[spool]\npath = "{spool.path}"\n')
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    environ.pop("MAILHUB_CONFIG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "mailhub.cli.main", "-c", str(config), "queue", "cat", qid],
+        capture_output=True, cwd=ROOT, env=environ, timeout=30,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, raw, b"")
+
+
+def test_cat_refuses_unknown_ids_path_tricks_and_damaged_files(spool):
+    assert run(spool, "cat", "ABCDEFGHJK123") == (66, "", "mailhub queue: ABCDEFGHJK123: no such message\n")
+    for trick in ("../../etc/passwd", "queue", ""):
+        status, out, err = run(spool, "cat", trick)
+        assert (status, out) == (66, "") and "no such message" in err
+    a = deferred(spool)
+    with open(spool.message_path(a.queue_id), "r+b") as f:
+        f.truncate(30)
+    status, out, err = run(spool, "cat", a.queue_id)
+    assert (status, out) == (66, "")
+    assert err.startswith(f"mailhub queue: {a.queue_id}: unreadable queue file: ")
+
+
+def test_the_queue_tool_converts_a_spool_of_the_first_layout(spool):
+    """After an upgrade, with the daemon still stopped, the old queue is listed (and converted)."""
+    qid = new_queue_id(ARRIVAL)
+    env = Envelope(qid, "old@example.org", [Recipient("b@example.com")], arrival=ARRIVAL)
+    os.makedirs(os.path.join(spool.path, "new"))
+    with open(os.path.join(spool.path, "new", qid), "wb") as f:
+        f.write(message_for(7))
+    with open(spool.envelope_path(qid), "wb") as f:
+        f.write(env.to_json())
+    status, out, err = run(spool, "list")
+    assert (status, err) == (0, "")
+    assert f"{qid}  " in out and "old@example.org" in out
+    assert not os.path.exists(os.path.join(spool.path, "new"))
+    with spool.open_message(qid) as f:
+        assert f.read() == message_for(7)

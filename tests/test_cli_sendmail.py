@@ -104,7 +104,7 @@ def test_message_lands_in_pickup_then_gets_queued(env):
     assert [r.address for r in envl.recipients] == ["bob@example.com", "carol@example.org"]
     assert envl.client["uid"] == os.getuid() and envl.client["user"] == LOGIN
     assert pickup_files(spool) == []
-    with open(spool.message_path(envl.queue_id), "rb") as f:
+    with spool.open_message(envl.queue_id) as f:
         data = f.read()
     assert data.startswith(b"Received: by mx.example (mailhub, from userid %d)\r\n" % os.getuid())
     assert data.endswith(body)

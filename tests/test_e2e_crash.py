@@ -112,6 +112,11 @@ class Load:
             s.close()
 
 
+def spool_files(d: Daemon, sub: str) -> list[str]:
+    """The names in one spool directory (queue/: queue files; envelopes/: changed envelopes)."""
+    return sorted(os.listdir(os.path.join(d.spool, sub)))
+
+
 def delivered(d: Daemon) -> dict[int, list[bytes]]:
     found: dict[int, list[bytes]] = {}
     for raw in read_maildir(d.maildir("alice")):
@@ -145,11 +150,14 @@ def test_sigkill_under_load(tmp_path, kill_at):
     assert all(ids) and len(set(ids)) == len(ids), "every 250 carries a distinct queue id"
 
     d.start()  # same data directory: recovery, then delivery of what was queued
-    # removal unlinks the envelope first, then the message: wait for both
+    # removal unlinks the queue file first, then (after an fsync of queue/)
+    # the envelope file of a message whose envelope changed: wait for both
     wait_for(
-        lambda: not d.queued() and not os.listdir(os.path.join(d.spool, "new")),
+        lambda: not spool_files(d, "queue") and not spool_files(d, "envelopes"),
         15, "the spool to drain after the restart", interval=0.05,
     )
+    # the spool was created in the queue-file layout: nothing of the old one appears
+    assert not os.path.exists(os.path.join(d.spool, "new"))
     # recovery removed whatever was never committed
     assert os.listdir(os.path.join(d.spool, "tmp")) == []
     assert os.listdir(os.path.join(d.spool, "corrupt")) == []

@@ -42,7 +42,6 @@ once) and must drain the spool.  Per (message, recipient) we check:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import smtplib
@@ -54,6 +53,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from daemon import CLEAN_EXIT, Daemon, wait_for
+from mailhub.envelope import DELIVERED, PENDING, Envelope
+from mailhub.spool import Spool
 
 TOTAL = 30
 #: the receiver answers this many messages in the first run, then stalls
@@ -339,13 +340,21 @@ def spool_files(d: Daemon, sub: str) -> list[str]:
     return sorted(os.listdir(os.path.join(d.spool, sub)))
 
 
+def envelope_of(d: Daemon, qid: str) -> Envelope:
+    """
+    The current envelope of queued message C{qid}: C{envelopes/ID.json} once
+    it changed after the commit, else the copy in its queue file (spool
+    format 2).  Read-only: L{Spool.load} neither recovers nor removes.
+    """
+    return Spool(d.spool).load(qid)
+
+
 def pending_at_kill(d: Daemon) -> dict[str, set[str]]:
-    """Queue id -> the recipients still pending in its envelope (spool.rst: plain JSON)."""
+    """Queue id -> the recipients still pending in its current envelope."""
     out = {}
     for name in d.queued():
-        with open(os.path.join(d.spool, "envelopes", name), encoding="utf-8") as f:
-            env = json.load(f)
-        out[env["queue_id"]] = {r["address"].lower() for r in env["recipients"] if r["state"] == "pending"}
+        env = envelope_of(d, name.removesuffix(".json"))
+        out[env.queue_id] = {r.address.lower() for r in env.recipients if r.state == PENDING}
     return out
 
 
@@ -387,10 +396,9 @@ def test_sigkill_during_relay_is_at_least_once(tmp_path, receivers):
         def other_half_recorded() -> bool:
             if not any(r.answered for r in other.of_run(1)):
                 return False
-            with open(os.path.join(d.spool, "envelopes", qids[TWO_HOPS] + ".json"), encoding="utf-8") as f:
-                env = json.load(f)
-            return any(r["address"].lower() == f"other{TWO_HOPS}@other.test" and r["state"] == "delivered"
-                       for r in env["recipients"])
+            env = envelope_of(d, qids[TWO_HOPS])
+            return any(r.address.lower() == f"other{TWO_HOPS}@other.test" and r.state == DELIVERED
+                       for r in env.recipients)
 
         try:
             wait_for(settled, 30, "deliveries to stall with the answered ones dequeued", interval=0.05)
@@ -430,7 +438,9 @@ def test_sigkill_during_relay_is_at_least_once(tmp_path, receivers):
     try:
         d.start()
         wait_for(
-            lambda: not d.queued() and not spool_files(d, "new"),
+            # no queue file and no envelope file left (removal unlinks the
+            # queue file first, then its envelope file, if any)
+            lambda: not d.queued() and not spool_files(d, "envelopes"),
             30, "the spool to drain after the restart", interval=0.05,
         )
         # recovery queued exactly the unfinished messages (the half-sent one was never committed)

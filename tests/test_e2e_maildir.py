@@ -25,6 +25,7 @@ from conftest import in_reactor, require_tool
 from mailhub.directory import Directory
 from mailhub.envelope import Envelope, Recipient
 from mailhub.local import LocalDelivery
+from mailhub.spool import queue_file_bytes
 from peers import free_port
 
 MESSAGE = (
@@ -57,11 +58,11 @@ def deliver(tmp_path, run=sync_run, users=("alice",)) -> tuple[str, str, defer.D
     """Queue file -> LocalDelivery -> Maildir.  Returns (mailbox root, maildir, outcomes)."""
     root = str(tmp_path / "mailboxes")
     os.makedirs(root)
+    env = Envelope("0123456789ABCDEFG", SENDER, [Recipient("alice@example.org")], arrival=0.0)
     queued = tmp_path / "queued"
-    queued.write_bytes(MESSAGE)
+    queued.write_bytes(queue_file_bytes(MESSAGE, env))  # a queue file, as the spool commits it
     directory = Directory(["example.org"], root, users=list(users))
     agent = LocalDelivery(directory, "mx.example.org", run=run)
-    env = Envelope("0123456789ABCDEFG", SENDER, [Recipient("alice@example.org")], arrival=0.0)
     d = agent.deliver(env, env.recipients, str(queued))
     return root, directory.maildir_for("alice@example.org"), d
 

@@ -31,6 +31,7 @@ from conftest import in_reactor, require_tool
 from mailhub import smtpclient
 from mailhub.envelope import Envelope, Recipient
 from mailhub.remote import RemoteDelivery
+from mailhub.spool import queue_file_bytes
 from peers import free_port, wait_listening
 from test_remote import AAAA, CNAME, MX, A, Zone
 
@@ -124,9 +125,9 @@ def make_agent(reactor, dns_addr: str, port: int, **kw) -> tuple[RemoteDelivery,
 
 
 def deliver(reactor, agent: RemoteDelivery, tmp_path, *rcpts: str, qid: str = "E2E0000001"):
-    path = tmp_path / f"{qid}.msg"
-    path.write_bytes(MESSAGE)
+    path = tmp_path / qid  # a queue file, as the spool hands it to agents
     env = Envelope(qid, "sender@example.org", [Recipient(r) for r in rcpts], 0.0)
+    path.write_bytes(queue_file_bytes(MESSAGE, env))
     return in_reactor(reactor, lambda: agent.deliver(env, env.recipients, str(path)))
 
 
@@ -293,7 +294,8 @@ def test_route_to_mailhub_server(reactor, sink, dns_server, tmp_path) -> None:
     env = queued[0]
     assert env.sender == "sender@example.org"
     assert [r.address for r in env.recipients] == ["alice@example.com"]
-    data = open(spool.message_path(env.queue_id), "rb").read()
+    with spool.open_message(env.queue_id) as f:
+        data = f.read()
     assert data.startswith(b"Received: ")
     assert data.endswith(MESSAGE)
     (dump,) = dumps(out, 1)

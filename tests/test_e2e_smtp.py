@@ -46,7 +46,7 @@ class Server:
         in_reactor(self.reactor, self.port.stopListening)
 
     def stored(self, qid: str) -> bytes:
-        with open(self.spool.message_path(qid), "rb") as f:
+        with self.spool.open_message(qid) as f:
             raw = f.read()
         m = re.match(rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*", raw)
         assert m is not None, raw[:200]

@@ -30,6 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from conftest import in_reactor
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
 from mailhub.smtpclient import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
+from mailhub.spool import queue_file_bytes
 from peers import Sink, free_port, sink_message
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,6 +73,14 @@ def env_for(*rcpts: str, **esmtp) -> Envelope:
     return Envelope("Q1", "sender@client.test", [Recipient(r) for r in rcpts], arrival=0.0, esmtp=esmtp)
 
 
+def write_queue_file(path, raw: bytes, env: Envelope | None = None) -> None:
+    """
+    Write C{raw} as the spool hands it to agents: a queue file (message,
+    envelope, footer), of which the client must send only the message.
+    """
+    path.write_bytes(queue_file_bytes(raw, env or env_for("a@dest.test")))
+
+
 # -- (a) smtp-sink -----------------------------------------------------------------------
 
 
@@ -105,7 +114,7 @@ def test_sink_receives_1mb_with_dot_lines_at_chunk_boundaries(reactor, sink, tmp
     raw = boundary_message(16)
     assert len(raw) >= 1024 * 1024
     path = tmp_path / "msg"
-    path.write_bytes(raw)
+    write_queue_file(path, raw)
     outcomes, tls = deliver(
         reactor, port, ClientOptions("client.test", tls="may"), env_for("a@dest.test", "b@dest.test"), str(path)
     )
@@ -125,7 +134,7 @@ def test_sink_small_messages_and_8bitmime(reactor, sink, tmp_path):
     cases = [b"", b".", b"Subject: x\r\n\r\n.\r\n..\r\n.x\r\nbare\nlf\r\nno newline at end"]
     for n, raw in enumerate(cases):
         path = tmp_path / f"m{n}"
-        path.write_bytes(raw)
+        write_queue_file(path, raw)
         outcomes, _ = deliver(
             reactor, port, ClientOptions("client.test", tls="none"), env_for("a@dest.test", body="8BITMIME"), str(path)
         )
@@ -140,7 +149,7 @@ def test_sink_small_messages_and_8bitmime(reactor, sink, tmp_path):
 
 def test_sink_soft_and_hard_rcpt_rejects(reactor, sink, tmp_path):
     path = tmp_path / "m"
-    path.write_bytes(b"Subject: x\r\n\r\nhi\r\n")
+    write_queue_file(path, b"Subject: x\r\n\r\nhi\r\n")
     port, dump = sink("-r", "RCPT")  # also turns PIPELINING off: the one-at-a-time path
     outcomes, _ = deliver(reactor, port, ClientOptions("client.test", tls="none"), env_for("a@d.test"), str(path))
     assert [(o.kind, o.code, o.status) for o in outcomes] == [(TEMPORARY, 450, "4.3.0")]
@@ -165,7 +174,7 @@ def test_sink_without_8bitmime_receives_7bit(reactor, sink, tmp_path):
     """RFC 6152 3: smtp-sink -8 offers no 8BITMIME; what it gets is 7-bit and decodes to the original."""
     port, dump = sink("-8")
     path = tmp_path / "m"
-    path.write_bytes(EIGHT_BIT_MULTIPART)
+    write_queue_file(path, EIGHT_BIT_MULTIPART)
     outcomes, _ = deliver(
         reactor, port, ClientOptions("client.test", tls="none"), env_for("a@dest.test", body="8BITMIME"), str(path)
     )
@@ -185,7 +194,7 @@ def test_sink_without_8bitmime_receives_7bit(reactor, sink, tmp_path):
 def test_sink_without_8bitmime_unconvertible_is_554_563_and_nothing_sent(reactor, sink, tmp_path):
     port, dump = sink("-8")
     path = tmp_path / "m"
-    path.write_bytes("Subject: Grüße\r\n\r\nhi\r\n".encode())
+    write_queue_file(path, "Subject: Grüße\r\n\r\nhi\r\n".encode())
     outcomes, _ = deliver(
         reactor, port, ClientOptions("client.test", tls="none"), env_for("a@dest.test", body="8BITMIME"), str(path)
     )
@@ -198,8 +207,8 @@ def test_sink_without_smtputf8_takes_ascii_mail_flagged_smtputf8(reactor, sink, 
     """RFC 6531 3.2: SMTPUTF8 only matters when envelope or headers really are UTF-8 (smtp-sink offers none)."""
     port, dump = sink()
     ascii_path, utf8_path = tmp_path / "a", tmp_path / "u"
-    ascii_path.write_bytes(b"Subject: plain\r\n\r\nhi\r\n")
-    utf8_path.write_bytes("Subject: Grüße\r\n\r\nhi\r\n".encode())
+    write_queue_file(ascii_path, b"Subject: plain\r\n\r\nhi\r\n")
+    write_queue_file(utf8_path, "Subject: Grüße\r\n\r\nhi\r\n".encode())
     options = ClientOptions("client.test", tls="none")
     outcomes, _ = deliver(reactor, port, options, env_for("a@dest.test", smtputf8=True), str(ascii_path))
     assert [(o.kind, o.code) for o in outcomes] == [(DELIVERED_OUTCOME, 250)]
@@ -212,7 +221,7 @@ def test_sink_without_smtputf8_takes_ascii_mail_flagged_smtputf8(reactor, sink, 
 
 def test_sink_421_after_mail(reactor, sink, tmp_path):
     path = tmp_path / "m"
-    path.write_bytes(b"hi\r\n")
+    write_queue_file(path, b"hi\r\n")
     port, _ = sink("-Q", "MAIL")
     outcomes, _ = deliver(reactor, port, ClientOptions("client.test", tls="none"), env_for("a@d.test"), str(path))
     assert [(o.kind, o.code) for o in outcomes] == [(TEMPORARY, 421)]
@@ -325,7 +334,7 @@ def test_responder_mixed_per_recipient_replies(reactor, responder, tmp_path):
     f, port = responder()
     raw = b"Subject: mixed\r\n\r\n.\r\nline\n..\r\n" + b"z" * 70000 + b"\r\n.end"
     path = tmp_path / "m"
-    path.write_bytes(raw)
+    write_queue_file(path, raw)
     env = env_for("ok1@d.test", "tmp@d.test", "bad@d.test", "ok2@d.test")
     outcomes, tls = deliver(reactor, port, ClientOptions("client.test", tls="none"), env, str(path))
     assert [(o.recipient, o.kind, o.code, o.status) for o in outcomes] == [
@@ -349,7 +358,7 @@ def test_responder_mixed_per_recipient_replies(reactor, responder, tmp_path):
 def test_responder_all_rejected_rset_and_reuse(reactor, responder, tmp_path):
     f, port = responder()
     path = tmp_path / "m"
-    path.write_bytes(b"hi\r\n")
+    write_queue_file(path, b"hi\r\n")
 
     async def run():
         ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
@@ -427,7 +436,7 @@ def test_tls_may_encrypts_without_verification(reactor, responder, pki, tmp_path
     f, port = responder(server)
     path = tmp_path / "m"
     raw = b"Subject: tls\r\n\r\n.\r\n" + boundary_message(5)  # streamed through TLS
-    path.write_bytes(raw)
+    write_queue_file(path, raw)
     outcomes, tls = deliver(reactor, port, ClientOptions("client.test", tls="may"), env_for("ok@d.test"), str(path))
     assert tls is True
     assert [o.kind for o in outcomes] == [DELIVERED_OUTCOME]
@@ -439,7 +448,7 @@ def test_tls_verify_with_test_ca(reactor, responder, pki, tmp_path):
     ca_file, server = pki
     f, port = responder(server)
     path = tmp_path / "m"
-    path.write_bytes(b"hi\r\n")
+    write_queue_file(path, b"hi\r\n")
     opts = ClientOptions("client.test", tls="verify", tls_hostname="mx.test", tls_ca_file=ca_file)
     outcomes, tls = deliver(reactor, port, opts, env_for("ok@d.test"), str(path))
     assert tls is True and [o.kind for o in outcomes] == [DELIVERED_OUTCOME]
@@ -449,7 +458,7 @@ def test_tls_verify_wrong_hostname_fails(reactor, responder, pki, tmp_path):
     ca_file, server = pki
     f, port = responder(server)
     path = tmp_path / "m"
-    path.write_bytes(b"hi\r\n")
+    write_queue_file(path, b"hi\r\n")
     opts = ClientOptions("client.test", tls="verify", tls_hostname="other.test", tls_ca_file=ca_file)
     with pytest.raises(SessionError) as e:
         deliver(reactor, port, opts, env_for("ok@d.test"), str(path))

@@ -75,7 +75,7 @@ class Servers:
             in_reactor(self.reactor, port.stopListening)
 
     def stored(self, qid: str) -> bytes:
-        with open(self.spool.message_path(qid), "rb") as f:
+        with self.spool.open_message(qid) as f:
             return f.read()
 
 

@@ -123,7 +123,7 @@ def test_post_json_queues_a_mime_message(env):
     assert [x.address for x in env_.recipients] == ["bob@example.org", "carol@example.net", "dave@example.net"]
     assert env_.client["protocol"] == "HTTP" and env_.client["user"] == "alice@example.com"
     assert env.scheduler.enqueued == [env_]
-    with open(env.spool.message_path(qid), "rb") as f:
+    with env.spool.open_message(qid) as f:
         raw = f.read()
     assert raw.startswith(b"Received: from [127.0.0.1] (user alice@example.com)\r\n\tby mx.example.com (mailhub) with HTTP id " + qid.encode())
     assert b"\n" not in raw.replace(b"\r\n", b"")
@@ -148,7 +148,7 @@ def test_post_raw_with_query_envelope(env):
     e = env.spool.load(r.json()["queue_id"])
     assert e.sender == "alice+lists@example.com"
     assert [x.address for x in e.recipients] == ["bob@example.org", "carol@example.org"]
-    with open(env.spool.message_path(e.queue_id), "rb") as f:
+    with env.spool.open_message(e.queue_id) as f:
         stored = f.read()
     assert re.search(rb"\r\nFrom: Alice <alice@example.com>\r\nTo: x@example.org\r\nSubject: raw\r\n"
                      rb"Date: Tue, 14 Nov 2023 22:13:20 \+0000\r\nMessage-ID: <[^>\r\n]+@mx\.example\.com>\r\n"
@@ -162,7 +162,7 @@ def test_post_raw_envelope_from_headers(env):
     assert r.status == 202, r.raw
     e = env.spool.load(r.json()["queue_id"])
     assert [x.address for x in e.recipients] == ["a@example.org", "b@example.org", "c@example.org", "d@example.org"]
-    with open(env.spool.message_path(e.queue_id), "rb") as f:
+    with env.spool.open_message(e.queue_id) as f:
         assert b"Bcc" not in f.read()
 
 
@@ -173,7 +173,7 @@ MSGID = rb"Message-ID: <[^>\r\n]+@mx\.example\.com>\r\n"
 def post_raw(env, raw: bytes, query: str = "?from=alice@example.com&to=bob@example.org") -> bytes:
     r = env.request("POST", "/v1/messages" + query, raw, {"Content-Type": "message/rfc822"}, token=env.alice)
     assert r.status == 202, r.raw
-    with open(env.spool.message_path(r.json()["queue_id"]), "rb") as f:
+    with env.spool.open_message(r.json()["queue_id"]) as f:
         return f.read()
 
 
@@ -218,7 +218,7 @@ def test_http_dates_are_written_as_smtpd_writes_them(env, tmp_path):
     smtp = received_header("c", "192.0.2.1", "mx.example.com", "ESMTP", "Q", None, env.clock.seconds())
     assert smtp.endswith(b"; " + DATE + b"\r\n")
     r = post_json(env, message_json())
-    with open(env.spool.message_path(r.json()["queue_id"]), "rb") as f:
+    with env.spool.open_message(r.json()["queue_id"]) as f:
         stored = f.read()
     assert received_of(stored)[0] == DATE
     assert re.search(rb"\r\nDate: " + re.escape(DATE) + rb"\r\n", stored)
@@ -285,7 +285,7 @@ def test_recipient_fields_accept_what_openapi_says(env, fields, recipients):
     assert r.status == 202, r.raw
     e = env.spool.load(r.json()["queue_id"])
     assert [x.address for x in e.recipients] == recipients
-    with open(env.spool.message_path(e.queue_id), "rb") as f:
+    with env.spool.open_message(e.queue_id) as f:
         msg = email.message_from_bytes(f.read(), policy=email.policy.default)
     if isinstance(fields["to"], str):
         assert msg["To"] == fields["to"]

@@ -17,6 +17,7 @@ from mailhub import local
 from mailhub.directory import Directory
 from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.local import LocalDelivery, copy_lf, delivered_to_addresses
+from mailhub.spool import open_message, queue_file_bytes
 
 MESSAGE = (
     b"From: Sender <s@remote.example>\r\n"
@@ -67,14 +68,20 @@ def agent(directory):
     return LocalDelivery(directory, "mx.example.org", run=sync_run, fsync=True)
 
 
-def spool_message(tmp_path, data: bytes = MESSAGE) -> str:
-    path = tmp_path / "queued"
-    path.write_bytes(data)
-    return str(path)
-
-
 def envelope(sender: str, *rcpts: str) -> Envelope:
     return Envelope("0123456789ABCDEFG", sender, [Recipient(r) for r in rcpts], arrival=1.0)
+
+
+#: The envelope in the trailer of the queue files the tests write (the
+#: agents take theirs as an argument; the trailer only makes the file valid).
+TRAILER_ENVELOPE = envelope("s@remote.example", "alice@example.org")
+
+
+def spool_message(tmp_path, data: bytes = MESSAGE) -> str:
+    """A queue file (spool format 2) holding C{data}, as the spool commits it."""
+    path = tmp_path / "queued"
+    path.write_bytes(queue_file_bytes(data, TRAILER_ENVELOPE))
+    return str(path)
 
 
 def deliver(agent, env, path) -> list[Outcome]:
@@ -112,8 +119,12 @@ def test_deliver_to_two_mailboxes(agent, root, tmp_path):
         assert raw.split(b"\n", 2)[2] == MESSAGE.replace(b"\r\n", b"\n")
         assert files(root, user, "tmp") == []
         assert files(root, user, "cur") == []
-    # the queued message is only read
-    assert open(path, "rb").read() == MESSAGE
+    # the queued message is only read: its message is the same bytes, and the
+    # queue file as a whole (message, envelope, footer) is unchanged
+    with open_message(path) as f:
+        assert f.read() == MESSAGE
+    with open(path, "rb") as f:
+        assert f.read() == queue_file_bytes(MESSAGE, TRAILER_ENVELOPE)
 
 
 def test_null_sender(agent, root, tmp_path):
@@ -303,6 +314,17 @@ def test_missing_queue_file_is_temporary(agent, tmp_path):
     ]
 
 
+def test_damaged_queue_file_is_temporary_and_says_why(agent, tmp_path, root):
+    """A queue file without its footer is never delivered as if it were the message."""
+    path = tmp_path / "damaged"
+    path.write_bytes(MESSAGE)  # a bare message: no envelope, no footer
+    outcomes = deliver(agent, envelope("s@x.example", "alice@example.org"), str(path))
+    assert [(o.kind, o.code, o.status, o.text) for o in outcomes] == [
+        ("temporary", 451, "4.3.0", "cannot read queued message: no queue file footer"),
+    ]
+    assert files(root, "alice") == []
+
+
 def test_unexpected_error_is_temporary_and_logged(agent, tmp_path, monkeypatch, logged):
     def boom(*a):
         raise RuntimeError("bug")
@@ -439,7 +461,7 @@ def test_preloaded_and_streamed_copies_are_identical(tmp_path, monkeypatch, size
     """A small message is read once for all recipients; a big one is streamed: the Maildir bytes are the same."""
     raw = b"Subject: s\r\n\r\n" + b"a\rb\r\n" * size + b"end\r"  # CRs alone, CRLFs, a CR at the very end
     path = tmp_path / "msg"
-    path.write_bytes(raw)
+    path.write_bytes(queue_file_bytes(raw, TRAILER_ENVELOPE))
     preloaded = local.QueuedMessage(str(path))
     assert preloaded.body is not None
     monkeypatch.setattr(local, "PRELOAD_LIMIT", 0)

@@ -22,6 +22,7 @@ from daemon import Daemon, config_text, delivered_with, message, send
 from mailhub import localproc
 from mailhub.config import load_config
 from mailhub.envelope import Envelope, Recipient
+from mailhub.spool import queue_file_bytes
 from peers import wait_for
 
 DOMAIN = "example.test"
@@ -43,9 +44,11 @@ def directory_args(tmp_path) -> dict:
 
 
 def queued(tmp_path, name: str = "Q1", data: bytes = MESSAGE) -> str:
-    path = tmp_path / "spool-new" / name
+    """A queue file (spool format 2) holding C{data}; its trailer's envelope only makes it valid."""
+    path = tmp_path / "spool-queue" / name
     path.parent.mkdir(exist_ok=True)
-    path.write_bytes(data)
+    trailer = Envelope("15NXAAAAAAAAAAAAA", "a@client.test", [Recipient(f"alice@{DOMAIN}")], arrival=1700000000.25)
+    path.write_bytes(queue_file_bytes(data, trailer))
     return str(path)
 
 

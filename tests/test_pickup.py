@@ -212,11 +212,12 @@ def test_service_queues_and_removes(spool):
     assert [r.address for r in env.recipients] == ["bob@y.example", "carol@z.example"]
     assert env.client == {"protocol": "local", "user": pickup._user_name(os.getuid()), "uid": os.getuid(), "pickup": name}
     assert env.arrival == env.next_attempt == 1_700_000_000
-    assert env.esmtp == {"size": os.path.getsize(spool.message_path(env.queue_id)), "body": "7BIT"}
+    with spool.open_message(env.queue_id) as f:
+        data = f.read()
+        assert f.length == len(data)
+    assert env.esmtp == {"size": len(data), "body": "7BIT"}
     assert spool.load(env.queue_id) == env
     assert os.listdir(pickup_dirs(spool.path)[1]) == []
-    with open(spool.message_path(env.queue_id), "rb") as f:
-        data = f.read()
     assert data == (
         f"Received: by mx.example (mailhub, from userid {os.getuid()})\r\n"
         f"\tid {env.queue_id}; ".encode() + data.split(b"; ", 1)[1].split(b"\r\n", 1)[0] + b"\r\n"
@@ -262,7 +263,8 @@ def test_uid_of_other_owner_recorded(spool):
     svc.startService()
     clock.advance(0)
     assert queued[0].client["uid"] == 4242 and queued[0].client["user"] == "uid4242"
-    assert b"(mailhub, from userid 4242)" in open(spool.message_path(queued[0].queue_id), "rb").read()
+    with spool.open_message(queued[0].queue_id) as f:
+        assert b"(mailhub, from userid 4242)" in f.read()
     svc.stopService()
 
 

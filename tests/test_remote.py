@@ -24,6 +24,7 @@ from mailhub import smtpclient
 from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.remote import Destination, RemoteDelivery, parse_dns_server, parse_nexthop
 from mailhub.smtpclient import SessionError
+from mailhub.spool import open_message, queue_file_bytes
 
 
 # -- a DNS zone in memory: the same authority code the e2e DNS server uses ---------------
@@ -94,7 +95,7 @@ class FakeConnection:
         self.sent: list[tuple[str, list[str]]] = []
 
     def send(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> defer.Deferred:
-        with open(message_path, "rb") as f:
+        with open_message(message_path) as f:  # a queue file: read up to the end of the message only
             body = f.read()
         self.sent.append((envelope.queue_id, [r.address for r in recipients]))
         self.net.messages.append((self.remote_mta, envelope.queue_id, [r.address for r in recipients], body))
@@ -220,8 +221,8 @@ def make(tmp_path, net: FakeNet | None = None, zone: Zone | None = None, **kw: A
     clock = MemoryReactorClock()
     kw.setdefault("random", Keep())
     agent = RemoteDelivery(clock, "mailhub.example.org", connect=net.connect, resolver=zone, **kw)
-    msg = tmp_path / "msg"
-    msg.write_bytes(b"Subject: hi\r\n\r\nbody\r\n")
+    msg = tmp_path / "msg"  # a queue file, as the spool hands it to agents
+    msg.write_bytes(queue_file_bytes(b"Subject: hi\r\n\r\nbody\r\n", env("u@pref.test")[0]))
     return agent, net, zone, clock, str(msg)
 
 
@@ -420,7 +421,7 @@ def test_cname_chain_not_in_answer_is_asked_again(tmp_path) -> None:
     bare = Bare()
     net = FakeNet()
     agent = RemoteDelivery(MemoryReactorClock(), "h", connect=net.connect, resolver=bare)
-    (tmp_path / "m").write_bytes(b"x\r\n")
+    (tmp_path / "m").write_bytes(queue_file_bytes(b"x\r\n", env("u@bare.test")[0]))
     o = one(run(agent, str(tmp_path / "m"), "u@bare.test"))
     assert o.kind == "delivered"
     assert bare.asked == ["bare.test", "target.test"]
@@ -881,8 +882,10 @@ def test_scheduler_records_the_fast_domain_while_the_slow_one_is_in_data(tmp_pat
     assert len(held) == 1 and e.queue_id in sched.in_flight
 
     def on_disk() -> dict[str, str]:
-        with open(spool.envelope_path(e.queue_id), "rb") as f:
-            return {r.address: r.state for r in Envelope.from_json(f.read()).recipients}
+        # what a daemon started after a crash would read (spool format 2:
+        # the envelope file once it changed, else the copy in the queue file)
+        on_disk = Spool(str(tmp_path / "spool"), fsync=False).load(e.queue_id)
+        return {r.address: r.state for r in on_disk.recipients}
 
     assert on_disk() == {"slow@pref.test": "pending", "fast@aonly.test": "delivered"}
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +21,7 @@ from twisted.logger import formatEvent
 
 from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
 from mailhub.scheduler import RetryPolicy, Scheduler
-from mailhub.spool import Spool
+from mailhub.spool import FOOTER_SIZE, Spool
 
 T0 = 1_700_000_000.0
 BODY = b"Subject: hello\r\nFrom: alice@example.com\r\nMessage-ID: <m1@example.com>\r\n\r\nHi there.\r\n"
@@ -99,9 +101,30 @@ def make(spool, clock, deliver, policy=None, **kw) -> Scheduler:
     return s
 
 
+_FOOTER = re.compile(rb"\n#mailhub-queue 2 ([0-9a-f]{16}) ([0-9a-f]{8})\n")
+
+
 def on_disk(spool: Spool, qid: str) -> dict:
-    with open(spool.envelope_path(qid), "rb") as f:
-        return json.loads(f.read())
+    """
+    The envelope a restart would read, straight from the files: the
+    envelope file once the envelope changed after the commit, else the copy
+    in the queue file (found through its footer).  FileNotFoundError: the
+    message is not queued.
+    """
+    with open(spool.message_path(qid), "rb") as queued:
+        try:
+            with open(spool.envelope_path(qid), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            pass
+        size = os.fstat(queued.fileno()).st_size
+        queued.seek(size - FOOTER_SIZE)
+        footer = _FOOTER.fullmatch(queued.read())
+        assert footer, f"{qid}: not a queue file"
+        message_length, envelope_length = int(footer[1], 16), int(footer[2], 16)
+        assert message_length + envelope_length + FOOTER_SIZE == size
+        queued.seek(message_length)
+        return json.loads(queued.read(envelope_length))
 
 
 def dsns(spool: Spool) -> list[tuple[Envelope, email.message.EmailMessage]]:
@@ -109,7 +132,7 @@ def dsns(spool: Spool) -> list[tuple[Envelope, email.message.EmailMessage]]:
     out = []
     for env in spool:
         if env.sender == "":
-            with open(spool.message_path(env.queue_id), "rb") as f:
+            with spool.open_message(env.queue_id) as f:
                 out.append((env, email.message_from_bytes(f.read(), policy=email.policy.default)))
     return out
 

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from mailhub import smtpclient
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
+from mailhub.spool import queue_file_bytes
 from mailhub.smtpclient import (
     CHUNK_SIZE,
     MAX_LINE,
@@ -136,9 +137,11 @@ def envelope(sender="sender@example.org", rcpts=("a@example.com",), **esmtp) -> 
 
 @pytest.fixture
 def msg(tmp_path):
-    def make(data: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> str:
+    # A queue file, as the spool hands it to agents: the message, then an
+    # envelope and the footer; the client must send only the message.
+    def make(data: bytes = b"Subject: hi\r\n\r\nbody\r\n", env: Envelope | None = None) -> str:
         p = tmp_path / "msg"
-        p.write_bytes(data)
+        p.write_bytes(queue_file_bytes(data, env or envelope()))
         return str(p)
 
     return make

@@ -286,7 +286,7 @@ def test_connection_lost_during_error_delay(tmp_path):
     assert c.proto._held is not None
     c.proto.connectionLost(None)
     assert h.clock.getDelayedCalls() == [] and h.queued == []
-    assert all(not os.listdir(os.path.join(h.spool.path, d)) for d in ("tmp", "new", "envelopes"))
+    assert all(not os.listdir(os.path.join(h.spool.path, d)) for d in ("tmp", "queue", "envelopes"))
 
 
 # -- 2. flow control: the session is a streaming producer on its transport ---------------------------

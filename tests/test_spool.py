@@ -1,6 +1,6 @@
 """
-Spool tests: commit, update, remove, load, and recovery from every state a
-crash can leave behind.
+Spool tests: the queue file, commit, update, remove, load, recovery from
+every state a crash can leave behind, and the conversion of the first layout.
 """
 
 from __future__ import annotations
@@ -35,25 +35,114 @@ def commit(spool: Spool, body: bytes = BODY, **kw) -> Envelope:
 
 
 def listing(spool: Spool) -> dict[str, list[str]]:
-    return {d: sorted(os.listdir(os.path.join(spool.path, d))) for d in ("tmp", "new", "envelopes", "corrupt")}
+    return {d: sorted(os.listdir(os.path.join(spool.path, d))) for d in ("tmp", "queue", "envelopes", "corrupt")}
+
+
+EMPTY = {"tmp": [], "queue": [], "envelopes": [], "corrupt": []}
+
+
+def message(spool: Spool, qid: str) -> bytes:
+    with spool.open_message(qid) as f:
+        return f.read()
 
 
 def test_layout_created(spool):
-    assert listing(spool) == {"tmp": [], "new": [], "envelopes": [], "corrupt": []}
+    assert listing(spool) == EMPTY
+    assert not os.path.exists(os.path.join(spool.path, "new"))
 
 
 def test_commit_then_load(spool):
     env = commit(spool)
-    assert listing(spool) == {"tmp": [], "new": [env.queue_id], "envelopes": [env.queue_id + ".json"], "corrupt": []}
-    with open(spool.message_path(env.queue_id), "rb") as f:
-        assert f.read() == BODY
+    assert listing(spool) == EMPTY | {"queue": [env.queue_id]}  # one file per message
+    assert message(spool, env.queue_id) == BODY
     assert spool.load(env.queue_id) == env
     assert spool.queue_ids() == [env.queue_id]
     assert list(spool) == [env]
-    # the envelope is plain JSON with a version
-    with open(spool.envelope_path(env.queue_id), "rb") as f:
-        data = json.loads(f.read())
+    # the queue file: the message, the envelope (plain JSON with a version), the footer
+    with open(spool.message_path(env.queue_id), "rb") as f:
+        raw = f.read()
+    assert raw.startswith(BODY)
+    footer = raw[-spool_module.FOOTER_SIZE:]
+    env_json = raw[len(BODY):-spool_module.FOOTER_SIZE]
+    assert footer == b"\n#mailhub-queue 2 %016x %08x\n" % (len(BODY), len(env_json))
+    data = json.loads(env_json)
     assert data["version"] == 1 and data["recipients"][0]["address"] == "b@example.org"
+
+
+def test_one_commit_is_one_file_and_two_fsyncs(tmp_path, monkeypatch):
+    """The point of the queue file: a commit creates one file and makes two fsyncs (file, then queue/)."""
+    spool = Spool(str(tmp_path / "spool"))
+    calls = []
+    real_open, real_fsync = os.open, os.fsync
+
+    def counting_open(path, flags, *a, **kw):
+        if flags & os.O_CREAT:
+            calls.append(("create", os.path.basename(os.path.dirname(path))))
+        return real_open(path, flags, *a, **kw)
+
+    def counting_fsync(fd):
+        calls.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    commit(spool)
+    monkeypatch.undo()
+    assert calls == [("create", "tmp"), ("fsync", "file"), ("fsync", "dir")]
+
+
+def test_open_message_stops_at_the_end_of_the_message(spool):
+    body = b"Subject: x\r\n\r\nline 1\r\nline 2\r\n"
+    env = commit(spool, body)
+    with spool.open_message(env.queue_id) as f:
+        assert f.length == len(body)
+        assert f.read(9) == b"Subject: "
+        assert f.readline() == b"x\r\n"
+        assert f.read() == body[12:]
+        assert f.read() == b"" and f.readline() == b""
+        f.seek(0)
+        assert list(f) == body.splitlines(keepends=True)
+        f.seek(-4, 2)
+        assert f.read(100) == body[-4:]
+        f.seek(len(body) - 3)
+        assert f.read(100) == b"2\r\n"
+
+
+def test_open_message_of_a_message_bigger_than_the_tail_read(spool):
+    body = b"Subject: big\r\n\r\n" + b"y" * 200_000 + b"\r\n"
+    env = commit(spool, body)
+    assert message(spool, env.queue_id) == body
+    assert spool.load(env.queue_id) == env
+
+
+def test_open_message_with_an_envelope_bigger_than_the_tail_read(spool):
+    w = spool.new_message()
+    w.write(BODY)
+    env = Envelope(w.queue_id, "a@example.com", [Recipient(f"r{i}@example.org") for i in range(400)], arrival=1.0)
+    w.commit(env)
+    assert len(env.to_json()) > spool_module._TAIL_READ
+    assert message(spool, env.queue_id) == BODY
+    assert spool.load(env.queue_id) == env
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no footer", "wrong lengths", "empty"])
+def test_open_message_refuses_what_is_not_a_queue_file(spool, damage):
+    env = commit(spool)
+    path = spool.message_path(env.queue_id)
+    with open(path, "rb") as f:
+        raw = f.read()
+    raw = {
+        "truncated": raw[:-10],
+        "no footer": BODY,
+        "wrong lengths": raw[:-spool_module.FOOTER_SIZE] + b"\n#mailhub-queue 2 %016x %08x\n" % (1, 2),
+        "empty": b"",
+    }[damage]
+    with open(path, "wb") as f:
+        f.write(raw)
+    with pytest.raises(spool_module.QueueFileError):
+        spool.open_message(env.queue_id)
+    with pytest.raises(EnvelopeFormatError):
+        spool.load(env.queue_id)
 
 
 class ShortWrites:
@@ -78,9 +167,10 @@ def test_writer_survives_short_writes(spool):
     w._file = ShortWrites(w._file)
     w.write(b"0123456789")
     assert w.size == 10
-    w.commit(envelope(w.queue_id))
-    with open(spool.message_path(w.queue_id), "rb") as f:
-        assert f.read() == b"0123456789"
+    env = envelope(w.queue_id)
+    w.commit(env)
+    assert message(spool, w.queue_id) == b"0123456789"
+    assert spool.load(w.queue_id) == env  # the trailer too was written whole
 
 
 def test_abort_leaves_nothing(spool):
@@ -97,13 +187,21 @@ def test_commit_wrong_envelope_refused(spool):
     w.abort()
 
 
-def test_update_replaces_atomically(spool):
+def test_update_writes_an_envelope_file_and_leaves_the_queue_file(spool):
     env = commit(spool)
+    with open(spool.message_path(env.queue_id), "rb") as f:
+        before = f.read()
     env.attempts = 3
     env.recipients[0].state = DELIVERED
     spool.update(env)
     assert spool.load(env.queue_id).attempts == 3
     assert spool.load(env.queue_id).recipients[0].state == DELIVERED
+    assert listing(spool) == EMPTY | {"queue": [env.queue_id], "envelopes": [env.queue_id + ".json"]}
+    with open(spool.message_path(env.queue_id), "rb") as f:
+        assert f.read() == before  # never changed after the commit
+    env.attempts = 4
+    spool.update(env)  # and again: replaced atomically
+    assert spool.load(env.queue_id).attempts == 4
     assert listing(spool)["tmp"] == []
 
 
@@ -113,11 +211,15 @@ def test_update_of_removed_message_refused(spool):
     with pytest.raises(KeyError):
         spool.update(env)
     spool.drain()
-    assert listing(spool)["envelopes"] == []
+    assert listing(spool) == EMPTY
 
 
-def test_remove(spool):
+@pytest.mark.parametrize("updated", [False, True])
+def test_remove(spool, updated):
     env = commit(spool)
+    if updated:
+        env.attempts = 1
+        spool.update(env)
     spool.remove(env.queue_id)
     # no longer queued at once (the files go in the remover thread)
     assert spool.queue_ids() == []
@@ -125,10 +227,19 @@ def test_remove(spool):
         spool.load(env.queue_id)
     assert list(spool) == []
     spool.drain()
-    assert listing(spool) == {"tmp": [], "new": [], "envelopes": [], "corrupt": []}
+    assert listing(spool) == EMPTY
     spool.remove(env.queue_id)  # idempotent
     with pytest.raises(KeyError):
         spool.remove("../../etc")
+
+
+def test_remove_without_fsync(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), fsync=False)
+    env = commit(spool)
+    env.attempts = 1
+    spool.update(env)
+    spool.remove(env.queue_id)
+    assert listing(spool) == EMPTY
 
 
 def test_load_errors(spool):
@@ -147,6 +258,13 @@ def test_add(spool):
     env = envelope(new_queue_id())
     spool.add(env, BODY)
     assert spool.load(env.queue_id) == env
+    assert message(spool, env.queue_id) == BODY
+
+
+def test_queue_file_bytes_is_what_a_commit_writes(spool):
+    env = commit(spool)
+    with open(spool.message_path(env.queue_id), "rb") as f:
+        assert f.read() == spool_module.queue_file_bytes(BODY, env)
 
 
 def test_ids_unique_and_sortable():
@@ -162,38 +280,45 @@ def test_ids_unique_and_sortable():
 # -- failures during commit ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("fail_at", ["message-fsync", "message-rename", "dir-fsync", "envelope-rename", "envelope-dir-fsync"])
-def test_oserror_during_commit_leaves_nothing_queued(tmp_path, monkeypatch, fail_at):
+@pytest.mark.parametrize("fail_at", ["write", "fsync", "rename", "dir-fsync"])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_oserror_during_commit_leaves_nothing_queued(tmp_path, monkeypatch, fail_at, size):
     spool = Spool(str(tmp_path / "spool"))
-    real_rename, real_fsync, real_fsync_dir = os.rename, os.fsync, spool_module._fsync_dir
+    real_rename, real_fsync, real_fsync_dir, real_write = os.rename, os.fsync, spool_module._fsync_dir, os.write
 
     def rename(src, dst):
-        if (fail_at == "message-rename" and "/new/" in dst) or (fail_at == "envelope-rename" and dst.endswith(".json")):
+        if fail_at == "rename" and "/queue/" in dst:
             raise OSError(28, "No space left on device")
         return real_rename(src, dst)
 
-    fsyncs = []
-
     def fsync(fd):
-        fsyncs.append(fd)
-        if fail_at == "message-fsync" and len(fsyncs) == 1:
+        if fail_at == "fsync":
             raise OSError(5, "I/O error")
         return real_fsync(fd)
 
+    def write(fd, data):
+        if fail_at == "write":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
     def fsync_dir(path):
-        if (fail_at == "dir-fsync" and path.endswith("new")) or (fail_at == "envelope-dir-fsync" and path.endswith("envelopes")):
+        if fail_at == "dir-fsync" and path.endswith("queue"):
             raise OSError(5, "I/O error")
         return real_fsync_dir(path)
 
+    w = spool.new_message()
+    w.write(BODY if size == "small" else b"z" * (spool_module.MEMORY_LIMIT + 10))
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
-    w = spool.new_message()
-    w.write(BODY)
+    if size == "large" and fail_at == "write":
+        w._file = ShortWrites(w._file)
+        w._file.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
     with pytest.raises(OSError):
         w.commit(envelope(w.queue_id))
     monkeypatch.undo()
-    assert listing(spool) == {"tmp": [], "new": [], "envelopes": [], "corrupt": []}
+    assert listing(spool) == EMPTY
     assert spool.recover() == []
 
 
@@ -202,26 +327,23 @@ def test_oserror_during_commit_leaves_nothing_queued(tmp_path, monkeypatch, fail
 
 def test_recover_returns_pending_and_cleans_tmp(spool):
     env = commit(spool)
+    updated = commit(spool)
+    updated.attempts = 2
+    spool.update(updated)
     for name in ("LEFTOVER.msg", "LEFTOVER.env"):
         with open(os.path.join(spool.path, "tmp", name), "wb") as f:
             f.write(b"half")
-    assert spool.recover() == [env]
+    assert spool.recover() == [env, updated]
     assert listing(spool)["tmp"] == []
 
 
-def test_recover_message_without_envelope_removed(spool):
+def test_recover_envelope_without_queue_file_deleted(spool):
+    """What a crash between the two unlinks of a removal leaves: the message is gone, so is its envelope."""
     env = commit(spool)
-    os.unlink(spool.envelope_path(env.queue_id))  # crash between envelope and message unlink in remove()
-    assert spool.recover() == []
-    assert listing(spool) == {"tmp": [], "new": [], "envelopes": [], "corrupt": []}
-
-
-def test_recover_envelope_without_message_quarantined(spool):
-    env = commit(spool)
+    spool.update(env)
     os.unlink(spool.message_path(env.queue_id))
     assert spool.recover() == []
-    assert listing(spool)["corrupt"] == [env.queue_id + ".json"]
-    assert listing(spool)["envelopes"] == []
+    assert listing(spool) == EMPTY
 
 
 def test_recover_unparseable_envelope_quarantined_with_its_message(spool):
@@ -232,14 +354,31 @@ def test_recover_unparseable_envelope_quarantined_with_its_message(spool):
     assert spool.recover() == [good]
     assert listing(spool)["corrupt"] == sorted([env.queue_id, env.queue_id + ".json"])
     with open(os.path.join(spool.path, "corrupt", env.queue_id), "rb") as f:
-        assert f.read() == BODY  # acknowledged mail is never deleted
+        assert f.read().startswith(BODY)  # acknowledged mail is never deleted
+    assert listing(spool)["queue"] == [good.queue_id] and listing(spool)["envelopes"] == []
 
 
-def test_recover_strange_file_name_quarantined(spool):
+def test_recover_unreadable_queue_file_quarantined(spool):
+    env = commit(spool)
+    good = commit(spool)
+    path = spool.message_path(env.queue_id)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(raw[:-1])
+    assert spool.recover() == [good]
+    assert listing(spool)["corrupt"] == [env.queue_id]
+    with open(os.path.join(spool.path, "corrupt", env.queue_id), "rb") as f:
+        assert f.read() == raw[:-1]
+
+
+def test_recover_strange_file_names_quarantined(spool):
     with open(os.path.join(spool.path, "envelopes", "notes.txt"), "w") as f:
         f.write("hello")
+    with open(os.path.join(spool.path, "queue", "x.y"), "w") as f:
+        f.write("hello")
     assert spool.recover() == []
-    assert listing(spool)["corrupt"] == ["notes.txt"]
+    assert listing(spool)["corrupt"] == ["notes.txt", "x.y"]
 
 
 def test_recover_done_envelope_removed(spool):
@@ -247,17 +386,68 @@ def test_recover_done_envelope_removed(spool):
     env.recipients[0].state = DELIVERED
     spool.update(env)
     assert spool.recover() == []
-    assert listing(spool) == {"tmp": [], "new": [], "envelopes": [], "corrupt": []}
+    assert listing(spool) == EMPTY
 
 
 def test_recover_twice_quarantine_names_do_not_collide(spool):
-    env = commit(spool)
-    os.unlink(spool.message_path(env.queue_id))
-    spool.recover()
-    with open(spool.envelope_path(env.queue_id), "wb") as f:
-        f.write(b"junk")
-    spool.recover()
+    for _ in range(2):
+        env = commit(spool)
+        with open(spool.message_path(env.queue_id), "wb") as f:
+            f.write(b"junk")
+        os.rename(spool.message_path(env.queue_id), os.path.join(spool.path, "queue", "SAMENAME0"))
+        spool.recover()
     assert len(listing(spool)["corrupt"]) == 2
+
+
+# -- the first layout (new/ID + envelopes/ID.json) is converted ------------------------------
+
+
+def old_layout(spool: Spool, env: Envelope, body: bytes = BODY) -> None:
+    """Queue C{env} the way mailhub did before queue files."""
+    os.makedirs(os.path.join(spool.path, "new"), exist_ok=True)
+    with open(os.path.join(spool.path, "new", env.queue_id), "wb") as f:
+        f.write(body)
+    with open(spool.envelope_path(env.queue_id), "wb") as f:
+        f.write(env.to_json())
+
+
+def test_recover_converts_the_first_layout(spool):
+    a, b = envelope(new_queue_id()), envelope(new_queue_id(), attempts=2)
+    big = b"Subject: big\r\n\r\n" + b"b" * 300_000
+    old_layout(spool, a)
+    old_layout(spool, b, big)
+    with open(os.path.join(spool.path, "new", "15NXJ6XHETT74RJ74"), "wb") as f:
+        f.write(b"never committed: no envelope")
+    assert spool.recover() == [a, b]
+    assert listing(spool) == EMPTY | {"queue": sorted([a.queue_id, b.queue_id])}
+    assert not os.path.exists(os.path.join(spool.path, "new"))
+    assert message(spool, a.queue_id) == BODY and message(spool, b.queue_id) == big
+    assert spool.load(b.queue_id) == b
+    assert spool.recover() == [a, b]  # and nothing happens the second time
+
+
+def test_conversion_interrupted_after_the_queue_file_keeps_it(spool):
+    """A crash after the queue file was made durable but before the old files went."""
+    env = commit(spool)
+    old_layout(spool, env)
+    assert spool.recover() == [env]
+    assert listing(spool) == EMPTY | {"queue": [env.queue_id]}
+    assert message(spool, env.queue_id) == BODY
+
+
+def test_conversion_quarantines_an_unreadable_old_envelope(spool):
+    env = envelope(new_queue_id())
+    old_layout(spool, env)
+    with open(spool.envelope_path(env.queue_id), "wb") as f:
+        f.write(b"{broken")
+    assert spool.recover() == []
+    assert listing(spool)["corrupt"] == sorted([env.queue_id, env.queue_id + ".json"])
+
+
+def test_migrate_without_an_old_layout_is_a_no_op(spool):
+    env = commit(spool)
+    assert spool.migrate() == 0
+    assert listing(spool) == EMPTY | {"queue": [env.queue_id]}
 
 
 # -- performance machinery: in-memory small messages, group commit, remover --------
@@ -268,12 +458,11 @@ def test_small_message_touches_no_file_before_commit(spool):
     w.write(BODY)
     assert listing(spool)["tmp"] == []
     w.commit(envelope(w.queue_id))
-    with open(spool.message_path(w.queue_id), "rb") as f:
-        assert f.read() == BODY
+    assert message(spool, w.queue_id) == BODY
     w2 = spool.new_message()
     w2.write(BODY)
     w2.abort()
-    assert listing(spool)["tmp"] == [] and listing(spool)["new"] == [w.queue_id]
+    assert listing(spool)["tmp"] == [] and listing(spool)["queue"] == [w.queue_id]
 
 
 def test_large_message_spills_to_tmp(spool):
@@ -284,9 +473,10 @@ def test_large_message_spills_to_tmp(spool):
         w.write(chunk)
     assert listing(spool)["tmp"] == [w.queue_id + ".msg"]
     assert w.size == n * len(chunk)
-    w.commit(envelope(w.queue_id))
-    with open(spool.message_path(w.queue_id), "rb") as f:
-        assert f.read() == chunk * n
+    env = envelope(w.queue_id)
+    w.commit(env)
+    assert message(spool, w.queue_id) == chunk * n
+    assert spool.load(w.queue_id) == env
     assert listing(spool)["tmp"] == []
 
 
@@ -337,28 +527,40 @@ def test_dirsync_error_reaches_every_waiter():
     ds.sync(lambda: None)  # a later fsync is a new chance
 
 
-def test_remover_unlinks_message_only_after_envelopes_fsync(tmp_path, monkeypatch):
+def test_remover_unlinks_envelope_only_after_queue_fsync(tmp_path, monkeypatch):
     spool = Spool(str(tmp_path / "spool"))
     env = commit(spool)
+    spool.update(env)
     events = []
     real = spool_module._fsync_dir
 
     def fsync_dir(path):
-        events.append(("fsync", os.path.basename(path), os.path.exists(spool.envelope_path(env.queue_id)),
-                       os.path.exists(spool.message_path(env.queue_id))))
+        events.append(("fsync", os.path.basename(path), os.path.exists(spool.message_path(env.queue_id)),
+                       os.path.exists(spool.envelope_path(env.queue_id))))
         return real(path)
 
     monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
     spool.remove(env.queue_id)
     spool.drain()
-    # envelope already unlinked, message still there, when envelopes/ was synced
-    assert events == [("fsync", "envelopes", False, True)]
-    assert not os.path.exists(spool.message_path(env.queue_id))
+    # queue file already unlinked, envelope still there, when queue/ was synced
+    assert events == [("fsync", "queue", False, True)]
+    assert not os.path.exists(spool.envelope_path(env.queue_id))
 
 
-def test_remover_keeps_message_when_fsync_fails(tmp_path, monkeypatch):
+def test_remover_of_a_message_never_updated_makes_no_fsync(tmp_path, monkeypatch):
     spool = Spool(str(tmp_path / "spool"))
     env = commit(spool)
+    events = []
+    monkeypatch.setattr(spool_module, "_fsync_dir", events.append)
+    spool.remove(env.queue_id)
+    spool.drain()
+    assert events == [] and listing(spool) == EMPTY
+
+
+def test_remover_keeps_envelope_when_fsync_fails(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "spool"))
+    env = commit(spool)
+    spool.update(env)
 
     def fsync_dir(path):
         raise OSError(5, "I/O error")
@@ -367,26 +569,27 @@ def test_remover_keeps_message_when_fsync_fails(tmp_path, monkeypatch):
     spool.remove(env.queue_id)
     spool.drain()
     monkeypatch.undo()
-    assert listing(spool)["new"] == [env.queue_id] and listing(spool)["envelopes"] == []
-    assert spool.recover() == [] and listing(spool)["new"] == []  # the orphan goes at the next start
+    assert listing(spool)["queue"] == [] and listing(spool)["envelopes"] == [env.queue_id + ".json"]
+    assert spool.recover() == [] and listing(spool) == EMPTY  # the orphan goes at the next start
 
 
 def test_update_while_removing_refused(tmp_path, monkeypatch):
     """An update racing a removal must not bring back a ghost envelope."""
     spool = Spool(str(tmp_path / "spool"))
     env = commit(spool)
+    spool.update(env)
     import threading
 
     gate = threading.Event()
     real = spool_module._fsync_dir
     monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (gate.wait(5), real(p)))
     spool.remove(env.queue_id)
-    assert os.path.exists(spool.message_path(env.queue_id))  # the remover is blocked
+    assert os.path.exists(spool.envelope_path(env.queue_id))  # the remover is blocked
     with pytest.raises(KeyError):
         spool.update(env)
     gate.set()
     spool.drain()
-    assert listing(spool)["envelopes"] == [] and listing(spool)["new"] == []
+    assert listing(spool) == EMPTY
 
 
 def test_concurrent_commits_share_directory_fsyncs(tmp_path):
@@ -408,6 +611,6 @@ def test_concurrent_commits_share_directory_fsyncs(tmp_path):
     for t in ts:
         t.join()
     assert sorted(spool.queue_ids()) == sorted(e.queue_id for e in envs) and len(envs) == 80
-    # never more than one fsync per commit, usually far fewer
-    assert spool.new_sync.fsyncs <= 80 and spool.envelopes_sync.fsyncs <= 80
+    # never more than one fsync of queue/ per commit, usually far fewer
+    assert spool.queue_sync.fsyncs <= 80 and spool.envelopes_sync.fsyncs == 0
     assert all(spool.load(e.queue_id) == e for e in envs)

@@ -35,7 +35,7 @@ from mailhub.local import LocalDelivery
 from mailhub.policy import Policy
 from mailhub.router import Router
 from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from mailhub.spool import Spool, queue_file_bytes
 from mailhub.system import Accounts, check_maildir_name
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="delivering as another user needs root")
@@ -118,10 +118,10 @@ def sync_run(f, *a, **kw):
 
 
 def deliver(d: Directory, tmp_path, *rcpts: str, data: bytes = MESSAGE, qid: str = "0123456789ABCDEFG") -> list[Outcome]:
-    path = tmp_path / "queued"
-    path.write_bytes(data)
-    agent = LocalDelivery(d, "mx.example.org", run=sync_run)
     env = Envelope(qid, "s@remote.example", [Recipient(r) for r in rcpts], arrival=1700000000.5)
+    path = tmp_path / "queued"
+    path.write_bytes(queue_file_bytes(data, env))  # a queue file, as the spool commits it
+    agent = LocalDelivery(d, "mx.example.org", run=sync_run)
     out = []
     agent.deliver(env, env.recipients, str(path)).addBoth(out.append)
     return out[0]

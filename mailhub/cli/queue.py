@@ -27,7 +27,7 @@ from twisted.python import usage
 from . import Command, silence
 from ..envelope import EnvelopeFormatError, PENDING
 from ..pickup import list_pickup
-from ..spool import Spool, is_queue_id
+from ..spool import QueueFileError, Spool, is_queue_id
 
 __all__ = ["QueueOptions", "run_queue", "main"]
 
@@ -59,6 +59,14 @@ class ListOptions(Command):
 class ShowOptions(Command):
     synopsis = "mailhub queue show ID"
     longdesc = "Print a message's envelope and its header."
+
+    def parseArgs(self, queue_id: str) -> None:
+        self.ids = [queue_id]
+
+
+class CatOptions(Command):
+    synopsis = "mailhub queue cat ID"
+    longdesc = "Print a queued message exactly as it was received (its queue file also holds the envelope)."
 
     def parseArgs(self, queue_id: str) -> None:
         self.ids = [queue_id]
@@ -97,12 +105,13 @@ class ReleaseOptions(_IdsOptions):
 
 
 class QueueOptions(Command):
-    """C{mailhub queue list|show ID|flush [ID]|delete ID|--all|hold ID|release ID}."""
+    """C{mailhub queue list|show ID|cat ID|flush [ID]|delete ID|--all|hold ID|release ID}."""
 
-    synopsis = "mailhub queue [list|show ID|flush [ID...]|delete ID...|delete --all|hold ID...|release ID...]"
+    synopsis = "mailhub queue [list|show ID|cat ID|flush [ID...]|delete ID...|delete --all|hold ID...|release ID...]"
     subCommands = [
         ["list", None, ListOptions, "list the queue (like mailq)"],
         ["show", None, ShowOptions, "show one message's envelope and header"],
+        ["cat", None, CatOptions, "print one message as received"],
         ["flush", None, FlushOptions, "retry deferred messages now"],
         ["delete", None, DeleteOptions, "remove messages from the queue"],
         ["hold", None, HoldOptions, "put messages on hold"],
@@ -131,8 +140,9 @@ def list_queue(spool: Spool, out: TextIO) -> int:
     count = 0
     for env in spool:
         try:
-            size = os.stat(spool.message_path(env.queue_id)).st_size
-        except OSError:
+            with spool.open_message(env.queue_id) as f:
+                size = f.length
+        except (OSError, ValueError):
             size = 0
         total += size
         count += 1
@@ -165,6 +175,20 @@ def list_queue(spool: Spool, out: TextIO) -> int:
     return EX_OK
 
 
+def cat_message(spool: Spool, queue_id: str, out: TextIO) -> int:
+    """Write the message's bytes as received (to C{out.buffer} when there is one)."""
+    with spool.open_message(queue_id) as f:
+        binary = getattr(out, "buffer", None)
+        if binary is not None:
+            out.flush()
+        while chunk := f.read(65536):
+            if binary is not None:
+                binary.write(chunk)
+            else:
+                out.write(chunk.decode("utf-8", "surrogateescape"))
+    return EX_OK
+
+
 def show_message(spool: Spool, queue_id: str, out: TextIO) -> int:
     env = spool.load(queue_id)
     out.write(f"queue_id: {env.queue_id}\n")
@@ -184,7 +208,7 @@ def show_message(spool: Spool, queue_id: str, out: TextIO) -> int:
             last = f" last={r.last_code} {r.last_status} {r.last_text}".rstrip()
         out.write(f"recipient: {r.address}{extra} state={r.state} attempts={r.attempts}{last}\n")
     out.write("--- message header ---\n")
-    with open(spool.message_path(queue_id), "rb") as f:
+    with spool.open_message(queue_id) as f:
         size = 0
         while size < 1024 * 1024:
             line = f.readline(65536)
@@ -204,7 +228,7 @@ def _direct(spool: Spool, command: str, queue_id: str, now: float) -> str | None
     an error text, or C{None}.
     """
     if command == "delete":
-        if not os.path.exists(spool.envelope_path(queue_id)):
+        if not os.path.exists(spool.message_path(queue_id)):
             return "no such message"
         spool.remove(queue_id)
         spool.drain()  # the message file goes in the spool's remover thread
@@ -343,17 +367,22 @@ def _run_queue(
         return EX_NOINPUT
     try:
         spool = Spool(spool_path)
+        if os.path.isdir(os.path.join(spool_path, "new")) and _connect_control(spool_path) is None:
+            spool.migrate()  # a queue from before queue files, and no daemon to convert it
         if command == "list":
             return list_queue(spool, out)
-        if command == "show":
+        if command in ("show", "cat"):
             qid = sub.ids[0]
             try:
-                return show_message(spool, qid, out)
+                return (show_message if command == "show" else cat_message)(spool, qid, out)
             except (KeyError, FileNotFoundError):
                 err.write(f"{PROG}: {qid}: no such message\n")
                 return EX_NOINPUT
             except EnvelopeFormatError as e:
                 err.write(f"{PROG}: {qid}: unreadable envelope: {e}\n")
+                return EX_NOINPUT
+            except QueueFileError as e:
+                err.write(f"{PROG}: {qid}: unreadable queue file: {e}\n")
                 return EX_NOINPUT
         ids = list(getattr(sub, "ids", []))
         if command == "delete" and sub["all"]:
