@@ -46,6 +46,7 @@ of its own is the remover (L{Spool.remove}), which exits when idle.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import re
@@ -374,7 +375,9 @@ class SpoolWriter:
         self._closed = False
 
     def _open(self) -> None:
-        self._file = open(self._tmp, "xb", buffering=0)
+        # os.open: the file is 0600 whatever the umask (open() would give 0666 & ~umask)
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=0)
         pending, self._buffer = self._buffer or [], None
         self._write_raw(b"".join(pending))
 
@@ -705,16 +708,48 @@ class Spool:
         os.rename(path, target)
         log.error("spool: moved {path} to {target}: {why}", path=path, target=target, why=why)
 
-    def migrate(self) -> int:
+    def _conversion_lock(self, blocking: bool) -> int:
+        """
+        An exclusive C{flock} on C{SPOOL/convert.lock}, held while the first
+        layout is converted and C{tmp/} is emptied at start-up, so the
+        daemon and a queue tool never convert (or clean up) at once.
+
+        @raise BlockingIOError: C{blocking} is false and another process holds it.
+        """
+        fd = os.open(os.path.join(self.path, "convert.lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def migrate(self, blocking: bool = True) -> int:
         """
         Convert messages queued in the first spool layout (C{new/ID} and
         C{envelopes/ID.json}, mailhub before queue files) into queue files;
-        return how many.  Each is written and made durable in C{queue/}
-        before its old files go, so a crash meanwhile leaves both copies
-        and the next run only deletes the old ones.  A message in C{new/}
-        without an envelope was never committed and is deleted; an
-        unreadable envelope goes to C{corrupt/} with its message.  C{new/}
-        is removed when empty, so this costs one C{stat} afterwards.
+        return how many.  Runs under L{_conversion_lock} (see there for
+        C{blocking}).
+        """
+        if not os.path.isdir(os.path.join(self.path, "new")):
+            return 0
+        lock = self._conversion_lock(blocking)
+        try:
+            return self._migrate()
+        finally:
+            os.close(lock)
+
+    def _migrate(self) -> int:
+        """
+        L{migrate}, its lock held.  Each message is written and made durable
+        in C{queue/} before its old files go, so a crash meanwhile leaves
+        both copies and the next run deletes C{new/ID}, and the envelope
+        file only if it is still the copy of the one in the queue file (if
+        it differs, the daemon has updated it since: it stays, as the
+        message's changed envelope).  A message in C{new/} without an envelope was never
+        committed and is deleted; an unreadable envelope goes to
+        C{corrupt/} with its message.  C{new/} is removed when empty, so
+        this costs one C{stat} afterwards.
         """
         new = os.path.join(self.path, "new")
         try:
@@ -726,7 +761,7 @@ class Spool:
         for name in names:
             old = os.path.join(new, name)
             if name in queued:
-                continue  # converted before a crash: only the old files are left to delete
+                continue  # converted before a crash: only new/ID is left to delete
             if not is_queue_id(name):
                 self._quarantine(old, "not a queue id")
                 continue
@@ -736,43 +771,81 @@ class Spool:
                 if env.queue_id != name:
                     raise EnvelopeFormatError("queue_id does not match the file name")
             except FileNotFoundError:
-                os.unlink(old)  # never committed
+                self._unlink_logged(old)  # never committed
                 continue
             except (EnvelopeFormatError, OSError) as e:
                 self._quarantine(self.envelope_path(name), f"unreadable envelope: {e}")
                 self._quarantine(old, "message of an unreadable envelope")
                 continue
-            tmp = os.path.join(self.path, "tmp", name + ".msg")
+            tmp = os.path.join(self.path, "tmp", name + ".convert")
             _unlink_quietly(tmp)
-            with open(old, "rb") as src, open(tmp, "xb") as dst:
-                length = 0
-                while chunk := src.read(CHUNK):
-                    dst.write(chunk)
-                    length += len(chunk)
-                dst.write(queue_file_trailer(length, env))
-                dst.flush()
-                if self.fsync:
-                    os.fsync(dst.fileno())
-            os.rename(tmp, self.message_path(name))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                with open(old, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    length = 0
+                    while chunk := src.read(CHUNK):
+                        dst.write(chunk)
+                        length += len(chunk)
+                    dst.write(queue_file_trailer(length, env))
+                    dst.flush()
+                    if self.fsync:
+                        os.fsync(dst.fileno())
+                # link, not rename: never replaces a queue file that is already there
+                os.link(tmp, self.message_path(name))
+            except FileExistsError:
+                queued.add(name)
+                continue
+            finally:
+                _unlink_quietly(tmp)
             moved.append(name)
         if self.fsync:
             _fsync_dir(os.path.join(self.path, "queue"))
         # Now every message of new/ is durable in queue/ (or was never
-        # committed): the old files go.  Its old envelope would only repeat
-        # the copy in the queue file.
+        # committed): the old files go.  The envelope of a message converted
+        # just now only repeats the copy in its queue file.
+        for name in moved:
+            self._unlink_logged(self.envelope_path(name))
+        for name in names:
+            if name in queued and name not in moved:
+                self._drop_envelope_copy(name)
         for name in names:
             if name in moved or name in queued:
-                _unlink_quietly(self.envelope_path(name))
-            _unlink_quietly(os.path.join(new, name))
+                self._unlink_logged(os.path.join(new, name))
         if self.fsync:
             _fsync_dir(os.path.join(self.path, "envelopes"))
         try:
             os.rmdir(new)
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as e:
+            log.error("spool: cannot remove {path}: {error}", path=new, error=e)
         if moved:
             log.info("spool: converted {count} message(s) to queue files", count=len(moved))
         return len(moved)
+
+    def _drop_envelope_copy(self, queue_id: str) -> None:
+        """
+        Delete C{envelopes/ID.json} of a message converted before a crash
+        if it is byte for byte the envelope in its queue file (the old
+        envelope, which the conversion would have deleted); one that
+        differs is the daemon's later update and stays.
+        """
+        try:
+            with open(self.envelope_path(queue_id), "rb") as f:
+                copy = f.read()
+            queued = self._queued_envelope(queue_id)
+        except (OSError, KeyError, EnvelopeFormatError):
+            return
+        if copy == queued:
+            self._unlink_logged(self.envelope_path(queue_id))
+
+    def _unlink_logged(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("spool: cannot remove {path}: {error}", path=path, error=e)
 
     def recover(self) -> list[Envelope]:
         """
@@ -789,13 +862,17 @@ class Spool:
           removed.
         """
         self.drain()
-        tmp = os.path.join(self.path, "tmp")
-        for name in os.listdir(tmp):
-            try:
-                os.unlink(os.path.join(tmp, name))
-            except IsADirectoryError:
-                pass
-        self.migrate()
+        lock = self._conversion_lock(blocking=True)  # a queue tool may be converting
+        try:
+            tmp = os.path.join(self.path, "tmp")
+            for name in os.listdir(tmp):
+                try:
+                    os.unlink(os.path.join(tmp, name))
+                except IsADirectoryError:
+                    pass
+            self._migrate()
+        finally:
+            os.close(lock)
         pending = []
         envelopes = set(os.listdir(os.path.join(self.path, "envelopes")))  # one listing, not a stat per message
         queued = set()

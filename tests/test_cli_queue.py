@@ -256,3 +256,23 @@ def test_the_queue_tool_converts_a_spool_of_the_first_layout(spool):
     assert not os.path.exists(os.path.join(spool.path, "new"))
     with spool.open_message(qid) as f:
         assert f.read() == message_for(7)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the spool to another user")
+def test_the_queue_tool_does_not_convert_someone_elses_spool(spool):
+    """root on the daemon user's old spool: files it made would be root's, unreadable to the daemon."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    qid = new_queue_id(ARRIVAL)
+    os.makedirs(os.path.join(spool.path, "new"))
+    with open(os.path.join(spool.path, "new", qid), "wb") as f:
+        f.write(message_for(1))
+    with open(spool.envelope_path(qid), "wb") as f:
+        f.write(Envelope(qid, "old@example.org", [Recipient("b@example.com")], arrival=ARRIVAL).to_json())
+    os.chown(spool.path, nobody.pw_uid, nobody.pw_gid)
+    status, out, err = run(spool, "list")
+    assert (status, out) == (75, "")
+    assert "layout of an earlier mailhub version" in err
+    assert os.listdir(os.path.join(spool.path, "new")) == [qid]  # untouched
+    assert os.listdir(os.path.join(spool.path, "queue")) == []

@@ -431,8 +431,22 @@ def test_conversion_interrupted_after_the_queue_file_keeps_it(spool):
     env = commit(spool)
     old_layout(spool, env)
     assert spool.recover() == [env]
-    assert listing(spool) == EMPTY | {"queue": [env.queue_id]}
+    assert listing(spool) == EMPTY | {"queue": [env.queue_id]}  # the old envelope was only a copy
     assert message(spool, env.queue_id) == BODY
+
+
+def test_conversion_interrupted_keeps_an_envelope_updated_since(spool):
+    """new/ID left over (its unlink failed) while the daemon updated the envelope: the update stays."""
+    env = commit(spool)
+    env.recipients[0].state = DELIVERED
+    env.recipients.append(Recipient("c@example.org"))
+    spool.update(env)
+    os.makedirs(os.path.join(spool.path, "new"))
+    with open(os.path.join(spool.path, "new", env.queue_id), "wb") as f:
+        f.write(BODY)
+    assert spool.recover() == [env]
+    assert spool.load(env.queue_id).recipients[0].state == DELIVERED
+    assert listing(spool) == EMPTY | {"queue": [env.queue_id], "envelopes": [env.queue_id + ".json"]}
 
 
 def test_conversion_quarantines_an_unreadable_old_envelope(spool):

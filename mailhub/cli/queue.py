@@ -323,6 +323,27 @@ def _connect_control(spool_path: str) -> Callable[[str, str | None], tuple[str |
         return None  # stale socket: the daemon is not running
 
 
+def _convert(spool_path: str, err: TextIO) -> int:
+    """
+    Convert a spool of the first layout (L{Spool.migrate}), as its owner
+    only: files made by root would be unreadable to the daemon's user.
+    """
+    if os.geteuid() != os.stat(spool_path).st_uid:
+        err.write(
+            f"{PROG}: the queue at {spool_path} is in the layout of an earlier mailhub version; "
+            "start the daemon, or run this as the spool's owner, to convert it\n"
+        )
+        return EX_TEMPFAIL
+    try:
+        Spool(spool_path).migrate(blocking=False)
+    except BlockingIOError:
+        pass  # the daemon is converting it right now: list what is there
+    except OSError as e:
+        err.write(f"{PROG}: cannot convert the queue at {spool_path}: {e.strerror or e}\n")
+        return EX_TEMPFAIL
+    return EX_OK
+
+
 def run_queue(
     options: QueueOptions,
     target: Any,
@@ -365,10 +386,13 @@ def _run_queue(
     if not os.path.isdir(os.path.join(spool_path, "envelopes")):
         err.write(f"{PROG}: no queue at {spool_path} (check spool.path in the configuration)\n")
         return EX_NOINPUT
+    if os.path.isdir(os.path.join(spool_path, "new")) and _connect_control(spool_path) is None:
+        # A queue from before queue files, and no daemon to convert it.
+        status = _convert(spool_path, err)
+        if status != EX_OK:
+            return status
     try:
         spool = Spool(spool_path)
-        if os.path.isdir(os.path.join(spool_path, "new")) and _connect_control(spool_path) is None:
-            spool.migrate()  # a queue from before queue files, and no daemon to convert it
         if command == "list":
             return list_queue(spool, out)
         if command in ("show", "cat"):
