@@ -26,6 +26,7 @@ import io
 import os
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from twisted.internet import defer, threads
@@ -43,6 +44,10 @@ log = Logger()
 
 #: Bytes read from the spool per read; the message is never read whole.
 CHUNK_SIZE = 1 << 20
+
+#: Recipients of one message whose Maildir files are written at once (see
+#: L{LocalDelivery._deliver_all}).
+PARALLEL_RECIPIENTS = 8
 
 #: Header bytes scanned for Delivered-To before giving up (the header section
 #: of a sane message is far smaller; a hostile one must not cost memory).
@@ -197,6 +202,7 @@ class LocalDelivery:
         self._host = _maildir_host(hostname)
         self._syncs_lock = threading.Lock()
         self._syncs: dict[object, DirSync] = {}
+        self._recipient_pool: ThreadPoolExecutor | None = None
 
     # -- the DeliveryAgent interface ---------------------------------------------------
 
@@ -228,14 +234,29 @@ class LocalDelivery:
         except QueueFileError as e:
             return [Outcome.temporary(a, f"cannot read queued message: {e}", 451, "4.3.0") for a in addresses]
         seen = message.delivered_to
-        outcomes = []
-        for a in addresses:
+
+        def one(a: str) -> Outcome:
             try:
-                outcomes.append(self._deliver_one(queue_id, arrival, sender, a, message, seen))
+                return self._deliver_one(queue_id, arrival, sender, a, message, seen)
             except Exception:
                 log.failure("local delivery to {address} failed", address=a)
-                outcomes.append(Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0"))
-        return outcomes
+                return Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0")
+
+        if (
+            len(addresses) < 2
+            or not self.fsync
+            or getattr(self.directory, "mode", "virtual") == "system"
+            or len({a.lower() for a in addresses}) < len(addresses)  # one file name, written once
+        ):
+            return [one(a) for a in addresses]
+        # Several mailboxes: their files are written and fsync'd at the
+        # same time, so the file system commits them together (one journal
+        # commit for all, where one after the other cost one each: 5
+        # recipients took five times as long to deliver as one).  System
+        # mode stays sequential: it writes as root into the users' homes.
+        if self._recipient_pool is None:
+            self._recipient_pool = ThreadPoolExecutor(PARALLEL_RECIPIENTS, thread_name_prefix="mailhub-maildir")
+        return list(self._recipient_pool.map(one, addresses))
 
     def _deliver_one(
         self, queue_id: str, arrival: float, sender: str, address: str, message: "QueuedMessage", seen: set[str]

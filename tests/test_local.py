@@ -305,6 +305,47 @@ def test_link_eacces(agent, root, tmp_path, monkeypatch):
     assert files(root, "alice", "tmp") == []
 
 
+def test_recipients_of_one_message_are_written_at_the_same_time(agent, root, tmp_path, monkeypatch):
+    """Their fsyncs overlap (one journal commit for all); outcomes keep the recipients' order."""
+    import threading
+
+    users = ["u%d" % i for i in range(5)]
+    for u in users:
+        for sub in ("tmp", "new", "cur"):
+            (root / "example.org" / u / sub).mkdir(parents=True)
+    inside, peak, lock = [0], [0], threading.Lock()
+    gate = threading.Barrier(5, timeout=10)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            return real_fsync(fd)
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        gate.wait()  # all five files are being fsync'd at once, or this times out
+        try:
+            return real_fsync(fd)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    env = envelope("s@remote.example", *[f"{u}@example.org" for u in users])
+    outcomes = deliver(agent, env, spool_message(tmp_path))
+    assert [(o.recipient, o.kind) for o in outcomes] == [(f"{u}@example.org", "delivered") for u in users]
+    assert peak[0] == 5
+    for u in users:
+        assert len(files(root, u)) == 1
+
+
+def test_the_same_mailbox_twice_is_written_once_in_order(agent, root, tmp_path):
+    env = envelope("s@remote.example", "alice@example.org", "Alice@example.org", "bob@example.org")
+    outcomes = deliver(agent, env, spool_message(tmp_path))
+    assert [o.kind for o in outcomes] == ["delivered"] * 3
+    assert len(files(root, "alice")) == 1 and len(files(root, "bob")) == 1
+
+
 def test_missing_queue_file_is_temporary(agent, tmp_path):
     outcomes = deliver(agent, envelope("s@x.example", "alice@example.org", "bob@example.org"),
                        str(tmp_path / "gone"))
