@@ -588,6 +588,18 @@ class MemorySampler(threading.Thread):
 # servers
 
 
+def settle() -> None:
+    """
+    Write back what earlier runs left dirty before the next one starts
+    (not timed).  The backlog scenario writes and then deletes about
+    800 MB; in the full run without this, every scenario after it was
+    slower for both servers (1x4KB: mailhub 553 msg/s in the first run,
+    304-344 in the next two; Postfix 598, then 445-448), mailhub more,
+    with twice Postfix's fsyncs per message to wait for.
+    """
+    os.sync()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1362,6 +1374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     server = Postfix(base)
                 print(f"[run {n + 1}/{args.runs}] {s.name} on {t} ...", file=sys.stderr, flush=True)
+                settle()
                 try:
                     server.start()
                     r = measure(server, s, args.smtp_source)
