@@ -22,7 +22,8 @@ Protocol, over the child's stdin and stdout, one JSON object per line:
    L{mailhub.local.LocalDelivery} from them (the aliases file is read,
    and re-read when it changes, by each process).
  - then requests: C{{"id": N, "queue_id", "arrival", "sender",
-   "addresses": [...], "message_path"}};
+   "addresses": [...], "message_path", "crlf"}} (crlf: see
+   L{mailhub.local.QueuedMessage});
  - answers, in order: C{{"id": N, "outcomes": [{"recipient", "kind",
    "code", "status", "text"}, ...]}}: L{mailhub.local.LocalDelivery}'s
    outcomes, one per address.
@@ -377,6 +378,7 @@ class LocalDeliveryProcesses(service.Service):
                 "sender": envelope.sender,
                 "addresses": addresses,
                 "message_path": message_path,
+                "crlf": bool(envelope.esmtp.get("crlf")),
             },
         ).encode("ascii") + b"\n"  # \u escapes: any str, lone surrogates too, round-trips
         request = _Request(self._next_id, line, addresses)
@@ -422,7 +424,7 @@ def _serve(stdin: Any, stdout: Any) -> int:
         try:
             outcomes = agent._deliver_all(
                 request["queue_id"], float(request["arrival"]), request["sender"],
-                request["addresses"], request["message_path"],
+                request["addresses"], request["message_path"], bool(request.get("crlf")),
             )
         except Exception:  # _deliver_all answers per recipient; this is a safety net
             log.failure("local delivery of {queue_id} failed", queue_id=request.get("queue_id"))

@@ -69,6 +69,16 @@ class Transaction:
         return bool(self.esmtp.get("smtputf8"))
 
 
+def _crlf(tx: "Transaction") -> dict[str, bool]:
+    """
+    C{{"crlf": True}} for a message received with DATA: every CR and LF
+    in it is part of a CRLF (one with a bare one was refused), so local
+    delivery may make its LF copy by deleting the CRs, three times faster
+    than replacing each CRLF.  BDAT content is not checked: no key.
+    """
+    return {"crlf": True} if tx.decoder is not None and not tx.decoder.bare_line_ending else {}
+
+
 class MessageMixin:
     """Message bytes of one SMTP session, from DATA / BDAT to the commit (see the module docstring)."""
 
@@ -200,7 +210,7 @@ class MessageMixin:
             sender=tx.sender,
             recipients=list(tx.recipients.values()),
             arrival=self.factory.clock.seconds(),
-            esmtp={k: v for k, v in tx.esmtp.items() if k != "declared_size"} | {"size": writer.size},
+            esmtp={k: v for k, v in tx.esmtp.items() if k != "declared_size"} | {"size": writer.size} | _crlf(tx),
             client={
                 "helo": self.session.helo,
                 "addr": self.session.client_ip,

@@ -472,7 +472,7 @@ def test_large_message_streamed(agent, root, tmp_path, monkeypatch):
     sizes = []
     real_copy = local.copy_lf
 
-    def spy(src, dst, chunk_size=None):
+    def spy(src, dst, chunk_size=None, crlf_only=False):
         real_read = src.read
 
         def read(n=-1):
@@ -480,7 +480,7 @@ def test_large_message_streamed(agent, root, tmp_path, monkeypatch):
             return real_read(n)
 
         src.read = read
-        return real_copy(src, dst, chunk_size)
+        return real_copy(src, dst, chunk_size, crlf_only)
 
     monkeypatch.setattr(local, "copy_lf", spy)
     (o,) = deliver(agent, envelope("s@x.example", "alice@example.org"), path)
@@ -514,3 +514,42 @@ def test_preloaded_and_streamed_copies_are_identical(tmp_path, monkeypatch, size
         assert m.write_to(out) == len(out.getvalue())
         outs.append(out.getvalue())
     assert outs[0] == outs[1] == raw.replace(b"\r\n", b"\n")
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 1000])
+def test_crlf_only_copies_are_the_same_bytes(tmp_path, monkeypatch, size):
+    """For a message whose every CR is in a CRLF (DATA), deleting the CRs is the CRLF -> LF conversion."""
+    raw = b"Subject: s\r\n\r\n" + b"line . of text\r\n" * size + b"end\r\n"
+    path = tmp_path / "msg"
+    path.write_bytes(queue_file_bytes(raw, TRAILER_ENVELOPE))
+    copies = []
+    for limit in (local.PRELOAD_LIMIT, 0):
+        monkeypatch.setattr(local, "PRELOAD_LIMIT", limit)
+        for crlf_only in (False, True):
+            out = io.BytesIO()
+            m = local.QueuedMessage(str(path), crlf_only)
+            assert m.write_to(out) == len(out.getvalue())
+            copies.append(out.getvalue())
+    assert copies == [raw.replace(b"\r\n", b"\n")] * 4
+
+
+def test_data_messages_are_delivered_with_the_crlf_fast_path(agent, root, tmp_path, monkeypatch):
+    """The envelope's esmtp["crlf"] reaches QueuedMessage."""
+    seen = []
+    real = local.QueuedMessage
+
+    def spy(path, crlf_only=False):
+        seen.append(crlf_only)
+        return real(path, crlf_only)
+
+    monkeypatch.setattr(local, "QueuedMessage", spy)
+    data = b"Subject: crlf only\r\n\r\nline 1\r\nline 2\r\n"
+    env = envelope("s@x.example", "alice@example.org")
+    env.esmtp["crlf"] = True
+    (o,) = deliver(agent, env, spool_message(tmp_path, data))
+    (o2,) = deliver(agent, envelope("s@x.example", "bob@example.org"), spool_message(tmp_path))
+    assert (o.kind, o2.kind) == ("delivered", "delivered")
+    assert seen == [True, False]
+    md = mailbox.Maildir(str(root / "example.org" / "alice"), create=False)
+    (key,) = md.keys()
+    assert md.get_bytes(key) == expected_bytes("s@x.example", "alice@example.org", data)

@@ -341,7 +341,8 @@ def test_message_spooled_with_received_header(h):
     assert env == h.spool.load(qid)
     assert env.queue_id == qid and env.sender == "sender@elsewhere.test" and env.arrival == NOW
     assert [(r.address, r.original) for r in env.recipients] == [("alice@example.com", "alice@example.com")]
-    assert env.esmtp == {"body": "7BIT", "smtputf8": False, "size": len(raw)}
+    # crlf: received with DATA, so every CR and LF is a CRLF (local delivery's fast LF copy)
+    assert env.esmtp == {"body": "7BIT", "smtputf8": False, "size": len(raw), "crlf": True}
     assert env.client == {"helo": "client.test", "addr": FOREIGN, "protocol": "ESMTP", "user": "", "listener": "smtp"}
     [ev] = [e for e in events if e.get("mail_event") == "accepted"]
     assert (ev["queue_id"], ev["from"], ev["nrcpt"], ev["size"], ev["client"]) == (
