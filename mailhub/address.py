@@ -158,6 +158,12 @@ class Mailbox:
         return f"{self.local_key}@{self.domain_key}"
 
 
+#: C0, DEL, C1 and the Unicode line/paragraph separators: none of them may
+#: reach a header, a log line or a file name.  (A regular expression: a
+#: generator over the characters cost 20 us per address, two per message.)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _utf8_len(text: str) -> int:
     """Octets of C{text} in UTF-8; a lone surrogate (JSON C{"\\udcff"} from the HTTP API) is an AddressError."""
     try:
@@ -174,9 +180,7 @@ def parse_mailbox(text: str, allow_utf8: bool = True) -> Mailbox:
         announced SMTPUTF8, RFC 6531 3.4).
     @raise AddressError: on any syntax problem.
     """
-    # C0, DEL, C1 and the Unicode line/paragraph separators: none of them
-    # may reach a header, a log line or a file name.
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text):
+    if _CONTROL.search(text):
         raise AddressError("control characters in address", "5.1.3")
     _utf8_len(text)
     if not allow_utf8 and not _is_ascii(text):
