@@ -39,7 +39,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import auth
-from .eagerwrite import write_now
 from .maillog import mail_event
 from .policy import Reply, is_loopback
 from .smtpproto import COMMAND, NEED_HELO, SASL, CommandError, _fields
@@ -121,6 +120,7 @@ class TLSAuthMixin:
         self._buf, self._pos = b"", 0
         self.reset_session()
         self._starttls = True
+        self._flush_output()  # the 220 and what preceded it go out in clear text, before the handshake
         try:
             self.transport.startTLS(self.factory.tls.options())
         except Exception:
@@ -180,7 +180,7 @@ class TLSAuthMixin:
             return
         if isinstance(step, bytes):
             self._mode = SASL
-            write_now(self.transport, b"334 " + step + b"\r\n")
+            self._send(b"334 " + step + b"\r\n")
             return
         self._sasl = None
         self._mode = COMMAND

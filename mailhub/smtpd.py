@@ -115,6 +115,11 @@ _LONG_VERBS = (b"MAIL ", b"RCPT ", b"AUTH ")
 NOT_IMPLEMENTED = {"ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML"}
 
 
+#: Replies to pipelined commands are held back and sent together (see
+#: L{SMTPServer._send}) up to this many bytes at a time.
+REPLY_BATCH = 4096
+
+
 @implementer(IHalfCloseableProtocol, IHandshakeListener, IPushProducer)
 class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     """
@@ -151,6 +156,8 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         self._eof = False  # the client shut down its sending side
         self._pauses: set[str] = set()  # BUSY, OUTPUT, SLEEP: no command is executed
         self._processing = False
+        self._out: list[bytes] | None = None  # replies held back while _process runs (see _send)
+        self._out_len = 0
         self._paused = False  # whether we paused the transport's reading
         self._counted = False
         self._starttls = False  # STARTTLS answered, handshake not yet complete
@@ -240,6 +247,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
             self._close()
 
     def _close(self) -> None:
+        self._flush_output()
         self._closed = True
         self._cancel_timer()
         # Unregister first: a TLS transport does not shut down while a
@@ -252,7 +260,36 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     # -- replies -------------------------------------------------------------------------------
 
     def _write(self, code: int, enhanced: str, text: str | list[str]) -> None:
-        write_now(self.transport, format_reply(code, enhanced, text))
+        self._send(format_reply(code, enhanced, text))
+
+    def _send(self, data: bytes) -> None:
+        """
+        Send reply bytes: at once (L{write_now}), except while L{_process}
+        runs a batch of received commands; their replies are then sent
+        together when it stops (RFC 2920 3.2: responses to grouped commands
+        are best sent as a unit; Postfix's smtpd also flushes only when its
+        input is drained), one send for fifty pipelined RCPTs, not fifty.
+        """
+        out = self._out
+        if out is None:
+            write_now(self.transport, data)
+            return
+        out.append(data)
+        self._out_len += len(data)
+        if self._out_len >= REPLY_BATCH:
+            # Flow control still works: a full socket pauses the session
+            # (pauseProducing, from inside the write) and the loop stops.
+            self._flush_output(keep=True)
+
+    def _flush_output(self, keep: bool = False) -> None:
+        """
+        Send the replies held back by L{_send}: when L{_process} stops,
+        before a close or STARTTLS, and every L{REPLY_BATCH} bytes
+        (C{keep}: go on holding back the next ones).
+        """
+        out, self._out, self._out_len = self._out, ([] if keep else None), 0
+        if out:
+            write_now(self.transport, b"".join(out))
 
     def reply(self, reply: Reply) -> None:
         """Send C{reply}; count errors and close after too many (hard error limit)."""
@@ -277,6 +314,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         if self._processing:
             return
         self._processing = True
+        self._out = []
         lines = 0
         try:
             while not self._closed and not self._pauses:
@@ -325,6 +363,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
             if self._pos:
                 self._buf = self._buf[self._pos :]
                 self._pos = 0
+            self._flush_output()
         if self._closed:
             return
         if lines:

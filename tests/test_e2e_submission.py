@@ -205,6 +205,27 @@ def test_starttls_injection_over_real_tls(servers):
         sock.close()
 
 
+def test_replies_pipelined_before_starttls_are_sent_in_clear_before_the_handshake(servers):
+    """Replies to a pipelined group are held back and sent together; STARTTLS must flush them in clear first."""
+    sock = socket.create_connection(servers.addresses["smtp"], timeout=10)
+    try:
+        f = sock.makefile("rb", buffering=0)
+        assert read_reply(f) == [f"220 {HOST} ESMTP mailhub\r\n".encode()]
+        sock.sendall(b"EHLO client.test\r\nNOOP\r\nSTARTTLS\r\n")
+        assert b"250-STARTTLS\r\n" in read_reply(f)
+        assert read_reply(f) == [b"250 2.0.0 Ok\r\n"]
+        assert read_reply(f) == [b"220 2.0.0 Ready to start TLS\r\n"]
+        tls_sock = servers.context().wrap_socket(sock, server_hostname="127.0.0.1")
+        tf = tls_sock.makefile("rb")
+        tls_sock.sendall(b"EHLO client.test\r\nNOOP\r\nQUIT\r\n")
+        assert read_reply(tf)[0] == f"250-{HOST}\r\n".encode()
+        assert read_reply(tf) == [b"250 2.0.0 Ok\r\n"]
+        assert read_reply(tf) == [b"221 2.0.0 Bye\r\n"]
+        tls_sock.close()
+    finally:
+        sock.close()
+
+
 def test_msmtp_submission_starttls_auth(servers, tmp_path):
     msmtp = require_tool("msmtp")
     host, port = servers.addresses["submission"]

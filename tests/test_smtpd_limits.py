@@ -13,6 +13,7 @@ import time
 
 import pytest
 from twisted.logger import globalLogPublisher
+from mailhub import smtpd
 
 from smtpharness import FOREIGN, GO_AHEAD, GREETING, HOST, MAIL_OK, OK, RCPT_OK, Client, queued_id
 from smtpharness import Harness as _Harness
@@ -313,8 +314,9 @@ def test_paused_by_transport_executes_nothing(h):
     assert c.proto._buf == b""
 
 
-def test_pause_inside_write_stops_at_once(h):
-    """pauseProducing is called from inside transport.write; the loop stops right after that reply."""
+def test_pause_inside_write_stops_at_once(h, monkeypatch):
+    """pauseProducing is called from inside transport.write; the loop stops right after that write."""
+    monkeypatch.setattr(smtpd, "REPLY_BATCH", 1)  # every reply is a write of its own
     c = h.ehlo()
     real_write = c.transport.write
     writes = []
@@ -329,6 +331,18 @@ def test_pause_inside_write_stops_at_once(h):
     assert c.send(b"NOOP\r\n" * 10) == OK * 3
     c.proto.resumeProducing()  # the buffer drained: the other seven run
     assert c.read() == OK * 7
+
+
+def test_pipelined_replies_are_sent_together(h):
+    """RFC 2920 3.2: the replies to a group of pipelined commands go out as one write."""
+    c = h.ehlo()
+    writes = []
+    real_write = c.transport.write
+    c.transport.write = lambda data: (writes.append(data), real_write(data))
+    assert c.send(START + "NOOP\r\n" * 3) == MAIL_OK + RCPT_OK + OK * 3
+    assert len(writes) == 1
+    c.send(b"NOOP\r\n" * 2000)  # 28 000 bytes of replies: sent every REPLY_BATCH bytes, not all at the end
+    assert len(writes) == 1 + -(-28000 // smtpd.REPLY_BATCH) and all(len(w) <= smtpd.REPLY_BATCH + 14 for w in writes)
 
 
 def test_commit_and_transport_pause_combine(h):
