@@ -813,12 +813,7 @@ class Spool:
                 self._unlink_logged(os.path.join(new, name))
         if self.fsync:
             _fsync_dir(os.path.join(self.path, "envelopes"))
-        try:
-            os.rmdir(new)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("spool: cannot remove {path}: {error}", path=new, error=e)
+        self._unlink_logged(new, os.rmdir)
         if moved:
             log.info("spool: converted {count} message(s) to queue files", count=len(moved))
         return len(moved)
@@ -839,9 +834,10 @@ class Spool:
         if copy == queued:
             self._unlink_logged(self.envelope_path(queue_id))
 
-    def _unlink_logged(self, path: str) -> None:
+    def _unlink_logged(self, path: str, remove: Callable[[str], None] = os.unlink) -> None:
+        """C{remove(path)}; a failure other than "already gone" is logged, not raised."""
         try:
-            os.unlink(path)
+            remove(path)
         except FileNotFoundError:
             pass
         except OSError as e:

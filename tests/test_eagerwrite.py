@@ -8,6 +8,8 @@ from __future__ import annotations
 import socket
 import ssl
 
+import pytest
+
 from twisted.internet import defer, protocol
 from twisted.internet.testing import StringTransport
 
@@ -51,63 +53,57 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return out
 
 
-def test_plain_tcp_sends_at_once_without_registering_a_writer(reactor):
+@pytest.fixture
+def connected(reactor):
+    """A plain TCP connection on loopback: (the test's socket, the server protocol)."""
     factory, port = _listen(reactor)
     client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
     try:
-        server = in_reactor(reactor, lambda: factory.made)
-
-        def write_and_look():
-            write_now(server.transport, b"250 ok\r\n")
-            return (server.transport.dataBuffer, server.transport._tempDataLen, server.transport in reactor.getWriters())
-
-        buffered, pending, registered = in_reactor(reactor, write_and_look)
-        assert (buffered, pending, registered) == (b"", 0, False)
-        assert _recv_exactly(client, 8) == b"250 ok\r\n"
+        yield client, in_reactor(reactor, lambda: factory.made)
     finally:
         client.close()
         in_reactor(reactor, port.stopListening)
 
 
-def test_buffered_bytes_keep_their_order(reactor):
+def test_plain_tcp_sends_at_once_without_registering_a_writer(reactor, connected):
+    client, server = connected
+
+    def write_and_look():
+        write_now(server.transport, b"250 ok\r\n")
+        return (server.transport.dataBuffer, server.transport._tempDataLen, server.transport in reactor.getWriters())
+
+    buffered, pending, registered = in_reactor(reactor, write_and_look)
+    assert (buffered, pending, registered) == (b"", 0, False)
+    assert _recv_exactly(client, 8) == b"250 ok\r\n"
+
+
+def test_buffered_bytes_keep_their_order(reactor, connected):
     """With something already buffered, the reply queues behind it."""
-    factory, port = _listen(reactor)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-    try:
-        server = in_reactor(reactor, lambda: factory.made)
+    client, server = connected
 
-        def write_both():
-            server.transport.write(b"first\r\n")
-            write_now(server.transport, b"second\r\n")
-            return server.transport._tempDataLen
+    def write_both():
+        server.transport.write(b"first\r\n")
+        write_now(server.transport, b"second\r\n")
+        return server.transport._tempDataLen
 
-        assert in_reactor(reactor, write_both) == len(b"first\r\nsecond\r\n")
-        assert _recv_exactly(client, 15) == b"first\r\nsecond\r\n"
-    finally:
-        client.close()
-        in_reactor(reactor, port.stopListening)
+    assert in_reactor(reactor, write_both) == len(b"first\r\nsecond\r\n")
+    assert _recv_exactly(client, 15) == b"first\r\nsecond\r\n"
 
 
-def test_more_than_the_socket_takes_is_buffered_in_order(reactor):
+def test_more_than_the_socket_takes_is_buffered_in_order(reactor, connected):
     """A reply bigger than the socket buffer: the rest goes to the transport."""
-    factory, port = _listen(reactor)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    client, server = connected
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     big = bytes(range(256)) * (8 * 1024)  # 2 MiB, more than loopback buffers hold
-    try:
-        server = in_reactor(reactor, lambda: factory.made)
 
-        def write_big():
-            server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-            write_now(server.transport, big)
-            write_now(server.transport, b"tail")
-            return server.transport._tempDataLen + len(server.transport.dataBuffer)
+    def write_big():
+        server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        write_now(server.transport, big)
+        write_now(server.transport, b"tail")
+        return server.transport._tempDataLen + len(server.transport.dataBuffer)
 
-        assert in_reactor(reactor, write_big) > 0  # the socket did not take it all
-        assert _recv_exactly(client, len(big) + 4) == big + b"tail"
-    finally:
-        client.close()
-        in_reactor(reactor, port.stopListening)
+    assert in_reactor(reactor, write_big) > 0  # the socket did not take it all
+    assert _recv_exactly(client, len(big) + 4) == big + b"tail"
 
 
 def test_after_starttls_replies_go_through_tls(reactor, tmp_path):
@@ -131,29 +127,20 @@ def test_after_starttls_replies_go_through_tls(reactor, tmp_path):
         in_reactor(reactor, port.stopListening)
 
 
-def test_closing_transport_is_left_to_transport_write(reactor):
-    factory, port = _listen(reactor)
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-    try:
-        server = in_reactor(reactor, lambda: factory.made)
+def test_closing_transport_is_left_to_transport_write(reactor, connected):
+    client, server = connected
 
-        def close_then_write():
-            server.transport.write(b"bye\r\n")
-            server.transport.loseConnection()
-            write_now(server.transport, b"late\r\n")  # must not jump ahead of "bye"
+    def close_then_write():
+        server.transport.write(b"bye\r\n")
+        server.transport.loseConnection()
+        write_now(server.transport, b"late\r\n")  # must not jump ahead of "bye"
 
-        in_reactor(reactor, close_then_write)
-        data = b""
-        while True:
-            chunk = client.recv(100)
-            if not chunk:
-                break
-            data += chunk
-        # transport.write still sends after loseConnection; what matters is the order
-        assert data == b"bye\r\nlate\r\n"
-    finally:
-        client.close()
-        in_reactor(reactor, port.stopListening)
+    in_reactor(reactor, close_then_write)
+    data = b""
+    while chunk := client.recv(100):
+        data += chunk
+    # transport.write still sends after loseConnection; what matters is the order
+    assert data == b"bye\r\nlate\r\n"
 
 
 def test_other_transports_use_their_write():

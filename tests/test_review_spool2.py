@@ -391,10 +391,10 @@ def test_crash_after_queue_file_before_old_files_deleted_keeps_one_copy(tmp_path
     class Crash(BaseException):
         pass
 
-    def crash(self, path):
+    def crash(self, path, *remove):
         if os.sep + "new" + os.sep in path or path.endswith(".json"):
             raise Crash()
-        real_unlink(self, path)
+        real_unlink(self, path, *remove)
 
     Spool._unlink_logged = crash
     try:
