@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from typing import Any, Callable
 
@@ -33,6 +34,15 @@ def reactor():
     yield _reactor
     _reactor.callFromThread(_reactor.stop)
     thread.join(10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_run():
+    """Daemons started by tests/daemon.py are killed when the session ends, even after a failed test."""
+    yield
+    daemon = sys.modules.get("daemon")
+    if daemon is not None:
+        daemon.kill_leftovers()
 
 
 @pytest.fixture

@@ -28,6 +28,25 @@ __all__ = [
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Every daemon process started, so none outlives the test run (L{kill_leftovers}).
+_STARTED: list[subprocess.Popen] = []
+
+
+def kill_leftovers() -> int:
+    """
+    SIGKILL every daemon still running; return how many.  Called once at
+    the end of the test session (conftest.py): a test that fails between
+    a start and its stop would otherwise leave its daemon running for good.
+    """
+    killed = 0
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+            killed += 1
+    _STARTED.clear()
+    return killed
 DOMAIN = "example.test"
 TWISTD = "from twisted.scripts.twistd import run; run()"
 _LISTENING = re.compile(r"listening for SMTP on \S+ \(127\.0\.0\.1:(\d+)\)")
@@ -105,6 +124,7 @@ class Daemon:
             stdout=open(self.log_path, "wb"),
             stderr=open(self.err_path, "wb"),
         )
+        _STARTED.append(self.proc)
 
         def listening():
             m = _LISTENING.search(self.log())
