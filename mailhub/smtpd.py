@@ -193,6 +193,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
             self._close()
             return
         self._counted = True
+        self.factory.sessions.add(self)
         mail_event(
             "connection",
             "connect from [{client}] listener={listener} tls={tls}",
@@ -213,6 +214,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         if self._counted:
             self._counted = False
             self.factory.release(self.session.client_ip)
+        self.factory.sessions.discard(self)
         self.factory.session_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -420,6 +422,18 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
             self.reply(e.reply)
 
     # -- session state ------------------------------------------------------------------------------
+
+    def shut_down(self) -> None:
+        """
+        The server is stopping and this session has no commit in flight:
+        say so (RFC 5321 3.8: 421) and close.  A message still arriving is
+        dropped; its client got no 250 and sends it again later.
+        """
+        if self._closed:
+            return
+        self._reset_transaction()
+        self._write(421, "4.3.2", f"{self.config.hostname} Service shutting down, closing transmission channel")
+        self._close()
 
     def _reset_transaction(self) -> None:
         """Forget the mail transaction (RSET, EHLO, errors, disconnect)."""
@@ -758,6 +772,8 @@ class SMTPServerFactory(protocol.Factory):
         # Shutdown drain: commits whose reply is not yet written, sessions
         # closed after their reply until the reply is flushed (see drain).
         self._commits: dict[defer.Deferred[Any], SMTPServer] = {}
+        #: every open session (admitted, not yet lost): drain says 421 to the idle ones
+        self.sessions: set[SMTPServer] = set()
         self._closing: set[SMTPServer] = set()
         self._drained: list[defer.Deferred[None]] = []
         self.draining = False
@@ -796,13 +812,18 @@ class SMTPServerFactory(protocol.Factory):
         """
         Begin shutdown (call after the port stopped listening): the returned
         Deferred fires once every commit in flight has finished, its reply
-        was written and flushed (the session is closed after it), or after
-        C{timeout} seconds, whichever comes first.  Sessions without a
-        commit are left to the reactor, which closes them.
+        was written and flushed (the session is closed after it), and every
+        other session was told C{421 4.3.2} and closed (RFC 5321 3.8), or
+        after C{timeout} seconds, whichever comes first.
         """
         self.draining = True
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
+        committing = set(self._commits.values())
+        for session in list(self.sessions):
+            if session not in committing and not session._closed:
+                self._closing.add(session)
+                session.shut_down()
         if not self._commits and not self._closing:
             self._check_drained()
             return d

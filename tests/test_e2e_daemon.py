@@ -110,3 +110,26 @@ def test_port_in_use_one_clean_line(tmp_path, daemon):
     assert r.stderr == (
         f"mailhub: cannot listen on tcp:{daemon.port}:interface=127.0.0.1: Address already in use\n"
     )
+
+
+def test_sigterm_tells_open_sessions_421(tmp_path):
+    """RFC 5321 3.8: an idle session hears 421 before the daemon stops, then the connection ends."""
+    import signal
+    import socket
+
+    d = Daemon(tmp_path).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO client.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        d.proc.send_signal(signal.SIGTERM)
+        assert f.readline() == f"421 4.3.2 mx.{DOMAIN} Service shutting down, closing transmission channel\r\n".encode()
+        assert f.read() == b""
+        sock.close()
+        assert d.proc.wait(20) == CLEAN_EXIT, d.stderr()
+    finally:
+        if d.proc.poll() is None:
+            d.kill()

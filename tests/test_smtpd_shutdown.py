@@ -7,6 +7,7 @@ In memory: StringTransport, task.Clock, a controllable commit runner.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -108,13 +109,62 @@ def test_drain_waits_for_451_too(tmp_path: Any) -> None:
     assert fired == [None]
 
 
-def test_drain_without_commits_fires_at_once(tmp_path: Any) -> None:
+def test_drain_without_sessions_fires_at_once(tmp_path: Any) -> None:
     factory, runner, clock, queued = make_factory(tmp_path)
-    proto, transport = connect(factory)
     fired: list = []
     factory.drain().addCallback(fired.append)
     assert fired == [None]
-    assert not transport.disconnecting  # idle sessions are left to the reactor
+
+
+SHUTTING_DOWN = f"421 4.3.2 {HOST} Service shutting down, closing transmission channel\r\n".encode()
+
+
+def test_idle_session_is_told_421_and_closed(tmp_path: Any) -> None:
+    """RFC 5321 3.8: a server that must close says 421 first."""
+    factory, runner, clock, queued = make_factory(tmp_path)
+    proto, transport = connect(factory)
+    proto.dataReceived(b"EHLO c.example.net\r\n")
+    transport.clear()
+    fired: list = []
+    factory.drain().addCallback(fired.append)
+    assert transport.value() == SHUTTING_DOWN
+    assert transport.disconnecting
+    assert fired == []  # the 421 is flushed by the close: drain ends at connectionLost
+    proto.connectionLost(None)
+    assert fired == [None]
+    assert factory.sessions == set()
+
+
+def test_message_still_arriving_is_dropped_with_421(tmp_path: Any) -> None:
+    factory, runner, clock, queued = make_factory(tmp_path)
+    proto, transport = connect(factory)
+    proto.dataReceived(
+        b"EHLO c.example.net\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n"
+        + b"Subject: x\r\n\r\n" + b"y" * 100_000  # beyond the in-memory limit: a file in tmp/
+    )
+    assert os.listdir(str(tmp_path / "spool" / "tmp"))
+    transport.clear()
+    factory.drain()
+    assert transport.value() == SHUTTING_DOWN
+    assert os.listdir(str(tmp_path / "spool" / "tmp")) == []  # no 250, nothing kept
+    assert queued == []
+    proto.connectionLost(None)
+
+
+def test_session_with_a_commit_gets_its_250_not_421(tmp_path: Any) -> None:
+    factory, runner, clock, queued = make_factory(tmp_path)
+    busy, busy_transport = start_commit(factory)
+    idle, idle_transport = connect(factory)
+    idle_transport.clear()
+    fired: list = []
+    factory.drain().addCallback(fired.append)
+    assert idle_transport.value() == SHUTTING_DOWN and busy_transport.value() == b""
+    runner.finish()
+    assert QUEUED.match(busy_transport.value())
+    idle.connectionLost(None)
+    assert fired == []
+    busy.connectionLost(None)
+    assert fired == [None]
 
 
 def test_drain_is_bounded(tmp_path: Any) -> None:
