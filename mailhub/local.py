@@ -142,11 +142,8 @@ class QueuedMessage:
             if f.length <= PRELOAD_LIMIT:
                 raw = f.read()
                 self.body = raw.translate(None, b"\r") if crlf_only else raw.replace(b"\r\n", b"\n")
-            else:
-                #: the Delivered-To addresses already in the header (loop detection)
-                self.delivered_to = _delivered_to(f)
-        if self.body is not None:
-            self.delivered_to = _delivered_to(io.BytesIO(self.body))
+            #: the Delivered-To addresses already in the header (loop detection)
+            self.delivered_to = _delivered_to(f if self.body is None else io.BytesIO(self.body))
 
     def write_to(self, out: BinaryIO) -> int:
         """Write the message to C{out}; returns the bytes written."""

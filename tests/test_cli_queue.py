@@ -56,6 +56,13 @@ def deferred(spool, sender="alice@example.org", held=False, n=0):
     return env
 
 
+def cli_environ() -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout's mailhub, no MAILHUB_CONFIG of the caller's."""
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    environ.pop("MAILHUB_CONFIG", None)
+    return environ
+
+
 def run(spool, *args, now=None):
     options = QueueOptions()
     options.parseOptions(list(args))
@@ -171,7 +178,7 @@ def test_mailq_via_sendmail_bp(spool, tmp_path):
     config.write_text(f'[spool]\npath = "{spool.path}"\n')
     r = subprocess.run(
         [sys.executable, "-m", "mailhub.cli.sendmail", "-C", str(config), "-bp"],
-        capture_output=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=30,
+        capture_output=True, cwd=ROOT, env=cli_environ(), timeout=30,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1].startswith(a.queue_id.encode())
@@ -198,12 +205,10 @@ def test_list_into_a_closed_pipe_is_quiet(spool, tmp_path, command, messages):
     config.write_text(f'[spool]\npath = "{spool.path}"\n')
     read_end, write_end = os.pipe()
     os.close(read_end)
-    environ = dict(os.environ, PYTHONPATH=ROOT)
-    environ.pop("MAILHUB_CONFIG", None)
     try:
         r = subprocess.run(
             [sys.executable, "-m"] + [a.format(config=config) for a in command],
-            stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT, env=environ, timeout=30,
+            stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT, env=cli_environ(), timeout=30,
         )
     finally:
         os.close(write_end)
@@ -219,11 +224,9 @@ def test_cat_prints_exactly_the_message(spool, tmp_path):
     spool.add(Envelope(qid, "a@example.org", [Recipient("b@example.com")], arrival=ARRIVAL), raw)
     config = tmp_path / "c.toml"
     config.write_text(f'[spool]\npath = "{spool.path}"\n')
-    environ = dict(os.environ, PYTHONPATH=ROOT)
-    environ.pop("MAILHUB_CONFIG", None)
     r = subprocess.run(
         [sys.executable, "-m", "mailhub.cli.main", "-c", str(config), "queue", "cat", qid],
-        capture_output=True, cwd=ROOT, env=environ, timeout=30,
+        capture_output=True, cwd=ROOT, env=cli_environ(), timeout=30,
     )
     assert (r.returncode, r.stdout, r.stderr) == (0, raw, b"")
 
