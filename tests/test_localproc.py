@@ -301,11 +301,15 @@ def test_daemon_delivers_through_its_processes_and_survives_losing_one(tmp_path)
 
 
 def gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie nobody has reaped yet."""
+    """Exited: no such process, or a zombie nobody has reaped yet.
+
+    The process may be reaped between the open and the read of its stat file; the read then
+    fails with ESRCH (ProcessLookupError), which also means it is gone.
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return True
 
 
