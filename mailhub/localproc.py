@@ -54,6 +54,7 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .eagerwrite import write_to_child
 from .envelope import Envelope, Outcome, Recipient
 
 __all__ = ["LocalDeliveryProcesses", "settings_for", "main", "MAX_LINE"]
@@ -131,7 +132,7 @@ class _Child(protocol.ProcessProtocol):
     def send(self, request: _Request) -> None:
         self.inflight.append(request)
         assert self.transport is not None
-        self.transport.write(request.line)
+        write_to_child(self.transport, request.line)
 
     def connectionMade(self) -> None:
         self.running = True

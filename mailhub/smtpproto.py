@@ -104,6 +104,21 @@ def split_path(arg: str) -> tuple[str, list[str]]:
     if not arg.startswith("<"):
         path, _, rest = arg.partition(" ")
         return path, rest.split()
+    i = arg.find(">")
+    if i < 0 or '"' in arg[:i]:
+        i = _path_end(arg)
+    path, rest = arg[: i + 1], arg[i + 1 :]
+    if rest and not rest.startswith(" "):
+        raise CommandError(501, "5.5.4", "Error: bad parameter syntax")
+    return path, rest.split()
+
+
+def _path_end(arg: str) -> int:
+    """
+    The index of the C{>} that ends the path C{arg} starts with, skipping
+    quoted strings (and their backslash escapes) in its local part: the
+    slow way, only for paths with a quote before their first C{>}.
+    """
     i, quoted = 1, False
     while i < len(arg):
         c = arg[i]
@@ -119,10 +134,7 @@ def split_path(arg: str) -> tuple[str, list[str]]:
         i += 1
     else:
         raise CommandError(501, "5.1.3", "Error: bad address syntax")
-    path, rest = arg[: i + 1], arg[i + 1 :]
-    if rest and not rest.startswith(" "):
-        raise CommandError(501, "5.5.4", "Error: bad parameter syntax")
-    return path, rest.split()
+    return i
 
 
 def parse_params(words: list[str]) -> dict[str, str | None]:

@@ -5,6 +5,7 @@ safe, on real loopback connections (the shortcut exists only for them).
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 
@@ -13,7 +14,7 @@ import pytest
 from twisted.internet import defer, protocol
 from twisted.internet.testing import StringTransport
 
-from mailhub.eagerwrite import write_now
+from mailhub.eagerwrite import write_now, write_to_child
 from mailhub.tls import ServerTLS, make_self_signed
 
 from conftest import in_reactor
@@ -147,3 +148,70 @@ def test_other_transports_use_their_write():
     transport = StringTransport()
     write_now(transport, b"250 ok\r\n")
     assert transport.value() == b"250 ok\r\n"
+
+
+# -- a child process's standard input (the local delivery processes' requests) ----------------
+
+
+class _Cat(protocol.ProcessProtocol):
+    """C{cat}: what it is sent comes back on its stdout."""
+
+    def __init__(self) -> None:
+        self.started: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+        self.out = b""
+
+    def connectionMade(self) -> None:
+        self.started.callback(self)
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def outConnectionLost(self) -> None:
+        self.ended.callback(self.out)
+
+
+@pytest.fixture
+def cat(reactor):
+    """A running C{cat} whose stdin is the pipe under test."""
+    path = shutil.which("cat")
+    assert path is not None
+    child = _Cat()
+    in_reactor(reactor, reactor.spawnProcess, child, path, [path], env={}, childFDs={0: "w", 1: "r"})
+    in_reactor(reactor, lambda: child.started)
+    yield child
+    in_reactor(reactor, lambda: child.transport.closeStdin() if child.transport.pipes.get(0) else None)
+
+
+def test_child_pipe_is_written_at_once_without_registering_a_writer(reactor, cat):
+    def write_and_look():
+        pipe = cat.transport.pipes[0]
+        write_to_child(cat.transport, b"request 1\n")
+        return (pipe.dataBuffer, pipe._tempDataLen, pipe in reactor.getWriters())
+
+    assert in_reactor(reactor, write_and_look) == (b"", 0, False)
+    in_reactor(reactor, cat.transport.closeStdin)
+    assert in_reactor(reactor, lambda: cat.ended) == b"request 1\n"
+
+
+def test_child_pipe_keeps_the_order_of_buffered_bytes(reactor, cat):
+    def write_both():
+        cat.transport.write(b"first\n")  # buffered by Twisted
+        write_to_child(cat.transport, b"second\n")
+        return cat.transport.pipes[0]._tempDataLen
+
+    assert in_reactor(reactor, write_both) == len(b"first\nsecond\n")
+    in_reactor(reactor, cat.transport.closeStdin)
+    assert in_reactor(reactor, lambda: cat.ended) == b"first\nsecond\n"
+
+
+def test_child_pipe_after_close_goes_to_transport_write(reactor, cat):
+    """After closeStdin the shortcut stays away: Twisted's own write decides, bytes in order."""
+
+    def close_then_write():
+        cat.transport.write(b"only\n")
+        cat.transport.closeStdin()
+        write_to_child(cat.transport, b"late\n")
+
+    in_reactor(reactor, close_then_write)
+    assert in_reactor(reactor, lambda: cat.ended) == b"only\nlate\n"

@@ -128,6 +128,8 @@ def test_format_reply():
         ("<a@b.c>", "<a@b.c>", []),
         (" <a@b.c> SIZE=1  BODY=8BITMIME", "<a@b.c>", ["SIZE=1", "BODY=8BITMIME"]),
         ('<"x>y"@b.c> SMTPUTF8', '<"x>y"@b.c>', ["SMTPUTF8"]),
+        ('<"x\\">y"@b.c>', '<"x\\">y"@b.c>', []),  # an escaped quote does not end the quoted part
+        ('<a@c.d> X="y>"', "<a@c.d>", ['X="y>"']),  # quotes after the path's > are not the path's
         ("a@b.c SIZE=1", "a@b.c", ["SIZE=1"]),
         ("<>", "<>", []),
     ],
@@ -136,7 +138,7 @@ def test_split_path(arg, path, words):
     assert split_path(arg) == (path, words)
 
 
-@pytest.mark.parametrize("arg", ["<a@b.c", "<a@b.c>SIZE=1"])
+@pytest.mark.parametrize("arg", ["<a@b.c", "<a@b.c>SIZE=1", '<"a>b@c.d', '<"a>"b>x'])
 def test_split_path_errors(arg):
     with pytest.raises(CommandError):
         split_path(arg)
