@@ -66,6 +66,7 @@ from .policy import SENDER_CHECKS, Policy, Reply, Session
 from .smtpauth import AUTH_LINE_TOO_LONG, TLSAuthMixin
 from .smtpdata import MessageMixin, Transaction
 from .smtplimits import LimitsMixin
+from .smtpstats import UNKNOWN, CommandCounts
 from .smtpproto import (  # noqa: F401 (names re-exported for older imports)
     _DIGITS,
     BDAT,
@@ -167,6 +168,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         self._held: Transaction | None = None  # a complete message whose reply waits for that delay
         self._sasl: auth.SASLExchange | None = None
         self._auth_wait: defer.Deferred[Any] | None = None
+        self._commands = CommandCounts()  # for the "disconnect from" line
         self._handlers: dict[str, Callable[[str], None]] = {
             "HELO": self.do_helo,
             "EHLO": self.do_ehlo,
@@ -204,6 +206,8 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         self._write(220, "", f"{self.config.hostname} ESMTP mailhub")
 
     def connectionLost(self, reason: Any = None) -> None:
+        # Closed by us (QUIT, 421, a timeout) unless the client's half-close made us close.
+        closed_by_us = self._closed and not self._eof
         self._closed = True
         self._cancel_timer()
         self._sasl = None
@@ -214,8 +218,23 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         if self._counted:
             self._counted = False
             self.factory.release(self.session.client_ip)
+            self._log_disconnect(lost=not closed_by_us and not self._commands.ended_quietly())
         self.factory.sessions.discard(self)
         self.factory.session_lost(self)
+
+    def _log_disconnect(self, lost: bool) -> None:
+        """Postfix's last lines of a session: what the client did (L{CommandCounts})."""
+        client = self.session.client_ip
+        if lost:
+            mail_event(
+                "lost_connection", "lost connection after {command} from [{client}]",
+                client=client, command=self._commands.last, listener=self.session.listener,
+            )
+        mail_event(
+            "disconnect", "disconnect from [{client}] {summary}",
+            client=client, summary=self._commands.summary(), commands=self._commands.as_dict(),
+            listener=self.session.listener,
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -262,6 +281,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     # -- replies -------------------------------------------------------------------------------
 
     def _write(self, code: int, enhanced: str, text: str | list[str]) -> None:
+        self._commands.replied(code)
         self._send(format_reply(code, enhanced, text))
 
     def _send(self, data: bytes) -> None:
@@ -400,16 +420,19 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
 
     def _command(self, raw: bytes) -> None:
         if _BAD_COMMAND_BYTES.search(raw):
+            self._commands.start(UNKNOWN)
             self.reply(Reply(500, "5.5.2", "Error: bad characters in command"))
             return
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
+            self._commands.start(UNKNOWN)
             self.reply(Reply(500, "5.5.2", "Error: command is not valid UTF-8"))
             return
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         handler = self._handlers.get(verb)
+        self._commands.start(verb if handler is not None or verb in NOT_IMPLEMENTED else UNKNOWN)
         if handler is None:
             if verb in NOT_IMPLEMENTED:
                 self.reply(Reply(502, "5.5.1", f"Error: {verb} not implemented"))

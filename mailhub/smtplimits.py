@@ -24,6 +24,8 @@ C{timeout} from now.
 Must not touch: parsing, replies' wording, the transaction or the spool.
 The host protocol provides C{factory} (C{clock}, C{min_data_rate},
 C{soft_error_limit}), C{config.timeout}, C{config.hostname}, C{transport},
+C{session} (the client's address, for the "timeout after" mail event),
+C{_commands} (L{mailhub.smtpstats.CommandCounts}),
 C{_buf}/C{_pos}, C{_closed}, C{_held}, and the methods C{_process},
 C{_write}, C{_close}, C{_reset_transaction}, C{_finish_message}.  All
 time comes from the injected clock.
@@ -34,6 +36,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
+
+from .maillog import mail_event
 
 __all__ = ["LimitsMixin", "MAX_PENDING_INPUT", "ERROR_SLEEP", "BUSY", "OUTPUT", "SLEEP"]
 
@@ -53,6 +57,8 @@ class LimitsMixin:
     factory: Any
     config: Any
     transport: Any
+    session: Any
+    _commands: Any
     _pauses: set[str]
     _timer: IDelayedCall | None
     _sleep: IDelayedCall | None
@@ -118,6 +124,10 @@ class LimitsMixin:
         self._timer = None
         if self._closed:
             return
+        mail_event(
+            "timeout", "timeout after {command} from [{client}]",
+            client=self.session.client_ip, command=self._commands.last, listener=self.session.listener,
+        )
         stuck = OUTPUT in self._pauses
         self._reset_transaction()
         self._sasl = None

@@ -1,0 +1,185 @@
+"""
+The lines that end an SMTP session in the mail log: "disconnect from" with
+what the client did (Postfix's command counts), "lost connection after"
+and "timeout after" (mailhub.smtpstats, mailhub.smtpd).
+"""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+
+from mailhub.smtpstats import UNKNOWN, CommandCounts
+
+from smtpharness import FOREIGN, HOST, OK
+from test_smtpd import Harness, send_message
+from test_smtpd_tls_auth import AUTH_FAILED, AUTH_OK, PLAIN, PLAIN_WRONG
+from test_smtpd_tls_auth import Harness as AuthHarness
+
+# -- the counts ---------------------------------------------------------------------------------
+
+
+def test_counts_successes_per_verb_in_postfix_order():
+    c = CommandCounts()
+    for verb, code in [("EHLO", 250), ("MAIL", 250), ("rcpt", 550), ("RCPT", 250), ("QUIT", 221)]:
+        c.start(verb)
+        c.replied(code)
+    assert c.summary() == "ehlo=1 mail=1 rcpt=1/2 quit=1 commands=4/5"
+    assert c.as_dict() == {"ehlo": [1, 1], "mail": [1, 1], "rcpt": [1, 2], "quit": [1, 1]}
+    assert c.ended_quietly()
+
+
+def test_intermediate_replies_leave_the_verb_pending():
+    c = CommandCounts()
+    c.start("DATA")
+    c.replied(354)
+    assert c.summary() == "data=0/1 commands=0/1"
+    c.replied(250)  # the reply after the message decides
+    c.replied(550)  # later replies belong to no command
+    assert c.summary() == "data=1 commands=1"
+
+
+def test_a_command_without_final_reply_counts_as_given_only():
+    c = CommandCounts()
+    c.start("EHLO")
+    c.replied(250)
+    c.start("AUTH")
+    c.replied(334)
+    assert c.summary() == "ehlo=1 auth=0/1 commands=1/2"
+    assert c.last == "AUTH" and not c.ended_quietly()
+
+
+def test_no_commands():
+    c = CommandCounts()
+    assert c.summary() == "commands=0"
+    assert c.last == "CONNECT" and not c.ended_quietly()
+
+
+def test_order_is_postfixs_then_first_use():
+    c = CommandCounts()
+    for verb in ["QUIT", UNKNOWN, "ETRN", "RCPT", "HELO"]:
+        c.start(verb)
+        c.replied(250)
+    assert c.summary() == "helo=1 rcpt=1 quit=1 unknown=1 etrn=1 commands=5"
+
+
+# -- the session's lines ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def h(tmp_path):
+    return Harness(tmp_path)
+
+
+def session_lines(logged) -> list[str]:
+    return [t for t in logged() if t.startswith(("disconnect from", "lost connection", "timeout after"))]
+
+
+def test_transaction_then_quit(h, logged):
+    c = h.ehlo()
+    assert c.send("MAIL FROM:<a@elsewhere.test>\r\n").startswith("250")
+    assert c.send("RCPT TO:<nobody@example.com>\r\n").startswith("550")
+    assert c.send("RCPT TO:<alice@example.com>\r\n").startswith("250")
+    assert c.send("DATA\r\n").startswith("354")
+    assert c.send("hello\r\n.\r\n").startswith("250")
+    assert c.send("NOOP\r\n") == OK
+    assert c.send("FOO\r\n").startswith("500")
+    assert c.send("QUIT\r\n").startswith("221")
+    c.lose()
+    assert session_lines(logged) == [
+        f"disconnect from [{FOREIGN}] ehlo=1 mail=1 rcpt=1/2 data=1 noop=1 quit=1 unknown=0/1 commands=6/8"
+    ]
+
+
+def test_client_vanishing_is_a_lost_connection(h, logged, events):
+    c = h.ehlo()
+    c.send("MAIL FROM:<a@elsewhere.test>\r\n")
+    c.lose()
+    assert session_lines(logged) == [
+        f"lost connection after MAIL from [{FOREIGN}]",
+        f"disconnect from [{FOREIGN}] ehlo=1 mail=1 commands=2",
+    ]
+    disconnect = [e for e in events if e.get("mail_event") == "disconnect"]
+    assert disconnect[0]["commands"] == {"ehlo": [1, 1], "mail": [1, 1]}
+    assert disconnect[0]["client"] == FOREIGN and disconnect[0]["listener"] == "smtp"
+
+
+def test_lost_in_the_middle_of_a_message(h, logged):
+    c = h.ehlo()
+    send_message(c, b"partial\r\n")
+    c.lose()
+    assert session_lines(logged) == [
+        f"lost connection after DATA from [{FOREIGN}]",
+        f"disconnect from [{FOREIGN}] ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4",
+    ]
+
+
+def test_half_close_without_quit_is_a_lost_connection(h, logged):
+    c = h.ehlo()
+    c.proto.readConnectionLost()  # the client shut down its sending side
+    assert c.closed
+    c.lose()
+    assert session_lines(logged) == [
+        f"lost connection after EHLO from [{FOREIGN}]",
+        f"disconnect from [{FOREIGN}] ehlo=1 commands=1",
+    ]
+
+
+def test_timeout(h, logged):
+    c = h.ehlo()
+    c.send("RSET\r\n")
+    h.clock.advance(300)
+    assert c.read() == f"421 4.4.2 {HOST} Error: timeout exceeded\r\n"
+    c.lose()
+    assert session_lines(logged) == [
+        f"timeout after RSET from [{FOREIGN}]",
+        f"disconnect from [{FOREIGN}] ehlo=1 rset=1 commands=2",
+    ]
+
+
+def test_refused_connection_logs_neither_connect_nor_disconnect(tmp_path, logged):
+    h = Harness(tmp_path, max_connections_per_ip=1)
+    first = h.connect("192.0.2.1")
+    refused = h.connect("192.0.2.1")
+    assert refused.closed
+    refused.lose()
+    assert session_lines(logged) == []
+    first.lose()
+    assert session_lines(logged) == ["lost connection after CONNECT from [192.0.2.1]", "disconnect from [192.0.2.1] commands=0"]
+
+
+def test_auth_counts_by_its_final_reply(tmp_path, logged):
+    h = AuthHarness(tmp_path)
+    c = h.tls_session()
+    c.send(f"AUTH PLAIN {PLAIN_WRONG}\r\nNOOP\r\n")  # the NOOP waits for the delayed failure
+    h.clock.advance(1)
+    assert c.read() == AUTH_FAILED + OK
+    assert c.send("AUTH PLAIN\r\n") == "334 \r\n"
+    assert c.send(f"{PLAIN}\r\n") == AUTH_OK
+    assert c.send("QUIT\r\n").startswith("221")
+    c.lose()
+    assert session_lines(logged) == [
+        f"disconnect from [{FOREIGN}] ehlo=2 starttls=1 auth=1/2 noop=1 quit=1 commands=6/7"
+    ]
+
+
+def test_daemon_logs_the_disconnect_line(tmp_path):
+    """A real daemon, a real client: the line is in the mail log after the session."""
+    from daemon import DOMAIN, Daemon, config_text
+    from peers import wait_for
+
+    d = Daemon(tmp_path, config_text()).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as s:
+            s.ehlo("client.test")
+            s.noop()
+            s.mail("a@elsewhere.test")
+            code, _ = s.rcpt(f"nobody@{DOMAIN}")
+            assert code == 550
+        wait_for(lambda: "disconnect from [127.0.0.1]" in d.log(), 10, "the disconnect line")
+        line = next(l for l in d.log().splitlines() if "disconnect from [127.0.0.1]" in l)
+        assert line.endswith("disconnect from [127.0.0.1] ehlo=1 mail=1 rcpt=0/1 noop=1 quit=1 commands=4/5")
+        assert "lost connection" not in d.log()
+    finally:
+        d.stop()
