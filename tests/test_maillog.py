@@ -18,6 +18,7 @@ import time
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import (
+    formatEvent,
     LogLevel,
     LogPublisher,
     Logger,
@@ -105,6 +106,17 @@ def test_line_format_exact(captured, mail_log):
     assert read(mail_log.path) == expected
     # the same text twistd's own text observer writes for this event
     assert formatEventAsClassicLogText(event) == expected
+
+
+def test_event_is_what_logger_info_would_emit(captured):
+    """mail_event builds the event itself (no Logger.emit): same keys, same bookkeeping values."""
+    ours = emit(captured, "accepted", "{queue_id}: accepted from=<{sender}>", queue_id=QID, sender="a@b.test")
+    maillog.maillog.info("{queue_id}: accepted from=<{sender}>", queue_id=QID, sender="a@b.test", mail_event="accepted")
+    theirs = captured[-1]
+    assert set(ours) - {"log_mail_text"} == set(theirs)
+    for key in ("log_logger", "log_level", "log_namespace", "log_source", "mail_event", "queue_id", "sender"):
+        assert ours[key] == theirs[key], key
+    assert formatEvent(ours) == formatEvent(theirs)
 
 
 def test_braces_are_single_in_the_file(captured, mail_log):
