@@ -105,25 +105,27 @@ def test_client_vanishing_is_a_lost_connection(h, logged, events):
     assert disconnect[0]["client"] == FOREIGN and disconnect[0]["listener"] == "smtp"
 
 
-def test_lost_in_the_middle_of_a_message(h, logged):
-    c = h.ehlo()
+def _leave_during_data(c) -> None:
     send_message(c, b"partial\r\n")
-    c.lose()
-    assert session_lines(logged) == [
-        f"lost connection after DATA from [{FOREIGN}]",
-        f"disconnect from [{FOREIGN}] ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4",
-    ]
 
 
-def test_half_close_without_quit_is_a_lost_connection(h, logged):
-    c = h.ehlo()
-    c.proto.readConnectionLost()  # the client shut down its sending side
+def _half_close(c) -> None:
+    c.proto.readConnectionLost()  # the client shut down its sending side, no QUIT
     assert c.closed
+
+
+@pytest.mark.parametrize(
+    "leave, lines",
+    [
+        (_leave_during_data, ["lost connection after DATA", "ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4"]),
+        (_half_close, ["lost connection after EHLO", "ehlo=1 commands=1"]),
+    ],
+)
+def test_leaving_without_quit_is_a_lost_connection(h, logged, leave, lines):
+    c = h.ehlo()
+    leave(c)
     c.lose()
-    assert session_lines(logged) == [
-        f"lost connection after EHLO from [{FOREIGN}]",
-        f"disconnect from [{FOREIGN}] ehlo=1 commands=1",
-    ]
+    assert session_lines(logged) == [f"{lines[0]} from [{FOREIGN}]", f"disconnect from [{FOREIGN}] {lines[1]}"]
 
 
 def test_timeout(h, logged):
