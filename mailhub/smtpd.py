@@ -155,6 +155,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         self._errors = 0
         self._closed = False
         self._eof = False  # the client shut down its sending side
+        self._client_left = False  # we closed because the client half-closed or stopped reading
         self._pauses: set[str] = set()  # BUSY, OUTPUT, SLEEP: no command is executed
         self._processing = False
         self._out: list[bytes] | None = None  # replies held back while _process runs (see _send)
@@ -206,8 +207,11 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         self._write(220, "", f"{self.config.hostname} ESMTP mailhub")
 
     def connectionLost(self, reason: Any = None) -> None:
-        # Closed by us (QUIT, 421, a timeout) unless the client's half-close made us close.
-        closed_by_us = self._closed and not self._eof
+        # The client left (reset, or half-closed and we closed after it) rather
+        # than us closing (QUIT, 421, a timeout): Postfix's "lost connection".
+        lost = (not self._closed or self._client_left) and not self._commands.ended_quietly()
+        receiving = self._tx is not None and self._mode in (DATA, BDAT)
+        received = self._tx.received if self._tx is not None else 0
         self._closed = True
         self._cancel_timer()
         self._sasl = None
@@ -218,17 +222,23 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         if self._counted:
             self._counted = False
             self.factory.release(self.session.client_ip)
-            self._log_disconnect(lost=not closed_by_us and not self._commands.ended_quietly())
+            self._log_disconnect(lost, received if receiving else None)
         self.factory.sessions.discard(self)
         self.factory.session_lost(self)
 
-    def _log_disconnect(self, lost: bool) -> None:
-        """Postfix's last lines of a session: what the client did (L{CommandCounts})."""
+    def _log_disconnect(self, lost: bool, received: int | None) -> None:
+        """
+        Postfix's last lines of a session: what the client did
+        (L{CommandCounts}); C{received}: the bytes of the message it was
+        sending when it left (C{None}: it was not sending one).
+        """
         client = self.session.client_ip
         if lost:
+            where = self._commands.last if received is None else f"{self._commands.last} ({received} bytes)"
             mail_event(
-                "lost_connection", "lost connection after {command} from [{client}]",
-                client=client, command=self._commands.last, listener=self.session.listener,
+                "lost_connection", "lost connection after {where} from [{client}]",
+                client=client, command=self._commands.last, where=where, received=received,
+                listener=self.session.listener,
             )
         mail_event(
             "disconnect", "disconnect from [{client}] {summary}",
@@ -264,6 +274,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     def writeConnectionLost(self) -> None:
         """The client can no longer receive replies: nothing more is worth doing."""
         if not self._closed:
+            self._client_left = True
             self._reset_transaction()
             self._close()
 
@@ -321,6 +332,10 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         if reply.code >= 400 and reply.code != 421:
             self._errors += 1
             if self.config.max_errors and self._errors >= self.config.max_errors:
+                mail_event(
+                    "too_many_errors", "too many errors after {command} from [{client}]",
+                    client=self.session.client_ip, command=self._commands.last, listener=self.session.listener,
+                )
                 self._reset_transaction()
                 self._write(421, "4.7.0", f"{self.config.hostname} Error: too many errors")
                 self._close()
@@ -394,6 +409,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
             # Everything the half-closed client sent is answered; what is
             # left cannot become a command.  loseConnection writes the
             # replies out first.
+            self._client_left = True
             self._reset_transaction()
             self._close()
             return

@@ -61,6 +61,7 @@ class Transaction:
     decoder: DotDecoder | None = None
     hops: HopCounter = field(default_factory=HopCounter)
     size: int = 0
+    received: int = 0  # bytes read after DATA / in BDAT chunks, as sent (the "lost connection" line)
     error: Reply | None = None  # first problem found while reading the message
     bdat: bool = False
 
@@ -85,6 +86,7 @@ class MessageMixin:
     factory: Any
     config: Any
     session: Any
+    _commands: Any  # mailhub.smtpstats.CommandCounts
     _tx: Transaction | None
     _held: Transaction | None
 
@@ -150,6 +152,7 @@ class MessageMixin:
     def _data_chunk(self, data: bytes) -> None:
         tx = self._tx
         assert tx is not None and tx.decoder is not None
+        tx.received += len(data)
         self._extend(len(data))
         body, rest = tx.decoder.feed(data)
         if tx.decoder.bare_line_ending and tx.error is None:
@@ -165,6 +168,8 @@ class MessageMixin:
         self._bdat_left -= len(data)
         self._extend(len(data))
         tx = self._tx
+        if tx is not None:
+            tx.received += len(data)
         if self._bdat_error is None and tx is not None:
             self._count_hops(tx, data)
             self._take(tx, data)
@@ -183,6 +188,7 @@ class MessageMixin:
     def _end_of_message(self, tx: Transaction) -> None:
         """The message is complete (after the error delay, if one is due): see L{_finish_message}."""
         self._tx = None
+        self._commands.end_of_message()
         self._touch()
         if self._must_sleep():
             self._held = tx

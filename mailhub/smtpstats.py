@@ -8,7 +8,8 @@ logs them when the connection ends, the way Postfix's smtpd does::
     disconnect from [192.0.2.7] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
 
 C{rcpt=1/2}: one of two RCPT commands succeeded; a verb whose commands
-all succeeded shows one number.  An operator sees at a glance which
+all succeeded shows one number (C{commands=0/0}: a client that said
+nothing, a scanner).  An operator sees at a glance which
 clients only probe (C{rcpt=0/40}), which stop half-way (no C{quit}) and
 which get their mail rejected after DATA, without reading every reply.
 
@@ -25,10 +26,13 @@ class what happened (L{start}, L{replied}); it decides nothing.
 
 from __future__ import annotations
 
-__all__ = ["CommandCounts", "UNKNOWN"]
+__all__ = ["CommandCounts", "UNKNOWN", "END_OF_MESSAGE"]
 
 #: The name under which unrecognised or unreadable command lines are counted.
 UNKNOWN = "unknown"
+#: Where a session is once a message's data ended (Postfix's name): a client
+#: leaving now has nothing half-sent, so no "lost connection" is logged.
+END_OF_MESSAGE = "END-OF-MESSAGE"
 
 #: The order in which verbs are listed (Postfix's); others follow in first-use order.
 _ORDER = {
@@ -48,8 +52,9 @@ class CommandCounts:
     def __init__(self) -> None:
         self._counts: dict[str, list[int]] = {}  # verb -> [succeeded, given]
         self._pending: str | None = None
-        #: The last verb given, upper case (C{"CONNECT"} before the first one):
-        #: what "lost connection after ..." and "timeout after ..." name.
+        #: Where the session is, as "lost connection after ..." and "timeout
+        #: after ..." name it: the last verb given, upper case, C{"CONNECT"}
+        #: before the first one, L{END_OF_MESSAGE} once a message's data ended.
         self.last = "CONNECT"
 
     def start(self, verb: str) -> None:
@@ -67,6 +72,10 @@ class CommandCounts:
             counts[1] += 1
         self._pending = name
 
+    def end_of_message(self) -> None:
+        """The data of a message (DATA's final dot, BDAT LAST) is all in."""
+        self.last = END_OF_MESSAGE
+
     def replied(self, code: int) -> None:
         """A reply with C{code} was sent; the first final one settles the pending verb."""
         name = self._pending
@@ -77,7 +86,12 @@ class CommandCounts:
             self._counts[name][0] += 1
 
     def ended_quietly(self) -> bool:
-        """Whether the session ended the polite way: its last command was a QUIT that was answered."""
+        """
+        Whether a client that goes away now leaves nothing unfinished: its
+        QUIT was answered, or the data of its last message is all in.
+        """
+        if self.last == END_OF_MESSAGE:
+            return True
         counts = self._counts.get("quit")
         return self.last == "QUIT" and counts is not None and counts[0] > 0
 
@@ -90,7 +104,9 @@ class CommandCounts:
             ok_total += ok
             given_total += given
             parts.append(f"{name}={ok}" if ok == given else f"{name}={ok}/{given}")
-        parts.append(f"commands={ok_total}" if ok_total == given_total else f"commands={ok_total}/{given_total}")
+        # one number when all succeeded; "commands=0/0" for a client that said nothing, as Postfix
+        whole = ok_total == given_total and given_total > 0
+        parts.append(f"commands={ok_total}" if whole else f"commands={ok_total}/{given_total}")
         return " ".join(parts)
 
     def as_dict(self) -> dict[str, list[int]]:
