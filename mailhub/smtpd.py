@@ -192,6 +192,15 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     def connectionMade(self) -> None:
         self.session.client_ip = getattr(self.transport.getPeer(), "host", "")
         if not self.factory.admit(self.session.client_ip):
+            # Postfix's anvil warns about each connection over a limit; here
+            # it is a reject event (metrics: rejected_total{reason}) saying which limit.
+            limit = "max_connections" if self.factory.connections >= self.config.max_connections else "max_connections_per_ip"
+            mail_event(
+                "reject",
+                "NOQUEUE: reject: CONNECT from [{client}]: 421 4.7.0 Error: too many connections; limit={limit} listener={listener}",
+                client=self.session.client_ip, code=421, enhanced="4.7.0", text="Error: too many connections",
+                limit=limit, listener=self.session.listener, reason="too_many_connections",
+            )
             self._write(421, "4.7.0", f"{self.config.hostname} Error: too many connections")
             self._close()
             return

@@ -154,15 +154,31 @@ def test_timeout(h, logged):
     ]
 
 
-def test_refused_connection_logs_neither_connect_nor_disconnect(tmp_path, logged):
-    h = Harness(tmp_path, max_connections_per_ip=1)
+def test_refused_connection_logs_a_reject_and_no_session_lines(tmp_path, logged, events):
+    h = Harness(tmp_path, max_connections=2, max_connections_per_ip=1)
     first = h.connect("192.0.2.1")
-    refused = h.connect("192.0.2.1")
+    refused = h.connect("192.0.2.1")  # over the per-address limit
     assert refused.closed
     refused.lose()
-    assert session_lines(logged) == []
+    second = h.connect("192.0.2.2")
+    refused_too = h.connect("192.0.2.3")  # over the total
+    assert refused_too.closed
+    refused_too.lose()
+    rejects = [t for t in logged() if t.startswith("NOQUEUE: reject: CONNECT")]
+    assert rejects == [
+        "NOQUEUE: reject: CONNECT from [192.0.2.1]: 421 4.7.0 Error: too many connections;"
+        " limit=max_connections_per_ip listener=smtp",
+        "NOQUEUE: reject: CONNECT from [192.0.2.3]: 421 4.7.0 Error: too many connections;"
+        " limit=max_connections listener=smtp",
+    ]
+    assert [e["reason"] for e in events if e.get("mail_event") == "reject"] == ["too_many_connections"] * 2
+    assert session_lines(logged) == []  # no connect line was logged for them either
     first.lose()
-    assert session_lines(logged) == ["lost connection after CONNECT from [192.0.2.1]", "disconnect from [192.0.2.1] commands=0/0"]
+    second.lose()
+    assert session_lines(logged) == [
+        "lost connection after CONNECT from [192.0.2.1]", "disconnect from [192.0.2.1] commands=0/0",
+        "lost connection after CONNECT from [192.0.2.2]", "disconnect from [192.0.2.2] commands=0/0",
+    ]
 
 
 def test_auth_counts_by_its_final_reply(tmp_path, logged):
