@@ -54,7 +54,6 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .eagerwrite import write_to_child
 from .envelope import Envelope, Outcome, Recipient
 
 __all__ = ["LocalDeliveryProcesses", "settings_for", "main", "MAX_LINE"]
@@ -132,6 +131,11 @@ class _Child(protocol.ProcessProtocol):
     def send(self, request: _Request) -> None:
         self.inflight.append(request)
         assert self.transport is not None
+        # Imported here, in the daemon only: the delivery processes import
+        # this module too, and eagerwrite's twisted.internet.tcp (with TLS)
+        # would add about 10 MB to each of them.
+        from .eagerwrite import write_to_child
+
         write_to_child(self.transport, request.line)
 
     def connectionMade(self) -> None:
