@@ -757,6 +757,8 @@ class SMTPServerFactory(protocol.Factory):
         C{len / min_data_rate} seconds, at most to C{config.timeout} from
         now (Postfix smtpd_min_data_rate).  Outside message data only a
         complete command line resets the timeout.
+    C{None} for either (the default): the value in C{config}, as the
+    daemon's C{[server]} section sets it.
     @param soft_error_limit: after this many errors in a session every
         reply waits one second (Postfix smtpd_soft_error_limit,
         smtpd_error_sleep_time); C{None}: C{config.soft_error_limit}.
@@ -784,8 +786,8 @@ class SMTPServerFactory(protocol.Factory):
         hide_client_ip: bool = False,
         received_auth_user: bool = False,
         extension_separator: str = "+",
-        max_hops: int = 50,
-        min_data_rate: int = 500,
+        max_hops: int | None = None,
+        min_data_rate: int | None = None,
         soft_error_limit: int | None = None,
     ) -> None:
         if sender_check not in SENDER_CHECKS:
@@ -803,8 +805,9 @@ class SMTPServerFactory(protocol.Factory):
         self.hide_client_ip = hide_client_ip
         self.received_auth_user = received_auth_user
         self.extension_separator = extension_separator
-        self.max_hops = max_hops
-        self.min_data_rate = min_data_rate
+        # One source for the limits: the configuration, unless a caller overrides one.
+        self.max_hops = getattr(config, "max_hops", 50) if max_hops is None else max_hops
+        self.min_data_rate = getattr(config, "min_data_rate", 500) if min_data_rate is None else min_data_rate
         if soft_error_limit is None:
             soft_error_limit = getattr(config, "soft_error_limit", 10)
         self.soft_error_limit = soft_error_limit

@@ -505,8 +505,6 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             allow_plaintext_loopback=auth_cfg.allow_plaintext_loopback,
             hide_client_ip=server_cfg.hide_client_ip,
             extension_separator=local_cfg.extension_separator,
-            max_hops=server_cfg.max_hops,
-            min_data_rate=server_cfg.min_data_rate,
         )
 
     for description in server_cfg.smtp:

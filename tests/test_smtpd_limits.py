@@ -509,3 +509,11 @@ def test_metrics_read_the_events(tmp_path):
     assert metrics.connections.labels(listener="smtp")._value.get() == 1
     assert metrics.accepted.labels(listener="smtp")._value.get() == 1
     assert metrics.tls_connections._value.get() == 0
+
+
+def test_limits_come_from_the_configuration_unless_given(tmp_path):
+    """max_hops, min_data_rate and soft_error_limit: the [server] values reach the sessions."""
+    h = Harness(tmp_path, max_hops=7, min_data_rate=123, soft_error_limit=4)
+    assert (h.factory.max_hops, h.factory.min_data_rate, h.factory.soft_error_limit) == (7, 123, 4)
+    h.serve(max_hops=9)
+    assert (h.factory.max_hops, h.factory.min_data_rate) == (9, 123)
