@@ -78,6 +78,7 @@ class ServerConfig:
     max_recipients: int = 1000  # Postfix smtpd_recipient_limit
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     timeout: float = 300.0  # idle timeout, seconds
+    starttls_timeout: float = 300.0  # a TLS handshake (STARTTLS, smtps) must end within; Postfix smtpd_starttls_timeout
     max_connections: int = 100  # all clients together
     max_connections_per_ip: int = 50  # Postfix smtpd_client_connection_count_limit
     max_errors: int = 20  # Postfix smtpd_hard_error_limit -> 421 and close
@@ -564,6 +565,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "max_recipients": (_positive_int, False),
         "trusted_networks": (_networks, False),
         "timeout": (_positive_duration, False),
+        "starttls_timeout": (_positive_duration, False),
         "max_connections": (_positive_int, False),
         "max_connections_per_ip": (_positive_int, False),
         "max_errors": (_positive_int, False),

@@ -56,6 +56,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from . import address, auth, smtpproto
@@ -163,6 +164,8 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         self._paused = False  # whether we paused the transport's reading
         self._counted = False
         self._starttls = False  # STARTTLS answered, handshake not yet complete
+        self._handshaking = False  # a TLS handshake is under way (STARTTLS or smtps)
+        self._tls_timer: IDelayedCall | None = None  # its deadline (starttls_timeout)
         self._timer: IDelayedCall | None = None
         self._sleep: IDelayedCall | None = None
         self._slept = False  # the error delay for the next reply has been served
@@ -213,6 +216,8 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         )
         self.transport.registerProducer(self, True)
         self._timer = self.factory.clock.callLater(self.config.timeout, self._timed_out)
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._handshake_started()  # implicit TLS: the greeting waits for the handshake
         self._write(220, "", f"{self.config.hostname} ESMTP mailhub")
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -258,6 +263,9 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        if self._handshaking:
+            # Application data comes only out of a completed handshake.
+            self._handshake_finished()
         self._buf = self._buf + data if self._buf else data
         if self._pauses:
             self._update_reading()
@@ -296,6 +304,11 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         # resumes a paused producer instead of closing.
         if self._counted:
             self.transport.unregisterProducer()
+        if self._handshaking:
+            # A TLS layer whose handshake never completes keeps replies
+            # buffered and never closes (loseConnection waits for them).
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
 
     # -- replies -------------------------------------------------------------------------------
@@ -757,7 +770,12 @@ class SMTPServerFactory(protocol.Factory):
         C{len / min_data_rate} seconds, at most to C{config.timeout} from
         now (Postfix smtpd_min_data_rate).  Outside message data only a
         complete command line resets the timeout.
-    C{None} for either (the default): the value in C{config}, as the
+    @param starttls_timeout: seconds a TLS handshake (after STARTTLS, or
+        on an smtps listener) may take; the idle C{config.timeout} keeps
+        running meanwhile.  A session whose handshake does not complete
+        in time is aborted and its connection slot freed (Postfix
+        smtpd_starttls_timeout).
+    C{None} for any of these (the default): the value in C{config}, as the
     daemon's C{[server]} section sets it.
     @param soft_error_limit: after this many errors in a session every
         reply waits one second (Postfix smtpd_soft_error_limit,
@@ -789,6 +807,9 @@ class SMTPServerFactory(protocol.Factory):
         max_hops: int | None = None,
         min_data_rate: int | None = None,
         soft_error_limit: int | None = None,
+        starttls_timeout: float | None = None,
+        min_free_space: int | None = None,
+        free_space: Callable[[], int] | None = None,
     ) -> None:
         if sender_check not in SENDER_CHECKS:
             raise ValueError(f"sender_check must be one of {', '.join(SENDER_CHECKS)}, not {sender_check!r}")
@@ -811,6 +832,9 @@ class SMTPServerFactory(protocol.Factory):
         if soft_error_limit is None:
             soft_error_limit = getattr(config, "soft_error_limit", 10)
         self.soft_error_limit = soft_error_limit
+        if starttls_timeout is None:
+            starttls_timeout = getattr(config, "starttls_timeout", 300.0)
+        self.starttls_timeout = starttls_timeout
         self.config = config
         self.spool = spool
         self.enqueue = enqueue
