@@ -315,7 +315,8 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
 
     def _write(self, code: int, enhanced: str, text: str | list[str]) -> None:
         self._commands.replied(code)
-        self._send(format_reply(code, enhanced, text))
+        tx = self._tx
+        self._send(format_reply(code, enhanced, text, utf8=tx is not None and tx.smtputf8))
 
     def _send(self, data: bytes) -> None:
         """
