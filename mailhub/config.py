@@ -104,6 +104,7 @@ class ServerConfig:
 class SpoolConfig:
     path: str  # default <data_dir>/spool
     fsync: bool = True
+    min_free_space: int = 51200000  # bytes; below (or 1.5 x max_message_size) MAIL gets 452 4.3.1; 0 = off (Postfix queue_minfree)
     pickup_group: str | None = None  # only this group may submit (Postfix's postdrop); None: every local user
 
 
@@ -588,6 +589,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
     "spool": {
         "path": (_string, True),
         "fsync": (_boolean, False),
+        "min_free_space": (_non_negative_int, False),
         "pickup_group": (_group, False),
     },
     "local": {

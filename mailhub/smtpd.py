@@ -43,6 +43,7 @@ intermediate C{354} (RFC 3463 defines no class 3).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -107,6 +108,9 @@ NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+#: Seconds a measurement of the spool's free space is reused (a flood of MAIL commands costs one statvfs a second).
+FREE_SPACE_CACHE = 1.0
 
 #: Verbs whose lines may exceed MAX_LINE (MAIL, RCPT: MAX_MAIL_LINE; AUTH: MAX_AUTH_LINE).
 _LONG_VERBS = (b"MAIL ", b"RCPT ", b"AUTH ")
@@ -592,6 +596,15 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
             self.reply(self._sender_error(e))
             return
         sender_text = "" if sender is None else str(sender)
+        if not self.factory.has_room(esmtp.get("declared_size", 0)):
+            mail_event(
+                "reject",
+                "NOQUEUE: reject: MAIL from [{client}]: {code} {enhanced} {text}; from=<{sender}>",
+                client=self.session.client_ip, code=NO_STORAGE.code, enhanced=NO_STORAGE.enhanced,
+                text=NO_STORAGE.text, sender=sender_text, reason="insufficient_storage",
+            )
+            self.reply(NO_STORAGE)
+            return
         refusal = self.factory.policy.check_sender(
             self.session, sender_text, self.factory.may_send_as, self.factory.sender_check
         )
@@ -721,6 +734,12 @@ def _call(f: Callable[..., Any], *args: Any) -> Any:
     return f(*args)
 
 
+def spool_free_space(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system of C{path} (statvfs f_bavail)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 class SMTPServerFactory(protocol.Factory):
     """
     Builds L{SMTPServer}s for one listener and counts their connections.
@@ -776,6 +795,13 @@ class SMTPServerFactory(protocol.Factory):
         running meanwhile.  A session whose handshake does not complete
         in time is aborted and its connection slot freed (Postfix
         smtpd_starttls_timeout).
+    @param min_free_space: bytes the spool's file system must keep free
+        (the daemon passes C{spool.min_free_space}); below it, or below
+        1.5 x C{max_message_size}, or when SIZE= does not fit, MAIL is
+        answered C{452 4.3.1 Insufficient system storage} (Postfix
+        queue_minfree).  C{None} or 0: no check.
+    @param free_space: how to measure the free bytes (default: statvfs
+        of the spool directory, L{spool_free_space}); tests pass a fake.
     C{None} for any of these (the default): the value in C{config}, as the
     daemon's C{[server]} section sets it.
     @param soft_error_limit: after this many errors in a session every
@@ -836,6 +862,9 @@ class SMTPServerFactory(protocol.Factory):
         if starttls_timeout is None:
             starttls_timeout = getattr(config, "starttls_timeout", 300.0)
         self.starttls_timeout = starttls_timeout
+        self.min_free_space = min_free_space or 0
+        self.free_space = free_space if free_space is not None else (lambda: spool_free_space(spool.path))
+        self._free: tuple[float, int] | None = None  # (when, bytes): the last measurement
         self.config = config
         self.spool = spool
         self.enqueue = enqueue
@@ -929,6 +958,41 @@ class SMTPServerFactory(protocol.Factory):
         waiting, self._drained = self._drained, []
         for d in waiting:
             d.callback(None)
+
+    def has_room(self, size: int = 0) -> bool:
+        """
+        Whether the spool's file system can take a message (Postfix
+        queue_minfree, checked at MAIL): at least C{min_free_space} and
+        1.5 times C{max_message_size} free, and a declared C{size} (SIZE=)
+        fits in what is free above C{min_free_space} and in half of what
+        is free.  Always true with C{min_free_space} 0.  The free space
+        is measured (C{free_space}, statvfs) at most once per
+        L{FREE_SPACE_CACHE} seconds; a failing measurement does not
+        refuse mail.
+        """
+        minimum = self.min_free_space
+        if minimum <= 0:
+            return True
+        now = self.clock.seconds()
+        cached = self._free
+        if cached is None or not 0 <= now - cached[0] < FREE_SPACE_CACHE:
+            try:
+                free = int(self.free_space())
+            except (OSError, ValueError, TypeError):
+                log.failure("cannot measure the spool's free space")
+                return True
+            cached = self._free = (now, free)
+        free = cached[1]
+        enough = free >= minimum and free >= 1.5 * self.config.max_message_size
+        fits = not size or (size <= free - minimum and size <= free / 2)
+        if not (enough and fits):
+            log.warn(
+                "not enough free space in the spool: {free} bytes (need {minimum} and 1.5 x max_message_size"
+                " {limit}; SIZE={size})",
+                free=free, minimum=minimum, limit=self.config.max_message_size, size=size,
+            )
+            return False
+        return True
 
     def may_send_as(self, user: str, sender: str) -> bool:
         """Whether C{user} owns envelope sender C{sender} (for L{Policy.check_sender})."""
