@@ -78,6 +78,7 @@ class ServerConfig:
     max_recipients: int = 1000  # Postfix smtpd_recipient_limit
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     timeout: float = 300.0  # idle timeout, seconds
+    starttls_timeout: float = 300.0  # a TLS handshake (STARTTLS, smtps) must end within; Postfix smtpd_starttls_timeout
     max_connections: int = 100  # all clients together
     max_connections_per_ip: int = 50  # Postfix smtpd_client_connection_count_limit
     max_errors: int = 20  # Postfix smtpd_hard_error_limit -> 421 and close
@@ -103,6 +104,7 @@ class ServerConfig:
 class SpoolConfig:
     path: str  # default <data_dir>/spool
     fsync: bool = True
+    min_free_space: int = 51200000  # bytes; below (or 1.5 x max_message_size) MAIL gets 452 4.3.1; 0 = off (Postfix queue_minfree)
     pickup_group: str | None = None  # only this group may submit (Postfix's postdrop); None: every local user
 
 
@@ -564,6 +566,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "max_recipients": (_positive_int, False),
         "trusted_networks": (_networks, False),
         "timeout": (_positive_duration, False),
+        "starttls_timeout": (_positive_duration, False),
         "max_connections": (_positive_int, False),
         "max_connections_per_ip": (_positive_int, False),
         "max_errors": (_positive_int, False),
@@ -586,6 +589,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
     "spool": {
         "path": (_string, True),
         "fsync": (_boolean, False),
+        "min_free_space": (_non_negative_int, False),
         "pickup_group": (_group, False),
     },
     "local": {

@@ -40,7 +40,7 @@ from . import address
 from .envelope import Envelope, Recipient
 from .maillog import mail_event
 from .scheduler import FLUSHED, HELD
-from .smtpproto import rfc5322_date, trace_header
+from .smtpproto import address_literal, rfc5322_date, trace_header
 from .spool import is_queue_id
 
 __all__ = ["make_http_site", "ApiSite", "ApiResource", "ROUTES", "DEFAULT_MAX_BODY", "HttpError"]
@@ -626,7 +626,7 @@ class ApiResource(resource.Resource):
         def write() -> Envelope:
             writer = self.spool.new_message()
             try:
-                clauses = [f"from [{client_ip}] (user {user})", f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}"]
+                clauses = [f"from {address_literal(client_ip)} (user {user})", f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}"]
                 if len(recipients) == 1:
                     clauses.append(f"for <{recipients[0]}>")
                 writer.write(trace_header(clauses, rfc5322_date(now)))

@@ -24,8 +24,17 @@ certificates (L{mailhub.tls}), sender ownership (L{mailhub.policy}), the
 transaction and message data.  The host protocol provides C{factory}
 (C{tls}, C{checker}, C{throttle}, C{allow_plaintext_loopback}),
 C{session}, C{transport}, C{_buf}/C{_pos}, C{_mode}, C{_tx}, C{_busy},
-C{_closed}, C{_starttls}, and the methods C{reply}, C{_write}, C{_close},
-C{_command}, C{_process}, C{reset_session}.
+C{_closed}, C{_starttls}, C{_handshaking}, C{_tls_timer}, and the
+methods C{reply}, C{_write}, C{_close}, C{_command}, C{_process},
+C{reset_session}, C{_touch}, C{_timed_out}.
+
+The TLS handshake has its own deadline (C{factory.starttls_timeout},
+Postfix smtpd_starttls_timeout), after STARTTLS and on smtps listeners
+alike, and the idle C{timeout} keeps running while it is under way: a
+client that answers the C{220} with nothing, or with half a ClientHello,
+is disconnected (aborted: no reply can be sent before the handshake
+completes, and none may go out in clear text) and its connection slot is
+freed.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ class TLSAuthMixin:
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake after STARTTLS succeeded (for smtps the C{connection} event says tls)."""
+        self._handshake_finished()
         if self._starttls and not self._closed:
             self._starttls = False
             mail_event(
@@ -88,6 +98,40 @@ class TLSAuthMixin:
                 "STARTTLS from [{client}] listener={listener}",
                 client=self.session.client_ip, listener=self.session.listener,
             )
+
+    # -- the handshake deadline ------------------------------------------------------------------
+
+    def _handshake_started(self) -> None:
+        """
+        A TLS handshake is under way (after STARTTLS, or from the start on
+        an smtps listener): it must complete within C{starttls_timeout}
+        (Postfix smtpd_starttls_timeout), and the idle timeout keeps
+        running too.  A session closed meanwhile is aborted, since no
+        reply can reach a client that has not finished its handshake.
+        """
+        self._handshaking = True
+        limit = self.factory.starttls_timeout
+        if limit and limit > 0:
+            self._tls_timer = self.factory.clock.callLater(limit, self._handshake_timed_out)
+
+    def _handshake_finished(self) -> None:
+        """The handshake completed: its deadline ends; the client has the full C{timeout} again."""
+        if not self._handshaking:
+            return
+        self._handshaking = False
+        timer, self._tls_timer = self._tls_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._touch()
+
+    def _handshake_timed_out(self) -> None:
+        self._tls_timer = None
+        if self._closed or not self._handshaking:
+            return
+        idle = self._timer
+        if idle is not None and idle.active():
+            idle.cancel()
+        self._timed_out()
 
     # -- STARTTLS (RFC 3207) ---------------------------------------------------------------------
 
@@ -128,6 +172,7 @@ class TLSAuthMixin:
             self._close()
             return
         self.session.tls = True
+        self._handshake_started()
 
     # -- AUTH (RFC 4954) ------------------------------------------------------------------------
 

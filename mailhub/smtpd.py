@@ -43,6 +43,7 @@ intermediate C{354} (RFC 3463 defines no class 3).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from . import address, auth, smtpproto
@@ -106,6 +108,9 @@ NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+#: Seconds a measurement of the spool's free space is reused (a flood of MAIL commands costs one statvfs a second).
+FREE_SPACE_CACHE = 1.0
 
 #: Verbs whose lines may exceed MAX_LINE (MAIL, RCPT: MAX_MAIL_LINE; AUTH: MAX_AUTH_LINE).
 _LONG_VERBS = (b"MAIL ", b"RCPT ", b"AUTH ")
@@ -163,6 +168,8 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         self._paused = False  # whether we paused the transport's reading
         self._counted = False
         self._starttls = False  # STARTTLS answered, handshake not yet complete
+        self._handshaking = False  # a TLS handshake is under way (STARTTLS or smtps)
+        self._tls_timer: IDelayedCall | None = None  # its deadline (starttls_timeout)
         self._timer: IDelayedCall | None = None
         self._sleep: IDelayedCall | None = None
         self._slept = False  # the error delay for the next reply has been served
@@ -213,6 +220,8 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         )
         self.transport.registerProducer(self, True)
         self._timer = self.factory.clock.callLater(self.config.timeout, self._timed_out)
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._handshake_started()  # implicit TLS: the greeting waits for the handshake
         self._write(220, "", f"{self.config.hostname} ESMTP mailhub")
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -258,6 +267,9 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        if self._handshaking:
+            # Application data comes only out of a completed handshake.
+            self._handshake_finished()
         self._buf = self._buf + data if self._buf else data
         if self._pauses:
             self._update_reading()
@@ -296,13 +308,19 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
         # resumes a paused producer instead of closing.
         if self._counted:
             self.transport.unregisterProducer()
+        if self._handshaking:
+            # A TLS layer whose handshake never completes keeps replies
+            # buffered and never closes (loseConnection waits for them).
+            self.transport.abortConnection()
+            return
         self.transport.loseConnection()
 
     # -- replies -------------------------------------------------------------------------------
 
     def _write(self, code: int, enhanced: str, text: str | list[str]) -> None:
         self._commands.replied(code)
-        self._send(format_reply(code, enhanced, text))
+        tx = self._tx
+        self._send(format_reply(code, enhanced, text, utf8=tx is not None and tx.smtputf8))
 
     def _send(self, data: bytes) -> None:
         """
@@ -578,6 +596,15 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
             self.reply(self._sender_error(e))
             return
         sender_text = "" if sender is None else str(sender)
+        if not self.factory.has_room(esmtp.get("declared_size", 0)):
+            mail_event(
+                "reject",
+                "NOQUEUE: reject: MAIL from [{client}]: {code} {enhanced} {text}; from=<{sender}>",
+                client=self.session.client_ip, code=NO_STORAGE.code, enhanced=NO_STORAGE.enhanced,
+                text=NO_STORAGE.text, sender=sender_text, reason="insufficient_storage",
+            )
+            self.reply(NO_STORAGE)
+            return
         refusal = self.factory.policy.check_sender(
             self.session, sender_text, self.factory.may_send_as, self.factory.sender_check
         )
@@ -707,6 +734,12 @@ def _call(f: Callable[..., Any], *args: Any) -> Any:
     return f(*args)
 
 
+def spool_free_space(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system of C{path} (statvfs f_bavail)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 class SMTPServerFactory(protocol.Factory):
     """
     Builds L{SMTPServer}s for one listener and counts their connections.
@@ -757,7 +790,19 @@ class SMTPServerFactory(protocol.Factory):
         C{len / min_data_rate} seconds, at most to C{config.timeout} from
         now (Postfix smtpd_min_data_rate).  Outside message data only a
         complete command line resets the timeout.
-    C{None} for either (the default): the value in C{config}, as the
+    @param starttls_timeout: seconds a TLS handshake (after STARTTLS, or
+        on an smtps listener) may take; the idle C{config.timeout} keeps
+        running meanwhile.  A session whose handshake does not complete
+        in time is aborted and its connection slot freed (Postfix
+        smtpd_starttls_timeout).
+    @param min_free_space: bytes the spool's file system must keep free
+        (the daemon passes C{spool.min_free_space}); below it, or below
+        1.5 x C{max_message_size}, or when SIZE= does not fit, MAIL is
+        answered C{452 4.3.1 Insufficient system storage} (Postfix
+        queue_minfree).  C{None} or 0: no check.
+    @param free_space: how to measure the free bytes (default: statvfs
+        of the spool directory, L{spool_free_space}); tests pass a fake.
+    C{None} for any of these (the default): the value in C{config}, as the
     daemon's C{[server]} section sets it.
     @param soft_error_limit: after this many errors in a session every
         reply waits one second (Postfix smtpd_soft_error_limit,
@@ -789,6 +834,9 @@ class SMTPServerFactory(protocol.Factory):
         max_hops: int | None = None,
         min_data_rate: int | None = None,
         soft_error_limit: int | None = None,
+        starttls_timeout: float | None = None,
+        min_free_space: int | None = None,
+        free_space: Callable[[], int] | None = None,
     ) -> None:
         if sender_check not in SENDER_CHECKS:
             raise ValueError(f"sender_check must be one of {', '.join(SENDER_CHECKS)}, not {sender_check!r}")
@@ -811,6 +859,12 @@ class SMTPServerFactory(protocol.Factory):
         if soft_error_limit is None:
             soft_error_limit = getattr(config, "soft_error_limit", 10)
         self.soft_error_limit = soft_error_limit
+        if starttls_timeout is None:
+            starttls_timeout = getattr(config, "starttls_timeout", 300.0)
+        self.starttls_timeout = starttls_timeout
+        self.min_free_space = min_free_space or 0
+        self.free_space = free_space if free_space is not None else (lambda: spool_free_space(spool.path))
+        self._free: tuple[float, int] | None = None  # (when, bytes): the last measurement
         self.config = config
         self.spool = spool
         self.enqueue = enqueue
@@ -904,6 +958,41 @@ class SMTPServerFactory(protocol.Factory):
         waiting, self._drained = self._drained, []
         for d in waiting:
             d.callback(None)
+
+    def has_room(self, size: int = 0) -> bool:
+        """
+        Whether the spool's file system can take a message (Postfix
+        queue_minfree, checked at MAIL): at least C{min_free_space} and
+        1.5 times C{max_message_size} free, and a declared C{size} (SIZE=)
+        fits in what is free above C{min_free_space} and in half of what
+        is free.  Always true with C{min_free_space} 0.  The free space
+        is measured (C{free_space}, statvfs) at most once per
+        L{FREE_SPACE_CACHE} seconds; a failing measurement does not
+        refuse mail.
+        """
+        minimum = self.min_free_space
+        if minimum <= 0:
+            return True
+        now = self.clock.seconds()
+        cached = self._free
+        if cached is None or not 0 <= now - cached[0] < FREE_SPACE_CACHE:
+            try:
+                free = int(self.free_space())
+            except (OSError, ValueError, TypeError):
+                log.failure("cannot measure the spool's free space")
+                return True
+            cached = self._free = (now, free)
+        free = cached[1]
+        enough = free >= minimum and free >= 1.5 * self.config.max_message_size
+        fits = not size or (size <= free - minimum and size <= free / 2)
+        if not (enough and fits):
+            log.warn(
+                "not enough free space in the spool: {free} bytes (need {minimum} and 1.5 x max_message_size"
+                " {limit}; SIZE={size})",
+                free=free, minimum=minimum, limit=self.config.max_message_size, size=size,
+            )
+            return False
+        return True
 
     def may_send_as(self, user: str, sender: str) -> bool:
         """Whether C{user} owns envelope sender C{sender} (for L{Policy.check_sender})."""

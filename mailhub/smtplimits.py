@@ -19,7 +19,10 @@ Timeouts (Postfix smtpd_per_request_deadline, smtpd_min_data_rate): a
 command must be complete within C{timeout} of the previous one; bytes of an
 unfinished line do not reset the timer.  In DATA / BDAT each buffer extends
 the deadline by its size divided by C{min_data_rate}, at most to
-C{timeout} from now.
+C{timeout} from now.  While a TLS handshake is under way (after STARTTLS,
+or on an smtps listener) the idle timeout keeps running and the handshake
+has its own deadline (L{mailhub.smtpauth}); a session timing out then is
+aborted without a reply.
 
 Must not touch: parsing, replies' wording, the transaction or the spool.
 The host protocol provides C{factory} (C{clock}, C{min_data_rate},
@@ -61,6 +64,8 @@ class LimitsMixin:
     _commands: Any
     _pauses: set[str]
     _timer: IDelayedCall | None
+    _tls_timer: IDelayedCall | None
+    _handshaking: bool
     _sleep: IDelayedCall | None
     _slept: bool
     _paused: bool
@@ -131,7 +136,8 @@ class LimitsMixin:
         stuck = OUTPUT in self._pauses
         self._reset_transaction()
         self._sasl = None
-        self._write(421, "4.4.2", f"{self.config.hostname} Error: timeout exceeded")
+        if not self._handshaking:  # no reply can reach a client in the middle of a TLS handshake
+            self._write(421, "4.4.2", f"{self.config.hostname} Error: timeout exceeded")
         self._close()
         if stuck:
             # The client reads nothing: the 421 and the replies before it
@@ -147,6 +153,9 @@ class LimitsMixin:
         if self._sleep is not None and self._sleep.active():
             self._sleep.cancel()
         self._sleep = None
+        if self._tls_timer is not None and self._tls_timer.active():
+            self._tls_timer.cancel()
+        self._tls_timer = None
 
     def _must_sleep(self) -> bool:
         """

@@ -24,6 +24,10 @@ __all__ = [
     "DotDecoder",
     "CommandError",
     "format_reply",
+    "reply_text",
+    "echo",
+    "MAX_REPLY_LINE",
+    "MAX_ECHO",
     "split_path",
     "parse_params",
     "parse_mail_params",
@@ -31,6 +35,7 @@ __all__ = [
     "xtext_decode",
     "with_protocol",
     "received_header",
+    "address_literal",
     "MAX_LINE",
     "MAX_AUTH_LINE",
     "MAX_MAIL_LINE",
@@ -54,6 +59,10 @@ MAX_AUTH_LINE = 12288
 #: extensions to raise the 512 octets (RFC 1870 +26, RFC 3461 +100 for MAIL
 #: and +500 for RCPT, ...); like Postfix (line_length_limit) 2048 octets.
 MAX_MAIL_LINE = 2048
+#: RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including CRLF.
+MAX_REPLY_LINE = 512
+#: Characters of client input (a parameter, a keyword) a reply may quote.
+MAX_ECHO = 64
 END_MARKER = b"\r\n.\r\n"
 _DIGITS = re.compile(r"[0-9]{1,20}\Z")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
@@ -81,18 +90,58 @@ class CommandError(Exception):
 # -- pure helpers ------------------------------------------------------------------------
 
 
-def format_reply(code: int, enhanced: str, text: str | list[str]) -> bytes:
+#: What reply text may not carry as it is: C0 controls, DEL, C1 controls
+#: and the Unicode line and paragraph separators (CR and LF become spaces).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+_NON_ASCII = re.compile("[^\x00-\x7f]+")
+
+
+def _escape_octets(m: "re.Match[str]") -> str:
+    return "".join(f"\\x{b:02X}" for b in m.group(0).encode("utf-8", "surrogatepass"))
+
+
+def reply_text(text: str, utf8: bool = False) -> str:
+    """
+    C{text} made safe for one reply line: CR and LF become spaces, other
+    control characters C{\\xNN}; non-ASCII characters become C{\\xNN} per
+    UTF-8 octet (RFC 5321 4.2: reply text is US-ASCII) unless C{utf8}
+    (the client announced SMTPUTF8 for the transaction, RFC 6531).
+    """
+    text = text.replace("\r", " ").replace("\n", " ")
+    text = _UNPRINTABLE.sub(_escape_octets, text)
+    if not utf8:
+        text = _NON_ASCII.sub(_escape_octets, text)
+    return text
+
+
+def echo(text: str, limit: int = MAX_ECHO) -> str:
+    """
+    Client input quoted in a reply: at most C{limit} characters (then
+    C{...}); escaping is left to L{format_reply}, which every reply goes
+    through.
+    """
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def format_reply(code: int, enhanced: str, text: str | list[str], utf8: bool = False) -> bytes:
     """
     The bytes of a (possibly multi-line) reply; C{enhanced} may be C{""}.
-    CR and LF inside the text are replaced so a reply is never split.
+    Every line goes through L{reply_text} (never split by CR/LF, ASCII
+    unless C{utf8}) and is cut to L{MAX_REPLY_LINE} octets including its
+    CRLF, ending in C{...} when cut (RFC 5321 4.5.3.1.5): the last line of
+    defence, whatever a caller put into the text.
     """
     lines = [text] if isinstance(text, str) else list(text)
     out = []
     for i, line in enumerate(lines):
         sep = "-" if i < len(lines) - 1 else " "
-        line = line.replace("\r", " ").replace("\n", " ")
-        out.append(f"{code}{sep}{enhanced} {line}\r\n" if enhanced else f"{code}{sep}{line}\r\n")
-    return "".join(out).encode("utf-8", "replace")
+        head = f"{code}{sep}{enhanced} " if enhanced else f"{code}{sep}"
+        body = reply_text(line, utf8).encode("utf-8", "replace")
+        room = MAX_REPLY_LINE - 2 - len(head)
+        if len(body) > room:
+            body = body[: room - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+        out.append(head.encode("ascii") + body + b"\r\n")
+    return b"".join(out)
 
 
 def split_path(arg: str) -> tuple[str, list[str]]:
@@ -144,30 +193,52 @@ def parse_params(words: list[str]) -> dict[str, str | None]:
         key, eq, value = word.partition("=")
         key = key.upper()
         if not key or (eq and not value) or not key.isascii() or not key.replace("-", "").isalnum():
-            raise CommandError(501, "5.5.4", f"Error: bad parameter syntax: {word}")
+            raise CommandError(501, "5.5.4", f"Error: bad parameter syntax: {echo(word)}")
         if key in params:
-            raise CommandError(501, "5.5.4", f"Error: duplicate parameter: {key}")
+            raise CommandError(501, "5.5.4", f"Error: duplicate parameter: {echo(key)}")
         params[key] = value if eq else None
     return params
 
 
-def xtext_decode(text: str) -> str:
-    """RFC 3461 4: decode C{+XX} hex escapes; anything else malformed is a 501."""
+def xtext_decode(text: str, name: str = "xtext") -> str:
+    """
+    RFC 3461 4: decode C{+XX} hex escapes (upper-case hex digits); a bad
+    escape or a character outside xchar (C{!} to C{~} but C{+} and C{=})
+    is C{501 5.5.4 Error: bad NAME parameter}.
+    """
     out, i = [], 0
     while i < len(text):
         c = text[i]
         if c == "+":
             hx = text[i + 1 : i + 3]
             if len(hx) != 2 or not all(h in "0123456789ABCDEF" for h in hx):
-                raise CommandError(501, "5.5.4", "Error: bad xtext encoding")
+                raise CommandError(501, "5.5.4", f"Error: bad {name} parameter")
             out.append(chr(int(hx, 16)))
             i += 3
             continue
         if not ("!" <= c <= "~") or c == "=":
-            raise CommandError(501, "5.5.4", "Error: bad xtext encoding")
+            raise CommandError(501, "5.5.4", f"Error: bad {name} parameter")
         out.append(c)
         i += 1
     return "".join(out)
+
+
+#: RFC 3461 4.2 and 4.4: decoded ENVID and ORCPT values are printable US-ASCII.
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*\Z")
+#: RFC 3461 4.2: addr-type is an atom (RFC 5322 atext).
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64}\Z")
+#: RFC 3461 4.2: the ORCPT value is at most 500 characters.
+MAX_ORCPT = 500
+#: RFC 3461 4.4: the ENVID value is at most 100 characters.
+MAX_ENVID = 100
+
+
+def _printable_xtext(value: str, name: str) -> str:
+    """An xtext value decoded, refused unless it is printable US-ASCII (no control characters, no UTF-8)."""
+    decoded = xtext_decode(value, name)
+    if not _PRINTABLE_ASCII.match(decoded):
+        raise CommandError(501, "5.5.4", f"Error: bad {name} parameter: printable US-ASCII only")
+    return decoded
 
 
 def _no_value(key: str, value: str | None) -> None:
@@ -200,18 +271,23 @@ def parse_mail_params(params: dict[str, str | None], max_size: int) -> dict[str,
                 raise CommandError(501, "5.5.4", "Error: RET must be FULL or HDRS")
             esmtp["ret"] = value.upper()
         elif key == "ENVID":
-            envid = xtext_decode(value or "")
-            if not envid or len(envid) > 100:
+            envid = _printable_xtext(value or "", "ENVID")
+            if not envid or len(envid) > MAX_ENVID:
                 raise CommandError(501, "5.5.4", "Error: bad ENVID parameter")
             esmtp["envid"] = envid
         else:
-            raise CommandError(555, "5.5.4", f"Error: unsupported parameter: {key}")
+            raise CommandError(555, "5.5.4", f"Error: unsupported parameter: {echo(key)}")
     return esmtp
 
 
 
 def parse_rcpt_params(params: dict[str, str | None]) -> tuple[list[str], str]:
-    """RCPT TO parameters (RFC 3461 NOTIFY, ORCPT) -> (notify, orcpt)."""
+    """
+    RCPT TO parameters (RFC 3461 NOTIFY, ORCPT) -> (notify, orcpt).  ORCPT
+    is C{addr-type ";" xtext}, at most 500 characters; its decoded address
+    must be printable US-ASCII (the UTF-8 address types of RFC 6533 are
+    not supported).
+    """
     notify: list[str] = []
     orcpt = ""
     for key, value in params.items():
@@ -222,11 +298,11 @@ def parse_rcpt_params(params: dict[str, str | None]) -> tuple[list[str], str]:
             notify = words
         elif key == "ORCPT":
             kind, semi, addr = (value or "").partition(";")
-            if not semi or not kind or not addr:
+            if not semi or not _ADDR_TYPE.match(kind) or not addr or len(value or "") > MAX_ORCPT:
                 raise CommandError(501, "5.5.4", "Error: bad ORCPT parameter")
-            orcpt = f"{kind};{xtext_decode(addr)}"
+            orcpt = f"{kind};{_printable_xtext(addr, 'ORCPT')}"
         else:
-            raise CommandError(555, "5.5.4", f"Error: unsupported parameter: {key}")
+            raise CommandError(555, "5.5.4", f"Error: unsupported parameter: {echo(key)}")
     return notify, orcpt
 
 
@@ -246,6 +322,18 @@ def trace_header(clauses: list[str], date: str) -> bytes:
     header with this function; only the clauses differ.
     """
     return ("Received: " + "\r\n\t".join(clauses) + f"; {date}\r\n").encode("utf-8")
+
+
+def address_literal(ip: str) -> str:
+    """
+    A client's IP address as an RFC 5321 4.1.3 address literal for a
+    trace header: C{[192.0.2.1]}, C{[IPv6:2001:db8::1]} (a zone index
+    such as C{%eth0} is not part of the syntax and is left out).  Log
+    lines keep Postfix's C{[2001:db8::1]}.
+    """
+    if ":" in ip:
+        return f"[IPv6:{ip.partition('%')[0]}]"
+    return f"[{ip}]"
 
 
 def received_header(
@@ -272,7 +360,7 @@ def received_header(
     """
     clauses = []
     if not hide_client:
-        clauses.append(f"from {helo} ([{ip}])")
+        clauses.append(f"from {helo} ({address_literal(ip)})")
         if auth_user:
             clauses.append(f"(Authenticated sender: {auth_user})")
     clauses.append(f"by {hostname} (mailhub) with {proto} id {queue_id}")

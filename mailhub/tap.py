@@ -505,6 +505,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             allow_plaintext_loopback=auth_cfg.allow_plaintext_loopback,
             hide_client_ip=server_cfg.hide_client_ip,
             extension_separator=local_cfg.extension_separator,
+            min_free_space=config.spool.min_free_space,
         )
 
     for description in server_cfg.smtp:

@@ -240,7 +240,7 @@ ERRORS = [
     ),
     ('[server]\ntrusted_networks = "10.0.0.0/8"\n', "server.trusted_networks: must be a list of networks, got '10.0.0.0/8'"),
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
-     "max_recipients, trusted_networks, timeout, max_connections, max_connections_per_ip, max_errors, "
+     "max_recipients, trusted_networks, timeout, starttls_timeout, max_connections, max_connections_per_ip, max_errors, "
      "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
      "http_admins, event_log, mail_log)"),
     ("[srever]\nsmtp = []\n",
