@@ -3,7 +3,9 @@ The envelope of a queued message and the outcome of a delivery attempt.
 
 Owns: the in-memory L{Envelope} / L{Recipient} records, their per-recipient
 state machine, and their versioned JSON form on disk (house rule 8: text,
-never pickles; C{cat} can read an envelope).  Also L{Outcome}, the data a
+never pickles; C{cat} can read an envelope), which is checked field by
+field when it is read (L{validate_envelope}), so a damaged file is an
+L{EnvelopeFormatError} and never a wrong type further on.  Also L{Outcome}, the data a
 delivery agent returns for one recipient (house rule 4).
 
 Must not touch: files, clocks, the network.  The spool decides where the
@@ -13,12 +15,17 @@ JSON goes; the scheduler decides what an outcome means for retrying.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .address import AddressError, parse_mailbox
 
 __all__ = [
     "ENVELOPE_VERSION",
     "EnvelopeFormatError",
+    "validate_envelope",
     "Envelope",
     "Recipient",
     "Outcome",
@@ -169,27 +176,189 @@ class Envelope:
     @classmethod
     def from_json(cls, raw: bytes) -> "Envelope":
         """
-        Parse the on-disk form.
+        Parse the on-disk form, checking every field (L{validate_envelope}):
+        whatever the file says, the result is an envelope the scheduler,
+        the delivery agents and the queue tools can use.
 
         @raise EnvelopeFormatError: if C{raw} is not a valid envelope.
         """
         try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise EnvelopeFormatError(f"not JSON: {e}")
-        if not isinstance(data, dict):
-            raise EnvelopeFormatError("not a JSON object")
-        version = data.pop("version", None)
-        if version != ENVELOPE_VERSION:
-            raise EnvelopeFormatError(f"unsupported envelope version {version!r}")
-        try:
-            recipients = [Recipient(**r) for r in data.pop("recipients")]
-            env = cls(recipients=recipients, **data)
-        except (TypeError, KeyError) as e:
-            raise EnvelopeFormatError(f"bad envelope fields: {e}")
-        if not isinstance(env.queue_id, str) or not isinstance(env.sender, str):
-            raise EnvelopeFormatError("bad queue_id or sender")
-        return env
+        validate_envelope(data)
+        del data["version"]
+        recipients = [Recipient(**r) for r in data.pop("recipients")]
+        return cls(recipients=recipients, **data)
+
+
+# -- validation of envelopes read from disk ---------------------------------------
+
+#: Times are POSIX seconds from 1970 to the end of year 9999 (what
+#: C{time.localtime} and the queue tools can show).
+MAX_TIME = 253402300799.0
+#: Upper bound of the counters (attempts).
+MAX_COUNT = 2**31 - 1
+#: Upper bound of a message size (bytes).
+MAX_SIZE = 2**53
+_BODIES = ("7BIT", "8BITMIME", "BINARYMIME")
+_RETS = ("FULL", "HDRS")
+_NOTIFY = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _time(value: Any) -> str | None:
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+        return "must be a finite number of seconds"
+    if not 0 <= value <= MAX_TIME:
+        return f"must be between 0 and {MAX_TIME:.0f}"
+    return None
+
+
+def _counter(limit: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not _is_int(value):
+            return "must be an integer"
+        if not 0 <= value <= limit:
+            return f"must be between 0 and {limit}"
+        return None
+
+    return check
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) else "must be a string"
+
+
+def _text_or_null(value: Any) -> str | None:
+    return None if value is None or isinstance(value, str) else "must be a string or null"
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _one_of(allowed: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in allowed and isinstance(value, str) else f"must be one of {', '.join(allowed)}"
+
+    return check
+
+
+def _address(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "must be a string"
+    try:
+        parse_mailbox(value)
+    except AddressError as e:
+        return f"is not an address ({e})"
+    return None
+
+
+def _sender(value: Any) -> str | None:
+    return None if value == "" else _address(value)
+
+
+def _notify(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in _NOTIFY for v in value):
+        return f"must be a list of {', '.join(_NOTIFY)}"
+    return None
+
+
+#: key: (required, check) for the envelope, a recipient, and the known
+#: keys of C{esmtp} and C{client} (which may hold other keys too).
+_ENVELOPE_FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
+    "version": (True, lambda v: None if v == ENVELOPE_VERSION and _is_int(v) else f"must be {ENVELOPE_VERSION}"),
+    "queue_id": (True, lambda v: None if isinstance(v, str) and v else "must be a non-empty string"),
+    "sender": (True, _sender),
+    "recipients": (True, lambda v: None if isinstance(v, list) and v else "must be a non-empty list"),
+    "arrival": (True, _time),
+    "next_attempt": (False, _time),
+    "attempts": (False, _counter(MAX_COUNT)),
+    "esmtp": (False, lambda v: None if isinstance(v, dict) else "must be an object"),
+    "client": (False, lambda v: None if isinstance(v, dict) else "must be an object"),
+    "held": (False, _flag),
+    "warned": (False, _flag),
+}
+_RECIPIENT_FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
+    "address": (True, _address),
+    "original": (False, _text),
+    "state": (False, _one_of(STATES)),
+    "attempts": (False, _counter(MAX_COUNT)),
+    "last_code": (False, _counter(999)),
+    "last_status": (False, _text),
+    "last_text": (False, _text),
+    "last_attempt": (False, _time),
+    "remote_mta": (False, _text),
+    "notify": (False, _notify),
+    "orcpt": (False, _text),
+}
+_ESMTP_FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
+    "size": (False, _counter(MAX_SIZE)),
+    "declared_size": (False, _counter(MAX_SIZE)),
+    "body": (False, _one_of(_BODIES)),
+    "smtputf8": (False, _flag),
+    "ret": (False, _one_of(_RETS)),
+    "envid": (False, _text),
+    "crlf": (False, _flag),
+}
+_CLIENT_FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
+    "helo": (False, _text_or_null),
+    "addr": (False, _text_or_null),
+    "protocol": (False, _text_or_null),
+    "user": (False, _text_or_null),
+    "listener": (False, _text_or_null),
+    "uid": (False, _counter(MAX_COUNT)),
+    "pickup": (False, _text),
+    "bounce_of": (False, _text),
+    "double_bounce": (False, _flag),
+}
+
+
+def _check(where: str, data: dict[str, Any], fields: dict[str, tuple[bool, Callable[[Any], str | None]]],
+           closed: bool) -> None:
+    for key, (required, check) in fields.items():
+        if key not in data:
+            if required:
+                raise EnvelopeFormatError(f"{where}{key} is missing")
+            continue
+        problem = check(data[key])
+        if problem is not None:
+            raise EnvelopeFormatError(f"{where}{key} {problem}")
+    if closed:
+        unknown = sorted(k for k in data if k not in fields)
+        if unknown:
+            raise EnvelopeFormatError(f"{where}unknown field {unknown[0]!r}"[:200])
+
+
+def validate_envelope(data: Any) -> None:
+    """
+    Check the parsed JSON of an envelope: every field present when
+    required, of its type and in its range (times finite and between 1970
+    and 9999, counters non-negative integers, addresses that parse, states
+    and keywords from their sets), no unknown field.  C{esmtp} and
+    C{client} may carry keys this version does not know; the ones it
+    knows are checked.
+
+    @raise EnvelopeFormatError: the first problem found, naming the field.
+    """
+    if not isinstance(data, dict):
+        raise EnvelopeFormatError("not a JSON object")
+    _check("", data, _ENVELOPE_FIELDS, closed=True)
+    for n, r in enumerate(data["recipients"]):
+        if not isinstance(r, dict):
+            raise EnvelopeFormatError(f"recipients[{n}] must be an object")
+        _check(f"recipients[{n}].", r, _RECIPIENT_FIELDS, closed=True)
+    for name, fields in (("esmtp", _ESMTP_FIELDS), ("client", _CLIENT_FIELDS)):
+        if name in data:
+            _check(f"{name}.", data[name], fields, closed=False)
 
 
 @dataclass(frozen=True)

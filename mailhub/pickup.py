@@ -396,21 +396,51 @@ def list_pickup(spool_path: str) -> list[PickupEntry]:
     entries = []
     for name in names:
         path = os.path.join(new_dir, name)
+        # Never blocks on a FIFO, never follows a link; only regular files
+        # are listed (the daemon moves anything else to corrupt/).
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            f = os.fdopen(fd, "rb")
+            fd = -1  # f owns it now
+            with f:
                 try:
                     header: PickupHeader | None = read_header(f)
                 except PickupFormatError:
                     header = None
         except OSError:
             continue
+        finally:
+            if fd >= 0:
+                os.close(fd)
         size = st.st_size - (header.size if header else 0)
         entries.append(PickupEntry(name, size, st.st_mtime, st.st_uid, header))
     return entries
 
 
 # -- the daemon side ---------------------------------------------------------------------
+
+
+class _EntryError(Exception):
+    """One pickup entry cannot be read or moved now; the other entries are not affected."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular directory entry is, for the log line of its quarantine."""
+    for test, what in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISLNK, "symbolic link"), (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device")):
+        if test(mode):
+            return f"not a regular file ({what})"
+    return "not a regular file"
 
 
 def _user_name(uid: int) -> str:
@@ -567,6 +597,10 @@ class PickupService(service.Service):
             try:
                 if self._pick(name):
                     queued += 1
+            except _EntryError as e:
+                # This entry only (unreadable, cannot be moved): the next
+                # scan tries it again; the others go on now.
+                log.error("pickup: {name}: skipped, will retry: {error}", name=name, error=e.error)
             except OSError as e:
                 # Spool full or unwritable: leave the file, try again later.
                 log.error("pickup: {name}: cannot queue, will retry: {error}", name=name, error=e)
@@ -589,28 +623,71 @@ class PickupService(service.Service):
             os.rename(src, target)
         except FileNotFoundError:
             return
+        except OSError as e:
+            raise _EntryError(e)
         log.error("pickup: moved {path} to {target}: {why}", path=src, target=target, why=why)
 
+    def _open_entry(self, name: str, path: str) -> int | None:
+        """
+        Open the pickup entry C{name} for reading; return its descriptor, or
+        C{None} when it is gone or was moved to C{corrupt/} (anything but a
+        regular file: directory, FIFO, socket, device, symbolic link).  The
+        entry is looked at with C{lstat} first, so a FIFO or a device is
+        never opened; the C{fstat} of the open descriptor decides (the entry
+        may have been replaced in between).
+
+        @raise _EntryError: it cannot be opened for another reason.
+        """
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise _EntryError(e)
+        if not stat.S_ISREG(st.st_mode):
+            self._quarantine(name, _kind(st.st_mode))
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                self._quarantine(name, "not a regular file")
+                return None
+            raise _EntryError(e)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            self._quarantine(name, _kind(st.st_mode))
+            return None
+        return fd
+
     def _pick(self, name: str) -> bool:
-        """Queue one pickup file.  OSError from the spool propagates (retry later)."""
+        """
+        Queue one pickup file.
+
+        @raise _EntryError: this entry cannot be read now (the others can).
+        @raise OSError: the spool cannot take the message (retry later).
+        """
         path = os.path.join(self.new_dir, name)
         if not _NAME.match(name):
             self._quarantine(name, "not a pickup file name")
             return False
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
+        fd = self._open_entry(name, path)
+        if fd is None:
             return False
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                self._quarantine(name, "symbolic link")
-                return False
+        try:
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
             raise
-        with os.fdopen(fd, "rb") as f:
+        with f:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                self._quarantine(name, "not a regular file")
-                return False
             if st.st_nlink != 1:
                 # A hard link to someone else's file would carry their uid.
                 self._quarantine(name, f"{st.st_nlink} hard links")
@@ -630,6 +707,8 @@ class PickupService(service.Service):
             except PickupFormatError as e:
                 self._quarantine(name, str(e))
                 return False
+            except OSError as e:
+                raise _EntryError(e)
             if st.st_size - header.size > self.max_size:
                 self._quarantine(name, f"message too large (limit {self.max_size} bytes)")
                 return False
@@ -679,7 +758,10 @@ class PickupService(service.Service):
             writer.write(trace_header(clauses, email.utils.formatdate(now, localtime=True)))
             eight_bit = False
             while True:
-                chunk = f.read(_CHUNK)
+                try:
+                    chunk = f.read(_CHUNK)
+                except OSError as e:
+                    raise _EntryError(e)
                 if not chunk:
                     break
                 eight_bit = eight_bit or not chunk.isascii()

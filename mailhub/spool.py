@@ -377,7 +377,11 @@ class SpoolWriter:
     def _open(self) -> None:
         # os.open: the file is 0600 whatever the umask (open() would give 0666 & ~umask)
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=0)
+        try:
+            self._file = os.fdopen(fd, "wb", buffering=0)
+        except BaseException:
+            os.close(fd)
+            raise
         pending, self._buffer = self._buffer or [], None
         self._write_raw(b"".join(pending))
 
@@ -781,7 +785,13 @@ class Spool:
             _unlink_quietly(tmp)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
-                with open(old, "rb") as src, os.fdopen(fd, "wb") as dst:
+                try:
+                    dst_file = os.fdopen(fd, "wb")
+                except BaseException:
+                    os.close(fd)
+                    raise
+                # dst first: if old/ID cannot be opened, dst is still closed
+                with dst_file as dst, open(old, "rb") as src:
                     length = 0
                     while chunk := src.read(CHUNK):
                         dst.write(chunk)
@@ -794,6 +804,10 @@ class Spool:
                 os.link(tmp, self.message_path(name))
             except FileExistsError:
                 queued.add(name)
+                continue
+            except IsADirectoryError:
+                self._quarantine(old, "not a regular file")
+                self._quarantine(self.envelope_path(name), "envelope of an unreadable message")
                 continue
             finally:
                 _unlink_quietly(tmp)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -63,11 +65,11 @@ def cli_environ() -> dict[str, str]:
     return environ
 
 
-def run(spool, *args, now=None):
+def run(spool, *args):
     options = QueueOptions()
     options.parseOptions(list(args))
     out, err = io.StringIO(), io.StringIO()
-    status = run_queue(options, spool.path, out=out, err=err, now=now)
+    status = run_queue(options, spool.path, out=out, err=err)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -148,15 +150,6 @@ def test_hold_release(spool):
     assert not spool.load(a.queue_id).held
 
 
-def test_flush_without_daemon_makes_messages_due(spool):
-    a, b = deferred(spool), deferred(spool, held=True, n=1)
-    status, out, _ = run(spool, "flush", now=ARRIVAL + 10)
-    assert status == 0
-    assert out.startswith(f"{a.queue_id}: flushed\n")
-    assert spool.load(a.queue_id).next_attempt == ARRIVAL + 10
-    assert spool.load(b.queue_id).next_attempt == ARRIVAL + 3600  # held: untouched
-
-
 def test_bad_ids_and_usage(spool):
     assert run(spool, "hold", "../etc")[0] == 64
     for args in (["hold"], ["delete"], ["delete", "--all", "X"], ["show"], ["frobnicate"]):
@@ -182,14 +175,6 @@ def test_mailq_via_sendmail_bp(spool, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1].startswith(a.queue_id.encode())
-
-
-def test_flush_of_a_held_message_says_so(spool):
-    a = deferred(spool, held=True)
-    status, out, err = run(spool, "flush", a.queue_id, now=ARRIVAL + 10)
-    assert (status, err) == (0, "")
-    assert out.startswith(f"{a.queue_id}: on hold, not flushed (release it first)\n")
-    assert spool.load(a.queue_id).next_attempt == ARRIVAL + 3600 and spool.load(a.queue_id).held
 
 
 @pytest.mark.parametrize("command", [
@@ -279,3 +264,130 @@ def test_the_queue_tool_does_not_convert_someone_elses_spool(spool):
     assert "layout of an earlier mailhub version" in err
     assert os.listdir(os.path.join(spool.path, "new")) == [qid]  # untouched
     assert os.listdir(os.path.join(spool.path, "queue")) == []
+
+
+# -- without a daemon ------------------------------------------------------------------
+
+
+def cli(spool, tmp_path, *args: str, command: str = "queue") -> subprocess.CompletedProcess:
+    """C{mailhub queue ARGS} (or C{mailhub-sendmail ARGS} with command="sendmail") as a subprocess."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[spool]\npath = "{spool.path}"\n')
+    if command == "sendmail":
+        argv = [sys.executable, "-m", "mailhub.cli.sendmail", "-C", str(config), *args]
+    else:
+        argv = [sys.executable, "-m", "mailhub.cli.main", "-c", str(config), "queue", *args]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=cli_environ(), timeout=30)
+
+
+def stale_socket(spool) -> str:
+    """SPOOL/control.sock left by a daemon that died: there, refusing connections."""
+    path = os.path.join(spool.path, "control.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    return path
+
+
+@pytest.mark.parametrize("socket_state", ["absent", "stale"])
+@pytest.mark.parametrize("args, command", [
+    (["flush"], "queue"),
+    (["flush", "{qid}"], "queue"),
+    (["-q"], "sendmail"),
+    (["-qI{qid}"], "sendmail"),
+])
+def test_flush_without_a_daemon_says_the_mail_system_is_down(spool, tmp_path, socket_state, args, command):
+    a = deferred(spool)
+    sock = os.path.join(spool.path, "control.sock")
+    if socket_state == "stale":
+        stale_socket(spool)
+    before = open(spool.message_path(a.queue_id), "rb").read()
+    r = cli(spool, tmp_path, *[x.format(qid=a.queue_id) for x in args], command=command)
+    assert (r.returncode, r.stdout) == (69, "")
+    assert r.stderr == f"mailhub queue: mail system is down (no daemon on {sock})\n"
+    assert spool.load(a.queue_id).next_attempt == ARRIVAL + 3600
+    assert open(spool.message_path(a.queue_id), "rb").read() == before
+    assert not os.path.exists(spool.envelope_path(a.queue_id))
+
+
+def test_changes_without_a_daemon_are_made_on_the_files(spool, tmp_path):
+    """delete, hold and release work with the daemon stopped (postsuper does too), stale socket or none."""
+    a, b = deferred(spool), deferred(spool, n=1)
+    r = cli(spool, tmp_path, "hold", a.queue_id)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{a.queue_id}: on hold\n", "")
+    stale_socket(spool)
+    assert spool.load(a.queue_id).held
+    r = cli(spool, tmp_path, "release", a.queue_id)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{a.queue_id}: released\n", "")
+    assert not spool.load(a.queue_id).held
+    r = cli(spool, tmp_path, "delete", b.queue_id)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{b.queue_id}: deleted\n", "")
+    assert spool.queue_ids() == [a.queue_id]
+
+
+@pytest.fixture
+def hangs_up(spool):
+    """A control socket whose listener accepts every connection and closes it at once."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(spool.path, "control.sock"))
+    server.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    server.shutdown(socket.SHUT_RDWR)
+    server.close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("args", [["flush"], ["flush", "{qid}"], ["hold", "{qid}"], ["delete", "--all"]])
+def test_a_daemon_that_hangs_up_is_one_line_and_a_failure(spool, tmp_path, hangs_up, args):
+    a = deferred(spool)
+    sock = os.path.join(spool.path, "control.sock")
+    r = cli(spool, tmp_path, *[x.format(qid=a.queue_id) for x in args])
+    assert (r.returncode, r.stdout) == (75, "")
+    # the hang-up reads as a close or as a reset, depending on timing
+    assert r.stderr.startswith(f"mailhub queue: lost the connection to the daemon on {sock}: ")
+    assert r.stderr.endswith(" (the change may be incomplete)\n") and r.stderr.count("\n") == 1
+    assert spool.queue_ids() == [a.queue_id] and not spool.load(a.queue_id).held
+
+
+def test_a_control_socket_that_cannot_be_used_stops_every_change(spool, monkeypatch):
+    """Not "no daemon" (a daemon may be running): nothing is changed on the files behind its back."""
+    from mailhub import control
+
+    def refuse(self, path, timeout=30.0):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(control.ControlClient, "__init__", refuse)
+    a = deferred(spool)
+    sock = os.path.join(spool.path, "control.sock")
+    for args in (["flush"], ["hold", a.queue_id], ["release", a.queue_id], ["delete", a.queue_id], ["delete", "--all"]):
+        assert run(spool, *args) == (69, "", f"mailhub queue: cannot reach the daemon on {sock}: Permission denied\n")
+    assert spool.queue_ids() == [a.queue_id] and not spool.load(a.queue_id).held
+    assert run(spool, "list")[0] == 0  # listing reads the files
+
+
+def test_delete_all_removes_what_the_listing_shows_pickup_files_included(spool, tmp_path):
+    a = deferred(spool)
+    names = sorted(write_pickup(spool.path, "u@example.org", ["x@example.com"], [b"hi %d\n" % n], fsync=False)
+                   for n in range(2))
+    new_dir = os.path.join(spool.path, "pickup", "new")
+    os.mkdir(os.path.join(new_dir, "0dir"))  # not a pickup file: not listed, left to the daemon
+    listing = cli(spool, tmp_path, "list")
+    assert listing.stdout.count("(waiting for the daemon: pickup/new/") == 2
+    r = cli(spool, tmp_path, "delete", "--all")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == f"{a.queue_id}: deleted\n" + "".join(f"pickup/new/{n}: deleted\n" for n in names)
+    assert cli(spool, tmp_path, "list").stdout == "Mail queue is empty\n"
+    assert os.listdir(new_dir) == ["0dir"]

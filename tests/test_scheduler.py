@@ -1143,8 +1143,8 @@ def test_bad_sender_address_bounces_to_the_postmaster(spool, clock):
     from mailhub.address import AddressError
 
     _, _, deliver = bounce_held_back(clock)
-    resolve = Resolver({}, errors={"x@[bad": AddressError("bad domain")})
-    env = queue(spool, clock, rcpts=("bob@example.net",), sender="x@[bad")
+    resolve = Resolver({}, errors={"x@bad.example": AddressError("bad domain")})
+    env = queue(spool, clock, rcpts=("bob@example.net",), sender="x@bad.example")
     make(spool, clock, deliver, resolve=resolve)
     [(benv, _)] = dsns(spool)
     assert rcpts_of(benv) == [("postmaster@mx.example.org", "postmaster@mx.example.org")]

@@ -458,6 +458,19 @@ def test_conversion_quarantines_an_unreadable_old_envelope(spool):
     assert listing(spool)["corrupt"] == sorted([env.queue_id, env.queue_id + ".json"])
 
 
+def test_conversion_quarantines_a_directory_in_new_and_closes_what_it_opened(spool):
+    env, good = envelope(new_queue_id()), envelope(new_queue_id())
+    old_layout(spool, env)
+    old_layout(spool, good)
+    os.unlink(os.path.join(spool.path, "new", env.queue_id))
+    os.mkdir(os.path.join(spool.path, "new", env.queue_id))
+    before = len(os.listdir("/proc/self/fd"))
+    assert spool.recover() == [good]
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert listing(spool)["corrupt"] == sorted([env.queue_id, env.queue_id + ".json"])
+    assert listing(spool)["queue"] == [good.queue_id]
+
+
 def test_migrate_without_an_old_layout_is_a_no_op(spool):
     env = commit(spool)
     assert spool.migrate() == 0

@@ -6,16 +6,23 @@ Owns: the C{mailhub queue} sub-commands (L{QueueOptions}) and how the queue
 is shown to an operator.  Listing and showing read the spool directly.
 Changes (flush, delete, hold, release) go through the daemon's control
 socket (C{SPOOL/control.sock}, see L{mailhub.control}) when the daemon
-answers there, so the scheduler's in-memory state and the files agree;
-with the daemon stopped they are made directly on the spool with
-C{Spool.update} / C{Spool.remove} (atomic renames).
+answers there, so the scheduler's in-memory state and the files agree.
+With the daemon stopped (no socket, or a stale one that refuses
+connections) C{delete}, C{hold} and C{release} are made directly on the
+spool with C{Spool.update} / C{Spool.remove} (atomic renames), as
+Postfix's postsuper does; C{flush} needs the daemon and says "mail system
+is down", as Postfix's postqueue does.  A socket that is there but cannot
+be used (permission, no answer) is an error for every change: a daemon
+may be running, and editing its files behind its back is not safe.
 
-Must not touch: message bytes (never rewritten), the pickup area (only
-listed), the network beyond the local control socket.
+Must not touch: message bytes (never rewritten), the network beyond the
+local control socket.  In the pickup area only C{delete --all} removes
+files (the ones the listing shows).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -26,7 +33,7 @@ from twisted.python import usage
 
 from . import Command, silence
 from ..envelope import EnvelopeFormatError, PENDING
-from ..pickup import list_pickup
+from ..pickup import list_pickup, pickup_dirs
 from ..spool import QueueFileError, Spool, is_queue_id
 
 __all__ = ["QueueOptions", "run_queue", "main"]
@@ -222,10 +229,10 @@ def show_message(spool: Spool, queue_id: str, out: TextIO) -> int:
 # -- changing ----------------------------------------------------------------------------
 
 
-def _direct(spool: Spool, command: str, queue_id: str, now: float) -> str | None:
+def _direct(spool: Spool, command: str, queue_id: str) -> str | None:
     """
-    Apply C{command} to one message on disk (daemon stopped).  Returns
-    an error text, or C{None}.
+    Apply C{command} (delete, hold, release) to one message on disk
+    (daemon stopped).  Returns an error text, or C{None}.
     """
     if command == "delete":
         if not os.path.exists(spool.message_path(queue_id)):
@@ -234,16 +241,7 @@ def _direct(spool: Spool, command: str, queue_id: str, now: float) -> str | None
         spool.drain()  # the message file goes in the spool's remover thread
         return None
     env = spool.load(queue_id)
-    if command == "hold":
-        env.held = True
-    elif command == "release":
-        env.held = False
-    elif command == "flush":
-        if env.held:
-            return HELD_NOTE
-        if env.done:
-            return None
-        env.next_attempt = now
+    env.held = command == "hold"
     spool.update(env)
     return None
 
@@ -255,8 +253,24 @@ _STATUS_TEXT = {
     ("delete", "pending"): "delete pending (being delivered now: removed when that attempt ends, without notices)",
     ("flush", "held"): "on hold, not flushed (release it first)",
 }
-#: _direct's answer for a flush of a held message: a note, not an error
-HELD_NOTE = "held"
+
+Control = Callable[[str, "str | None"], "tuple[str | None, str]"]
+
+
+class _Lost(Exception):
+    """The control connection failed in the middle of a command."""
+
+
+def _asking(control: Control) -> Control:
+    """C{control}, with a failure of the connection turned into L{_Lost}."""
+
+    def ask(command: str, queue_id: str | None) -> tuple[str | None, str]:
+        try:
+            return control(command, queue_id)
+        except (OSError, ValueError) as e:  # ConnectionError, timeout, a garbled answer
+            raise _Lost(getattr(e, "strerror", None) or str(e) or type(e).__name__)
+
+    return ask
 
 
 def _change(
@@ -265,19 +279,17 @@ def _change(
     ids: list[str],
     out: TextIO,
     err: TextIO,
-    control: Callable[[str, str | None], tuple[str | None, str]] | None,
-    now: float,
+    control: Control | None,
 ) -> int:
     status = EX_OK
     if command == "flush" and not ids:
-        if control is not None:
-            problem, _ = control("flush", None)
-            if problem:
-                err.write(f"{PROG}: flush: {problem}\n")
-                return EX_TEMPFAIL
-            out.write("flush requested\n")
-            return EX_OK
-        ids = [env.queue_id for env in spool if not env.held and not env.done]
+        assert control is not None
+        problem, _ = control("flush", None)
+        if problem:
+            err.write(f"{PROG}: flush: {problem}\n")
+            return EX_TEMPFAIL
+        out.write("flush requested\n")
+        return EX_OK
     for qid in ids:
         if not is_queue_id(qid):
             err.write(f"{PROG}: {qid}: not a queue id\n")
@@ -288,9 +300,7 @@ def _change(
             if control is not None:
                 problem, state = control(command, qid)
             else:
-                problem = _direct(spool, command, qid, now)
-                if problem == HELD_NOTE:
-                    problem, state = None, "held"
+                problem = _direct(spool, command, qid)
         except KeyError:
             problem = "no such message"
         except EnvelopeFormatError as e:
@@ -300,29 +310,57 @@ def _change(
             status = EX_NOINPUT if problem == "no such message" else EX_TEMPFAIL
         else:
             out.write(f"{qid}: {_STATUS_TEXT.get((command, state), _DONE[command])}\n")
-    if command == "flush" and control is None and ids:
-        out.write(
-            f"{PROG}: the daemon is not running: these messages are due now and "
-            "will be tried as soon as it starts\n"
-        )
     return status
 
 
-def _connect_control(spool_path: str) -> Callable[[str, str | None], tuple[str | None, str]] | None:
-    """A control-channel client when the daemon answers on its socket, else C{None}."""
-    path = os.path.join(spool_path, "control.sock")
-    if not os.path.exists(path):
-        return None
-    try:
-        from ..control import ControlClient
-    except ImportError:
-        return None
-    try:
-        return ControlClient(path).ask
-    except OSError:
-        return None  # stale socket: the daemon is not running
+def _delete_pickup(spool: Spool, out: TextIO, err: TextIO) -> int:
+    """
+    Remove the files waiting in the pickup area that the listing shows
+    (regular files of C{pickup/new/}); part of C{delete --all}.
+    """
+    status = EX_OK
+    new_dir = pickup_dirs(spool.path)[1]
+    for entry in list_pickup(spool.path):
+        try:
+            os.unlink(os.path.join(new_dir, entry.name))
+        except FileNotFoundError:
+            continue  # picked up meanwhile: it is in the queue now
+        except OSError as e:
+            err.write(f"{PROG}: pickup/new/{entry.name}: cannot delete: {e.strerror or e}\n")
+            status = EX_NOPERM if e.errno in (errno.EACCES, errno.EPERM) else EX_TEMPFAIL
+            continue
+        out.write(f"pickup/new/{entry.name}: deleted\n")
+    return status
 
 
+class _Daemon:
+    """
+    What the control socket says about the daemon: C{client} when it
+    answers; else C{problem} is C{None} when no daemon runs (no socket, or
+    a stale one refusing connections) or says why the socket cannot be used.
+    """
+
+    def __init__(self, spool_path: str) -> None:
+        from ..control import ControlClient, socket_path
+
+        self.path = socket_path(spool_path)
+        self.client: ControlClient | None = None
+        self.problem: str | None = None
+        try:
+            self.client = ControlClient(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass  # no daemon: no socket, or one left by a daemon that died
+        except OSError as e:
+            self.problem = e.strerror or str(e)
+
+    @property
+    def down(self) -> bool:
+        return self.client is None and self.problem is None
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 def _convert(spool_path: str, err: TextIO) -> int:
     """
     Convert a spool of the first layout (L{Spool.migrate}), as its owner
@@ -349,7 +387,6 @@ def run_queue(
     target: Any,
     out: TextIO | None = None,
     err: TextIO | None = None,
-    now: float | None = None,
 ) -> int:
     """
     Run a parsed C{mailhub queue} command against C{target}: a
@@ -359,7 +396,7 @@ def run_queue(
     """
     out = out or sys.stdout
     try:
-        status = _run_queue(options, target, out, err, now)
+        status = _run_queue(options, target, out, err)
         out.flush()  # a closed pipe shows here, not in the interpreter's final flush
         return status
     except BrokenPipeError:
@@ -377,7 +414,6 @@ def _run_queue(
     target: Any,
     out: TextIO,
     err: TextIO | None,
-    now: float | None,
 ) -> int:
     err = err or sys.stderr
     spool_path = target.spool.path if hasattr(target, "spool") else str(target)
@@ -386,11 +422,14 @@ def _run_queue(
     if not os.path.isdir(os.path.join(spool_path, "envelopes")):
         err.write(f"{PROG}: no queue at {spool_path} (check spool.path in the configuration)\n")
         return EX_NOINPUT
-    if os.path.isdir(os.path.join(spool_path, "new")) and _connect_control(spool_path) is None:
-        # A queue from before queue files, and no daemon to convert it.
-        status = _convert(spool_path, err)
-        if status != EX_OK:
-            return status
+    if os.path.isdir(os.path.join(spool_path, "new")):
+        daemon = _Daemon(spool_path)
+        daemon.close()
+        if daemon.down:
+            # A queue from before queue files, and no daemon to convert it.
+            status = _convert(spool_path, err)
+            if status != EX_OK:
+                return status
     try:
         spool = Spool(spool_path)
         if command == "list":
@@ -408,14 +447,37 @@ def _run_queue(
             except QueueFileError as e:
                 err.write(f"{PROG}: {qid}: unreadable queue file: {e}\n")
                 return EX_NOINPUT
-        ids = list(getattr(sub, "ids", []))
-        if command == "delete" and sub["all"]:
-            ids = spool.queue_ids()
-        control = _connect_control(spool_path)
-        return _change(spool, command, ids, out, err, control, time.time() if now is None else now)
+        return _change_with_daemon(spool, command, sub, out, err)
     except PermissionError as e:
         err.write(f"{PROG}: cannot read the queue at {spool_path}: {e.strerror} (run as root or the mailhub user)\n")
         return EX_NOPERM
+
+
+def _change_with_daemon(spool: Spool, command: str, sub: Any, out: TextIO, err: TextIO) -> int:
+    """A change (flush, delete, hold, release): through the daemon, or on the files when it is down."""
+    daemon = _Daemon(spool.path)
+    try:
+        if daemon.problem is not None:
+            err.write(f"{PROG}: cannot reach the daemon on {daemon.path}: {daemon.problem}\n")
+            return EX_UNAVAILABLE
+        if daemon.down and command == "flush":
+            err.write(f"{PROG}: mail system is down (no daemon on {daemon.path})\n")
+            return EX_UNAVAILABLE
+        control = _asking(daemon.client.ask) if daemon.client is not None else None
+        ids = list(getattr(sub, "ids", []))
+        delete_all = command == "delete" and sub["all"]
+        if delete_all:
+            ids = spool.queue_ids()
+        try:
+            status = _change(spool, command, ids, out, err, control)
+        except _Lost as e:
+            err.write(f"{PROG}: lost the connection to the daemon on {daemon.path}: {e} (the change may be incomplete)\n")
+            return EX_TEMPFAIL
+        if delete_all:
+            status = _delete_pickup(spool, out, err) or status
+        return status
+    finally:
+        daemon.close()
 
 
 def main(argv: list[str] | None = None) -> None:
