@@ -171,22 +171,53 @@ def test_maildir_for(root):
     assert os.path.isabs(make(os.path.relpath(root)).maildir_for("bob@example.org"))
 
 
-def test_symlink_escape(root, tmp_path, logged):
+def test_symlinked_mailbox_is_refused_wherever_it_points(root, tmp_path, logged):
     outside = tmp_path / "outside"
     outside.mkdir()
     os.symlink(str(outside), str(root / "example.org" / "mallory"))
     os.symlink("../../..", str(root / "example.org" / "up"))
+    # pointing back inside the root: refused too (never followed below the root)
     os.symlink(str(root / "example.org" / "alice"), str(root / "example.org" / "alias-of-alice"))
+    os.symlink("alice", str(root / "example.org" / "relative-alice"))
     d = make(root)
-    for rcpt in ("mallory@example.org", "up@example.org"):
+    for rcpt in ("mallory@example.org", "up@example.org", "alias-of-alice@example.org", "relative-alice@example.org"):
         with pytest.raises(UnsafeMailbox) as e:
             resolve(d, rcpt)
         assert (e.value.code, e.value.enhanced) == (451, "4.3.5")
         with pytest.raises(UnsafeMailbox):
             d.maildir_for(rcpt)
-    assert any("outside the mailbox root" in line for line in logged())
-    # a symlink that stays inside the root is fine
-    assert resolve(d, "alias-of-alice@example.org") == ["alias-of-alice@example.org"]
+    lines = logged()
+    assert any(str(root / "example.org" / "mallory") in line and "symbolic link" in line for line in lines)
+    assert resolve(d, "alice@example.org") == ["alice@example.org"]
+
+
+def test_symlinked_domain_dir_inside_the_root_is_refused(root):
+    (root / "other.example").mkdir()
+    (root / "other.example" / "alice").mkdir()
+    os.symlink("other.example", str(root / "example.com"))
+    d = Directory(["example.org", "example.com"], str(root), users=["alice"])
+    with pytest.raises(UnsafeMailbox):
+        resolve(d, "alice@example.com")
+
+
+@pytest.mark.parametrize("level", ["domain", "mailbox"])
+def test_sibling_of_the_root_with_the_same_prefix_is_outside(tmp_path, level):
+    """<root>-evil/ starts with the root's name: it is still outside the root."""
+    root = tmp_path / "mailboxes"
+    evil = tmp_path / "mailboxes-evil"
+    (root / "example.org").mkdir(parents=True)
+    (evil / "example.org" / "eve").mkdir(parents=True)
+    if level == "domain":
+        os.rmdir(root / "example.org")
+        os.symlink("../mailboxes-evil/example.org", str(root / "example.org"))
+    else:
+        os.symlink("../../mailboxes-evil/example.org/eve", str(root / "example.org" / "eve"))
+    assert os.path.isdir(root / "example.org" / "eve")  # the link resolves
+    d = Directory(["example.org"], str(root), users=["eve"])
+    with pytest.raises(UnsafeMailbox):
+        resolve(d, "eve@example.org")
+    with pytest.raises(UnsafeMailbox):
+        d.maildir_for("eve@example.org")
 
 
 def test_symlinked_domain_dir_escape(tmp_path):
