@@ -15,9 +15,12 @@ turns a L{RecipientError} into an SMTP reply is the policy/server.
 Layout (virtual mode, the default): mail for C{user@domain} lives in
 C{<mailboxes>/<domain>/<user>/}, where C{domain} is the normalised domain
 (lower case, IDNA A-labels) and C{user} is L{address.Mailbox.local_key}
-(unquoted, case-folded).  System mode: the local parts are the host's
-accounts (L{system.Accounts}) in every local domain, mail goes to
-C{~user/Maildir}, postmaster without an alias means root.
+(unquoted, case-folded).  C{root}, C{MAILER-DAEMON} and C{abuse} without an
+alias or mailbox of their own mean postmaster (L{IMPLICIT_ALIASES}), whose
+Maildir is created on first delivery.  System mode: the local parts are the
+host's accounts (L{system.Accounts}) in every local domain, mail goes to
+C{~user/Maildir}, postmaster without an alias means root, MAILER-DAEMON and
+abuse mean postmaster.
 
 Aliases: C{|command} and C{/file} targets are never run; an alias with one
 is refused (550 5.3.0).  C{:include:} files are read only when owned by root
@@ -424,6 +427,14 @@ class AliasUnavailable(RecipientError):
 
 #: In system mode, postmaster without an alias means root (Debian's /etc/aliases default).
 _POSTMASTER_TO_ROOT = (_Target("root", None, "root"),)
+_TO_POSTMASTER = (_Target("postmaster", None, "postmaster"),)
+#: Names that exist in every local domain as aliases of postmaster unless
+#: the aliases file defines them or they have a mailbox of their own
+#: (Postfix's sample aliases file).  System mode: root is an account.
+IMPLICIT_ALIASES = {
+    "virtual": {"root": _TO_POSTMASTER, "mailer-daemon": _TO_POSTMASTER, "abuse": _TO_POSTMASTER},
+    "system": {"mailer-daemon": _TO_POSTMASTER, "abuse": _TO_POSTMASTER},
+}
 
 MODES = ("virtual", "system")
 
@@ -816,6 +827,15 @@ class Directory:
             if self._has_mailbox(local, domain):
                 self._emit(_format_address(local, domain), out, budget)
                 return
+            if (
+                local in IMPLICIT_ALIASES[self.mode]
+                and self._alias(local, domain) is None
+                and self._has_mailbox("postmaster", domain)
+            ):
+                # root -> postmaster (implicit) -> root (the aliases file,
+                # Debian's "postmaster: root"): postmaster's own mailbox.
+                self._emit(_format_address("postmaster", domain), out, budget)
+                return
             raise AliasLoop(text=f"alias loop for {_format_address(local, domain)}")
         if len(stack) > MAX_ALIAS_DEPTH:
             raise AliasLoop(text="alias expansion too deep")
@@ -831,6 +851,10 @@ class Directory:
                 return
             if self._has_mailbox(name, domain):
                 self._emit(_format_address(name, domain), out, budget)
+                return
+            default = IMPLICIT_ALIASES[self.mode].get(name)
+            if default is not None:
+                self._expand_targets(name, domain, default, stack + ((name, domain),), out, budget)
                 return
         raise UnknownRecipient()
 

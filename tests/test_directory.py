@@ -532,6 +532,51 @@ def test_lazy_and_rate_limited(root, tmp_path, monkeypatch):
     assert stats == [1.0, 2.0]
 
 
+# -- root, MAILER-DAEMON, abuse ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rcpt, expected",
+    [
+        ("root@example.org", ["postmaster@example.org"]),
+        ("ROOT@bücher.example", ["postmaster@xn--bcher-kva.example"]),
+        ("root+cron@example.org", ["postmaster@example.org"]),
+        ("MAILER-DAEMON@example.org", ["postmaster@example.org"]),
+        ("abuse@example.org", ["postmaster@example.org"]),
+    ],
+)
+def test_root_mailer_daemon_and_abuse_are_postmaster_by_default(root, rcpt, expected):
+    assert resolve(make(root), rcpt) == expected
+
+
+def test_implicit_aliases_give_way_to_the_aliases_file(root):
+    d = make(root, "root: alice\npostmaster: bob\n")
+    assert resolve(d, "root@example.org") == ["alice@example.org"]
+    assert resolve(d, "abuse@example.org") == ["bob@example.org"]  # postmaster's alias
+    assert resolve(d, "mailer-daemon@example.org") == ["bob@example.org"]
+
+
+def test_implicit_aliases_give_way_to_a_mailbox_of_their_own(root):
+    (root / "example.org" / "abuse").mkdir()
+    d = make(root, users=["root@xn--bcher-kva.example"])
+    assert resolve(d, "abuse@example.org") == ["abuse@example.org"]
+    assert resolve(d, "root@bücher.example") == ["root@xn--bcher-kva.example"]
+    assert resolve(d, "root@example.org") == ["postmaster@example.org"]
+
+
+def test_postmaster_aliased_to_root_is_not_a_loop(root):
+    """postmaster: root (Debian's line) with no root alias: postmaster's own Maildir."""
+    d = make(root, "postmaster: root\n")
+    assert resolve(d, "postmaster@example.org") == ["postmaster@example.org"]
+    assert resolve(d, "root@example.org") == ["postmaster@example.org"]
+
+
+def test_only_local_domains_have_them(root):
+    with pytest.raises(RecipientError) as e:
+        resolve(make(root), "root@example.com")
+    assert e.value.enhanced == "5.1.2"
+
+
 def test_symlink_escape_for_listed_user_and_postmaster(root, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
