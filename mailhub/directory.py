@@ -4,7 +4,7 @@ Local domains, mailboxes and aliases: who exists here, and where their mail goes
 Owns: the answer to "is this a local domain?", "does this local address
 exist, and to which final addresses does it expand?" (aliases(5) file,
 address extensions, the postmaster rule) and "which Maildir is this
-address?" (a path that is never outside the mailbox root).  Reads the
+address?" (a path below the mailbox root with no symlink in it).  Reads the
 aliases file (reloading it lazily when it changes) and looks at, but never
 writes, the mailbox tree.
 
@@ -15,9 +15,12 @@ turns a L{RecipientError} into an SMTP reply is the policy/server.
 Layout (virtual mode, the default): mail for C{user@domain} lives in
 C{<mailboxes>/<domain>/<user>/}, where C{domain} is the normalised domain
 (lower case, IDNA A-labels) and C{user} is L{address.Mailbox.local_key}
-(unquoted, case-folded).  System mode: the local parts are the host's
-accounts (L{system.Accounts}) in every local domain, mail goes to
-C{~user/Maildir}, postmaster without an alias means root.
+(unquoted, case-folded).  C{root}, C{MAILER-DAEMON} and C{abuse} without an
+alias or mailbox of their own mean postmaster (L{IMPLICIT_ALIASES}), whose
+Maildir is created on first delivery.  System mode: the local parts are the
+host's accounts (L{system.Accounts}) in every local domain, mail goes to
+C{~user/Maildir}, postmaster without an alias means root, MAILER-DAEMON and
+abuse mean postmaster.
 
 Aliases: C{|command} and C{/file} targets are never run; an alias with one
 is refused (550 5.3.0).  C{:include:} files are read only when owned by root
@@ -30,6 +33,7 @@ import errno
 import os
 import pwd
 import re
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,7 +121,8 @@ class InvalidMailbox(RecipientError):
 
 class UnsafeMailbox(RecipientError):
     """
-    The mailbox path resolves outside the mailbox root (a symlink).  Temporary
+    The domain or mailbox directory is a symlink (never followed below the
+    mailbox root, wherever it points).  Temporary
     on purpose: it is a configuration problem an operator can fix, and mail
     waiting for that fix must not bounce.
     """
@@ -422,6 +427,14 @@ class AliasUnavailable(RecipientError):
 
 #: In system mode, postmaster without an alias means root (Debian's /etc/aliases default).
 _POSTMASTER_TO_ROOT = (_Target("root", None, "root"),)
+_TO_POSTMASTER = (_Target("postmaster", None, "postmaster"),)
+#: Names that exist in every local domain as aliases of postmaster unless
+#: the aliases file defines them or they have a mailbox of their own
+#: (Postfix's sample aliases file).  System mode: root is an account.
+IMPLICIT_ALIASES = {
+    "virtual": {"root": _TO_POSTMASTER, "mailer-daemon": _TO_POSTMASTER, "abuse": _TO_POSTMASTER},
+    "system": {"mailer-daemon": _TO_POSTMASTER, "abuse": _TO_POSTMASTER},
+}
 
 MODES = ("virtual", "system")
 
@@ -622,7 +635,7 @@ class Directory:
     # -- mailboxes ------------------------------------------------------------------
 
     def _path(self, local: str, domain: str) -> str:
-        """The Maildir of (folded local, normalised domain), checked to stay inside the root."""
+        """The Maildir of (folded local, normalised domain), validated (not looked at)."""
         if not address.is_safe_local_part(local):
             raise InvalidMailbox()
         if domain not in self.domains:
@@ -632,16 +645,36 @@ class Directory:
             if account is None:
                 raise UnknownRecipient()
             return os.path.join(account.home, *self.home_maildir)
-        path = os.path.join(self.mailboxes, domain, local)
-        root = os.path.realpath(self.mailboxes)
-        real = os.path.realpath(path)
-        if not real.startswith(root + os.sep) or real == root:
-            log.error(
-                "directory: mailbox {path} resolves to {real}, outside the mailbox root {root}; refused",
-                path=path, real=real, root=root,
-            )
-            raise UnsafeMailbox()
-        return path
+        return os.path.join(self.mailboxes, domain, local)
+
+    def _virtual_exists(self, local: str, domain: str) -> bool:
+        """
+        Whether the virtual mailbox directory C{<root>/<domain>/<local>}
+        exists.  Containment is structural: the names are safe (checked by
+        L{_path}) and neither the domain nor the mailbox directory may be a
+        symbolic link, wherever it points (inside the root too), as
+        delivery opens them without following links
+        (L{system.open_virtual_maildir}).  The root itself may be a link.
+
+        @raise UnsafeMailbox: the domain or mailbox directory is a symlink.
+        """
+        path = self.mailboxes
+        for name in (domain, local):
+            path = os.path.join(path, name)
+            try:
+                st = os.lstat(path)
+            except OSError:  # missing, or a parent that is not a directory
+                return False
+            if stat.S_ISLNK(st.st_mode):
+                log.error(
+                    "directory: mailbox {path} is a symbolic link (never followed below the mailbox root "
+                    "{root}); refused",
+                    path=path, root=self.mailboxes,
+                )
+                raise UnsafeMailbox()
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+        return True
 
     def _listed(self, local: str, domain: str) -> bool:
         return local in self._any_domain_users or (local, domain) in self._domain_users
@@ -652,8 +685,8 @@ class Directory:
         postmaster.  System: an account that receives mail (L{system.Accounts}).
 
         Virtual mode remembers a mailbox found for L{MAILBOX_CACHE_TTL}
-        seconds (by the injected clock): the two C{realpath} calls and the
-        C{stat} of the symlink check were a large share of an RCPT's cost.
+        seconds (by the injected clock): the C{lstat}s of the symlink check
+        are a large share of an RCPT's cost.
         Only "exists and is safe" is remembered, so a new mailbox is seen
         at once; a mailbox removed or turned into a symlink out of the root
         may still be accepted for that long -- delivery checks it again
@@ -670,8 +703,9 @@ class Directory:
         until = self._found.get(key)
         if until is not None and now < until:
             return True
-        path = self._path(local, domain)  # validates, even for listed names
-        found = local == "postmaster" or self._listed(local, domain) or os.path.isdir(path)
+        self._path(local, domain)  # validates the names
+        exists = self._virtual_exists(local, domain)  # a symlink is refused, even for listed names
+        found = exists or local == "postmaster" or self._listed(local, domain)
         if found:
             if len(self._found) >= MAILBOX_CACHE_SIZE:
                 self._found.clear()
@@ -683,16 +717,35 @@ class Directory:
     def maildir_for(self, address: str) -> str:
         """
         The absolute Maildir path of a final local address (as L{resolve}
-        returns it).  Virtual mode: never a path outside the mailbox root.
-        System mode: C{~user/<home_maildir>} (informational: L{mailhub.local}
-        opens it through L{account_for}, never by this path).
+        returns it).  Virtual mode: C{<mailboxes>/<domain>/<local>}, never
+        with a symlink below the root.  Informational in both modes:
+        L{mailhub.local} opens the Maildir by descriptor, through
+        L{mailbox_location} or L{account_for}, never by this path.
 
         @raise InvalidMailbox: the local part cannot be a directory name or
             the domain is not local.
-        @raise UnsafeMailbox: the path resolves (symlinks) outside the root.
+        @raise UnsafeMailbox: virtual mode, the domain or mailbox directory
+            is a symlink.
         @raise UnknownRecipient: system mode, no such account.
         """
-        return self._path(*_split_address(address))
+        local, domain = _split_address(address)
+        path = self._path(local, domain)
+        if self.mode != "system":
+            self._virtual_exists(local, domain)
+        return path
+
+    def mailbox_location(self, address: str) -> tuple[str, str, str]:
+        """
+        Virtual mode: (mailbox root, domain directory name, mailbox directory
+        name) of a final local address, the names validated (safe local
+        part, local domain) for L{system.open_virtual_maildir}.
+
+        @raise InvalidMailbox: the local part cannot be a directory name or
+            the domain is not local.
+        """
+        local, domain = _split_address(address)
+        self._path(local, domain)
+        return self.mailboxes, domain, local
 
     def account_for(self, address: str) -> system.Account:
         """
@@ -774,6 +827,15 @@ class Directory:
             if self._has_mailbox(local, domain):
                 self._emit(_format_address(local, domain), out, budget)
                 return
+            if (
+                local in IMPLICIT_ALIASES[self.mode]
+                and self._alias(local, domain) is None
+                and self._has_mailbox("postmaster", domain)
+            ):
+                # root -> postmaster (implicit) -> root (the aliases file,
+                # Debian's "postmaster: root"): postmaster's own mailbox.
+                self._emit(_format_address("postmaster", domain), out, budget)
+                return
             raise AliasLoop(text=f"alias loop for {_format_address(local, domain)}")
         if len(stack) > MAX_ALIAS_DEPTH:
             raise AliasLoop(text="alias expansion too deep")
@@ -789,6 +851,10 @@ class Directory:
                 return
             if self._has_mailbox(name, domain):
                 self._emit(_format_address(name, domain), out, budget)
+                return
+            default = IMPLICIT_ALIASES[self.mode].get(name)
+            if default is not None:
+                self._expand_targets(name, domain, default, stack + ((name, domain),), out, budget)
                 return
         raise UnknownRecipient()
 

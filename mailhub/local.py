@@ -7,10 +7,14 @@ after a crash is recognised), the trace headers prepended to them
 (C{Return-Path}, C{Delivered-To}), the forwarding-loop check, and turning
 file-system errors into per-recipient L{Outcome}s (house rule 4).
 
-In system mode (C{directory.mode == "system"}) the Maildir is
-C{~user/Maildir}, opened through L{mailhub.system.open_maildir} (no symlink
-followed, directories owned by the user) and written by descriptor; each
-new file is C{fchown}ed to the recipient before it is written.
+Both modes open the Maildir the same way (L{mailhub.system.open_below}: no
+symlink followed below the mailbox root or the home directory, every
+directory opened relative to its parent's descriptor) and write the file
+by descriptor.  Virtual mode: C{<mailboxes>/<domain>/<user>}
+(L{mailhub.system.open_virtual_maildir}).  System mode (C{directory.mode ==
+"system"}): C{~user/Maildir} (L{mailhub.system.open_maildir}, directories
+owned by the user); each new file is C{fchown}ed to the recipient before
+it is written.
 
 Must not touch: the spool (the message file is only read), retry decisions
 (the scheduler's), alias and mailbox lookups (the directory's), the
@@ -34,9 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import system
-from .directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient, UnsafeMailbox
+from .directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient
 from .envelope import Envelope, Outcome, Recipient
-from .spool import DirSync, QueueFileError, fsync_dir, open_message
+from .spool import DirSync, QueueFileError, open_message
 
 __all__ = ["LocalDelivery", "CHUNK_SIZE"]
 
@@ -278,25 +282,23 @@ class LocalDelivery:
     ) -> Outcome:
         if address.lower() in seen:
             return Outcome.permanent(address, "mail forwarding loop for " + address, 554, "5.4.6")
+        unique = self._unique(queue_id, arrival, address)
         if getattr(self.directory, "mode", "virtual") == "system":
-            return self._deliver_system(queue_id, arrival, sender, address, message)
+            return self._deliver_system(unique, sender, address, message)
         try:
-            maildir = self.directory.maildir_for(address)
+            root, domain, local = self.directory.mailbox_location(address)
         except InvalidMailbox as e:
             return Outcome.permanent(address, e.text, e.code, e.enhanced)
-        except (UnsafeMailbox, RecipientError) as e:
+        except RecipientError as e:
             return Outcome.temporary(address, e.text, 451, "4.3.5")
-        try:
-            if not os.path.isdir(maildir):
-                if not self.directory.may_create(address):
-                    return Outcome.permanent(address, "User unknown in local recipient table", 550, "5.1.1")
-            self._make_maildir(maildir)
-            self._write(maildir, self._unique(queue_id, arrival, address), sender, address, message)
-        except OSError as e:
-            return self._os_error(address, e, "cannot write to maildir")
-        return Outcome.delivered(address, "delivered to maildir")
+        return self._open_and_write(
+            lambda: system.open_virtual_maildir(
+                root, domain, local, self.directory.may_create(address), self.fsync
+            ),
+            unique, sender, address, message,
+        )
 
-    def _deliver_system(self, queue_id: str, arrival: float, sender: str, address: str, message: "QueuedMessage") -> Outcome:
+    def _deliver_system(self, unique: str, sender: str, address: str, message: "QueuedMessage") -> Outcome:
         """
         System mode: C{~user/Maildir}, written by root and given to the
         account (see L{mailhub.system} and L{_write_fds}).
@@ -309,9 +311,25 @@ class LocalDelivery:
             return Outcome.permanent(address, e.text, e.code, e.enhanced)
         except RecipientError as e:
             return Outcome.temporary(address, e.text, 451, "4.3.5")
+        return self._open_and_write(
+            lambda: system.open_maildir(account, self.directory.home_maildir, self.fsync),
+            unique, sender, address, message,
+        )
+
+    def _open_and_write(
+        self, open_maildir: Callable[[], system.MaildirFds], unique: str, sender: str, address: str,
+        message: "QueuedMessage",
+    ) -> Outcome:
+        """
+        The one way both modes write a Maildir file: every directory opened
+        without following a link (L{system.open_below}), the file written by
+        descriptor (L{_write_fds}); file-system errors become outcomes.
+        """
         try:
-            with system.open_maildir(account, self.directory.home_maildir, self.fsync) as fds:
-                self._write_fds(fds, self._unique(queue_id, arrival, address), sender, address, message)
+            with open_maildir() as fds:
+                self._write_fds(fds, unique, sender, address, message)
+        except system.NoMailbox:
+            return Outcome.permanent(address, "User unknown in local recipient table", 550, "5.1.1")
         except system.UnsafeLocation as e:  # logged with the path by system
             return Outcome.temporary(address, f"mailbox location not allowed: {e}", 451, "4.3.5")
         except OSError as e:
@@ -329,23 +347,6 @@ class LocalDelivery:
             return Outcome.temporary(address, text, 451, "4.2.0")
         return Outcome.temporary(address, text, 451, "4.3.0")
 
-    def _make_maildir(self, maildir: str) -> None:
-        """Create the Maildir and its tmp/new/cur (mode 0700) where missing."""
-        if not os.path.isdir(maildir):
-            parent = os.path.dirname(maildir)
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            try:
-                os.mkdir(maildir, 0o700)
-            except FileExistsError:
-                pass
-            if self.fsync:
-                fsync_dir(parent)
-        for sub in ("tmp", "new", "cur"):
-            try:
-                os.mkdir(os.path.join(maildir, sub), 0o700)
-            except FileExistsError:
-                pass
-
     def _unique(self, queue_id: str, arrival: float, address: str) -> str:
         """
         C{<sec>.M<usec>Q<queue id>R<hash of address>.<host>}: the arrival time
@@ -362,51 +363,6 @@ class LocalDelivery:
         qid = "".join(c for c in queue_id if c.isalnum()) or "0"
         tag = hashlib.sha256(address.lower().encode("utf-8", "surrogateescape")).hexdigest()[:12]
         return f"{sec}.M{usec}Q{qid}R{tag}.{self._host}"
-
-    def _write(self, maildir: str, unique: str, sender: str, address: str, message: "QueuedMessage") -> str:
-        """
-        Write one Maildir file: tmp/, fsync, link into new/, fsync new/.
-        Returns its path.  If this exact delivery is already in new/ (or was
-        moved to cur/ by a reader) nothing is added.
-        """
-        tmp = os.path.join(maildir, "tmp", unique)
-        try:
-            os.unlink(tmp)  # ours, left by a crash in the middle of this delivery
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            size = self._fill(fd, sender, address, message)
-            name = f"{unique},S={size}"
-            final = os.path.join(maildir, "new", name)
-            if self._in_cur(maildir, name):
-                os.unlink(tmp)
-                return final
-            try:
-                # link(), as qmail does: fails instead of replacing, which
-                # is how a repeated delivery is recognised.
-                os.link(tmp, final)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                if not os.path.exists(final):  # no hard links here: rename
-                    os.rename(tmp, final)
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        if self.fsync:
-            new = os.path.join(maildir, "new")
-            self._sync_new(new, lambda: fsync_dir(new))
-        return final
 
     def _sync_new(self, key: object, fsync: Callable[[], None]) -> None:
         """
@@ -427,8 +383,7 @@ class LocalDelivery:
     def _fill(self, fd: int, sender: str, address: str, message: "QueuedMessage") -> int:
         """
         Write the Maildir copy into the new file C{fd} (closed here, also
-        on error) and fsync it; returns its size.  Shared by both ways of
-        delivering (by path, and by descriptor in system mode).
+        on error) and fsync it; returns its size.
         """
         try:
             out = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
@@ -452,11 +407,15 @@ class LocalDelivery:
 
     def _write_fds(self, fds: system.MaildirFds, unique: str, sender: str, address: str, message: "QueuedMessage") -> None:
         """
-        L{_write} for a Maildir opened by L{system.open_maildir}: every name is
-        relative to a directory descriptor, nothing is followed, and the new
-        file is given to the recipient (C{fchown}) before a byte is written,
-        so quota and ownership are the recipient's, and what the user can
-        rename in their own tmp/ is never written or chowned by path.
+        Write one Maildir file into a Maildir opened by L{system.open_below}:
+        created in tmp/ (C{O_EXCL | O_NOFOLLOW}), written, fsync'd, linked
+        into new/, new/ fsync'd.  If this exact delivery is already in new/
+        (or was moved to cur/ by a reader) nothing is added.  Every name is
+        relative to a directory descriptor and nothing is followed; in
+        system mode the new file is given to the recipient (C{fchown})
+        before a byte is written, so quota and ownership are the
+        recipient's, and what the user can rename in their own tmp/ is
+        never written or chowned by path.
         """
         try:
             os.unlink(unique, dir_fd=fds.tmp)  # ours, left by a crash (or whatever the user put there)
@@ -501,19 +460,8 @@ class LocalDelivery:
             new_fd = fds.new
             self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
 
-    @staticmethod
-    def _in_cur(maildir: str, name: str) -> bool:
-        """
-        Whether a reader already moved this delivery to cur/ (C{NAME:2,FLAGS}).
-        Only the usual flag sets are probed, so this stays O(1) in the
-        size of the mailbox; the case it covers (a crash between the rename
-        and the spool update, then a reader quicker than the restart) is rare.
-        """
-        cur = os.path.join(maildir, "cur")
-        return any(os.path.exists(os.path.join(cur, f"{name}:2,{flags}")) for flags in _CUR_FLAGS)
 
-
-#: The flag sets probed in cur/ for an already delivered message (see L{LocalDelivery._in_cur}).
+#: The flag sets probed in cur/ for an already delivered message (an already delivered copy that a reader moved, see L{LocalDelivery._write_fds}).
 _CUR_FLAGS = ("", "S", "RS", "FS", "T", "ST")
 
 

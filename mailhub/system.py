@@ -1,14 +1,19 @@
 """
-System mailboxes: local users are the host's accounts, mail goes to ~user/Maildir.
+System mailboxes (local users are the host's accounts, mail goes to
+~user/Maildir), and the one safe way of opening a Maildir in either mode.
 
 Owns: the rule which passwd(5) accounts receive mail (L{Accounts}), and
-opening an account's Maildir safely from a daemon running as root
-(L{open_maildir}): every directory below the home directory is opened with
-C{O_NOFOLLOW} relative to its parent's descriptor, created where missing
-and handed to the account with C{fchown}, and must be owned by the account.
-A symlink anywhere from the home directory down (C{~/Maildir}, C{tmp},
-C{new}, C{cur}) is refused, never followed, so a user cannot redirect
-root's writes.
+opening a Maildir below a trusted base directory (L{open_below}): every
+directory below the base is opened with C{O_NOFOLLOW | O_DIRECTORY}
+relative to its parent's descriptor and created where missing (mode
+0700).  A symlink anywhere below the base is refused, never followed, even
+one that points back inside it, so nobody who can write in a mailbox can
+redirect the daemon's writes.  System mode (L{open_maildir}): the base is
+the account's home directory, each directory is handed to the account with
+C{fchown} and must be owned by it.  Virtual mode (L{open_virtual_maildir}):
+the base is the mailbox root (which may itself be a symlink: it is the
+operator's), the path below it is C{DOMAIN/USER}, and ownership is not
+looked at (the daemon's user, or the IMAP server's, owns the tree).
 
 Must not touch: message bytes and Maildir file names (L{mailhub.local}),
 aliases and address parsing (L{mailhub.directory}), the reactor.  Nothing
@@ -34,6 +39,9 @@ __all__ = [
     "MaildirFds",
     "UnsafeLocation",
     "open_maildir",
+    "open_below",
+    "open_virtual_maildir",
+    "NoMailbox",
     "check_maildir_name",
     "give",
     "is_safe_include",
@@ -61,6 +69,13 @@ class UnsafeLocation(OSError):
     A Maildir location that must not be written: a symlink, not a directory,
     or owned by someone other than the account.  Already logged (once per
     delivery attempt) with the path and the reason.
+    """
+
+
+class NoMailbox(Exception):
+    """
+    A directory of a virtual mailbox is missing and may not be created
+    (the mailbox vanished after its mail was accepted).
     """
 
 
@@ -142,15 +157,19 @@ class Accounts:
 
 @dataclass
 class MaildirFds:
-    """Open descriptors of one Maildir and its tmp/new/cur; close() releases them."""
+    """
+    Open descriptors of one Maildir and its tmp/new/cur; close() releases
+    them.  C{uid}/C{gid}: the owner new files are given to (system mode),
+    C{None} to leave them to the daemon's user (virtual mode).
+    """
 
     path: str
     maildir: int
     tmp: int
     new: int
     cur: int
-    uid: int
-    gid: int
+    uid: int | None
+    gid: int | None
 
     def close(self) -> None:
         for fd in (self.tmp, self.new, self.cur, self.maildir):
@@ -168,8 +187,13 @@ class MaildirFds:
         self.close()
 
 
-def give(fd: int, uid: int, gid: int) -> None:
-    """C{fchown} C{fd} to (uid, gid) unless it already is (a daemon not running as root)."""
+def give(fd: int, uid: int | None, gid: int | None) -> None:
+    """
+    C{fchown} C{fd} to (uid, gid) unless it already is (a daemon not running
+    as root); nothing when C{uid} is C{None} (virtual mode).
+    """
+    if uid is None or gid is None:
+        return
     st = os.fstat(fd)
     if (st.st_uid, st.st_gid) != (uid, gid):
         os.fchown(fd, uid, gid)
@@ -180,17 +204,22 @@ def _refuse(path: str, why: str) -> UnsafeLocation:
     return UnsafeLocation(why)
 
 
-def _open_subdir(parent: int, parent_path: str, name: str, uid: int, gid: int, fsync: bool) -> int:
+def _open_subdir(
+    parent: int, parent_path: str, name: str, uid: int | None, gid: int | None, fsync: bool, create: bool = True
+) -> int:
     """
-    Open (creating, mode 0700, owned by uid:gid) the directory C{name} in
-    C{parent}, never following a symlink, and check that it belongs to
-    C{uid}.  Returns its descriptor.
+    Open the directory C{name} in C{parent}, never following a symlink;
+    where it is missing, create it (mode 0700, owned by uid:gid) if
+    C{create}, else raise L{NoMailbox}.  With a C{uid}, the directory must
+    belong to it.  Returns its descriptor.
     """
     path = os.path.join(parent_path, name)
     created = False
     try:
         fd = os.open(name, _NOFOLLOW_DIR, dir_fd=parent)
     except FileNotFoundError:
+        if not create:
+            raise NoMailbox(path)
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
             created = True
@@ -203,12 +232,13 @@ def _open_subdir(parent: int, parent_path: str, name: str, uid: int, gid: int, f
     except OSError as e:
         raise _classify(e, parent, name, path)
     try:
-        st = os.fstat(fd)
-        if created and (st.st_uid, st.st_gid) != (uid, gid):
-            os.fchown(fd, uid, gid)
+        if uid is not None and gid is not None:
             st = os.fstat(fd)
-        if st.st_uid != uid:
-            raise _refuse(path, f"owned by uid {st.st_uid}, not by the recipient (uid {uid})")
+            if created and (st.st_uid, st.st_gid) != (uid, gid):
+                os.fchown(fd, uid, gid)
+                st = os.fstat(fd)
+            if st.st_uid != uid:
+                raise _refuse(path, f"owned by uid {st.st_uid}, not by the recipient (uid {uid})")
         if created and fsync:
             os.fsync(parent)
     except BaseException:
@@ -233,41 +263,44 @@ def _classify(e: OSError, parent: int, name: str, path: str) -> OSError:
     return _refuse(path, "it is not a directory")
 
 
-def open_maildir(account: Account, components: Sequence[str], fsync: bool = True) -> MaildirFds:
+def open_below(
+    base: int,
+    base_path: str,
+    components: Sequence[str],
+    uid: int | None = None,
+    gid: int | None = None,
+    fsync: bool = True,
+    create: bool = True,
+) -> MaildirFds:
     """
-    Open C{~account/<components...>} and its tmp/new/cur for writing as root.
+    Open the Maildir C{base_path/<components...>} and its tmp/new/cur,
+    relative to the open directory C{base} (which stays the caller's).
+    Every component is opened with C{O_NOFOLLOW | O_DIRECTORY} relative to
+    its parent's descriptor: nothing below C{base} is ever followed, so the
+    Maildir is inside C{base} by construction.  tmp/new/cur are always
+    created where missing (mode 0700; with C{uid}, C{fchown}ed to it);
+    C{components} too if C{create}, else a missing one is L{NoMailbox}.
 
-    The home directory itself comes from passwd (root's data) and is opened
-    normally; it must be owned by the account (root's by root), otherwise
-    nothing is created in it.  Everything below is opened with C{O_NOFOLLOW}
-    relative to its parent's descriptor, created where missing (0700, then
-    C{fchown} to the account) and must be owned by the account.
-
-    @raise UnsafeLocation: a symlink, a non-directory, or a foreign owner
-        (logged here with the path).
-    @raise OSError: anything else (missing home directory, EACCES, ENOSPC...).
+    @raise UnsafeLocation: a symlink, a non-directory, or (with C{uid}) a
+        foreign owner; logged here with the path.
+    @raise NoMailbox: a component is missing and C{create} is false.
+    @raise OSError: anything else (EACCES, ENOSPC...).
     """
-    home = account.home
     fds: list[int] = []
     try:
-        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        fds.append(fd)
-        st = os.fstat(fd)
-        if st.st_uid != account.uid:
-            raise _refuse(home, f"home directory of {account.name} is owned by uid {st.st_uid}, not {account.uid}")
-        path = home
+        parent, path = base, base_path
         for name in components:
-            fds.append(_open_subdir(fds[-1], path, name, account.uid, account.gid, fsync))
-            path = os.path.join(path, name)
-        maildir = fds[-1]
+            fds.append(_open_subdir(parent, path, name, uid, gid, fsync, create))
+            parent, path = fds[-1], os.path.join(path, name)
+        maildir = parent
         subs = []
         for sub in ("tmp", "new", "cur"):
-            subs.append(_open_subdir(maildir, path, sub, account.uid, account.gid, fsync))
+            subs.append(_open_subdir(maildir, path, sub, uid, gid, fsync))
             fds.append(subs[-1])
         # Keep the Maildir and its subdirectories open; close the ones above.
-        for fd in fds[: -4]:
+        for fd in fds[:-4]:
             os.close(fd)
-        return MaildirFds(path, maildir, subs[0], subs[1], subs[2], account.uid, account.gid)
+        return MaildirFds(path, maildir, subs[0], subs[1], subs[2], uid, gid)
     except BaseException:
         for fd in fds:
             try:
@@ -275,6 +308,62 @@ def open_maildir(account: Account, components: Sequence[str], fsync: bool = True
             except OSError:
                 pass
         raise
+
+
+def open_maildir(account: Account, components: Sequence[str], fsync: bool = True) -> MaildirFds:
+    """
+    Open C{~account/<components...>} and its tmp/new/cur for writing as root.
+
+    The home directory itself comes from passwd (root's data) and is opened
+    normally; it must be owned by the account (root's by root), otherwise
+    nothing is created in it.  Everything below is opened by L{open_below}:
+    created where missing (0700, then C{fchown} to the account) and must
+    be owned by the account.
+
+    @raise UnsafeLocation: a symlink, a non-directory, or a foreign owner
+        (logged here with the path).
+    @raise OSError: anything else (missing home directory, EACCES, ENOSPC...).
+    """
+    home = account.home
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != account.uid:
+            raise _refuse(home, f"home directory of {account.name} is owned by uid {st.st_uid}, not {account.uid}")
+        if not components:
+            raise ValueError("home_maildir has no components")
+        return open_below(fd, home, components, account.uid, account.gid, fsync)
+    finally:
+        os.close(fd)
+
+
+def open_virtual_maildir(root: str, domain: str, local: str, may_create: bool, fsync: bool = True) -> MaildirFds:
+    """
+    Open the virtual-mode Maildir C{<root>/<domain>/<local>} and its
+    tmp/new/cur.  The root is opened normally (the operator may make it a
+    symlink) and created with its parents where missing; C{domain} and
+    C{local} (already validated names) are opened by L{open_below}, so a
+    symlink at the domain, the mailbox, tmp, new or cur is refused wherever
+    it points.  The domain and mailbox directories are created only when
+    C{may_create} (a listed user or a postmaster), else a missing one is
+    L{NoMailbox}.
+
+    @raise UnsafeLocation: a symlink or a non-directory below the root (logged).
+    @raise NoMailbox: the mailbox directory is missing and may not be created.
+    @raise OSError: anything else.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(root, flags)
+    except FileNotFoundError:
+        if not may_create:
+            raise NoMailbox(root)
+        os.makedirs(root, 0o700, exist_ok=True)
+        fd = os.open(root, flags)
+    try:
+        return open_below(fd, root, (domain, local), fsync=fsync, create=may_create)
+    finally:
+        os.close(fd)
 
 
 def is_safe_include(st: os.stat_result) -> str | None:

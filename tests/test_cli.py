@@ -68,6 +68,107 @@ def test_check_config_missing_file(tmp_path):
     assert r.stderr == "mailhub: nope.toml: cannot read: No such file or directory\n"
 
 
+# -- check-config reports what the daemon meets at start ----------------------------------
+
+
+def check(tmp_path, toml: str, **files: str):
+    """Write C{m.toml} and C{files} into tmp_path and run check-config on it."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    conf = tmp_path / "m.toml"
+    conf.write_text(toml)
+    return run(["--config", str(conf), "check-config"], tmp_path), conf
+
+
+def test_check_config_aliases_syntax_error_is_the_daemons_line(tmp_path):
+    r, conf = check(tmp_path, '[local]\naliases = "aliases"\n', aliases="root: alice\nno colon here\n")
+    line = f"mailhub: {tmp_path / 'aliases'}:2: missing ':' after the alias name\n"
+    assert (r.returncode, r.stdout, r.stderr) == (78, "", line)
+    # the daemon stops with the very same line and status
+    daemon = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "mailhub",
+         "--config", str(conf), "--smtp", "tcp:0:interface=127.0.0.1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=60,
+    )
+    assert daemon.returncode == 78
+    assert daemon.stderr.endswith(line)
+
+
+@pytest.mark.parametrize("target, kind", [('"|/usr/bin/vacation bob"', "pipe"), ("/var/log/mail.txt", "file")])
+def test_check_config_reports_command_and_file_targets(tmp_path, target, kind):
+    r, _ = check(tmp_path, '[local]\naliases = "aliases"\n',
+                 aliases=f"root: alice\n# comment\nbob: {target}, carol\n")
+    assert (r.returncode, r.stdout) == (78, "")
+    assert r.stderr == (
+        f"mailhub: aliases: {tmp_path / 'aliases'}:3: alias 'bob': {kind} target {target!r} is not supported "
+        "(mailhub never runs commands or writes files named in aliases); mail for it is rejected with 550 5.3.0\n"
+    )
+
+
+def test_check_config_shows_alias_warnings_and_passes(tmp_path):
+    r, _ = check(tmp_path, '[local]\naliases = "aliases"\n', aliases="root: alice\nROOT: bob\n")
+    assert r.returncode == 0
+    assert r.stderr == (
+        f"mailhub: warning: aliases: {tmp_path / 'aliases'}:2: duplicate alias 'ROOT' ignored, the first one is used\n"
+    )
+    assert r.stdout.startswith("# source: ")
+
+
+def test_check_config_missing_users_file(tmp_path):
+    r, conf = check(tmp_path, '[auth]\nusers = "users"\n')
+    assert (r.returncode, r.stdout) == (78, "")
+    assert r.stderr == (
+        f"mailhub: {conf}: auth.users: no such file {tmp_path / 'users'} "
+        "(nobody can log in until 'mailhub user add' creates it)\n"
+    )
+
+
+def test_check_config_malformed_users_file(tmp_path):
+    r, _ = check(tmp_path, '[auth]\nusers = "users"\n', users="# users\nalice@example.org\n")
+    assert (r.returncode, r.stdout) == (78, "")
+    assert r.stderr == (
+        f"mailhub: users file {tmp_path / 'users'}, line 2: expected address:bcrypt-hash; line ignored\n"
+    )
+
+
+def test_check_config_good_users_and_aliases_files(tmp_path):
+    from mailhub.auth import hash_password
+
+    r, _ = check(tmp_path, '[local]\naliases = "aliases"\n[auth]\nusers = "users"\n',
+                 aliases="root: alice\n", users=f"alice@example.org:{hash_password('pw', rounds=4)}\n")
+    assert (r.returncode, r.stderr) == (0, "")
+
+
+def test_check_config_every_problem_one_line_each(tmp_path):
+    r, _ = check(tmp_path, '[local]\naliases = "aliases"\n[auth]\nusers = "users"\n',
+                 aliases='a: "|x"\nb: "|y"\n')
+    assert r.returncode == 78
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3
+    assert ":1: alias 'a'" in lines[0] and ":2: alias 'b'" in lines[1] and "auth.users" in lines[2]
+
+
+@pytest.mark.parametrize("key, status, text", [
+    ("spool", 71, "cannot create spool {path}: Permission denied"),
+    ("mailboxes", 78, "{conf}: local.mailboxes: cannot write in {path}: Permission denied "
+                      "(every local delivery would be deferred)"),
+])
+def test_check_config_unwritable_directories(tmp_path, monkeypatch, capsys, key, status, text):
+    """As the daemon's user would see them (os.access; root passes every access check, so faked here)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    path = locked / key
+    conf = tmp_path / "m.toml"
+    conf.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n[local]\nmailboxes = "{tmp_path / "mb"}"\n'
+                    .replace(str(tmp_path / ("spool" if key == "spool" else "mb")), str(path)))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(locked) else real_access(p, mode))
+    assert main(["--config", str(conf), "check-config"]) == status
+    captured = capsys.readouterr()
+    assert captured.err == "mailhub: " + text.format(path=path, conf=conf) + "\n"
+    assert captured.out == ""
+
+
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["--bogus", "check-config"]])
 def test_usage_errors(tmp_path, args):
     r = run(args, tmp_path)

@@ -171,22 +171,53 @@ def test_maildir_for(root):
     assert os.path.isabs(make(os.path.relpath(root)).maildir_for("bob@example.org"))
 
 
-def test_symlink_escape(root, tmp_path, logged):
+def test_symlinked_mailbox_is_refused_wherever_it_points(root, tmp_path, logged):
     outside = tmp_path / "outside"
     outside.mkdir()
     os.symlink(str(outside), str(root / "example.org" / "mallory"))
     os.symlink("../../..", str(root / "example.org" / "up"))
+    # pointing back inside the root: refused too (never followed below the root)
     os.symlink(str(root / "example.org" / "alice"), str(root / "example.org" / "alias-of-alice"))
+    os.symlink("alice", str(root / "example.org" / "relative-alice"))
     d = make(root)
-    for rcpt in ("mallory@example.org", "up@example.org"):
+    for rcpt in ("mallory@example.org", "up@example.org", "alias-of-alice@example.org", "relative-alice@example.org"):
         with pytest.raises(UnsafeMailbox) as e:
             resolve(d, rcpt)
         assert (e.value.code, e.value.enhanced) == (451, "4.3.5")
         with pytest.raises(UnsafeMailbox):
             d.maildir_for(rcpt)
-    assert any("outside the mailbox root" in line for line in logged())
-    # a symlink that stays inside the root is fine
-    assert resolve(d, "alias-of-alice@example.org") == ["alias-of-alice@example.org"]
+    lines = logged()
+    assert any(str(root / "example.org" / "mallory") in line and "symbolic link" in line for line in lines)
+    assert resolve(d, "alice@example.org") == ["alice@example.org"]
+
+
+def test_symlinked_domain_dir_inside_the_root_is_refused(root):
+    (root / "other.example").mkdir()
+    (root / "other.example" / "alice").mkdir()
+    os.symlink("other.example", str(root / "example.com"))
+    d = Directory(["example.org", "example.com"], str(root), users=["alice"])
+    with pytest.raises(UnsafeMailbox):
+        resolve(d, "alice@example.com")
+
+
+@pytest.mark.parametrize("level", ["domain", "mailbox"])
+def test_sibling_of_the_root_with_the_same_prefix_is_outside(tmp_path, level):
+    """<root>-evil/ starts with the root's name: it is still outside the root."""
+    root = tmp_path / "mailboxes"
+    evil = tmp_path / "mailboxes-evil"
+    (root / "example.org").mkdir(parents=True)
+    (evil / "example.org" / "eve").mkdir(parents=True)
+    if level == "domain":
+        os.rmdir(root / "example.org")
+        os.symlink("../mailboxes-evil/example.org", str(root / "example.org"))
+    else:
+        os.symlink("../../mailboxes-evil/example.org/eve", str(root / "example.org" / "eve"))
+    assert os.path.isdir(root / "example.org" / "eve")  # the link resolves
+    d = Directory(["example.org"], str(root), users=["eve"])
+    with pytest.raises(UnsafeMailbox):
+        resolve(d, "eve@example.org")
+    with pytest.raises(UnsafeMailbox):
+        d.maildir_for("eve@example.org")
 
 
 def test_symlinked_domain_dir_escape(tmp_path):
@@ -499,6 +530,51 @@ def test_lazy_and_rate_limited(root, tmp_path, monkeypatch):
         resolve(d, "info@example.org")
         clock.advance(0.25)
     assert stats == [1.0, 2.0]
+
+
+# -- root, MAILER-DAEMON, abuse ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rcpt, expected",
+    [
+        ("root@example.org", ["postmaster@example.org"]),
+        ("ROOT@bücher.example", ["postmaster@xn--bcher-kva.example"]),
+        ("root+cron@example.org", ["postmaster@example.org"]),
+        ("MAILER-DAEMON@example.org", ["postmaster@example.org"]),
+        ("abuse@example.org", ["postmaster@example.org"]),
+    ],
+)
+def test_root_mailer_daemon_and_abuse_are_postmaster_by_default(root, rcpt, expected):
+    assert resolve(make(root), rcpt) == expected
+
+
+def test_implicit_aliases_give_way_to_the_aliases_file(root):
+    d = make(root, "root: alice\npostmaster: bob\n")
+    assert resolve(d, "root@example.org") == ["alice@example.org"]
+    assert resolve(d, "abuse@example.org") == ["bob@example.org"]  # postmaster's alias
+    assert resolve(d, "mailer-daemon@example.org") == ["bob@example.org"]
+
+
+def test_implicit_aliases_give_way_to_a_mailbox_of_their_own(root):
+    (root / "example.org" / "abuse").mkdir()
+    d = make(root, users=["root@xn--bcher-kva.example"])
+    assert resolve(d, "abuse@example.org") == ["abuse@example.org"]
+    assert resolve(d, "root@bücher.example") == ["root@xn--bcher-kva.example"]
+    assert resolve(d, "root@example.org") == ["postmaster@example.org"]
+
+
+def test_postmaster_aliased_to_root_is_not_a_loop(root):
+    """postmaster: root (Debian's line) with no root alias: postmaster's own Maildir."""
+    d = make(root, "postmaster: root\n")
+    assert resolve(d, "postmaster@example.org") == ["postmaster@example.org"]
+    assert resolve(d, "root@example.org") == ["postmaster@example.org"]
+
+
+def test_only_local_domains_have_them(root):
+    with pytest.raises(RecipientError) as e:
+        resolve(make(root), "root@example.com")
+    assert e.value.enhanced == "5.1.2"
 
 
 def test_symlink_escape_for_listed_user_and_postmaster(root, tmp_path):

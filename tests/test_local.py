@@ -200,7 +200,7 @@ def test_repeated_delivery_is_not_duplicated(agent, root, tmp_path):
 
 
 def test_no_hard_links_falls_back_to_rename(agent, root, tmp_path, monkeypatch):
-    def no_links(a, b):
+    def no_links(*a, **kw):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(local.os, "link", no_links)
@@ -296,7 +296,7 @@ def test_fsync_enospc(agent, root, tmp_path, monkeypatch):
 
 
 def test_link_eacces(agent, root, tmp_path, monkeypatch):
-    def denied(a, b):
+    def denied(*a, **kw):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(local.os, "link", denied)
@@ -370,7 +370,7 @@ def test_unexpected_error_is_temporary_and_logged(agent, tmp_path, monkeypatch, 
     def boom(*a):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(agent, "_write", boom)
+    monkeypatch.setattr(agent, "_write_fds", boom)
     (o,) = deliver(agent, envelope("s@x.example", "alice@example.org"), spool_message(tmp_path))
     assert (o.kind, o.code, o.status) == ("temporary", 451, "4.3.0")
     assert any(e.get("log_failure") is not None and "bug" in str(e["log_failure"].value) for e in logged)
@@ -403,6 +403,98 @@ def test_invalid_and_unsafe_addresses(agent, root, tmp_path):
         ("permanent", 550, "5.1.3"),
     ]
     assert os.listdir(outside) == []
+
+
+# -- no symlink is followed below the mailbox root ------------------------------------------
+
+
+def _plant(root, level: str, target) -> str:
+    """Replace the directory at C{level} of alice's Maildir with a symlink to C{target}; its path."""
+    domain = root / "example.org"
+    maildir = domain / "alice"
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(exist_ok=True)
+    if level == "domain":
+        os.rename(domain, root / "real.example")
+        link = domain
+    elif level == "mailbox":
+        os.rename(maildir, domain / "real-alice")
+        link = maildir
+    else:
+        os.rmdir(maildir / level)
+        link = maildir / level
+    os.symlink(str(target), str(link))
+    return str(link)
+
+
+@pytest.mark.parametrize("level", ["domain", "mailbox", "tmp", "new", "cur"])
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_symlink_at_any_level_is_refused(agent, root, tmp_path, logged, level, where):
+    """
+    Refused wherever the link points: outside the root, or back inside it
+    (to a directory of the same shape); nothing is written through it.
+    """
+    if where == "outside":
+        target = tmp_path / "elsewhere"
+        for sub in ("alice/tmp", "alice/new", "alice/cur", "tmp", "new", "cur"):
+            (target / sub).mkdir(parents=True)
+        target = {"domain": target, "mailbox": target / "alice"}.get(level, target / level)
+    else:
+        target = root / "inside"
+        for sub in ("alice/tmp", "alice/new", "alice/cur", "tmp", "new", "cur"):
+            (target / sub).mkdir(parents=True)
+        target = {"domain": target, "mailbox": target / "alice"}.get(level, target / level)
+    before = sorted(p for p in os.walk(target))
+    link = _plant(root, level, target)
+    (o,) = deliver(agent, envelope("s@x.example", "alice@example.org"), spool_message(tmp_path))
+    assert (o.kind, o.code, o.status) == ("temporary", 451, "4.3.5")
+    assert "mailbox location not allowed" in o.text
+    assert sorted(p for p in os.walk(target)) == before  # nothing written there
+    assert os.path.islink(link)
+    assert any(link in line and "symbolic link" in line for line in map(formatEvent, logged))
+
+
+def test_symlink_at_a_mailbox_not_yet_created_is_refused(agent, root, tmp_path, logged):
+    """dave (a listed user) has no Maildir yet; one planted as a link is not followed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(str(outside), str(root / "example.org" / "dave"))
+    (o,) = deliver(agent, envelope("s@x.example", "dave@example.org"), spool_message(tmp_path))
+    assert (o.kind, o.code, o.status) == ("temporary", 451, "4.3.5")
+    assert os.listdir(outside) == []
+
+
+def test_symlinked_file_name_in_tmp_is_not_written_through(agent, root, tmp_path):
+    """A link planted under the predictable tmp/ name is removed, never written through."""
+    for sub in ("tmp", "new", "cur"):
+        (root / "example.org" / "alice" / sub).mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    env = envelope("s@x.example", "alice@example.org")
+    unique = agent._unique(env.queue_id, env.arrival, "alice@example.org")
+    os.symlink(str(victim), str(root / "example.org" / "alice" / "tmp" / unique))
+    (o,) = deliver(agent, env, spool_message(tmp_path))
+    assert o.kind == "delivered"
+    assert victim.read_bytes() == b"precious\n"
+    (name,) = files(root, "alice")
+    path = root / "example.org" / "alice" / "new" / name
+    assert not os.path.islink(path)
+    assert path.read_bytes() == expected_bytes("s@x.example", "alice@example.org")
+    assert files(root, "alice", "tmp") == []
+
+
+def test_sibling_of_the_root_with_the_same_prefix_gets_nothing(tmp_path):
+    """<root>-evil/ starts with the root's name; a mailbox linked into it is refused."""
+    root = tmp_path / "mailboxes"
+    evil = tmp_path / "mailboxes-evil" / "example.org" / "eve"
+    (root / "example.org").mkdir(parents=True)
+    for sub in ("tmp", "new", "cur"):
+        (evil / sub).mkdir(parents=True)
+    os.symlink("../../mailboxes-evil/example.org/eve", str(root / "example.org" / "eve"))
+    agent = LocalDelivery(Directory(["example.org"], str(root), users=["eve"]), "h", run=sync_run)
+    (o,) = deliver(agent, envelope("s@x.example", "eve@example.org"), spool_message(tmp_path))
+    assert (o.kind, o.code, o.status) == ("temporary", 451, "4.3.5")
+    assert [os.listdir(evil / sub) for sub in ("tmp", "new", "cur")] == [[], [], []]
 
 
 # -- forwarding loops ------------------------------------------------------------------------

@@ -155,6 +155,9 @@ def tree(path) -> list[str]:
         ("root@example.org", ["root@example.org"]),
         ("postmaster@example.org", ["root@example.org"]),  # no alias: postmaster is root
         ("PostMaster@other.example", ["root@other.example"]),
+        # MAILER-DAEMON and abuse exist as postmaster, hence root
+        ("MAILER-DAEMON@example.org", ["root@example.org"]),
+        ("abuse@other.example", ["root@other.example"]),
     ],
 )
 def test_resolve_accounts(passwd, tmp_path, rcpt, expected):
@@ -331,6 +334,13 @@ def test_delivery_owned_by_the_user(passwd, homes, tmp_path):
             f"Return-Path: <s@remote.example>\nDelivered-To: {rcpt}\n".encode() + MESSAGE.replace(b"\r\n", b"\n")
         )
         assert box[key]["Subject"] == "hi"
+
+
+def test_implicit_aliases_follow_the_aliases_file(passwd, tmp_path):
+    d = make(passwd, tmp_path, aliases="postmaster: alice\nabuse: erin\n")
+    assert resolve(d, "root@example.org") == ["root@example.org"]  # the account, not postmaster
+    assert resolve(d, "mailer-daemon@example.org") == ["alice@example.org"]
+    assert resolve(d, "abuse@example.org") == ["erin@example.org"]
 
 
 def test_root_mail_goes_to_root_maildir(passwd, homes, tmp_path):

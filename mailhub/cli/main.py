@@ -34,8 +34,10 @@ EX_CONFIG = 78
 class CheckConfigOptions(Command):
     synopsis = "mailhub [--config FILE] check-config"
     longdesc = (
-        "Validate the configuration and print the effective value of every key "
-        "(TOML).  Exits 0 when it is valid, 78 with one line on stderr when not."
+        "Validate the configuration and what the daemon opens at start (spool, mailbox root, "
+        "aliases file, users file, certificate), and print the effective value of every key "
+        "(TOML).  Exits 0 when it is valid; otherwise one line per problem on stderr, as the "
+        "daemon would say it, and exit status 78 (71 when the spool cannot be created)."
     )
 
 
@@ -87,11 +89,28 @@ class Options(usage.Options):
 
 
 def check_config(options: Options, out: TextIO, err: TextIO) -> int:
+    """
+    The configuration's keys and files (L{load_config} with C{check_files},
+    as the daemon loads it), then what the daemon meets at start
+    (L{mailhub.preflight.check}): one line per problem on stderr, in the
+    daemon's words.  Exit status: the daemon's for a problem that stops
+    it (78, or 71 for a spool it cannot create), 78 for one it would log
+    as an error, else 0 (warnings are shown, the configuration printed).
+    """
+    from ..preflight import ERROR, FATAL, WARNING, check
+
     try:
-        # everything the daemon checks, certificate and secrets included
         config = load_config(find_config_file(options["config"]), None, options["data"], check_files=True)
     except ConfigError as e:
         err.write(f"mailhub: {e}\n")
+        return EX_CONFIG
+    problems = check(config)
+    for p in problems:
+        err.write(f"mailhub: {p.text}\n" if p.level != WARNING else f"mailhub: warning: {p.text}\n")
+    fatal = [p for p in problems if p.level == FATAL]
+    if fatal:
+        return fatal[0].status
+    if any(p.level == ERROR for p in problems):
         return EX_CONFIG
     out.write(format_config(config))
     return 0
