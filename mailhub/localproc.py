@@ -24,9 +24,13 @@ Protocol, over the child's stdin and stdout, one JSON object per line:
  - then requests: C{{"id": N, "queue_id", "arrival", "sender",
    "addresses": [...], "message_path", "crlf"}} (crlf: see
    L{mailhub.local.QueuedMessage});
- - answers, in order: C{{"id": N, "outcomes": [{"recipient", "kind",
-   "code", "status", "text"}, ...]}}: L{mailhub.local.LocalDelivery}'s
-   outcomes, one per address.
+ - answers, matched by id (a child answers in order; the root supervisor
+   of system mode, L{mailhub.localsuper}, which speaks the same protocol
+   without the settings line, in any order): C{{"id": N, "outcomes":
+   [{"recipient", "kind", "code", "status", "text"}, ...]}}:
+   L{mailhub.local.LocalDelivery}'s outcomes, one per address, or
+   C{{"id": N, "refused": "why"}} for a request that is not well-formed
+   (L{mailhub.localsuper.check_request}): 451 4.3.0 and a log line.
 
 The child logs to its stderr; the parent logs each line.  A child that
 exits or sends garbage fails its requests in flight with a temporary
