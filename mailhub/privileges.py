@@ -207,6 +207,46 @@ def prepare_directory(key: str, path: str, user: RunAs, mode: int = 0o700) -> No
     @param key: the configuration key, for the error line.
     @raise PrivilegeError: one line saying what is wrong and how to fix it.
     """
+    _check_path(key, path, user)
+    _prepare_directory(key, path, user, mode)
+
+
+def _check_path(key: str, path: str, user: RunAs) -> None:
+    """Every existing directory above C{path} must let C{user} through (search permission)."""
+    try:
+        groups = set(os.getgrouplist(user.name, user.gid))
+    except OSError:
+        groups = {user.gid}
+    ancestor = os.path.dirname(os.path.abspath(path))
+    chain = []
+    while True:
+        chain.append(ancestor)
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            break
+        ancestor = parent
+    for directory in reversed(chain):
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:
+            return  # created below, 0755
+        except OSError:
+            continue
+        if st.st_uid == user.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            raise PrivilegeError(
+                f"{key}: {user.name} cannot reach {path}: {directory} is mode "
+                f"{stat.S_IMODE(st.st_mode):04o} owned by {_user_name(st.st_uid)} (chmod o+x {directory}, "
+                f"or choose another place)"
+            )
+
+
+def _prepare_directory(key: str, path: str, user: RunAs, mode: int) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:

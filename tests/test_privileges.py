@@ -9,13 +9,25 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from mailhub.privileges import PrivilegeError, RunAs, prepare_directory, prepare_file, run_as
+
+
+@pytest.fixture
+def open_dir():
+    """A directory under /tmp that other users may pass through (pytest's root directory is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="mailhub-privileges-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def me() -> pwd.struct_passwd:
@@ -68,23 +80,23 @@ def test_a_missing_directory_is_created_for_the_user(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory away needs root")
-def test_as_root_it_is_given_to_the_user(tmp_path):
+def test_as_root_it_is_given_to_the_user(open_dir):
     nobody = pwd.getpwnam("nobody")
     user = RunAs("nobody", nobody.pw_uid, nobody.pw_gid)
-    prepare_directory("local.mailboxes", str(tmp_path / "mailboxes"), user, 0o750)
-    st = os.stat(tmp_path / "mailboxes")
+    prepare_directory("local.mailboxes", str(open_dir / "mailboxes"), user, 0o750)
+    st = os.stat(open_dir / "mailboxes")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, nobody.pw_gid, 0o750)
-    prepare_file("server.event_log", str(tmp_path / "events.jsonl"), user)
-    assert os.stat(tmp_path / "events.jsonl").st_uid == nobody.pw_uid
+    prepare_file("server.event_log", str(open_dir / "events.jsonl"), user)
+    assert os.stat(open_dir / "events.jsonl").st_uid == nobody.pw_uid
 
 
-def test_a_directory_of_someone_else_is_one_line(tmp_path):
+def test_a_directory_of_someone_else_is_one_line(open_dir):
     other = RunAs("mailhub", os.geteuid() + 1, os.getegid())
     with pytest.raises(PrivilegeError) as e:
-        prepare_directory("spool.path", str(tmp_path), other)
+        prepare_directory("spool.path", str(open_dir), other)
     assert str(e.value) == (
-        f"spool.path: {tmp_path} is owned by {me().pw_name}, not by mailhub (mailhub runs as mailhub): "
-        f"chown -R mailhub: {tmp_path}"
+        f"spool.path: {open_dir} is owned by {me().pw_name}, not by mailhub (mailhub runs as mailhub): "
+        f"chown -R mailhub: {open_dir}"
     )
 
 
@@ -113,3 +125,17 @@ def test_the_switch_leaves_no_way_back_and_no_capability():
     uids, gids, caps = json.loads(r.stdout)
     assert uids == [nobody.pw_uid] * 3 and gids == [nobody.pw_gid] * 3
     assert caps["CapEff"] == caps["CapPrm"] == caps["CapInh"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a directory closed to another user needs root to set up")
+def test_a_spool_the_user_cannot_reach_is_one_line(open_dir):
+    nobody = pwd.getpwnam("nobody")
+    closed = open_dir / "closed"
+    closed.mkdir(mode=0o700)
+    with pytest.raises(PrivilegeError) as e:
+        prepare_directory("spool.path", str(closed / "spool"), RunAs("nobody", nobody.pw_uid, nobody.pw_gid))
+    assert str(e.value) == (
+        f"spool.path: nobody cannot reach {closed}/spool: {closed} is mode 0700 owned by root "
+        f"(chmod o+x {closed}, or choose another place)"
+    )
+    assert not (closed / "spool").exists()
