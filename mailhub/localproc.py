@@ -24,9 +24,13 @@ Protocol, over the child's stdin and stdout, one JSON object per line:
  - then requests: C{{"id": N, "queue_id", "arrival", "sender",
    "addresses": [...], "message_path", "crlf"}} (crlf: see
    L{mailhub.local.QueuedMessage});
- - answers, in order: C{{"id": N, "outcomes": [{"recipient", "kind",
-   "code", "status", "text"}, ...]}}: L{mailhub.local.LocalDelivery}'s
-   outcomes, one per address.
+ - answers, matched by id (a child answers in order; the root supervisor
+   of system mode, L{mailhub.localsuper}, which speaks the same protocol
+   without the settings line, in any order): C{{"id": N, "outcomes":
+   [{"recipient", "kind", "code", "status", "text"}, ...]}}:
+   L{mailhub.local.LocalDelivery}'s outcomes, one per address, or
+   C{{"id": N, "refused": "why"}} for a request that is not well-formed
+   (L{mailhub.localsuper.check_request}): 451 4.3.0 and a log line.
 
 The child logs to its stderr; the parent logs each line.  A child that
 exits or sends garbage fails its requests in flight with a temporary
@@ -119,7 +123,7 @@ class _Child(protocol.ProcessProtocol):
     def __init__(self, pool: "LocalDeliveryProcesses", slot: int) -> None:
         self.pool = pool
         self.slot = slot
-        self.inflight: deque[_Request] = deque()
+        self.inflight: dict[int, _Request] = {}  # by id: answers may come in any order
         self._out = b""
         self._err = b""
         self.running = False
@@ -129,7 +133,7 @@ class _Child(protocol.ProcessProtocol):
     # -- parent to child ------------------------------------------------------------------
 
     def send(self, request: _Request) -> None:
-        self.inflight.append(request)
+        self.inflight[request.id] = request
         assert self.transport is not None
         # Imported here, in the daemon only: the delivery processes import
         # this module too, and eagerwrite's twisted.internet.tcp (with TLS)
@@ -165,16 +169,23 @@ class _Child(protocol.ProcessProtocol):
             data = json.loads(line)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            request = self.inflight[0] if self.inflight else None
-            if request is None or data["id"] != request.id:
+            request = self.inflight.get(data["id"]) if isinstance(data.get("id"), int) else None
+            if request is None:
                 raise ValueError(f"unexpected answer id {data.get('id')!r}")
-            outcomes = [_outcome_from_json(o) for o in data["outcomes"]]
+            if "refused" in data:
+                why = str(data["refused"])[:200]
+                log.error("local delivery process {pid} refused a request: {why}", pid=self._pid(), why=why)
+                outcomes = [
+                    Outcome.temporary(a, "local delivery refused the request", 451, "4.3.0") for a in request.addresses
+                ]
+            else:
+                outcomes = [_outcome_from_json(o) for o in data["outcomes"]]
             if [o.recipient for o in outcomes] != request.addresses:
                 raise ValueError("answer is not about the recipients asked for")
         except (ValueError, KeyError, TypeError) as e:
             self._broken(f"bad answer: {e}")
             return False
-        self.inflight.popleft()
+        del self.inflight[request.id]
         self.answered += 1
         request.deferred.callback(outcomes)
         self.pool._idle(self)
@@ -217,7 +228,7 @@ class _Child(protocol.ProcessProtocol):
         self.running = False
         if self._err.strip():
             self.errReceived(b"\n")
-        failed, self.inflight = list(self.inflight), deque()
+        failed, self.inflight = list(self.inflight.values()), {}
         if failed or not self.pool.stopping:
             log.error(
                 "local delivery process {pid} ended ({why}); {count} delivery attempt(s) in flight tried again later",
@@ -315,7 +326,7 @@ class LocalDeliveryProcesses(service.Service):
             reactor.spawnProcess(
                 child,
                 self.python,
-                [self.python, "-c", _CHILD_MAIN, _PACKAGE_ROOT],
+                self.child_argv(),
                 env=dict(os.environ) if self.env is None else self.env,
                 childFDs={0: "w", 1: "r", 2: "r"},
             )
@@ -328,6 +339,10 @@ class LocalDeliveryProcesses(service.Service):
             )
             self._restarts[slot] = self.clock.callLater(delay, self._spawn, slot)
             self._fail_waiting_if_none_running()
+
+    def child_argv(self) -> list[str]:
+        """The command line of a child process."""
+        return [self.python, "-c", _CHILD_MAIN, _PACKAGE_ROOT]
 
     def _backoff(self, slot: int, failed: bool) -> float:
         """The delay before the next start of C{slot}: doubled per failure in a row, reset by success."""
@@ -370,14 +385,8 @@ class LocalDeliveryProcesses(service.Service):
     def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> defer.Deferred[list[Outcome]]:
         """Fires with one L{Outcome} per recipient, in order; never errbacks."""
         addresses = [r.address for r in recipients]
-        if self.stopping:
-            return defer.succeed(
-                [Outcome.temporary(a, "mail system is shutting down", 451, "4.3.0") for a in addresses]
-            )
-        self._next_id += 1
-        line = json.dumps(
+        return self.submit(
             {
-                "id": self._next_id,
                 "queue_id": envelope.queue_id,
                 "arrival": envelope.arrival,
                 "sender": envelope.sender,
@@ -385,7 +394,18 @@ class LocalDeliveryProcesses(service.Service):
                 "message_path": message_path,
                 "crlf": bool(envelope.esmtp.get("crlf")),
             },
-        ).encode("ascii") + b"\n"  # \u escapes: any str, lone surrogates too, round-trips
+            addresses,
+        )
+
+    def submit(self, fields: dict[str, Any], addresses: list[str]) -> defer.Deferred[list[Outcome]]:
+        """Send one request (L{deliver}'s fields, without the id) to a child; fires with its outcomes."""
+        if self.stopping:
+            return defer.succeed(
+                [Outcome.temporary(a, "mail system is shutting down", 451, "4.3.0") for a in addresses]
+            )
+        self._next_id += 1
+        line = json.dumps(dict(fields, id=self._next_id)).encode("ascii") + b"\n"
+        # \u escapes: any str, lone surrogates too, round-trips
         request = _Request(self._next_id, line, addresses)
         self.waiting.append(request)
         self._dispatch()
@@ -409,36 +429,78 @@ class LocalDeliveryProcesses(service.Service):
 
 
 def _serve(stdin: Any, stdout: Any) -> int:
-    """Read the settings, then answer requests until stdin ends."""
+    """
+    Read the settings, then answer requests until stdin ends.  Every
+    request is checked (L{mailhub.localsuper.check_request}); one that is
+    not well-formed is answered C{{"id": N, "refused": WHY}}, and a line
+    without a usable id ends this process (its parent starts another).
+    With C{settings["spool"]} (a root process of the supervisor) the
+    message must be the queue file named by the queue id, opened with
+    L{mailhub.localsuper.open_queued}.
+    """
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from .directory import Directory
     from .local import LocalDelivery
+    from .localsuper import MAX_REQUEST_LINE, BadRequest, check_request, limit_open_files
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr, timeFormat=None)], redirectStandardIO=False)
-    first = stdin.readline()
+    first = stdin.readline(MAX_REQUEST_LINE)
     if not first:
         return 0
     settings = json.loads(first)
+    spool = settings.get("spool")
+    if spool is not None:
+        limit_open_files()
     directory = Directory(**settings["directory"])
     agent = LocalDelivery(directory, settings["hostname"], fsync=bool(settings["fsync"]), run=_direct)
-    for line in stdin:
-        # A line that is not a request ends this process: the daemon fails
-        # what it had sent softly and starts another.
-        request = json.loads(line)
-        try:
-            outcomes = agent._deliver_all(
-                request["queue_id"], float(request["arrival"]), request["sender"],
-                request["addresses"], request["message_path"], bool(request.get("crlf")),
-            )
-        except Exception:  # _deliver_all answers per recipient; this is a safety net
-            log.failure("local delivery of {queue_id} failed", queue_id=request.get("queue_id"))
-            outcomes = [
-                Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0") for a in request["addresses"]
-            ]
-        stdout.write(json.dumps({"id": request["id"], "outcomes": [_outcome_to_json(o) for o in outcomes]}).encode() + b"\n")
+
+    def answer(data: dict[str, Any]) -> None:
+        stdout.write(json.dumps(data).encode() + b"\n")
         stdout.flush()
+
+    while line := stdin.readline(MAX_REQUEST_LINE + 1):
+        try:
+            if len(line) > MAX_REQUEST_LINE:
+                raise BadRequest(f"request longer than {MAX_REQUEST_LINE} bytes")
+            try:
+                data = json.loads(line)
+            except (ValueError, RecursionError):
+                raise BadRequest("not JSON")
+            request = check_request(data, spool["path"] if spool else None)
+        except BadRequest as e:
+            log.error("refused a request: {why}", why=str(e))
+            if e.id is None:
+                return 65  # EX_DATAERR: the parent sends nothing like this
+            answer({"id": e.id, "refused": str(e)})
+            continue
+        outcomes = _deliver(agent, request, spool)
+        answer({"id": request["id"], "outcomes": [_outcome_to_json(o) for o in outcomes]})
     return 0
+
+
+def _deliver(agent: Any, request: dict[str, Any], spool: dict[str, Any] | None) -> list[Outcome]:
+    from .localsuper import open_queued
+
+    addresses = request["addresses"]
+    path = request["message_path"]
+    fd = -1
+    try:
+        if spool is not None:
+            try:
+                fd = open_queued(spool["path"], int(spool["uid"]), request["queue_id"])
+            except OSError as e:
+                return [agent._os_error(a, e, "cannot read queued message") for a in addresses]
+            path = f"/proc/self/fd/{fd}"
+        return agent._deliver_all(
+            request["queue_id"], request["arrival"], request["sender"], addresses, path, request["crlf"],
+        )
+    except Exception:  # _deliver_all answers per recipient; this is a safety net
+        log.failure("local delivery of {queue_id} failed", queue_id=request["queue_id"])
+        return [Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0") for a in addresses]
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _direct(f: Any, *args: Any) -> Any:

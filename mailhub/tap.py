@@ -72,6 +72,7 @@ class Options(usage.Options):
         ["config", "c", None, "Configuration file (TOML)."],
         ["data", "d", None, "Data directory: spool and mailboxes default to DIR/spool and DIR/mailboxes."],
         ["hostname", None, None, "Host name used in greetings, Received: and bounces (server.hostname)."],
+        ["user", None, None, "User to run as once the ports are bound, when started as root (server.user)."],
     ]
 
     def __init__(self) -> None:
@@ -97,6 +98,8 @@ class Options(usage.Options):
             result["local.domains"] = list(self["domain"])
         if self["hostname"]:
             result["server.hostname"] = self["hostname"]
+        if self["user"]:
+            result["server.user"] = self["user"]
         return result
 
     def postOptions(self) -> None:
@@ -113,8 +116,9 @@ class Options(usage.Options):
 class _StartupLog(service.Service):
     """Says, first thing after start, where mail goes and which configuration is in use."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, privileged_delivery: bool = False) -> None:
         self.config = config
+        self.privileged_delivery = privileged_delivery
 
     def privilegedStartService(self) -> None:
         # privileged start runs before the listeners bind (they are later
@@ -145,7 +149,7 @@ class _StartupLog(service.Service):
         # Runs after twistd has dropped privileges (--uid): this euid writes the mail.
         super().startService()
         euid = os.geteuid()
-        if self.config.local.mode == "system" and euid != 0:
+        if self.config.local.mode == "system" and euid != 0 and not self.privileged_delivery:
             log.warn(
                 'local.mode = "system" but mailhub runs as uid {euid}, not root: it can deliver '
                 "only into Maildirs it may create and own (its own account); mail for other "
@@ -300,6 +304,36 @@ def _remote_delivery(config: Config, reactor: Any) -> Any:
         fail(f"{config.source or DEFAULTS_SOURCE}: relay: {e}")
 
 
+# -- privilege separation (docs/architecture.rst, "Processes and users") ----------------------
+
+
+def _run_as(config: Config, options: Any) -> Any:
+    """
+    The L{mailhub.privileges.RunAs} the daemon switches to, or None; twistd's
+    C{--uid/--gid} (on the parent options) win.  One line and exit on a problem.
+    """
+    from .privileges import PrivilegeError, run_as
+
+    parent = getattr(options, "parent", None)
+    twistd_uid = twistd_gid = None
+    if parent is not None and not parent.get("euid"):
+        twistd_uid, twistd_gid = parent.get("uid"), parent.get("gid")
+    try:
+        return run_as(config.server.user, twistd_uid, twistd_gid)
+    except PrivilegeError as e:
+        fail(f"{config.source or DEFAULTS_SOURCE}: {e}")
+
+
+def _prepare_for(config: Config, user: Any) -> None:
+    """L{mailhub.privileges.prepare_for}, one line and exit on a problem."""
+    from .privileges import PrivilegeError, prepare_for
+
+    try:
+        prepare_for(config, user)
+    except PrivilegeError as e:
+        fail(f"{config.source or DEFAULTS_SOURCE}: {e}")
+
+
 def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
@@ -337,7 +371,10 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         else:
             try:
                 config = load_config(
-                    find_config_file(options.get("config")), None, options.get("data"), check_files=True
+                    find_config_file(options.get("config")),
+                    {"server.user": options["user"]} if options.get("user") else None,
+                    options.get("data"),
+                    check_files=True,
                 )
             except ConfigError as e:
                 fail(str(e))
@@ -346,7 +383,16 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
 
     source = config.source or DEFAULTS_SOURCE
     top = service.MultiService()
-    _StartupLog(config).setServiceParent(top)
+    user = _run_as(config, options)
+    privileged_delivery = user is not None and config.local.mode == "system"
+    if privileged_delivery and not config.local.delivery_processes:
+        fail(
+            f'{source}: local.delivery_processes: must be at least 1 with local.mode = "system" '
+            f"when mailhub switches to user {user.name} (the delivery processes keep root)"
+        )
+    _StartupLog(config, privileged_delivery).setServiceParent(top)
+    if user is not None:
+        _prepare_for(config, user)
     try:
         spool = Spool(config.spool.path, config.spool.fsync)
     except OSError as e:
@@ -399,7 +445,17 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         fail(f"{source}: local: {e}")
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local: Any
-    if local_cfg.delivery_processes:
+    supervisor = None
+    if privileged_delivery:
+        # Root delivery processes behind a supervisor started before the
+        # switch (mailhub.localsuper); their settings are fixed now.
+        from .localsuper import PrivilegedDelivery
+
+        settings = settings_for(directory_args, config.server.hostname, config.spool.fsync)
+        settings["spool"] = {"path": spool.path, "uid": user.uid}
+        local = supervisor = PrivilegedDelivery(settings, local_cfg.delivery_processes, reactor)
+        local.setServiceParent(top)
+    elif local_cfg.delivery_processes:
         # Maildir delivery in processes of their own (docs/delivery.rst):
         # its file work and Python run beside the SMTP sessions, not
         # against them for the interpreter lock.
@@ -545,4 +601,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         for description in server_cfg.http:
             endpoint = serverFromString(reactor, description)
             _Listener(description, endpoint, site, "http").setServiceParent(top)
+    if user is not None:
+        # last: its privileged start runs once everything above is bound
+        from .privileges import DropPrivileges
+
+        DropPrivileges(user, socket_path(spool.path), supervisor, fail).setServiceParent(top)
     return top

@@ -87,8 +87,14 @@ class Daemon:
     startup log line.
     """
 
-    def __init__(self, home, text: str | None = None) -> None:
+    def __init__(self, home, text: str | None = None, user: str | None = None) -> None:
+        """
+        @param user: C{--user} (server.user).  Not given: a daemon started by
+            root stays root, as the tests of everything but privilege
+            separation expect (tests/test_e2e_system_mode.py switches).
+        """
         self.home = str(home)
+        self.user = user
         self.conf = os.path.join(self.home, "mailhub.toml")
         if text is not None or not os.path.exists(self.conf):
             with open(self.conf, "w") as f:
@@ -111,6 +117,9 @@ class Daemon:
         return env
 
     def command(self, *extra: str) -> list[str]:
+        user = self.user or ("root" if os.geteuid() == 0 else None)
+        if user is not None:
+            extra = (f"--user={user}", *extra)
         return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mailhub", "--config", self.conf, *extra]
 
     def start(self) -> "Daemon":

@@ -215,6 +215,8 @@ def tap_options(args, tmp_path, monkeypatch):
     monkeypatch.delenv("MAILHUB_CONFIG", raising=False)
     monkeypatch.setattr("mailhub.config.DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
     options = tap.Options()
+    if os.geteuid() == 0 and not any(a.startswith("--user") for a in args):
+        args = [*args, "--user=root"]  # stays root (tests/test_privileges.py covers the switch)
     options.parseOptions(args)
     return options
 

@@ -1,13 +1,20 @@
 """
 End-to-end: the real daemon (C{twistd -n mailhub}) with C{local.mode =
-"system"}, delivering to a real host account created for the test with
-C{useradd} (and removed with C{userdel -r}).  Mail for the account lands in
-C{~account/Maildir/new}, owned by the account; C{root} reaches it through
-an aliases file in the test directory (the real C{/root/Maildir} is never
-touched); system accounts and unknown names are refused at RCPT.
+"system"}, started as root, delivering to a real host account created for
+the test with C{useradd} (and removed with C{userdel -r}).  The daemon
+switches to a throwaway system user (C{server.user}, created and removed
+here too) once its port is bound: the process holding the SMTP socket
+runs with that uid and no capability, while the root local delivery
+supervisor still writes C{~account/Maildir/new}, owned by the account;
+C{root} reaches it through an aliases file in the test directory (the
+real C{/root/Maildir} is never touched); system accounts and unknown
+names are refused at RCPT.
 
 Needs root (creating accounts, giving files away).  Skipped when not root
-or without C{useradd}; under CI a missing C{useradd} fails.
+or without C{useradd}; under CI a missing C{useradd} fails.  The test
+directory is under /tmp (reachable by the daemon's user, unlike pytest's
+0700 directory of root); skipped when that user cannot run this Python
+and import mailhub (an interpreter under /root, say).
 """
 
 from __future__ import annotations
@@ -15,13 +22,17 @@ from __future__ import annotations
 import os
 import pwd
 import random
+import shutil
+import signal
 import stat
 import subprocess
+import sys
+import tempfile
 
 import pytest
 
 from conftest import require_tool
-from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, send, split_message, wait_for
+from daemon import CLEAN_EXIT, DOMAIN, ROOT, Daemon, read_maildir, send, split_message, wait_for
 
 
 def free_uid() -> int:
@@ -35,12 +46,43 @@ def free_uid() -> int:
 
 
 @pytest.fixture(scope="module")
-def account(tmp_path_factory):
+def daemon_user():
+    """A throwaway system user for server.user (useradd --system), removed afterwards."""
     if os.geteuid() != 0:
         pytest.skip("system mode end-to-end needs root (useradd, files given to the account)")
     useradd = require_tool("useradd")
     userdel = require_tool("userdel")
-    base = tmp_path_factory.mktemp("sysmode")
+    name = f"mhd{random.randrange(16**6):06x}"
+    r = subprocess.run(
+        [useradd, "--system", "--no-create-home", "--home-dir", "/nonexistent", "-s", "/usr/sbin/nologin", name],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    try:
+        pw = pwd.getpwnam(name)
+        try:
+            probe = subprocess.run(
+                [sys.executable, "-c", "import mailhub.tap, twisted.internet.reactor"],
+                env=dict(os.environ, PYTHONPATH=ROOT), cwd="/", user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                capture_output=True, text=True, timeout=60,
+            )
+            problem = probe.stderr.strip()[-200:] if probe.returncode else None
+        except PermissionError as e:
+            problem = str(e)
+        if problem:
+            pytest.skip(f"user {name} cannot run {sys.executable} with mailhub: {problem}")
+        yield pw
+    finally:
+        subprocess.run([userdel, name], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def account(daemon_user):
+    useradd = require_tool("useradd")
+    userdel = require_tool("userdel")
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="mailhub-sysmode-", dir="/tmp"))
     os.chmod(base, 0o755)
     (base / "home").mkdir(mode=0o755)
     home = base / "home" / "mhtest"
@@ -61,6 +103,8 @@ def account(tmp_path_factory):
             pass
         else:  # pragma: no cover - leaves a trace rather than failing silently
             raise AssertionError(f"userdel -r {name} did not remove the test account")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def config(base) -> str:
@@ -85,12 +129,13 @@ max_backoff = 2
 
 
 @pytest.fixture(scope="module")
-def daemon(account):
+def daemon(account, daemon_user):
     pw, base = account
     # root is the test account here: nothing is written to the real /root/Maildir
     (base / "aliases").write_text(f"root: {pw.pw_name}\nwww-data: root\n")
     (base / "daemon").mkdir()
-    d = Daemon(base / "daemon", config(base)).start()
+    os.chmod(base / "daemon", 0o755)
+    d = Daemon(base / "daemon", config(base), user=daemon_user.pw_name).start()
     yield d
     assert d.stop() == CLEAN_EXIT, d.stderr()
     assert "Traceback" not in d.log()
@@ -186,3 +231,76 @@ def test_every_message_in_the_account_none_in_real_root(daemon, account):
         for entry in os.listdir(real):
             with open(os.path.join(real, entry), "rb") as f:
                 assert b"Subject: system s" not in f.read()
+
+
+# -- privilege separation ------------------------------------------------------------------
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def listening_inode(port: int) -> str:
+    """The inode of the socket listening on 127.0.0.1:PORT, from /proc/net/tcp."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+                return fields[9]
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def holders(inode: str) -> set[int]:
+    """Every process with a descriptor on the socket C{inode}."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    found.add(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_the_smtp_process_runs_as_server_user_without_capabilities(daemon, daemon_user):
+    [pid] = holders(listening_inode(daemon.port))  # only the daemon holds the SMTP socket
+    assert pid == daemon.proc.pid
+    st = status(pid)
+    uid = str(daemon_user.pw_uid)
+    assert st["Uid"].split() == [uid] * 4
+    assert st["Gid"].split() == [str(daemon_user.pw_gid)] * 4
+    assert st["Groups"].split() == [str(daemon_user.pw_gid)]  # initgroups: its own group only
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(st[cap], 16) == 0, cap
+    assert f"running as {daemon_user.pw_name} (uid {uid}" in daemon.log()
+
+
+def test_the_spool_and_control_socket_belong_to_server_user(daemon, daemon_user):
+    for path in (daemon.spool, os.path.join(daemon.spool, "queue"), os.path.join(daemon.spool, "control.sock")):
+        assert os.lstat(path).st_uid == daemon_user.pw_uid, path
+    assert stat.S_IMODE(os.stat(os.path.join(daemon.spool, "queue")).st_mode) == 0o700
+
+
+def test_only_the_delivery_supervisor_and_its_processes_keep_root(daemon):
+    [supervisor] = children(daemon.proc.pid)
+    assert status(supervisor)["Uid"].split() == ["0"] * 4
+    workers = children(supervisor)
+    assert workers and all(status(w)["Uid"].split() == ["0"] * 4 for w in workers)
+
+
+def test_a_delivery_process_killed_after_the_switch_is_started_again(daemon, account):
+    pw, _ = account
+    [supervisor] = children(daemon.proc.pid)
+    [worker] = children(supervisor)
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: [w for w in children(supervisor) if w != worker] or None, 20, "a new delivery process")
+    send(daemon, f"{pw.pw_name}@{DOMAIN}", message(f"{pw.pw_name}@{DOMAIN}", "s6"))
+    path, _ = delivered(pw, "s6")
+    assert os.stat(path).st_uid == pw.pw_uid

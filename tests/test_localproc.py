@@ -212,7 +212,7 @@ def test_garbage_from_a_process_is_a_soft_failure_and_a_restart(reactor, pool, t
         child = pool.children[0]
         pool.waiting.append(localproc._Request(999, b"", [f"alice@{DOMAIN}"]))
         request = pool.waiting.pop()
-        child.inflight.append(request)
+        child.inflight[request.id] = request
         child.outReceived(b"this is not json\n")
         return request.deferred, child
 

@@ -431,7 +431,7 @@ def test_make_service_wires_the_mail_log(tmp_path, monkeypatch, global_events):
 
     monkeypatch.chdir(tmp_path)
     conf = write_conf(tmp_path, '[server]\nsmtp = ["tcp:0:interface=127.0.0.1"]\nmail_log = "mail.log"\n')
-    top = tap.makeService({"config": str(conf)})
+    top = tap.makeService({"config": str(conf), "user": "root" if os.geteuid() == 0 else None})
     children = list(top)
     services = [c for c in children if isinstance(c, MailLogService)]
     assert len(services) == 1
@@ -455,7 +455,7 @@ def test_make_service_cannot_open_mail_log(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(maillog, "MailLogFile", refuse)
     conf = write_conf(tmp_path, '[server]\nmail_log = "mail.log"\n')
     with pytest.raises(SystemExit) as e:
-        tap.makeService({"config": str(conf)})
+        tap.makeService({"config": str(conf), "user": "root" if os.geteuid() == 0 else None})
     assert e.value.code == 78
     assert capsys.readouterr().err == (
         f"mailhub: {conf}: server.mail_log: cannot open {tmp_path / 'mail.log'}: Permission denied\n"
