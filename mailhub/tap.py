@@ -31,6 +31,7 @@ from twisted.python import usage
 
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
 from .maillog import mail_publisher
+from .reload import Delegate, Live, install_sighup
 
 __all__ = ["Options", "makeService", "EX_CONFIG", "EX_OSERR"]
 
@@ -259,47 +260,6 @@ def _pickup_resolver(directory: Any) -> Any:
     return resolve
 
 
-def _remote_delivery(config: Config, reactor: Any) -> Any:
-    """The outbound relay agent, from the [relay] keys (docs/relay.rst)."""
-    from .config import read_secret
-    from .remote import RemoteDelivery
-
-    relay, server = config.relay, config.server
-    auth = None
-    if relay.smarthost_user is not None and relay.smarthost_password_file is not None:
-        try:
-            auth = (relay.smarthost_user, read_secret(relay.smarthost_password_file, config.source or DEFAULTS_SOURCE))
-        except ConfigError as e:
-            fail(str(e))
-    try:
-        return RemoteDelivery(
-            reactor,
-            relay.helo_name or server.hostname,
-            smarthost=relay.smarthost,
-            smarthost_auth=auth,
-            routes=dict(relay.routes),
-            dns_servers=list(relay.dns_servers) or None,
-            port=relay.port,
-            tls=relay.tls,
-            destination_concurrency=relay.destination_concurrency,
-            total_concurrency=relay.concurrency,
-            local_addresses=list(relay.local_addresses),
-            local_names=[server.hostname],
-            client_options={
-                "tls_ca_file": relay.tls_ca_file,
-                "connect_timeout": relay.connect_timeout,
-                "greeting_timeout": relay.greeting_timeout,
-                "command_timeout": relay.command_timeout,
-                "data_init_timeout": relay.data_init_timeout,
-                "data_xfer_timeout": relay.data_xfer_timeout,
-                "data_done_timeout": relay.data_done_timeout,
-            },
-            idle_timeout=relay.connection_cache_time,
-        )
-    except ValueError as e:  # config.py checked every value; this is a safety net
-        fail(f"{config.source or DEFAULTS_SOURCE}: relay: {e}")
-
-
 def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
@@ -314,21 +274,21 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.application.internet import TimerService
     from twisted.internet import reactor, threads
 
-    from .auth import AuthThrottle, UsersFile
+    from .auth import AuthThrottle
+    from .components import build_components, tap_reloader
+    from .components import directory_args as components_directory_args
     from .control import control_service, socket_path
-    from .directory import AliasesError, Directory
     from .eventlog import EventLogObserver
     from .httpapi import make_http_site
     from .local import LocalDelivery
     from .localproc import LocalDeliveryProcesses, settings_for
     from .metrics import MailMetrics, MetricsObserver, spool_queue_stats
     from .pickup import PickupService
-    from .policy import Policy
     from .router import Router
     from .scheduler import RetryPolicy, Scheduler
     from .smtpd import SMTPServerFactory
     from .spool import Spool
-    from .tls import ServerTLS, implicit_tls_endpoint, install_sighup_reload
+    from .tls import ServerTLS, implicit_tls_endpoint
 
     config = getattr(options, "config", None)
     if config is None:
@@ -363,6 +323,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         except OSError as e:
             fail(f"{source}: server.event_log: cannot open {event_log}: {e.strerror or e}")
         _Observer(event_observer, event_observer.close).setServiceParent(top)
+    mail_log_service = None
     if config.server.mail_log:
         # Mail lines to a file of mailhub's own instead of twistd's log
         # (docs/performance.rst, "mail log"); the observers above still see them.
@@ -372,31 +333,24 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             mail_log_file = MailLogFile(config.server.mail_log, reactor)
         except OSError as e:
             fail(f"{source}: server.mail_log: cannot open {config.server.mail_log}: {e.strerror or e}")
-        MailLogService(mail_log_file).setServiceParent(top)
+        mail_log_service = MailLogService(mail_log_file)
+        mail_log_service.setServiceParent(top)
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)
 
     local_cfg = config.local
+    # The reloadable components: every consumer reads them through live
+    # (mailhub/reload.py), so a reload (SIGHUP, mailhub reload) reaches it.
+    live = Live(config)
     try:
-        # Also the settings of the local delivery processes, which build
-        # their own Directory from them.
-        directory_args = {
-            "domains": list(local_cfg.domains),
-            "mailboxes": local_cfg.mailboxes,
-            "users": None if local_cfg.users is None else list(local_cfg.users),
-            "aliases_path": local_cfg.aliases,
-            "separator": local_cfg.extension_separator,
-            "mode": local_cfg.mode,
-            "home_maildir": local_cfg.home_maildir,
-            "min_uid": local_cfg.min_uid,
-            "max_uid": local_cfg.max_uid,
-        }
-        directory = Directory(clock=reactor, **directory_args)
-    except AliasesError as e:  # "FILE:LINE: problem"
+        live.swap(config, **build_components(config, reactor, live))
+    except ConfigError as e:
         fail(str(e))
-    except ValueError as e:  # config.py checked these; a safety net
-        fail(f"{source}: local: {e}")
+    directory = Delegate(live, "directory")
+    # Also the settings of the local delivery processes, which build
+    # their own Directory from them.
+    directory_args = components_directory_args(config)
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local: Any
     if local_cfg.delivery_processes:
@@ -411,9 +365,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         local.setServiceParent(top)
     else:
         local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
-    remote = _remote_delivery(config, reactor)
-    remote.setName("remote")
-    remote.setServiceParent(top)
+    live.remote.setName("remote")
+    live.remote.setServiceParent(top)
+    remote = Delegate(live, "remote")
     router = Router(spool, directory, local, remote)
     relay = config.relay
     retry = RetryPolicy(
@@ -435,7 +389,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         hostname=config.server.hostname,
         postmaster=f"postmaster@{local_cfg.domains[0]}",
         resolve=resolve_recipient,
-        is_local=directory.is_local,
+        is_local=lambda domain: directory.is_local(domain),  # the live directory's
     )
     scheduler.setName("scheduler")
     scheduler.setServiceParent(top)
@@ -461,7 +415,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         **pickup_mode,
     )
     pickup.setServiceParent(top)
-    control = control_service(scheduler, spool.path, reactor)
+    reloader: list[Any] = []  # set below, once every component exists
+    control = control_service(scheduler, spool.path, reactor, reload=lambda: reloader[0].reload())
     # Through _Listener: a socket that cannot be bound stops startup cleanly.
     _Listener(socket_path(spool.path), control.endpoint, control.factory, "control").setServiceParent(top)
 
@@ -473,8 +428,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             server_tls = ServerTLS(server_cfg.tls_cert, server_cfg.tls_key)
         except ValueError as e:  # names the file
             fail(f"{source}: server.tls_cert: {e}")
-        install_sighup_reload(server_tls, reactor)
-    users = UsersFile(auth_cfg.users, clock=reactor) if auth_cfg.users is not None else None
+    users = Delegate(live, "users") if auth_cfg.users is not None else None
     throttle = AuthThrottle(  # one per daemon: failures count across listeners
         reactor,
         delay=auth_cfg.failure_delay,
@@ -482,16 +436,16 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         window=auth_cfg.failure_window,
     )
 
-    # The first configured domain (directory.domains is a set) receives <postmaster>.
-    policy = Policy(directory, server_cfg.trusted_networks, postmaster_domain=local_cfg.domains[0])
+    policy = Delegate(live, "policy")
+    factories: list[Any] = []
 
     def factory(listener: str) -> Any:
         # The commit (fsyncs) runs in a thread so other sessions are not
         # stalled by the disk; the session reads nothing until it is done.
         # Without a certificate no STARTTLS is offered; without a users
         # file no AUTH (a plain MX listener).
-        return SMTPServerFactory(
-            server_cfg,
+        smtp_factory = SMTPServerFactory(
+            Delegate(live, "server"),
             spool,
             scheduler.enqueue,
             policy,
@@ -506,6 +460,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             hide_client_ip=server_cfg.hide_client_ip,
             extension_separator=local_cfg.extension_separator,
         )
+        factories.append(smtp_factory)
+        return smtp_factory
 
     for description in server_cfg.smtp:
         endpoint = serverFromString(reactor, description)
@@ -544,4 +500,10 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         for description in server_cfg.http:
             endpoint = serverFromString(reactor, description)
             _Listener(description, endpoint, site, "http").setServiceParent(top)
+
+    reloader.append(tap_reloader(
+        options, live, top, factories, reactor, server_tls,
+        mail_log_service.observer if mail_log_service is not None else None,
+    ))
+    install_sighup(reloader[0].reload, reactor)
     return top
