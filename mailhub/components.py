@@ -125,7 +125,7 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
 
 def tap_reloader(
     options: Any, live: Live, top: Any, factories: list[Any], reactor: Any,
-    server_tls: Any = None, mail_log: Any = None,
+    server_tls: Any = None, mail_log: Any = None, processes: Any = None,
 ) -> Reloader:
     """
     The reload of the daemon C{makeService} built: the same file, command
@@ -158,6 +158,10 @@ def tap_reloader(
             factory.max_hops = config.server.max_hops
             factory.min_data_rate = config.server.min_data_rate
             factory.soft_error_limit = config.server.soft_error_limit
+        if processes is not None and directory_args(config) != directory_args(running.config):
+            from .localproc import settings_for
+
+            processes.reconfigure(settings_for(directory_args(config), config.server.hostname, config.spool.fsync))
         return components
 
     def also() -> None:

@@ -46,16 +46,18 @@ RESTART_KEYS = (
     "auth.max_failures", "auth.failure_window", "auth.failure_delay",
 )
 
-#: Keys the local delivery processes were started with: with
-#: C{local.delivery_processes} > 0 they take a restart too.
-PROCESS_KEYS = ("local.domains", "local.extension_separator")
+#: Keys the local delivery processes were started with: reloaded by
+#: starting new processes (L{mailhub.localproc.LocalDeliveryProcesses.reconfigure}).
+PROCESS_KEYS: tuple[str, ...] = ()
 
 
 def _flat(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section in ("server", "spool", "local", "relay", "auth", "submission"):
-        for key, value in dataclasses.asdict(getattr(config, section)).items():
-            out[f"{section}.{key}"] = dict(value) if section == "relay" and key == "routes" else value
+        table = getattr(config, section)
+        for f in dataclasses.fields(table):
+            value = getattr(table, f.name)
+            out[f"{section}.{f.name}"] = dict(value) if f.name == "routes" else value
     return out
 
 

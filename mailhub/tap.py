@@ -29,6 +29,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger, LoggingFile
 from twisted.python import usage
 
+from . import __version__
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
 from .maillog import mail_publisher
 from .reload import Delegate, Live, install_sighup
@@ -42,11 +43,69 @@ EX_CONFIG = 78
 EX_OSERR = 71
 
 
+class StartupError(Exception):
+    """
+    Startup failed after twistd daemonized: raised (not C{SystemExit}) so
+    that twistd reports it to the waiting launcher through its status pipe,
+    removes the pid file and the launcher exits non-zero.
+    """
+
+
+#: The launching process: its pid and a copy of its stderr, taken before
+#: twistd forks (L{remember_launcher}), so a daemonized start that fails
+#: can still say why on the launcher's terminal.
+_launcher: dict[str, Any] = {}
+
+
+def remember_launcher(reactor: Any) -> None:
+    """
+    Keep the pid and a (close-on-exec) copy of stderr of the process that
+    runs L{makeService}; the copy is closed once the reactor runs, so a
+    started daemon holds nothing of its launcher.
+    """
+    try:
+        fd = os.dup(2)
+    except OSError:
+        return
+    _launcher.update(pid=os.getpid(), stderr=fd)
+
+    def forget() -> None:
+        fd = _launcher.pop("stderr", None)
+        if fd is not None:
+            os.close(fd)
+
+    reactor.callWhenRunning(forget)
+
+
+def _daemonized() -> bool:
+    return "pid" in _launcher and os.getpid() != _launcher["pid"]
+
+
 def fail(message: str, status: int = EX_CONFIG) -> NoReturn:
     """
     Stop startup with one clean line on stderr.  twistd and the console
-    script let C{SystemExit} through, so there is no traceback.
+    script let C{SystemExit} through, so there is no traceback.  After
+    twistd has daemonized (the launcher waits on its status pipe) the line
+    goes to the launcher's stderr and to the log, and L{StartupError}
+    tells twistd that the start failed.
     """
+    if _daemonized():
+        log.critical("mailhub: {message}", message=message)
+        fd = _launcher.pop("stderr", None)
+        if fd is not None:
+            try:
+                os.write(fd, f"mailhub: {message}\n".encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+        previous = sys.excepthook
+
+        def quiet(kind: Any, value: Any, tb: Any) -> None:
+            # twistd re-raises the error it reported: said already, no traceback
+            if not isinstance(value, StartupError):
+                previous(kind, value, tb)
+
+        sys.excepthook = quiet
+        raise StartupError(message)
     stream = sys.stderr
     if isinstance(stream, LoggingFile) and sys.__stderr__ is not None:
         # twistd redirects stderr into the log once logging has begun (a
@@ -123,7 +182,8 @@ class _StartupLog(service.Service):
         super().privilegedStartService()
         c = self.config
         log.info(
-            "mailhub starting as {hostname}; configuration: {source}",
+            "mailhub {version} starting as {hostname}; configuration: {source}",
+            version=__version__,
             hostname=c.server.hostname,
             source=c.source or DEFAULTS_SOURCE,
         )
@@ -305,6 +365,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.internet.endpoints import serverFromString
 
     source = config.source or DEFAULTS_SOURCE
+    remember_launcher(reactor)
     top = service.MultiService()
     _StartupLog(config).setServiceParent(top)
     try:
@@ -504,6 +565,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     reloader.append(tap_reloader(
         options, live, top, factories, reactor, server_tls,
         mail_log_service.observer if mail_log_service is not None else None,
+        local if local_cfg.delivery_processes else None,
     ))
     install_sighup(reloader[0].reload, reactor)
     return top
