@@ -524,3 +524,12 @@ def test_commands_import_only_what_they_need(tmp_path):
     env.pop("MAILHUB_CONFIG", None)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout == "0 []\n", r.stderr
+
+
+def test_version(capsys):
+    from mailhub import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"mailhub {__version__}\n"
