@@ -333,6 +333,8 @@ def check_endpoint(description: str) -> None:
         hint = ""
         if "multiple values" in str(e) and "::" in description:
             hint = ' (escape colons in IPv6 addresses as "\\:")'
+        if "invalid literal for int()" in str(e):
+            raise ValueError(f"the port must be a number, got {str(e).rsplit(': ', 1)[-1]}")
         raise ValueError((str(e) or e.__class__.__name__) + hint)
     port = getattr(endpoint, "_port", None)
     if port is not None and _is_int(port) and not 0 <= port <= 65535:

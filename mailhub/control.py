@@ -4,8 +4,9 @@ The control channel: AMP over a UNIX socket (C{SPOOL/control.sock}, mode
 release or delete messages, so the scheduler's in-memory state and the
 spool files never disagree.
 
-Owns: the AMP commands (L{Flush}, L{Hold}, L{Release}, L{Delete}), the
-server protocol that maps them onto the scheduler, and a small blocking
+Owns: the AMP commands (L{Flush}, L{Hold}, L{Release}, L{Delete},
+L{Reload}), the server protocol that maps them onto the scheduler (and
+L{Reload} onto the daemon's reload, L{mailhub.reload}), and a small blocking
 client (L{ControlClient}) for command-line tools, which have no reactor.
 
 Must not touch: the spool files (the scheduler does the changes), the
@@ -19,7 +20,7 @@ import itertools
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import internet
 from twisted.internet import endpoints, protocol
@@ -30,6 +31,7 @@ __all__ = [
     "Hold",
     "Release",
     "Delete",
+    "Reload",
     "NoSuchMessage",
     "ControlProtocol",
     "ControlFactory",
@@ -81,6 +83,21 @@ class Delete(amp.Command):
     errors = _ERRORS
 
 
+class Reload(amp.Command):
+    """
+    Re-read the configuration file and apply it (as SIGHUP does).
+    C{applied}: whether it was applied; C{summary}: the daemon's log line;
+    C{restart}: the changed keys that need a restart, comma-separated.
+    """
+
+    arguments: list = []
+    response = [
+        (b"applied", amp.Boolean()),
+        (b"summary", amp.Unicode()),
+        (b"restart", amp.Unicode(optional=True)),
+    ]
+
+
 def socket_path(spool_path: str) -> str:
     return os.path.join(spool_path, "control.sock")
 
@@ -88,9 +105,10 @@ def socket_path(spool_path: str) -> str:
 class ControlProtocol(amp.AMP):
     """Answers control commands by calling the scheduler (flush/hold/release/remove)."""
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, reload: Callable[[], Any] | None = None) -> None:
         super().__init__()
         self.scheduler = scheduler
+        self._reload = reload
 
     @staticmethod
     def _status(result: Any) -> dict:
@@ -110,31 +128,41 @@ class ControlProtocol(amp.AMP):
         self.scheduler.release(queue_id)
         return {}
 
+    @Reload.responder
+    def reload(self) -> dict:
+        if self._reload is None:
+            return {"applied": False, "summary": "this daemon cannot reload", "restart": ""}
+        outcome = self._reload()
+        return {"applied": outcome.applied, "summary": outcome.summary(), "restart": ",".join(outcome.restart)}
+
     @Delete.responder
     def delete(self, queue_id: str) -> dict:
         return self._status(self.scheduler.remove(queue_id))
 
 
 class ControlFactory(protocol.Factory):
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, reload: Callable[[], Any] | None = None) -> None:
         self.scheduler = scheduler
+        self.reload = reload
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self.scheduler)
+        return ControlProtocol(self.scheduler, self.reload)
 
 
-def control_service(scheduler: Any, spool_path: str, reactor: Any) -> internet.StreamServerEndpointService:
+def control_service(
+    scheduler: Any, spool_path: str, reactor: Any, reload: Callable[[], Any] | None = None,
+) -> internet.StreamServerEndpointService:
     """
     The service listening on C{SPOOL/control.sock} (mode 0600).  C{wantPID}
     makes Twisted remove a stale socket left by a crashed daemon.
     """
     endpoint = endpoints.UNIXServerEndpoint(reactor, socket_path(spool_path), mode=0o600, wantPID=True)
-    return internet.StreamServerEndpointService(endpoint, ControlFactory(scheduler))
+    return internet.StreamServerEndpointService(endpoint, ControlFactory(scheduler, reload))
 
 
 # -- the blocking client -------------------------------------------------------------------
 
-_COMMANDS = {"flush": b"Flush", "hold": b"Hold", "release": b"Release", "delete": b"Delete"}
+_COMMANDS = {"flush": b"Flush", "hold": b"Hold", "release": b"Release", "delete": b"Delete", "reload": b"Reload"}
 
 
 class ControlClient:
@@ -175,6 +203,21 @@ class ControlClient:
             key = self._read(klen)
             (vlen,) = struct.unpack("!H", self._read(2))
             box[key] = self._read(vlen)
+
+    def reload(self) -> tuple[bool, str, list[str]]:
+        """Ask the daemon to reload: (applied, its summary line, keys that need a restart)."""
+        tag = str(next(self._tags)).encode()
+        self.sock.sendall(amp.AmpBox(_command=b"Reload", _ask=tag).serialize())
+        answer = self._read_box()
+        if answer.get(b"_answer") != tag:
+            text = answer.get(b"_error_description", b"reload failed").decode("utf-8", "replace")
+            return False, text, []
+        restart = answer.get(b"restart", b"").decode("utf-8", "replace")
+        return (
+            answer.get(b"applied") == b"True",
+            answer.get(b"summary", b"").decode("utf-8", "replace"),
+            [k for k in restart.split(",") if k],
+        )
 
     def call(self, command: str, queue_id: str | None) -> str | None:
         """Run C{command} (flush, hold, release, delete); return an error text or C{None}."""

@@ -127,6 +127,7 @@ class _Child(protocol.ProcessProtocol):
         self._out = b""
         self._err = b""
         self.running = False
+        self.retiring = False  # reconfigured: answers what it has, gets nothing new
         self.answered = 0
         self.ended: defer.Deferred[None] = defer.Deferred()
 
@@ -377,6 +378,23 @@ class LocalDeliveryProcesses(service.Service):
         # whatever waited for a free child may go to another one
         self._dispatch()
 
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """
+        New settings (a configuration reload): every running process gets
+        no new work, ends once it has answered what it was given (its
+        stdin is closed), and a new one started with C{settings} takes its
+        slot at once.
+        """
+        self.settings_line = json.dumps(settings).encode("utf-8") + b"\n"
+        for slot, child in enumerate(self.children):
+            if child is not None and child.running and child.transport is not None:
+                child.retiring = True
+                child.transport.closeStdin()
+                restart = self._restarts.pop(slot, None)
+                if restart is not None and restart.active():
+                    restart.cancel()
+                self._spawn(slot)
+
     def _idle(self, child: _Child) -> None:
         self._dispatch()
 
@@ -418,7 +436,7 @@ class LocalDeliveryProcesses(service.Service):
         already bounds how many deliveries are in flight.
         """
         while self.waiting:
-            running = [c for c in self.children if c is not None and c.running]
+            running = [c for c in self.children if c is not None and c.running and not c.retiring]
             if not running:
                 return
             child = min(running, key=lambda c: len(c.inflight))

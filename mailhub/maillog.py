@@ -247,6 +247,12 @@ class MailLogFile:
             self._report(f"cannot reopen: {e.strerror or e}")
             self._id = None
 
+    def reopen(self) -> None:
+        """Look for rotation now (SIGHUP, logrotate's postrotate), not at the next check."""
+        with self._lock:
+            if self._fd is not None:
+                self._check()
+
     def _report(self, problem: str) -> None:
         """Say it once on stderr (never through the log: that is us)."""
         if self._failed:

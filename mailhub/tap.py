@@ -29,8 +29,10 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger, LoggingFile
 from twisted.python import usage
 
+from . import __version__
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
 from .maillog import mail_publisher
+from .reload import Delegate, Live, install_sighup
 
 __all__ = ["Options", "makeService", "EX_CONFIG", "EX_OSERR"]
 
@@ -41,11 +43,69 @@ EX_CONFIG = 78
 EX_OSERR = 71
 
 
+class StartupError(Exception):
+    """
+    Startup failed after twistd daemonized: raised (not C{SystemExit}) so
+    that twistd reports it to the waiting launcher through its status pipe,
+    removes the pid file and the launcher exits non-zero.
+    """
+
+
+#: The launching process: its pid and a copy of its stderr, taken before
+#: twistd forks (L{remember_launcher}), so a daemonized start that fails
+#: can still say why on the launcher's terminal.
+_launcher: dict[str, Any] = {}
+
+
+def remember_launcher(reactor: Any) -> None:
+    """
+    Keep the pid and a (close-on-exec) copy of stderr of the process that
+    runs L{makeService}; the copy is closed once the reactor runs, so a
+    started daemon holds nothing of its launcher.
+    """
+    try:
+        fd = os.dup(2)
+    except OSError:
+        return
+    _launcher.update(pid=os.getpid(), stderr=fd)
+
+    def forget() -> None:
+        fd = _launcher.pop("stderr", None)
+        if fd is not None:
+            os.close(fd)
+
+    reactor.callWhenRunning(forget)
+
+
+def _daemonized() -> bool:
+    return "pid" in _launcher and os.getpid() != _launcher["pid"]
+
+
 def fail(message: str, status: int = EX_CONFIG) -> NoReturn:
     """
     Stop startup with one clean line on stderr.  twistd and the console
-    script let C{SystemExit} through, so there is no traceback.
+    script let C{SystemExit} through, so there is no traceback.  After
+    twistd has daemonized (the launcher waits on its status pipe) the line
+    goes to the launcher's stderr and to the log, and L{StartupError}
+    tells twistd that the start failed.
     """
+    if _daemonized():
+        log.critical("mailhub: {message}", message=message)
+        fd = _launcher.pop("stderr", None)
+        if fd is not None:
+            try:
+                os.write(fd, f"mailhub: {message}\n".encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+        previous = sys.excepthook
+
+        def quiet(kind: Any, value: Any, tb: Any) -> None:
+            # twistd re-raises the error it reported: said already, no traceback
+            if not isinstance(value, StartupError):
+                previous(kind, value, tb)
+
+        sys.excepthook = quiet
+        raise StartupError(message)
     stream = sys.stderr
     if isinstance(stream, LoggingFile) and sys.__stderr__ is not None:
         # twistd redirects stderr into the log once logging has begun (a
@@ -126,7 +186,8 @@ class _StartupLog(service.Service):
         super().privilegedStartService()
         c = self.config
         log.info(
-            "mailhub starting as {hostname}; configuration: {source}",
+            "mailhub {version} starting as {hostname}; configuration: {source}",
+            version=__version__,
             hostname=c.server.hostname,
             source=c.source or DEFAULTS_SOURCE,
         )
@@ -263,47 +324,6 @@ def _pickup_resolver(directory: Any) -> Any:
     return resolve
 
 
-def _remote_delivery(config: Config, reactor: Any) -> Any:
-    """The outbound relay agent, from the [relay] keys (docs/relay.rst)."""
-    from .config import read_secret
-    from .remote import RemoteDelivery
-
-    relay, server = config.relay, config.server
-    auth = None
-    if relay.smarthost_user is not None and relay.smarthost_password_file is not None:
-        try:
-            auth = (relay.smarthost_user, read_secret(relay.smarthost_password_file, config.source or DEFAULTS_SOURCE))
-        except ConfigError as e:
-            fail(str(e))
-    try:
-        return RemoteDelivery(
-            reactor,
-            relay.helo_name or server.hostname,
-            smarthost=relay.smarthost,
-            smarthost_auth=auth,
-            routes=dict(relay.routes),
-            dns_servers=list(relay.dns_servers) or None,
-            port=relay.port,
-            tls=relay.tls,
-            destination_concurrency=relay.destination_concurrency,
-            total_concurrency=relay.concurrency,
-            local_addresses=list(relay.local_addresses),
-            local_names=[server.hostname],
-            client_options={
-                "tls_ca_file": relay.tls_ca_file,
-                "connect_timeout": relay.connect_timeout,
-                "greeting_timeout": relay.greeting_timeout,
-                "command_timeout": relay.command_timeout,
-                "data_init_timeout": relay.data_init_timeout,
-                "data_xfer_timeout": relay.data_xfer_timeout,
-                "data_done_timeout": relay.data_done_timeout,
-            },
-            idle_timeout=relay.connection_cache_time,
-        )
-    except ValueError as e:  # config.py checked every value; this is a safety net
-        fail(f"{config.source or DEFAULTS_SOURCE}: relay: {e}")
-
-
 # -- privilege separation (docs/architecture.rst, "Processes and users") ----------------------
 
 
@@ -348,21 +368,21 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.application.internet import TimerService
     from twisted.internet import reactor, threads
 
-    from .auth import AuthThrottle, UsersFile
+    from .auth import AuthThrottle
+    from .components import build_components, tap_reloader
+    from .components import directory_args as components_directory_args
     from .control import control_service, socket_path
-    from .directory import AliasesError, Directory
     from .eventlog import EventLogObserver
     from .httpapi import make_http_site
     from .local import LocalDelivery
     from .localproc import LocalDeliveryProcesses, settings_for
     from .metrics import MailMetrics, MetricsObserver, spool_queue_stats
     from .pickup import PickupService
-    from .policy import Policy
     from .router import Router
     from .scheduler import RetryPolicy, Scheduler
     from .smtpd import SMTPServerFactory
     from .spool import Spool
-    from .tls import ServerTLS, implicit_tls_endpoint, install_sighup_reload
+    from .tls import ServerTLS, implicit_tls_endpoint
 
     config = getattr(options, "config", None)
     if config is None:
@@ -382,6 +402,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.internet.endpoints import serverFromString
 
     source = config.source or DEFAULTS_SOURCE
+    remember_launcher(reactor)
     top = service.MultiService()
     user = _run_as(config, options)
     privileged_delivery = user is not None and config.local.mode == "system"
@@ -409,6 +430,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         except OSError as e:
             fail(f"{source}: server.event_log: cannot open {event_log}: {e.strerror or e}")
         _Observer(event_observer, event_observer.close).setServiceParent(top)
+    mail_log_service = None
     if config.server.mail_log:
         # Mail lines to a file of mailhub's own instead of twistd's log
         # (docs/performance.rst, "mail log"); the observers above still see them.
@@ -418,31 +440,24 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             mail_log_file = MailLogFile(config.server.mail_log, reactor)
         except OSError as e:
             fail(f"{source}: server.mail_log: cannot open {config.server.mail_log}: {e.strerror or e}")
-        MailLogService(mail_log_file).setServiceParent(top)
+        mail_log_service = MailLogService(mail_log_file)
+        mail_log_service.setServiceParent(top)
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)
 
     local_cfg = config.local
+    # The reloadable components: every consumer reads them through live
+    # (mailhub/reload.py), so a reload (SIGHUP, mailhub reload) reaches it.
+    live = Live(config)
     try:
-        # Also the settings of the local delivery processes, which build
-        # their own Directory from them.
-        directory_args = {
-            "domains": list(local_cfg.domains),
-            "mailboxes": local_cfg.mailboxes,
-            "users": None if local_cfg.users is None else list(local_cfg.users),
-            "aliases_path": local_cfg.aliases,
-            "separator": local_cfg.extension_separator,
-            "mode": local_cfg.mode,
-            "home_maildir": local_cfg.home_maildir,
-            "min_uid": local_cfg.min_uid,
-            "max_uid": local_cfg.max_uid,
-        }
-        directory = Directory(clock=reactor, **directory_args)
-    except AliasesError as e:  # "FILE:LINE: problem"
+        live.swap(config, **build_components(config, reactor, live))
+    except ConfigError as e:
         fail(str(e))
-    except ValueError as e:  # config.py checked these; a safety net
-        fail(f"{source}: local: {e}")
+    directory = Delegate(live, "directory")
+    # Also the settings of the local delivery processes, which build
+    # their own Directory from them.
+    directory_args = components_directory_args(config)
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local: Any
     supervisor = None
@@ -467,9 +482,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         local.setServiceParent(top)
     else:
         local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
-    remote = _remote_delivery(config, reactor)
-    remote.setName("remote")
-    remote.setServiceParent(top)
+    live.remote.setName("remote")
+    live.remote.setServiceParent(top)
+    remote = Delegate(live, "remote")
     router = Router(spool, directory, local, remote)
     relay = config.relay
     retry = RetryPolicy(
@@ -491,7 +506,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         hostname=config.server.hostname,
         postmaster=f"postmaster@{local_cfg.domains[0]}",
         resolve=resolve_recipient,
-        is_local=directory.is_local,
+        is_local=lambda domain: directory.is_local(domain),  # the live directory's
     )
     scheduler.setName("scheduler")
     scheduler.setServiceParent(top)
@@ -517,7 +532,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         **pickup_mode,
     )
     pickup.setServiceParent(top)
-    control = control_service(scheduler, spool.path, reactor)
+    reloader: list[Any] = []  # set below, once every component exists
+    control = control_service(scheduler, spool.path, reactor, reload=lambda: reloader[0].reload())
     # Through _Listener: a socket that cannot be bound stops startup cleanly.
     _Listener(socket_path(spool.path), control.endpoint, control.factory, "control").setServiceParent(top)
 
@@ -529,8 +545,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             server_tls = ServerTLS(server_cfg.tls_cert, server_cfg.tls_key)
         except ValueError as e:  # names the file
             fail(f"{source}: server.tls_cert: {e}")
-        install_sighup_reload(server_tls, reactor)
-    users = UsersFile(auth_cfg.users, clock=reactor) if auth_cfg.users is not None else None
+    users = Delegate(live, "users") if auth_cfg.users is not None else None
     throttle = AuthThrottle(  # one per daemon: failures count across listeners
         reactor,
         delay=auth_cfg.failure_delay,
@@ -538,16 +553,16 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         window=auth_cfg.failure_window,
     )
 
-    # The first configured domain (directory.domains is a set) receives <postmaster>.
-    policy = Policy(directory, server_cfg.trusted_networks, postmaster_domain=local_cfg.domains[0])
+    policy = Delegate(live, "policy")
+    factories: list[Any] = []
 
     def factory(listener: str) -> Any:
         # The commit (fsyncs) runs in a thread so other sessions are not
         # stalled by the disk; the session reads nothing until it is done.
         # Without a certificate no STARTTLS is offered; without a users
         # file no AUTH (a plain MX listener).
-        return SMTPServerFactory(
-            server_cfg,
+        smtp_factory = SMTPServerFactory(
+            Delegate(live, "server"),
             spool,
             scheduler.enqueue,
             policy,
@@ -563,6 +578,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             extension_separator=local_cfg.extension_separator,
             min_free_space=config.spool.min_free_space,
         )
+        factories.append(smtp_factory)
+        return smtp_factory
 
     for description in server_cfg.smtp:
         endpoint = serverFromString(reactor, description)
@@ -601,6 +618,14 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         for description in server_cfg.http:
             endpoint = serverFromString(reactor, description)
             _Listener(description, endpoint, site, "http").setServiceParent(top)
+
+    reloader.append(tap_reloader(
+        options, live, top, factories, reactor, server_tls,
+        mail_log_service.observer if mail_log_service is not None else None,
+        local if local_cfg.delivery_processes and not privileged_delivery else None,
+        processes_fixed=privileged_delivery,
+    ))
+    install_sighup(reloader[0].reload, reactor)
     if user is not None:
         # last: its privileged start runs once everything above is bound
         from .privileges import DropPrivileges

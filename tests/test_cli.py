@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from mailhub.cli.main import main
+from mailhub.reload import target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -294,7 +295,7 @@ def test_make_service_order(tmp_path, monkeypatch):
     assert os.path.isdir(tmp_path / "mailhub-data" / "spool" / "envelopes")
     # the router hands non-local recipients to the remote agent
     scheduler = children[2]
-    assert scheduler.deliver.remote is children[1]
+    assert target(scheduler.deliver.remote) is children[1]
     assert scheduler.deliver.local is local_agent
     assert scheduler.postmaster == "postmaster@localhost"
 
@@ -349,7 +350,7 @@ def test_make_service_submission_listeners(tmp_path, monkeypatch):
     tls = factories[0].tls
     assert isinstance(tls, ServerTLS)
     assert all(f.tls is tls for f in factories)  # one certificate, reloaded for all
-    assert isinstance(factories[0].users, UsersFile)
+    assert isinstance(target(factories[0].users), UsersFile)
     assert all(f.users is factories[0].users for f in factories)
     assert all(f.throttle is factories[0].throttle for f in factories)  # failures count across listeners
 
@@ -484,7 +485,7 @@ def test_make_service_http_and_observers(tmp_path, monkeypatch):
     assert site.max_body == 5000
     api = site.resource
     assert api.admins == {"root@example.org"}
-    assert isinstance(api.users, UsersFile)
+    assert isinstance(target(api.users), UsersFile)
     assert api.metrics is observers[0].observer.metrics
     assert api.event_log == str(tmp_path / "events.jsonl")
     assert api.enqueue == top.getServiceNamed("scheduler").enqueue
@@ -626,3 +627,12 @@ def test_commands_import_only_what_they_need(tmp_path):
     env.pop("MAILHUB_CONFIG", None)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout == "0 []\n", r.stderr
+
+
+def test_version(capsys):
+    from mailhub import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"mailhub {__version__}\n"

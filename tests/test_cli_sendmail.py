@@ -591,3 +591,15 @@ def test_bs_control_characters_in_paths_refused(env):
         b"250 2.1.0 Ok",
         b"501 5.1.3 Bad recipient address syntax: control character in the address",
     ]
+
+
+def test_help_and_version_print_usage_not_an_error():
+    import io
+
+    from mailhub.cli.sendmail import run
+
+    for flag, expected in (("--help", b"usage: mailhub-sendmail"), ("--version", b"mailhub-sendmail (mailhub ")):
+        out, err = io.BytesIO(), io.StringIO()
+        assert run([flag], io.BytesIO(b""), out, err) == 0
+        assert out.getvalue().startswith(expected)
+        assert err.getvalue() == ""

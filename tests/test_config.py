@@ -230,6 +230,7 @@ ERRORS = [
     ("[server]\nsmtp = []\n", "server.smtp: must list at least one endpoint"),
     ('[server]\nsmtp = ["bogus:25"]\n', "server.smtp: invalid endpoint 'bogus:25': Unknown endpoint type: 'bogus'"),
     ('[server]\nsmtp = ["tcp:70000"]\n', "server.smtp: invalid endpoint 'tcp:70000': port 70000 out of range"),
+    ('[server]\nsmtp = ["tcp:abc"]\n', "server.smtp: invalid endpoint 'tcp:abc': the port must be a number, got 'abc'"),
     (
         '[server]\nsmtp = ["tcp:25:interface=localhost"]\n',
         "server.smtp: invalid endpoint 'tcp:25:interface=localhost': interface must be an IP address, got 'localhost'",
@@ -310,7 +311,7 @@ ERRORS = [
     ('[server]\nsubmission = ["tcp:587"]\n', "server.submission: needs server.tls_cert and server.tls_key"),
     ('[server]\nsmtps = ["tcp:465"]\n', "server.smtps: needs server.tls_cert and server.tls_key"),
     ('[server]\nsubmission = ["tcp:x"]\n',
-     "server.submission: invalid endpoint 'tcp:x': invalid literal for int() with base 10: 'x'"),
+     "server.submission: invalid endpoint 'tcp:x': the port must be a number, got 'x'"),
     ('[server]\nsmtps = ["ssl:465"]\n', "server.smtps: invalid endpoint 'ssl:465': give a plain endpoint "
      "(tcp:465...); mailhub adds TLS with server.tls_cert / server.tls_key"),
     ('[server]\nhide_client_ip = "yes"\n', "server.hide_client_ip: must be true or false, got 'yes'"),
@@ -324,7 +325,7 @@ ERRORS = [
     # HTTP and observability (docs/http.rst)
     ('[server]\nhttp = "tcp:8080"\n', "server.http: must be a list of endpoint strings, got 'tcp:8080'"),
     ('[server]\nhttp = ["tcp:x"]\n',
-     "server.http: invalid endpoint 'tcp:x': invalid literal for int() with base 10: 'x'"),
+     "server.http: invalid endpoint 'tcp:x': the port must be a number, got 'x'"),
     ("[server]\nhttp_max_body = 0\n", "server.http_max_body: must be a positive integer, got 0"),
     ('[server]\nhttp_admins = "root@example.org"\n',
      "server.http_admins: must be a list of user addresses, got 'root@example.org'"),
@@ -399,7 +400,7 @@ def test_not_utf8(tmp_path):
 
 def test_override_errors_name_command_line():
     assert error_of(None, {"server.smtp": ["tcp:nope"]}) == (
-        "command line: server.smtp: invalid endpoint 'tcp:nope': invalid literal for int() with base 10: 'nope'"
+        "command line: server.smtp: invalid endpoint 'tcp:nope': the port must be a number, got 'nope'"
     )
     assert error_of(None, {"local.domains": ["-bad-"]}) == (
         "command line: local.domains: invalid domain '-bad-': invalid domain"

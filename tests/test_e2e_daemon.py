@@ -96,7 +96,7 @@ def test_bad_endpoint_option_one_clean_line(tmp_path):
     assert r.returncode == 78
     assert r.stderr == (
         "mailhub: command line: server.smtp: invalid endpoint 'tcp:notaport': "
-        "invalid literal for int() with base 10: 'notaport'\n"
+        "the port must be a number, got 'notaport'\n"
     )
 
 

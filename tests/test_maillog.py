@@ -491,3 +491,14 @@ def test_daemon_writes_mail_lines_to_the_mail_log(tmp_path):
     assert qid not in log and "[mailhub.mail#" not in log
     assert "Traceback" not in log and d.stderr() == ""
     assert stat.S_IMODE(os.stat(path).st_mode) & 0o007 == 0
+
+
+def test_reopen_follows_a_rotation_at_once(tmp_path, mail_log):
+    """SIGHUP (logrotate's postrotate) reopens a renamed mail log before the next periodic check."""
+    path = tmp_path / "mail.log"
+    mail_log({"log_namespace": "mailhub.mail", "log_format": "one", maillog._TEXT: "one", "log_time": 1000.0})
+    os.rename(path, tmp_path / "mail.log.1")
+    mail_log.reopen()
+    mail_log({"log_namespace": "mailhub.mail", "log_format": "two", maillog._TEXT: "two", "log_time": 1000.0})
+    assert read(tmp_path / "mail.log.1").endswith("one\n")
+    assert read(path).endswith("two\n")

@@ -4,7 +4,7 @@ The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 Owns: the command-line front end for administration.  Each command is a
 L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
 C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}) and
-C{log} (L{mailhub.eventlog}); this module finds and loads the configuration
+C{log} (L{mailhub.eventlog}) and C{reload} (asks the daemon, L{mailhub.reload}); this module finds and loads the configuration
 and hands each command what it needs.  A command's module is imported only
 when that command runs (L{_lazy}): C{user} brings bcrypt, C{make-cert}
 OpenSSL, and C{mailhub queue} should not pay for them.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
@@ -29,6 +29,7 @@ __all__ = ["Options", "main", "EX_USAGE", "EX_CONFIG"]
 
 EX_USAGE = 64
 EX_CONFIG = 78
+EX_TEMPFAIL = 75
 
 
 class CheckConfigOptions(Command):
@@ -38,6 +39,15 @@ class CheckConfigOptions(Command):
         "aliases file, users file, certificate), and print the effective value of every key "
         "(TOML).  Exits 0 when it is valid; otherwise one line per problem on stderr, as the "
         "daemon would say it, and exit status 78 (71 when the spool cannot be created)."
+    )
+
+
+class ReloadOptions(Command):
+    synopsis = "mailhub [--config FILE] reload"
+    longdesc = (
+        "Ask the running daemon (through its control socket) to re-read its configuration "
+        "file, as SIGHUP does.  Prints the outcome; exits 0 when applied, 1 when the new "
+        "configuration was refused (the running one stays), 75 when the daemon is down."
     )
 
 
@@ -77,7 +87,15 @@ class Options(usage.Options):
         ["user", None, _lazy(".user", "UserOptions"), "Manage the SMTP AUTH users file (auth.users) and API tokens."],
         ["make-cert", None, _lazy(".certs", "MakeCertOptions"), "Write a self-signed TLS certificate and key."],
         ["log", None, _lazy("..eventlog", "LogOptions"), "Print the story of one message from the event log."],
+        ["reload", None, ReloadOptions, "Make the running daemon re-read its configuration file."],
     ]
+
+    def opt_version(self) -> None:
+        """Print the mailhub version and exit."""
+        from .. import __version__
+
+        print(f"mailhub {__version__}")
+        raise SystemExit(0)
 
     def opt_C(self, path: str) -> None:
         """Configuration file (as -c; the sendmail spelling)."""
@@ -161,7 +179,31 @@ def make_cert(options: Options, out: TextIO, err: TextIO) -> int:
 log = _file_or_config("..eventlog", "run_log", lambda config: config.server.event_log)
 
 
-COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log}
+def reload(options: Options, out: TextIO, err: TextIO) -> int:
+    from ..control import ControlClient, socket_path
+
+    try:
+        config = load_config(find_config_file(options["config"]), None, options["data"])
+    except ConfigError as e:
+        err.write(f"mailhub: reload refused, the daemon keeps its configuration: {e}\n")
+        return EX_CONFIG
+    try:
+        client = ControlClient(socket_path(config.spool.path))
+    except OSError as e:
+        err.write(f"mailhub: reload: mail system is down ({socket_path(config.spool.path)}: {e.strerror or e})\n")
+        return EX_TEMPFAIL
+    try:
+        applied, summary, restart = client.reload()
+    except OSError as e:
+        err.write(f"mailhub: reload: {e.strerror or e}\n")
+        return EX_TEMPFAIL
+    finally:
+        client.close()
+    (out if applied else err).write(f"mailhub: {summary}\n")
+    return 0 if applied else 1
+
+
+COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:

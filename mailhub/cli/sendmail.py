@@ -114,6 +114,24 @@ class Invocation:
     queue_id: str | None = None  # -qI<id>
 
 
+HELP = """\
+usage: mailhub-sendmail [options] [recipient ...]
+       mailq | mailhub-sendmail -bp
+Submit a message read from standard input to mailhub (Postfix-compatible options).
+  -t           take recipients from To:, Cc:, Bcc: (and the arguments)
+  -i, -oi      a line with a lone "." does not end the message
+  -f SENDER    envelope sender (also -r)
+  -F NAME      full name for a generated From:
+  -C FILE      mailhub configuration file
+  -bp          list the queue (as mailq)
+  -bs          speak SMTP on standard input and output
+  -q           flush the queue (-qIID: one message)
+  -v           verbose
+  --help       this text;  --version  the mailhub version
+See mailhub-sendmail(1).
+"""
+
+
 def parse_args(argv: list[str], prog: str = "sendmail") -> Invocation:
     """
     Parse a sendmail command line the way Postfix's sendmail does: option
@@ -863,6 +881,16 @@ def _run(
     prog: str,
     progress: Progress,
 ) -> int:
+    if argv and argv[0] in ("--help", "-h"):
+        stdout.write(HELP.encode("utf-8"))
+        stdout.flush()
+        return EX_OK
+    if argv and argv[0] == "--version":
+        from .. import __version__
+
+        stdout.write(f"mailhub-sendmail (mailhub {__version__})\n".encode("utf-8"))
+        stdout.flush()
+        return EX_OK
     try:
         inv = parse_args(argv, prog)
     except UsageError as e:
