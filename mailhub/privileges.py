@@ -38,6 +38,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 __all__ = [
+    "NoDefaultUser",
     "DEFAULT_USER",
     "PrivilegeError",
     "RunAs",
@@ -63,6 +64,10 @@ _CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 class PrivilegeError(Exception):
     """A problem with the daemon's user or its directories; C{str()} is one line."""
+
+
+class NoDefaultUser(PrivilegeError):
+    """Started as root, C{server.user} not set, and no account named C{mailhub}."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,7 @@ def run_as(
             f" (create it: useradd --system --home-dir /var/lib/mailhub --shell /usr/sbin/nologin {name})"
             if configured is None else ""
         )
-        raise PrivilegeError(f"server.user: no such user {name!r}{hint}")
+        raise (NoDefaultUser if configured is None else PrivilegeError)(f"server.user: no such user {name!r}{hint}")
     if pw.pw_uid == 0:
         return None
     return RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid)

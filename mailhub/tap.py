@@ -331,8 +331,14 @@ def _run_as(config: Config, options: Any) -> Any:
     """
     The L{mailhub.privileges.RunAs} the daemon switches to, or None; twistd's
     C{--uid/--gid} (on the parent options) win.  One line and exit on a problem.
+
+    The one exception is a trial run: started as root with the embedded
+    defaults (no configuration file: loopback port 8025, data in the
+    current directory) on a machine without a C{mailhub} account, the
+    daemon keeps root and says so in a warning.  With a configuration file,
+    a missing account stops the start.
     """
-    from .privileges import PrivilegeError, run_as
+    from .privileges import NoDefaultUser, PrivilegeError, run_as
 
     parent = getattr(options, "parent", None)
     twistd_uid = twistd_gid = None
@@ -340,6 +346,15 @@ def _run_as(config: Config, options: Any) -> Any:
         twistd_uid, twistd_gid = parent.get("uid"), parent.get("gid")
     try:
         return run_as(config.server.user, twistd_uid, twistd_gid)
+    except NoDefaultUser as e:
+        if config.source is not None:
+            fail(f"{config.source}: {e}")
+        log.warn(
+            "mailhub runs as root: {problem}; with the embedded defaults it keeps root, "
+            "with a configuration file it would not start",
+            problem=str(e),
+        )
+        return None
     except PrivilegeError as e:
         fail(f"{config.source or DEFAULTS_SOURCE}: {e}")
 

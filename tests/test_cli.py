@@ -88,7 +88,8 @@ def test_check_config_aliases_syntax_error_is_the_daemons_line(tmp_path):
     # the daemon stops with the very same line and status
     daemon = subprocess.run(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "mailhub",
-         "--config", str(conf), "--smtp", "tcp:0:interface=127.0.0.1"],
+         "--config", str(conf), "--smtp", "tcp:0:interface=127.0.0.1",
+         *(["--user=root"] if os.geteuid() == 0 else [])],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=60,
     )
     assert daemon.returncode == 78

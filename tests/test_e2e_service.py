@@ -27,7 +27,7 @@ def _daemonized(home, *args: str) -> subprocess.CompletedProcess:
     """twistd without -n: returns when the launcher does."""
     return subprocess.run(
         [sys.executable, "-c", TWISTD, f"--pidfile={home}/twistd.pid", f"--logfile={home}/twistd.log",
-         "mailhub", *args],
+         "mailhub", *(["--user=root"] if os.geteuid() == 0 else []), *args],
         cwd=str(home), env=_env(), capture_output=True, text=True, timeout=60,
     )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mailhub.privileges import PrivilegeError, RunAs, prepare_directory, prepare_file, run_as
+from mailhub.privileges import NoDefaultUser, PrivilegeError, RunAs, prepare_directory, prepare_file, run_as
 
 
 @pytest.fixture
@@ -59,6 +59,56 @@ def test_root_switches_to_server_user_default_mailhub():
     nobody = pwd.getpwnam("nobody")
     assert run_as("nobody", euid=0) == RunAs("nobody", nobody.pw_uid, nobody.pw_gid)
     assert run_as("root", euid=0) is None  # keeps root
+
+
+def test_a_missing_default_account_is_its_own_error(monkeypatch):
+    getpwnam = pwd.getpwnam
+
+    def no_mailhub(name):
+        if name == "mailhub":
+            raise KeyError(name)
+        return getpwnam(name)
+
+    monkeypatch.setattr("mailhub.privileges.pwd.getpwnam", no_mailhub)
+    with pytest.raises(NoDefaultUser):
+        run_as(None, euid=0)
+    with pytest.raises(PrivilegeError) as e:
+        run_as("no-such-user-here", euid=0)
+    assert not isinstance(e.value, NoDefaultUser)  # a named user that is missing always stops the start
+
+
+@pytest.mark.parametrize("source", [None, "/etc/mailhub/mailhub.toml"])
+def test_without_the_default_account_only_a_trial_run_keeps_root(monkeypatch, source, events):
+    """
+    The embedded defaults (no configuration file) are a trial run on loopback:
+    without a mailhub account it keeps root with a warning.  A configuration
+    file makes the missing account a one-line stop.
+    """
+    import dataclasses
+
+    from mailhub import tap
+    from mailhub.config import load_config
+
+    def missing(*args, **kwargs):
+        raise NoDefaultUser("server.user: no such user 'mailhub'")
+
+    failed: list[str] = []
+
+    def fail(message, *args):
+        failed.append(message)
+        raise SystemExit(78)
+
+    monkeypatch.setattr("mailhub.privileges.run_as", missing)
+    monkeypatch.setattr(tap, "fail", fail)
+    config = dataclasses.replace(load_config(None, None, "/tmp"), source=source)
+    if source is None:
+        assert tap._run_as(config, {}) is None
+        assert failed == []
+        assert any("mailhub runs as root" in str(e.get("log_format", "")) for e in events)
+    else:
+        with pytest.raises(SystemExit):
+            tap._run_as(config, {})
+        assert failed == ["/etc/mailhub/mailhub.toml: server.user: no such user 'mailhub'"]
 
 
 def test_twistd_uid_wins_and_must_agree_with_server_user():
