@@ -23,25 +23,9 @@ from twisted.logger import Logger
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config, read_secret
 from .reload import Live, Reloader
 
-__all__ = ["build_components", "directory_args", "tap_reloader"]
+__all__ = ["build_components", "tap_reloader"]
 
 log = Logger()
-
-
-def directory_args(config: Config) -> dict[str, Any]:
-    """The keyword arguments of the daemon's Directory (JSON values; the delivery processes get them too)."""
-    local = config.local
-    return {
-        "domains": list(local.domains),
-        "mailboxes": local.mailboxes,
-        "users": None if local.users is None else list(local.users),
-        "aliases_path": local.aliases,
-        "separator": local.extension_separator,
-        "mode": local.mode,
-        "home_maildir": local.home_maildir,
-        "min_uid": local.min_uid,
-        "max_uid": local.max_uid,
-    }
 
 
 def remote_delivery(config: Config, reactor: Any) -> Any:
@@ -91,13 +75,13 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
     @raise ConfigError: one line (an aliases file error names FILE:LINE).
     """
     from .auth import UsersFile
-    from .directory import AliasesError, Directory
+    from .directory import AliasesError, Directory, directory_args
     from .policy import Policy
     from .reload import Delegate
 
     source = config.source or DEFAULTS_SOURCE
     try:
-        directory = Directory(clock=reactor, **directory_args(config))
+        directory = Directory(clock=reactor, **directory_args(config.local))
     except AliasesError as e:  # "FILE:LINE: problem"
         raise ConfigError(str(e)) from e
     except ValueError as e:  # config.py checked these; a safety net
@@ -161,10 +145,12 @@ def tap_reloader(
             factory.max_hops = config.server.max_hops
             factory.min_data_rate = config.server.min_data_rate
             factory.soft_error_limit = config.server.soft_error_limit
-        if processes is not None and directory_args(config) != directory_args(running.config):
+        from .directory import directory_args
+
+        if processes is not None and directory_args(config.local) != directory_args(running.config.local):
             from .localproc import settings_for
 
-            processes.reconfigure(settings_for(directory_args(config), config.server.hostname, config.spool.fsync))
+            processes.reconfigure(settings_for(directory_args(config.local), config.server.hostname, config.spool.fsync))
         return components
 
     def also() -> None:

@@ -936,3 +936,23 @@ class Directory:
 
 
 _is_safe_local_part = address.is_safe_local_part
+
+
+def directory_args(local: Any) -> dict[str, Any]:
+    """
+    The keyword arguments of L{Directory} for a C{[local]} table
+    (L{mailhub.config.LocalConfig}), as JSON values: the daemon, its
+    delivery processes and C{mailhub check-config} build the same directory
+    from them.
+    """
+    return {
+        "domains": list(local.domains),
+        "mailboxes": local.mailboxes,
+        "users": None if local.users is None else list(local.users),
+        "aliases_path": local.aliases,
+        "separator": local.extension_separator,
+        "mode": local.mode,
+        "home_maildir": local.home_maildir,
+        "min_uid": local.min_uid,
+        "max_uid": local.max_uid,
+    }

@@ -29,7 +29,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from .config import DEFAULTS_SOURCE, Config
 
-__all__ = ["Problem", "check", "directory_args", "FATAL", "ERROR", "WARNING"]
+__all__ = ["Problem", "check", "FATAL", "ERROR", "WARNING"]
 
 #: The daemon refuses to start.
 FATAL = "fatal"
@@ -50,22 +50,6 @@ class Problem:
     text: str
     #: the daemon's exit status for a fatal problem
     status: int = EX_CONFIG
-
-
-def directory_args(config: Config) -> dict[str, Any]:
-    """The keyword arguments of L{mailhub.directory.Directory} for C{config}'s C{[local]}."""
-    local = config.local
-    return {
-        "domains": list(local.domains),
-        "mailboxes": local.mailboxes,
-        "users": None if local.users is None else list(local.users),
-        "aliases_path": local.aliases,
-        "separator": local.extension_separator,
-        "mode": local.mode,
-        "home_maildir": local.home_maildir,
-        "min_uid": local.min_uid,
-        "max_uid": local.max_uid,
-    }
 
 
 @contextmanager
@@ -120,11 +104,11 @@ def _mailboxes(config: Config, source: str) -> list[Problem]:
 
 
 def _directory(config: Config, source: str) -> list[Problem]:
-    from .directory import AliasesError, Directory
+    from .directory import AliasesError, Directory, directory_args
 
     with _logged("mailhub.directory") as found:
         try:
-            Directory(**directory_args(config))
+            Directory(**directory_args(config.local))
         except AliasesError as e:  # "FILE:LINE: problem", as the daemon stops with it
             return found + [Problem(FATAL, str(e))]
         except ValueError as e:

@@ -385,8 +385,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
 
     from .auth import AuthThrottle
     from .components import build_components, tap_reloader
-    from .components import directory_args as components_directory_args
     from .control import control_service, socket_path
+    from .directory import directory_args as directory_args_of
     from .eventlog import EventLogObserver
     from .httpapi import make_http_site
     from .local import LocalDelivery
@@ -472,7 +472,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     directory = Delegate(live, "directory")
     # Also the settings of the local delivery processes, which build
     # their own Directory from them.
-    directory_args = components_directory_args(config)
+    directory_args = directory_args_of(config.local)
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local: Any
     supervisor = None
