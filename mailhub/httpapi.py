@@ -21,8 +21,6 @@ to bind loopback (C{tcp:8080:interface=127.0.0.1}) or sit behind a proxy.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.policy
 import email.utils
 import errno
@@ -116,9 +114,13 @@ class CappedRequest(server.Request):
         self._refused = True
         # no "100 Continue" after this answer (the channel looks after gotLength)
         self.requestHeaders.removeHeader(b"expect")
-        body = _error_body(413, f"request body larger than {self._limit()} bytes")
+        self._answer_and_close(413, b"Content Too Large", f"request body larger than {self._limit()} bytes")
+
+    def _answer_and_close(self, status: int, reason: bytes, text: str) -> None:
+        """Answer with the JSON error body outside the resource tree, and close."""
+        body = _error_body(status, text)
         head = (
-            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"HTTP/1.1 " + str(status).encode() + b" " + reason + b"\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
             b"Connection: close\r\n\r\n"
@@ -131,6 +133,16 @@ class CappedRequest(server.Request):
             return
         transport.write(head + body)
         self.channel.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # twisted.web parses form bodies itself (and answers a bare 400 when
+        # they are malformed); the API takes none
+        ctype = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
+        if command == b"POST" and ctype.split(b";")[0].strip().lower() == b"multipart/form-data" and not self._refused:
+            self._refused = True
+            self._answer_and_close(415, b"Unsupported Media Type", "Content-Type must be application/json or message/rfc822")
+            return
+        super().requestReceived(command, path, version)
 
     def process(self) -> None:
         if self._refused:
@@ -312,6 +324,8 @@ class ApiResource(resource.Resource):
     # -- authentication -------------------------------------------------------------
 
     def _user(self, request: server.Request) -> str:
+        if len(request.requestHeaders.getRawHeaders(b"authorization", [])) > 1:
+            raise HttpError(400, "more than one Authorization header")
         header = _header(request, b"authorization")
         if header is None:
             raise _unauthorized("missing bearer token")
@@ -517,91 +531,26 @@ class ApiResource(resource.Resource):
         return sender, recipients, message
 
     def _from_json(self, body: bytes) -> tuple[str, list[str], bytes]:
+        from .httpmime import InvalidMessage, build_message
+
         try:
             data = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise HttpError(400, f"malformed JSON: {e}")
-        if not isinstance(data, dict):
-            raise HttpError(400, "JSON body must be an object")
+            raise HttpError(400, f"malformed JSON: {str(e)[:200]}")
+        except RecursionError:
+            raise HttpError(400, "malformed JSON: nested too deeply")
         try:
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise HttpError(400, "JSON strings must be valid Unicode (lone surrogate)")
-        known = {"from", "to", "cc", "bcc", "subject", "text", "html", "attachments", "reply_to", "headers"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HttpError(400, f"unknown field(s): {', '.join(unknown)}")
-        sender = data.get("from")
-        lists = {}
-        for key in ("to", "cc", "bcc"):
-            value = data.get(key, [])
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise HttpError(400, f"{key} must be a list of addresses")
-            lists[key] = value
-        for key in ("subject", "text", "html", "reply_to"):
-            if key in data and not isinstance(data[key], str):
-                raise HttpError(400, f"{key} must be a string")
-        if not isinstance(sender, str) or not sender:
-            raise HttpError(400, "missing sender (from)")
-        if "text" not in data and "html" not in data:
-            raise HttpError(400, "give text or html")
-        for key in ("subject", "reply_to"):
-            if any(c in data.get(key, "") for c in "\r\n\0"):
-                raise HttpError(400, f"{key} must be one line")
-        for value in [sender] + lists["to"] + lists["cc"] + lists["bcc"]:
-            if any(c in value for c in "\r\n\0,<>"):
-                raise HttpError(400, f"invalid address {value!r}")
-        msg = EmailMessage(policy=email.policy.SMTP)
-        msg["From"] = sender
-        if lists["to"]:
-            msg["To"] = ", ".join(lists["to"])
-        if lists["cc"]:
-            msg["Cc"] = ", ".join(lists["cc"])
-        if data.get("reply_to"):
-            msg["Reply-To"] = data["reply_to"]
-        msg["Subject"] = data.get("subject", "")
-        msg["Date"] = rfc5322_date(self._now())
-        msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
-        msg["MIME-Version"] = "1.0"
-        if "text" in data:
-            msg.set_content(data["text"])
-            if "html" in data:
-                msg.add_alternative(data["html"], subtype="html")
-        else:
-            msg.set_content(data["html"], subtype="html")
-        attachments = data.get("attachments", [])
-        if not isinstance(attachments, list):
-            raise HttpError(400, "attachments must be a list")
-        for i, att in enumerate(attachments):
-            if not isinstance(att, dict):
-                raise HttpError(400, f"attachments[{i}] must be an object")
-            filename = att.get("filename")
-            ctype = att.get("content_type", "application/octet-stream")
-            content = att.get("content_base64")
-            if not isinstance(filename, str) or not filename or any(c in filename for c in "\r\n\0/\\"):
-                raise HttpError(400, f"attachments[{i}].filename missing or invalid")
-            if not isinstance(ctype, str) or not re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+", ctype):
-                raise HttpError(400, f"attachments[{i}].content_type invalid")
-            if not isinstance(content, str):
-                raise HttpError(400, f"attachments[{i}].content_base64 missing")
-            try:
-                raw = base64.b64decode(content, validate=True)
-            except (binascii.Error, ValueError):
-                raise HttpError(400, f"attachments[{i}].content_base64 is not base64")
-            maintype, subtype = ctype.lower().split("/")
-            if maintype == "text":
-                try:
-                    msg.add_attachment(raw.decode("utf-8"), subtype=subtype, filename=filename)
-                except UnicodeDecodeError:
-                    msg.add_attachment(raw, maintype="application", subtype="octet-stream", filename=filename)
-            elif maintype in ("multipart", "message"):
-                msg.add_attachment(raw, maintype="application", subtype="octet-stream", filename=filename)
-            else:
-                msg.add_attachment(raw, maintype=maintype, subtype=subtype, filename=filename)
-        recipients = lists["to"] + lists["cc"] + lists["bcc"]
-        return sender, recipients, msg.as_bytes()
+        except (RecursionError, ValueError):
+            raise HttpError(400, "malformed JSON: nested too deeply")
+        try:
+            return build_message(data, self.hostname, rfc5322_date(self._now()))
+        except InvalidMessage as e:
+            raise HttpError(400, str(e))
+        except RecursionError:
+            raise HttpError(400, "JSON value nested too deeply")
 
     def _queue(self, request: server.Request, user: str, sender: str, recipients: list[str], message: bytes) -> Any:
         now = self._now()

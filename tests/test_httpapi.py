@@ -317,7 +317,7 @@ def test_bad_tokens(env, headers, token, status, text):
         (b'{"from": "alice@example.com", "to": [], "text": "x"}', 400, "no recipients"),
         (b'{"from": "alice@example.com", "to": "not an address", "text": "x"}', 400, "invalid recipient"),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": 5}', 400, "text must be a string"),
-        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "subject": "a\\r\\nBcc: x@y"}', 400, "subject must be one line"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "subject": "a\\r\\nBcc: x@y"}', 400, "subject: control character U+000D"),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "evil": 1}', 400, "unknown field(s): evil"),
         (b'{"to": ["b@example.org"], "text": "x"}', 400, "missing sender"),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "attachments": [{"filename": "a", "content_base64": "!!"}]}', 400, "not base64"),
