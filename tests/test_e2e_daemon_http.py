@@ -108,9 +108,9 @@ def scrape(d: HttpDaemon) -> dict[str, float]:
     return {name: float(value) for name, value in _SAMPLE.findall(body.decode())}
 
 
-ACCEPTED_SMTP = 'messages_accepted_total{listener="smtp"}'
-ACCEPTED_HTTP = 'messages_accepted_total{listener="http"}'
-SENT_LOCAL = 'deliveries_total{status="sent",transport="local"}'
+ACCEPTED_SMTP = 'mailhub_messages_accepted_total{listener="smtp"}'
+ACCEPTED_HTTP = 'mailhub_messages_accepted_total{listener="http"}'
+SENT_LOCAL = 'mailhub_deliveries_total{status="sent",transport="local"}'
 
 
 def find_in_maildir(d: Daemon, user: str, needle: bytes) -> bytes:
@@ -134,14 +134,14 @@ def test_smtp_mail_moves_the_counters(daemon):
     find_in_maildir(daemon, "alice", b"<counted@client.test>")
     # the delivery event follows the Maildir rename; poll the scrape, bounded
     after = wait_for(
-        lambda: (m := scrape(daemon))[SENT_LOCAL] == before[SENT_LOCAL] + 1 and m, 10, "deliveries_total to move"
+        lambda: (m := scrape(daemon))[SENT_LOCAL] == before[SENT_LOCAL] + 1 and m, 10, "mailhub_deliveries_total to move"
     )
     assert after[ACCEPTED_SMTP] == before[ACCEPTED_SMTP] + 1
-    assert after['deliveries_total{status="deferred",transport="local"}'] == before[
-        'deliveries_total{status="deferred",transport="local"}'
+    assert after['mailhub_deliveries_total{status="deferred",transport="local"}'] == before[
+        'mailhub_deliveries_total{status="deferred",transport="local"}'
     ]
-    assert after["delivery_latency_seconds_count"] == before["delivery_latency_seconds_count"] + 1
-    assert "queue_size" in after and "oldest_message_age_seconds" in after
+    assert after["mailhub_delivery_latency_seconds_count"] == before["mailhub_delivery_latency_seconds_count"] + 1
+    assert "mailhub_queue_size" in after and "mailhub_oldest_message_age_seconds" in after
     # and the event log has the story
     r = mailhub(daemon, "log", qid)
     assert r.returncode == 0, r.stderr

@@ -513,11 +513,11 @@ def test_metrics_endpoint_counts_http_submissions(env):
     r = env.request("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
     text = r.body.decode()
-    assert 'messages_accepted_total{listener="http"} 1.0' in text.splitlines()
-    assert "queue_size 1.0" in text.splitlines()
-    assert "oldest_message_age_seconds 0.0" in text.splitlines()
+    assert 'mailhub_messages_accepted_total{listener="http"} 1.0' in text.splitlines()
+    assert "mailhub_queue_size 1.0" in text.splitlines()
+    assert "mailhub_oldest_message_age_seconds 0.0" in text.splitlines()
     env.clock.advance(30)
-    assert "oldest_message_age_seconds 30.0" in env.request("GET", "/metrics").body.decode().splitlines()
+    assert "mailhub_oldest_message_age_seconds 30.0" in env.request("GET", "/metrics").body.decode().splitlines()
 
 
 def test_status_page_escapes_addresses(env):
