@@ -35,7 +35,8 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from . import address
-from .envelope import Envelope, Recipient
+from .envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
+from .httplimits import ConnectionLimits, LimitedConnection, RefusedConnection
 from .maillog import mail_event
 from .scheduler import FLUSHED, HELD
 from .smtpproto import rfc5322_date, trace_header
@@ -96,7 +97,16 @@ class CappedRequest(server.Request):
     def _limit(self) -> int:
         return getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
 
+    def _limits(self) -> Any:
+        """The L{LimitedConnection} this request arrived on, if any."""
+        transport = getattr(getattr(self, "channel", None), "transport", None)
+        return transport if isinstance(transport, LimitedConnection) else None
+
     def gotLength(self, length: int | None) -> None:
+        # called once the whole header is in
+        connection = self._limits()
+        if connection is not None:
+            connection.header_complete()
         super().gotLength(length)
         if length is not None and length > self._limit():
             self._refuse()
@@ -135,6 +145,9 @@ class CappedRequest(server.Request):
         self.channel.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        connection = self._limits()
+        if connection is not None:
+            connection.request_complete()
         # twisted.web parses form bodies itself (and answers a bare 400 when
         # they are malformed); the API takes none
         ctype = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
@@ -149,15 +162,36 @@ class CappedRequest(server.Request):
             return
         super().process()
 
+    def finish(self) -> None:
+        connection = self._limits()
+        super().finish()
+        if connection is not None:
+            connection.answered()
+
 
 class ApiSite(server.Site):
-    """A L{server.Site} with a body limit (C{max_body}) and L{CappedRequest}s."""
+    """
+    A L{server.Site} with a body limit (C{max_body}), L{CappedRequest}s and,
+    given C{limits}, deadlines and connection caps (L{mailhub.httplimits}).
+    """
 
     requestFactory = CappedRequest
 
-    def __init__(self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
+    def __init__(
+        self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY, limits: ConnectionLimits | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(root, **kwargs)
         self.max_body = max_body
+        self.limits = limits
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.limits is None:
+            return super().buildProtocol(addr)
+        ip = str(getattr(addr, "host", ""))
+        over = self.limits.over(ip)
+        if over is not None:
+            return RefusedConnection(ip, over)
+        return LimitedConnection(self.limits, ip, super().buildProtocol(addr))
 
 
 def _error_body(status: int, text: str) -> bytes:
@@ -387,53 +421,83 @@ class ApiResource(resource.Resource):
         return self._is_admin(user) or str(env.client.get("user", "")).lower() == user.lower()
 
     def get_message(self, request: server.Request, id: str) -> Any:
+        """
+        One message's status, the same JSON while it is queued and after it
+        left the queue (then from the event log): see docs/http.rst.
+        """
         user = self._user(request)
         if not is_queue_id(id):
             raise HttpError(404, "no such message")
-        try:
-            env = self.spool.load(id)
-        except KeyError:
-            return self._from_event_log(user, id)
-        except Exception as e:  # corrupt envelope
-            raise HttpError(503, f"cannot read the envelope: {e}")
-        if not self._visible(user, env):
-            raise HttpError(404, "no such message")
-        return (200, self._envelope_json(env))
+        event_log = self.event_log
 
-    def _from_event_log(self, user: str, qid: str) -> Any:
-        """A message that left the queue: its final states, from the event log if there is one."""
-        if not self.event_log:
-            raise HttpError(404, "no such message (not in the queue)")
-        from .eventlog import story
+        def lookup() -> tuple[Any, list[dict[str, Any]]]:
+            # disk only: runs in a thread in the daemon (self.run)
+            from .eventlog import story
 
-        events = [e for e in story(self.event_log, qid) if e.get("queue_id") == qid]
-        accepted = next((e for e in events if e.get("event") in ("accepted", "pickup")), None)
-        if accepted is None or not (self._is_admin(user) or str(accepted.get("user", "")).lower() == user.lower()):
-            raise HttpError(404, "no such message")
+            try:
+                env: Any = self.spool.load(id)
+            except KeyError:
+                env = None
+            except Exception as e:  # corrupt envelope
+                env = HttpError(503, f"cannot read the envelope: {str(e)[:200]}")
+            events = story(event_log, id, follow=False) if event_log else []
+            return env, events
+
+        d = defer.maybeDeferred(self.run, lookup)
+        d.addCallback(lambda found: self._message_status(user, id, *found))
+        return d
+
+    def _message_status(self, user: str, qid: str, env: Any, events: list[dict[str, Any]]) -> Any:
+        events = [e for e in events if e.get("queue_id") == qid]
+        if isinstance(env, HttpError):
+            raise env
+        if env is not None:
+            if not self._visible(user, env):
+                raise HttpError(404, "no such message")
+            data = self._envelope_json(env)
+        else:
+            if not self.event_log:
+                raise HttpError(404, "no such message (not in the queue, and no event log)")
+            accepted = next((e for e in events if e.get("event") in ("accepted", "pickup")), None)
+            if accepted is None or not (self._is_admin(user) or str(accepted.get("user", "")).lower() == user.lower()):
+                raise HttpError(404, "no such message")
+            data = self._finished_json(qid, accepted, events)
+        notices = [e for e in events if e.get("event") == "bounce" and e.get("dsn_id")]
+        data["bounces"] = [e["dsn_id"] for e in notices if "delay" not in str(e.get("kind", ""))]
+        data["delay_notices"] = [e["dsn_id"] for e in notices if "delay" in str(e.get("kind", ""))]
+        return (200, data)
+
+    def _finished_json(self, qid: str, accepted: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+        """L{_envelope_json}'s shape for a message that left the queue, from its events."""
+        states = {"sent": DELIVERED, "bounced": FAILED, "deferred": PENDING}
         recipients: dict[str, dict[str, Any]] = {}
         for e in events:
-            if e.get("event") == "delivery" and e.get("to"):
-                recipients[e["to"]] = {
-                    "address": e["to"],
-                    "original": e.get("orig_to", e["to"]),
-                    "state": {"sent": "delivered", "bounced": "failed"}.get(e.get("status"), "pending"),
-                    "attempts": e.get("attempts"),
-                    "last_status": e.get("dsn", ""),
-                    "last_text": e.get("text", ""),
-                    "remote_mta": e.get("relay", ""),
-                }
-        bounces = [e.get("dsn_id") for e in events if e.get("event") == "bounce" and e.get("dsn_id")]
-        return (
-            200,
-            {
-                "queue_id": qid,
-                "state": "done",
-                "sender": accepted.get("sender", ""),
-                "arrival": accepted.get("time"),
-                "recipients": list(recipients.values()),
-                "bounces": bounces,
-            },
-        )
+            if e.get("event") != "delivery" or not e.get("to"):
+                continue
+            code = e.get("code")
+            recipients[e["to"]] = {
+                "address": e["to"],
+                "original": e.get("orig_to", e["to"]),
+                "state": states.get(str(e.get("status")), PENDING),
+                "attempts": e.get("attempts"),
+                "last_code": code if isinstance(code, int) else None,
+                "last_status": e.get("dsn", ""),
+                "last_text": e.get("detail", ""),
+                "last_attempt": e.get("last_attempt", e.get("time")),
+                "remote_mta": e.get("remote_mta", ""),
+            }
+        attempts = [r["attempts"] for r in recipients.values() if isinstance(r["attempts"], int)]
+        size = accepted.get("size")
+        return {
+            "queue_id": qid,
+            "state": "done",
+            "sender": accepted.get("sender", ""),
+            "arrival": accepted.get("time"),
+            "next_attempt": None,
+            "attempts": max(attempts, default=0),
+            "size": int(size) if isinstance(size, (int, str)) and str(size).isdigit() else None,
+            "recipients": list(recipients.values()),
+        }
 
     def get_queue(self, request: server.Request) -> Any:
         user = self._user(request)
@@ -701,7 +765,14 @@ def _strip_header(message: bytes, name: bytes) -> bytes:
 
 
 def make_http_site(
-    *args: Any, max_body: int = DEFAULT_MAX_BODY, status_page: Any = "default", **kwargs: Any
+    *args: Any,
+    max_body: int = DEFAULT_MAX_BODY,
+    status_page: Any = "default",
+    header_timeout: float = 60.0,
+    request_timeout: float = 300.0,
+    max_connections: int = 100,
+    max_connections_per_ip: int = 50,
+    **kwargs: Any,
 ) -> ApiSite:
     """
     The HTTP site: API, C{/metrics} and the status page.
@@ -711,8 +782,17 @@ def make_http_site(
     @param max_body: the largest request body accepted, in bytes.
     @param status_page: as for L{ApiResource}, but C{"default"} (one over
         C{metrics}) unless told otherwise.
+    @param header_timeout: seconds for a request's whole header.
+    @param request_timeout: seconds for a whole request (header and body).
+    @param max_connections: open connections at most, all clients together.
+    @param max_connections_per_ip: open connections at most from one address.
+        The last four need a clock (C{clock=}, or the metrics' clock); without
+        one the site has no deadlines and no caps.
     """
     root = ApiResource(*args, status_page=status_page, **kwargs)
-    site = ApiSite(root, max_body=max_body)
+    limits = None
+    if root.clock is not None:
+        limits = ConnectionLimits(root.clock, header_timeout, request_timeout, max_connections, max_connections_per_ip)
+    site = ApiSite(root, max_body=max_body, limits=limits)
     site.displayTracebacks = False
     return site

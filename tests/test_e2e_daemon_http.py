@@ -31,6 +31,9 @@ trusted_networks = []
 http = ["tcp:0:interface=127.0.0.1"]
 http_admins = ["admin@{DOMAIN}"]
 event_log = "events.jsonl"
+http_header_timeout = 2
+http_request_timeout = 4
+http_max_connections_per_ip = 5
 
 [spool]
 path = "spool"
@@ -224,3 +227,80 @@ def test_status_page(daemon):
     assert headers["Content-Type"] == "text/html; charset=utf-8"
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert b"<svg" in body and b"mx.example.test" in body
+
+
+# -- the listener's limits, with real sockets ----------------------------------------------------------
+
+
+def _read_until_closed(sock, deadline: float) -> bytes:
+    import socket as _socket
+    import time
+
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(4096)
+        except _socket.timeout:
+            break
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"connection still open; got {data!r}")
+
+
+def test_slow_header_is_closed_at_the_header_deadline(daemon):
+    """One byte of header every 0.5 s keeps Twisted's idle timer alive, but not the 2 s header deadline."""
+    import socket as _socket
+    import time
+
+    s = _socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10)
+    start = time.monotonic()
+    sent = b""
+    try:
+        for byte in b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+            sent += bytes([byte])
+            s.settimeout(0.5)
+            try:
+                answer = s.recv(4096)
+            except _socket.timeout:
+                continue
+            answer += _read_until_closed(s, start + 15)
+            break
+        else:
+            raise AssertionError("the slow header was never cut off")
+    finally:
+        s.close()
+    elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "header not complete within 2 seconds", "code": 408}
+    assert 1.5 < elapsed < 10, elapsed
+    wait_for(lambda: "HTTP: header not complete within 2 s from [127.0.0.1]: closing" in daemon.log(), 10, "the log line")
+
+
+def test_connections_per_address_are_capped(daemon):
+    import socket as _socket
+
+    idle = [_socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10) for _ in range(5)]
+    try:
+        extra = _socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10)
+        try:
+            import time
+
+            answer = _read_until_closed(extra, time.monotonic() + 10)
+        finally:
+            extra.close()
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"Retry-After: 60" in answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "too many connections", "code": 503}
+    finally:
+        for s in idle:
+            s.close()
+    # the idle ones are gone (closed by us, or at the header deadline): room again
+    wait_for(lambda: daemon.request("GET", "/metrics")[0] == 200, 10, "a new connection to be served")
+    metrics = scrape(daemon)
+    assert metrics['mailhub_messages_rejected_total{reason="too_many_connections"}'] >= 1

@@ -415,7 +415,7 @@ def test_get_message_and_queue(env):
 
 def test_get_unknown_or_bad_message_is_404(env):
     assert env.request("GET", "/v1/messages/0000000000000ZZZZZ", token=env.alice).json() == {
-        "error": "no such message (not in the queue)", "code": 404}
+        "error": "no such message (not in the queue, and no event log)", "code": 404}
     assert env.request("GET", "/v1/messages/..%2F..%2Fetc", token=env.alice).status == 404
     assert env.request("GET", "/v1/messages/", token=env.alice).status == 404
 
