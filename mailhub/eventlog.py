@@ -22,8 +22,9 @@ C{PATH.1} ... C{PATH.N}); L{story} reads the rotated files too.  Without this mo
 read from the twistd log with C{grep QUEUEID twistd.log}; this file is for
 programs (C{jq}, log shippers) and for C{mailhub log}.
 
-Must not touch: anything but its own file.  It observes events; it never
-emits mail events itself and nothing depends on it being configured.
+Must not touch: anything but its own files.  It observes events; it never
+emits mail events itself.  C{GET /v1/messages/ID} reads it (L{story}) for
+messages that left the queue; everything else works without it.
 """
 
 from __future__ import annotations

@@ -304,3 +304,68 @@ def test_connections_per_address_are_capped(daemon):
     wait_for(lambda: daemon.request("GET", "/metrics")[0] == 200, 10, "a new connection to be served")
     metrics = scrape(daemon)
     assert metrics['mailhub_messages_rejected_total{reason="too_many_connections"}'] >= 1
+
+
+# -- message status with the default settings (event log under the data directory) --------------------
+
+DEFAULTS_CONFIG = f"""
+[server]
+hostname = "mx.{DOMAIN}"
+smtp = ["tcp:0:interface=127.0.0.1"]
+http = ["tcp:0:interface=127.0.0.1"]
+
+[local]
+domains = ["{DOMAIN}"]
+users = ["alice", "bob"]
+
+[auth]
+users = "users"
+
+[relay]
+smarthost = "[127.0.0.1]:1"
+"""
+
+
+@pytest.fixture(scope="module")
+def default_daemon(tmp_path_factory):
+    d = HttpDaemon(tmp_path_factory.mktemp("http-defaults"), DEFAULTS_CONFIG).start()
+    yield d
+    assert d.stop() == CLEAN_EXIT, d.stderr()
+    assert "Traceback" not in d.log()
+
+
+def test_message_status_with_default_settings(default_daemon):
+    d = default_daemon
+    assert mailhub(d, "user", "add", f"alice@{DOMAIN}", "--password-stdin", stdin="pw\n").returncode == 0
+    token = mailhub(d, "user", "token", f"alice@{DOMAIN}").stdout.strip()
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def submit(to: str) -> str:
+        body = json.dumps({"from": f"alice@{DOMAIN}", "to": [to], "subject": "status", "text": "hi"}).encode()
+        status, _, answer = d.request("POST", "/v1/messages", body, auth)
+        assert status == 202, answer
+        return json.loads(answer)["queue_id"]
+
+    def get(qid: str) -> dict:
+        status, _, answer = d.request("GET", f"/v1/messages/{qid}", headers=auth)
+        assert status == 200, answer
+        return json.loads(answer)
+
+    local = submit(f"bob@{DOMAIN}")
+    remote = submit("carol@remote.example")  # the smarthost refuses connections: stays queued
+    done = wait_for(lambda: (m := get(local))["state"] == "done" and m, 20, "the local message to be done")
+    queued = wait_for(lambda: (m := get(remote))["recipients"][0]["attempts"] and m, 20, "a delivery attempt")
+    assert queued["state"] == "queued"
+    # one shape, one meaning, before and after the message left the queue
+    assert sorted(done) == sorted(queued)
+    assert sorted(done["recipients"][0]) == sorted(queued["recipients"][0])
+    r = done["recipients"][0]
+    assert (r["address"], r["state"], r["attempts"], r["last_status"]) == (f"bob@{DOMAIN}", "delivered", 1, "2.0.0")
+    assert isinstance(r["last_code"], int) and r["last_code"] // 100 == 2
+    assert f"{local}:" not in r["last_text"] and "status=" not in r["last_text"] and r["last_text"]
+    q = queued["recipients"][0]
+    assert q["state"] == "pending" and q["last_status"].startswith("4.")
+    assert (done["bounces"], done["delay_notices"], queued["bounces"]) == ([], [], [])
+    assert done["sender"] == f"alice@{DOMAIN}" and done["size"] > 0 and done["next_attempt"] is None
+    # the event log is under the data directory, with no setting
+    assert os.path.isfile(os.path.join(d.home, "mailhub-data", "events.jsonl"))
