@@ -547,7 +547,10 @@ class ApiResource(resource.Resource):
         if not isinstance(sender, str) or not sender:
             raise HttpError(400, "missing sender (from)")
         try:
+            sender.encode("utf-8")
             address.parse_mailbox(sender)
+        except UnicodeEncodeError:
+            raise HttpError(400, "invalid sender: not UTF-8")
         except address.AddressError as e:
             raise HttpError(400, f"invalid sender: {e}")
         return sender
@@ -562,9 +565,12 @@ class ApiResource(resource.Resource):
             if not isinstance(r, str):
                 raise HttpError(400, "recipients must be strings")
             try:
+                r.encode("utf-8")
                 mailbox = address.parse_mailbox(r)
+            except UnicodeEncodeError:
+                raise HttpError(400, f"invalid recipient {r[:100]!r}: not UTF-8")
             except address.AddressError as e:
-                raise HttpError(400, f"invalid recipient {r!r}: {e}")
+                raise HttpError(400, f"invalid recipient {r[:100]!r}: {e}")
             text = str(mailbox)
             if text not in out:
                 out.append(text)
@@ -583,13 +589,16 @@ class ApiResource(resource.Resource):
         head_end = message.find(b"\r\n\r\n")
         head = message[: head_end + 2] if head_end >= 0 else message
         if sender is None or not recipients:
-            parsed = email.message_from_bytes(head, policy=email.policy.compat32)
-            if sender is None:
-                froms = email.utils.getaddresses(parsed.get_all("From", []))
-                sender = froms[0][1] if froms and froms[0][1] else None
-            if not recipients:
-                fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
-                recipients = [a for _, a in email.utils.getaddresses(fields) if a]
+            try:
+                parsed = email.message_from_bytes(head, policy=email.policy.compat32)
+                if sender is None:
+                    froms = email.utils.getaddresses(parsed.get_all("From", []))
+                    sender = froms[0][1] if froms and froms[0][1] else None
+                if not recipients:
+                    fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
+                    recipients = [a for _, a in email.utils.getaddresses(fields) if a]
+            except (RecursionError, ValueError, TypeError, LookupError):
+                raise HttpError(400, "cannot read the addresses in the From:, To:, Cc: or Bcc: header fields")
         # Bcc never travels (sendmail -t does the same)
         message = _strip_header(message, b"bcc")
         return sender, recipients, message

@@ -209,3 +209,20 @@ def test_two_authorization_headers_are_refused(env):
     raw_get = (f"GET /v1/queue HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {env.alice}\r\n"
                f"Authorization: Bearer {env.root}\r\n\r\n").encode()
     assert env.request("GET", "/v1/queue", raw=raw_get).status == 400
+
+
+@pytest.mark.parametrize(
+    "query, message, error",
+    [
+        ("", b"From: alice@example.com\r\nTo: " + b"(" * 5000 + b"\r\n\r\nx\r\n", "cannot read the addresses"),
+        ("?from=alice@example.com&to=" + "a" * 5000 + "@example.org", b"Subject: x\r\n\r\nx\r\n", "local part too long"),
+        ("?from=%ff%fe&to=bob@example.org", b"Subject: x\r\n\r\nx\r\n", "invalid sender"),
+    ],
+    ids=["nested-comments", "long-recipient", "bad-sender"],
+)
+def test_raw_messages_with_unreadable_addresses_are_400(env, query, message, error):
+    r = env.request("POST", "/v1/messages" + query, message, {"Content-Type": "message/rfc822"}, token=env.alice)
+    assert r.status == 400, r.raw
+    assert error in r.json()["error"]
+    assert len(r.body) < 300  # the client's input is not echoed in full
+    assert env.spool.queue_ids() == []
