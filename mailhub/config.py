@@ -96,7 +96,13 @@ class ServerConfig:
     http: tuple[str, ...] = ()  # HTTP listeners; () = none
     http_max_body: int = 14680064  # bytes per request body (message_size_limit as base64 in JSON)
     http_admins: tuple[str, ...] = ()  # users that may list the whole queue and flush it
-    event_log: str | None = None  # JSON-lines event log; None = off
+    http_header_timeout: float = 60.0  # seconds for a request's whole header (nginx client_header_timeout)
+    http_request_timeout: float = 300.0  # seconds for a whole request, header and body
+    http_max_connections: int = 100  # open HTTP connections, all clients together
+    http_max_connections_per_ip: int = 50  # open HTTP connections from one address
+    event_log: str | None = None  # JSON-lines event log; load() defaults it to <data_dir>/events.jsonl, "" = off
+    event_log_max_size: int = 67108864  # bytes; the event log is rotated at this size; 0 = never
+    event_log_keep: int = 3  # rotated event log files kept (events.jsonl.1 ... .N)
     mail_log: str | None = None  # mail lines to this file instead of twistd's log; None = off
     # -- the user the daemon runs as once its ports are bound (docs/architecture.rst)
     user: str | None = None  # None: "mailhub" when started as root, else the current user
@@ -587,7 +593,13 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "http": (_optional_endpoints, False),
         "http_max_body": (_positive_int, False),
         "http_admins": (_admins, False),
+        "http_header_timeout": (_positive_duration, False),
+        "http_request_timeout": (_positive_duration, False),
+        "http_max_connections": (_positive_int, False),
+        "http_max_connections_per_ip": (_positive_int, False),
         "event_log": (_optional_string, True),
+        "event_log_max_size": (_non_negative_int, False),
+        "event_log_keep": (_non_negative_int, False),
         "mail_log": (_optional_string, True),
         "user": (_optional_string, False),
     },
@@ -758,6 +770,7 @@ def load_config(
     data_root = top.get("data_dir") or os.path.abspath(os.path.join(cwd, DEFAULT_DATA_DIR))
     server = dict(values["server"])
     server.setdefault("hostname", socket.getfqdn())
+    server.setdefault("event_log", os.path.join(data_root, "events.jsonl"))
     spool = dict(values["spool"])
     spool.setdefault("path", os.path.join(data_root, "spool"))
     local = dict(values["local"])
@@ -779,7 +792,10 @@ def load_config(
     if check_files:
         _creatable_dir(where, "spool.path", spool["path"])
         _creatable_dir(where, "local.mailboxes", local["mailboxes"])
-        _writable_log(where, "server.event_log", server_cfg.event_log)
+        if server_cfg.event_log == os.path.join(data_root, "events.jsonl") and not os.path.isdir(data_root):
+            _creatable_dir(where, "data_dir", data_root)  # the daemon creates it, then the log
+        else:
+            _writable_log(where, "server.event_log", server_cfg.event_log)
         _writable_log(where, "server.mail_log", server_cfg.mail_log)
     return Config(
         server=server_cfg,

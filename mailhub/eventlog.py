@@ -12,17 +12,25 @@ Line format (keys sorted; C{time} is POSIX seconds)::
      "text": "0DA3...: accepted from=<a@example.com> nrcpt=1 ...", "time": 1700000000.1, ...}
 
 C{event} is the mail event's name (L{mailhub.maillog}), C{text} the line as
-the ordinary log prints it (L{twisted.logger.formatEvent}) and every other
-key one of the event's fields.  Without this module the same story can be
+the ordinary log prints it (L{twisted.logger.formatEvent}), C{detail} the
+event's own C{text} field when it has one (a delivery's outcome: the remote
+reply or the local result) and every other key one of the event's fields.
+
+By default the file is C{DATA/events.jsonl}, rotated by size
+(C{server.event_log_max_size}, C{server.event_log_keep} older files
+C{PATH.1} ... C{PATH.N}); L{story} reads the rotated files too.  Without this module the same story can be
 read from the twistd log with C{grep QUEUEID twistd.log}; this file is for
 programs (C{jq}, log shippers) and for C{mailhub log}.
 
-Must not touch: anything but its own file.  It observes events; it never
-emits mail events itself and nothing depends on it being configured.
+Must not touch: anything but its own files.  It observes events; it never
+emits mail events itself.  C{GET /v1/messages/ID} reads it (L{story}) for
+messages that left the queue; everything else works without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -33,7 +41,7 @@ from zope.interface import implementer
 
 from .cli import Command
 
-__all__ = ["EventLogObserver", "event_record", "read_events", "story", "LogOptions", "run_log"]
+__all__ = ["EventLogObserver", "event_record", "read_events", "story", "log_files", "LogOptions", "run_log"]
 
 #: fields of a twisted.logger event that are bookkeeping, not mail data
 _SKIP = {"log_logger", "log_source", "log_format", "log_level", "log_namespace", "log_time",
@@ -69,6 +77,10 @@ def event_record(event: dict[str, Any]) -> dict[str, Any] | None:
     record["event"] = str(name)
     record["time"] = event.get("log_time")
     record["queue_id"] = str(event.get("queue_id", "-"))
+    if "text" in record:
+        # the event's own text (a delivery's outcome: the remote reply or the
+        # local result); "text" is the whole log line
+        record["detail"] = record["text"]
     try:
         record["text"] = formatEvent(event)
     except Exception:  # formatEvent itself never raises, but be sure
@@ -85,17 +97,57 @@ class EventLogObserver:
     raised into the logging system (which would drop the observer).
     """
 
-    def __init__(self, path: str | None = None, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self, path: str | None = None, stream: IO[str] | None = None, max_size: int = 0, keep: int = 0
+    ) -> None:
+        """
+        @param max_size: rotate once the file reaches this many bytes
+            (C{PATH} becomes C{PATH.1}, C{PATH.1} becomes C{PATH.2}, ...);
+            0 = never (rotate it with logrotate's C{copytruncate}).
+        @param keep: rotated files kept; older ones are deleted.  At most
+            about C{max_size * (keep + 1)} bytes are on disk.
+        """
         if stream is None:
             if path is None:
                 raise ValueError("give a path or a stream")
-            # 0640 when created (senders, recipients, client IPs are not for
-            # every local user); an existing file keeps its mode.
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+            stream = self._open(path)
         self.path = path
+        self.max_size = max_size if path is not None else 0
+        self.keep = keep
         self._stream = stream
+        self._size = self._current_size()
         self._failed = False
+
+    @staticmethod
+    def _open(path: str) -> IO[str]:
+        # 0640 when created (senders, recipients, client IPs are not for
+        # every local user); an existing file keeps its mode.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+    def _current_size(self) -> int:
+        try:
+            return os.fstat(self._stream.fileno()).st_size
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return 0
+
+    def _rotate(self) -> None:
+        assert self.path is not None
+        self._stream.close()
+        for n in range(self.keep, 0, -1):
+            older = f"{self.path}.{n}"
+            if n == self.keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(older)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(older, f"{self.path}.{n + 1}")
+        if self.keep > 0:
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.unlink(self.path)
+        self._stream = self._open(self.path)
+        self._size = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
         record = event_record(event)
@@ -103,8 +155,13 @@ class EventLogObserver:
             return
         line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
         try:
+            if self.max_size and self._size > 0 and self._size + len(line) > self.max_size:
+                self._size = self._current_size()  # logrotate's copytruncate may have emptied it
+                if self._size > 0 and self._size + len(line) > self.max_size:
+                    self._rotate()
             self._stream.write(line)
             self._stream.flush()
+            self._size += len(line.encode("utf-8"))
         except (OSError, ValueError) as e:
             if not self._failed:
                 self._failed = True
@@ -130,27 +187,45 @@ def read_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def story(log_path: str, queue_id: str) -> list[dict[str, Any]]:
+def log_files(log_path: str) -> list[str]:
+    """C{log_path}'s rotated files (C{PATH.N} ... C{PATH.1}), oldest first, then C{log_path}."""
+    rotated: list[tuple[int, str]] = []
+    directory, base = os.path.split(os.path.abspath(log_path))
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        names = []
+    for name in names:
+        suffix = name[len(base) + 1 :] if name.startswith(base + ".") else ""
+        if suffix.isdigit() and len(suffix) <= 4:
+            rotated.append((int(suffix), os.path.join(directory, name)))
+    return [p for _, p in sorted(rotated, reverse=True)] + [log_path]
+
+
+def story(log_path: str, queue_id: str, follow: bool = True) -> list[dict[str, Any]]:
     """
-    Every event about C{queue_id}, in log order, followed into the
-    notifications it produced: a C{bounce} event carrying C{dsn_id} (the
-    queue id of the DSN) pulls in the DSN's own events, so the story says
-    where the bounce went too.  Reads the file once; missing file: C{[]}.
+    Every event about C{queue_id}, in log order (rotated files included),
+    followed into the notifications it produced (C{follow}): a C{bounce}
+    event carrying C{dsn_id} (the queue id of the DSN) pulls in the DSN's
+    own events, so the story says where the bounce went too.  Reads each
+    file once, parsing only lines that name a wanted id; missing file: C{[]}.
     """
     wanted = {queue_id}
     out: list[dict[str, Any]] = []
-    try:
-        f = open(log_path, encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    with f:
-        for record in read_events(f):
-            qid = record.get("queue_id")
-            if qid in wanted:
-                out.append(record)
-                dsn = record.get("dsn_id")
-                if isinstance(dsn, str) and dsn:
-                    wanted.add(dsn)
+    for path in log_files(log_path):
+        try:
+            f = open(path, encoding="utf-8", errors="replace")
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue
+        with f:
+            lines = (line for line in f if any(q in line for q in wanted))
+            for record in read_events(lines):
+                qid = record.get("queue_id")
+                if qid in wanted:
+                    out.append(record)
+                    dsn = record.get("dsn_id")
+                    if follow and isinstance(dsn, str) and dsn:
+                        wanted.add(dsn)
     return out
 
 

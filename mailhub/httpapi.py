@@ -21,8 +21,6 @@ to bind loopback (C{tcp:8080:interface=127.0.0.1}) or sit behind a proxy.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.policy
 import email.utils
 import errno
@@ -37,7 +35,8 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from . import address
-from .envelope import Envelope, Recipient
+from .envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
+from .httplimits import ConnectionLimits, LimitedConnection, RefusedConnection
 from .maillog import mail_event
 from .scheduler import FLUSHED, HELD
 from .smtpproto import address_literal, rfc5322_date, trace_header
@@ -98,7 +97,16 @@ class CappedRequest(server.Request):
     def _limit(self) -> int:
         return getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
 
+    def _limits(self) -> Any:
+        """The L{LimitedConnection} this request arrived on, if any."""
+        transport = getattr(getattr(self, "channel", None), "transport", None)
+        return transport if isinstance(transport, LimitedConnection) else None
+
     def gotLength(self, length: int | None) -> None:
+        # called once the whole header is in
+        connection = self._limits()
+        if connection is not None:
+            connection.header_complete()
         super().gotLength(length)
         if length is not None and length > self._limit():
             self._refuse()
@@ -116,9 +124,13 @@ class CappedRequest(server.Request):
         self._refused = True
         # no "100 Continue" after this answer (the channel looks after gotLength)
         self.requestHeaders.removeHeader(b"expect")
-        body = _error_body(413, f"request body larger than {self._limit()} bytes")
+        self._answer_and_close(413, b"Content Too Large", f"request body larger than {self._limit()} bytes")
+
+    def _answer_and_close(self, status: int, reason: bytes, text: str) -> None:
+        """Answer with the JSON error body outside the resource tree, and close."""
+        body = _error_body(status, text)
         head = (
-            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"HTTP/1.1 " + str(status).encode() + b" " + reason + b"\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
             b"Connection: close\r\n\r\n"
@@ -132,20 +144,54 @@ class CappedRequest(server.Request):
         transport.write(head + body)
         self.channel.loseConnection()
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        connection = self._limits()
+        if connection is not None:
+            connection.request_complete()
+        # twisted.web parses form bodies itself (and answers a bare 400 when
+        # they are malformed); the API takes none
+        ctype = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
+        if command == b"POST" and ctype.split(b";")[0].strip().lower() == b"multipart/form-data" and not self._refused:
+            self._refused = True
+            self._answer_and_close(415, b"Unsupported Media Type", "Content-Type must be application/json or message/rfc822")
+            return
+        super().requestReceived(command, path, version)
+
     def process(self) -> None:
         if self._refused:
             return
         super().process()
 
+    def finish(self) -> None:
+        connection = self._limits()
+        super().finish()
+        if connection is not None:
+            connection.answered()
+
 
 class ApiSite(server.Site):
-    """A L{server.Site} with a body limit (C{max_body}) and L{CappedRequest}s."""
+    """
+    A L{server.Site} with a body limit (C{max_body}), L{CappedRequest}s and,
+    given C{limits}, deadlines and connection caps (L{mailhub.httplimits}).
+    """
 
     requestFactory = CappedRequest
 
-    def __init__(self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
+    def __init__(
+        self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY, limits: ConnectionLimits | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(root, **kwargs)
         self.max_body = max_body
+        self.limits = limits
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.limits is None:
+            return super().buildProtocol(addr)
+        ip = str(getattr(addr, "host", ""))
+        over = self.limits.over(ip)
+        if over is not None:
+            return RefusedConnection(ip, over)
+        return LimitedConnection(self.limits, ip, super().buildProtocol(addr))
 
 
 def _error_body(status: int, text: str) -> bytes:
@@ -312,6 +358,8 @@ class ApiResource(resource.Resource):
     # -- authentication -------------------------------------------------------------
 
     def _user(self, request: server.Request) -> str:
+        if len(request.requestHeaders.getRawHeaders(b"authorization", [])) > 1:
+            raise HttpError(400, "more than one Authorization header")
         header = _header(request, b"authorization")
         if header is None:
             raise _unauthorized("missing bearer token")
@@ -373,53 +421,83 @@ class ApiResource(resource.Resource):
         return self._is_admin(user) or str(env.client.get("user", "")).lower() == user.lower()
 
     def get_message(self, request: server.Request, id: str) -> Any:
+        """
+        One message's status, the same JSON while it is queued and after it
+        left the queue (then from the event log): see docs/http.rst.
+        """
         user = self._user(request)
         if not is_queue_id(id):
             raise HttpError(404, "no such message")
-        try:
-            env = self.spool.load(id)
-        except KeyError:
-            return self._from_event_log(user, id)
-        except Exception as e:  # corrupt envelope
-            raise HttpError(503, f"cannot read the envelope: {e}")
-        if not self._visible(user, env):
-            raise HttpError(404, "no such message")
-        return (200, self._envelope_json(env))
+        event_log = self.event_log
 
-    def _from_event_log(self, user: str, qid: str) -> Any:
-        """A message that left the queue: its final states, from the event log if there is one."""
-        if not self.event_log:
-            raise HttpError(404, "no such message (not in the queue)")
-        from .eventlog import story
+        def lookup() -> tuple[Any, list[dict[str, Any]]]:
+            # disk only: runs in a thread in the daemon (self.run)
+            from .eventlog import story
 
-        events = [e for e in story(self.event_log, qid) if e.get("queue_id") == qid]
-        accepted = next((e for e in events if e.get("event") in ("accepted", "pickup")), None)
-        if accepted is None or not (self._is_admin(user) or str(accepted.get("user", "")).lower() == user.lower()):
-            raise HttpError(404, "no such message")
+            try:
+                env: Any = self.spool.load(id)
+            except KeyError:
+                env = None
+            except Exception as e:  # corrupt envelope
+                env = HttpError(503, f"cannot read the envelope: {str(e)[:200]}")
+            events = story(event_log, id, follow=False) if event_log else []
+            return env, events
+
+        d = defer.maybeDeferred(self.run, lookup)
+        d.addCallback(lambda found: self._message_status(user, id, *found))
+        return d
+
+    def _message_status(self, user: str, qid: str, env: Any, events: list[dict[str, Any]]) -> Any:
+        events = [e for e in events if e.get("queue_id") == qid]
+        if isinstance(env, HttpError):
+            raise env
+        if env is not None:
+            if not self._visible(user, env):
+                raise HttpError(404, "no such message")
+            data = self._envelope_json(env)
+        else:
+            if not self.event_log:
+                raise HttpError(404, "no such message (not in the queue, and no event log)")
+            accepted = next((e for e in events if e.get("event") in ("accepted", "pickup")), None)
+            if accepted is None or not (self._is_admin(user) or str(accepted.get("user", "")).lower() == user.lower()):
+                raise HttpError(404, "no such message")
+            data = self._finished_json(qid, accepted, events)
+        notices = [e for e in events if e.get("event") == "bounce" and e.get("dsn_id")]
+        data["bounces"] = [e["dsn_id"] for e in notices if "delay" not in str(e.get("kind", ""))]
+        data["delay_notices"] = [e["dsn_id"] for e in notices if "delay" in str(e.get("kind", ""))]
+        return (200, data)
+
+    def _finished_json(self, qid: str, accepted: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+        """L{_envelope_json}'s shape for a message that left the queue, from its events."""
+        states = {"sent": DELIVERED, "bounced": FAILED, "deferred": PENDING}
         recipients: dict[str, dict[str, Any]] = {}
         for e in events:
-            if e.get("event") == "delivery" and e.get("to"):
-                recipients[e["to"]] = {
-                    "address": e["to"],
-                    "original": e.get("orig_to", e["to"]),
-                    "state": {"sent": "delivered", "bounced": "failed"}.get(e.get("status"), "pending"),
-                    "attempts": e.get("attempts"),
-                    "last_status": e.get("dsn", ""),
-                    "last_text": e.get("text", ""),
-                    "remote_mta": e.get("relay", ""),
-                }
-        bounces = [e.get("dsn_id") for e in events if e.get("event") == "bounce" and e.get("dsn_id")]
-        return (
-            200,
-            {
-                "queue_id": qid,
-                "state": "done",
-                "sender": accepted.get("sender", ""),
-                "arrival": accepted.get("time"),
-                "recipients": list(recipients.values()),
-                "bounces": bounces,
-            },
-        )
+            if e.get("event") != "delivery" or not e.get("to"):
+                continue
+            code = e.get("code")
+            recipients[e["to"]] = {
+                "address": e["to"],
+                "original": e.get("orig_to", e["to"]),
+                "state": states.get(str(e.get("status")), PENDING),
+                "attempts": e.get("attempts"),
+                "last_code": code if isinstance(code, int) else None,
+                "last_status": e.get("dsn", ""),
+                "last_text": e.get("detail", ""),
+                "last_attempt": e.get("last_attempt", e.get("time")),
+                "remote_mta": e.get("remote_mta", ""),
+            }
+        attempts = [r["attempts"] for r in recipients.values() if isinstance(r["attempts"], int)]
+        size = accepted.get("size")
+        return {
+            "queue_id": qid,
+            "state": "done",
+            "sender": accepted.get("sender", ""),
+            "arrival": accepted.get("time"),
+            "next_attempt": None,
+            "attempts": max(attempts, default=0),
+            "size": int(size) if isinstance(size, (int, str)) and str(size).isdigit() else None,
+            "recipients": list(recipients.values()),
+        }
 
     def get_queue(self, request: server.Request) -> Any:
         user = self._user(request)
@@ -469,7 +547,10 @@ class ApiResource(resource.Resource):
         if not isinstance(sender, str) or not sender:
             raise HttpError(400, "missing sender (from)")
         try:
+            sender.encode("utf-8")
             address.parse_mailbox(sender)
+        except UnicodeEncodeError:
+            raise HttpError(400, "invalid sender: not UTF-8")
         except address.AddressError as e:
             raise HttpError(400, f"invalid sender: {e}")
         return sender
@@ -484,9 +565,12 @@ class ApiResource(resource.Resource):
             if not isinstance(r, str):
                 raise HttpError(400, "recipients must be strings")
             try:
+                r.encode("utf-8")
                 mailbox = address.parse_mailbox(r)
+            except UnicodeEncodeError:
+                raise HttpError(400, f"invalid recipient {r[:100]!r}: not UTF-8")
             except address.AddressError as e:
-                raise HttpError(400, f"invalid recipient {r!r}: {e}")
+                raise HttpError(400, f"invalid recipient {r[:100]!r}: {e}")
             text = str(mailbox)
             if text not in out:
                 out.append(text)
@@ -505,103 +589,41 @@ class ApiResource(resource.Resource):
         head_end = message.find(b"\r\n\r\n")
         head = message[: head_end + 2] if head_end >= 0 else message
         if sender is None or not recipients:
-            parsed = email.message_from_bytes(head, policy=email.policy.compat32)
-            if sender is None:
-                froms = email.utils.getaddresses(parsed.get_all("From", []))
-                sender = froms[0][1] if froms and froms[0][1] else None
-            if not recipients:
-                fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
-                recipients = [a for _, a in email.utils.getaddresses(fields) if a]
+            try:
+                parsed = email.message_from_bytes(head, policy=email.policy.compat32)
+                if sender is None:
+                    froms = email.utils.getaddresses(parsed.get_all("From", []))
+                    sender = froms[0][1] if froms and froms[0][1] else None
+                if not recipients:
+                    fields = parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
+                    recipients = [a for _, a in email.utils.getaddresses(fields) if a]
+            except (RecursionError, ValueError, TypeError, LookupError):
+                raise HttpError(400, "cannot read the addresses in the From:, To:, Cc: or Bcc: header fields")
         # Bcc never travels (sendmail -t does the same)
         message = _strip_header(message, b"bcc")
         return sender, recipients, message
 
     def _from_json(self, body: bytes) -> tuple[str, list[str], bytes]:
+        from .httpmime import InvalidMessage, build_message
+
         try:
             data = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise HttpError(400, f"malformed JSON: {e}")
-        if not isinstance(data, dict):
-            raise HttpError(400, "JSON body must be an object")
+            raise HttpError(400, f"malformed JSON: {str(e)[:200]}")
+        except RecursionError:
+            raise HttpError(400, "malformed JSON: nested too deeply")
         try:
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise HttpError(400, "JSON strings must be valid Unicode (lone surrogate)")
-        known = {"from", "to", "cc", "bcc", "subject", "text", "html", "attachments", "reply_to", "headers"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HttpError(400, f"unknown field(s): {', '.join(unknown)}")
-        sender = data.get("from")
-        lists = {}
-        for key in ("to", "cc", "bcc"):
-            value = data.get(key, [])
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise HttpError(400, f"{key} must be a list of addresses")
-            lists[key] = value
-        for key in ("subject", "text", "html", "reply_to"):
-            if key in data and not isinstance(data[key], str):
-                raise HttpError(400, f"{key} must be a string")
-        if not isinstance(sender, str) or not sender:
-            raise HttpError(400, "missing sender (from)")
-        if "text" not in data and "html" not in data:
-            raise HttpError(400, "give text or html")
-        for key in ("subject", "reply_to"):
-            if any(c in data.get(key, "") for c in "\r\n\0"):
-                raise HttpError(400, f"{key} must be one line")
-        for value in [sender] + lists["to"] + lists["cc"] + lists["bcc"]:
-            if any(c in value for c in "\r\n\0,<>"):
-                raise HttpError(400, f"invalid address {value!r}")
-        msg = EmailMessage(policy=email.policy.SMTP)
-        msg["From"] = sender
-        if lists["to"]:
-            msg["To"] = ", ".join(lists["to"])
-        if lists["cc"]:
-            msg["Cc"] = ", ".join(lists["cc"])
-        if data.get("reply_to"):
-            msg["Reply-To"] = data["reply_to"]
-        msg["Subject"] = data.get("subject", "")
-        msg["Date"] = rfc5322_date(self._now())
-        msg["Message-ID"] = email.utils.make_msgid(domain=self.hostname)
-        msg["MIME-Version"] = "1.0"
-        if "text" in data:
-            msg.set_content(data["text"])
-            if "html" in data:
-                msg.add_alternative(data["html"], subtype="html")
-        else:
-            msg.set_content(data["html"], subtype="html")
-        attachments = data.get("attachments", [])
-        if not isinstance(attachments, list):
-            raise HttpError(400, "attachments must be a list")
-        for i, att in enumerate(attachments):
-            if not isinstance(att, dict):
-                raise HttpError(400, f"attachments[{i}] must be an object")
-            filename = att.get("filename")
-            ctype = att.get("content_type", "application/octet-stream")
-            content = att.get("content_base64")
-            if not isinstance(filename, str) or not filename or any(c in filename for c in "\r\n\0/\\"):
-                raise HttpError(400, f"attachments[{i}].filename missing or invalid")
-            if not isinstance(ctype, str) or not re.fullmatch(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+", ctype):
-                raise HttpError(400, f"attachments[{i}].content_type invalid")
-            if not isinstance(content, str):
-                raise HttpError(400, f"attachments[{i}].content_base64 missing")
-            try:
-                raw = base64.b64decode(content, validate=True)
-            except (binascii.Error, ValueError):
-                raise HttpError(400, f"attachments[{i}].content_base64 is not base64")
-            maintype, subtype = ctype.lower().split("/")
-            if maintype == "text":
-                try:
-                    msg.add_attachment(raw.decode("utf-8"), subtype=subtype, filename=filename)
-                except UnicodeDecodeError:
-                    msg.add_attachment(raw, maintype="application", subtype="octet-stream", filename=filename)
-            elif maintype in ("multipart", "message"):
-                msg.add_attachment(raw, maintype="application", subtype="octet-stream", filename=filename)
-            else:
-                msg.add_attachment(raw, maintype=maintype, subtype=subtype, filename=filename)
-        recipients = lists["to"] + lists["cc"] + lists["bcc"]
-        return sender, recipients, msg.as_bytes()
+        except (RecursionError, ValueError):
+            raise HttpError(400, "malformed JSON: nested too deeply")
+        try:
+            return build_message(data, self.hostname, rfc5322_date(self._now()))
+        except InvalidMessage as e:
+            raise HttpError(400, str(e))
+        except RecursionError:
+            raise HttpError(400, "JSON value nested too deeply")
 
     def _queue(self, request: server.Request, user: str, sender: str, recipients: list[str], message: bytes) -> Any:
         now = self._now()
@@ -752,7 +774,14 @@ def _strip_header(message: bytes, name: bytes) -> bytes:
 
 
 def make_http_site(
-    *args: Any, max_body: int = DEFAULT_MAX_BODY, status_page: Any = "default", **kwargs: Any
+    *args: Any,
+    max_body: int = DEFAULT_MAX_BODY,
+    status_page: Any = "default",
+    header_timeout: float = 60.0,
+    request_timeout: float = 300.0,
+    max_connections: int = 100,
+    max_connections_per_ip: int = 50,
+    **kwargs: Any,
 ) -> ApiSite:
     """
     The HTTP site: API, C{/metrics} and the status page.
@@ -762,8 +791,17 @@ def make_http_site(
     @param max_body: the largest request body accepted, in bytes.
     @param status_page: as for L{ApiResource}, but C{"default"} (one over
         C{metrics}) unless told otherwise.
+    @param header_timeout: seconds for a request's whole header.
+    @param request_timeout: seconds for a whole request (header and body).
+    @param max_connections: open connections at most, all clients together.
+    @param max_connections_per_ip: open connections at most from one address.
+        The last four need a clock (C{clock=}, or the metrics' clock); without
+        one the site has no deadlines and no caps.
     """
     root = ApiResource(*args, status_page=status_page, **kwargs)
-    site = ApiSite(root, max_body=max_body)
+    limits = None
+    if root.clock is not None:
+        limits = ConnectionLimits(root.clock, header_timeout, request_timeout, max_connections, max_connections_per_ip)
+    site = ApiSite(root, max_body=max_body, limits=limits)
     site.displayTracebacks = False
     return site

@@ -23,6 +23,9 @@ Mail events read (name: fields used):
 - C{delivery}: C{status}, C{transport} (else from C{relay}), C{delay}
                                                    -> deliveries_total, delivery_latency_seconds
 - C{bounce} with C{dsn_id}, not a delay notice      -> bounces_total
+
+Every name carries the application prefix L{NAMESPACE} (C{mailhub_}), as
+Prometheus' naming rules ask: C{mailhub_messages_accepted_total}.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ log = Logger()
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+#: the prefix of every metric name (Prometheus naming: one application prefix)
+NAMESPACE = "mailhub"
+
 #: arrival -> final delivery: seconds to days (queue lifetime is 5 days)
 LATENCY_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 432000.0)
 
@@ -81,11 +87,17 @@ _REASONS = {
 
 
 def reject_reason(event: dict[str, Any]) -> str:
-    """A label for a rejection: the event's C{reason}, or one derived from its enhanced code."""
+    """
+    A label for a rejection: the event's explicit C{reason}, or one derived
+    from its enhanced code.  5.7.1 is both "relay denied" (RCPT, the event
+    has C{rcpt}) and "sender not owned" (MAIL, no C{rcpt}).
+    """
     reason = event.get("reason")
     if isinstance(reason, str) and reason and len(reason) <= 40 and reason.replace("_", "").isalnum():
         return reason
     enhanced = str(event.get("enhanced", ""))
+    if enhanced == "5.7.1" and "rcpt" not in event and "sender" in event:
+        return "sender_not_owned"
     if enhanced in _REASONS:
         return _REASONS[enhanced]
     return "temporary" if enhanced.startswith("4") else "other"
@@ -143,14 +155,14 @@ class _QueueCollector:
         self.metrics = metrics
 
     def describe(self) -> Iterable[Any]:
-        yield GaugeMetricFamily("queue_size", "Messages in the queue")
-        yield GaugeMetricFamily("oldest_message_age_seconds", "Age of the oldest queued message")
+        yield GaugeMetricFamily(f"{NAMESPACE}_queue_size", "Messages in the queue")
+        yield GaugeMetricFamily(f"{NAMESPACE}_oldest_message_age_seconds", "Age of the oldest queued message")
 
     def collect(self) -> Iterable[Any]:
         size, oldest = self.metrics.queue_stats()
         age = max(0.0, self.metrics.clock.seconds() - oldest) if oldest is not None else 0.0
-        yield GaugeMetricFamily("queue_size", "Messages in the queue", value=size)
-        yield GaugeMetricFamily("oldest_message_age_seconds", "Age of the oldest queued message", value=age)
+        yield GaugeMetricFamily(f"{NAMESPACE}_queue_size", "Messages in the queue", value=size)
+        yield GaugeMetricFamily(f"{NAMESPACE}_oldest_message_age_seconds", "Age of the oldest queued message", value=age)
 
 
 class MailMetrics:
@@ -167,18 +179,19 @@ class MailMetrics:
         self.queue_stats: QueueStats = queue_stats or (lambda: (0, None))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.connections = Counter("connections", "Client connections accepted", ["listener"], registry=r)
-        self.tls_connections = Counter("tls_connections", "Connections that negotiated TLS", registry=r)
-        self.accepted = Counter("messages_accepted", "Messages queued", ["listener"], registry=r)
-        self.rejected = Counter("messages_rejected", "Recipients or messages refused", ["reason"], registry=r)
+        self.connections = Counter("connections", "Client connections accepted", ["listener"], namespace=NAMESPACE, registry=r)
+        self.tls_connections = Counter("tls_connections", "Connections that negotiated TLS", namespace=NAMESPACE, registry=r)
+        self.accepted = Counter("messages_accepted", "Messages queued", ["listener"], namespace=NAMESPACE, registry=r)
+        self.rejected = Counter("messages_rejected", "Recipients or messages refused", ["reason"], namespace=NAMESPACE, registry=r)
         self.deliveries = Counter(
-            "deliveries", "Delivery attempts per recipient", ["status", "transport"], registry=r
+            "deliveries", "Delivery attempts per recipient", ["status", "transport"], namespace=NAMESPACE, registry=r
         )
-        self.bounces = Counter("bounces", "Non-delivery notifications queued", registry=r)
+        self.bounces = Counter("bounces", "Non-delivery notifications queued", namespace=NAMESPACE, registry=r)
         self.latency = Histogram(
             "delivery_latency_seconds",
             "Arrival to final delivery (sent or bounced), per recipient",
             buckets=LATENCY_BUCKETS,
+            namespace=NAMESPACE,
             registry=r,
         )
         r.register(_QueueCollector(self))

@@ -992,4 +992,5 @@ class Scheduler(service.Service):
             dsn=r.last_status,
             status=status,
             text=text,
+            code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,  # for GET /v1/messages/ID after it left the queue
         )

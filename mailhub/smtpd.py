@@ -613,7 +613,7 @@ class SMTPServer(MessageMixin, TLSAuthMixin, LimitsMixin, protocol.Protocol):
                 "reject",
                 "NOQUEUE: reject: MAIL from [{client}]: {code} {enhanced} {text}; from=<{sender}> sasl_username={user}",
                 client=self.session.client_ip, code=refusal.code, enhanced=refusal.enhanced,
-                text=refusal.text, sender=sender_text, user=self.session.authenticated_user,
+                text=refusal.text, sender=sender_text, user=self.session.authenticated_user, reason="sender_not_owned",
             )
             self.reply(refusal)
             return

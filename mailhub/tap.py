@@ -441,7 +441,10 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     event_log = config.server.event_log
     if event_log:
         try:
-            event_observer = EventLogObserver(event_log)
+            os.makedirs(os.path.dirname(event_log), 0o750, exist_ok=True)
+            event_observer = EventLogObserver(
+                event_log, max_size=config.server.event_log_max_size, keep=config.server.event_log_keep
+            )
         except OSError as e:
             fail(f"{source}: server.event_log: cannot open {event_log}: {e.strerror or e}")
         _Observer(event_observer, event_observer.close).setServiceParent(top)
@@ -629,6 +632,10 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             max_recipients=server_cfg.max_recipients,
             event_log=event_log or None,
             clock=reactor,
+            header_timeout=server_cfg.http_header_timeout,
+            request_timeout=server_cfg.http_request_timeout,
+            max_connections=server_cfg.http_max_connections,
+            max_connections_per_ip=server_cfg.http_max_connections_per_ip,
         )
         for description in server_cfg.http:
             endpoint = serverFromString(reactor, description)

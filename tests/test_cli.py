@@ -276,8 +276,13 @@ def test_make_service_order(tmp_path, monkeypatch):
     # the metrics observer and the status page sampler come before anything that logs mail events
     assert isinstance(children[1], tap._Observer)
     assert isinstance(children[1].observer, MetricsObserver)
-    assert isinstance(children[2], TimerService) and children[2].step == 60
-    children = [children[0], *children[3:]]
+    # the event log (on by default, under the data directory)
+    from mailhub.eventlog import EventLogObserver
+
+    assert isinstance(children[2], tap._Observer) and isinstance(children[2].observer, EventLogObserver)
+    assert children[2].observer.path == str(tmp_path / "mailhub-data" / "events.jsonl")
+    assert isinstance(children[3], TimerService) and children[3].step == 60
+    children = [children[0], *children[4:]]
     # local delivery processes (started before the scheduler, stopped after it)
     from mailhub.localproc import LocalDeliveryProcesses
 
@@ -519,7 +524,9 @@ def test_make_service_without_http_has_no_http_listener(tmp_path, monkeypatch):
 
     top = tap.makeService(tap_options(["--smtp", "tcp:0:interface=127.0.0.1"], tmp_path, monkeypatch))
     assert [c.kind for c in top if isinstance(c, tap._Listener)] == ["control", "smtp"]
-    assert not any(isinstance(c, tap._Observer) and isinstance(c.observer, EventLogObserver) for c in top)
+    # the event log is on without any setting (GET /v1/messages/ID and mailhub log need it)
+    assert [c.observer.path for c in top if isinstance(c, tap._Observer) and isinstance(c.observer, EventLogObserver)] == [
+        str(tmp_path / "mailhub-data" / "events.jsonl")]
 
 
 def test_make_service_event_log_cannot_open(tmp_path, monkeypatch, capsys):
@@ -605,7 +612,11 @@ def test_log_command(tmp_path):
     assert (r.returncode, [json.loads(l) for l in r.stdout.splitlines()]) == (0, [records[1]])
     r = run(["-C", str(conf), "log", "0CCC"], tmp_path)
     assert (r.returncode, r.stderr) == (1, f"mailhub: no events for 0CCC in {events}\n")
-    (tmp_path / "none.toml").write_text("")
+    # by default the event log is DATA/events.jsonl
+    (tmp_path / "default.toml").write_text("")
+    r = run(["-C", str(tmp_path / "default.toml"), "log", "0AAA"], tmp_path)
+    assert (r.returncode, r.stderr) == (1, f"mailhub: no events for 0AAA in {tmp_path / 'mailhub-data' / 'events.jsonl'}\n")
+    (tmp_path / "none.toml").write_text('[server]\nevent_log = ""\n')
     r = run(["-C", str(tmp_path / "none.toml"), "log", "0AAA"], tmp_path)
     assert (r.returncode, r.stderr) == (
         64, "mailhub: no event log: set server.event_log in the configuration or use --file\n"

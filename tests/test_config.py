@@ -47,7 +47,7 @@ def test_embedded_defaults(tmp_path, monkeypatch):
     c = load_config(None)
     data = os.path.join(str(tmp_path), "mailhub-data")
     assert c == Config(
-        server=ServerConfig(hostname=socket.getfqdn()),
+        server=ServerConfig(hostname=socket.getfqdn(), event_log=os.path.join(data, "events.jsonl")),
         spool=SpoolConfig(path=os.path.join(data, "spool")),
         local=LocalConfig(mailboxes=os.path.join(data, "mailboxes")),
         relay=RelayConfig(),
@@ -70,7 +70,10 @@ def test_embedded_defaults(tmp_path, monkeypatch):
     assert c.relay.delay_warning == 0.0 and c.relay.concurrency == 100
     assert (c.local.mode, c.local.home_maildir, c.local.min_uid, c.local.max_uid) == ("virtual", "Maildir", 1000, 60000)
     assert (c.server.http, c.server.http_max_body, c.server.http_admins) == ((), 14680064, ())
-    assert c.server.event_log is None
+    assert c.server.event_log == os.path.join(data, "events.jsonl")
+    assert (c.server.event_log_max_size, c.server.event_log_keep) == (67108864, 3)
+    assert (c.server.http_header_timeout, c.server.http_request_timeout) == (60.0, 300.0)
+    assert (c.server.http_max_connections, c.server.http_max_connections_per_ip) == (100, 50)
 
 
 def test_empty_file_is_defaults(tmp_path, monkeypatch):
@@ -82,7 +85,7 @@ def test_empty_file_is_defaults(tmp_path, monkeypatch):
     c = load_config(path)
     assert c.source == path
     assert c.spool.path == str(work / "mailhub-data" / "spool")
-    assert c.server == ServerConfig(hostname=socket.getfqdn())
+    assert c.server == ServerConfig(hostname=socket.getfqdn(), event_log=str(work / "mailhub-data" / "events.jsonl"))
 
 
 FULL = """
@@ -140,6 +143,7 @@ def test_every_key(tmp_path):
         soft_error_limit=3,
         vrfy=False,
         expn=True,
+        event_log="/var/lib/mailhub/events.jsonl",
     )
     # relative paths are relative to the file's directory
     assert c.spool == SpoolConfig(path=str(tmp_path / "queue"), fsync=False)
@@ -243,7 +247,8 @@ ERRORS = [
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
      "max_recipients, trusted_networks, timeout, starttls_timeout, max_connections, max_connections_per_ip, max_errors, "
      "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
-     "http_admins, event_log, mail_log, user)"),
+     "http_admins, http_header_timeout, http_request_timeout, http_max_connections, http_max_connections_per_ip, "
+     "event_log, event_log_max_size, event_log_keep, mail_log, user)"),
     ("[srever]\nsmtp = []\n",
      "srever: unknown section or key (known: auth, data_dir, local, relay, server, spool, submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),
@@ -658,6 +663,16 @@ def test_http_and_event_log_keys(tmp_path):
     # normalised as the users file stores its users
     assert c.server.http_admins == ("root@example.org", "admin@xn--bcher-kva.example")
     assert c.server.event_log == str(tmp_path / "log" / "events.jsonl")
+
+
+def test_http_limit_and_event_log_rotation_keys(tmp_path):
+    c = load_config(write(tmp_path, "[server]\nhttp_header_timeout = \"30s\"\nhttp_request_timeout = 120\n"
+                                    "http_max_connections = 20\nhttp_max_connections_per_ip = 5\n"
+                                    "event_log_max_size = 0\nevent_log_keep = 9\n"))
+    assert (c.server.http_header_timeout, c.server.http_request_timeout) == (30.0, 120.0)
+    assert (c.server.http_max_connections, c.server.http_max_connections_per_ip) == (20, 5)
+    assert (c.server.event_log_max_size, c.server.event_log_keep) == (0, 9)
+    assert "server.http_max_connections_per_ip: must be" in error_of(write(tmp_path, "[server]\nhttp_max_connections_per_ip = 0\n"))
 
 
 def test_event_log_empty_string_is_off(tmp_path):

@@ -31,6 +31,9 @@ trusted_networks = []
 http = ["tcp:0:interface=127.0.0.1"]
 http_admins = ["admin@{DOMAIN}"]
 event_log = "events.jsonl"
+http_header_timeout = 2
+http_request_timeout = 4
+http_max_connections_per_ip = 5
 
 [spool]
 path = "spool"
@@ -108,9 +111,9 @@ def scrape(d: HttpDaemon) -> dict[str, float]:
     return {name: float(value) for name, value in _SAMPLE.findall(body.decode())}
 
 
-ACCEPTED_SMTP = 'messages_accepted_total{listener="smtp"}'
-ACCEPTED_HTTP = 'messages_accepted_total{listener="http"}'
-SENT_LOCAL = 'deliveries_total{status="sent",transport="local"}'
+ACCEPTED_SMTP = 'mailhub_messages_accepted_total{listener="smtp"}'
+ACCEPTED_HTTP = 'mailhub_messages_accepted_total{listener="http"}'
+SENT_LOCAL = 'mailhub_deliveries_total{status="sent",transport="local"}'
 
 
 def find_in_maildir(d: Daemon, user: str, needle: bytes) -> bytes:
@@ -134,14 +137,14 @@ def test_smtp_mail_moves_the_counters(daemon):
     find_in_maildir(daemon, "alice", b"<counted@client.test>")
     # the delivery event follows the Maildir rename; poll the scrape, bounded
     after = wait_for(
-        lambda: (m := scrape(daemon))[SENT_LOCAL] == before[SENT_LOCAL] + 1 and m, 10, "deliveries_total to move"
+        lambda: (m := scrape(daemon))[SENT_LOCAL] == before[SENT_LOCAL] + 1 and m, 10, "mailhub_deliveries_total to move"
     )
     assert after[ACCEPTED_SMTP] == before[ACCEPTED_SMTP] + 1
-    assert after['deliveries_total{status="deferred",transport="local"}'] == before[
-        'deliveries_total{status="deferred",transport="local"}'
+    assert after['mailhub_deliveries_total{status="deferred",transport="local"}'] == before[
+        'mailhub_deliveries_total{status="deferred",transport="local"}'
     ]
-    assert after["delivery_latency_seconds_count"] == before["delivery_latency_seconds_count"] + 1
-    assert "queue_size" in after and "oldest_message_age_seconds" in after
+    assert after["mailhub_delivery_latency_seconds_count"] == before["mailhub_delivery_latency_seconds_count"] + 1
+    assert "mailhub_queue_size" in after and "mailhub_oldest_message_age_seconds" in after
     # and the event log has the story
     r = mailhub(daemon, "log", qid)
     assert r.returncode == 0, r.stderr
@@ -224,3 +227,145 @@ def test_status_page(daemon):
     assert headers["Content-Type"] == "text/html; charset=utf-8"
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert b"<svg" in body and b"mx.example.test" in body
+
+
+# -- the listener's limits, with real sockets ----------------------------------------------------------
+
+
+def _read_until_closed(sock, deadline: float) -> bytes:
+    import socket as _socket
+    import time
+
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(4096)
+        except _socket.timeout:
+            break
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"connection still open; got {data!r}")
+
+
+def test_slow_header_is_closed_at_the_header_deadline(daemon):
+    """One byte of header every 0.5 s keeps Twisted's idle timer alive, but not the 2 s header deadline."""
+    import socket as _socket
+    import time
+
+    s = _socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10)
+    start = time.monotonic()
+    sent = b""
+    try:
+        for byte in b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+            sent += bytes([byte])
+            s.settimeout(0.5)
+            try:
+                answer = s.recv(4096)
+            except _socket.timeout:
+                continue
+            answer += _read_until_closed(s, start + 15)
+            break
+        else:
+            raise AssertionError("the slow header was never cut off")
+    finally:
+        s.close()
+    elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "header not complete within 2 seconds", "code": 408}
+    assert 1.5 < elapsed < 10, elapsed
+    wait_for(lambda: "HTTP: header not complete within 2 s from [127.0.0.1]: closing" in daemon.log(), 10, "the log line")
+
+
+def test_connections_per_address_are_capped(daemon):
+    import socket as _socket
+
+    idle = [_socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10) for _ in range(5)]
+    try:
+        extra = _socket.create_connection(("127.0.0.1", daemon.http_port), timeout=10)
+        try:
+            import time
+
+            answer = _read_until_closed(extra, time.monotonic() + 10)
+        finally:
+            extra.close()
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"Retry-After: 60" in answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "too many connections", "code": 503}
+    finally:
+        for s in idle:
+            s.close()
+    # the idle ones are gone (closed by us, or at the header deadline): room again
+    wait_for(lambda: daemon.request("GET", "/metrics")[0] == 200, 10, "a new connection to be served")
+    metrics = scrape(daemon)
+    assert metrics['mailhub_messages_rejected_total{reason="too_many_connections"}'] >= 1
+
+
+# -- message status with the default settings (event log under the data directory) --------------------
+
+DEFAULTS_CONFIG = f"""
+[server]
+hostname = "mx.{DOMAIN}"
+smtp = ["tcp:0:interface=127.0.0.1"]
+http = ["tcp:0:interface=127.0.0.1"]
+
+[local]
+domains = ["{DOMAIN}"]
+users = ["alice", "bob"]
+
+[auth]
+users = "users"
+
+[relay]
+smarthost = "[127.0.0.1]:1"
+"""
+
+
+@pytest.fixture(scope="module")
+def default_daemon(tmp_path_factory):
+    d = HttpDaemon(tmp_path_factory.mktemp("http-defaults"), DEFAULTS_CONFIG).start()
+    yield d
+    assert d.stop() == CLEAN_EXIT, d.stderr()
+    assert "Traceback" not in d.log()
+
+
+def test_message_status_with_default_settings(default_daemon):
+    d = default_daemon
+    assert mailhub(d, "user", "add", f"alice@{DOMAIN}", "--password-stdin", stdin="pw\n").returncode == 0
+    token = mailhub(d, "user", "token", f"alice@{DOMAIN}").stdout.strip()
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def submit(to: str) -> str:
+        body = json.dumps({"from": f"alice@{DOMAIN}", "to": [to], "subject": "status", "text": "hi"}).encode()
+        status, _, answer = d.request("POST", "/v1/messages", body, auth)
+        assert status == 202, answer
+        return json.loads(answer)["queue_id"]
+
+    def get(qid: str) -> dict:
+        status, _, answer = d.request("GET", f"/v1/messages/{qid}", headers=auth)
+        assert status == 200, answer
+        return json.loads(answer)
+
+    local = submit(f"bob@{DOMAIN}")
+    remote = submit("carol@remote.example")  # the smarthost refuses connections: stays queued
+    done = wait_for(lambda: (m := get(local))["state"] == "done" and m, 20, "the local message to be done")
+    queued = wait_for(lambda: (m := get(remote))["recipients"][0]["attempts"] and m, 20, "a delivery attempt")
+    assert queued["state"] == "queued"
+    # one shape, one meaning, before and after the message left the queue
+    assert sorted(done) == sorted(queued)
+    assert sorted(done["recipients"][0]) == sorted(queued["recipients"][0])
+    r = done["recipients"][0]
+    assert (r["address"], r["state"], r["attempts"], r["last_status"]) == (f"bob@{DOMAIN}", "delivered", 1, "2.0.0")
+    assert isinstance(r["last_code"], int) and r["last_code"] // 100 == 2
+    assert f"{local}:" not in r["last_text"] and "status=" not in r["last_text"] and r["last_text"]
+    q = queued["recipients"][0]
+    assert q["state"] == "pending" and q["last_status"].startswith("4.")
+    assert (done["bounces"], done["delay_notices"], queued["bounces"]) == ([], [], [])
+    assert done["sender"] == f"alice@{DOMAIN}" and done["size"] > 0 and done["next_attempt"] is None
+    # the event log is under the data directory, with no setting
+    assert os.path.isfile(os.path.join(d.home, "mailhub-data", "events.jsonl"))

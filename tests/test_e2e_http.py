@@ -146,10 +146,10 @@ def test_submit_json_deliver_and_scrape(hub):
     assert hub.delivered == [(qid, "bob@example.com")]
     hub.wait_removed(qid)
     m = hub.scrape()
-    assert m[("messages_accepted_total", (("listener", "http"),))] == 1.0
-    assert m[("deliveries_total", (("status", "sent"), ("transport", "local")))] == 1.0
-    assert m[("delivery_latency_seconds_count", ())] == 1.0
-    assert m[("queue_size", ())] == 0.0
+    assert m[("mailhub_messages_accepted_total", (("listener", "http"),))] == 1.0
+    assert m[("mailhub_deliveries_total", (("status", "sent"), ("transport", "local")))] == 1.0
+    assert m[("mailhub_delivery_latency_seconds_count", ())] == 1.0
+    assert m[("mailhub_queue_size", ())] == 0.0
     # gone from the queue: answered from the event log
     status, _, data = hub.call("GET", f"/v1/messages/{qid}")
     assert status == 200, data
@@ -167,8 +167,8 @@ def test_smtp_mail_shows_in_metrics(hub):
         assert s.rcpt("nosuchuser@example.com")[0] == 550
     hub.wait_delivered(1)
     m = hub.scrape()
-    assert m[("messages_accepted_total", (("listener", "smtp"),))] == 1.0
-    assert m[("messages_rejected_total", (("reason", "unknown_recipient"),))] == 1.0
+    assert m[("mailhub_messages_accepted_total", (("listener", "smtp"),))] == 1.0
+    assert m[("mailhub_messages_rejected_total", (("reason", "unknown_recipient"),))] == 1.0
 
 
 def test_api_errors_over_sockets(hub):

@@ -146,3 +146,55 @@ def test_existing_file_keeps_its_mode(tmp_path):
     obs = EventLogObserver(str(path))
     obs.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_an_events_own_text_is_kept_as_detail():
+    record = event_record({"mail_event": "delivery", "log_format": "{queue_id}: to=<{to}> ({text})",
+                           "queue_id": QID, "to": "b@example.org", "text": "250 2.0.0 Ok: queued as X", "log_time": 1.0})
+    assert record["detail"] == "250 2.0.0 Ok: queued as X"
+    assert record["text"] == f"{QID}: to=<b@example.org> (250 2.0.0 Ok: queued as X)"
+
+
+def test_rotation_by_size_keeps_a_bounded_number_of_files_and_story_reads_them(tmp_path):
+    path = str(tmp_path / "events.jsonl")
+    obs = EventLogObserver(path, max_size=2000, keep=2)
+    try:
+        def event(qid, n):
+            obs({"mail_event": "delivery", "log_format": "{queue_id}: n={n}", "queue_id": qid, "n": n, "log_time": float(n)})
+
+        event(QID, 0)
+        for n in range(1, 80):
+            event("0DA3QZ5K8M1OTHER0", n)
+        event(QID, 80)
+    finally:
+        obs.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["events.jsonl", "events.jsonl.1", "events.jsonl.2"]
+    assert all((tmp_path / n).stat().st_size <= 2000 for n in names)
+    # the oldest file went away with its events; what is left reads in order
+    ns = [r["n"] for r in story(path, "0DA3QZ5K8M1OTHER0")]
+    assert ns == sorted(ns) and ns[-1] == 79 and ns[0] > 1
+    assert [r["n"] for r in story(path, QID)] == [80]
+
+
+def test_rotation_spans_files_for_one_message(tmp_path):
+    path = str(tmp_path / "events.jsonl")
+    obs = EventLogObserver(path, max_size=300, keep=5)
+    try:
+        for n in range(6):
+            obs({"mail_event": "delivery", "log_format": "{queue_id}: n={n}", "queue_id": QID, "n": n, "log_time": float(n)})
+    finally:
+        obs.close()
+    assert len(list(tmp_path.iterdir())) > 2
+    assert [r["n"] for r in story(path, QID)] == list(range(6))
+
+
+def test_no_rotation_without_max_size(tmp_path):
+    path = str(tmp_path / "events.jsonl")
+    obs = EventLogObserver(path)
+    try:
+        for n in range(50):
+            obs({"mail_event": "delivery", "log_format": "x", "queue_id": QID, "n": n, "log_time": 1.0})
+    finally:
+        obs.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["events.jsonl"]

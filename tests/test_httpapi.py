@@ -317,7 +317,7 @@ def test_bad_tokens(env, headers, token, status, text):
         (b'{"from": "alice@example.com", "to": [], "text": "x"}', 400, "no recipients"),
         (b'{"from": "alice@example.com", "to": "not an address", "text": "x"}', 400, "invalid recipient"),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": 5}', 400, "text must be a string"),
-        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "subject": "a\\r\\nBcc: x@y"}', 400, "subject must be one line"),
+        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "subject": "a\\r\\nBcc: x@y"}', 400, "subject: control character U+000D"),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "evil": 1}', 400, "unknown field(s): evil"),
         (b'{"to": ["b@example.org"], "text": "x"}', 400, "missing sender"),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "attachments": [{"filename": "a", "content_base64": "!!"}]}', 400, "not base64"),
@@ -415,7 +415,7 @@ def test_get_message_and_queue(env):
 
 def test_get_unknown_or_bad_message_is_404(env):
     assert env.request("GET", "/v1/messages/0000000000000ZZZZZ", token=env.alice).json() == {
-        "error": "no such message (not in the queue)", "code": 404}
+        "error": "no such message (not in the queue, and no event log)", "code": 404}
     assert env.request("GET", "/v1/messages/..%2F..%2Fetc", token=env.alice).status == 404
     assert env.request("GET", "/v1/messages/", token=env.alice).status == 404
 
@@ -432,9 +432,14 @@ def test_get_message_from_event_log_after_it_left(tmp_path):
     globalLogPublisher.addObserver(obs)
     try:
         qid = post_json(e, message_json()).json()["queue_id"]
-        mail_event("delivery", "{queue_id}: to=<{to}> status={status}", queue_id=qid, to="bob@example.org",
-                   orig_to="bob@example.org", relay="mx.example.org[192.0.2.1]:25", attempts=1, dsn="5.1.1",
-                   status="bounced", text="550 no such user", delay="1")
+        mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind="sender delay notification",
+                   dsn_id="0000000000001DDDDD")
+        queued = e.request("GET", f"/v1/messages/{qid}", token=e.alice).json()
+        # as the scheduler logs it (Scheduler._log_delivery)
+        mail_event("delivery", "{queue_id}: to=<{to}>, relay={relay}, dsn={dsn}, status={status} ({text})",
+                   queue_id=qid, to="bob@example.org", orig_to="bob@example.org", relay="mx.example.org[192.0.2.1]:25",
+                   attempts=2, dsn="5.1.1", status="bounced", text="host mx.example.org said: 550 5.1.1 no such user",
+                   delay="1", code=550, remote_mta="mx.example.org[192.0.2.1]:25", last_attempt=1_700_000_100.0)
         mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind="sender non-delivery notification",
                    dsn_id="0000000000001BBBBB")
         e.spool.remove(qid)
@@ -443,9 +448,17 @@ def test_get_message_from_event_log_after_it_left(tmp_path):
         obs.close()
     r = e.request("GET", f"/v1/messages/{qid}", token=e.alice)
     assert r.status == 200, r.raw
-    assert r.json()["state"] == "done" and r.json()["bounces"] == ["0000000000001BBBBB"]
-    assert [(x["address"], x["state"], x["last_status"]) for x in r.json()["recipients"]] == [
-        ("bob@example.org", "failed", "5.1.1")]
+    done = r.json()
+    assert queued["state"] == "queued" and done["state"] == "done"
+    assert sorted(queued) == sorted(done)
+    assert sorted(queued["recipients"][0]) == sorted(done["recipients"][0])
+    assert (queued["bounces"], queued["delay_notices"]) == ([], ["0000000000001DDDDD"])
+    assert (done["bounces"], done["delay_notices"]) == (["0000000000001BBBBB"], ["0000000000001DDDDD"])
+    assert done["recipients"] == [{
+        "address": "bob@example.org", "original": "bob@example.org", "state": "failed", "attempts": 2,
+        "last_code": 550, "last_status": "5.1.1", "last_text": "host mx.example.org said: 550 5.1.1 no such user",
+        "last_attempt": 1_700_000_100.0, "remote_mta": "mx.example.org[192.0.2.1]:25"}]
+    assert done["sender"] == "alice@example.com" and done["next_attempt"] is None and done["attempts"] == 2
     e.users.add("eve@example.com", "secret-e")
     assert e.request("GET", f"/v1/messages/{qid}", token=e.users.add_token("eve@example.com")).status == 404
 
@@ -513,11 +526,11 @@ def test_metrics_endpoint_counts_http_submissions(env):
     r = env.request("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=")
     text = r.body.decode()
-    assert 'messages_accepted_total{listener="http"} 1.0' in text.splitlines()
-    assert "queue_size 1.0" in text.splitlines()
-    assert "oldest_message_age_seconds 0.0" in text.splitlines()
+    assert 'mailhub_messages_accepted_total{listener="http"} 1.0' in text.splitlines()
+    assert "mailhub_queue_size 1.0" in text.splitlines()
+    assert "mailhub_oldest_message_age_seconds 0.0" in text.splitlines()
     env.clock.advance(30)
-    assert "oldest_message_age_seconds 30.0" in env.request("GET", "/metrics").body.decode().splitlines()
+    assert "mailhub_oldest_message_age_seconds 30.0" in env.request("GET", "/metrics").body.decode().splitlines()
 
 
 def test_status_page_escapes_addresses(env):

@@ -43,12 +43,12 @@ def clock():
 def test_private_registry_and_initial_series(clock):
     a, b = MailMetrics(clock), MailMetrics(clock)
     a.observe({"mail_event": "bounce", "kind": "sender non-delivery notification", "dsn_id": "X", "queue_id": "Q"})
-    assert value(a, "bounces_total") == 1.0
-    assert value(b, "bounces_total") == 0.0
-    assert REGISTRY.get_sample_value("bounces_total") is None  # never the global registry
+    assert value(a, "mailhub_bounces_total") == 1.0
+    assert value(b, "mailhub_bounces_total") == 0.0
+    assert REGISTRY.get_sample_value("mailhub_bounces_total") is None  # never the global registry
     for status in ("sent", "deferred", "bounced"):
-        assert value(b, "deliveries_total", status=status, transport="local") == 0.0
-    assert value(b, "queue_size") == 0.0 and value(b, "oldest_message_age_seconds") == 0.0
+        assert value(b, "mailhub_deliveries_total", status=status, transport="local") == 0.0
+    assert value(b, "mailhub_queue_size") == 0.0 and value(b, "mailhub_oldest_message_age_seconds") == 0.0
 
 
 def test_events_to_counters(clock):
@@ -73,31 +73,33 @@ def test_events_to_counters(clock):
     obs({"mail_event": "bounce", "kind": "undeliverable bounce to postmaster discarded"})
     obs({"log_format": "not a mail event"})
     s = samples(m)
-    assert s[("connections_total", (("listener", "submission"),))] == 1.0
-    assert s[("connections_total", (("listener", "smtp"),))] == 1.0
-    assert s[("tls_connections_total", ())] == 2.0
-    assert s[("messages_accepted_total", (("listener", "smtp"),))] == 1.0
-    assert s[("messages_accepted_total", (("listener", "http"),))] == 1.0
-    assert s[("messages_accepted_total", (("listener", "submission"),))] == 1.0
-    assert s[("messages_accepted_total", (("listener", "pickup"),))] == 1.0
-    assert s[("messages_rejected_total", (("reason", "relay_denied"),))] == 1.0
-    assert s[("messages_rejected_total", (("reason", "unknown_recipient"),))] == 1.0
-    assert s[("messages_rejected_total", (("reason", "spam"),))] == 1.0
-    assert s[("messages_rejected_total", (("reason", "temporary"),))] == 1.0
-    assert s[("deliveries_total", (("status", "sent"), ("transport", "local")))] == 1.0
-    assert s[("deliveries_total", (("status", "deferred"), ("transport", "smtp")))] == 1.0
-    assert s[("deliveries_total", (("status", "bounced"), ("transport", "smtp")))] == 1.0
-    assert s[("bounces_total", ())] == 0.0
+    assert s[("mailhub_connections_total", (("listener", "submission"),))] == 1.0
+    assert s[("mailhub_connections_total", (("listener", "smtp"),))] == 1.0
+    assert s[("mailhub_tls_connections_total", ())] == 2.0
+    assert s[("mailhub_messages_accepted_total", (("listener", "smtp"),))] == 1.0
+    assert s[("mailhub_messages_accepted_total", (("listener", "http"),))] == 1.0
+    assert s[("mailhub_messages_accepted_total", (("listener", "submission"),))] == 1.0
+    assert s[("mailhub_messages_accepted_total", (("listener", "pickup"),))] == 1.0
+    assert s[("mailhub_messages_rejected_total", (("reason", "relay_denied"),))] == 1.0
+    assert s[("mailhub_messages_rejected_total", (("reason", "unknown_recipient"),))] == 1.0
+    assert s[("mailhub_messages_rejected_total", (("reason", "spam"),))] == 1.0
+    assert s[("mailhub_messages_rejected_total", (("reason", "temporary"),))] == 1.0
+    assert s[("mailhub_deliveries_total", (("status", "sent"), ("transport", "local")))] == 1.0
+    assert s[("mailhub_deliveries_total", (("status", "deferred"), ("transport", "smtp")))] == 1.0
+    assert s[("mailhub_deliveries_total", (("status", "bounced"), ("transport", "smtp")))] == 1.0
+    assert s[("mailhub_bounces_total", ())] == 0.0
     # latency: only final outcomes (3 s sent, 7200 s bounced)
-    assert s[("delivery_latency_seconds_count", ())] == 2.0
-    assert s[("delivery_latency_seconds_sum", ())] == 7203.0
-    assert s[("delivery_latency_seconds_bucket", (("le", "5.0"),))] == 1.0
-    assert s[("delivery_latency_seconds_bucket", (("le", "3600.0"),))] == 1.0
-    assert s[("delivery_latency_seconds_bucket", (("le", "14400.0"),))] == 2.0
+    assert s[("mailhub_delivery_latency_seconds_count", ())] == 2.0
+    assert s[("mailhub_delivery_latency_seconds_sum", ())] == 7203.0
+    assert s[("mailhub_delivery_latency_seconds_bucket", (("le", "5.0"),))] == 1.0
+    assert s[("mailhub_delivery_latency_seconds_bucket", (("le", "3600.0"),))] == 1.0
+    assert s[("mailhub_delivery_latency_seconds_bucket", (("le", "14400.0"),))] == 2.0
 
 
 def test_reject_reason():
     assert reject_reason({"enhanced": "5.7.1"}) == "relay_denied"
+    assert reject_reason({"enhanced": "5.7.1", "sender": "a@example.com", "rcpt": "b@example.org"}) == "relay_denied"
+    assert reject_reason({"enhanced": "5.7.1", "sender": "a@example.com"}) == "sender_not_owned"
     assert reject_reason({"enhanced": "5.9.9"}) == "other"
     assert reject_reason({"enhanced": "4.9.9"}) == "temporary"
     assert reject_reason({"reason": "x" * 41, "enhanced": "5.1.1"}) == "unknown_recipient"
@@ -106,15 +108,15 @@ def test_reject_reason():
 def test_queue_gauges_computed_at_scrape_time(tmp_path, clock):
     spool = Spool(str(tmp_path / "spool"), fsync=False)
     m = MailMetrics(clock, spool_queue_stats(spool))
-    assert value(m, "queue_size") == 0.0
+    assert value(m, "mailhub_queue_size") == 0.0
     spool.add(Envelope("0000000000000AAAAA", "a@example.com", [Recipient("b@example.org")], arrival=T0 - 100), b"x\r\n")
     spool.add(Envelope("0000000000001AAAAA", "a@example.com", [Recipient("b@example.org")], arrival=T0 - 5), b"x\r\n")
-    assert value(m, "queue_size") == 2.0
-    assert value(m, "oldest_message_age_seconds") == 100.0
+    assert value(m, "mailhub_queue_size") == 2.0
+    assert value(m, "mailhub_oldest_message_age_seconds") == 100.0
     clock.advance(50)
-    assert value(m, "oldest_message_age_seconds") == 150.0
+    assert value(m, "mailhub_oldest_message_age_seconds") == 150.0
     spool.remove("0000000000000AAAAA")
-    assert value(m, "oldest_message_age_seconds") == 55.0
+    assert value(m, "mailhub_oldest_message_age_seconds") == 55.0
 
 
 def test_history_per_minute(clock):
@@ -179,9 +181,36 @@ def test_fed_by_the_real_scheduler(tmp_path, clock):
         globalLogPublisher.removeObserver(obs)
         sched.stopService()
     s = samples(m)
-    assert s[("deliveries_total", (("status", "sent"), ("transport", "local")))] == 2.0  # good@ and the DSN
-    assert s[("deliveries_total", (("status", "bounced"), ("transport", "smtp")))] == 1.0
-    assert s[("bounces_total", ())] == 1.0
-    assert s[("delivery_latency_seconds_count", ())] == 3.0
-    assert s[("queue_size", ())] == 0.0
+    assert s[("mailhub_deliveries_total", (("status", "sent"), ("transport", "local")))] == 2.0  # good@ and the DSN
+    assert s[("mailhub_deliveries_total", (("status", "bounced"), ("transport", "smtp")))] == 1.0
+    assert s[("mailhub_bounces_total", ())] == 1.0
+    assert s[("mailhub_delivery_latency_seconds_count", ())] == 3.0
+    assert s[("mailhub_queue_size", ())] == 0.0
     assert [b["kind"] for b in m.recent.bounces] == ["sender non-delivery notification"]
+
+
+def test_rejections_are_counted_by_their_real_reason(tmp_path):
+    """A sender-ownership refusal (553 5.7.1 at MAIL) is not a relay denial (554 5.7.1 at RCPT)."""
+    from test_smtpd_tls_auth import Harness
+
+    h = Harness(tmp_path)
+    m = MailMetrics(h.clock)
+    observer = MetricsObserver(m)
+    globalLogPublisher.addObserver(observer)
+    try:
+        c = h.authenticated()
+        assert c.send("MAIL FROM:<bob@example.com>\r\n")[:10] == "553 5.7.1 "
+        u = h.connect()
+        u.send("EHLO client.test\r\n")
+        u.send("MAIL FROM:<x@example.net>\r\n")
+        assert u.send("RCPT TO:<y@elsewhere.example>\r\n")[:10] == "554 5.7.1 "
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    s = samples(m)
+    assert s[("mailhub_messages_rejected_total", (("reason", "sender_not_owned"),))] == 1.0
+    assert s[("mailhub_messages_rejected_total", (("reason", "relay_denied"),))] == 1.0
+
+
+def test_every_metric_has_the_application_prefix(clock):
+    names = [f.name for f in text_string_to_metric_families(MailMetrics(clock).exposition().decode())]
+    assert names and all(n.startswith("mailhub_") for n in names), names
