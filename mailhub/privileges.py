@@ -314,6 +314,11 @@ def prepare_for(config: Any, user: RunAs) -> None:
 
     @raise PrivilegeError: something belongs to someone else, or cannot be created.
     """
+    event_log = config.server.event_log
+    if event_log and config.server.event_log_max_size:
+        # mailhub rotates the event log itself: its directory (by default the
+        # data directory, the spool's parent) must be the user's to write in.
+        _prepare_rotation_directory(os.path.dirname(os.path.abspath(event_log)), user)
     spool = config.spool.path
     prepare_directory("spool.path", spool, user, 0o700)
     for sub in ("tmp", "queue", "envelopes", "corrupt"):
@@ -335,6 +340,32 @@ def prepare_for(config: Any, user: RunAs) -> None:
         prepare_file("server.event_log", config.server.event_log, user)
     if config.server.mail_log:
         prepare_file("server.mail_log", config.server.mail_log, user)
+
+
+def _prepare_rotation_directory(directory: str, user: RunAs) -> None:
+    """The event log's directory: created for C{user} when missing, else it must let the user write."""
+    _check_path("server.event_log", directory, user)
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        _prepare_directory("server.event_log", directory, user, 0o750)
+        return
+    try:
+        groups = set(os.getgrouplist(user.name, user.gid))
+    except OSError:
+        groups = {user.gid}
+    if st.st_uid == user.uid:
+        bits = stat.S_IWUSR | stat.S_IXUSR
+    elif st.st_gid in groups:
+        bits = stat.S_IWGRP | stat.S_IXGRP
+    else:
+        bits = stat.S_IWOTH | stat.S_IXOTH
+    if st.st_mode & bits != bits:
+        raise PrivilegeError(
+            f"server.event_log: {user.name} cannot write in {directory}, where the event log is rotated: "
+            f"chown {user.name}: {directory}, or set server.event_log_max_size = 0 and rotate it with "
+            "logrotate's copytruncate"
+        )
 
 
 class DropPrivileges(service.Service):

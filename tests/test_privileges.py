@@ -189,3 +189,39 @@ def test_a_spool_the_user_cannot_reach_is_one_line(open_dir):
         f"(chmod o+x {closed}, or choose another place)"
     )
     assert not (closed / "spool").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory away needs root")
+def test_the_event_logs_directory_is_the_users_where_mailhub_rotates_it(open_dir):
+    """
+    The default event log (DATA/events.jsonl) is rotated by the daemon after
+    it switched users: a missing data directory is created for the user
+    before the spool inside it, and an existing one the user cannot write
+    in is a one-line stop, unless rotation is left to logrotate.
+    """
+    import dataclasses
+
+    from mailhub.config import load_config
+    from mailhub.privileges import prepare_for
+
+    nobody = pwd.getpwnam("nobody")
+    user = RunAs("nobody", nobody.pw_uid, nobody.pw_gid)
+    data = open_dir / "data"
+    config = load_config(None, None, str(data))
+    assert config.server.event_log == str(data / "events.jsonl")
+    prepare_for(config, user)
+    assert os.stat(data).st_uid == nobody.pw_uid and os.stat(data / "spool").st_uid == nobody.pw_uid
+
+    root_owned = open_dir / "root-owned"
+    root_owned.mkdir(mode=0o755)
+    other = load_config(None, {"server.event_log": str(root_owned / "events.jsonl")}, str(data))
+    with pytest.raises(PrivilegeError) as e:
+        prepare_for(other, user)
+    assert str(e.value) == (
+        f"server.event_log: nobody cannot write in {root_owned}, where the event log is rotated: "
+        f"chown nobody: {root_owned}, or set server.event_log_max_size = 0 and rotate it with "
+        "logrotate's copytruncate"
+    )
+    by_logrotate = dataclasses.replace(other, server=dataclasses.replace(other.server, event_log_max_size=0))
+    prepare_for(by_logrotate, user)
+    assert os.stat(root_owned / "events.jsonl").st_uid == nobody.pw_uid  # the file itself is the user's
