@@ -97,6 +97,11 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
         if not first and old.auth.users == config.auth.users and live.users is not None:
             users = live.users
         else:
+            from .preflight import missing_users_file
+
+            missing = missing_users_file(config)
+            if missing is not None:  # the same line check-config gives; the file may come later
+                log.error("{problem}", problem=missing.text)
             users = UsersFile(config.auth.users, clock=reactor)
     try:
         # The first configured domain (directory.domains is a set) receives <postmaster>.

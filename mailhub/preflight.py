@@ -29,7 +29,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from .config import DEFAULTS_SOURCE, Config
 
-__all__ = ["Problem", "check", "FATAL", "ERROR", "WARNING"]
+__all__ = ["Problem", "check", "missing_users_file", "FATAL", "ERROR", "WARNING"]
 
 #: The daemon refuses to start.
 FATAL = "fatal"
@@ -116,13 +116,22 @@ def _directory(config: Config, source: str) -> list[Problem]:
     return found
 
 
+def missing_users_file(config: Config) -> Problem | None:
+    """C{auth.users} names a file that does not exist: the daemon logs it at start, check-config fails."""
+    path = config.auth.users
+    if path is None or os.path.lexists(path):
+        return None
+    return Problem(ERROR, f"{config.source or DEFAULTS_SOURCE}: auth.users: no such file {path} "
+                          "(nobody can log in until 'mailhub user add' creates it)")
+
+
 def _users(config: Config, source: str) -> list[Problem]:
     path = config.auth.users
     if path is None:
         return []
-    if not os.path.lexists(path):
-        return [Problem(ERROR, f"{source}: auth.users: no such file {path} "
-                               "(nobody can log in until 'mailhub user add' creates it)")]
+    missing = missing_users_file(config)
+    if missing is not None:
+        return [missing]
     from .auth import UsersFile
 
     with _logged("mailhub.auth") as found:
