@@ -98,6 +98,7 @@ class ServerConfig:
     http_admins: tuple[str, ...] = ()  # users that may list the whole queue and flush it
     event_log: str | None = None  # JSON-lines event log; None = off
     mail_log: str | None = None  # mail lines to this file instead of twistd's log; None = off
+    log_level: str = "info"  # debug, info, warn, error (mailhub/loglevel.py)
     # -- the user the daemon runs as once its ports are bound (docs/architecture.rst)
     user: str | None = None  # None: "mailhub" when started as root, else the current user
 
@@ -589,6 +590,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "http_admins": (_admins, False),
         "event_log": (_optional_string, True),
         "mail_log": (_optional_string, True),
+        "log_level": (_choice("debug", "info", "warn", "error"), False),
         "user": (_optional_string, False),
     },
     "spool": {

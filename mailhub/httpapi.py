@@ -142,6 +142,7 @@ class ApiSite(server.Site):
     """A L{server.Site} with a body limit (C{max_body}) and L{CappedRequest}s."""
 
     requestFactory = CappedRequest
+    noisy = False  # no "Starting factory" line at start and stop (mailhub/loglevel.py)
 
     def __init__(self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)

@@ -243,7 +243,7 @@ ERRORS = [
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
      "max_recipients, trusted_networks, timeout, starttls_timeout, max_connections, max_connections_per_ip, max_errors, "
      "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
-     "http_admins, event_log, mail_log, user)"),
+     "http_admins, event_log, mail_log, log_level, user)"),
     ("[srever]\nsmtp = []\n",
      "srever: unknown section or key (known: auth, data_dir, local, relay, server, spool, submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),
