@@ -21,6 +21,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config, read_secret
+from .loglevel import set_level as set_log_level
 from .reload import Live, Reloader
 
 __all__ = ["build_components", "tap_reloader"]
@@ -120,7 +121,8 @@ def tap_reloader(
     The reload of the daemon C{makeService} built: the same file, command
     line overrides and data directory as at start.  Besides the swap it
     updates the SMTP factories' per-listener settings, re-reads the TLS
-    certificate (new paths too) and makes the mail log look for rotation.
+    certificate (new paths too), sets the log level (C{server.log_level})
+    and makes the mail log look for rotation.
     C{processes_fixed}: the local delivery processes run as root behind a
     supervisor started before the daemon gave up root, so their settings
     (the C{local.} keys) are kept until a restart and reported as such.
@@ -156,6 +158,7 @@ def tap_reloader(
             from .localproc import settings_for
 
             processes.reconfigure(settings_for(directory_args(config.local), config.server.hostname, config.spool.fsync))
+        set_log_level(config.server.log_level)
         return components
 
     def also() -> None:

@@ -104,6 +104,7 @@ class ServerConfig:
     event_log_max_size: int = 67108864  # bytes; the event log is rotated at this size; 0 = never
     event_log_keep: int = 3  # rotated event log files kept (events.jsonl.1 ... .N)
     mail_log: str | None = None  # mail lines to this file instead of twistd's log; None = off
+    log_level: str = "info"  # debug, info, warn, error (mailhub/loglevel.py)
     # -- the user the daemon runs as once its ports are bound (docs/architecture.rst)
     user: str | None = None  # None: "mailhub" when started as root, else the current user
 
@@ -601,6 +602,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool]]] = {
         "event_log_max_size": (_non_negative_int, False),
         "event_log_keep": (_non_negative_int, False),
         "mail_log": (_optional_string, True),
+        "log_level": (_choice("debug", "info", "warn", "error"), False),
         "user": (_optional_string, False),
     },
     "spool": {

@@ -141,6 +141,8 @@ class ControlProtocol(amp.AMP):
 
 
 class ControlFactory(protocol.Factory):
+    noisy = False  # no "Starting factory" line at start and stop (mailhub/loglevel.py)
+
     def __init__(self, scheduler: Any, reload: Callable[[], Any] | None = None) -> None:
         self.scheduler = scheduler
         self.reload = reload

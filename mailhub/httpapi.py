@@ -176,6 +176,7 @@ class ApiSite(server.Site):
     """
 
     requestFactory = CappedRequest
+    noisy = False  # no "Starting factory" line at start and stop (mailhub/loglevel.py)
 
     def __init__(
         self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY, limits: ConnectionLimits | None = None, **kwargs: Any

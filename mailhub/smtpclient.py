@@ -1071,6 +1071,7 @@ class SMTPClientFactory(ClientFactory):
     """
 
     protocol = SMTPClientProtocol
+    noisy = False  # no "Starting factory" line for every connection (mailhub/loglevel.py)
 
     def __init__(
         self, clock: IReactorTime, options: ClientOptions, remote_name: str, remote_ip: str = "", port: int = 25

@@ -810,6 +810,8 @@ class SMTPServerFactory(protocol.Factory):
         C{config.max_errors} (hard limit) still closes the session.
     """
 
+    noisy = False  # no "Starting factory" line at start and stop (mailhub/loglevel.py)
+
     protocol = SMTPServer  # type: ignore[assignment]
 
     def __init__(

@@ -31,6 +31,7 @@ from twisted.python import usage
 
 from . import __version__
 from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
+from .loglevel import install as install_log_level
 from .maillog import mail_publisher
 from .reload import Delegate, Live, install_sighup
 
@@ -122,7 +123,10 @@ class Options(usage.Options):
     file; these override it for quick starts and tests.
     """
 
-    synopsis = "[--config FILE] [--smtp ENDPOINT]... [--data DIR] [--hostname NAME] [--domain DOMAIN]..."
+    synopsis = (
+        "[--config FILE] [--smtp ENDPOINT]... [--data DIR] [--hostname NAME] [--domain DOMAIN]... "
+        "[--user NAME] [--log-level LEVEL]"
+    )
     longdesc = (
         "Run the mailhub mail transfer agent.  The configuration file is --config FILE, "
         "else $MAILHUB_CONFIG, else /etc/mailhub/mailhub.toml if it exists, else the "
@@ -133,6 +137,7 @@ class Options(usage.Options):
         ["data", "d", None, "Data directory: spool and mailboxes default to DIR/spool and DIR/mailboxes."],
         ["hostname", None, None, "Host name used in greetings, Received: and bounces (server.hostname)."],
         ["user", None, None, "User to run as once the ports are bound, when started as root (server.user)."],
+        ["log-level", None, None, "Least level of twistd's log: debug, info, warn or error (server.log_level)."],
     ]
 
     def __init__(self) -> None:
@@ -160,6 +165,8 @@ class Options(usage.Options):
             result["server.hostname"] = self["hostname"]
         if self["user"]:
             result["server.user"] = self["user"]
+        if self["log-level"]:
+            result["server.log_level"] = self["log-level"]
         return result
 
     def postOptions(self) -> None:
@@ -417,6 +424,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.internet.endpoints import serverFromString
 
     source = config.source or DEFAULTS_SOURCE
+    # before twistd starts its log observer, so it is filtered from the first line
+    install_log_level(config.server.log_level)
     remember_launcher(reactor)
     top = service.MultiService()
     user = _run_as(config, options)

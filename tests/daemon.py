@@ -87,14 +87,16 @@ class Daemon:
     startup log line.
     """
 
-    def __init__(self, home, text: str | None = None, user: str | None = None) -> None:
+    def __init__(self, home, text: str | None = None, user: str | None = None, args: tuple[str, ...] = ()) -> None:
         """
         @param user: C{--user} (server.user).  Not given: a daemon started by
             root stays root, as the tests of everything but privilege
             separation expect (tests/test_e2e_system_mode.py switches).
+        @param args: more options of C{twistd mailhub}.
         """
         self.home = str(home)
         self.user = user
+        self.args = args
         self.conf = os.path.join(self.home, "mailhub.toml")
         if text is not None or not os.path.exists(self.conf):
             with open(self.conf, "w") as f:
@@ -127,7 +129,7 @@ class Daemon:
         self.log_path = os.path.join(self.home, f"daemon{self.runs}.log")
         self.err_path = os.path.join(self.home, f"daemon{self.runs}.err")
         self.proc = subprocess.Popen(
-            self.command(),
+            self.command(*self.args),
             cwd=self.home,
             env=self.env(),
             stdout=open(self.log_path, "wb"),
