@@ -116,6 +116,7 @@ class ControlProtocol(amp.AMP):
 
 
 class ControlFactory(protocol.Factory):
+    noisy = False  # the listener logs "... starting on PATH"; no "Starting factory <...>" line
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 

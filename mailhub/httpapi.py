@@ -142,6 +142,7 @@ class ApiSite(server.Site):
     """A L{server.Site} with a body limit (C{max_body}) and L{CappedRequest}s."""
 
     requestFactory = CappedRequest
+    noisy = False  # no "Starting factory <...>" line; requests go to the site's access log
 
     def __init__(self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
@@ -279,7 +280,7 @@ class ApiResource(resource.Resource):
         if failure.check(HttpError):
             self._send(request, failure.value)
             return
-        log.failure("HTTP {method} {path} failed", failure, method=request.method, path=request.path)
+        log.failure("HTTP {method} {path} failed", failure, method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
         self._send(request, HttpError(500, "internal error"))
 
     def _send(self, request: server.Request, answer: Any) -> None:

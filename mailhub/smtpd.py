@@ -765,6 +765,8 @@ class SMTPServerFactory(protocol.Factory):
         C{config.max_errors} (hard limit) still closes the session.
     """
 
+    noisy = False  # the listener logs "... starting on PORT"; no "Starting factory <...>" line
+
     protocol = SMTPServer  # type: ignore[assignment]
 
     def __init__(
