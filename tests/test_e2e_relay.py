@@ -23,6 +23,7 @@ import subprocess
 import time
 
 import pytest
+from twisted.logger import formatEvent
 from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
 from twisted.names import dns, server
@@ -377,3 +378,23 @@ def test_tls_handshake_failure_under_may_retries_in_plain_text(reactor, dns_serv
     assert factory.commands[:2] == [b"EHLO relay.example.org", b"STARTTLS"]
     assert b"STARTTLS" not in factory.commands[2:]
     assert factory.messages == [MESSAGE]
+
+
+def test_relay_delivery_logs_no_factory_lines(reactor, dns_server, tmp_path, events) -> None:
+    """An outbound connection does not log Twisted's "Starting factory <...>" / "Stopping factory"."""
+    dns_addr, _ = dns_server
+    factory = protocol.ServerFactory.forProtocol(_BrokenTLSServer)
+    factory.noisy = False  # the test's own listener
+    factory.sessions, factory.messages, factory.commands = 0, [], []
+    listener = in_reactor(reactor, lambda: reactor.listenTCP(0, factory, interface="127.0.0.1"))
+    port = listener.getHost().port
+    agent, _ = make_agent(reactor, dns_addr, 25, routes={"plain.e2e.test": f"[127.0.0.1]:{port}"})
+    try:
+        (o,) = deliver(reactor, agent, tmp_path, "u@plain.e2e.test")
+    finally:
+        stop(reactor, agent)
+        in_reactor(reactor, listener.stopListening)
+    assert o.kind == "delivered"
+    texts = [formatEvent(e) for e in events]
+    assert any(f"connected to 127.0.0.1[127.0.0.1]:{port}" in t for t in texts)
+    assert not [t for t in texts if "Starting factory" in t or "Stopping factory" in t]
