@@ -527,7 +527,7 @@ class RemoteDelivery(service.Service):
                     [
                         hostsmodule.Resolver(b"/etc/hosts"),
                         cache.CacheResolver(reactor=self._reactor),
-                        dnsclient.Resolver(resolv=b"/etc/resolv.conf", reactor=self._reactor),
+                        dnsclient.Resolver(resolv="/etc/resolv.conf", reactor=self._reactor),  # str: Twisted logs the path
                     ]
                 )
         return self._resolver

@@ -904,3 +904,18 @@ def test_scheduler_records_the_fast_domain_while_the_slow_one_is_in_data(tmp_pat
     answer(held)
     assert spool.queue_ids() == [] and e.queue_id not in sched.in_flight
     assert sorted(m[2][0] for m in net.messages) == ["fast@aonly.test"]  # slow ones are not in net.messages
+
+
+def test_system_resolver_logs_its_configuration_path_as_text(events) -> None:
+    """Twisted logs "<resolv> changed, reparsing" when the resolver starts: a path, not a b'' repr."""
+    import os
+
+    from twisted.logger import formatEvent
+
+    if not os.path.exists("/etc/resolv.conf"):
+        pytest.skip("no /etc/resolv.conf")
+    agent = RemoteDelivery(MemoryReactorClock(), "relay.example.org")
+    agent.resolver()
+    texts = [formatEvent(e) for e in events]
+    assert "/etc/resolv.conf changed, reparsing" in texts
+    assert not [t for t in texts if "b'" in t]
