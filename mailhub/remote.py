@@ -527,7 +527,8 @@ class RemoteDelivery(service.Service):
                     [
                         hostsmodule.Resolver(b"/etc/hosts"),
                         cache.CacheResolver(reactor=self._reactor),
-                        dnsclient.Resolver(resolv="/etc/resolv.conf", reactor=self._reactor),  # str: Twisted logs the path
+                        # a str path: Twisted logs it ("... changed, reparsing")
+                        dnsclient.Resolver(resolv="/etc/resolv.conf", reactor=self._reactor),
                     ]
                 )
         return self._resolver
