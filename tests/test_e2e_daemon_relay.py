@@ -106,7 +106,9 @@ def test_startup_log_names_the_relay_and_control_listener(net):
     a = net["A"]
     log = a.log()
     assert f"listening for SMTP on tcp:0:interface=127.0.0.1 (127.0.0.1:{a.port})" in log
-    assert f"listening for CONTROL on {a.spool}/control.sock" in log
+    assert f"listening for CONTROL on {a.spool}/control.sock ({a.spool}/control.sock)\n" in log
+    assert "b'" not in log  # paths are logged as text, never as bytes reprs
+    assert "Starting factory" not in log
 
 
 def test_route_to_smtp_sink_exact_bytes(net):
