@@ -114,16 +114,20 @@ def _header_block(data: bytes) -> bytes:
 
 
 def _reason(r: Recipient, action: str) -> str:
-    """The human-readable line about one recipient."""
-    if r.remote_mta and r.last_text.startswith(f"host {r.remote_mta}"):
+    """
+    The human-readable line about one recipient.  Only a reply a server
+    really gave is written "host X said: ..."; anything else (connection
+    refused or lost, DNS, TLS) is the agent's own text, as in the mail log.
+    """
+    if not r.replied:
+        text = r.last_text or "unknown error"
+    elif r.last_text.startswith(f"host {r.remote_mta}"):
         text = r.last_text  # the agent already said who answered what
-    elif r.remote_mta:
+    else:
         reply = r.last_text
         if r.last_status and not _STATUS.match(reply):
             reply = f"{r.last_status} {reply}"
-        text = f"host {r.remote_mta} said: {r.last_code} {reply}" if r.last_code else f"host {r.remote_mta}: {reply}"
-    else:
-        text = r.last_text or "unknown error"
+        text = f"host {r.remote_mta} said: {r.last_code} {reply}"
     if action == FAILED_ACTION and r.last_status == "4.4.7":
         text = f"delivery time expired; last error: {text}"
     return _clean(text)
@@ -236,15 +240,27 @@ def make_dsn(
 
     # -- human-readable part ------------------------------------------------
     lines = [f"This is the mail system at host {host}.", ""]
-    if failed:
+    if failed and returned_type in ("message/rfc822", "message/global"):
         lines += [
             "I'm sorry to have to inform you that your message could not",
-            "be delivered to one or more recipients. It's attached below.",
+            "be delivered to one or more recipients. The original message",
+            "is attached.",
             "",
             "For further assistance, please send mail to postmaster.",
             "",
             "If you do so, please include this problem report. You can",
             "delete your own text from the attached returned message.",
+        ]
+    elif failed:
+        # RET=HDRS, no RET, or a message too large to return whole
+        lines += [
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. The message headers",
+            "are attached.",
+            "",
+            "For further assistance, please send mail to postmaster.",
+            "",
+            "If you do so, please include this problem report.",
         ]
     elif success:
         lines += [
@@ -300,8 +316,9 @@ def make_dsn(
         block.append(f"Action: {what}")
         default_status = {FAILED_ACTION: "5.0.0", DELAYED_ACTION: "4.0.0"}.get(what, "2.0.0")
         block.append(f"Status: {_clean(r.last_status or default_status, 16)}")
-        if r.remote_mta:
-            # RFC 3464 2.3.5: a host name, as Postfix writes it, not "name[ip]:port"
+        if r.replied:
+            # RFC 3464 2.3.5: the MTA that gave the Diagnostic-Code, so only
+            # a server that replied; a host name, as Postfix writes it, not "name[ip]:port"
             mta_name = _MTA_ADDRESS.sub("", r.remote_mta) or r.remote_mta
             block.append(f"Remote-MTA: dns; {_clean(mta_name, 255)}")
         diagnostic = _diagnostic(r)

@@ -67,9 +67,12 @@ class Recipient:
         in spirit); equal to C{address} unless an alias was expanded.
     @ivar state: one of L{STATES}.
     @ivar attempts: delivery attempts made for this recipient.
-    @ivar last_code: the last SMTP reply code (e.g. 451), or 0.
+    @ivar last_code: the last SMTP reply code (e.g. 451), or 0 when no
+        server replied (connection refused, DNS failure, TLS failure...).
     @ivar last_status: the last enhanced status code (e.g. C{"4.2.2"}).
     @ivar last_text: the last reply or error text, for mailq and bounces.
+    @ivar remote_mta: the host the last attempt talked to, if any; it
+        replied when L{replied} is true.
     @ivar notify: RFC 3461 NOTIFY keywords given at RCPT, if any.
     @ivar orcpt: RFC 3461 ORCPT value given at RCPT, if any.
     """
@@ -95,6 +98,11 @@ class Recipient:
     @property
     def pending(self) -> bool:
         return self.state == PENDING
+
+    @property
+    def replied(self) -> bool:
+        """The last attempt got a reply from C{remote_mta} (see L{Outcome.replied})."""
+        return bool(self.remote_mta) and self.last_code != 0
 
 
 @dataclass
@@ -368,10 +376,13 @@ class Outcome:
 
     @ivar recipient: L{Recipient.address} it is about.
     @ivar kind: L{DELIVERED_OUTCOME}, L{TEMPORARY} or L{PERMANENT}.
-    @ivar code: SMTP reply code (250, 451, 550...), real or equivalent.
+    @ivar code: SMTP reply code (250, 451, 550...), real or equivalent;
+        0 when the outcome is not a reply at all (nothing was said: the
+        connection was refused or lost, a name did not resolve, TLS failed).
     @ivar status: RFC 3463 enhanced status code, e.g. C{"5.1.1"}.
     @ivar text: human-readable reply or error.
-    @ivar remote_mta: the host that answered, if any (C{"mx.example[192.0.2.1]:25"}).
+    @ivar remote_mta: the host the attempt talked to, if any
+        (C{"mx.example[192.0.2.1]:25"}); empty when no connection was made.
     @ivar dsn_passed: the next hop supports RFC 3461 DSN and was given the
         NOTIFY/ORCPT/ENVID parameters, so success notices are its job
         (otherwise a SUCCESS request gets a "relayed" DSN from us).
@@ -388,6 +399,15 @@ class Outcome:
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"unknown outcome kind {self.kind!r}")
+
+    @property
+    def replied(self) -> bool:
+        """
+        C{remote_mta} replied with C{code}: a DSN names it (Remote-MTA) and
+        quotes the reply (Diagnostic-Code of type smtp).  Otherwise nobody
+        said anything and C{text} is our own account of what happened.
+        """
+        return bool(self.remote_mta) and self.code != 0
 
     @classmethod
     def delivered(cls, recipient: str, text: str = "delivered", remote_mta: str = "", dsn_passed: bool = False) -> "Outcome":

@@ -326,7 +326,7 @@ class ApiResource(resource.Resource):
         if failure.check(HttpError):
             self._send(request, failure.value)
             return
-        log.failure("HTTP {method} {path} failed", failure, method=request.method, path=request.path)
+        log.failure("HTTP {method} {path} failed", failure, method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
         self._send(request, HttpError(500, "internal error"))
 
     def _send(self, request: server.Request, answer: Any) -> None:

@@ -43,14 +43,6 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import (
-    ConnectError,
-    ConnectionRefusedError,
-    DNSLookupError,
-    NoRouteError,
-    TCPTimedOutError,
-    TimeoutError as ConnectTimeoutError,
-)
 from twisted.logger import Logger
 from twisted.names import cache, dns, error as dnserror, hosts as hostsmodule, resolve
 from twisted.names import client as dnsclient
@@ -177,7 +169,10 @@ def _route_key(key: str) -> str:
 
 
 class _Fail(Exception):
-    """Every recipient of a group gets this outcome."""
+    """
+    Every recipient of a group gets this outcome.  C{code} is 0 unless a
+    server replied with it; C{remote_mta} is the host connected to, if any.
+    """
 
     def __init__(self, kind: str, code: int, status: str, text: str, remote_mta: str = "") -> None:
         super().__init__(text)
@@ -241,17 +236,7 @@ def _tidy(text: str) -> str:
 
 def _connect_reason(err: BaseException) -> str:
     """Postfix-style reason for a failed connect."""
-    if isinstance(err, ConnectionRefusedError):
-        return "Connection refused"
-    if isinstance(err, (TCPTimedOutError, ConnectTimeoutError, defer.TimeoutError, defer.CancelledError)):
-        return "Connection timed out"
-    if isinstance(err, NoRouteError):
-        return "No route to host"
-    if isinstance(err, DNSLookupError):
-        return "Host not found"
-    if isinstance(err, ConnectError) and err.osError:
-        return str(err.osError).rstrip(".")
-    return str(err) or type(err).__name__
+    return smtpclient.connect_reason(err)
 
 
 # -- the delivery agent ------------------------------------------------------------
@@ -368,12 +353,12 @@ class RemoteDelivery(service.Service):
         for r in recipients:
             at = r.address.rfind("@")
             if at < 0:
-                early.append(Outcome.permanent(r.address, "recipient address has no domain", 550, "5.1.3"))
+                early.append(Outcome.permanent(r.address, "recipient address has no domain", 0, "5.1.3"))
                 continue
             try:
                 domain = normalize_domain(r.address[at + 1 :])
             except AddressError as e:
-                early.append(Outcome.permanent(r.address, f"bad recipient domain: {e}", 550, e.enhanced))
+                early.append(Outcome.permanent(r.address, f"bad recipient domain: {e}", 0, e.enhanced))
                 continue
             groups.setdefault(self.route(domain), []).append(r)
         ds = [
@@ -389,7 +374,7 @@ class RemoteDelivery(service.Service):
                 else:  # a bug, not a remote problem; keep the message
                     log.failure("delivery to {dest} crashed", value, dest=str(dest))
                     out.extend(
-                        Outcome.temporary(r.address, f"internal error: {value.getErrorMessage()}", 451, "4.3.0")
+                        Outcome.temporary(r.address, f"internal error: {value.getErrorMessage()}", 0, "4.3.0")
                         for r in rcpts
                     )
             return out
@@ -510,7 +495,7 @@ class RemoteDelivery(service.Service):
                 return outcomes, True
             answered = {o.recipient for o in got}
             done = list(got) + [
-                Outcome.temporary(r.address, "no reply for this recipient", 451, "4.4.2", conn.remote_mta)
+                Outcome.temporary(r.address, "no reply for this recipient", 0, "4.4.2", conn.remote_mta)
                 for r in chunk
                 if r.address not in answered
             ]
@@ -521,8 +506,9 @@ class RemoteDelivery(service.Service):
     def _session_fail(self, e: BaseException, remote: str) -> _Fail:
         if isinstance(e, smtpclient.SessionError):
             kind = PERMANENT if e.permanent else TEMPORARY
-            return _Fail(kind, e.code, e.enhanced, _tidy(e.text), e.remote_mta or remote)
-        return _Fail(TEMPORARY, 451, "4.4.2", f"conversation with {remote} failed: {e}", remote)
+            # remote_mta is empty when no connection was made (refused, timed out)
+            return _Fail(kind, e.code, e.enhanced, _tidy(e.text), e.remote_mta)
+        return _Fail(TEMPORARY, 0, "4.4.2", f"conversation with {remote} failed: {e}", remote)
 
     # -- finding addresses -------------------------------------------------------------
 
@@ -541,7 +527,8 @@ class RemoteDelivery(service.Service):
                     [
                         hostsmodule.Resolver(b"/etc/hosts"),
                         cache.CacheResolver(reactor=self._reactor),
-                        dnsclient.Resolver(resolv=b"/etc/resolv.conf", reactor=self._reactor),
+                        # a str path: Twisted logs it ("... changed, reparsing")
+                        dnsclient.Resolver(resolv="/etc/resolv.conf", reactor=self._reactor),
                     ]
                 )
         return self._resolver
@@ -635,20 +622,21 @@ class RemoteDelivery(service.Service):
             records = await self._query(domain, dns.MX)
         except _NotFound:
             raise _Fail(
-                PERMANENT, 550, "5.1.2",
+                PERMANENT, 0, "5.1.2",
                 f"Host or domain name not found. Name service error for name={domain} type=MX: Host not found",
             )
         except _DNSTemporary as e:
+            log.info("MX lookup for {domain} failed: {error}", domain=domain, error=str(e))
             raise _Fail(
-                TEMPORARY, 451, "4.4.3",
+                TEMPORARY, 0, "4.4.3",
                 f"Host or domain name not found. Name service error for name={domain} type=MX: "
-                f"Host not found, try again ({e})",
+                "Host not found, try again",
             )
         if not records:
             return None
         real = [r for r in records if str(r.name).rstrip(".") != ""]
         if not real:  # RFC 7505 null MX
-            raise _Fail(PERMANENT, 556, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
+            raise _Fail(PERMANENT, 0, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
         by_pref: dict[int, list[str]] = {}
         for r in real:
             name = str(r.name).lower().rstrip(".")
@@ -727,28 +715,28 @@ class RemoteDelivery(service.Service):
         if any(isinstance(e, _DNSTemporary) for e in errors) or dest.explicit:
             host = hosts[0]
             raise _Fail(
-                TEMPORARY, 451, "4.4.3",
+                TEMPORARY, 0, "4.4.3",
                 f"Host or domain name not found. Name service error for name={host} type=A: Host not found, try again",
             )
         if mx is None:
-            raise _Fail(PERMANENT, 550, "5.4.4",
+            raise _Fail(PERMANENT, 0, "5.4.4",
                         f"Host or domain name not found: {dest.host} has no MX, A or AAAA records")
-        raise _Fail(PERMANENT, 550, "5.4.4",
+        raise _Fail(PERMANENT, 0, "5.4.4",
                     f"Host or domain name not found: no MX host for {dest.host} has an address ({', '.join(hosts)})")
 
     def _host_fail(self, host: str, e: BaseException, explicit: bool) -> _Fail:
         if isinstance(e, _NotFound) and not explicit:
-            return _Fail(PERMANENT, 550, "5.4.4",
+            return _Fail(PERMANENT, 0, "5.4.4",
                          f"Host or domain name not found. Name service error for name={host} type=A: Host not found")
         # A route or smarthost that does not resolve is the operator's to fix:
         # keep the mail (Postfix would bounce it).
-        return _Fail(TEMPORARY, 451, "4.4.3" if isinstance(e, _DNSTemporary) else "4.4.4",
+        return _Fail(TEMPORARY, 0, "4.4.3" if isinstance(e, _DNSTemporary) else "4.4.4",
                      f"Host or domain name not found. Name service error for name={host} type=A: "
                      f"{'Host not found, try again' if isinstance(e, _DNSTemporary) else 'Host not found'}")
 
     def _loop(self, domain: str) -> _Fail:
         log.warn("mail for {domain} loops back to myself", domain=domain)
-        return _Fail(PERMANENT, 554, "5.4.6", f"mail for {domain} loops back to myself")
+        return _Fail(PERMANENT, 0, "5.4.6", f"mail for {domain} loops back to myself")
 
     # -- connecting ------------------------------------------------------------------
 
@@ -802,7 +790,7 @@ class RemoteDelivery(service.Service):
                     break
                 except Exception as e:
                     text = f"connect to {target}: {_connect_reason(e)}"
-                    last_temp = _Fail(TEMPORARY, 451, "4.4.1", text, str(target))
+                    last_temp = _Fail(TEMPORARY, 0, "4.4.1", text)
                     log.info("{text}", text=text, target=str(target), dest=str(dest))
                     break
                 else:
@@ -813,7 +801,7 @@ class RemoteDelivery(service.Service):
             raise last_temp
         if last_perm is not None:
             raise last_perm
-        raise _Fail(TEMPORARY, 451, "4.4.1", f"no address to try for {dest}")
+        raise _Fail(TEMPORARY, 0, "4.4.1", f"no address to try for {dest}")
 
     # -- connection slots and reuse ------------------------------------------------------
 

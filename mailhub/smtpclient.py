@@ -31,7 +31,7 @@ Postfix's default, C{disable_mime_output_conversion = no}): 8-bit MIME
 bodies become quoted-printable (text) or base64 (others), everything else
 is kept byte for byte (L{mailhub.downgrade}).  What cannot be converted
 (8-bit headers, 8-bit in a part that must not be encoded) fails for every
-recipient of the transaction with C{554 5.6.3} (RFC 3463 "Conversion
+recipient of the transaction with status C{5.6.3} (RFC 3463 "Conversion
 required but not supported").  A peer that offers SMTPUTF8 is taken to
 accept 8-bit data in an SMTPUTF8 transaction (RFC 6531 3.1 requires it to
 offer 8BITMIME too).
@@ -64,8 +64,11 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 
 from .downgrade import ConversionError, downgrade, split_header
+from .clienttls import VerifyingCreator, connect_reason, tls_failure_text
 from .eagerwrite import write_now
 from .envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
 from .spool import QueueFileError, open_message
@@ -84,6 +87,8 @@ __all__ = [
     "DotStuffer",
     "stuff",
     "connect",
+    "connect_reason",
+    "tls_failure_text",
     "MAX_LINE",
     "MAX_LINES",
     "CHUNK_SIZE",
@@ -111,9 +116,11 @@ MAX_BURST = 1024 * 1024
 #: SMTPUTF8 decision); past it the headers count as possibly non-ASCII.
 MAX_HEADER_SCAN = 1024 * 1024
 
-# Locally generated reply codes (no server said them).
-_LOCAL_TEMP = 451
-_LOCAL_PERM = 550
+# The "reply code" of an outcome or SessionError that no server said
+# (connection refused or lost, TLS failure, a local decision): 0, so that
+# reports never present our own words as a server's reply.
+_LOCAL_TEMP = 0
+_LOCAL_PERM = 0
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
@@ -149,7 +156,7 @@ class SessionError(Exception):
     decides whether to try another host (remote.py) and turns it into
     outcomes for the recipients.
 
-    @ivar code: the reply code, or 451/550 when no server said one.
+    @ivar code: the reply code, or 0 when no server said one.
     @ivar enhanced: RFC 3463 status, e.g. C{"4.4.1"}.
     @ivar text: what happened, Postfix style.
     @ivar permanent: True for 5xx.
@@ -228,7 +235,7 @@ def _parse_reply(lines: list[tuple[int, str]]) -> SMTPReply:
 class _Broken(Exception):
     """The connection is gone or unusable; C{text} says why (Postfix style)."""
 
-    def __init__(self, text: str, enhanced: str = "4.4.2", tls_failed: bool = False, code: int = 451) -> None:
+    def __init__(self, text: str, enhanced: str = "4.4.2", tls_failed: bool = False, code: int = 0) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
@@ -384,6 +391,8 @@ class SMTPClientProtocol(Protocol):
         self._closed = False
         self._lost = False
         self._tls_pending = False
+        self._handshake_done = False
+        self._verify_error: tuple[int, int] | None = None
         self._failure: _Broken | None = None
         self._producer: _BodyProducer | None = None
         self._busy = False
@@ -402,7 +411,16 @@ class SMTPClientProtocol(Protocol):
         d.addBoth(self._session_done)
 
     def handshakeCompleted(self) -> None:
+        self._handshake_done = True
         log.debug("TLS handshake completed with {mta}", mta=self.remote_mta)
+
+    def _in_handshake(self) -> bool:
+        """STARTTLS was accepted and the TLS handshake has not completed."""
+        return self._tls_pending and not self._handshake_done
+
+    def _record_verify_error(self, errno: int, depth: int) -> None:
+        if self._verify_error is None:
+            self._verify_error = (errno, depth)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._lost:
@@ -416,9 +434,14 @@ class SMTPClientProtocol(Protocol):
             if self._producer is not None and not self._producer.finished:
                 what = "sending message content"
             text = f"lost connection with {self.remote_mta} while {what}"
-            if self._tls_pending and not self.tls and reason is not None:
-                text += f" ({reason.getErrorMessage()})"
-            self._failure = _Broken(text, tls_failed=self._tls_pending and not self.tls)
+            tls_failed = self._tls_pending and not self.tls
+            err = reason.value if reason is not None else None
+            if tls_failed and (
+                self._in_handshake() or self._verify_error is not None
+                or isinstance(err, (VerificationError, CertificateError, SSL.Error))
+            ):
+                text = tls_failure_text(self.remote_name, self.remote_mta, err, self._verify_error)
+            self._failure = _Broken(text, "4.7.5" if tls_failed else "4.4.2", tls_failed=tls_failed)
         if self._producer is not None:
             self._producer.fail(self._failure)
         waiters, self._waiters = self._waiters, []
@@ -505,6 +528,8 @@ class SMTPClientProtocol(Protocol):
 
     def _timed_out(self, what: str) -> None:
         self._timer = None
+        if self._in_handshake():
+            what = "performing the TLS handshake"
         self._abort(f"conversation with {self.remote_mta} timed out while {what}")
 
     def _arm_xfer(self) -> None:
@@ -617,8 +642,10 @@ class SMTPClientProtocol(Protocol):
         try:
             await self._hello()
         except _Broken as e:
-            raise self._local_error(
-                "4.7.5", f"Cannot start TLS with {self.remote_mta}: {e.text}", tls_failed=True
+            # The handshake runs when the EHLO after STARTTLS is written; a
+            # failure there is worded by connectionLost (tls_failure_text).
+            raise SessionError(
+                e.code, e.enhanced if e.code else "4.7.5", e.text, False, self.remote_mta, tls_failed=True
             )
         self.tls = True
         self._tls_pending = False
@@ -638,10 +665,10 @@ class SMTPClientProtocol(Protocol):
                 trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
             else:
                 trust = ssl.platformTrust()
-            return ssl.optionsForClientTLS(
+            return VerifyingCreator(
+                ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2),
                 o.tls_hostname or self.remote_name,
-                trustRoot=trust,
-                extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+                self._record_verify_error,
             )
         # "may" / "encrypt": encrypted, not authenticated (Postfix does not
         # verify at these levels either).
@@ -751,17 +778,18 @@ class SMTPClientProtocol(Protocol):
         try:
             f = open_message(message_path)
         except (OSError, QueueFileError) as e:
-            return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))
+            return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", _LOCAL_TEMP, "4.3.0", mta))
         with f:
             try:
                 size = f.length
                 header = _read_header(f) if envelope.esmtp.get("smtputf8") else b""
             except OSError as e:
-                return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))
+                return all_(lambda r: Outcome.temporary(
+                    r.address, f"cannot read queue file: {e}", _LOCAL_TEMP, "4.3.0", mta))
             utf8 = self._needs_smtputf8(envelope, recipients, header)
             if utf8 and "SMTPUTF8" not in self.extensions:
                 return all_(lambda r: Outcome.permanent(
-                    r.address, f"SMTPUTF8 is required, but was not offered by host {mta}", 550, "5.6.7", mta))
+                    r.address, f"SMTPUTF8 is required, but was not offered by host {mta}", _LOCAL_PERM, "5.6.7", mta))
             # Flagged at MAIL and the peer can take it: pass the flag on.
             utf8 = utf8 or bool(envelope.esmtp.get("smtputf8") and "SMTPUTF8" in self.extensions)
             body: IO[bytes] = f
@@ -773,7 +801,7 @@ class SMTPClientProtocol(Protocol):
                     raw = _read_if_8bit(f)
                 except OSError as e:
                     return all_(lambda r: Outcome.temporary(
-                        r.address, f"cannot read queue file: {e}", 451, "4.3.0", mta))
+                        r.address, f"cannot read queue file: {e}", _LOCAL_TEMP, "4.3.0", mta))
                 if raw is not None:
                     try:
                         converted = downgrade(raw)
@@ -781,7 +809,7 @@ class SMTPClientProtocol(Protocol):
                         text = (f"Conversion required but not supported: host {mta} does not offer 8BITMIME "
                                 f"and the message cannot be converted to 7 bit ({e})")
                         log.info("{text}", text=text)
-                        return all_(lambda r: Outcome.permanent(r.address, text, 554, "5.6.3", mta))
+                        return all_(lambda r: Outcome.permanent(r.address, text, _LOCAL_PERM, "5.6.3", mta))
                     log.info("converted 8-bit message to 7 bit for {mta} ({old} -> {new} bytes)",
                              mta=mta, old=size, new=len(converted))
                     body = io.BytesIO(converted)
@@ -789,7 +817,7 @@ class SMTPClientProtocol(Protocol):
             limit = self.extensions.get("SIZE", "").strip()
             if limit.isdigit() and int(limit) > 0 and size > int(limit):
                 return all_(lambda r: Outcome.permanent(
-                    r.address, f"message too large for {mta} ({size} > {limit} bytes)", 552, "5.3.4", mta))
+                    r.address, f"message too large for {mta} ({size} > {limit} bytes)", _LOCAL_PERM, "5.3.4", mta))
 
             mail = f"MAIL FROM:<{envelope.sender}>"
             if "SIZE" in self.extensions:
@@ -1096,8 +1124,7 @@ class SMTPClientFactory(ClientFactory):
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if not self.ready.called:
             self.ready.errback(SessionError(
-                _LOCAL_TEMP, "4.4.1", f"connect to {self.remote_mta}: {reason.getErrorMessage()}",
-                False, self.remote_mta,
+                _LOCAL_TEMP, "4.4.1", f"connect to {self.remote_mta}: {connect_reason(reason.value)}",
             ))
 
 
@@ -1136,11 +1163,9 @@ def connect(
             timer.cancel()
         if ready.called:
             return
-        if timed_out or f.check(CancelledError, ConnectingCancelledError):
-            text = f"connect to {factory.remote_mta}: Connection timed out"
-        else:
-            text = f"connect to {factory.remote_mta}: {f.getErrorMessage()}"
-        ready.errback(SessionError(_LOCAL_TEMP, "4.4.1", text, False, factory.remote_mta))
+        reason = "Connection timed out" if timed_out else connect_reason(f.value)
+        # No connection: no remote MTA (a DSN names none, the log says relay=none).
+        ready.errback(SessionError(_LOCAL_TEMP, "4.4.1", f"connect to {factory.remote_mta}: {reason}"))
 
     cd.addCallbacks(connected, failed)
     return ready

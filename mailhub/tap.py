@@ -302,7 +302,8 @@ class _Listener(StreamServerEndpointService):
         if hasattr(host, "port"):
             where = f"{host.host}:{host.port}"
         else:
-            where = str(getattr(host, "name", host))
+            name = getattr(host, "name", host)  # a UNIX socket's path is bytes
+            where = os.fsdecode(name) if isinstance(name, bytes) else str(name)
         log.info(
             "listening for {kind} on {description} ({where})",
             kind=self.kind.upper(),

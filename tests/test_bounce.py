@@ -270,3 +270,66 @@ def test_delayed_dsn_returns_headers_even_for_ret_full():
 def test_unknown_per_recipient_action_refused():
     with pytest.raises(ValueError):
         make_dsn(env([ok()]), [ok()], ORIGINAL, "h", NOW, "delivered", actions={"bob@example.org": "expanded"})
+
+
+# -- failures no server replied to ---------------------------------------------------------
+
+REFUSED = "connect to mx.example.org[192.0.2.1]:25: Connection refused"
+
+
+def test_refused_connection_delay_notice_names_no_remote_mta():
+    r = rcpt(state=PENDING, last_code=0, last_status="4.4.1", last_text=REFUSED, remote_mta="")
+    msg = parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW, "delayed", retry_until=NOW + 86400))
+    assert f"\n<bob@example.org>: {REFUSED}\n" in msg.get_payload()[0].get_content().replace("\r\n", "\n")
+    _, per = blocks(msg)
+    assert per["Status"] == "4.4.1"
+    assert per["Diagnostic-Code"] == f"X-Mailhub; {REFUSED}"
+    assert "Remote-MTA" not in per
+
+
+def test_lost_connection_names_no_remote_mta_and_no_reply():
+    lost = "lost connection with mx.example.org[192.0.2.1]:25 while receiving the initial server greeting"
+    r = rcpt(last_code=0, last_status="4.4.2", last_text=lost, remote_mta="mx.example.org[192.0.2.1]:25")
+    msg = parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW))
+    assert f"\n<bob@example.org>: {lost}\n" in msg.get_payload()[0].get_content().replace("\r\n", "\n")
+    _, per = blocks(msg)
+    assert per["Diagnostic-Code"] == f"X-Mailhub; {lost}"
+    assert "Remote-MTA" not in per
+
+
+def test_tls_failure_bounce_text():
+    text = "TLS: certificate of mx.example.org does not match its name (DNS name mx.example.org)"
+    r = rcpt(last_code=0, last_status="4.7.5", last_text=text, remote_mta="mx.example.org[192.0.2.1]:25")
+    msg = parse(make_dsn(env([r]), [r], ORIGINAL, "h", NOW))
+    assert f"\n<bob@example.org>: {text}\n" in msg.get_payload()[0].get_content().replace("\r\n", "\n")
+    assert "Remote-MTA" not in blocks(msg)[1]
+
+
+# -- what the text says is attached ----------------------------------------------------------
+
+
+def test_bounce_with_headers_says_the_headers_are_attached():
+    r = rcpt(remote_mta="mx.example.org[192.0.2.1]:25",
+             last_text="host mx.example.org[192.0.2.1]:25 said: 550 5.1.1 user unknown (in reply to RCPT TO command)")
+    for esmtp in ({}, {"ret": "HDRS"}):
+        msg = parse(make_dsn(env([r], esmtp=esmtp), [r], ORIGINAL, "h", NOW))
+        human = msg.get_payload()[0].get_content().replace("\r\n", "\n")
+        assert "be delivered to one or more recipients. The message headers\nare attached.\n" in human
+        assert "attached below" not in human and "returned message" not in human
+        assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_bounce_with_ret_full_says_the_message_is_attached():
+    r = rcpt()
+    msg = parse(make_dsn(env([r], esmtp={"ret": "FULL"}), [r], ORIGINAL, "h", NOW))
+    human = msg.get_payload()[0].get_content().replace("\r\n", "\n")
+    assert "be delivered to one or more recipients. The original message\nis attached.\n" in human
+    assert msg.get_payload()[2].get_content_type() == "message/rfc822"
+
+
+def test_ret_full_too_large_says_the_headers_are_attached():
+    r = rcpt()
+    big = ORIGINAL + b"x" * (FULL_LIMIT + 10) + b"\r\n"
+    msg = parse(make_dsn(env([r], esmtp={"ret": "FULL"}), [r], big, "h", NOW))
+    assert "The message headers\nare attached." in msg.get_payload()[0].get_content().replace("\r\n", "\n")
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"

@@ -20,6 +20,7 @@ import email.policy
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -105,7 +106,9 @@ def test_startup_log_names_the_relay_and_control_listener(net):
     a = net["A"]
     log = a.log()
     assert f"listening for SMTP on tcp:0:interface=127.0.0.1 (127.0.0.1:{a.port})" in log
-    assert f"listening for CONTROL on {a.spool}/control.sock" in log
+    assert f"listening for CONTROL on {a.spool}/control.sock ({a.spool}/control.sock)\n" in log
+    assert "b'" not in log  # paths are logged as text, never as bytes reprs
+    assert "Starting factory" not in log
 
 
 def test_route_to_smtp_sink_exact_bytes(net):
@@ -274,3 +277,70 @@ def test_submission_and_smtps_listeners_authenticated_relay(net, tmp_path):
         assert d.stop() == CLEAN_EXIT, d.stderr()
     assert "Traceback" not in d.log(), d.log()
 
+
+
+# -- a next hop that refuses connections ---------------------------------------------------
+
+
+def test_refused_connection_is_reported_as_no_reply_everywhere(tmp_path):
+    """
+    A route to a port where nothing listens: no server said anything, so
+    the mail log, the delay notice (text and RFC 3464 fields), mailq and
+    the HTTP API all give Postfix's "connect to HOST[IP]:PORT: Connection
+    refused", with no reply code, no Remote-MTA and no smtp Diagnostic-Code.
+    """
+    import io
+    import json
+    import urllib.request
+
+    from mailhub.cli.queue import QueueOptions, run_queue
+
+    dead = free_port()
+    text = config("mx.example.test", "example.test", "tcp:0:interface=127.0.0.1", '["127.0.0.0/8"]',
+                  {"dead.test": f"[127.0.0.1]:{dead}"}, '["alice"]')
+    text = text.replace("[relay]\n", "[relay]\ndelay_warning = 1\n").replace(
+        "[server]\n", '[server]\nhttp = ["tcp:0:interface=127.0.0.1"]\nhttp_admins = ["alice@example.test"]\n') + '[auth]\nusers = "users"\n'
+    d = Daemon(tmp_path, text)
+    d.start()
+    try:
+        cli = [sys.executable, "-m", "mailhub.cli.main", "--config", d.conf, "user"]
+        subprocess.run([*cli, "add", "alice@example.test", "--password-stdin"], input="correct horse\n",
+                       cwd=d.home, env=d.env(), capture_output=True, text=True, timeout=60, check=True)
+        token = subprocess.run([*cli, "token", "alice@example.test"], cwd=d.home, env=d.env(),
+                               capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        qid = send(d, "bob@dead.test", message("bob@dead.test", "dead1", sender="alice@example.test"),
+                   sender="alice@example.test")
+        reason = f"connect to 127.0.0.1[127.0.0.1]:{dead}: Connection refused"
+        notices = lambda: [raw for raw in read_maildir(d.maildir("alice")) if b"<dead1@client.test>" in raw] or None
+        [raw] = wait_for(notices, 20, "a delay notice in alice's Maildir")
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        assert msg["Subject"] == "Delayed Mail (still being retried)"
+        human, status = list(msg.iter_parts())[:2]
+        assert f"<bob@dead.test>: {reason}\n" in human.get_content()
+        per_rcpt = dict(status.get_payload()[1].items())
+        assert per_rcpt["Action"] == "delayed"
+        assert per_rcpt["Status"] == "4.4.1"
+        assert per_rcpt["Diagnostic-Code"] == f"X-Mailhub; {reason}"
+        assert "Remote-MTA" not in per_rcpt
+
+        line = re.search(rf"{qid}: to=<bob@dead.test>, .*", d.log()).group(0)
+        assert ", relay=none, " in line
+        assert line.endswith(f"dsn=4.4.1, status=deferred ({reason})")
+
+        options = QueueOptions()
+        options.parseOptions(["list"])
+        out = io.StringIO()
+        run_queue(options, d.spool, out=out, err=io.StringIO())
+        assert f"({reason})\n" in out.getvalue()
+
+        port = int(re.search(r"listening for HTTP on \S+ \(127\.0\.0\.1:(\d+)\)", d.log()).group(1))
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/messages/{qid}",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            [rcpt] = json.loads(r.read())["recipients"]
+        assert (rcpt["last_code"], rcpt["last_status"], rcpt["last_text"], rcpt["remote_mta"]) == (
+            0, "4.4.1", reason, "")
+    finally:
+        assert d.stop() == CLEAN_EXIT, d.stderr()
+    assert "Starting factory" not in d.log()
+    assert "Traceback" not in d.log()

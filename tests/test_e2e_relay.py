@@ -23,6 +23,7 @@ import subprocess
 import time
 
 import pytest
+from twisted.logger import formatEvent
 from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
 from twisted.names import dns, server
@@ -225,16 +226,16 @@ def test_dns_and_connect_failures(reactor, sink, dns_server, tmp_path) -> None:
         stop(reactor, agent)
     got = {o.recipient: (o.kind, o.code, o.status, o.text) for o in outcomes}
     assert got == {
-        "n@null.e2e.test": ("permanent", 556, "5.1.10", "Domain null.e2e.test does not accept mail (null MX)"),
+        "n@null.e2e.test": ("permanent", 0, "5.1.10", "Domain null.e2e.test does not accept mail (null MX)"),
         "x@nxdomain.e2e.test": (
-            "permanent", 550, "5.1.2",
+            "permanent", 0, "5.1.2",
             "Host or domain name not found. Name service error for name=nxdomain.e2e.test type=MX: Host not found"),
         "s@broken.e2e.test": (
-            "temporary", 451, "4.4.3",
+            "temporary", 0, "4.4.3",
             "Host or domain name not found. Name service error for name=broken.e2e.test type=MX: "
-            "Host not found, try again (DNSServerError)"),
-        "d@dead.e2e.test": ("temporary", 451, "4.4.1", f"connect to dead6.e2e.test[::1]:{port}: Connection refused"),
-        "l@loop.e2e.test": ("permanent", 554, "5.4.6", "mail for loop.e2e.test loops back to myself"),
+            "Host not found, try again"),
+        "d@dead.e2e.test": ("temporary", 0, "4.4.1", f"connect to dead6.e2e.test[::1]:{port}: Connection refused"),
+        "l@loop.e2e.test": ("permanent", 0, "5.4.6", "mail for loop.e2e.test loops back to myself"),
     }
     assert sorted(counting.calls) == [("127.0.0.2", port), ("::1", port)]
     assert os.listdir(out) == []
@@ -248,7 +249,7 @@ def test_loopback_mx_is_a_loop_by_default(reactor, sink, dns_server, tmp_path) -
         (o,) = deliver(reactor, agent, tmp_path, "u@lo.e2e.test")
     finally:
         stop(reactor, agent)
-    assert (o.kind, o.code, o.status) == ("permanent", 554, "5.4.6")
+    assert (o.kind, o.code, o.status) == ("permanent", 0, "5.4.6")
     assert counting.calls == []
 
 
@@ -377,3 +378,23 @@ def test_tls_handshake_failure_under_may_retries_in_plain_text(reactor, dns_serv
     assert factory.commands[:2] == [b"EHLO relay.example.org", b"STARTTLS"]
     assert b"STARTTLS" not in factory.commands[2:]
     assert factory.messages == [MESSAGE]
+
+
+def test_relay_delivery_logs_no_factory_lines(reactor, dns_server, tmp_path, events) -> None:
+    """An outbound connection does not log Twisted's "Starting factory <...>" / "Stopping factory"."""
+    dns_addr, _ = dns_server
+    factory = protocol.ServerFactory.forProtocol(_BrokenTLSServer)
+    factory.noisy = False  # the test's own listener
+    factory.sessions, factory.messages, factory.commands = 0, [], []
+    listener = in_reactor(reactor, lambda: reactor.listenTCP(0, factory, interface="127.0.0.1"))
+    port = listener.getHost().port
+    agent, _ = make_agent(reactor, dns_addr, 25, routes={"plain.e2e.test": f"[127.0.0.1]:{port}"})
+    try:
+        (o,) = deliver(reactor, agent, tmp_path, "u@plain.e2e.test")
+    finally:
+        stop(reactor, agent)
+        in_reactor(reactor, listener.stopListening)
+    assert o.kind == "delivered"
+    texts = [formatEvent(e) for e in events]
+    assert any(f"connected to 127.0.0.1[127.0.0.1]:{port}" in t for t in texts)
+    assert not [t for t in texts if "Starting factory" in t or "Stopping factory" in t]

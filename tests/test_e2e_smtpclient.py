@@ -198,7 +198,7 @@ def test_sink_without_8bitmime_unconvertible_is_554_563_and_nothing_sent(reactor
     outcomes, _ = deliver(
         reactor, port, ClientOptions("client.test", tls="none"), env_for("a@dest.test", body="8BITMIME"), str(path)
     )
-    assert [(o.kind, o.code, o.status) for o in outcomes] == [(PERMANENT, 554, "5.6.3")]
+    assert [(o.kind, o.code, o.status) for o in outcomes] == [(PERMANENT, 0, "5.6.3")]
     assert outcomes[0].text.startswith("Conversion required but not supported: ")
     assert os.listdir(dump) == []
 
@@ -213,7 +213,7 @@ def test_sink_without_smtputf8_takes_ascii_mail_flagged_smtputf8(reactor, sink, 
     outcomes, _ = deliver(reactor, port, options, env_for("a@dest.test", smtputf8=True), str(ascii_path))
     assert [(o.kind, o.code) for o in outcomes] == [(DELIVERED_OUTCOME, 250)]
     outcomes, _ = deliver(reactor, port, options, env_for("a@dest.test", smtputf8=True), str(utf8_path))
-    assert [(o.kind, o.code, o.status) for o in outcomes] == [(PERMANENT, 550, "5.6.7")]
+    assert [(o.kind, o.code, o.status) for o in outcomes] == [(PERMANENT, 0, "5.6.7")]
     (headers, body), = sink_dumps(dump)
     assert headers["X-Mail-Args"] == ["<sender@client.test>"]
     assert body == b"Subject: plain\n\nhi\n"
@@ -489,3 +489,127 @@ def test_connection_refused(reactor, tmp_path):
     with pytest.raises(SessionError) as e:
         deliver(reactor, port, ClientOptions("client.test"), env_for("ok@d.test"), str(tmp_path / "m"))
     assert e.value.enhanced == "4.4.1" and not e.value.permanent
+
+
+# -- TLS failures, said in words -----------------------------------------------------------
+
+
+def _cert(subject: str, issuer_name: str, issuer_key, key, *, days: tuple[int, int] = (-1, 1), ca: bool = False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    b = (
+        x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer_name))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days[0])).not_valid_after(now + datetime.timedelta(days=days[1]))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def bad_certs(tmp_path_factory):
+    """Server TLS options for an expired and a self-signed certificate of mx.test, and the CA file."""
+    d = tmp_path_factory.mktemp("badpki")
+    pem = serialization.Encoding.PEM
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("expiry test CA", "expiry test CA", ca_key, ca_key, days=(-30, 30), ca=True)
+    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
+
+    def options(cert, key):
+        raw = cert.public_bytes(pem) + key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+        return ssl.PrivateCertificate.loadPEM(raw).options()
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    expired = options(_cert("mx.test", "expiry test CA", ca_key, key, days=(-10, -1)), key)
+    own = ec.generate_private_key(ec.SECP256R1())
+    self_signed = options(_cert("mx.test", "mx.test", own, own), own)
+    return str(d / "ca.pem"), expired, self_signed
+
+
+def tls_failure(reactor, port, tmp_path, **kw) -> SessionError:
+    path = tmp_path / "m"
+    write_queue_file(path, b"hi\r\n")
+    with pytest.raises(SessionError) as e:
+        deliver(reactor, port, ClientOptions("client.test", **kw), env_for("ok@d.test"), str(path))
+    return e.value
+
+
+def test_tls_failure_texts_name_mismatch(reactor, responder, pki, tmp_path):
+    ca_file, server = pki
+    f, port = responder(server)
+    e = tls_failure(reactor, port, tmp_path, tls="verify", tls_hostname="other.test", tls_ca_file=ca_file)
+    assert (e.code, e.enhanced, e.remote_mta, e.tls_failed) == (0, "4.7.5", f"peer.test[127.0.0.1]:{port}", True)
+    assert e.text == "TLS: certificate of peer.test does not match its name (DNS name other.test)"
+    e = tls_failure(reactor, port, tmp_path, tls="verify", tls_hostname="127.0.0.1", tls_ca_file=ca_file)
+    assert e.text == "TLS: certificate of peer.test does not match its name (IP address 127.0.0.1)"
+    assert not any(c.startswith("MAIL") for c in f.commands)
+
+
+def test_tls_failure_text_unknown_ca(reactor, responder, pki, tmp_path):
+    _, server = pki
+    f, port = responder(server)
+    e = tls_failure(reactor, port, tmp_path, tls="verify", tls_hostname="mx.test")  # platform trust
+    assert (e.code, e.enhanced) == (0, "4.7.5")
+    assert e.text == "TLS: certificate of peer.test is not trusted (unable to get local issuer certificate)"
+
+
+def test_tls_failure_text_self_signed(reactor, responder, bad_certs, tmp_path):
+    ca_file, _, self_signed = bad_certs
+    f, port = responder(self_signed)
+    e = tls_failure(reactor, port, tmp_path, tls="verify", tls_hostname="mx.test", tls_ca_file=ca_file)
+    assert e.text == "TLS: certificate of peer.test is not trusted (self-signed certificate)"
+
+
+def test_tls_failure_text_expired(reactor, responder, bad_certs, tmp_path):
+    ca_file, expired, _ = bad_certs
+    f, port = responder(expired)
+    e = tls_failure(reactor, port, tmp_path, tls="verify", tls_hostname="mx.test", tls_ca_file=ca_file)
+    assert e.text == "TLS: certificate of peer.test has expired"
+    assert not any(c.startswith("MAIL") for c in f.commands)
+
+
+class PlainAfterStartTLS(Responder):
+    """Says yes to STARTTLS, then answers the TLS ClientHello in plain text: the handshake fails."""
+
+    started = False
+
+    def dataReceived(self, data):
+        if self.started:
+            self.reply("250 this is not TLS")
+        elif data.upper().startswith(b"STARTTLS"):
+            self.started = True
+            self.reply("220 2.0.0 Ready to start TLS")
+        else:
+            super().dataReceived(data)
+
+
+def test_tls_failure_text_handshake(reactor, tmp_path):
+    f = ResponderFactory(tls_options=object())  # offers STARTTLS
+    f.protocol = PlainAfterStartTLS
+    listening = in_reactor(reactor, reactor.listenTCP, 0, f, interface="127.0.0.1")
+    try:
+        e = tls_failure(reactor, listening.getHost().port, tmp_path, tls="encrypt")
+    finally:
+        in_reactor(reactor, listening.stopListening)
+    assert (e.code, e.enhanced, e.tls_failed) == (0, "4.7.5", True)
+    assert e.text == "TLS: handshake with peer.test failed (wrong version number)"
+
+
+def test_tls_required_not_offered_text(reactor, responder, tmp_path):
+    f, port = responder(None)
+    e = tls_failure(reactor, port, tmp_path, tls="encrypt")
+    assert (e.code, e.enhanced, e.permanent) == (0, "4.7.4", False)
+    assert e.text == f"TLS is required, but was not offered by host peer.test[127.0.0.1]:{port}"
+
+
+def test_connection_refused_text(reactor, tmp_path):
+    port = free_port()
+    e = tls_failure(reactor, port, tmp_path)
+    assert (e.code, e.enhanced, e.remote_mta) == (0, "4.4.1", "")
+    assert e.text == f"connect to peer.test[127.0.0.1]:{port}: Connection refused"

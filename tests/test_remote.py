@@ -137,9 +137,8 @@ class FakeNet:
         mta = f"{remote_name}[{remote_ip}]:{port}"
         how = self.behaviour.get(remote_ip, "ok")
         if how == "refused":
-            return defer.fail(SessionError(
-                451, "4.4.1", f"connect to {mta}: Connection was refused by other side: 111: Connection refused.",
-                False, mta))
+            # as smtpclient.connect words it: no reply code, no remote MTA
+            return defer.fail(SessionError(0, "4.4.1", f"connect to {mta}: Connection refused"))
         if isinstance(how, SessionError):
             return defer.fail(how)
         if how == "tlsfail" and options.tls != "none":
@@ -321,10 +320,11 @@ def test_all_dead_is_temporary_with_last_error(tmp_path) -> None:
     agent, net, _, _, msg = make(tmp_path)
     net.behaviour.update({"192.0.2.1": "refused", "192.0.2.2": "refused"})
     outcomes = run(agent, msg, "u@pref.test", "v@pref.test")
-    assert [(o.recipient, o.kind, o.code, o.status, o.text) for o in outcomes] == [
-        (r, "temporary", 451, "4.4.1", "connect to mx2.pref.test[192.0.2.2]:25: Connection refused")
+    assert [(o.recipient, o.kind, o.code, o.status, o.text, o.remote_mta) for o in outcomes] == [
+        (r, "temporary", 0, "4.4.1", "connect to mx2.pref.test[192.0.2.2]:25: Connection refused", "")
         for r in ("u@pref.test", "v@pref.test")
     ]
+    assert not any(o.replied for o in outcomes)
 
 
 def test_equal_preference_uses_injected_random(tmp_path) -> None:
@@ -349,7 +349,7 @@ def test_implicit_mx_uses_a_and_aaaa(tmp_path) -> None:
 def test_null_mx_is_permanent_at_once(tmp_path) -> None:
     agent, net, _, _, msg = make(tmp_path)
     o = one(run(agent, msg, "u@nullmx.test"))
-    assert (o.kind, o.code, o.status) == ("permanent", 556, "5.1.10")
+    assert (o.kind, o.code, o.status) == ("permanent", 0, "5.1.10")
     assert o.text == "Domain nullmx.test does not accept mail (null MX)"
     assert net.connects == []
 
@@ -357,7 +357,7 @@ def test_null_mx_is_permanent_at_once(tmp_path) -> None:
 def test_nxdomain_is_permanent(tmp_path) -> None:
     agent, net, _, _, msg = make(tmp_path)
     o = one(run(agent, msg, "u@nowhere.test"))
-    assert (o.kind, o.code, o.status) == ("permanent", 550, "5.1.2")
+    assert (o.kind, o.code, o.status) == ("permanent", 0, "5.1.2")
     assert o.text.startswith("Host or domain name not found. Name service error for name=nowhere.test type=MX")
     assert net.connects == []
 
@@ -365,8 +365,9 @@ def test_nxdomain_is_permanent(tmp_path) -> None:
 def test_servfail_is_temporary(tmp_path) -> None:
     agent, net, _, _, msg = make(tmp_path)
     o = one(run(agent, msg, "u@servfail.test"))
-    assert (o.kind, o.code, o.status) == ("temporary", 451, "4.4.3")
-    assert "name=servfail.test type=MX: Host not found, try again" in o.text
+    assert (o.kind, o.code, o.status) == ("temporary", 0, "4.4.3")
+    assert o.text == "Host or domain name not found. Name service error for name=servfail.test type=MX: Host not found, try again"
+    assert not o.replied and o.remote_mta == ""
     assert net.connects == []
 
 
@@ -374,13 +375,13 @@ def test_dns_timeout_is_temporary(tmp_path) -> None:
     zone = Zone("test", ZONE, servfail=("slow.test",), failure=dnserror.DNSQueryTimeoutError)
     agent, net, _, _, msg = make(tmp_path, zone=zone)
     o = one(run(agent, msg, "u@slow.test"))
-    assert (o.kind, o.code, o.status) == ("temporary", 451, "4.4.3")
+    assert (o.kind, o.code, o.status) == ("temporary", 0, "4.4.3")
 
 
 def test_mx_host_without_address_is_permanent(tmp_path) -> None:
     agent, net, _, _, msg = make(tmp_path)
     o = one(run(agent, msg, "u@noaddr.test"))
-    assert (o.kind, o.code, o.status) == ("permanent", 550, "5.4.4")
+    assert (o.kind, o.code, o.status) == ("permanent", 0, "5.4.4")
     assert net.connects == []
 
 
@@ -470,7 +471,7 @@ def test_mixed_permanent_and_temporary_is_temporary(tmp_path) -> None:
     net.behaviour["192.0.2.1"] = "refused"
     net.behaviour["192.0.2.2"] = greet(554, "192.0.2.2", "mx2.pref.test")
     o = one(run(agent, msg, "u@pref.test"))
-    assert (o.kind, o.code, o.status) == ("temporary", 451, "4.4.1")
+    assert (o.kind, o.code, o.status, o.remote_mta) == ("temporary", 0, "4.4.1", "")
     assert o.text == "connect to mx1.pref.test[192.0.2.1]:25: Connection refused"
 
 
@@ -505,7 +506,7 @@ def test_client_options_passed(tmp_path) -> None:
 def test_best_mx_is_my_address_loops(tmp_path) -> None:
     agent, net, _, _, msg = make(tmp_path, local_addresses=["198.51.100.1"])
     o = one(run(agent, msg, "u@loop.test"))
-    assert (o.kind, o.code, o.status, o.text) == ("permanent", 554, "5.4.6", "mail for loop.test loops back to myself")
+    assert (o.kind, o.code, o.status, o.text) == ("permanent", 0, "5.4.6", "mail for loop.test loops back to myself")
     assert net.connects == []
 
 
@@ -903,3 +904,18 @@ def test_scheduler_records_the_fast_domain_while_the_slow_one_is_in_data(tmp_pat
     answer(held)
     assert spool.queue_ids() == [] and e.queue_id not in sched.in_flight
     assert sorted(m[2][0] for m in net.messages) == ["fast@aonly.test"]  # slow ones are not in net.messages
+
+
+def test_system_resolver_logs_its_configuration_path_as_text(events) -> None:
+    """Twisted logs "<resolv> changed, reparsing" when the resolver starts: a path, not a b'' repr."""
+    import os
+
+    from twisted.logger import formatEvent
+
+    if not os.path.exists("/etc/resolv.conf"):
+        pytest.skip("no /etc/resolv.conf")
+    agent = RemoteDelivery(MemoryReactorClock(), "relay.example.org")
+    agent.resolver()
+    texts = [formatEvent(e) for e in events]
+    assert "/etc/resolv.conf changed, reparsing" in texts
+    assert not [t for t in texts if "b'" in t]

@@ -11,9 +11,11 @@ import email.policy
 import random
 
 import pytest
+from OpenSSL import SSL
+from service_identity.hazmat import DNS_ID
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -210,8 +212,8 @@ def test_greeting_421_temporary():
 def test_connect_refused():
     ep = FakeEndpoint(result=fail(ConnectionRefusedError()))
     e = failure_of(connect(Clock(), ep, ClientOptions("c"), "mx.example", "192.0.2.1"))
-    assert (e.code, e.enhanced, e.permanent) == (451, "4.4.1", False)
-    assert e.text.startswith(f"connect to {MTA}: Connection was refused")
+    assert (e.code, e.enhanced, e.permanent) == (0, "4.4.1", False)
+    assert (e.text, e.remote_mta) == (f"connect to {MTA}: Connection refused", "")
 
 
 def test_connect_timeout():
@@ -232,7 +234,7 @@ def test_greeting_timeout():
     not_fired(s.d)
     s.clock.advance(1)
     e = failure_of(s.d)
-    assert (e.code, e.enhanced, e.permanent) == (451, "4.4.2", False)
+    assert (e.code, e.enhanced, e.permanent) == (0, "4.4.2", False)
     assert e.text == f"conversation with {MTA} timed out while receiving the initial server greeting"
     assert s.t.disconnecting
 
@@ -247,7 +249,7 @@ def test_ehlo_timeout():
 def test_starttls_required_but_not_offered():
     s = Server(ClientOptions("client.example", tls="encrypt"), ehlo=EHLO_PLAIN)
     e = failure_of(s.d)
-    assert (e.code, e.enhanced, e.permanent) == (451, "4.7.4", False)
+    assert (e.code, e.enhanced, e.permanent) == (0, "4.7.4", False)
     assert e.text == f"TLS is required, but was not offered by host {MTA}"
     assert s.take() == b"QUIT\r\n"
 
@@ -300,10 +302,29 @@ def test_tls_handshake_failure_marks_tls_failed():
     s = Server(ClientOptions("client.example", tls="may"), ehlo=STARTTLS_EHLO)
     s.take()
     s.say(b"220 go ahead\r\n")
-    s.proto.connectionLost(Failure(Exception("handshake failure")))
+    s.proto.connectionLost(Failure(SSL.Error([("SSL routines", "", "sslv3 alert handshake failure")])))
     e = failure_of(s.d)
-    assert e.tls_failed and not e.permanent and e.enhanced == "4.7.5"
-    assert "handshake failure" in e.text
+    assert e.tls_failed and not e.permanent and (e.code, e.enhanced) == (0, "4.7.5")
+    assert e.text == "TLS: handshake with mx.example failed (sslv3 alert handshake failure)"
+
+
+def test_connection_lost_during_tls_handshake_names_the_handshake():
+    s = Server(ClientOptions("client.example", tls="may"), ehlo=STARTTLS_EHLO)
+    s.take()
+    s.say(b"220 go ahead\r\n")
+    s.proto.connectionLost(Failure(ConnectionDone()))
+    e = failure_of(s.d)
+    assert e.tls_failed and (e.code, e.enhanced) == (0, "4.7.5")
+    assert e.text == f"lost connection with {MTA} while performing the TLS handshake"
+
+
+def test_tls_handshake_timeout_names_the_handshake():
+    s = Server(ClientOptions("client.example", tls="may"), ehlo=STARTTLS_EHLO)
+    s.take()
+    s.say(b"220 go ahead\r\n")
+    s.clock.advance(300)
+    e = failure_of(s.d)
+    assert e.tls_failed and e.text == f"conversation with {MTA} timed out while performing the TLS handshake"
 
 
 def test_auth_refused_without_tls():
@@ -353,7 +374,7 @@ def test_tls_options_verify_uses_hostname(tmp_path):
     s.take()
     s.say(b"220 go\r\n")
     opts = s.t.tls_options
-    assert opts._hostnameASCII == "smtp.example.net"
+    assert (opts._ids, opts._sni) == ([DNS_ID("smtp.example.net")], b"smtp.example.net")
 
 
 def test_bad_tls_level_rejected():
@@ -487,7 +508,7 @@ def test_data_2xx_is_not_delivery(msg):
     s.say(b"250 ok\r\n250 ok\r\n250 sure\r\n")
     assert s.take() == b"RSET\r\n"
     s.say(b"250 ok\r\n")
-    assert kinds(result_of(d)) == [("a@example.com", TEMPORARY, 451, "4.5.0")]
+    assert kinds(result_of(d)) == [("a@example.com", TEMPORARY, 0, "4.5.0")]
 
 
 def test_end_of_data_5xx(msg):
@@ -530,7 +551,7 @@ def test_size_limit_exceeded_nothing_sent(msg):
     s = Server()  # SIZE 1000
     env = envelope(rcpts=("a@x.com", "b@x.com"))
     out = result_of(s.conn.send(env, env.recipients, msg(b"x" * 1001)))
-    assert kinds(out) == [("a@x.com", PERMANENT, 552, "5.3.4"), ("b@x.com", PERMANENT, 552, "5.3.4")]
+    assert kinds(out) == [("a@x.com", PERMANENT, 0, "5.3.4"), ("b@x.com", PERMANENT, 0, "5.3.4")]
     assert out[0].text.startswith(f"message too large for {MTA}")
     assert s.take() == b""
     assert s.conn.usable
@@ -547,12 +568,12 @@ def test_smtputf8_missing_is_550_567(msg):
     s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
     env = envelope(rcpts=("jöran@x.com", "b@x.com"))
     out = result_of(s.conn.send(env, env.recipients, msg()))
-    assert kinds(out) == [("jöran@x.com", PERMANENT, 550, "5.6.7"), ("b@x.com", PERMANENT, 550, "5.6.7")]
+    assert kinds(out) == [("jöran@x.com", PERMANENT, 0, "5.6.7"), ("b@x.com", PERMANENT, 0, "5.6.7")]
     assert s.take() == b""
     # Flagged SMTPUTF8 and the headers really are UTF-8: still required.
     env = envelope(smtputf8=True)
     out = result_of(s.conn.send(env, env.recipients, msg("Subject: grüße\r\n\r\nbody\r\n".encode())))
-    assert kinds(out) == [("a@example.com", PERMANENT, 550, "5.6.7")]
+    assert kinds(out) == [("a@example.com", PERMANENT, 0, "5.6.7")]
     assert out[0].text == f"SMTPUTF8 is required, but was not offered by host {MTA}"
     assert s.take() == b""
 
@@ -592,7 +613,7 @@ def test_smtputf8_need_read_from_the_header_section(msg, data, needs):
     env = envelope(smtputf8=True)
     d = s.conn.send(env, env.recipients, msg(data))
     if needs:
-        assert kinds(result_of(d)) == [("a@example.com", PERMANENT, 550, "5.6.7")]
+        assert kinds(result_of(d)) == [("a@example.com", PERMANENT, 0, "5.6.7")]
         assert s.take() == b""
     else:
         assert s.take().startswith(b"MAIL FROM:<sender@example.org>\r\n")
@@ -672,7 +693,7 @@ def test_8bit_that_cannot_be_converted_is_554_563(msg, data, why):
     s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
     env = envelope(rcpts=("a@x.com", "b@x.com"), body="8BITMIME")
     out = result_of(s.conn.send(env, env.recipients, msg(data)))
-    assert kinds(out) == [("a@x.com", PERMANENT, 554, "5.6.3"), ("b@x.com", PERMANENT, 554, "5.6.3")]
+    assert kinds(out) == [("a@x.com", PERMANENT, 0, "5.6.3"), ("b@x.com", PERMANENT, 0, "5.6.3")]
     assert out[0].text == (f"Conversion required but not supported: host {MTA} does not offer 8BITMIME "
                            f"and the message cannot be converted to 7 bit ({why})")
     assert s.take() == b""  # nothing sent
@@ -709,7 +730,7 @@ def test_missing_queue_file_temporary_connection_still_usable(tmp_path):
     s = Server()
     env = envelope()
     out = result_of(s.conn.send(env, env.recipients, str(tmp_path / "nope")))
-    assert kinds(out) == [("a@example.com", TEMPORARY, 451, "4.3.0")]
+    assert kinds(out) == [("a@example.com", TEMPORARY, 0, "4.3.0")]
     assert s.take() == b"" and s.conn.usable
 
 
@@ -822,7 +843,7 @@ def test_mail_timeout_gives_temporary_outcomes(msg):
     not_fired(d)
     s.clock.advance(1)
     out = result_of(d)
-    assert kinds(out) == [("a@x.com", TEMPORARY, 451, "4.4.2"), ("b@x.com", TEMPORARY, 451, "4.4.2")]
+    assert kinds(out) == [("a@x.com", TEMPORARY, 0, "4.4.2"), ("b@x.com", TEMPORARY, 0, "4.4.2")]
     assert out[0].text == f"conversation with {MTA} timed out while sending RCPT TO"
     assert not s.conn.usable and s.t.disconnecting
 
@@ -834,7 +855,7 @@ def test_rcpt_outcome_kept_when_connection_lost_later(msg):
     s.say(b"250 ok\r\n550 5.1.1 no\r\n")
     s.proto.connectionLost(Failure(Exception("reset")))
     out = result_of(d)
-    assert kinds(out) == [("a@x.com", PERMANENT, 550, "5.1.1"), ("b@x.com", TEMPORARY, 451, "4.4.2")]
+    assert kinds(out) == [("a@x.com", PERMANENT, 550, "5.1.1"), ("b@x.com", TEMPORARY, 0, "4.4.2")]
     assert out[1].text == f"lost connection with {MTA} while sending RCPT TO"
     # and the connection is not used again
     out = result_of(s.conn.send(env, env.recipients, msg()))
@@ -884,7 +905,7 @@ def test_data_xfer_timeout(msg):
     not_fired(d)
     s.clock.advance(1)
     out = result_of(d)
-    assert kinds(out) == [("a@example.com", TEMPORARY, 451, "4.4.2")]
+    assert kinds(out) == [("a@example.com", TEMPORARY, 0, "4.4.2")]
     assert out[0].text == f"conversation with {MTA} timed out while sending message content"
 
 

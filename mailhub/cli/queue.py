@@ -158,7 +158,10 @@ def list_queue(spool: Spool, out: TextIO) -> int:
         lines.append(f"{env.queue_id}{mark}{size:>8} {_when(env.arrival):20}  {sender}")
         for r in env.recipients:
             if r.last_text and r.state == PENDING:
-                detail = " ".join(x for x in (str(r.last_code or ""), r.last_status, r.last_text) if x)
+                # a server's reply already says "host X said: 451 4.2.0 ..."; a
+                # connection that failed has no code (Postfix: just the reason)
+                detail = r.last_text if r.replied or not r.last_code else " ".join(
+                    x for x in (str(r.last_code), r.last_status, r.last_text) if x)
                 lines.append(f"{indent}({detail})")
             state = "" if r.state == PENDING else f" [{r.state}]"
             lines.append(f"{indent}{r.address}{state}")
@@ -212,7 +215,7 @@ def show_message(spool: Spool, queue_id: str, out: TextIO) -> int:
         extra = f" (original {r.original})" if r.original != r.address else ""
         last = ""
         if r.last_code or r.last_text:
-            last = f" last={r.last_code} {r.last_status} {r.last_text}".rstrip()
+            last = " last=" + " ".join(x for x in (str(r.last_code or ""), r.last_status, r.last_text) if x)
         out.write(f"recipient: {r.address}{extra} state={r.state} attempts={r.attempts}{last}\n")
     out.write("--- message header ---\n")
     with spool.open_message(queue_id) as f:
