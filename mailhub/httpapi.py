@@ -26,7 +26,6 @@ import email.utils
 import errno
 import json
 import re
-from email.message import EmailMessage
 from typing import Any, Callable, Collection, Sequence
 from urllib.parse import parse_qs
 

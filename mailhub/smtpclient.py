@@ -46,14 +46,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
 
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IPushProducer,
@@ -778,14 +776,15 @@ class SMTPClientProtocol(Protocol):
         try:
             f = open_message(message_path)
         except (OSError, QueueFileError) as e:
-            return all_(lambda r: Outcome.temporary(r.address, f"cannot read queue file: {e}", _LOCAL_TEMP, "4.3.0", mta))
+            unreadable = f"cannot read queue file: {e}"
+            return all_(lambda r: Outcome.temporary(r.address, unreadable, _LOCAL_TEMP, "4.3.0", mta))
         with f:
             try:
                 size = f.length
                 header = _read_header(f) if envelope.esmtp.get("smtputf8") else b""
             except OSError as e:
-                return all_(lambda r: Outcome.temporary(
-                    r.address, f"cannot read queue file: {e}", _LOCAL_TEMP, "4.3.0", mta))
+                unreadable = f"cannot read queue file: {e}"
+                return all_(lambda r: Outcome.temporary(r.address, unreadable, _LOCAL_TEMP, "4.3.0", mta))
             utf8 = self._needs_smtputf8(envelope, recipients, header)
             if utf8 and "SMTPUTF8" not in self.extensions:
                 return all_(lambda r: Outcome.permanent(
@@ -800,8 +799,8 @@ class SMTPClientProtocol(Protocol):
                 try:
                     raw = _read_if_8bit(f)
                 except OSError as e:
-                    return all_(lambda r: Outcome.temporary(
-                        r.address, f"cannot read queue file: {e}", _LOCAL_TEMP, "4.3.0", mta))
+                    unreadable = f"cannot read queue file: {e}"
+                    return all_(lambda r: Outcome.temporary(r.address, unreadable, _LOCAL_TEMP, "4.3.0", mta))
                 if raw is not None:
                     try:
                         converted = downgrade(raw)

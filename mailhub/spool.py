@@ -45,7 +45,6 @@ of its own is the remover (L{Spool.remove}), which exits when idle.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import io
 import os
