@@ -3,7 +3,8 @@ The in-memory harness the mailhub.smtpd tests share (not a test file).
 
 Owns: a Client (one StringTransport connection to an SMTPServerFactory), a
 Harness (task.Clock at NOW, a real Spool in tmp_path, a Directory, a list
-as enqueue) and the replies and helpers every smtpd transcript uses.
+as enqueue), the fake TLS pair (FakeTLS, TLSStringTransport) and the
+replies and helpers every smtpd transcript uses.
 Must not hold assertions about the server's behaviour: those stay in the
 test files, so each keeps its exact expected replies.
 """
@@ -16,7 +17,9 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from mailhub.config import ServerConfig
 from mailhub.directory import Directory
@@ -34,6 +37,28 @@ MAIL_OK = "250 2.1.0 Ok\r\n"
 RCPT_OK = "250 2.1.5 Ok\r\n"
 GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n\Z")
+TLS_OPTIONS = object()  # what the fake ServerTLS hands to startTLS
+
+
+class FakeTLS:
+    """Stands in for mailhub.tls.ServerTLS: options() is what startTLS gets."""
+
+    def options(self) -> object:
+        return TLS_OPTIONS
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records startTLS instead of doing a handshake (the bytes stay clear text)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.tls_started: list[object] = []
+        self.written_before_tls = b""
+
+    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
+        self.tls_started.append(contextFactory)
+        self.written_before_tls = self.value()
 
 
 class Client:
