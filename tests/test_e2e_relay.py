@@ -32,7 +32,7 @@ from mailhub.envelope import Envelope, Recipient
 from mailhub.remote import RemoteDelivery
 from mailhub.spool import queue_file_bytes
 from peers import free_port, wait_for, wait_listening
-from test_remote import AAAA, CNAME, MX, A, Zone
+from dnszone import AAAA, CNAME, MX, A, Zone
 
 MESSAGE = (
     b"From: sender@example.org\r\n"
