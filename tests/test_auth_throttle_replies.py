@@ -9,44 +9,28 @@ a real UsersFile and AuthThrottle.
 
 from __future__ import annotations
 
-import base64
-
 import pytest
-from twisted.internet import defer
 
-from mailhub import auth
-from smtpharness import FOREIGN, GREETING, Client, FakeTLS, Harness, TLSStringTransport
+from smtpharness import (
+    AUTH_FAILED,
+    AUTH_PASSWORD as PASSWORD,
+    AUTH_USER as USER,
+    FOREIGN,
+    TOO_MANY_AUTH_FAILURES as TOO_MANY,
+    Harness,
+    b64,
+    serve_with_auth,
+    tls_session,
+)
 
-USER, PASSWORD = "alice@example.com", "s3cret-Pa55"
-TOO_MANY = "421 4.7.0 Too many failed authentication attempts, closing connection\r\n"
-AUTH_FAILED = "535 5.7.8 Authentication credentials invalid\r\n"
 OTHER = "203.0.113.9"
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 @pytest.fixture
 def h(tmp_path):
     h = Harness(tmp_path)
-    users = auth.UsersFile(str(tmp_path / "users"), clock=h.clock, rounds=4)
-    users.add(USER, PASSWORD)
-    h.serve(
-        tls=FakeTLS(), users=users,
-        checker=auth.UsersChecker(users, run=lambda f, *a: defer.maybeDeferred(f, *a)),
-        throttle=auth.AuthThrottle(h.clock, delay=1.0, max_failures=3, window=300),
-    )
+    serve_with_auth(h, tmp_path)
     return h
-
-
-def tls_session(h: Harness, ip: str = FOREIGN) -> Client:
-    c = Client(h.factory, ip, TLSStringTransport)
-    assert c.greeting == GREETING
-    c.send("EHLO client.test\r\n")
-    assert c.send("STARTTLS\r\n").startswith("220 ")
-    c.send("EHLO client.test\r\n")
-    return c
 
 
 def block(h: Harness, ip: str = FOREIGN) -> None:

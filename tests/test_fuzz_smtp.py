@@ -27,16 +27,15 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
-from twisted.internet import defer
 
 from fuzzing import LogCapture, bad_reply_lines
-from mailhub import auth
 from mailhub.smtpd import SMTPServer
 from mailhub.smtplimits import ERROR_SLEEP
-from smtpharness import FOREIGN, GREETING, Client, FakeTLS, Harness, TLSStringTransport
+from smtpharness import AUTH_PASSWORD as PASSWORD
+from smtpharness import AUTH_USER as USER
+from smtpharness import FOREIGN, GREETING, Client, Harness, TLSStringTransport, serve_with_auth
 
 TIMEOUT = 30.0  # idle timeout of the fuzzed server (ServerConfig.timeout)
-USER, PASSWORD = "alice@example.com", "fuzz-Pa55word"
 QUEUED_ID = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r$", re.M)
 
 
@@ -45,13 +44,7 @@ class Server:
 
     def __init__(self, tmp: Path) -> None:
         self.h = Harness(tmp, domains=("example.com", "example.org"), aliases="list: alice, bob\n", timeout=TIMEOUT)
-        users = auth.UsersFile(str(tmp / "users"), clock=self.h.clock, rounds=4)
-        users.add(USER, PASSWORD)
-        self.h.serve(
-            tls=FakeTLS(), users=users,
-            checker=auth.UsersChecker(users, run=lambda f, *a: defer.maybeDeferred(f, *a)),
-            throttle=auth.AuthThrottle(self.h.clock, delay=1.0, max_failures=3, window=300),
-        )
+        serve_with_auth(self.h, tmp)
 
     def session(self, chunks: list[bytes], ip: str = FOREIGN) -> tuple[bytes, Client]:
         """
