@@ -384,7 +384,7 @@ def test_crash_after_queue_file_before_old_files_deleted_keeps_one_copy(tmp_path
     """
     Guarantee: a crash after the queue file is durable but before new/ID and
     envelopes/ID.json are deleted: the next recover() keeps the queue file,
-    deletes the old files, and the message is queued once with its bytes.
+    deletes the format-1 files, and the message is queued once with its bytes.
     """
     sp = str(tmp_path / "spool")
     msgs = format1_spool(sp, 3, 5000)

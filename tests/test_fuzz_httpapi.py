@@ -217,5 +217,5 @@ def _message(**kw: object) -> bytes:
     ],
 )
 def test_documents_found_by_fuzzing(tmp_path, body):
-    """Shortest forms of what the fuzzer found, kept as regression cases."""
+    """Shortest forms of what the fuzzer found, kept as explicit examples."""
     check_post(Api(tmp_path), body)

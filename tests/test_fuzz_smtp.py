@@ -212,7 +212,7 @@ def test_hostile_transcripts_get_well_formed_replies_and_end_in_time(chunks):
          "long-rcpt-param-echoed"],
 )
 def test_replies_to_hostile_parameters_are_short_ascii_lines(tmp_path, wire):
-    """Examples Hypothesis found (shrunk by hand to their shortest form), kept as regression cases."""
+    """Examples Hypothesis found (shrunk by hand to their shortest form), kept as explicit examples."""
     check_session(Server(tmp_path), [wire])
 
 

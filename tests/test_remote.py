@@ -715,7 +715,7 @@ def test_connection_events_logged(tmp_path) -> None:
 
 
 def test_fakes_match_smtpclient_contract(tmp_path) -> None:
-    """The fake connect / connection have the real ones' signatures and members (house rule 6)."""
+    """The fake connect / connection have the real ones' signatures and members (fakes meet the real contract)."""
     import inspect
 
     real = list(inspect.signature(smtpclient.connect).parameters)

@@ -693,7 +693,7 @@ def test_commit_in_progress_stops_reading(h):
 @pytest.mark.parametrize("listener", ["smtp", "submission", "smtps"])
 def test_no_open_relay_on_any_listener(h, listener):
     """
-    House rule 2.  On smtp an unauthenticated foreign client reaches RCPT and
+    No open relay by construction.  On smtp an unauthenticated foreign client reaches RCPT and
     gets 554 5.7.1; on submission/smtps it does not even get a transaction
     (530 5.7.0), trusted networks included.  (test_smtpd_tls_auth.py covers
     the authenticated side; test_policy.py the decision on every listener.)

@@ -585,7 +585,7 @@ def test_authenticated_user_may_relay(tmp_path, listener):
 
 @pytest.mark.parametrize("listener", ["smtp", "submission", "smtps"])
 def test_unauthenticated_relay_refused_on_every_listener(tmp_path, listener):
-    """House rule 2, with TLS up: TLS alone never allows relaying."""
+    """No open relay by construction, with TLS up: TLS alone never allows relaying."""
     h = Harness(tmp_path, listener=listener, trusted=("127.0.0.1/32",))
     c = h.tls_session() if listener != "smtps" else h.connect()
     c.send("EHLO client.test\r\n")
