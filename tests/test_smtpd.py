@@ -39,7 +39,6 @@ from smtpharness import (
     NOW,
     OK,
     RCPT_OK,
-    Client,
     converse,
     queued_id,
     send_message,
