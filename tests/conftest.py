@@ -79,3 +79,10 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required under CI (.ci/run installs it)")
         pytest.skip(f"{name} not installed")
     return path
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
+    """Name the test order at the end of every run (pytest-randomly shuffles it), also under -q."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order: -p randomly --randomly-seed={seed}")

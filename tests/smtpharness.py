@@ -3,21 +3,28 @@ The in-memory harness the mailhub.smtpd tests share (not a test file).
 
 Owns: a Client (one StringTransport connection to an SMTPServerFactory), a
 Harness (task.Clock at NOW, a real Spool in tmp_path, a Directory, a list
-as enqueue) and the replies and helpers every smtpd transcript uses.
-Must not hold assertions about the server's behaviour: those stay in the
-test files, so each keeps its exact expected replies.
+as enqueue), the fake TLS pair (FakeTLS, TLSStringTransport) and the
+replies and helpers every smtpd transcript uses.
+Must not hold assertions about the server's behaviour beyond the steps
+every transcript shares (greeting, EHLO, MAIL/RCPT/DATA accepted,
+STARTTLS started): those stay in the test files, so each keeps its exact
+expected replies.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
+from mailhub import auth
 from mailhub.config import ServerConfig
 from mailhub.directory import Directory
 from mailhub.policy import Policy
@@ -34,6 +41,32 @@ MAIL_OK = "250 2.1.0 Ok\r\n"
 RCPT_OK = "250 2.1.5 Ok\r\n"
 GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>\r\n"
 QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n\Z")
+EHLO = (
+    f"250-{HOST}\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n"
+    "250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250 DSN\r\n"
+)
+TLS_OPTIONS = object()  # what the fake ServerTLS hands to startTLS
+
+
+class FakeTLS:
+    """Stands in for mailhub.tls.ServerTLS: options() is what startTLS gets."""
+
+    def options(self) -> object:
+        return TLS_OPTIONS
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records startTLS instead of doing a handshake (the bytes stay clear text)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.tls_started: list[object] = []
+        self.written_before_tls = b""
+
+    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
+        self.tls_started.append(contextFactory)
+        self.written_before_tls = self.value()
 
 
 class Client:
@@ -147,3 +180,70 @@ def queued_id(reply: str) -> str:
 def converse(client: Client, script: list[tuple[bytes | str, str]]) -> None:
     for send, expected in script:
         assert client.send(send) == expected, send
+
+
+class TwoDomainHarness(Harness):
+    """Two local domains and an aliases file, served at once; ServerConfig fields as keywords."""
+
+    def __init__(self, tmp_path, **config) -> None:
+        super().__init__(
+            tmp_path, domains=("example.com", "example.org"), aliases="list: alice, bob\npostmaster: alice\n", **config
+        )
+        self.serve()
+
+    def ehlo(self, ip: str = FOREIGN) -> Client:
+        c = self.connect(ip)
+        assert c.greeting == GREETING
+        assert c.send("EHLO client.test\r\n") == EHLO
+        return c
+
+
+def send_message(c: Client, body: bytes, rcpts=("alice@example.com",), mail="MAIL FROM:<sender@elsewhere.test>") -> str:
+    assert c.send(mail + "\r\n") == MAIL_OK
+    for r in rcpts:
+        assert c.send(f"RCPT TO:<{r}>\r\n") == RCPT_OK
+    assert c.send("DATA\r\n") == GO_AHEAD
+    return c.send(body)
+
+
+# -- STARTTLS and AUTH ------------------------------------------------------------------------
+
+AUTH_USER, AUTH_PASSWORD = "alice@example.com", "s3cret-Pa55"
+AUTH_OK = "235 2.7.0 Authentication successful\r\n"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid\r\n"
+TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentication attempts, closing connection\r\n"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+PLAIN = b64(f"\0{AUTH_USER}\0{AUTH_PASSWORD}")
+PLAIN_WRONG = b64(f"\0{AUTH_USER}\0wrong")
+
+
+def serve_with_auth(h: Harness, tmp_path: Any, listener: str = "smtp", **factory_kw: Any) -> SMTPServerFactory:
+    """
+    Serve C{h} with FakeTLS, a users file holding AUTH_USER (bcrypt, 4
+    rounds, checked synchronously) and a throttle on C{h}'s clock (1 s
+    delay per failure, blocked after 3 within 300 s).
+    """
+    users = auth.UsersFile(str(tmp_path / "users"), clock=h.clock, rounds=4)
+    users.add(AUTH_USER, AUTH_PASSWORD)
+    kw: dict[str, Any] = dict(
+        tls=FakeTLS(), users=users,
+        checker=auth.UsersChecker(users, run=lambda f, *a: defer.maybeDeferred(f, *a)),
+        throttle=auth.AuthThrottle(h.clock, delay=1.0, max_failures=3, window=300),
+    )
+    kw.update(factory_kw)
+    return h.serve(listener, **kw)
+
+
+def tls_session(h: Harness, ip: str = FOREIGN) -> Client:
+    """Connected over a TLSStringTransport, EHLO, STARTTLS, EHLO again: ready for AUTH."""
+    c = Client(h.factory, ip, TLSStringTransport)
+    assert c.greeting == GREETING
+    assert c.send("EHLO client.test\r\n").startswith("250-")
+    assert c.send("STARTTLS\r\n") == "220 2.0.0 Ready to start TLS\r\n"
+    assert c.send("EHLO client.test\r\n").startswith("250-")
+    return c

@@ -1,6 +1,6 @@
 """
 The crash test: SIGKILL the daemon while clients are sending, restart it on
-the same data directory, and check house rule 1 end to end.
+the same data directory, and check "durable before 250" end to end.
 
 - every message that got a 250 is delivered exactly once (no loss, no
   duplicate), complete;
@@ -156,7 +156,7 @@ def test_sigkill_under_load(tmp_path, kill_at):
         lambda: not spool_files(d, "queue") and not spool_files(d, "envelopes"),
         15, "the spool to drain after the restart", interval=0.05,
     )
-    # the spool was created in the queue-file layout: nothing of the old one appears
+    # the spool was created in the queue-file layout: nothing of the format-1 layout appears
     assert not os.path.exists(os.path.join(d.spool, "new"))
     # recovery removed whatever was never committed
     assert os.listdir(os.path.join(d.spool, "tmp")) == []

@@ -16,7 +16,6 @@ import pwd
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 from twisted.internet import defer, threads
@@ -26,7 +25,7 @@ from mailhub.directory import Directory
 from mailhub.envelope import Envelope, Recipient
 from mailhub.local import LocalDelivery
 from mailhub.spool import queue_file_bytes
-from peers import free_port
+from peers import free_port, wait_for
 
 MESSAGE = (
     b"Received: from client.example ([127.0.0.1]) by mx.example.org\r\n"
@@ -215,15 +214,19 @@ def dovecot(tmp_path, traversable):
                                         uid=uid, gid=gid, port=port))
         subprocess.run([binary, "-c", conf], check=True, timeout=30)
         started.append(True)
-        deadline = time.monotonic() + 15
-        while True:  # wait for the listener of the process just started
+
+        def listening() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
+                return True
             except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("dovecot did not listen: " + dovecot_log(base))
-                time.sleep(0.05)
+                return False
+
+        try:
+            wait_for(listening, 15, "dovecot's listener", interval=0.05)
+        except AssertionError:
+            raise AssertionError("dovecot did not listen: " + dovecot_log(base)) from None
+        return port
 
     yield start
 
@@ -232,14 +235,17 @@ def dovecot(tmp_path, traversable):
         pid = int(pidfile.read_text()) if pidfile.exists() else None
         subprocess.run([binary, "-c", conf, "stop"], timeout=30, capture_output=True)
         if pid is not None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+
+            def gone() -> bool:
                 try:
                     os.kill(pid, 0)
                 except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
+                    return True
+                return False
+
+            try:
+                wait_for(gone, 10, "dovecot to exit", interval=0.05)
+            except AssertionError:
                 os.kill(pid, signal.SIGKILL)
 
 

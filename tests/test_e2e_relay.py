@@ -20,7 +20,6 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
-import time
 
 import pytest
 from twisted.logger import formatEvent
@@ -33,8 +32,8 @@ from mailhub import smtpclient
 from mailhub.envelope import Envelope, Recipient
 from mailhub.remote import RemoteDelivery
 from mailhub.spool import queue_file_bytes
-from peers import free_port, wait_listening
-from test_remote import AAAA, CNAME, MX, A, Zone
+from peers import free_port, wait_for, wait_listening
+from dnszone import AAAA, CNAME, MX, A, Zone
 
 MESSAGE = (
     b"From: sender@example.org\r\n"
@@ -138,15 +137,19 @@ def stop(reactor, agent: RemoteDelivery) -> None:
 
 def dumps(out, n: int) -> list[bytes]:
     """The n capture files smtp-sink wrote, oldest first (waits for them to be complete)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def complete() -> list[bytes] | None:  # smtp-sink writes its files in its own process
         files = sorted(glob.glob(f"{out}/msg.*"), key=os.path.getmtime)
         if len(files) >= n:
             data = [open(f, "rb").read() for f in files]
             if all(d.endswith(b"last line\n\n") for d in data):
                 return data
-        time.sleep(0.05)  # smtp-sink writes its file in its own process
-    raise AssertionError(f"expected {n} capture files in {out}: {os.listdir(out)}")
+        return None
+
+    try:
+        return wait_for(complete, 10, f"{n} capture files in {out}", interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"expected {n} capture files in {out}: {os.listdir(out)}") from None
 
 
 def body_of(dump: bytes) -> bytes:

@@ -23,6 +23,7 @@ from mailhub.smtpd import SMTPServerFactory
 from mailhub.spool import Spool
 
 from conftest import in_reactor
+from peers import wait_for
 
 HOST = "mx.example.com"
 
@@ -296,18 +297,24 @@ def test_starttls_and_connection_events(reactor, tmp_path):
     srv.factory.tls = tls.ServerTLS(cert, key)
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
+
+    def mail_events() -> list[dict]:
+        return [e for e in events if "mail_event" in e]
+
     try:
         context = ssl.create_default_context(cafile=cert)
         context.check_hostname = False
         with smtplib.SMTP(*srv.address, timeout=10) as client:
             client.starttls(context=context)
             assert client.noop() == (250, b"2.0.0 Ok")
+        # QUIT was sent on leaving the block: the session's last event is
+        # written in the reactor thread, whenever the server closes.
+        wait_for(lambda: any(e["mail_event"] == "disconnect" for e in mail_events()), 10, "the disconnect event")
     finally:
         globalLogPublisher.removeObserver(events.append)
         srv.stop()
-    names = [e["mail_event"] for e in events if "mail_event" in e]
-    assert names == ["connection", "starttls"]
-    assert [e["listener"] for e in events if "mail_event" in e] == ["smtp", "smtp"]
+    assert [e["mail_event"] for e in mail_events()] == ["connection", "starttls", "disconnect"]
+    assert [e["listener"] for e in mail_events()] == ["smtp", "smtp", "smtp"]
 
 
 def test_smtps_quit_closes_the_connection(reactor, tmp_path):

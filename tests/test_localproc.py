@@ -401,3 +401,92 @@ def test_delivery_process_imports_no_network_or_tls_machinery():
     out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# -- the pool: a process lost with work queued or half written ----------------------------------
+
+
+def test_sigkill_mid_write_fails_every_request_once_with_451_and_delivers_nothing_twice(reactor, tmp_path):
+    settings = localproc.settings_for(directory_args(tmp_path), "mx.example.test", True)
+    pool = localproc.LocalDeliveryProcesses(settings, 1, reactor)
+    in_reactor(reactor, pool.startService)
+    try:
+        wait_for(lambda: pool.children[0] is not None and pool.children[0].running, 20, "the delivery process")
+        fifo = str(tmp_path / "fifo")
+        os.mkfifo(fifo)  # the first delivery hangs opening it
+        path = queued(tmp_path)
+        long_rcpts = [f"alice+{'x' * 180}{i}@{DOMAIN}" for i in range(100)]  # ~20 KB per request line
+
+        calls: list[int] = []
+
+        def start():
+            ds = []
+            env, rcpts = envelope("15NXKKKKKKKKKKK00", [f"alice@{DOMAIN}"])
+            ds.append(pool.deliver(env, rcpts, fifo))
+            for i in range(1, 12):
+                env, rcpts = envelope(f"15NXKKKKKKKKKKK{i:02d}", long_rcpts)
+                ds.append(pool.deliver(env, rcpts, path))
+            for i, d in enumerate(ds):
+                d.addCallback(lambda r, i=i: (calls.append(i), r)[1])
+            child = pool.children[0]
+            pipe0 = child.transport.pipes[0]
+            return ds, child, child.transport.pid, len(pipe0.dataBuffer) + pipe0._tempDataLen
+
+        ds, child, pid, buffered = in_reactor(reactor, start)
+        assert buffered > 0  # the pipe is full: part of the requests waits in Twisted's buffer
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: all(d.called for d in ds), 20, "every request answered")
+        results = [d.result for d in ds]
+        wait_for(lambda: len(calls) >= len(ds), 20, "every callback")
+        assert sorted(calls) == list(range(len(ds)))  # each answered exactly once
+        assert all(
+            [(o.kind, o.code, o.status) for o in outcomes] == [("temporary", 451, "4.3.0")] * len(outcomes)
+            for outcomes in results
+        )
+        assert maildir_messages(tmp_path, "alice") == []
+        # the replacement gets its settings line first, then requests, in order
+        wait_for(lambda: pool.children[0] is not None and pool.children[0] is not child
+                 and pool.children[0].running, 30, "the replacement process")
+
+        def again():
+            out = []
+            for i in range(5):
+                env, rcpts = envelope(f"15NXLLLLLLLLLLL{i:02d}", [f"alice@{DOMAIN}", f"bob@{DOMAIN}"])
+                out.append(pool.deliver(env, rcpts, path))
+            return defer.gatherResults(out)
+
+        results = in_reactor(reactor, again)
+        assert [[o.kind for o in r] for r in results] == [["delivered", "delivered"]] * 5
+        assert len(maildir_messages(tmp_path, "alice")) == 5
+        assert len(maildir_messages(tmp_path, "bob")) == 5
+    finally:
+        if pool.running:
+            in_reactor(reactor, pool.stopService)
+
+
+def test_delivery_queued_while_no_process_runs_goes_to_the_replacement(reactor, tmp_path):
+    """
+    A delivery asked for while no delivery process runs is handed to the
+    replacement process as soon as it starts, not only when a later
+    delivery happens to arrive.
+    """
+    settings = localproc.settings_for(directory_args(tmp_path), "mx.example.test", True)
+    p = localproc.LocalDeliveryProcesses(settings, 1, reactor)
+    in_reactor(reactor, p.startService)
+    try:
+        wait_for(lambda: p.children[0] is not None and p.children[0].running, 20, "the delivery process")
+        pid = in_reactor(reactor, lambda: p.children[0].transport.pid)
+        os.kill(pid, signal.SIGKILL)
+        # the slot is empty until the restart delay has passed
+        wait_for(lambda: gone(pid) and p.children[0] is None, 20, "the process to be gone")
+        path = queued(tmp_path)
+        env, recipients = envelope("15NXRRRRRRRRRRRRR", [f"alice@{DOMAIN}"])
+        [d] = in_reactor(reactor, lambda: [p.deliver(env, recipients, path)])  # the Deferred itself
+        assert not d.called
+        wait_for(lambda: p.children[0] is not None and p.children[0].running, 20, "the replacement process")
+        # nothing else is delivered meanwhile: the waiting request alone must reach the new process
+        outcomes = wait_for(lambda: d.called and d.result, 10, "the waiting delivery to be answered")
+        assert [o.kind for o in outcomes] == ["delivered"]
+        assert len(maildir_messages(tmp_path, "alice")) == 1
+    finally:
+        in_reactor(reactor, p.stopService)

@@ -50,7 +50,7 @@ def test_may_relay(policy, ip, user, expected):
 
 @pytest.mark.parametrize("listener", LISTENERS)
 def test_no_open_relay_on_any_listener(policy, listener):
-    """House rule 2: an unauthenticated foreign client never relays."""
+    """No open relay by construction: an unauthenticated foreign client never relays."""
     reply, addresses = policy.check_recipient(
         session("203.0.113.9", None, listener), Mailbox("victim", "elsewhere.test")
     )

@@ -3,8 +3,8 @@ Unit tests for mailhub.remote: routing, DNS (MX / implicit MX / null MX /
 CNAME / errors), trying hosts in order, loop detection, TLS fallback,
 concurrency limits and connection reuse.
 
-In memory: the resolver is a real twisted.names authority (L{Zone}) serving
-a dict, the clock is a C{MemoryReactorClock}, and C{connect} is L{FakeNet},
+In memory: the resolver is a real twisted.names authority (L{Zone}, in
+tests/dnszone.py) serving a dict, the clock is a C{MemoryReactorClock}, and C{connect} is L{FakeNet},
 which follows smtpclient.connect's contract (fires an SMTPConnection-like
 object or errbacks with SessionError, connect failures included).
 """
@@ -17,7 +17,7 @@ import pytest
 
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.names import authority, dns
+from twisted.names import dns
 from twisted.names import error as dnserror
 
 from mailhub import smtpclient
@@ -26,57 +26,7 @@ from mailhub.remote import Destination, RemoteDelivery, parse_dns_server, parse_
 from mailhub.smtpclient import SessionError
 from mailhub.spool import open_message, queue_file_bytes
 
-
-# -- a DNS zone in memory: the same authority code the e2e DNS server uses ---------------
-
-
-def MX(pref: int, host: str) -> dns.Record_MX:
-    return dns.Record_MX(pref, host.encode(), ttl=60)
-
-
-def A(ip: str) -> dns.Record_A:
-    return dns.Record_A(ip, ttl=60)
-
-
-def AAAA(ip: str) -> dns.Record_AAAA:
-    return dns.Record_AAAA(ip, ttl=60)
-
-
-def CNAME(host: str) -> dns.Record_CNAME:
-    return dns.Record_CNAME(host.encode(), ttl=60)
-
-
-class Zone(authority.FileAuthority):
-    """
-    An authoritative zone from a dict {name: [records]}.  Names in
-    C{servfail} fail with C{failure()} (SERVFAIL: a DNSServerError for a
-    resolver used directly; the e2e server turns any non-DomainError into
-    an ESERVER reply).
-    """
-
-    def __init__(self, origin: str, records: dict[str, list[Any]], servfail: tuple[str, ...] = (),
-                 failure: type[Exception] = dnserror.DNSServerError) -> None:
-        self._origin = origin
-        self._source = records
-        self._servfail = {n.lower().encode() for n in servfail}
-        self._failure = failure
-        self.queries: list[tuple[str, int]] = []
-        super().__init__(None)
-
-    def loadFile(self, filename: Any) -> None:
-        origin = self._origin.encode()
-        soa = dns.Record_SOA(mname=b"ns." + origin, rname=b"root." + origin, serial=1,
-                             refresh=60, retry=60, expire=60, minimum=60, ttl=60)
-        self.soa = (origin, soa)
-        self.records = {origin: [soa]}
-        for name, recs in self._source.items():
-            self.records.setdefault(name.lower().encode(), []).extend(recs)
-
-    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> defer.Deferred:
-        self.queries.append((name.decode().lower(), type))
-        if name.lower() in self._servfail:
-            return defer.fail(self._failure(name))
-        return super()._lookup(name, cls, type, timeout)
+from dnszone import AAAA, CNAME, MX, A, Zone
 
 
 # -- a fake network following smtpclient.connect's contract ------------------------------
@@ -766,7 +716,7 @@ def test_connection_events_logged(tmp_path) -> None:
 
 
 def test_fakes_match_smtpclient_contract(tmp_path) -> None:
-    """The fake connect / connection have the real ones' signatures and members (house rule 6)."""
+    """The fake connect / connection have the real ones' signatures and members (fakes meet the real contract)."""
     import inspect
 
     real = list(inspect.signature(smtpclient.connect).parameters)

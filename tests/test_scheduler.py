@@ -10,7 +10,6 @@ import email.policy
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -563,18 +562,17 @@ def test_unreported_recipient_is_temporary(spool, clock):
     assert states == [DELIVERED, PENDING]
 
 
-def test_hundred_thousand_messages_schedule_quickly(spool, clock):
+def test_hundred_thousand_messages_share_one_timer(spool, clock):
     deliver = FakeDeliver(clock, auto=False)
     s = make(spool, clock, deliver)
     envs = [
         Envelope(f"{i:012d}AAAA", "a@example.com", [Recipient("b@example.org")], arrival=T0, next_attempt=T0 + 10 + (i * 7919) % 100000)
         for i in range(100_000)
     ]
-    start = time.perf_counter()
+    # One timer for the whole queue, however long: a timer or a sort per
+    # message would not finish within the suite's per-test timeout (setup.cfg).
     for e in envs:
         s.enqueue(e)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, elapsed
     assert len(clock.getDelayedCalls()) == 1
     assert clock.getDelayedCalls()[0].getTime() == T0 + 10
     assert len(s) == 100_000

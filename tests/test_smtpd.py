@@ -30,6 +30,7 @@ from mailhub.smtpproto import (
 from mailhub.spool import SpoolWriter
 from smtpharness import (
     DATE,
+    EHLO,
     FOREIGN,
     GO_AHEAD,
     GREETING,
@@ -38,36 +39,16 @@ from smtpharness import (
     NOW,
     OK,
     RCPT_OK,
-    Client,
     converse,
     queued_id,
+    send_message,
     strip_received,
 )
-from smtpharness import Harness as _Harness
+from smtpharness import TwoDomainHarness as Harness
 
-EHLO = (
-    f"250-{HOST}\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n"
-    "250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250 DSN\r\n"
-)
 BARE = "550 5.6.0 Message contains bare CR or LF; lines must end with CRLF\r\n"
 TOO_MANY_CONNECTIONS = f"421 4.7.0 {HOST} Error: too many connections\r\n"
 TOO_MANY_ERRORS = f"421 4.7.0 {HOST} Error: too many errors\r\n"
-
-
-class Harness(_Harness):
-    """Two local domains and an aliases file; ServerConfig fields as keywords."""
-
-    def __init__(self, tmp_path, **config) -> None:
-        super().__init__(
-            tmp_path, domains=("example.com", "example.org"), aliases="list: alice, bob\npostmaster: alice\n", **config
-        )
-        self.serve()
-
-    def ehlo(self, ip: str = FOREIGN) -> Client:
-        c = self.connect(ip)
-        assert c.greeting == GREETING
-        assert c.send("EHLO client.test\r\n") == EHLO
-        return c
 
 
 @pytest.fixture
@@ -314,14 +295,6 @@ def test_vrfy_disabled_and_expn_enabled(tmp_path):
 
 
 # -- a whole message ---------------------------------------------------------------------------
-
-
-def send_message(c: Client, body: bytes, rcpts=("alice@example.com",), mail="MAIL FROM:<sender@elsewhere.test>") -> str:
-    assert c.send(mail + "\r\n") == MAIL_OK
-    for r in rcpts:
-        assert c.send(f"RCPT TO:<{r}>\r\n") == RCPT_OK
-    assert c.send("DATA\r\n") == GO_AHEAD
-    return c.send(body)
 
 
 def test_message_spooled_with_received_header(h):
@@ -719,7 +692,7 @@ def test_commit_in_progress_stops_reading(h):
 @pytest.mark.parametrize("listener", ["smtp", "submission", "smtps"])
 def test_no_open_relay_on_any_listener(h, listener):
     """
-    House rule 2.  On smtp an unauthenticated foreign client reaches RCPT and
+    No open relay by construction.  On smtp an unauthenticated foreign client reaches RCPT and
     gets 554 5.7.1; on submission/smtps it does not even get a transaction
     (530 5.7.0), trusted networks included.  (test_smtpd_tls_auth.py covers
     the authenticated side; test_policy.py the decision on every listener.)

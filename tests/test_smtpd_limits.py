@@ -9,7 +9,6 @@ metrics read.  StringTransport + task.Clock; exact replies.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from twisted.logger import globalLogPublisher
@@ -441,14 +440,15 @@ def test_mail_and_rcpt_lines_may_exceed_512(h):
 
 
 def test_many_pipelined_commands_in_linear_time(h):
-    """300000 NOOPs (1.8 MB) in one read: a copy of the rest per line would move ~270 GB."""
+    """
+    300000 NOOPs (1.8 MB) in one read: a copy of the rest per line would
+    move ~270 GB and not finish within the suite's per-test timeout
+    (setup.cfg); the throughput itself is measured in bench/, not here.
+    """
     c = h.ehlo()
     n = 300_000
-    start = time.monotonic()
     c.proto.dataReceived(b"NOOP\r\n" * n)
-    elapsed = time.monotonic() - start
     assert c.transport.value() == OK.encode() * n
-    assert elapsed < 15, elapsed
 
 
 # -- 13. mail events for the metrics -------------------------------------------------------------------------

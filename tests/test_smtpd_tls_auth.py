@@ -12,10 +12,8 @@ import base64
 import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
-from zope.interface import implementer
 
 from mailhub import auth
 from mailhub.smtpproto import received_header
@@ -29,14 +27,16 @@ from smtpharness import (
     NOW,
     OK,
     RCPT_OK,
+    TLS_OPTIONS,
     Client,
+    FakeTLS,
+    TLSStringTransport,
     converse,
     queued_id,
 )
 from smtpharness import Harness as _Harness
 
 USER, PASSWORD = "alice@example.com", "s3cret-Pa55"
-TLS_OPTIONS = object()  # what the fake ServerTLS hands to startTLS
 
 READY = "220 2.0.0 Ready to start TLS\r\n"
 AUTH_OK = "235 2.7.0 Authentication successful\r\n"
@@ -67,27 +67,6 @@ def b64(text: str) -> str:
 
 PLAIN = b64(f"\0{USER}\0{PASSWORD}")
 PLAIN_WRONG = b64(f"\0{USER}\0wrong")
-
-
-class FakeTLS:
-    """Stands in for mailhub.tls.ServerTLS: options() is what startTLS gets."""
-
-    def options(self) -> object:
-        return TLS_OPTIONS
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """A StringTransport that records startTLS instead of doing a handshake."""
-
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.tls_started: list[object] = []
-        self.written_before_tls = b""
-
-    def startTLS(self, contextFactory, normal=True) -> None:
-        self.tls_started.append(contextFactory)
-        self.written_before_tls = self.value()
 
 
 class Harness(_Harness):
@@ -606,7 +585,7 @@ def test_authenticated_user_may_relay(tmp_path, listener):
 
 @pytest.mark.parametrize("listener", ["smtp", "submission", "smtps"])
 def test_unauthenticated_relay_refused_on_every_listener(tmp_path, listener):
-    """House rule 2, with TLS up: TLS alone never allows relaying."""
+    """No open relay by construction, with TLS up: TLS alone never allows relaying."""
     h = Harness(tmp_path, listener=listener, trusted=("127.0.0.1/32",))
     c = h.tls_session() if listener != "smtps" else h.connect()
     c.send("EHLO client.test\r\n")

@@ -12,10 +12,20 @@ import pytest
 
 from mailhub.smtpstats import UNKNOWN, CommandCounts
 
-from smtpharness import FOREIGN, HOST, OK
-from test_smtpd import Harness, send_message
-from test_smtpd_tls_auth import AUTH_FAILED, AUTH_OK, PLAIN, PLAIN_WRONG
-from test_smtpd_tls_auth import Harness as AuthHarness
+from smtpharness import (
+    AUTH_FAILED,
+    AUTH_OK,
+    FOREIGN,
+    HOST,
+    OK,
+    PLAIN,
+    PLAIN_WRONG,
+    send_message,
+    serve_with_auth,
+    tls_session,
+)
+from smtpharness import Harness as BaseHarness
+from smtpharness import TwoDomainHarness as Harness
 
 # -- the counts ---------------------------------------------------------------------------------
 
@@ -182,8 +192,9 @@ def test_refused_connection_logs_a_reject_and_no_session_lines(tmp_path, logged,
 
 
 def test_auth_counts_by_its_final_reply(tmp_path, logged):
-    h = AuthHarness(tmp_path)
-    c = h.tls_session()
+    h = BaseHarness(tmp_path)
+    serve_with_auth(h, tmp_path)
+    c = tls_session(h)
     c.send(f"AUTH PLAIN {PLAIN_WRONG}\r\nNOOP\r\n")  # the NOOP waits for the delayed failure
     h.clock.advance(1)
     assert c.read() == AUTH_FAILED + OK

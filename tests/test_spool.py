@@ -402,8 +402,8 @@ def test_recover_twice_quarantine_names_do_not_collide(spool):
 # -- the first layout (new/ID + envelopes/ID.json) is converted ------------------------------
 
 
-def old_layout(spool: Spool, env: Envelope, body: bytes = BODY) -> None:
-    """Queue C{env} the way mailhub did before queue files."""
+def format1_layout(spool: Spool, env: Envelope, body: bytes = BODY) -> None:
+    """Queue C{env} in spool format 1 (new/ID + envelopes/ID.json), which migrate() converts."""
     os.makedirs(os.path.join(spool.path, "new"), exist_ok=True)
     with open(os.path.join(spool.path, "new", env.queue_id), "wb") as f:
         f.write(body)
@@ -414,8 +414,8 @@ def old_layout(spool: Spool, env: Envelope, body: bytes = BODY) -> None:
 def test_recover_converts_the_first_layout(spool):
     a, b = envelope(new_queue_id()), envelope(new_queue_id(), attempts=2)
     big = b"Subject: big\r\n\r\n" + b"b" * 300_000
-    old_layout(spool, a)
-    old_layout(spool, b, big)
+    format1_layout(spool, a)
+    format1_layout(spool, b, big)
     with open(os.path.join(spool.path, "new", "15NXJ6XHETT74RJ74"), "wb") as f:
         f.write(b"never committed: no envelope")
     assert spool.recover() == [a, b]
@@ -427,11 +427,11 @@ def test_recover_converts_the_first_layout(spool):
 
 
 def test_conversion_interrupted_after_the_queue_file_keeps_it(spool):
-    """A crash after the queue file was made durable but before the old files went."""
+    """A crash after the queue file was made durable but before the format-1 files went."""
     env = commit(spool)
-    old_layout(spool, env)
+    format1_layout(spool, env)
     assert spool.recover() == [env]
-    assert listing(spool) == EMPTY | {"queue": [env.queue_id]}  # the old envelope was only a copy
+    assert listing(spool) == EMPTY | {"queue": [env.queue_id]}  # the format-1 envelope was only a copy
     assert message(spool, env.queue_id) == BODY
 
 
@@ -451,7 +451,7 @@ def test_conversion_interrupted_keeps_an_envelope_updated_since(spool):
 
 def test_conversion_quarantines_an_unreadable_old_envelope(spool):
     env = envelope(new_queue_id())
-    old_layout(spool, env)
+    format1_layout(spool, env)
     with open(spool.envelope_path(env.queue_id), "wb") as f:
         f.write(b"{broken")
     assert spool.recover() == []
@@ -460,8 +460,8 @@ def test_conversion_quarantines_an_unreadable_old_envelope(spool):
 
 def test_conversion_quarantines_a_directory_in_new_and_closes_what_it_opened(spool):
     env, good = envelope(new_queue_id()), envelope(new_queue_id())
-    old_layout(spool, env)
-    old_layout(spool, good)
+    format1_layout(spool, env)
+    format1_layout(spool, good)
     os.unlink(os.path.join(spool.path, "new", env.queue_id))
     os.mkdir(os.path.join(spool.path, "new", env.queue_id))
     before = len(os.listdir("/proc/self/fd"))
@@ -471,7 +471,7 @@ def test_conversion_quarantines_a_directory_in_new_and_closes_what_it_opened(spo
     assert listing(spool)["queue"] == [good.queue_id]
 
 
-def test_migrate_without_an_old_layout_is_a_no_op(spool):
+def test_migrate_without_a_format1_spool_is_a_no_op(spool):
     env = commit(spool)
     assert spool.migrate() == 0
     assert listing(spool) == EMPTY | {"queue": [env.queue_id]}

@@ -1,11 +1,12 @@
 """
-Adversarial review of spool format 2 (one queue file per message: message
-bytes + envelope JSON + 44-byte footer).  Black-box where possible: the real
-daemon (tests/daemon.py), smtplib and raw sockets as clients, smtp-sink as
-the relay peer, the real queue tool as a subprocess, real files.
-
-Tests that fail demonstrate bugs (see /work/brief/review_spool2.md); the
-others pin guarantees that hold and must keep holding.
+End-to-end tests of the spool's queue files (one file per message: the
+message bytes, the envelope JSON, a 44-byte footer) and of the conversion
+from the format-1 spool (new/ID + envelopes/ID.json).  Black-box where
+possible: the real daemon (tests/daemon.py), smtplib and raw sockets as
+clients, smtp-sink as the relay peer, the real queue tool as a subprocess,
+real files.  Each test states the guarantee it holds the spool to:
+"durable before 250", a message delivered once after any crash, queue
+files private, ids that are paths never reaching the file system.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def maildir_with(d: Daemon, user: str, marker: bytes) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    base = tmp_path_factory.mktemp("review_spool2")
+    base = tmp_path_factory.mktemp("spool_e2e")
     sink = Sink(base / "sink", free_port())
     home = base / "home"
     home.mkdir()
@@ -275,7 +276,8 @@ def test_acknowledged_message_survives_sigkill_and_is_delivered_once(tmp_path):
         got = wait_for(all_there, 15, "20 deliveries and an empty queue")
         d.stop()
         d.start()  # a second restart must not deliver anything again
-        time.sleep(0.5)
+        # The scheduler has loaded the queue, and it is empty: nothing more can be delivered.
+        wait_for(lambda: "scheduler: 0 message(s) in the queue" in d.log(), 15, "the scheduler's queue count")
         got = read_maildir(d.maildir("alice"))
         for i, m in msgs.items():
             copies = [g for g in got if f"<kill{i}@".encode() in g]
@@ -343,8 +345,8 @@ def test_large_message_queue_file_is_private(tmp_path):
         assert d.stop() == CLEAN_EXIT
 
 
-def _old_layout(spool_path: str, count: int, size: int) -> dict[str, bytes]:
-    """A spool of the first layout: new/ID + envelopes/ID.json."""
+def format1_spool(spool_path: str, count: int, size: int) -> dict[str, bytes]:
+    """A spool in format 1 (new/ID + envelopes/ID.json), which the daemon and the queue tool convert."""
     for sub in ("new", "envelopes", "tmp"):
         os.makedirs(os.path.join(spool_path, sub), exist_ok=True)
     msgs = {}
@@ -364,7 +366,7 @@ def _old_layout(spool_path: str, count: int, size: int) -> dict[str, bytes]:
 
 def test_migrated_queue_files_are_private(tmp_path):
     """migrate() writes queue files with open(tmp, "xb"): 0644 under umask 022, not 0600."""
-    msgs = _old_layout(str(tmp_path / "spool"), 2, 100)
+    msgs = format1_spool(str(tmp_path / "spool"), 2, 100)
     old = os.umask(0o022)
     try:
         Spool(str(tmp_path / "spool"), fsync=False).migrate()
@@ -382,10 +384,10 @@ def test_crash_after_queue_file_before_old_files_deleted_keeps_one_copy(tmp_path
     """
     Guarantee: a crash after the queue file is durable but before new/ID and
     envelopes/ID.json are deleted: the next recover() keeps the queue file,
-    deletes the old files, and the message is queued once with its bytes.
+    deletes the format-1 files, and the message is queued once with its bytes.
     """
     sp = str(tmp_path / "spool")
-    msgs = _old_layout(sp, 3, 5000)
+    msgs = format1_spool(sp, 3, 5000)
     real_unlink = Spool._unlink_logged
 
     class Crash(BaseException):
@@ -417,19 +419,17 @@ def test_two_concurrent_migrations_never_lose_an_acknowledged_message(tmp_path):
     """
     The daemon (recover -> migrate) and `mailhub queue list` (migrate, because
     control.sock is not there yet while the daemon recovers) convert the same
-    old spool at once.  Both use the fixed name tmp/ID.msg and unlink it
-    before creating it, so one process can rename the OTHER one's half-written
-    file into queue/ and then delete new/ID and the old envelope.  Here the
-    daemon renames the queue tool's file before its footer is written, its
-    recover() finds no footer and quarantines the message: an acknowledged
-    message ends in corrupt/ and is never delivered.
+    format-1 spool at once.  Neither may rename the other's half-written
+    temporary file into queue/ (it would have no footer yet, and recover()
+    would quarantine an acknowledged message): the message is queued once,
+    complete, and delivered.
 
     The interleaving is forced with a hook in queue_file_trailer (called
     between copying the message and writing the trailer); everything else is
     the real migrate()/recover().
     """
     sp = str(tmp_path / "spool")
-    msgs = _old_layout(sp, 1, 3000)
+    msgs = format1_spool(sp, 1, 3000)
     (qid, msg), = msgs.items()
     real_trailer = spool_mod.queue_file_trailer
     daemon_paused, tool_paused = threading.Event(), threading.Event()
@@ -478,18 +478,17 @@ def test_two_concurrent_migrations_never_lose_an_acknowledged_message(tmp_path):
         assert f.read() == msg
 
 
-def test_leftover_new_file_makes_every_start_drop_the_current_envelope(tmp_path):
+def test_leftover_format1_file_never_drops_the_current_envelope(tmp_path):
     """
-    migrate() ignores a failed unlink of new/ID (_unlink_quietly) and
-    rmdir(new/) then fails quietly too.  From then on every start's migrate()
-    sees ID in new/ AND in queue/ ("converted before a crash") and deletes
-    envelopes/ID.json -- which by now is the envelope the daemon wrote after
-    delivering a recipient.  The commit-time envelope in the queue file
-    revives: the delivered recipient is pending again and gets the message
-    twice.  (The failed unlink is simulated; EBUSY/EACCES/EIO are real.)
+    A format-1 new/ID whose unlink failed during the conversion
+    (_unlink_quietly; EBUSY/EACCES/EIO are real, the failure is simulated)
+    stays next to the converted queue/ID.  Later starts must not take it for
+    an unfinished conversion and delete envelopes/ID.json, the envelope
+    written after a recipient was delivered: a delivered recipient never
+    gets the message twice.
     """
     sp = str(tmp_path / "spool")
-    (qid, _), = _old_layout(sp, 1, 100).items()
+    (qid, _), = format1_spool(sp, 1, 100).items()
     s = Spool(sp, fsync=False)
     real_unlink = spool_mod._unlink_quietly
 

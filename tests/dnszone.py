@@ -1,0 +1,65 @@
+"""
+A DNS zone in memory (not a test file): record constructors and L{Zone},
+a real twisted.names authority serving a dict.  The unit tests of
+mailhub.remote use it as the resolver, the end-to-end relay tests serve it
+with a real twisted.names DNS server on 127.0.0.1.  Holds no assertions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.names import authority, dns
+from twisted.names import error as dnserror
+
+__all__ = ["MX", "A", "AAAA", "CNAME", "Zone"]
+
+
+def MX(pref: int, host: str) -> dns.Record_MX:
+    return dns.Record_MX(pref, host.encode(), ttl=60)
+
+
+def A(ip: str) -> dns.Record_A:
+    return dns.Record_A(ip, ttl=60)
+
+
+def AAAA(ip: str) -> dns.Record_AAAA:
+    return dns.Record_AAAA(ip, ttl=60)
+
+
+def CNAME(host: str) -> dns.Record_CNAME:
+    return dns.Record_CNAME(host.encode(), ttl=60)
+
+
+class Zone(authority.FileAuthority):
+    """
+    An authoritative zone from a dict {name: [records]}.  Names in
+    C{servfail} fail with C{failure()} (SERVFAIL: a DNSServerError for a
+    resolver used directly; the e2e server turns any non-DomainError into
+    an ESERVER reply).
+    """
+
+    def __init__(self, origin: str, records: dict[str, list[Any]], servfail: tuple[str, ...] = (),
+                 failure: type[Exception] = dnserror.DNSServerError) -> None:
+        self._origin = origin
+        self._source = records
+        self._servfail = {n.lower().encode() for n in servfail}
+        self._failure = failure
+        self.queries: list[tuple[str, int]] = []
+        super().__init__(None)
+
+    def loadFile(self, filename: Any) -> None:
+        origin = self._origin.encode()
+        soa = dns.Record_SOA(mname=b"ns." + origin, rname=b"root." + origin, serial=1,
+                             refresh=60, retry=60, expire=60, minimum=60, ttl=60)
+        self.soa = (origin, soa)
+        self.records = {origin: [soa]}
+        for name, recs in self._source.items():
+            self.records.setdefault(name.lower().encode(), []).extend(recs)
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> defer.Deferred:
+        self.queries.append((name.decode().lower(), type))
+        if name.lower() in self._servfail:
+            return defer.fail(self._failure(name))
+        return super()._lookup(name, cls, type, timeout)
