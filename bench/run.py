@@ -23,7 +23,7 @@ Usage::
     python bench/run.py --scenarios backlog --targets mailhub --runs 1
 
 The C{backlog} scenario fills mailhub's spool directly (L{fill_backlog},
-through L{mailhub.spool.Spool}) before the daemon starts; that is the only
+through L{mailhub.queue.spool.Spool}) before the daemon starts; that is the only
 place the harness imports mailhub.  Postfix has no counterpart (its queue
 cannot be written by hand), so its column says n/a there.
 
@@ -415,13 +415,13 @@ def backlog_envelope(queue_id: str, serial: int, now: float, size: int = 4096) -
 def fill_backlog(spool_path: str, count: int, size: int = 4096, now: float | None = None) -> list[str]:
     """
     Queue C{count} deferred messages in the spool at C{spool_path} (created
-    if missing) through L{mailhub.spool.Spool.add} without fsync -- the
+    if missing) through L{mailhub.queue.spool.Spool.add} without fsync -- the
     spool's own format and commit order (one queue file per message,
     written in C{tmp/} and renamed to C{queue/ID}, the envelope inside it),
     as fast as it goes -- before the daemon starts.  Returns their queue ids.
     """
     _import_mailhub()
-    from mailhub.spool import Spool, new_queue_id
+    from mailhub.queue.spool import Spool, new_queue_id
 
     now = time.time() if now is None else now
     spool = Spool(spool_path, fsync=False)

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable
 
-from .address import AddressError, normalize_domain
+from mailhub.address import AddressError, normalize_domain
 
 __all__ = [
     "ConfigError",
+    "check_maildir_name",
     "ServerConfig",
     "SpoolConfig",
     "LocalConfig",
@@ -49,6 +50,14 @@ __all__ = [
     "SENDER_CHECKS",
     "LOCAL_MODES",
 ]
+
+#: aliases(5) file used in system mode when C{local.aliases} is not set and it exists.
+DEFAULT_ALIASES = "/etc/aliases"
+#: The Maildir below each home directory (Postfix C{home_mailbox = Maildir/}).
+DEFAULT_HOME_MAILDIR = "Maildir"
+#: Accounts in [MIN_UID, MAX_UID] receive mail, plus root (login.defs UID_MIN / UID_MAX).
+MIN_UID = 1000
+MAX_UID = 60000
 
 #: Where the daemon looks when neither C{--config} nor C{$MAILHUB_CONFIG} is given.
 DEFAULT_CONFIG_FILE = "/etc/mailhub/mailhub.toml"
@@ -126,10 +135,10 @@ class LocalConfig:
     extension_separator: str = "+"  # "" disables address extensions
     # -- system mailboxes (docs/delivery.rst "System mailboxes")
     mode: str = "virtual"  # "virtual": DOMAIN/USER under mailboxes; "system": ~account/home_maildir
-    home_maildir: str = "Maildir"  # system mode: relative to the home directory
+    home_maildir: str = DEFAULT_HOME_MAILDIR  # system mode: relative to the home directory
     min_uid: int = 1000  # system mode: accounts with a mailbox are root and min_uid..max_uid
     max_uid: int = 60000
-    # Maildir delivery in this many processes of their own (mailhub.localproc);
+    # Maildir delivery in this many processes of their own (mailhub.delivery.localproc);
     # 0: in the daemon's threads.  See docs/delivery.rst.
     delivery_processes: int = 1
 
@@ -405,8 +414,8 @@ def _separator(value: Any) -> str:
 
 
 def _admins(value: Any) -> tuple[str, ...]:
-    """User addresses, normalised as the users file stores them (L{mailhub.auth.normalize_user})."""
-    from .address import parse_mailbox
+    """User addresses, normalised as the users file stores them (L{mailhub.smtp.sasl.normalize_user})."""
+    from mailhub.address import parse_mailbox
 
     items = _string_list(value, "user addresses")
     out = []
@@ -435,7 +444,6 @@ def _group(value: Any) -> str | None:
 
 
 def _home_maildir(value: Any) -> str:
-    from .system import check_maildir_name
 
     text = _string(value)
     try:
@@ -495,7 +503,7 @@ def _plain_endpoints(value: Any) -> tuple[str, ...]:
 
 
 def _nexthop(value: Any) -> str | None:
-    from .remote import parse_nexthop
+    from mailhub.relay.nexthop import parse_nexthop
 
     if not isinstance(value, str):
         raise _Bad(f'must be a next hop string like "[smtp.example.net]:587", got {_show(value)}')
@@ -507,7 +515,7 @@ def _nexthop(value: Any) -> str | None:
 
 
 def _routes(value: Any) -> Mapping[str, str]:
-    from .remote import parse_nexthop
+    from mailhub.relay.nexthop import parse_nexthop
 
     if not isinstance(value, dict):
         raise _Bad(f'must be a table of domain = "next hop", got {_show(value)}')
@@ -529,7 +537,7 @@ def _routes(value: Any) -> Mapping[str, str]:
 
 
 def _dns_servers(value: Any) -> tuple[str, ...]:
-    from .remote import parse_dns_server
+    from mailhub.relay.nexthop import parse_dns_server
 
     items = _string_list(value, 'DNS servers ("ip", "ip:port", "[ipv6]:port")')
     for item in items:
@@ -816,19 +824,18 @@ def _check_local(where: str, local: dict[str, Any]) -> None:
     range, and C{/etc/aliases} as the aliases file when none is set and it
     exists (as Postfix's C{alias_maps} default).
     """
-    from . import system
 
-    if local.get("min_uid", system.MIN_UID) > local.get("max_uid", system.MAX_UID):
+    if local.get("min_uid", MIN_UID) > local.get("max_uid", MAX_UID):
         raise ConfigError(
             f"{where}: local.min_uid: must not exceed local.max_uid "
-            f"({local.get('min_uid', system.MIN_UID)} > {local.get('max_uid', system.MAX_UID)})"
+            f"({local.get('min_uid', MIN_UID)} > {local.get('max_uid', MAX_UID)})"
         )
     if local.get("mode", "virtual") != "system":
         return
     if local.get("users") is not None:
         raise ConfigError(f'{where}: local.users: cannot be used with local.mode = "system" (the accounts are the users)')
-    if local.get("aliases") is None and os.path.isfile(system.DEFAULT_ALIASES):
-        local["aliases"] = system.DEFAULT_ALIASES
+    if local.get("aliases") is None and os.path.isfile(DEFAULT_ALIASES):
+        local["aliases"] = DEFAULT_ALIASES
 
 
 def _readable_file(where: str, key: str, path: str | None) -> None:
@@ -902,7 +909,7 @@ def _check_listeners(where: str, server: ServerConfig, auth: AuthConfig, check_f
         have, missing = ("server.tls_cert", "server.tls_key") if server.tls_key is None else ("server.tls_key", "server.tls_cert")
         raise ConfigError(f"{where}: {have}: needs {missing} too (both or neither)")
     if server.tls_cert is not None and check_files:
-        from .tls import ServerTLS
+        from mailhub.tls import ServerTLS
 
         try:
             ServerTLS(server.tls_cert, server.tls_key)  # type: ignore[arg-type]
@@ -973,3 +980,18 @@ def format_config(config: Config) -> str:
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def check_maildir_name(name: str) -> tuple[str, ...]:
+    """
+    The path components of C{local.home_maildir} (relative to the home
+    directory).  Refuses what could leave the home directory.
+
+    @raise ValueError: absolute, empty, or with C{.} / C{..} components.
+    """
+    if not name or name.startswith("/"):
+        raise ValueError(f"home_maildir must be a relative path, not {name!r}")
+    parts = tuple(p for p in name.split("/") if p)
+    if not parts or any(p in (".", "..") or "\x00" in p for p in parts):
+        raise ValueError(f"home_maildir must not contain '.' or '..' components: {name!r}")
+    return parts

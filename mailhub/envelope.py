@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .address import AddressError, parse_mailbox
+from mailhub.address import AddressError, parse_mailbox
 
 __all__ = [
     "ENVELOPE_VERSION",

@@ -1,5 +1,5 @@
 """
-The event log: every mail event as one JSON line, and C{mailhub log ID}.
+The event log: every mail event as one JSON line (C{mailhub log ID} reads it: L{mailhub.cli.log}).
 
 Owns: the file named by C{server.event_log} (opened for append, one JSON
 object per line, flushed after each line so C{tail -f} and a crash lose at
@@ -34,14 +34,12 @@ import io
 import json
 import os
 import sys
-from typing import IO, Any, Iterable, Iterator, TextIO
+from typing import IO, Any, Iterable, Iterator
 
 from twisted.logger import ILogObserver, formatEvent
 from zope.interface import implementer
 
-from .cli import Command
-
-__all__ = ["EventLogObserver", "event_record", "read_events", "story", "log_files", "LogOptions", "run_log"]
+__all__ = ["EventLogObserver", "event_record", "read_events", "story", "log_files"]
 
 #: fields of a twisted.logger event that are bookkeeping, not mail data
 _SKIP = {"log_logger", "log_source", "log_format", "log_level", "log_namespace", "log_time",
@@ -227,55 +225,3 @@ def story(log_path: str, queue_id: str, follow: bool = True) -> list[dict[str, A
                     if follow and isinstance(dsn, str) and dsn:
                         wanted.add(dsn)
     return out
-
-
-def format_record(record: dict[str, Any]) -> str:
-    """One line for a human: ISO time and the text."""
-    import datetime
-
-    when = record.get("time")
-    try:
-        stamp = datetime.datetime.fromtimestamp(float(when), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        stamp = stamp[:-4] + "Z"  # milliseconds
-    except (TypeError, ValueError):
-        stamp = "-"
-    return f"{stamp} {record.get('text', '')}"
-
-
-class LogOptions(Command):
-    """C{mailhub log [--file PATH] [--json] QUEUE_ID}."""
-
-    synopsis = "mailhub log [--file EVENTLOG] [--json] QUEUE_ID"
-    longdesc = (
-        "Print the story of one message from the event log (server.event_log): arrival, "
-        "every delivery attempt, bounces and the bounce's own deliveries.  Exits 1 when "
-        "the log has no event for the queue id."
-    )
-    optParameters = [["file", "f", None, "event log (default: server.event_log from the configuration)"]]
-    optFlags = [["json", "j", "print the JSON lines as they are"]]
-
-    def parseArgs(self, queue_id: str) -> None:  # type: ignore[override]
-        self["queue_id"] = queue_id
-
-
-def run_log(options: LogOptions, log_path: str | None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """
-    Run C{mailhub log}.  C{log_path} is C{server.event_log}; C{--file}
-    wins.  Returns 0 when events were found, 1 when none, 64 without a log.
-    """
-    stdout = stdout if stdout is not None else sys.stdout
-    stderr = stderr if stderr is not None else sys.stderr
-    path = options["file"] or log_path
-    if not path:
-        print("mailhub: no event log: set server.event_log in the configuration or use --file", file=stderr)
-        return 64
-    records = story(path, options["queue_id"])
-    if not records:
-        print(f"mailhub: no events for {options['queue_id']} in {path}", file=stderr)
-        return 1
-    for record in records:
-        if options["json"]:
-            print(json.dumps(record, ensure_ascii=False, sort_keys=True), file=stdout)
-        else:
-            print(format_record(record), file=stdout)
-    return 0

@@ -131,7 +131,7 @@ QueueStats = Callable[[], "tuple[int, float | None]"]
 
 def spool_queue_stats(spool: Any) -> QueueStats:
     """
-    A C{queue_stats} callable over a L{mailhub.spool.Spool}: the number of
+    A C{queue_stats} callable over a L{mailhub.queue.spool.Spool}: the number of
     queued messages and the arrival time of the oldest one.  Queue ids
     sort by arrival, so only the first readable envelope is loaded.
     """

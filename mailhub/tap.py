@@ -29,11 +29,11 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger, LoggingFile
 from twisted.python import usage
 
-from . import __version__
-from .config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
-from .loglevel import install as install_log_level
-from .maillog import mail_publisher
-from .reload import Delegate, Live, install_sighup
+from mailhub import __version__
+from mailhub.config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
+from mailhub.loglevel import install as install_log_level
+from mailhub.maillog import mail_publisher
+from mailhub.daemon.reload import Delegate, Live, install_sighup
 
 __all__ = ["Options", "makeService", "EX_CONFIG", "EX_OSERR"]
 
@@ -321,7 +321,7 @@ def _pickup_resolver(directory: Any) -> Any:
     raised on purpose: the pickup service then queues the address as
     written and the delivery outcome bounces it to the local sender.
     """
-    from .address import parse_mailbox
+    from mailhub.address import parse_mailbox
 
     def resolve(address: str) -> list[str]:
         mailbox = parse_mailbox(address)
@@ -337,7 +337,7 @@ def _pickup_resolver(directory: Any) -> Any:
 
 def _run_as(config: Config, options: Any) -> Any:
     """
-    The L{mailhub.privileges.RunAs} the daemon switches to, or None; twistd's
+    The L{mailhub.daemon.privileges.RunAs} the daemon switches to, or None; twistd's
     C{--uid/--gid} (on the parent options) win.  One line and exit on a problem.
 
     The one exception is a trial run: started as root with the embedded
@@ -346,7 +346,7 @@ def _run_as(config: Config, options: Any) -> Any:
     daemon keeps root and says so in a warning.  With a configuration file,
     a missing account stops the start.
     """
-    from .privileges import NoDefaultUser, PrivilegeError, run_as
+    from mailhub.daemon.privileges import NoDefaultUser, PrivilegeError, run_as
 
     parent = getattr(options, "parent", None)
     twistd_uid = twistd_gid = None
@@ -368,8 +368,8 @@ def _run_as(config: Config, options: Any) -> Any:
 
 
 def _prepare_for(config: Config, user: Any) -> None:
-    """L{mailhub.privileges.prepare_for}, one line and exit on a problem."""
-    from .privileges import PrivilegeError, prepare_for
+    """L{mailhub.daemon.privileges.prepare_for}, one line and exit on a problem."""
+    from mailhub.daemon.privileges import PrivilegeError, prepare_for
 
     try:
         prepare_for(config, user)
@@ -391,21 +391,21 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.application.internet import TimerService
     from twisted.internet import reactor, threads
 
-    from .auth import AuthThrottle
-    from .components import build_components, tap_reloader
-    from .control import control_service, socket_path
-    from .directory import directory_args as directory_args_of
-    from .eventlog import EventLogObserver
-    from .httpapi import make_http_site
-    from .local import LocalDelivery
-    from .localproc import LocalDeliveryProcesses, settings_for
-    from .metrics import MailMetrics, MetricsObserver, spool_queue_stats
-    from .pickup import PickupService
-    from .router import Router
-    from .scheduler import RetryPolicy, Scheduler
-    from .smtpd import SMTPServerFactory
-    from .spool import Spool
-    from .tls import ServerTLS, implicit_tls_endpoint
+    from mailhub.smtp.sasl import AuthThrottle
+    from mailhub.daemon.components import build_components, tap_reloader
+    from mailhub.queue.control import control_service, socket_path
+    from mailhub.delivery.directory import directory_args as directory_args_of
+    from mailhub.eventlog import EventLogObserver
+    from mailhub.web.api import make_http_site
+    from mailhub.delivery.local import LocalDelivery
+    from mailhub.delivery.localproc import LocalDeliveryProcesses, settings_for
+    from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
+    from mailhub.queue.pickup import PickupService
+    from mailhub.delivery.router import Router
+    from mailhub.queue.scheduler import RetryPolicy, Scheduler
+    from mailhub.smtp.server import SMTPServerFactory
+    from mailhub.queue.spool import Spool
+    from mailhub.tls import ServerTLS, implicit_tls_endpoint
 
     config = getattr(options, "config", None)
     if config is None:
@@ -462,7 +462,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     if config.server.mail_log:
         # Mail lines to a file of mailhub's own instead of twistd's log
         # (docs/performance.rst, "mail log"); the observers above still see them.
-        from .maillog import MailLogFile, MailLogService
+        from mailhub.maillog import MailLogFile, MailLogService
 
         try:
             mail_log_file = MailLogFile(config.server.mail_log, reactor)
@@ -476,7 +476,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
 
     local_cfg = config.local
     # The reloadable components: every consumer reads them through live
-    # (mailhub/reload.py), so a reload (SIGHUP, mailhub reload) reaches it.
+    # (mailhub/daemon/reload.py), so a reload (SIGHUP, mailhub reload) reaches it.
     live = Live(config)
     try:
         live.swap(config, **build_components(config, reactor, live))
@@ -491,8 +491,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     supervisor = None
     if privileged_delivery:
         # Root delivery processes behind a supervisor started before the
-        # switch (mailhub.localsuper); their settings are fixed now.
-        from .localsuper import PrivilegedDelivery
+        # switch (mailhub.delivery.supervisor); their settings are fixed now.
+        from mailhub.delivery.supervisor import PrivilegedDelivery
 
         settings = settings_for(directory_args, config.server.hostname, config.spool.fsync)
         settings["spool"] = {"path": spool.path, "uid": user.uid}
@@ -547,7 +547,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     if config.spool.pickup_group is not None:
         import grp
 
-        from .pickup import GROUP_DIR_MODE
+        from mailhub.queue.pickup import GROUP_DIR_MODE
 
         pickup_mode = {"dir_mode": GROUP_DIR_MODE, "gid": grp.getgrnam(config.spool.pickup_group).gr_gid}
     pickup = PickupService(
@@ -660,7 +660,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     install_sighup(reloader[0].reload, reactor)
     if user is not None:
         # last: its privileged start runs once everything above is bound
-        from .privileges import DropPrivileges
+        from mailhub.daemon.privileges import DropPrivileges
 
         DropPrivileges(user, socket_path(spool.path), supervisor, fail).setServiceParent(top)
     return top

@@ -1,7 +1,7 @@
 """
 A DNS zone in memory (not a test file): record constructors and L{Zone},
 a real twisted.names authority serving a dict.  The unit tests of
-mailhub.remote use it as the resolver, the end-to-end relay tests serve it
+mailhub.relay.agent use it as the resolver, the end-to-end relay tests serve it
 with a real twisted.names DNS server on 127.0.0.1.  Holds no assertions.
 """
 

@@ -1,5 +1,5 @@
 """
-The in-memory harness the mailhub.smtpd tests share (not a test file).
+The in-memory harness the mailhub.smtp.server tests share (not a test file).
 
 Owns: a Client (one StringTransport connection to an SMTPServerFactory), a
 Harness (task.Clock at NOW, a real Spool in tmp_path, a Directory, a list
@@ -24,12 +24,12 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from mailhub import auth
+from mailhub.smtp import sasl as auth
 from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from mailhub.delivery.directory import Directory
+from mailhub.smtp.policy import Policy
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.queue.spool import Spool
 
 HOST = "mx.example.com"
 NOW = 1700000000.0  # Tue, 14 Nov 2023 22:13:20 +0000

@@ -1,5 +1,5 @@
 """
-Tests for mailhub.auth: the users file, the twisted.cred checker, sender
+Tests for mailhub.smtp.sasl: the users file, the twisted.cred checker, sender
 ownership, SASL decoding and the failed-login throttle.  In memory, with
 task.Clock; bcrypt runs with 4 rounds to keep the suite fast.
 """
@@ -18,8 +18,8 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from zope.interface import implementer
 
-from mailhub import auth
-from mailhub.auth import (
+from mailhub.smtp import sasl as auth
+from mailhub.smtp.sasl import (
     AuthThrottle,
     SASLError,
     SASLExchange,

@@ -223,7 +223,7 @@ def test_proc_readers_on_this_process():
 
 def test_backlog_filler_writes_deferred_envelopes_the_spool_reads(tmp_path):
     from mailhub.envelope import PENDING
-    from mailhub.spool import Spool
+    from mailhub.queue.spool import Spool
 
     now = 1_700_000_000.0
     ids = bench.fill_backlog(str(tmp_path / "spool"), 25, 4096, now=now)
@@ -269,11 +269,11 @@ def test_backlog_is_never_local():
 def test_queue_loaded_pattern_matches_the_schedulers_line():
     import inspect
 
-    from mailhub import scheduler
+    from mailhub.queue import scheduler
 
     source = inspect.getsource(scheduler.Scheduler.startService)
     assert '"scheduler: {count} message(s) in the queue"' in source
-    line = "2026-11-28T17:43:49+0000 [mailhub.scheduler#info] scheduler: 100000 message(s) in the queue"
+    line = "2026-11-28T17:43:49+0000 [mailhub.queue.scheduler#info] scheduler: 100000 message(s) in the queue"
     m = bench.QUEUE_LOADED.search(line)
     assert m and m.group(1) == "100000"
     assert bench.QUEUE_LOADED.search("scheduler: 1 message in the queue") is None

@@ -10,9 +10,9 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from mailhub.bounce import FULL_LIMIT, HEADERS_LIMIT, make_dsn
+from mailhub.queue.notices import FULL_LIMIT, HEADERS_LIMIT, make_dsn
 from mailhub.envelope import FAILED, PENDING, Envelope, Recipient
-from mailhub.spool import queue_file_bytes
+from mailhub.queue.spool import queue_file_bytes
 
 ORIGINAL = (
     b"Received: from client\r\n\tby mx\r\nFrom: Alice <alice@example.com>\r\n"

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from mailhub.cli.main import main
-from mailhub.reload import target
+from mailhub.daemon.reload import target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +134,7 @@ def test_check_config_malformed_users_file(tmp_path):
 
 
 def test_check_config_good_users_and_aliases_files(tmp_path):
-    from mailhub.auth import hash_password
+    from mailhub.smtp.sasl import hash_password
 
     r, _ = check(tmp_path, '[local]\naliases = "aliases"\n[auth]\nusers = "users"\n',
                  aliases="root: alice\n", users=f"alice@example.org:{hash_password('pw', rounds=4)}\n")
@@ -264,9 +264,9 @@ def test_make_service_order(tmp_path, monkeypatch):
 
     from mailhub import tap
     from mailhub.metrics import MetricsObserver
-    from mailhub.pickup import PickupService
-    from mailhub.remote import RemoteDelivery
-    from mailhub.scheduler import Scheduler
+    from mailhub.queue.pickup import PickupService
+    from mailhub.relay.agent import RemoteDelivery
+    from mailhub.queue.scheduler import Scheduler
 
     o = tap_options(["--smtp", "tcp:0:interface=127.0.0.1", "--smtp", "tcp:0:interface=127.0.0.2"],
                     tmp_path, monkeypatch)
@@ -284,7 +284,7 @@ def test_make_service_order(tmp_path, monkeypatch):
     assert isinstance(children[3], TimerService) and children[3].step == 60
     children = [children[0], *children[4:]]
     # local delivery processes (started before the scheduler, stopped after it)
-    from mailhub.localproc import LocalDeliveryProcesses
+    from mailhub.delivery.localproc import LocalDeliveryProcesses
 
     assert isinstance(children[1], LocalDeliveryProcesses) and children[1].count == 1
     local_agent = children.pop(1)
@@ -308,7 +308,7 @@ def test_make_service_order(tmp_path, monkeypatch):
 
 def test_make_service_relay_wiring(tmp_path, monkeypatch):
     from mailhub import tap
-    from mailhub.remote import Destination
+    from mailhub.relay.nexthop import Destination
 
     (tmp_path / "pw").write_text("secret\n")
     conf = tmp_path / "m.toml"
@@ -333,7 +333,7 @@ def test_make_service_submission_listeners(tmp_path, monkeypatch):
     import signal
 
     from mailhub import tap
-    from mailhub.auth import UsersFile
+    from mailhub.smtp.sasl import UsersFile
     from mailhub.tls import ServerTLS, make_self_signed
 
     make_self_signed("mx.example", str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
@@ -394,7 +394,7 @@ def test_make_service_bad_certificate_exits_78(tmp_path, monkeypatch, capsys):
 
 
 def test_queue_command(tmp_path):
-    from mailhub.spool import Spool
+    from mailhub.queue.spool import Spool
 
     Spool(str(tmp_path / "q"))
     conf = tmp_path / "m.toml"
@@ -468,9 +468,9 @@ def test_make_service_http_and_observers(tmp_path, monkeypatch):
     from twisted.logger import globalLogPublisher
 
     from mailhub import tap
-    from mailhub.auth import UsersFile
+    from mailhub.smtp.sasl import UsersFile
     from mailhub.eventlog import EventLogObserver
-    from mailhub.httpapi import ApiSite
+    from mailhub.web.api import ApiSite
     from mailhub.maillog import mail_event
     from mailhub.metrics import MetricsObserver
 
@@ -564,7 +564,7 @@ def test_system_mode_warns_when_not_root(tmp_path, monkeypatch):
 
     from mailhub import tap
 
-    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(tmp_path / "absent"))
+    monkeypatch.setattr("mailhub.config.DEFAULT_ALIASES", str(tmp_path / "absent"))
     conf = tmp_path / "m.toml"
     conf.write_text('[local]\nmode = "system"\n')
     options = tap_options(["--config", str(conf)], tmp_path, monkeypatch)
@@ -632,7 +632,7 @@ def test_commands_import_only_what_they_need(tmp_path):
     code = (
         "import sys; from mailhub.cli.main import main; "
         "rc = main(['check-config'], out=open('/dev/null', 'w')); "
-        "print(rc, sorted(m for m in ('bcrypt', 'OpenSSL', 'mailhub.auth', 'mailhub.tls', 'mailhub.cli.user') "
+        "print(rc, sorted(m for m in ('bcrypt', 'OpenSSL', 'mailhub.smtp.sasl', 'mailhub.tls', 'mailhub.cli.user') "
         "if m in sys.modules))"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -19,8 +19,8 @@ from twisted.python import usage
 
 from mailhub.cli.queue import QueueOptions, run_queue
 from mailhub.envelope import Envelope, Recipient
-from mailhub.pickup import ensure_pickup_dirs, write_pickup
-from mailhub.spool import Spool, new_queue_id
+from mailhub.queue.pickup import ensure_pickup_dirs, write_pickup
+from mailhub.queue.spool import Spool, new_queue_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARRIVAL = 1_700_000_000.0
@@ -364,7 +364,7 @@ def test_a_daemon_that_hangs_up_is_one_line_and_a_failure(spool, tmp_path, hangs
 
 def test_a_control_socket_that_cannot_be_used_stops_every_change(spool, monkeypatch):
     """Not "no daemon" (a daemon may be running): nothing is changed on the files behind its back."""
-    from mailhub import control
+    from mailhub.queue import control
 
     def refuse(self, path, timeout=30.0):
         raise PermissionError(13, "Permission denied", path)

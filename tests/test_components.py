@@ -1,13 +1,13 @@
-"""mailhub.components: what the daemon builds at start and at a reload says what check-config says."""
+"""mailhub.daemon.components: what the daemon builds at start and at a reload says what check-config says."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
-from mailhub.components import build_components
+from mailhub.daemon.components import build_components
 from mailhub.config import load_config
-from mailhub.reload import Live
+from mailhub.daemon.reload import Live
 
 
 def test_a_missing_users_file_is_logged_with_check_configs_line(tmp_path, events):

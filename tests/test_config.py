@@ -681,7 +681,7 @@ def test_event_log_empty_string_is_off(tmp_path):
 
 
 def test_system_mode_keys(tmp_path, monkeypatch):
-    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(tmp_path / "no-etc-aliases"))
+    monkeypatch.setattr("mailhub.config.DEFAULT_ALIASES", str(tmp_path / "no-etc-aliases"))
     path = write(tmp_path, '[local]\nmode = "system"\nhome_maildir = "Mail/inbox"\nmin_uid = 500\nmax_uid = 999\n')
     c = load_config(path)
     assert (c.local.mode, c.local.home_maildir, c.local.min_uid, c.local.max_uid) == ("system", "Mail/inbox", 500, 999)
@@ -691,7 +691,7 @@ def test_system_mode_keys(tmp_path, monkeypatch):
 def test_system_mode_uses_etc_aliases_when_it_exists(tmp_path, monkeypatch):
     etc_aliases = tmp_path / "etc-aliases"
     etc_aliases.write_text("postmaster: root\n")
-    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(etc_aliases))
+    monkeypatch.setattr("mailhub.config.DEFAULT_ALIASES", str(etc_aliases))
     c = load_config(write(tmp_path, '[local]\nmode = "system"\n'))
     assert c.local.aliases == str(etc_aliases)
     # an explicit aliases file wins
@@ -703,7 +703,7 @@ def test_system_mode_uses_etc_aliases_when_it_exists(tmp_path, monkeypatch):
 
 
 def test_system_mode_round_trips(tmp_path, monkeypatch):
-    monkeypatch.setattr("mailhub.system.DEFAULT_ALIASES", str(tmp_path / "absent"))
+    monkeypatch.setattr("mailhub.config.DEFAULT_ALIASES", str(tmp_path / "absent"))
     c = load_config(write(tmp_path, '[local]\nmode = "system"\n[server]\nhttp = ["tcp:0"]\nhttp_admins = ["a@b.example"]\n'))
     again = load_config(write(tmp_path, format_config(c), "again.toml"))
     assert (again.server, again.local) == (c.server, c.local)

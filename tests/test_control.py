@@ -1,5 +1,5 @@
 """
-Tests for mailhub.control: the AMP control channel on a real UNIX socket
+Tests for mailhub.queue.control: the AMP control channel on a real UNIX socket
 (reactor in a thread, see conftest), driven by the queue tools' blocking
 client, against a fake scheduler with the real one's KeyError contract.
 """
@@ -13,8 +13,8 @@ import stat
 import pytest
 
 from mailhub.cli.queue import QueueOptions, run_queue
-from mailhub.control import ControlClient, control_service, socket_path
-from mailhub.spool import Spool
+from mailhub.queue.control import ControlClient, control_service, socket_path
+from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
 
@@ -34,7 +34,7 @@ class FakeScheduler:
         self.calls.append((name, qid))
 
     def flush(self, queue_id=None):
-        # the real scheduler's answers (mailhub.scheduler.FLUSHED / HELD)
+        # the real scheduler's answers (mailhub.queue.scheduler.FLUSHED / HELD)
         self._call("flush", queue_id)
         return "held" if queue_id in self.held else "flushed"
 

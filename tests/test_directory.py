@@ -1,4 +1,4 @@
-"""Tests for mailhub.directory: local domains, mailboxes, extensions, aliases, safety."""
+"""Tests for mailhub.delivery.directory: local domains, mailboxes, extensions, aliases, safety."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from mailhub.address import Mailbox, parse_mailbox
-from mailhub.directory import (
+from mailhub.delivery.directory import (
     MAX_ALIAS_DEPTH,
     AliasesError,
     AliasLoop,
@@ -515,7 +515,7 @@ def test_lazy_and_rate_limited(root, tmp_path, monkeypatch):
     rewrite(path, "info: alice\n", 1_000_000)
     d = Directory(DOMAINS, str(root), aliases_path=path, clock=clock)
     assert clock.getDelayedCalls() == []
-    import mailhub.directory as mod
+    import mailhub.delivery.directory as mod
 
     stats = []
     real_stat = mod.os.stat

@@ -1,5 +1,5 @@
 """
-mailhub.downgrade: 8-bit MIME to 7 bit for a next hop without 8BITMIME.
+mailhub.relay.downgrade: 8-bit MIME to 7 bit for a next hop without 8BITMIME.
 Exact bytes out; what is converted must decode back to the original.
 """
 
@@ -10,7 +10,7 @@ import email.policy
 
 import pytest
 
-from mailhub.downgrade import MAX_DEPTH, ConversionError, downgrade, split_header
+from mailhub.relay.downgrade import MAX_DEPTH, ConversionError, downgrade, split_header
 
 # no CR or LF: line ends are normalised to CRLF on the way (as in the DATA stream)
 JPEGISH = bytes(b for b in range(256) if b not in (10, 13)) * 2

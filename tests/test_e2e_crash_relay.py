@@ -54,7 +54,7 @@ import pytest
 
 from daemon import CLEAN_EXIT, Daemon, wait_for
 from mailhub.envelope import DELIVERED, PENDING, Envelope
-from mailhub.spool import Spool
+from mailhub.queue.spool import Spool
 
 TOTAL = 30
 #: the receiver answers this many messages in the first run, then stalls

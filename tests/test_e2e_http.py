@@ -20,17 +20,17 @@ from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
 
-from mailhub.auth import UsersFile
+from mailhub.smtp.sasl import UsersFile
 from mailhub.config import ServerConfig
-from mailhub.directory import Directory
+from mailhub.delivery.directory import Directory
 from mailhub.envelope import Outcome
 from mailhub.eventlog import EventLogObserver, story
-from mailhub.httpapi import make_http_site
+from mailhub.web.api import make_http_site
 from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
-from mailhub.policy import Policy
-from mailhub.scheduler import RetryPolicy, Scheduler
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from mailhub.smtp.policy import Policy
+from mailhub.queue.scheduler import RetryPolicy, Scheduler
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
 

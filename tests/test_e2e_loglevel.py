@@ -83,7 +83,7 @@ def test_warn_level_hides_info_and_keeps_warnings(tmp_path):
         with open(d.conf, "a") as f:
             f.write("\n[server]\nnonsense = 1\n")
         d.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "[mailhub.reload#error]" in d.log(), 30, "the refused reload")
+        wait_for(lambda: "[mailhub.daemon.reload#error]" in d.log(), 30, "the refused reload")
     finally:
         assert d.stop() == CLEAN_EXIT
     log = d.log()

@@ -21,10 +21,10 @@ import pytest
 from twisted.internet import defer, threads
 
 from conftest import in_reactor, require_tool
-from mailhub.directory import Directory
+from mailhub.delivery.directory import Directory
 from mailhub.envelope import Envelope, Recipient
-from mailhub.local import LocalDelivery
-from mailhub.spool import queue_file_bytes
+from mailhub.delivery.local import LocalDelivery
+from mailhub.queue.spool import queue_file_bytes
 from peers import free_port, wait_for
 
 MESSAGE = (

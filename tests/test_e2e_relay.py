@@ -8,7 +8,7 @@ End to end: RemoteDelivery with real DNS, real sockets and real receivers.
   on the port).
 - Receivers: Postfix's smtp-sink capturing each transaction to a file, and
   a mailhub SMTP server (smtpd.py) queueing into its own spool.
-- Client: the real mailhub.smtpclient.connect.
+- Client: the real mailhub.relay.client.connect.
 
 MX records here point at loopback, so the agent is built with
 C{loopback_is_self=False}; loop detection is then tested through
@@ -28,10 +28,10 @@ from twisted.protocols.basic import LineReceiver
 from twisted.names import dns, server
 
 from conftest import in_reactor, require_tool
-from mailhub import smtpclient
+from mailhub.relay import client as smtpclient
 from mailhub.envelope import Envelope, Recipient
-from mailhub.remote import RemoteDelivery
-from mailhub.spool import queue_file_bytes
+from mailhub.relay.agent import RemoteDelivery
+from mailhub.queue.spool import queue_file_bytes
 from peers import free_port, wait_for, wait_listening
 from dnszone import AAAA, CNAME, MX, A, Zone
 
@@ -261,10 +261,10 @@ def test_route_to_mailhub_server(reactor, sink, dns_server, tmp_path) -> None:
     from twisted.internet import task  # noqa: F401  (the server uses the real reactor as clock)
 
     from mailhub.config import ServerConfig
-    from mailhub.directory import Directory
-    from mailhub.policy import Policy
-    from mailhub.smtpd import SMTPServerFactory
-    from mailhub.spool import Spool
+    from mailhub.delivery.directory import Directory
+    from mailhub.smtp.policy import Policy
+    from mailhub.smtp.server import SMTPServerFactory
+    from mailhub.queue.spool import Spool
 
     port, out = sink
     dns_addr, _ = dns_server

@@ -17,10 +17,10 @@ from twisted.internet import threads
 from twisted.internet.endpoints import serverFromString
 
 from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from mailhub.delivery.directory import Directory
+from mailhub.smtp.policy import Policy
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
 from peers import wait_for

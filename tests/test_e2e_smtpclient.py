@@ -1,5 +1,5 @@
 """
-mailhub.smtpclient on real sockets (127.0.0.1 only):
+mailhub.relay.client on real sockets (127.0.0.1 only):
 
 (a) Postfix's smtp-sink receives messages (a 1 MB one with "." lines at
     every 64 KiB read boundary) and dumps what it got; the dump must equal
@@ -29,8 +29,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from conftest import in_reactor
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
-from mailhub.smtpclient import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
-from mailhub.spool import queue_file_bytes
+from mailhub.relay.client import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
+from mailhub.queue.spool import queue_file_bytes
 from peers import Sink, free_port, sink_message
 
 pytestmark = pytest.mark.timeout(60)

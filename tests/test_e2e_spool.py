@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-import mailhub.spool as spool_mod
+import mailhub.queue.spool as spool_mod
 from mailhub.envelope import Envelope, Recipient
-from mailhub.spool import Spool, new_queue_id, open_message
+from mailhub.queue.spool import Spool, new_queue_id, open_message
 
 from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, wait_for
 from peers import Sink, free_port, sink_message
@@ -202,7 +202,7 @@ def test_empty_bdat_message_is_accepted_and_delivered_empty(net):
 def test_bounce_of_a_message_carries_no_queue_trailer(tmp_path):
     """Guarantee: a bounce (RET=FULL) quotes the message, never the envelope or footer after it."""
     msg = b"From: alice@example.test\r\nSubject: to bounce\r\nMessage-ID: <tobounce@client.test>\r\n\r\nbody\r\n"
-    from mailhub.bounce import make_dsn
+    from mailhub.queue.notices import make_dsn
 
     path = str(tmp_path / "q")
     env = Envelope(queue_id=new_queue_id(), sender="alice@example.test",

@@ -14,9 +14,9 @@ import zlib
 import pytest
 from twisted.internet.endpoints import serverFromString
 
-from mailhub.httpapi import make_http_site
+from mailhub.web.api import make_http_site
 from mailhub.metrics import MailMetrics
-from mailhub.spool import Spool
+from mailhub.queue.spool import Spool
 
 from conftest import in_reactor, require_tool
 

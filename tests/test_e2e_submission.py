@@ -20,12 +20,14 @@ import subprocess
 import pytest
 from twisted.internet.endpoints import serverFromString
 
-from mailhub import auth, tls
+from mailhub import tls
+
+from mailhub.smtp import sasl as auth
 from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from mailhub.delivery.directory import Directory
+from mailhub.smtp.policy import Policy
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.queue.spool import Spool
 
 from conftest import in_reactor, require_tool
 

@@ -11,7 +11,8 @@ import json
 import pytest
 from twisted.logger import Logger, globalLogPublisher
 
-from mailhub.eventlog import EventLogObserver, LogOptions, event_record, run_log, story
+from mailhub.cli.log import LogOptions, run_log
+from mailhub.eventlog import EventLogObserver, event_record, story
 from mailhub.maillog import mail_event
 
 QID = "0DA3QZ5K8M1ABCDEF"

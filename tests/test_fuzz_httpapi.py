@@ -32,10 +32,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from fuzzing import LogCapture
-from mailhub.auth import UsersFile
-from mailhub.httpapi import make_http_site
+from mailhub.smtp.sasl import UsersFile
+from mailhub.web.api import make_http_site
 from mailhub.metrics import MailMetrics, spool_queue_stats
-from mailhub.spool import Spool
+from mailhub.queue.spool import Spool
 
 USER = "alice@example.com"
 

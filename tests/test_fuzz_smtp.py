@@ -29,8 +29,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from fuzzing import LogCapture, bad_reply_lines
-from mailhub.smtpd import SMTPServer
-from mailhub.smtplimits import ERROR_SLEEP
+from mailhub.smtp.server import SMTPServer
+from mailhub.smtp.limits import ERROR_SLEEP
 from smtpharness import AUTH_PASSWORD as PASSWORD
 from smtpharness import AUTH_USER as USER
 from smtpharness import FOREIGN, GREETING, Client, Harness, TLSStringTransport, serve_with_auth

@@ -18,10 +18,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailhub.auth import UsersFile
-from mailhub.httpapi import ROUTES, make_http_site
+from mailhub.smtp.sasl import UsersFile
+from mailhub.web.api import ROUTES, make_http_site
 from mailhub.metrics import MailMetrics, spool_queue_stats
-from mailhub.spool import Spool
+from mailhub.queue.spool import Spool
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "openapi.json")
 
@@ -213,7 +213,7 @@ def test_post_raw_adds_date_and_message_id_to_the_header_only(env, raw, expected
 
 
 def test_http_dates_are_written_as_smtpd_writes_them(env, tmp_path):
-    from mailhub.smtpproto import received_header
+    from mailhub.smtp.proto import received_header
 
     smtp = received_header("c", "192.0.2.1", "mx.example.com", "ESMTP", "Q", None, env.clock.seconds())
     assert smtp.endswith(b"; " + DATE + b"\r\n")
@@ -377,7 +377,7 @@ def test_body_at_the_limit_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("err, status", [(errno.ENOSPC, 507), (errno.EIO, 503)])
 def test_spool_failure_is_not_202_and_queues_nothing(env, monkeypatch, err, status):
-    from mailhub import spool as spool_mod
+    from mailhub.queue import spool as spool_mod
 
     def failing_commit(self, envelope):
         self.abort()  # what the real commit does on any error
@@ -488,7 +488,7 @@ def test_flush_answers_match_openapi(env):
 def test_flush_with_the_real_scheduler_reports_held(tmp_path):
     from twisted.internet import defer
 
-    from mailhub.scheduler import RetryPolicy, Scheduler
+    from mailhub.queue.scheduler import RetryPolicy, Scheduler
 
     e = Env(tmp_path)
     attempts: list = []

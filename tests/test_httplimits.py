@@ -14,8 +14,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 
-from mailhub.httpapi import make_http_site
-from mailhub.httplimits import ABORT_GRACE, RefusedConnection
+from mailhub.web.api import make_http_site
+from mailhub.web.limits import ABORT_GRACE, RefusedConnection
 from mailhub.metrics import MetricsObserver
 from twisted.logger import globalLogPublisher
 

@@ -1,4 +1,4 @@
-"""Tests for mailhub.local: Maildir delivery, trace headers, errors as outcomes."""
+"""Tests for mailhub.delivery.local: Maildir delivery, trace headers, errors as outcomes."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 from twisted.internet import defer
 from twisted.logger import formatEvent
 
-from mailhub import local
-from mailhub.directory import Directory
+from mailhub.delivery import local
+from mailhub.delivery.directory import Directory
 from mailhub.envelope import Envelope, Outcome, Recipient
-from mailhub.local import LocalDelivery, copy_lf, delivered_to_addresses
-from mailhub.spool import open_message, queue_file_bytes
+from mailhub.delivery.local import LocalDelivery, copy_lf, delivered_to_addresses
+from mailhub.queue.spool import open_message, queue_file_bytes
 
 MESSAGE = (
     b"From: Sender <s@remote.example>\r\n"

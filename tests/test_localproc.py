@@ -1,5 +1,5 @@
 """
-Local delivery processes (mailhub.localproc): the child program over real
+Local delivery processes (mailhub.delivery.localproc): the child program over real
 pipes, the pool in a real reactor with real child processes (deliveries,
 a child killed with work in flight, a child answering garbage, shutdown),
 and the daemon with a delivery process killed under it.
@@ -19,10 +19,10 @@ from twisted.internet import defer
 
 from conftest import in_reactor
 from daemon import Daemon, config_text, delivered_with, message, send
-from mailhub import localproc
+from mailhub.delivery import localproc
 from mailhub.config import load_config
 from mailhub.envelope import Envelope, Recipient
-from mailhub.spool import queue_file_bytes
+from mailhub.queue.spool import queue_file_bytes
 from peers import wait_for
 
 DOMAIN = "example.test"
@@ -271,7 +271,7 @@ def delivery_pids(daemon_pid: int) -> list[int]:
                 cmdline = f.read()
         except OSError:
             continue
-        if int(fields[1]) == daemon_pid and b"mailhub.localproc" in cmdline and fields[0] != "Z":
+        if int(fields[1]) == daemon_pid and b"mailhub.delivery.localproc" in cmdline and fields[0] != "Z":
             pids.append(int(entry))
     return pids
 
@@ -395,7 +395,7 @@ def test_delivery_process_imports_no_network_or_tls_machinery():
     root = os.path.dirname(os.path.dirname(os.path.abspath(localproc.__file__)))
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import mailhub.localproc, mailhub.directory, mailhub.local, twisted.logger;"
+        "import mailhub.delivery.localproc, mailhub.delivery.directory, mailhub.delivery.local, twisted.logger;"
         "print(sorted(m for m in ('twisted.internet.tcp', 'twisted.internet.ssl', 'OpenSSL') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=60)

@@ -1,5 +1,5 @@
 """
-The checks of the local delivery processes (mailhub.localsuper): the
+The checks of the local delivery processes (mailhub.delivery.supervisor): the
 request schema, the queue file a root process may read, and the
 supervisor program over real pipes -- malformed JSON, wrong types,
 unknown keys, path traversal, unknown or out-of-range accounts.
@@ -14,10 +14,12 @@ import sys
 
 import pytest
 
-from mailhub import localproc, localsuper
+from mailhub.delivery import localproc
+
+from mailhub.delivery import supervisor as localsuper
 from mailhub.envelope import Envelope, Recipient
-from mailhub.localsuper import BadRequest, check_request
-from mailhub.spool import queue_file_bytes
+from mailhub.delivery.supervisor import BadRequest, check_request
+from mailhub.queue.spool import queue_file_bytes
 from peers import wait_for
 from test_localproc import DOMAIN, MESSAGE, directory_args, maildir_messages
 

@@ -33,7 +33,7 @@ def test_info_hides_twisted_info_chatter_and_keeps_mailhub_info():
 
 def test_debug_shows_everything():
     p = loglevel.make_predicate("debug")
-    for namespace in ("mailhub.smtpd", "twisted.web.server.Site", "log_legacy"):
+    for namespace in ("mailhub.smtp.server", "twisted.web.server.Site", "log_legacy"):
         assert _passes(p, namespace, LogLevel.debug)
         assert _passes(p, namespace, LogLevel.info)
 
@@ -45,7 +45,7 @@ def test_warn_and_error(name, least):
         assert not _passes(p, namespace, LogLevel.info)
         assert _passes(p, namespace, least)
         assert _passes(p, namespace, LogLevel.critical)
-    assert _passes(p, "mailhub.directory", LogLevel.warn) == (name == "warn")
+    assert _passes(p, "mailhub.delivery.directory", LogLevel.warn) == (name == "warn")
 
 
 def test_install_filters_the_observers_logging_begins_with_and_set_level_changes_it(monkeypatch):

@@ -15,8 +15,8 @@ from twisted.logger import globalLogPublisher
 
 from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.metrics import MailMetrics, MetricsObserver, reject_reason, spool_queue_stats
-from mailhub.scheduler import RetryPolicy, Scheduler
-from mailhub.spool import Spool
+from mailhub.queue.scheduler import RetryPolicy, Scheduler
+from mailhub.queue.spool import Spool
 
 T0 = 1_700_000_000.0
 

@@ -1,5 +1,5 @@
 """
-Tests for mailhub.pickup: the pickup file format, write_pickup, and
+Tests for mailhub.queue.pickup: the pickup file format, write_pickup, and
 PickupService turning pickup files into queued messages (in memory: a real
 Spool in tmp_path, task.Clock, a fake inotify).
 """
@@ -14,8 +14,8 @@ import pytest
 
 from twisted.internet import inotify, task
 
-from mailhub import pickup
-from mailhub.pickup import (
+from mailhub.queue import pickup
+from mailhub.queue.pickup import (
     CRLFNormalizer,
     MessageTooLarge,
     PickupFormatError,
@@ -26,7 +26,7 @@ from mailhub.pickup import (
     read_header,
     write_pickup,
 )
-from mailhub.spool import Spool
+from mailhub.queue.spool import Spool
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import pytest
 
 from twisted.internet import task
 
-from mailhub import pickup
-from mailhub.pickup import PickupService, ensure_pickup_dirs, list_pickup, pickup_dirs, write_pickup
-from mailhub.spool import Spool
+from mailhub.queue import pickup
+from mailhub.queue.pickup import PickupService, ensure_pickup_dirs, list_pickup, pickup_dirs, write_pickup
+from mailhub.queue.spool import Spool
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
-"""Tests for mailhub.policy: the relay decision and recipient checks."""
+"""Tests for mailhub.smtp.policy: the relay decision and recipient checks."""
 
 from __future__ import annotations
 
 import pytest
 
 from mailhub.address import Mailbox, parse_mailbox
-from mailhub.directory import Directory
-from mailhub.policy import LISTENERS, Policy, Reply, Session, is_loopback
+from mailhub.delivery.directory import Directory
+from mailhub.smtp.policy import LISTENERS, Policy, Reply, Session, is_loopback
 
 
 @pytest.fixture

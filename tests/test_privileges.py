@@ -1,5 +1,5 @@
 """
-mailhub.privileges: whom the daemon switches to, the switch itself (as
+mailhub.daemon.privileges: whom the daemon switches to, the switch itself (as
 root, in a child process), and the start-up checks of the directories
 that user owns -- one line for each problem.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mailhub.privileges import NoDefaultUser, PrivilegeError, RunAs, prepare_directory, prepare_file, run_as
+from mailhub.daemon.privileges import NoDefaultUser, PrivilegeError, RunAs, prepare_directory, prepare_file, run_as
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_a_missing_default_account_is_its_own_error(monkeypatch):
             raise KeyError(name)
         return getpwnam(name)
 
-    monkeypatch.setattr("mailhub.privileges.pwd.getpwnam", no_mailhub)
+    monkeypatch.setattr("mailhub.daemon.privileges.pwd.getpwnam", no_mailhub)
     with pytest.raises(NoDefaultUser):
         run_as(None, euid=0)
     with pytest.raises(PrivilegeError) as e:
@@ -98,7 +98,7 @@ def test_without_the_default_account_only_a_trial_run_keeps_root(monkeypatch, so
         failed.append(message)
         raise SystemExit(78)
 
-    monkeypatch.setattr("mailhub.privileges.run_as", missing)
+    monkeypatch.setattr("mailhub.daemon.privileges.run_as", missing)
     monkeypatch.setattr(tap, "fail", fail)
     config = dataclasses.replace(load_config(None, None, "/tmp"), source=source)
     if source is None:
@@ -165,7 +165,7 @@ def test_group_writable_and_not_a_directory_are_refused(tmp_path):
 def test_the_switch_leaves_no_way_back_and_no_capability():
     nobody = pwd.getpwnam("nobody")
     code = (
-        "import json, os, sys; from mailhub.privileges import RunAs, drop_privileges, capabilities;"
+        "import json, os, sys; from mailhub.daemon.privileges import RunAs, drop_privileges, capabilities;"
         f"drop_privileges(RunAs('nobody', {nobody.pw_uid}, {nobody.pw_gid}));"
         "print(json.dumps([os.getresuid(), os.getresgid(), capabilities()]))"
     )
@@ -202,7 +202,7 @@ def test_the_event_logs_directory_is_the_users_where_mailhub_rotates_it(open_dir
     import dataclasses
 
     from mailhub.config import load_config
-    from mailhub.privileges import prepare_for
+    from mailhub.daemon.privileges import prepare_for
 
     nobody = pwd.getpwnam("nobody")
     user = RunAs("nobody", nobody.pw_uid, nobody.pw_gid)

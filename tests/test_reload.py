@@ -1,4 +1,4 @@
-"""mailhub.reload: the live holder, delegates, and what a reload applies, refuses and leaves for a restart."""
+"""mailhub.daemon.reload: the live holder, delegates, and what a reload applies, refuses and leaves for a restart."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
 from mailhub.config import ConfigError, load_config
-from mailhub.reload import Delegate, Live, Reloader, changed_keys, install_sighup, target
+from mailhub.daemon.reload import Delegate, Live, Reloader, changed_keys, install_sighup, target
 
 
 def _config(tmp_path, **local):

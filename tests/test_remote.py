@@ -1,5 +1,5 @@
 """
-Unit tests for mailhub.remote: routing, DNS (MX / implicit MX / null MX /
+Unit tests for mailhub.relay.agent: routing, DNS (MX / implicit MX / null MX /
 CNAME / errors), trying hosts in order, loop detection, TLS fallback,
 concurrency limits and connection reuse.
 
@@ -20,11 +20,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from twisted.names import error as dnserror
 
-from mailhub import smtpclient
+from mailhub.relay import client as smtpclient
 from mailhub.envelope import Envelope, Outcome, Recipient
-from mailhub.remote import Destination, RemoteDelivery, parse_dns_server, parse_nexthop
-from mailhub.smtpclient import SessionError
-from mailhub.spool import open_message, queue_file_bytes
+from mailhub.relay.agent import RemoteDelivery
+from mailhub.relay.nexthop import Destination, parse_dns_server, parse_nexthop
+from mailhub.relay.client import SessionError
+from mailhub.queue.spool import open_message, queue_file_bytes
 
 from dnszone import AAAA, CNAME, MX, A, Zone
 
@@ -711,7 +712,7 @@ def test_connection_events_logged(tmp_path) -> None:
         run(agent, msg, "u@pref.test")
     finally:
         globalLogPublisher.removeObserver(events.append)
-    texts = [e.get("text") for e in events if e.get("log_namespace") == "mailhub.remote"]
+    texts = [e.get("text") for e in events if e.get("log_namespace") == "mailhub.relay.agent"]
     assert "connect to mx1.pref.test[192.0.2.1]:25: Connection refused" in texts
 
 
@@ -812,9 +813,9 @@ def test_scheduler_records_the_fast_domain_while_the_slow_one_is_in_data(tmp_pat
     on disk; a scheduler started on that spool (after a crash) only tries
     the slow one.
     """
-    from mailhub.router import Router
-    from mailhub.scheduler import RetryPolicy, Scheduler
-    from mailhub.spool import Spool
+    from mailhub.delivery.router import Router
+    from mailhub.queue.scheduler import RetryPolicy, Scheduler
+    from mailhub.queue.spool import Spool
 
     class Remote:
         def is_local(self, domain: str) -> bool:

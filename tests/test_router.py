@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred
 
 from mailhub.address import normalize_domain
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
-from mailhub.router import NO_RELAY_TEXT, Router
-from mailhub.spool import Spool
+from mailhub.delivery.router import NO_RELAY_TEXT, Router
+from mailhub.queue.spool import Spool
 
 
 class FakeDirectory:
@@ -132,7 +132,7 @@ def test_only_remote_recipients_without_agent(spool):
 
 
 def test_with_the_real_directory(spool, tmp_path):
-    directory_module = pytest.importorskip("mailhub.directory")
+    directory_module = pytest.importorskip("mailhub.delivery.directory")
     directory = directory_module.Directory(["local.example"], str(tmp_path / "mailboxes"))
     local, remote = FakeAgent(), FakeAgent()
     run(Router(spool, directory, local, remote))

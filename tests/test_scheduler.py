@@ -19,8 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent
 
 from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
-from mailhub.scheduler import RetryPolicy, Scheduler
-from mailhub.spool import FOOTER_SIZE, Spool
+from mailhub.queue.scheduler import RetryPolicy, Scheduler
+from mailhub.queue.spool import FOOTER_SIZE, Spool
 
 T0 = 1_700_000_000.0
 BODY = b"Subject: hello\r\nFrom: alice@example.com\r\nMessage-ID: <m1@example.com>\r\n\r\nHi there.\r\n"
@@ -880,9 +880,9 @@ def test_parked_message_hold_flush_and_remove(spool, clock):
 
 # -- notifications go through the recipient resolver (aliases, +extensions) -------------
 
-from mailhub.directory import AliasLoop, AliasUnavailable, Directory, UnknownRecipient  # noqa: E402
-from mailhub.local import LocalDelivery  # noqa: E402
-from mailhub.router import Router  # noqa: E402
+from mailhub.delivery.directory import AliasLoop, AliasUnavailable, Directory, UnknownRecipient  # noqa: E402
+from mailhub.delivery.local import LocalDelivery  # noqa: E402
+from mailhub.delivery.router import Router  # noqa: E402
 
 
 class Resolver:
@@ -1188,7 +1188,7 @@ def counting_updates(spool: Spool, monkeypatch) -> list[str]:
 
 
 def test_takes_report():
-    from mailhub.scheduler import takes_report
+    from mailhub.queue.scheduler import takes_report
 
     assert takes_report(lambda e, r, report=None: None)
     assert takes_report(lambda e, r, *, report=None: None)
@@ -1436,8 +1436,8 @@ def test_queue_stats_from_memory(tmp_path):
     from twisted.internet.task import Clock
 
     from mailhub.envelope import Envelope, Recipient
-    from mailhub.scheduler import RetryPolicy, Scheduler
-    from mailhub.spool import Spool, new_queue_id
+    from mailhub.queue.scheduler import RetryPolicy, Scheduler
+    from mailhub.queue.spool import Spool, new_queue_id
 
     spool = Spool(str(tmp_path / "spool"), fsync=False)
     clock = Clock()

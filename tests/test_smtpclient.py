@@ -1,5 +1,5 @@
 """
-mailhub.smtpclient in memory: a scripted server talks to the client through
+mailhub.relay.client in memory: a scripted server talks to the client through
 a StringTransport; every timer is a task.Clock step.  Expected bytes and
 outcomes are exact.
 """
@@ -20,10 +20,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailhub import smtpclient
+from mailhub.relay import client as smtpclient
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
-from mailhub.spool import queue_file_bytes
-from mailhub.smtpclient import (
+from mailhub.queue.spool import queue_file_bytes
+from mailhub.relay.client import (
     CHUNK_SIZE,
     MAX_LINE,
     ClientOptions,
@@ -1050,7 +1050,7 @@ def test_delivered_outcome_says_whether_dsn_was_passed_on(msg, ehlo, passed):
 )
 def test_orcpt_always_xtext_encoded(stored, sent):
     """The server stores ORCPT decoded; the client must encode it again."""
-    from mailhub.smtpclient import _orcpt
+    from mailhub.relay.client import _orcpt
 
     assert _orcpt(Recipient("a@x.com", orcpt=stored)) == sent
 
@@ -1060,7 +1060,7 @@ def test_bounce_of_a_remote_reject_quotes_it_once_and_names_the_host(msg):
     The outcome text keeps the server's enhanced code; the DSN built from it
     (bounce.py) must not repeat it, and Remote-MTA is the host name only.
     """
-    from mailhub.bounce import make_dsn
+    from mailhub.queue.notices import make_dsn
 
     s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
     env = envelope(rcpts=("a@x.com",))

@@ -1,5 +1,5 @@
 """
-In-memory tests for mailhub.smtpd: StringTransport + task.Clock, a real
+In-memory tests for mailhub.smtp.server: StringTransport + task.Clock, a real
 Spool in tmp_path, a list as enqueue.  Transcripts are table-driven with
 exact expected replies.
 """
@@ -13,7 +13,7 @@ import re
 import pytest
 from twisted.logger import globalLogPublisher
 
-from mailhub.smtpproto import (
+from mailhub.smtp.proto import (
     CommandError,
     DotDecoder,
     MAX_LINE,
@@ -27,7 +27,7 @@ from mailhub.smtpproto import (
     with_protocol,
     xtext_decode,
 )
-from mailhub.spool import SpoolWriter
+from mailhub.queue.spool import SpoolWriter
 from smtpharness import (
     DATE,
     EHLO,

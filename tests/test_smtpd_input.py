@@ -1,6 +1,6 @@
 """
 Client input that ends up in replies, trace headers and envelopes
-(mailhub.smtpd, mailhub.smtpproto): reply lines are US-ASCII unless the
+(mailhub.smtp.server, mailhub.smtp.proto): reply lines are US-ASCII unless the
 transaction is SMTPUTF8 and at most 512 octets (RFC 5321 4.2, 4.5.3.1.5),
 client text quoted in them is bounded; DSN parameters decode to
 printable US-ASCII only (RFC 3461 4.2, 4.4); IPv6 clients are written as
@@ -16,10 +16,10 @@ import pytest
 from twisted.internet.endpoints import serverFromString
 
 from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.smtpproto import (
+from mailhub.delivery.directory import Directory
+from mailhub.smtp.policy import Policy
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.proto import (
     MAX_REPLY_LINE,
     CommandError,
     address_literal,
@@ -29,7 +29,7 @@ from mailhub.smtpproto import (
     received_header,
     xtext_decode,
 )
-from mailhub.spool import Spool
+from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
 from smtpharness import GO_AHEAD, GREETING, HOST, MAIL_OK, NOW, RCPT_OK, converse, queued_id, strip_received

@@ -1,5 +1,5 @@
 """
-In-memory tests of mailhub.smtpd's limits and flow control: the hop count
+In-memory tests of mailhub.smtp.server's limits and flow control: the hop count
 (mail loops), per-request deadline and minimum data rate, the soft error
 limit's delay, flow control as a streaming producer, half-close, long
 MAIL/RCPT lines, linear-time command parsing, and the mail events the
@@ -12,7 +12,7 @@ import os
 
 import pytest
 from twisted.logger import globalLogPublisher
-from mailhub import smtpd
+from mailhub.smtp import server as smtpd
 
 from smtpharness import FOREIGN, GO_AHEAD, GREETING, HOST, MAIL_OK, OK, RCPT_OK, Client, queued_id
 from smtpharness import Harness as _Harness

@@ -16,10 +16,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from mailhub.delivery.directory import Directory
+from mailhub.smtp.policy import Policy
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.queue.spool import Spool
 from mailhub.tap import _Listener
 
 HOST = "mx.example.com"

@@ -1,5 +1,5 @@
 """
-The spool's free space checked at MAIL (mailhub.smtpd, Postfix
+The spool's free space checked at MAIL (mailhub.smtp.server, Postfix
 queue_minfree): 452 4.3.1 when the file system is nearly full or a
 declared SIZE= does not fit, instead of taking the whole message and
 failing at its end.  In memory with an injected probe and task.Clock, the
@@ -14,7 +14,7 @@ import smtplib
 
 import pytest
 
-from mailhub.smtpd import FREE_SPACE_CACHE, spool_free_space
+from mailhub.smtp.server import FREE_SPACE_CACHE, spool_free_space
 from daemon import Daemon, config_text
 from smtpharness import GO_AHEAD, GREETING, HOST, MAIL_OK, OK, RCPT_OK, converse, queued_id
 from smtpharness import Harness as _Harness

@@ -1,6 +1,6 @@
 """
 In-memory tests of STARTTLS (RFC 3207), AUTH (RFC 4954) and the submission
-rules in mailhub.smtpd: a StringTransport whose startTLS only records the
+rules in mailhub.smtp.server: a StringTransport whose startTLS only records the
 call, a task.Clock for the throttle's delay, a real UsersFile (bcrypt with
 4 rounds) checked synchronously.  Transcripts use exact replies.
 """
@@ -15,8 +15,8 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 
-from mailhub import auth
-from mailhub.smtpproto import received_header
+from mailhub.smtp import sasl as auth
+from mailhub.smtp.proto import received_header
 from smtpharness import (
     DATE,
     FOREIGN,

@@ -1,5 +1,5 @@
 """
-The TLS handshake deadline of mailhub.smtpd (starttls_timeout, Postfix
+The TLS handshake deadline of mailhub.smtp.server (starttls_timeout, Postfix
 smtpd_starttls_timeout) and the idle timeout while a handshake is under
 way: in memory (task.Clock; a recording startTLS transport for STARTTLS,
 a real TLSMemoryBIOProtocol over a StringTransport for smtps) and on
@@ -20,10 +20,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailhub import tls
 from mailhub.config import ServerConfig
-from mailhub.directory import Directory
-from mailhub.policy import Policy
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool
+from mailhub.delivery.directory import Directory
+from mailhub.smtp.policy import Policy
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
 from peers import wait_for

@@ -1,5 +1,5 @@
 """
-mailhub.smtpproto.split_path (the path and parameters of MAIL FROM / RCPT
+mailhub.smtp.proto.split_path (the path and parameters of MAIL FROM / RCPT
 TO) against a reference implementation: every short input over a small
 alphabet, odd inputs and long random ones give the same result or the
 same error reply.
@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from mailhub.smtpproto import CommandError, split_path
+from mailhub.smtp.proto import CommandError, split_path
 
 
 def reference_split_path(arg: str):

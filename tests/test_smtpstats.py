@@ -1,7 +1,7 @@
 """
 The lines that end an SMTP session in the mail log: "disconnect from" with
 what the client did (Postfix's command counts), "lost connection after"
-and "timeout after" (mailhub.smtpstats, mailhub.smtpd).
+and "timeout after" (mailhub.smtp.stats, mailhub.smtp.server).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import smtplib
 
 import pytest
 
-from mailhub.smtpstats import UNKNOWN, CommandCounts
+from mailhub.smtp.stats import UNKNOWN, CommandCounts
 
 from smtpharness import (
     AUTH_FAILED,

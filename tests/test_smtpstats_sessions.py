@@ -1,6 +1,6 @@
 """
 The lines that end an SMTP session in the mail log, from whole in-memory
-transcripts (mailhub.smtpstats, smtpd, smtplimits): Postfix's command
+transcripts (mailhub.smtp.stats, smtpd, smtplimits): Postfix's command
 counts ("disconnect from ... ehlo=1 mail=1 ... commands=N/M"), "lost
 connection after", "timeout after", "too many errors after", and exactly
 one disconnect line per session whatever the client does.
@@ -15,7 +15,7 @@ from smtpharness import FOREIGN, HOST, MAIL_OK, OK, send_message
 from smtpharness import TwoDomainHarness as Harness
 from twisted.logger import formatEvent
 
-from mailhub.smtpstats import UNKNOWN, CommandCounts
+from mailhub.smtp.stats import UNKNOWN, CommandCounts
 
 
 def lines(logged) -> list[str]:

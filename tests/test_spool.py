@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from mailhub import spool as spool_module
+from mailhub.queue import spool as spool_module
 from mailhub.envelope import DELIVERED, Envelope, EnvelopeFormatError, Recipient
-from mailhub.spool import Spool, is_queue_id, new_queue_id
+from mailhub.queue.spool import Spool, is_queue_id, new_queue_id
 
 BODY = b"Subject: x\r\n\r\nbody\r\n"
 

@@ -24,8 +24,8 @@ import pytest
 from twisted.internet import task
 
 from mailhub.envelope import DELIVERED, Envelope, Recipient
-from mailhub.pickup import PickupService, ensure_pickup_dirs, pickup_dirs, write_pickup
-from mailhub.spool import MEMORY_LIMIT, Spool, new_queue_id
+from mailhub.queue.pickup import PickupService, ensure_pickup_dirs, pickup_dirs, write_pickup
+from mailhub.queue.spool import MEMORY_LIMIT, Spool, new_queue_id
 
 SMALL = b"Subject: small\r\n\r\nhello\r\n"
 LARGE = b"Subject: large\r\n\r\n" + b"x" * (3 * MEMORY_LIMIT) + b"\r\n"

@@ -22,7 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from conftest import in_reactor
 from mailhub.address import Mailbox, parse_mailbox
 from mailhub.config import ServerConfig
-from mailhub.directory import (
+from mailhub.delivery.directory import (
     AliasLoop,
     AliasUnavailable,
     Directory,
@@ -31,12 +31,13 @@ from mailhub.directory import (
     UnsupportedAlias,
 )
 from mailhub.envelope import Envelope, Outcome, Recipient
-from mailhub.local import LocalDelivery
-from mailhub.policy import Policy
-from mailhub.router import Router
-from mailhub.smtpd import SMTPServerFactory
-from mailhub.spool import Spool, queue_file_bytes
-from mailhub.system import Accounts, check_maildir_name
+from mailhub.delivery.local import LocalDelivery
+from mailhub.smtp.policy import Policy
+from mailhub.delivery.router import Router
+from mailhub.smtp.server import SMTPServerFactory
+from mailhub.queue.spool import Spool, queue_file_bytes
+from mailhub.config import check_maildir_name
+from mailhub.delivery.system import Accounts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="delivering as another user needs root")
 

@@ -17,8 +17,8 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from ..tls import make_self_signed
-from . import Command
+from mailhub.tls import make_self_signed
+from mailhub.cli import Command
 
 __all__ = ["MakeCertOptions", "run_make_cert"]
 

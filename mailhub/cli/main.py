@@ -4,7 +4,7 @@ The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 Owns: the command-line front end for administration.  Each command is a
 L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
 C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}) and
-C{log} (L{mailhub.eventlog}) and C{reload} (asks the daemon, L{mailhub.reload}); this module finds and loads the configuration
+C{log} (L{mailhub.cli.log}) and C{reload} (asks the daemon, L{mailhub.daemon.reload}); this module finds and loads the configuration
 and hands each command what it needs.  A command's module is imported only
 when that command runs (L{_lazy}): C{user} brings bcrypt, C{make-cert}
 OpenSSL, and C{mailhub queue} should not pay for them.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence, TextIO
 
 from twisted.python import usage
 
-from . import Command
-from ..config import Config, ConfigError, find_config_file, format_config, load_config
+from mailhub.cli import Command
+from mailhub.config import Config, ConfigError, find_config_file, format_config, load_config
 
 __all__ = ["Options", "main", "EX_USAGE", "EX_CONFIG"]
 
@@ -86,13 +86,13 @@ class Options(usage.Options):
         ["queue", None, _lazy(".queue", "QueueOptions"), "List, show, flush, delete, hold or release queued messages."],
         ["user", None, _lazy(".user", "UserOptions"), "Manage the SMTP AUTH users file (auth.users) and API tokens."],
         ["make-cert", None, _lazy(".certs", "MakeCertOptions"), "Write a self-signed TLS certificate and key."],
-        ["log", None, _lazy("..eventlog", "LogOptions"), "Print the story of one message from the event log."],
+        ["log", None, _lazy(".log", "LogOptions"), "Print the story of one message from the event log."],
         ["reload", None, ReloadOptions, "Make the running daemon re-read its configuration file."],
     ]
 
     def opt_version(self) -> None:
         """Print the mailhub version and exit."""
-        from .. import __version__
+        from mailhub import __version__
 
         print(f"mailhub {__version__}")
         raise SystemExit(0)
@@ -110,12 +110,12 @@ def check_config(options: Options, out: TextIO, err: TextIO) -> int:
     """
     The configuration's keys and files (L{load_config} with C{check_files},
     as the daemon loads it), then what the daemon meets at start
-    (L{mailhub.preflight.check}): one line per problem on stderr, in the
+    (L{mailhub.daemon.preflight.check}): one line per problem on stderr, in the
     daemon's words.  Exit status: the daemon's for a problem that stops
     it (78, or 71 for a spool it cannot create), 78 for one it would log
     as an error, else 0 (warnings are shown, the configuration printed).
     """
-    from ..preflight import ERROR, FATAL, WARNING, check
+    from mailhub.daemon.preflight import ERROR, FATAL, WARNING, check
 
     try:
         config = load_config(find_config_file(options["config"]), None, options["data"], check_files=True)
@@ -176,11 +176,11 @@ def make_cert(options: Options, out: TextIO, err: TextIO) -> int:
     return _run(".certs", "run_make_cert")(options.subOptions, stderr=err)
 
 
-log = _file_or_config("..eventlog", "run_log", lambda config: config.server.event_log)
+log = _file_or_config(".log", "run_log", lambda config: config.server.event_log)
 
 
 def reload(options: Options, out: TextIO, err: TextIO) -> int:
-    from ..control import ControlClient, socket_path
+    from mailhub.queue.control import ControlClient, socket_path
 
     try:
         config = load_config(find_config_file(options["config"]), None, options["data"])

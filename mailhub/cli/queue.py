@@ -5,7 +5,7 @@ postsuper -d/-h/-H in one command).
 Owns: the C{mailhub queue} sub-commands (L{QueueOptions}) and how the queue
 is shown to an operator.  Listing and showing read the spool directly.
 Changes (flush, delete, hold, release) go through the daemon's control
-socket (C{SPOOL/control.sock}, see L{mailhub.control}) when the daemon
+socket (C{SPOOL/control.sock}, see L{mailhub.queue.control}) when the daemon
 answers there, so the scheduler's in-memory state and the files agree.
 With the daemon stopped (no socket, or a stale one that refuses
 connections) C{delete}, C{hold} and C{release} are made directly on the
@@ -31,10 +31,10 @@ from typing import Any, Callable, TextIO
 
 from twisted.python import usage
 
-from . import Command, silence
-from ..envelope import EnvelopeFormatError, PENDING
-from ..pickup import list_pickup, pickup_dirs
-from ..spool import QueueFileError, Spool, is_queue_id
+from mailhub.cli import Command, silence
+from mailhub.envelope import EnvelopeFormatError, PENDING
+from mailhub.queue.pickup import list_pickup, pickup_dirs
+from mailhub.queue.spool import QueueFileError, Spool, is_queue_id
 
 __all__ = ["QueueOptions", "run_queue", "main"]
 
@@ -251,7 +251,7 @@ def _direct(spool: Spool, command: str, queue_id: str) -> str | None:
 
 _DONE = {"delete": "deleted", "hold": "on hold", "release": "released", "flush": "flushed"}
 #: what to print instead of _DONE when the daemon answers with a status
-#: (L{mailhub.control.ControlClient.ask}); not errors: the exit status is 0
+#: (L{mailhub.queue.control.ControlClient.ask}); not errors: the exit status is 0
 _STATUS_TEXT = {
     ("delete", "pending"): "delete pending (being delivered now: removed when that attempt ends, without notices)",
     ("flush", "held"): "on hold, not flushed (release it first)",
@@ -344,7 +344,7 @@ class _Daemon:
     """
 
     def __init__(self, spool_path: str) -> None:
-        from ..control import ControlClient, socket_path
+        from mailhub.queue.control import ControlClient, socket_path
 
         self.path = socket_path(spool_path)
         self.client: ControlClient | None = None
@@ -485,7 +485,7 @@ def _change_with_daemon(spool: Spool, command: str, sub: Any, out: TextIO, err: 
 
 def main(argv: list[str] | None = None) -> None:
     """Stand-alone entry point (C{python -m mailhub.cli.queue}); C{mailhub queue} wires the same."""
-    from ..config import ConfigError, find_config_file, load_config
+    from mailhub.config import ConfigError, find_config_file, load_config
 
     options = QueueOptions()
     args = sys.argv[1:] if argv is None else argv

@@ -9,7 +9,7 @@ qualified with the origin domain), C{-t} recipient extraction (Resent-To/
 Cc/Bcc first, as Postfix), and the C{-bs} SMTP dialogue on stdin/stdout.
 Hostile arguments (control characters in addresses or the full name) are
 refused or sanitised; the command never ends in a traceback.
-Every message goes into the pickup area (L{mailhub.pickup.write_pickup});
+Every message goes into the pickup area (L{mailhub.queue.pickup.write_pickup});
 the daemon need not be running.
 
 Must not touch: the queue itself (only the daemon's PickupService turns a
@@ -31,9 +31,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
-from . import silence
-from ..address import AddressError, parse_mailbox, parse_path
-from ..pickup import MessageTooLarge, clean_fullname, write_pickup
+from mailhub.cli import silence
+from mailhub.address import AddressError, parse_mailbox, parse_path
+from mailhub.queue.pickup import MessageTooLarge, clean_fullname, write_pickup
 
 __all__ = [
     "main", "run", "Settings", "UsageError", "parse_args", "Invocation", "compose_message",
@@ -82,7 +82,7 @@ def load_settings(config_file: str | None) -> Settings:
 
     @raise mailhub.config.ConfigError: the configuration is unusable.
     """
-    from ..config import find_config_file, load_config
+    from mailhub.config import find_config_file, load_config
 
     config = load_config(find_config_file(config_file))
     return Settings(
@@ -826,7 +826,7 @@ class StdioSMTP:
 
 
 def _queue_command(args: list[str], settings: Settings, stdout: TextIO) -> int:
-    from .queue import QueueOptions, run_queue
+    from mailhub.cli.queue import QueueOptions, run_queue
 
     options = QueueOptions()
     options.parseOptions(args)
@@ -886,7 +886,7 @@ def _run(
         stdout.flush()
         return EX_OK
     if argv and argv[0] == "--version":
-        from .. import __version__
+        from mailhub import __version__
 
         stdout.write(f"mailhub-sendmail (mailhub {__version__})\n".encode("utf-8"))
         stdout.flush()

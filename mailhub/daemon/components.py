@@ -1,0 +1,178 @@
+"""
+The reloadable components of the daemon, built from a configuration: the
+directory (local domains, users, aliases), the policy (trusted networks),
+the users file (SMTP AUTH) and the outbound relay agent.
+
+Owns: L{build_components}, used at startup by L{mailhub.tap.makeService}
+and by every reload (L{mailhub.daemon.reload.Reloader}), so both build them the
+same way, and L{tap_reloader}, the reload of the running daemon.  A
+component whose settings did not change is kept as it runs (the relay
+agent keeps its connections, the users file its cache).
+
+Must not touch: listeners, the spool, the scheduler.  Problems raise
+L{ConfigError} with one line naming the file and key, never exit: a
+reload must survive them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from mailhub.config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config, read_secret
+from mailhub.loglevel import set_level as set_log_level
+from mailhub.daemon.reload import Live, Reloader
+
+__all__ = ["build_components", "tap_reloader"]
+
+log = Logger()
+
+
+def remote_delivery(config: Config, reactor: Any) -> Any:
+    """The outbound relay agent, from the [relay] keys (docs/relay.rst)."""
+    from mailhub.relay.agent import RemoteDelivery
+
+    relay, server = config.relay, config.server
+    source = config.source or DEFAULTS_SOURCE
+    auth = None
+    if relay.smarthost_user is not None and relay.smarthost_password_file is not None:
+        auth = (relay.smarthost_user, read_secret(relay.smarthost_password_file, source))
+    try:
+        return RemoteDelivery(
+            reactor,
+            relay.helo_name or server.hostname,
+            smarthost=relay.smarthost,
+            smarthost_auth=auth,
+            routes=dict(relay.routes),
+            dns_servers=list(relay.dns_servers) or None,
+            port=relay.port,
+            tls=relay.tls,
+            destination_concurrency=relay.destination_concurrency,
+            total_concurrency=relay.concurrency,
+            local_addresses=list(relay.local_addresses),
+            local_names=[server.hostname],
+            client_options={
+                "tls_ca_file": relay.tls_ca_file,
+                "connect_timeout": relay.connect_timeout,
+                "greeting_timeout": relay.greeting_timeout,
+                "command_timeout": relay.command_timeout,
+                "data_init_timeout": relay.data_init_timeout,
+                "data_xfer_timeout": relay.data_xfer_timeout,
+                "data_done_timeout": relay.data_done_timeout,
+            },
+            idle_timeout=relay.connection_cache_time,
+        )
+    except ValueError as e:  # config.py checked every value; this is a safety net
+        raise ConfigError(f"{source}: relay: {e}") from e
+
+
+def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]:
+    """
+    The components for L{Live.swap}: C{directory}, C{policy}, C{users},
+    C{remote}.  Those already in C{live} whose settings did not change
+    are kept.  The policy reads the directory through C{live}.
+
+    @raise ConfigError: one line (an aliases file error names FILE:LINE).
+    """
+    from mailhub.smtp.sasl import UsersFile
+    from mailhub.delivery.directory import AliasesError, Directory, directory_args
+    from mailhub.smtp.policy import Policy
+    from mailhub.daemon.reload import Delegate
+
+    source = config.source or DEFAULTS_SOURCE
+    try:
+        directory = Directory(clock=reactor, **directory_args(config.local))
+    except AliasesError as e:  # "FILE:LINE: problem"
+        raise ConfigError(str(e)) from e
+    except ValueError as e:  # config.py checked these; a safety net
+        raise ConfigError(f"{source}: local: {e}") from e
+    first = not hasattr(live, "directory")
+    old = live.config
+    if not first and old.relay == config.relay and old.server.hostname == config.server.hostname:
+        remote = live.remote
+    else:
+        remote = remote_delivery(config, reactor)
+    users = None
+    if config.auth.users is not None:
+        if not first and old.auth.users == config.auth.users and live.users is not None:
+            users = live.users
+        else:
+            from mailhub.daemon.preflight import missing_users_file
+
+            missing = missing_users_file(config)
+            if missing is not None:  # the same line check-config gives; the file may come later
+                log.error("{problem}", problem=missing.text)
+            users = UsersFile(config.auth.users, clock=reactor)
+    try:
+        # The first configured domain (directory.domains is a set) receives <postmaster>.
+        policy = Policy(Delegate(live, "directory"), config.server.trusted_networks,
+                        postmaster_domain=config.local.domains[0])
+    except ValueError as e:
+        raise ConfigError(f"{source}: server.trusted_networks: {e}") from e
+    return {"directory": directory, "policy": policy, "users": users, "remote": remote}
+
+
+def tap_reloader(
+    options: Any, live: Live, top: Any, factories: list[Any], reactor: Any,
+    server_tls: Any = None, mail_log: Any = None, processes: Any = None, processes_fixed: bool = False,
+) -> Reloader:
+    """
+    The reload of the daemon C{makeService} built: the same file, command
+    line overrides and data directory as at start.  Besides the swap it
+    updates the SMTP factories' per-listener settings, re-reads the TLS
+    certificate (new paths too), sets the log level (C{server.log_level})
+    and makes the mail log look for rotation.
+    C{processes_fixed}: the local delivery processes run as root behind a
+    supervisor started before the daemon gave up root, so their settings
+    (the C{local.} keys) are kept until a restart and reported as such.
+    """
+
+    def load() -> Config:
+        if hasattr(options, "overrides"):
+            path, overrides, data = options["config"], options.overrides(), options["data"]
+        else:
+            path, overrides, data = options.get("config"), None, options.get("data")
+        return load_config(find_config_file(path), overrides, data, check_files=True)
+
+    def build(config: Config, running: Live) -> dict[str, Any]:
+        components = build_components(config, reactor, running)
+        if server_tls is not None and config.server.tls_cert is not None and config.server.tls_key is not None:
+            from mailhub.tls import load_certificate_options
+
+            try:  # checked by load_config already; a new path must load before anything changes
+                load_certificate_options(config.server.tls_cert, config.server.tls_key)
+            except ValueError as e:
+                raise ConfigError(f"{config.source or DEFAULTS_SOURCE}: server.tls_cert: {e}") from e
+            server_tls.cert_path, server_tls.key_path = config.server.tls_cert, config.server.tls_key
+        for factory in factories:
+            factory.sender_check = config.submission.sender_check
+            factory.allow_plaintext_loopback = config.auth.allow_plaintext_loopback
+            factory.hide_client_ip = config.server.hide_client_ip
+            factory.max_hops = config.server.max_hops
+            factory.min_data_rate = config.server.min_data_rate
+            factory.soft_error_limit = config.server.soft_error_limit
+        from mailhub.delivery.directory import directory_args
+
+        if processes is not None and directory_args(config.local) != directory_args(running.config.local):
+            from mailhub.delivery.localproc import settings_for
+
+            processes.reconfigure(settings_for(directory_args(config.local), config.server.hostname, config.spool.fsync))
+        set_log_level(config.server.log_level)
+        return components
+
+    def also() -> None:
+        if server_tls is not None:
+            server_tls.reload()
+        if mail_log is not None:
+            mail_log.reopen()
+
+    def retire(replaced: dict[str, Any]) -> None:
+        old = replaced.get("remote")
+        if old is not None:
+            # the old agent finishes what it has in flight and quits its idle connections
+            old.disownServiceParent()
+            live.remote.setName("remote")
+            live.remote.setServiceParent(top)
+
+    return Reloader(live, load, build, also, retire, fixed=("local.",) if processes_fixed else ())

@@ -1,0 +1,1 @@
+"""Final delivery: routing recipients, local Maildirs, privileged delivery processes, aliases."""

@@ -1,0 +1,1 @@
+"""The spool and everything that schedules, notifies about or feeds queued mail."""

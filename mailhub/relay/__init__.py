@@ -1,0 +1,1 @@
+"""Delivery to other hosts: next hops, MX resolution, connections and the SMTP client."""

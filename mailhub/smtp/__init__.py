@@ -1,0 +1,1 @@
+"""The SMTP server: protocol, transaction, STARTTLS/AUTH, limits, parsing, relay policy."""
