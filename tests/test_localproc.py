@@ -64,7 +64,7 @@ def maildir_messages(tmp_path, user: str) -> list[bytes]:
 
 
 def child(tmp_path) -> subprocess.Popen:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(localproc.__file__)))
+    root = localproc._PACKAGE_ROOT
     proc = subprocess.Popen(
         [sys.executable, "-c", localproc._CHILD_MAIN, root],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path),
@@ -127,7 +127,7 @@ def test_child_refuses_a_terminal(tmp_path):
     import pty
 
     master, slave = pty.openpty()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(localproc.__file__)))
+    root = localproc._PACKAGE_ROOT
     proc = subprocess.Popen([sys.executable, "-c", localproc._CHILD_MAIN, root], stdin=slave,
                             stderr=subprocess.PIPE)
     os.close(slave)
@@ -392,7 +392,7 @@ def test_delivery_process_imports_no_network_or_tls_machinery():
     process about 10 MB bigger (the 100 MB message's RSS growth in bench/run.py
     went from 28 to 39 MB when localproc imported eagerwrite at module level).
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(localproc.__file__)))
+    root = localproc._PACKAGE_ROOT
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "import mailhub.delivery.localproc, mailhub.delivery.directory, mailhub.delivery.local, twisted.logger;"
@@ -490,3 +490,10 @@ def test_delivery_queued_while_no_process_runs_goes_to_the_replacement(reactor, 
         assert len(maildir_messages(tmp_path, "alice")) == 1
     finally:
         in_reactor(reactor, p.stopService)
+
+
+def test_the_child_is_given_the_directory_that_holds_the_package():
+    """The delivery processes import mailhub from the directory that holds it, never from inside it."""
+    import mailhub
+
+    assert os.path.samefile(os.path.join(localproc._PACKAGE_ROOT, "mailhub"), os.path.dirname(mailhub.__file__))

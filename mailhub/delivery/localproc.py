@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.envelope import Envelope, Outcome, Recipient
+import mailhub
 
 __all__ = ["LocalDeliveryProcesses", "settings_for", "main", "MAX_LINE"]
 
@@ -74,7 +75,7 @@ RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 60.0
 
 #: The directory that holds the mailhub package (for the children's PYTHONPATH).
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mailhub.__file__)))
 
 #: The child's program: mailhub is imported from where this process found it
 #: (appended to sys.path, so an installed mailhub still comes first).
