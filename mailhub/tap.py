@@ -482,7 +482,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         live.swap(config, **build_components(config, reactor, live))
     except ConfigError as e:
         fail(str(e))
-    directory = Delegate(live, "directory")
+    directory = Delegate.of(live, "directory")
     # Also the settings of the local delivery processes, which build
     # their own Directory from them.
     directory_args = directory_args_of(config.local)
@@ -512,7 +512,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
     live.remote.setName("remote")
     live.remote.setServiceParent(top)
-    remote = Delegate(live, "remote")
+    remote = Delegate.of(live, "remote")
     router = Router(spool, directory, local, remote)
     relay = config.relay
     retry = RetryPolicy(
@@ -573,7 +573,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             server_tls = ServerTLS(server_cfg.tls_cert, server_cfg.tls_key)
         except ValueError as e:  # names the file
             fail(f"{source}: server.tls_cert: {e}")
-    users = Delegate(live, "users") if auth_cfg.users is not None else None
+    users = Delegate.of(live, "users") if auth_cfg.users is not None else None
     throttle = AuthThrottle(  # one per daemon: failures count across listeners
         reactor,
         delay=auth_cfg.failure_delay,
@@ -581,7 +581,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         window=auth_cfg.failure_window,
     )
 
-    policy = Delegate(live, "policy")
+    policy = Delegate.of(live, "policy")
     factories: list[Any] = []
 
     def factory(listener: str) -> Any:
@@ -590,7 +590,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         # Without a certificate no STARTTLS is offered; without a users
         # file no AUTH (a plain MX listener).
         smtp_factory = SMTPServerFactory(
-            Delegate(live, "server"),
+            Delegate.of(live, "server"),
             spool,
             scheduler.enqueue,
             policy,

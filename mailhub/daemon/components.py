@@ -106,7 +106,7 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
             users = UsersFile(config.auth.users, clock=reactor)
     try:
         # The first configured domain (directory.domains is a set) receives <postmaster>.
-        policy = Policy(Delegate(live, "directory"), config.server.trusted_networks,
+        policy = Policy(Delegate.of(live, "directory"), config.server.trusted_networks,
                         postmaster_domain=config.local.domains[0])
     except ValueError as e:
         raise ConfigError(f"{source}: server.trusted_networks: {e}") from e

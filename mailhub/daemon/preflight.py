@@ -23,9 +23,9 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
 from mailhub.config import DEFAULTS_SOURCE, Config
 
@@ -66,11 +66,12 @@ def _logged(namespace: str) -> Iterator[list[Problem]]:
         elif level == LogLevel.warn:
             found.append(Problem(WARNING, formatEvent(event)))
 
-    globalLogPublisher.addObserver(observe)
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
     try:
         yield found
     finally:
-        globalLogPublisher.removeObserver(observe)
+        globalLogPublisher.removeObserver(observer)
 
 
 def _writable_dir(path: str) -> str | None:

@@ -87,6 +87,11 @@ class Live:
     C{policy}, C{users} (or C{None}), C{remote}.
     """
 
+    directory: Any
+    policy: Any
+    users: Any
+    remote: Any
+
     def __init__(self, config: Config, **components: Any) -> None:
         self.config = config
         self.server = config.server
@@ -108,6 +113,11 @@ class Delegate:
     def __init__(self, live: Live, name: str) -> None:
         object.__setattr__(self, "_live", live)
         object.__setattr__(self, "_name", name)
+
+    @staticmethod
+    def of(live: Live, name: str) -> Any:
+        """A delegate for C{name}, typed as the component it stands for."""
+        return Delegate(live, name)
 
     def __getattr__(self, attribute: str) -> Any:
         return getattr(getattr(self._live, self._name), attribute)
@@ -222,4 +232,8 @@ def install_sighup(reload: Callable[[], Any], reactor: Any) -> Callable[[], None
             lambda f: log.failure("reload failed", f)))
 
     previous = signal.signal(signal.SIGHUP, handler)
-    return lambda: signal.signal(signal.SIGHUP, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous)
+
+    return restore

@@ -94,7 +94,8 @@ class CappedRequest(server.Request):
     _received = 0
 
     def _limit(self) -> int:
-        return getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
+        site: Any = getattr(self.channel, "site", None)
+        return getattr(site, "max_body", DEFAULT_MAX_BODY)
 
     def _limits(self) -> Any:
         """The L{LimitedConnection} this request arrived on, if any."""
@@ -140,6 +141,7 @@ class CappedRequest(server.Request):
             # interleave; just close (rare, and the client misbehaves anyway)
             self.channel.loseConnection()
             return
+        assert transport is not None  # the channel is connected: it just read this request
         transport.write(head + body)
         self.channel.loseConnection()
 
@@ -278,7 +280,7 @@ class ApiResource(resource.Resource):
         self.event_log = event_log
         self.separator = separator
         self.clock = clock if clock is not None else getattr(metrics, "clock", None)
-        self._handlers = {
+        self._handlers: dict[tuple[str, str], Callable[..., Any]] = {
             ("GET", "/"): self.get_status,
             ("GET", "/status"): self.get_status,
             ("GET", "/metrics"): self.get_metrics,
@@ -302,7 +304,7 @@ class ApiResource(resource.Resource):
         method = request.method.decode("ascii", "replace")
         path = request.path.decode("utf-8", "replace")
         allowed = []
-        handler = None
+        handler: Callable[..., Any] | None = None
         params: dict[str, str] = {}
         for route_method, pattern in ROUTES:
             found = _match(pattern, path)
@@ -529,6 +531,7 @@ class ApiResource(resource.Resource):
     def post_message(self, request: server.Request) -> Any:
         user = self._user(request)
         ctype = (_header(request, b"content-type") or "").split(";")[0].strip().lower()
+        assert request.content is not None  # twisted.web gives every request a body file
         request.content.seek(0)
         body = request.content.read()
         if ctype == "application/json":
@@ -798,7 +801,8 @@ def make_http_site(
         The last four need a clock (C{clock=}, or the metrics' clock); without
         one the site has no deadlines and no caps.
     """
-    root = ApiResource(*args, status_page=status_page, **kwargs)
+    kwargs["status_page"] = status_page
+    root = ApiResource(*args, **kwargs)
     limits = None
     if root.clock is not None:
         limits = ConnectionLimits(root.clock, header_timeout, request_timeout, max_connections, max_connections_per_ip)

@@ -31,12 +31,13 @@ Must not touch: requests' content, the API, the spool.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 
 from mailhub.maillog import mail_event
 
@@ -114,6 +115,7 @@ class RefusedConnection(Protocol):
             client=self.ip, code=503, text="too many connections", limit=self.limit, listener="http",
             reason="too_many_connections",
         )
+        assert self.transport is not None
         self.transport.write(_answer(503, "Service Unavailable", "too many connections", "Retry-After: 60\r\n"))
         self.transport.loseConnection()
 
@@ -203,7 +205,7 @@ class LimitedConnection(ProtocolWrapper):
     def _abort(self) -> None:
         self._abort_call = None
         if not self._lost and self.transport is not None:
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()
 
     # -- the protocol -----------------------------------------------------------------
 
@@ -211,7 +213,7 @@ class LimitedConnection(ProtocolWrapper):
         self._arm()
         super().makeConnection(transport)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._lost:
             self._lost = True
             self._cancel()
