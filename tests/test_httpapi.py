@@ -545,6 +545,13 @@ def test_status_page_escapes_addresses(env):
     assert env.request("GET", "/status").body.count(b"<svg") == 2
 
 
+def test_status_page_says_the_version(env):
+    from mailhub import __version__
+
+    body = env.request("GET", "/").body
+    assert f'mailhub <span id="version">{__version__}</span>'.encode() in body
+
+
 def test_openapi_describes_every_route():
     with open(DOCS) as f:
         doc = json.load(f)

@@ -18,6 +18,7 @@ import datetime
 import html
 from typing import Any, Sequence
 
+from mailhub import __version__
 from mailhub.metrics import MailMetrics, MinuteBucket
 
 __all__ = ["StatusPage", "svg_line_chart", "svg_bar_chart"]
@@ -151,6 +152,7 @@ class StatusPage:
             f"<title>mailhub status: {_e(self.hostname)}</title>",
             f"<style>{_CSS}</style></head><body>",
             f"<h1>mailhub on {_e(self.hostname)}</h1>",
+            f'<p class="version">mailhub <span id="version">{_e(__version__)}</span></p>',
             '<div class="cards">',
             f'<div class="card">queued<div class="num" id="queue-size">{size}</div></div>',
             f'<div class="card">oldest message<div class="num" id="oldest-age">{_e(_duration(age))}</div></div>',
