@@ -67,6 +67,9 @@ from zope.interface import implementer
 
 from mailhub.eagerwrite import write_now
 from mailhub.envelope import (
+    DELIVERED_OUTCOME,
+    PERMANENT,
+    TEMPORARY,
     Envelope,
     Outcome,
     Recipient,
@@ -209,6 +212,10 @@ class SMTPReply:
         if self.has_enhanced:
             return f"{self.code} {self.enhanced} {self.text}".rstrip()
         return f"{self.code} {self.text}".rstrip()
+
+    @property
+    def kind(self) -> str:
+        return {2: DELIVERED_OUTCOME, 4: TEMPORARY, 5: PERMANENT}.get(self.code // 100, TEMPORARY)
 
 
 def _parse_reply(lines: list[tuple[int, str]]) -> SMTPReply:
