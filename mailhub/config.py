@@ -414,7 +414,7 @@ def _separator(value: Any) -> str:
 
 
 def _admins(value: Any) -> tuple[str, ...]:
-    """User addresses, normalised as the users file stores them (L{mailhub.smtp.sasl.normalize_user})."""
+    """User addresses, normalised as the users file stores them (L{mailhub.users.normalize_user})."""
     from mailhub.address import parse_mailbox
 
     items = _string_list(value, "user addresses")

@@ -25,6 +25,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from mailhub.smtp import sasl as auth
+from mailhub.users import UsersChecker, UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
@@ -228,11 +229,11 @@ def serve_with_auth(h: Harness, tmp_path: Any, listener: str = "smtp", **factory
     rounds, checked synchronously) and a throttle on C{h}'s clock (1 s
     delay per failure, blocked after 3 within 300 s).
     """
-    users = auth.UsersFile(str(tmp_path / "users"), clock=h.clock, rounds=4)
+    users = UsersFile(str(tmp_path / "users"), clock=h.clock, rounds=4)
     users.add(AUTH_USER, AUTH_PASSWORD)
     kw: dict[str, Any] = dict(
         tls=FakeTLS(), users=users,
-        checker=auth.UsersChecker(users, run=lambda f, *a: defer.maybeDeferred(f, *a)),
+        checker=UsersChecker(users, run=lambda f, *a: defer.maybeDeferred(f, *a)),
         throttle=auth.AuthThrottle(h.clock, delay=1.0, max_failures=3, window=300),
     )
     kw.update(factory_kw)

@@ -134,7 +134,7 @@ def test_check_config_malformed_users_file(tmp_path):
 
 
 def test_check_config_good_users_and_aliases_files(tmp_path):
-    from mailhub.smtp.sasl import hash_password
+    from mailhub.users import hash_password
 
     r, _ = check(tmp_path, '[local]\naliases = "aliases"\n[auth]\nusers = "users"\n',
                  aliases="root: alice\n", users=f"alice@example.org:{hash_password('pw', rounds=4)}\n")
@@ -333,7 +333,7 @@ def test_make_service_submission_listeners(tmp_path, monkeypatch):
     import signal
 
     from mailhub import tap
-    from mailhub.smtp.sasl import UsersFile
+    from mailhub.users import UsersFile
     from mailhub.tls import ServerTLS, make_self_signed
 
     make_self_signed("mx.example", str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
@@ -468,7 +468,7 @@ def test_make_service_http_and_observers(tmp_path, monkeypatch):
     from twisted.logger import globalLogPublisher
 
     from mailhub import tap
-    from mailhub.smtp.sasl import UsersFile
+    from mailhub.users import UsersFile
     from mailhub.eventlog import EventLogObserver
     from mailhub.web.api import ApiSite
     from mailhub.maillog import mail_event
@@ -632,7 +632,7 @@ def test_commands_import_only_what_they_need(tmp_path):
     code = (
         "import sys; from mailhub.cli.main import main; "
         "rc = main(['check-config'], out=open('/dev/null', 'w')); "
-        "print(rc, sorted(m for m in ('bcrypt', 'OpenSSL', 'mailhub.smtp.sasl', 'mailhub.tls', 'mailhub.cli.user') "
+        "print(rc, sorted(m for m in ('bcrypt', 'OpenSSL', 'mailhub.smtp.sasl', 'mailhub.users', 'mailhub.tls', 'mailhub.cli.user') "
         "if m in sys.modules))"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -15,7 +15,7 @@ import sys
 import pytest
 from twisted.python import usage
 
-from mailhub.smtp import sasl as auth
+from mailhub import users as auth
 from mailhub.cli.certs import MakeCertOptions, run_make_cert
 from mailhub.cli.user import UserOptions, run_user
 

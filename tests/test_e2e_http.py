@@ -20,7 +20,7 @@ from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
 
-from mailhub.smtp.sasl import UsersFile
+from mailhub.users import UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.envelope import Outcome

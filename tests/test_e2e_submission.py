@@ -23,6 +23,7 @@ from twisted.internet.endpoints import serverFromString
 from mailhub import tls
 
 from mailhub.smtp import sasl as auth
+from mailhub.users import UsersChecker, UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
@@ -48,7 +49,7 @@ class Servers:
         server_tls = tls.ServerTLS(self.cert, key)
         self.spool = Spool(str(tmp_path / "spool"), fsync=False)
         self.queued: list = []
-        users = auth.UsersFile(str(tmp_path / "users"), rounds=4)
+        users = UsersFile(str(tmp_path / "users"), rounds=4)
         users.add(USER, PASSWORD)
         directory = Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice", "bob"])
         cfg = ServerConfig(hostname=HOST, trusted_networks=("127.0.0.1/32",))
@@ -260,7 +261,7 @@ def test_msmtp_submission_starttls_auth(servers, tmp_path):
 class CountingChecker:
     """The real bcrypt checker (in a thread), recording which passwords it was asked to check."""
 
-    def __init__(self, checker: auth.UsersChecker) -> None:
+    def __init__(self, checker: UsersChecker) -> None:
         self.checker = checker
         self.passwords: list[bytes] = []
 
@@ -276,9 +277,9 @@ def test_parallel_auth_guesses_are_capped_over_real_sockets(reactor, tmp_path):
 
     cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
     tls.make_self_signed("127.0.0.1", cert, key)
-    users = auth.UsersFile(str(tmp_path / "users"), rounds=10)  # a check takes a while, as in production
+    users = UsersFile(str(tmp_path / "users"), rounds=10)  # a check takes a while, as in production
     users.add(USER, PASSWORD)
-    checker = CountingChecker(auth.UsersChecker(users))
+    checker = CountingChecker(UsersChecker(users))
     cfg = ServerConfig(hostname=HOST, trusted_networks=("127.0.0.1/32",))
     policy = Policy(Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice"]), cfg.trusted_networks)
     factory = SMTPServerFactory(

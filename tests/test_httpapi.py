@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailhub.smtp.sasl import UsersFile
+from mailhub.users import UsersFile
 from mailhub.web.api import ROUTES, make_http_site
 from mailhub.metrics import MailMetrics, spool_queue_stats
 from mailhub.queue.spool import Spool

@@ -6,7 +6,8 @@ import pytest
 
 from mailhub.address import Mailbox, parse_mailbox
 from mailhub.delivery.directory import Directory
-from mailhub.smtp.policy import LISTENERS, Policy, Reply, Session, is_loopback
+from mailhub.smtp.policy import LISTENERS, Policy, Session, is_loopback
+from mailhub.smtp.proto import Reply
 
 
 @pytest.fixture

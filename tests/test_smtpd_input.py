@@ -22,7 +22,6 @@ from mailhub.smtp.server import SMTPServerFactory
 from mailhub.smtp.proto import (
     MAX_REPLY_LINE,
     CommandError,
-    address_literal,
     format_reply,
     parse_mail_params,
     parse_rcpt_params,
@@ -30,6 +29,7 @@ from mailhub.smtp.proto import (
     xtext_decode,
 )
 from mailhub.queue.spool import Spool
+from mailhub.rfc5322 import address_literal
 
 from conftest import in_reactor
 from smtpharness import GO_AHEAD, GREETING, HOST, MAIL_OK, NOW, RCPT_OK, converse, queued_id, strip_received

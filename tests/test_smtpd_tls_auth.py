@@ -16,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mailhub.smtp import sasl as auth
+from mailhub.users import UsersChecker, UsersFile
 from mailhub.smtp.proto import received_header
 from smtpharness import (
     DATE,
@@ -81,11 +82,11 @@ class Harness(_Harness):
         self.users = None
         kw: dict = {}
         if users:
-            self.users = auth.UsersFile(str(tmp_path / "users"), clock=self.clock, rounds=4)
+            self.users = UsersFile(str(tmp_path / "users"), clock=self.clock, rounds=4)
             self.users.add(USER, PASSWORD, ["senders=sales@example.org"])
             self.users.add("bob@example.com", "bobs-password")
             kw["users"] = self.users
-            kw["checker"] = auth.UsersChecker(self.users, run=lambda f, *a: defer.maybeDeferred(f, *a))
+            kw["checker"] = UsersChecker(self.users, run=lambda f, *a: defer.maybeDeferred(f, *a))
             kw["throttle"] = auth.AuthThrottle(self.clock, delay=1.0, max_failures=3, window=300)
         if tls:
             kw["tls"] = FakeTLS()

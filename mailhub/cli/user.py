@@ -3,7 +3,7 @@ C{mailhub user add|passwd|del|list|token}: manage the SMTP AUTH users file.
 
 Owns: the command line of user management, password prompting and the
 exit codes (sysexits.h).  The file itself is edited by
-L{mailhub.smtp.sasl.UsersFile} (atomic rewrite, mode 0600), which a running
+L{mailhub.users.UsersFile} (atomic rewrite, mode 0600), which a running
 daemon re-reads by itself within a second: no reload needed.
 
 Must not touch: configuration files (cli/main.py finds C{auth.users} and
@@ -23,7 +23,7 @@ from typing import Callable, TextIO
 from twisted.python import usage
 
 from mailhub.cli import Command
-from mailhub.smtp.sasl import UnknownUser, UserExists, UsersFile, UsersFileError, check_password_acceptable, normalize_user
+from mailhub.users import UnknownUser, UserExists, UsersFile, UsersFileError, check_password_acceptable, normalize_user
 
 __all__ = ["UserOptions", "run_user", "EX_OK", "EX_USAGE", "EX_DATAERR", "EX_NOUSER", "EX_CANTCREAT"]
 

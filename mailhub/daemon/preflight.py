@@ -8,7 +8,7 @@ an aliases file with a syntax error) and the ones it logs as errors or
 warnings and starts anyway (an alias with a C{|command} target, a missing
 or malformed users file) -- each as the one line the daemon prints or logs,
 built by the same code (L{mailhub.delivery.directory.Directory},
-L{mailhub.smtp.sasl.UsersFile}) so the wording cannot drift.  C{mailhub
+L{mailhub.users.UsersFile}) so the wording cannot drift.  C{mailhub
 check-config} reports them; what L{mailhub.config.load_config} checks
 (every key, TLS certificate and key, secrets, log files) comes first.
 
@@ -133,9 +133,9 @@ def _users(config: Config, source: str) -> list[Problem]:
     missing = missing_users_file(config)
     if missing is not None:
         return [missing]
-    from mailhub.smtp.sasl import UsersFile
+    from mailhub.users import UsersFile
 
-    with _logged("mailhub.smtp.sasl") as found:
+    with _logged("mailhub.users") as found:
         UsersFile(path).get("postmaster@localhost")  # loads the file as the daemon's first lookup does
     return found
 

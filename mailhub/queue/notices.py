@@ -21,7 +21,7 @@ from typing import Mapping
 
 from mailhub.envelope import Envelope, Recipient
 from mailhub.queue.spool import QueueFileError, open_message
-from mailhub.smtp.proto import rfc5322_date
+from mailhub.rfc5322 import format_date
 
 __all__ = [
     "make_dsn",
@@ -279,7 +279,7 @@ def make_dsn(
             f"Your message could not be delivered for more than {hours} hour(s).",
         ]
         if retry_until is not None:
-            lines.append(f"It will be retried until {rfc5322_date(retry_until)}.")
+            lines.append(f"It will be retried until {format_date(retry_until)}.")
     lines += ["", "                   The mail system", ""]
     for r in recipients:
         expanded = f" (expanded from <{_clean(r.original, 512)}>)" if r.original != r.address else ""
@@ -303,7 +303,7 @@ def make_dsn(
         fields.append(f"Original-Envelope-Id: {_clean(str(envid), 100)}")
     sender = _clean(envelope.sender, 512)
     fields.append(f"X-Mailhub-Sender: {_addr_type(sender)}; {sender}")
-    fields.append(f"Arrival-Date: {rfc5322_date(envelope.arrival)}")
+    fields.append(f"Arrival-Date: {format_date(envelope.arrival)}")
     status = "\r\n".join(fields) + "\r\n"
     for r in recipients:
         addr = _clean(r.address, 512)
@@ -325,9 +325,9 @@ def make_dsn(
         if diagnostic:
             block.append(f"Diagnostic-Code: {diagnostic}")
         if r.last_attempt:
-            block.append(f"Last-Attempt-Date: {rfc5322_date(r.last_attempt)}")
+            block.append(f"Last-Attempt-Date: {format_date(r.last_attempt)}")
         if what == DELAYED_ACTION and retry_until is not None:
-            block.append(f"Will-Retry-Until: {rfc5322_date(retry_until)}")
+            block.append(f"Will-Retry-Until: {format_date(retry_until)}")
         status += "\r\n" + "\r\n".join(block) + "\r\n"
 
     # -- assembly ----------------------------------------------------------------
@@ -349,7 +349,7 @@ def make_dsn(
         else "Delayed Mail (still being retried)"
     )
     head = [
-        f"Date: {rfc5322_date(now)}",
+        f"Date: {format_date(now)}",
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
         f"To: {rcpt_to}" if rcpt_to else "To: undisclosed-recipients:;",
         f"Subject: {subject}",

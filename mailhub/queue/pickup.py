@@ -58,7 +58,7 @@ from twisted.logger import Logger
 from mailhub.address import AddressError, parse_mailbox
 from mailhub.envelope import Envelope, Recipient
 from mailhub.maillog import mail_event
-from mailhub.smtp.proto import trace_header
+from mailhub.rfc5322 import trace_header
 from mailhub.queue.spool import Spool, fsync_dir
 
 __all__ = [

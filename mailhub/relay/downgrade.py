@@ -33,12 +33,13 @@ import re
 from email import message_from_bytes
 from email.policy import compat32
 
+from mailhub.rfc5322 import is_field_line
+
 __all__ = ["ConversionError", "downgrade", "split_header", "MAX_DEPTH"]
 
 #: Deepest MIME nesting we walk (a hostile message cannot recurse us to death).
 MAX_DEPTH = 50
 
-_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _CTE = re.compile(rb"content-transfer-encoding[ \t]*:", re.I)
 _MIME_VERSION = re.compile(rb"mime-version[ \t]*:", re.I)
 _CONTENT_TYPE = re.compile(rb"content-type[ \t]*:", re.I)
@@ -75,7 +76,7 @@ def split_header(data: bytes) -> tuple[bytes, bytes, bytes, bool]:
         line = data[pos:] if end < 0 else data[pos:end]
         if line == b"":
             return data[:pos], b"\r\n", data[pos + 2 :], True
-        is_field = _FIELD.match(line) is not None or (pos > 0 and line[:1] in (b" ", b"\t"))
+        is_field = is_field_line(line) or (pos > 0 and line[:1] in (b" ", b"\t"))
         if not is_field:
             return data[:pos], b"", data[pos:], True
         if end < 0:

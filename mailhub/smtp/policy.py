@@ -3,7 +3,7 @@ Who may send what where: the relay decision, recipient checks, and the
 submission rules (AUTH before MAIL, sender ownership).
 
 Owns: the one place where mailhub decides whether a recipient is accepted
-(house rule 2: no open relay by construction).  The rule, the same on
+(no open relay, by construction).  The rule, the same on
 every listener kind (smtp, submission, smtps)::
 
     anyone (authenticated or not)     -> may send to the local domains;
@@ -27,8 +27,8 @@ trusted networks included), and with C{sender_check = "strict"} an
 authenticated user may only use envelope senders they own
 (L{Policy.check_sender}: 553 5.7.1), on every listener.
 
-Replies are data (L{Reply}: code, RFC 3463 enhanced code, text); the SMTP
-server only formats them.
+Replies are data (L{mailhub.smtp.proto.Reply}: code, RFC 3463 enhanced
+code, text); the SMTP server only formats them.
 
 Must not touch: sockets, the spool, configuration files, the users file
 (ownership is asked through the callable the server passes in).  It gets a
@@ -42,10 +42,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mailhub.address import AddressError, Mailbox
+from mailhub.smtp.proto import Reply
 
 from mailhub.delivery.directory import Directory, RecipientError
 
-__all__ = ["Reply", "Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "SENDER_CHECKS", "is_loopback"]
+__all__ = ["Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "SENDER_CHECKS", "is_loopback"]
 
 #: Listener kinds a session can arrive on.
 LISTENERS = ("smtp", "submission", "smtps")
@@ -54,19 +55,6 @@ SUBMISSION_LISTENERS = ("submission", "smtps")
 #: Values of C{submission.sender_check}: "strict" checks ownership; "off"
 #: (alias "none") lets an authenticated user use any envelope sender.
 SENDER_CHECKS = ("strict", "off", "none")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply as data: C{550}, C{"5.1.1"}, C{"User unknown"}."""
-
-    code: int
-    enhanced: str
-    text: str
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 400
 
 
 @dataclass
@@ -173,7 +161,7 @@ class Policy:
         """
         Whether an authenticated user may use envelope sender C{sender}
         (C{""} for the null sender).  With C{sender_check} C{"strict"},
-        C{owns(user, sender)} must say so (L{mailhub.smtp.sasl.UsersFile.may_send_as}),
+        C{owns(user, sender)} must say so (L{mailhub.users.UsersFile.may_send_as}),
         else 553 5.7.1.  Unauthenticated sessions are not checked here
         (they cannot relay; on submission listeners L{check_mail} already
         refused them).  C{None} means accepted.

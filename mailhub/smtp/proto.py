@@ -1,26 +1,30 @@
 """
-Pure pieces of the SMTP protocol shared by the server: reply formatting,
-path and parameter parsing (RFC 5321, RFC 1870, RFC 6152, RFC 3461,
-RFC 6531), the DATA dot-decoder and the Received trace header.
+Pure pieces of the SMTP protocol: replies as data (L{Reply},
+L{CommandError}) and their formatting, path and parameter parsing (RFC
+5321, RFC 1870, RFC 6152, RFC 3461, RFC 6531), the DATA dot-decoder, the
+trace-header counter and the SMTP clauses of the Received header.
 
 Owns: bytes and strings in, values or L{CommandError} out.  No I/O, no
-reactor, no session state.
+reactor, no session state.  L{Reply} is the contract every SMTP module
+answers with: L{mailhub.smtp.policy} imports it from here, never the
+reverse.
 
 Must not touch: sockets, the spool, the clock (callers pass times in), the
-relay decision (L{mailhub.smtp.policy}).  The protocol itself is
-L{mailhub.smtp.server}, which imports everything here back.
+relay decision (L{mailhub.smtp.policy}), the message format itself (dates
+and trace headers are L{mailhub.rfc5322}'s).  The protocol itself is
+L{mailhub.smtp.server}.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
-from email.utils import format_datetime
+from dataclasses import dataclass
 from typing import Any
 
-from mailhub.smtp.policy import Reply
+from mailhub.rfc5322 import address_literal, format_date, trace_header
 
 __all__ = [
+    "Reply",
     "DotDecoder",
     "CommandError",
     "format_reply",
@@ -35,7 +39,6 @@ __all__ = [
     "xtext_decode",
     "with_protocol",
     "received_header",
-    "address_literal",
     "MAX_LINE",
     "MAX_AUTH_LINE",
     "MAX_MAIL_LINE",
@@ -48,7 +51,6 @@ __all__ = [
     "BDAT",
     "DISCARD",
     "SASL",
-    "trace_header",
 ]
 
 #: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
@@ -66,6 +68,20 @@ MAX_ECHO = 64
 END_MARKER = b"\r\n.\r\n"
 _DIGITS = re.compile(r"[0-9]{1,20}\Z")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply as data: C{550}, C{"5.1.1"}, C{"User unknown"}."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
 
 TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
@@ -314,28 +330,6 @@ def with_protocol(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -
     return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
-def trace_header(clauses: list[str], date: str) -> bytes:
-    """
-    A C{Received:} trace header (RFC 5321 4.4): the clauses (C{from ...},
-    C{by ...}, C{for <...>}) one per folded line, then C{; DATE}.  Every
-    way into the spool (SMTP, the pickup directory, HTTP) writes its trace
-    header with this function; only the clauses differ.
-    """
-    return ("Received: " + "\r\n\t".join(clauses) + f"; {date}\r\n").encode("utf-8")
-
-
-def address_literal(ip: str) -> str:
-    """
-    A client's IP address as an RFC 5321 4.1.3 address literal for a
-    trace header: C{[192.0.2.1]}, C{[IPv6:2001:db8::1]} (a zone index
-    such as C{%eth0} is not part of the syntax and is left out).  Log
-    lines keep Postfix's C{[2001:db8::1]}.
-    """
-    if ":" in ip:
-        return f"[IPv6:{ip.partition('%')[0]}]"
-    return f"[{ip}]"
-
-
 def received_header(
     helo: str,
     ip: str,
@@ -366,26 +360,7 @@ def received_header(
     clauses.append(f"by {hostname} (mailhub) with {proto} id {queue_id}")
     if rcpt is not None:
         clauses.append(f"for <{rcpt}>")
-    return trace_header(clauses, rfc5322_date(when))
-
-
-_last_date: tuple[int, str] = (-1, "")
-
-
-def rfc5322_date(when: float) -> str:
-    """
-    C{when} as an RFC 5322 date in UTC (C{Sat, 28 Nov 2026 18:43:28 +0000}),
-    made once per second: every message's trace header asks for it, and
-    C{email.utils.format_datetime} is slow Python.
-    """
-    global _last_date
-    second = int(when)
-    cached = _last_date
-    if cached[0] == second:
-        return cached[1]
-    text = format_datetime(datetime.fromtimestamp(second, timezone.utc))
-    _last_date = (second, text)
-    return text
+    return trace_header(clauses, format_date(when))
 
 
 def _marker_prefix_len(data: bytes) -> int:

@@ -63,12 +63,13 @@ from zope.interface import implementer
 from mailhub import address
 
 from mailhub.smtp import sasl as auth
+from mailhub.users import UsersChecker, UsersFile, owns_sender
 
 from mailhub.smtp import proto as smtpproto
 from mailhub.envelope import Envelope, Recipient
 from mailhub.eagerwrite import write_now
 from mailhub.maillog import mail_event
-from mailhub.smtp.policy import SENDER_CHECKS, Policy, Reply, Session
+from mailhub.smtp.policy import SENDER_CHECKS, Policy, Session
 from mailhub.smtp.tlsauth import AUTH_LINE_TOO_LONG, TLSAuthMixin
 from mailhub.smtp.transaction import MessageMixin, Transaction
 from mailhub.smtp.limits import LimitsMixin
@@ -85,6 +86,7 @@ from mailhub.smtp.proto import (  # noqa: F401 (names re-exported for older impo
     NEED_HELO,
     SASL,
     CommandError,
+    Reply,
     DotDecoder,
     _fields,
     format_reply,
@@ -762,8 +764,8 @@ class SMTPServerFactory(protocol.Factory):
         C{smtp} and C{submission} listeners when given.  For C{smtps} wrap
         the factory with L{mailhub.tls.implicit_tls_endpoint}; the session
         counts as encrypted from the start (C{tls} may then be C{None}).
-    @param users: the L{mailhub.smtp.sasl.UsersFile}: enables AUTH PLAIN/LOGIN
-        (through C{checker}, default C{auth.UsersChecker(users)}) and is
+    @param users: the L{mailhub.users.UsersFile}: enables AUTH PLAIN/LOGIN
+        (through C{checker}, default C{UsersChecker(users)}) and is
         asked who owns which sender.
     @param checker: a twisted.cred checker for L{IUsernamePassword} whose
         avatar id is the user's address; overrides the one built from
@@ -829,7 +831,7 @@ class SMTPServerFactory(protocol.Factory):
         run: Callable[..., Any] = _call,
         *,
         tls: Any = None,
-        users: auth.UsersFile | None = None,
+        users: UsersFile | None = None,
         checker: Any = None,
         throttle: auth.AuthThrottle | None = None,
         sender_check: str = "strict",
@@ -849,7 +851,7 @@ class SMTPServerFactory(protocol.Factory):
         self.tls = tls
         self.users = users
         if checker is None and users is not None:
-            checker = auth.UsersChecker(users)
+            checker = UsersChecker(users)
         self.checker = checker
         if throttle is None and checker is not None:
             throttle = auth.AuthThrottle(clock)
@@ -1004,7 +1006,7 @@ class SMTPServerFactory(protocol.Factory):
         """Whether C{user} owns envelope sender C{sender} (for L{Policy.check_sender})."""
         if self.users is not None:
             return self.users.may_send_as(user, sender, separator=self.extension_separator)
-        return auth.owns_sender(user, sender, separator=self.extension_separator)
+        return owns_sender(user, sender, separator=self.extension_separator)
 
     def admit(self, ip: str) -> bool:
         """Count a new connection from C{ip}; False if a limit is reached."""

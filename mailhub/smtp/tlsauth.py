@@ -49,8 +49,8 @@ from twisted.python.failure import Failure
 
 from mailhub.smtp import sasl as auth
 from mailhub.maillog import mail_event
-from mailhub.smtp.policy import Reply, is_loopback
-from mailhub.smtp.proto import COMMAND, NEED_HELO, SASL, CommandError, _fields
+from mailhub.smtp.policy import is_loopback
+from mailhub.smtp.proto import COMMAND, NEED_HELO, SASL, CommandError, Reply, _fields
 
 __all__ = [
     "TLSAuthMixin",

@@ -36,8 +36,7 @@ from twisted.logger import Logger
 
 from mailhub.envelope import Envelope, Recipient
 from mailhub.maillog import mail_event
-from mailhub.smtp.policy import Reply
-from mailhub.smtp.proto import COMMAND, TOO_BIG, DotDecoder, HopCounter, received_header, with_protocol
+from mailhub.smtp.proto import COMMAND, TOO_BIG, DotDecoder, HopCounter, Reply, received_header, with_protocol
 from mailhub.queue.spool import SpoolWriter
 
 __all__ = ["Transaction", "MessageMixin", "BARE_LINE_ENDING", "LOCAL_ERROR", "TOO_MANY_HOPS"]

@@ -4,7 +4,7 @@ Prometheus C{/metrics} endpoint and the status page, on one twisted.web
 L{Site}.
 
 Owns: the routes (L{ROUTES}, which docs/openapi.json must describe), bearer
-token authentication (tokens from L{mailhub.smtp.sasl.UsersFile}), turning a
+token authentication (tokens from L{mailhub.users.UsersFile}), turning a
 JSON request into a MIME message (the C{email} package), the request body
 limit (enforced while the body arrives, before it is stored), and the JSON
 error format C{{"error": TEXT, "code": HTTP_STATUS}}.
@@ -38,7 +38,7 @@ from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from mailhub.web.limits import ConnectionLimits, LimitedConnection, RefusedConnection
 from mailhub.maillog import mail_event
 from mailhub.queue.scheduler import FLUSHED, HELD
-from mailhub.smtp.proto import address_literal, rfc5322_date, trace_header
+from mailhub.rfc5322 import address_literal, complete_header, format_date, trace_header
 from mailhub.queue.spool import is_queue_id
 
 __all__ = ["make_http_site", "ApiSite", "ApiResource", "ROUTES", "DEFAULT_MAX_BODY", "HttpError"]
@@ -247,7 +247,7 @@ class ApiResource(resource.Resource):
         @param spool: L{mailhub.queue.spool.Spool}.
         @param enqueue: C{scheduler.enqueue}, called after each commit.
         @param scheduler: for C{POST /v1/queue/flush} (C{flush(queue_id=None)}).
-        @param users: L{mailhub.smtp.sasl.UsersFile} (C{check_token}, C{may_send_as}).
+        @param users: L{mailhub.users.UsersFile} (C{check_token}, C{may_send_as}).
         @param metrics: L{mailhub.metrics.MailMetrics} or C{None}.
         @param status_page: a L{mailhub.web.statuspage.StatusPage}, C{"default"} for
             one over C{metrics}, or C{None} to disable C{/} and C{/status}.
@@ -585,7 +585,7 @@ class ApiResource(resource.Resource):
         message = re.sub(rb"\r?\n", b"\r\n", body)
         if not message.endswith(b"\r\n"):
             message += b"\r\n"
-        message = _complete_header(message, self.hostname, rfc5322_date(self._now()))
+        message = complete_header(message, self.hostname, self._now())
         query = _query(request)
         sender = query.get("from", [None])[0]
         recipients: list[Any] = list(query.get("to", []))
@@ -622,7 +622,7 @@ class ApiResource(resource.Resource):
         except (RecursionError, ValueError):
             raise HttpError(400, "malformed JSON: nested too deeply")
         try:
-            return build_message(data, self.hostname, rfc5322_date(self._now()))
+            return build_message(data, self.hostname, self._now())
         except InvalidMessage as e:
             raise HttpError(400, str(e))
         except RecursionError:
@@ -654,7 +654,7 @@ class ApiResource(resource.Resource):
                 clauses = [f"from {address_literal(client_ip)} (user {user})", f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}"]
                 if len(recipients) == 1:
                     clauses.append(f"for <{recipients[0]}>")
-                writer.write(trace_header(clauses, rfc5322_date(now)))
+                writer.write(trace_header(clauses, format_date(now)))
                 writer.write(message)
                 esmtp: dict[str, Any] = {"size": writer.size, "body": "7BIT" if message.isascii() else "8BITMIME"}
                 if not sender.isascii() or not all(r.address.isascii() for r in rcpts):
@@ -713,48 +713,6 @@ def _query(request: server.Request) -> dict[str, list[str]]:
     uri = request.uri.decode("utf-8", "replace")
     _, _, qs = uri.partition("?")
     return parse_qs(qs, keep_blank_values=False)
-
-
-#: a header field's first line (RFC 5322 field name, optional obsolete white space, colon)
-_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
-def _complete_header(message: bytes, hostname: str, date: str) -> bytes:
-    """
-    C{message} (CRLF lines) with C{Date:} and C{Message-ID: <...@hostname>}
-    added at the end of its header section when missing (RFC 5322 3.6
-    requires Date; Postfix's cleanup and mailhub-sendmail add both).  Only
-    the header section is looked at and only added to: the body stays byte
-    for byte.  The header section ends at the empty line, or at the first
-    line that is not a header field (the empty line is then inserted before
-    it, as sendmail does), or at the end of a message without a body.
-    """
-    names: set[bytes] = set()
-    pos = 0
-    separator = False
-    while pos < len(message):
-        nl = message.find(b"\r\n", pos)
-        end = len(message) if nl < 0 else nl + 2
-        line = message[pos:end]
-        if line == b"\r\n":
-            separator = True
-            break
-        if line[:1] in (b" ", b"\t") and names:
-            pass  # continuation of the field before
-        elif _FIELD.match(line):
-            names.add(line.split(b":", 1)[0].strip().lower())
-        else:
-            break  # not a header field: the body starts here
-        pos = end
-    added = b""
-    if b"date" not in names:
-        added += b"Date: " + date.encode("ascii") + b"\r\n"
-    if b"message-id" not in names:
-        added += b"Message-ID: " + email.utils.make_msgid(domain=hostname).encode("utf-8") + b"\r\n"
-    rest = message[pos:]
-    if not separator:
-        rest = b"\r\n" + rest
-    return message[:pos] + added + rest
 
 
 def _strip_header(message: bytes, name: bytes) -> bytes:

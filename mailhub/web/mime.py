@@ -28,7 +28,6 @@ import base64
 import binascii
 import email
 import email.policy
-import email.utils
 import re
 import unicodedata
 from email.headerregistry import Address
@@ -36,6 +35,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from mailhub import address
+from mailhub.rfc5322 import format_date, message_id
 
 __all__ = ["InvalidMessage", "build_message", "check_header_text", "FIELDS", "ATTACHMENT_FIELDS", "MAX_DECODE"]
 
@@ -191,10 +191,11 @@ def _attachment(msg: EmailMessage, i: int, att: Any) -> str:
     return filename
 
 
-def build_message(data: Any, hostname: str, date: str) -> tuple[str, list[str], bytes]:
+def build_message(data: Any, hostname: str, when: float) -> tuple[str, list[str], bytes]:
     """
     The envelope sender, the recipients and the message for one JSON
-    submission (docs/http.rst).  Raises L{InvalidMessage} for anything that
+    submission (docs/http.rst), dated C{when} (its C{Date:} and
+    C{Message-ID:} come from L{mailhub.rfc5322}).  Raises L{InvalidMessage} for anything that
     is not a well-typed, known field or cannot be written safely.
     """
     if not isinstance(data, dict):
@@ -230,8 +231,8 @@ def build_message(data: Any, hostname: str, date: str) -> tuple[str, list[str], 
         msg["Reply-To"] = reply_to
         expected["reply-to"] = [reply_to.addr_spec]
     msg["Subject"] = subject
-    msg["Date"] = date
-    msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    msg["Date"] = format_date(when)
+    msg["Message-ID"] = message_id(hostname, when)
     msg["MIME-Version"] = "1.0"
     try:
         if "text" in data:
