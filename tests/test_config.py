@@ -11,6 +11,7 @@ import socket
 import pytest
 
 from mailhub import config as cfg
+from mailhub.configschema import SCHEMA
 from mailhub.config import (
     Config,
     ConfigError,
@@ -717,7 +718,7 @@ def test_every_key_is_documented():
     with open(os.path.join(root, "docs", "configuration.rst"), encoding="utf-8") as f:
         reference = f.read()
     missing = []
-    for section, keys in cfg._SCHEMA.items():
+    for section, keys in SCHEMA.items():
         for key in keys:
             if f"\n``{section}.{key}`` " not in readme:
                 missing.append(f"README.rst: {section}.{key}")

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mailhub.address import AddressError, Mailbox
+from mailhub.config import SENDER_CHECKS
 
 from mailhub.delivery.directory import Directory, RecipientError
 
@@ -51,9 +52,6 @@ __all__ = ["Reply", "Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "S
 LISTENERS = ("smtp", "submission", "smtps")
 #: Listener kinds on which MAIL requires AUTH first (RFC 6409, RFC 8314).
 SUBMISSION_LISTENERS = ("submission", "smtps")
-#: Values of C{submission.sender_check}: "strict" checks ownership; "off"
-#: (alias "none") lets an authenticated user use any envelope sender.
-SENDER_CHECKS = ("strict", "off", "none")
 
 
 @dataclass(frozen=True)
