@@ -34,13 +34,9 @@ from typing import Any
 
 from mailhub.address import AddressError, normalize_domain
 from mailhub.configcheck import (
-    LOCAL_MODES,
-    MAX_DELIVERY_PROCESSES,
     SENDER_CHECKS,
-    TLS_LEVELS,
     BadValue,
     Checker,
-    check_endpoint,
     check_maildir_name,
     parse_duration,
     show,
@@ -66,7 +62,6 @@ from mailhub.configschema import (
 __all__ = [
     "ConfigError",
     "check_maildir_name",
-    "check_endpoint",
     "ServerConfig",
     "SpoolConfig",
     "LocalConfig",
@@ -82,15 +77,12 @@ __all__ = [
     "ENV_VAR",
     "MIN_UID",
     "MAX_UID",
-    "MAX_DELIVERY_PROCESSES",
     "find_config_file",
     "load_config",
     "format_config",
     "parse_duration",
     "read_secret",
-    "TLS_LEVELS",
     "SENDER_CHECKS",
-    "LOCAL_MODES",
 ]
 
 #: aliases(5) file used in system mode when C{local.aliases} is not set and it exists.

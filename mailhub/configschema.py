@@ -76,7 +76,8 @@ def key(
     @param data_dir: the default is this name inside the data directory
         (docs: C{DATA/name}); the loader fills it in.
     """
-    assert checker is not None
+    if checker is None:
+        raise TypeError("a configuration key needs a checker")
     metadata = {"check": checker, "path": path, "data_dir": data_dir}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
