@@ -42,9 +42,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mailhub.address import AddressError, Mailbox
-from mailhub.smtp.proto import Reply
-
+from mailhub.config import SENDER_CHECKS
 from mailhub.delivery.directory import Directory, RecipientError
+from mailhub.smtp.proto import Reply
 
 __all__ = ["Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "SENDER_CHECKS", "is_loopback"]
 
@@ -52,9 +52,6 @@ __all__ = ["Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "SENDER_CHE
 LISTENERS = ("smtp", "submission", "smtps")
 #: Listener kinds on which MAIL requires AUTH first (RFC 6409, RFC 8314).
 SUBMISSION_LISTENERS = ("submission", "smtps")
-#: Values of C{submission.sender_check}: "strict" checks ownership; "off"
-#: (alias "none") lets an authenticated user use any envelope sender.
-SENDER_CHECKS = ("strict", "off", "none")
 
 
 @dataclass
