@@ -403,7 +403,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.queue.pickup import PickupService
     from mailhub.delivery.router import Router
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
-    from mailhub.smtp.server import SMTPServerFactory
+    from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
     from mailhub.queue.spool import Spool
     from mailhub.tls import ServerTLS, implicit_tls_endpoint
 
@@ -590,21 +590,15 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         # Without a certificate no STARTTLS is offered; without a users
         # file no AUTH (a plain MX listener).
         smtp_factory = SMTPServerFactory(
-            Delegate(live, "server"),
+            SMTPSettings.of(config, listener, server=Delegate(live, "server")),
             spool,
             scheduler.enqueue,
             policy,
             reactor,
-            listener,
             run=threads.deferToThread,
             tls=server_tls,
             users=users,
             throttle=throttle,
-            sender_check=config.submission.sender_check,
-            allow_plaintext_loopback=auth_cfg.allow_plaintext_loopback,
-            hide_client_ip=server_cfg.hide_client_ip,
-            extension_separator=local_cfg.extension_separator,
-            min_free_space=config.spool.min_free_space,
         )
         factories.append(smtp_factory)
         return smtp_factory
