@@ -29,7 +29,7 @@ from conftest import in_reactor
 from peers import wait_for
 from smtpharness import FOREIGN, GREETING, HOST, Client
 from smtpharness import Harness as _Harness
-from test_smtpd_tls_auth import READY, TLSStringTransport, ehlo_reply
+from test_smtpd_tls_auth import READY, ehlo_reply
 from test_smtpd_tls_auth import Harness as TLSHarness
 
 
