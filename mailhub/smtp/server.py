@@ -20,6 +20,12 @@ session is composed of one object per job, each saying what it owns:
 The factory (L{mailhub.smtp.factory.SMTPServerFactory}) sees a session
 only through C{closed}, C{busy}, C{close} and C{shut_down}.
 
+Why this module is longer than 500 lines: the input loop, the modes it
+switches between (command, DATA, BDAT, discard) and the hand-over of
+message bytes to the transaction and of its envelope to the commit share
+one buffer and one offset; kept together, the byte path that makes the
+server smuggling-proof can be read in one place.
+
 Must not touch: the relay decision, recipient lookups, AUTH-before-MAIL
 and sender ownership rules (L{policy}), passwords and SASL decoding
 (L{sasl}), certificates (L{tls}), the spool's files (only through the
