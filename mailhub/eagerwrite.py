@@ -15,7 +15,7 @@ C{smtp-source}, one session x 2000 messages of 4 KB: about 0.4 ms of CPU
 less per message and 12-20% more messages per second (docs/performance.rst).
 Postfix's smtpd writes its replies with a plain C{write} as well.  The
 server still sends the replies to a group of pipelined commands together
-(L{mailhub.smtp.server.SMTPServer._send} holds them back until its input is
+(L{mailhub.smtp.server.SMTPServer.send} holds them back until its input is
 drained), so a pipelining client costs one send per group, not per reply.
 
 The shortcut is taken only where it is safe, and everything else goes to

@@ -31,9 +31,9 @@ from twisted.python import usage
 
 from mailhub import __version__
 from mailhub.config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config
+from mailhub.daemon.reload import Delegate, Live, install_sighup
 from mailhub.loglevel import install as install_log_level
 from mailhub.maillog import mail_publisher
-from mailhub.daemon.reload import Delegate, Live, install_sighup
 
 __all__ = ["Options", "makeService", "EX_CONFIG", "EX_OSERR"]
 
@@ -391,21 +391,21 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.application.internet import TimerService
     from twisted.internet import reactor, threads
 
-    from mailhub.smtp.sasl import AuthThrottle
     from mailhub.daemon.components import build_components, tap_reloader
-    from mailhub.queue.control import control_service, socket_path
     from mailhub.delivery.directory import directory_args as directory_args_of
-    from mailhub.eventlog import EventLogObserver
-    from mailhub.web.api import make_http_site
     from mailhub.delivery.local import LocalDelivery
     from mailhub.delivery.localproc import LocalDeliveryProcesses, settings_for
-    from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
-    from mailhub.queue.pickup import PickupService
     from mailhub.delivery.router import Router
+    from mailhub.eventlog import EventLogObserver
+    from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
+    from mailhub.queue.control import control_service, socket_path
+    from mailhub.queue.pickup import PickupService
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
-    from mailhub.smtp.server import SMTPServerFactory
     from mailhub.queue.spool import Spool
+    from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+    from mailhub.smtp.sasl import AuthThrottle
     from mailhub.tls import ServerTLS, implicit_tls_endpoint
+    from mailhub.web.api import make_http_site
 
     config = getattr(options, "config", None)
     if config is None:
@@ -590,21 +590,15 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         # Without a certificate no STARTTLS is offered; without a users
         # file no AUTH (a plain MX listener).
         smtp_factory = SMTPServerFactory(
-            Delegate.of(live, "server"),
+            SMTPSettings.of(config, listener, server=Delegate.of(live, "server")),
             spool,
             scheduler.enqueue,
             policy,
             reactor,
-            listener,
             run=threads.deferToThread,
             tls=server_tls,
             users=users,
             throttle=throttle,
-            sender_check=config.submission.sender_check,
-            allow_plaintext_loopback=auth_cfg.allow_plaintext_loopback,
-            hide_client_ip=server_cfg.hide_client_ip,
-            extension_separator=local_cfg.extension_separator,
-            min_free_space=config.spool.min_free_space,
         )
         factories.append(smtp_factory)
         return smtp_factory

@@ -14,6 +14,7 @@ expected replies.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import re
 from typing import Any
@@ -29,7 +30,7 @@ from mailhub.users import UsersChecker, UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
 
 HOST = "mx.example.com"
@@ -46,7 +47,9 @@ EHLO = (
     f"250-{HOST}\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n"
     "250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250 DSN\r\n"
 )
-TLS_OPTIONS = object()  # what the fake ServerTLS hands to startTLS
+TLS_OPTIONS = object()
+_SETTINGS_FIELDS = {f.name for f in dataclasses.fields(SMTPSettings)} - {"server", "listener"}
+_SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}  # what the fake ServerTLS hands to startTLS
 
 
 class FakeTLS:
@@ -130,8 +133,16 @@ class Harness:
         self.policy = Policy(self.directory, self.config.trusted_networks)
 
     def serve(self, listener: str = "smtp", **factory_kw: Any) -> SMTPServerFactory:
+        """
+        Build the factory; keywords naming an L{SMTPSettings} field or a
+        L{ServerConfig} field go there, the others to the factory.
+        """
+        settings = {k: factory_kw.pop(k) for k in list(factory_kw) if k in _SETTINGS_FIELDS}
+        server = {k: factory_kw.pop(k) for k in list(factory_kw) if k in _SERVER_FIELDS}
+        config = dataclasses.replace(self.config, **server) if server else self.config
         self.factory = SMTPServerFactory(
-            self.config, self.spool, self.queued.append, self.policy, self.clock, listener, **factory_kw
+            SMTPSettings(config, listener, **settings), self.spool, self.queued.append, self.policy, self.clock,
+            **factory_kw,
         )
         return self.factory
 

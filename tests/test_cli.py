@@ -369,10 +369,10 @@ def test_make_service_passes_smtpd_limits(tmp_path, monkeypatch):
     conf.write_text('[server]\nsmtp = ["tcp:0:interface=127.0.0.1"]\nmax_hops = 7\nmin_data_rate = 0\n')
     top = tap.makeService(tap_options(["--config", str(conf)], tmp_path, monkeypatch))
     factories = [c.factory for c in top if isinstance(c, tap._Listener) and c.kind == "smtp"]
-    assert [(f.max_hops, f.min_data_rate) for f in factories] == [(7, 0)]
+    assert [(f.config.max_hops, f.config.min_data_rate) for f in factories] == [(7, 0)]
     top = tap.makeService(tap_options(["--smtp", "tcp:0:interface=127.0.0.1"], tmp_path, monkeypatch))
     factories = [c.factory for c in top if isinstance(c, tap._Listener) and c.kind == "smtp"]
-    assert [(f.max_hops, f.min_data_rate) for f in factories] == [(50, 500)]
+    assert [(f.config.max_hops, f.config.min_data_rate) for f in factories] == [(50, 500)]
 
 
 def test_make_service_bad_certificate_exits_78(tmp_path, monkeypatch, capsys):

@@ -29,7 +29,7 @@ from mailhub.web.api import make_http_site
 from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
 from mailhub.smtp.policy import Policy
 from mailhub.queue.scheduler import RetryPolicy, Scheduler
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
@@ -59,7 +59,7 @@ class Hub:
         self.scheduler = Scheduler(self.spool, deliver, reactor, RetryPolicy(), hostname="mx.example.com")
         directory = Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice", "bob"])
         cfg = ServerConfig(hostname="mx.example.com")
-        smtp = SMTPServerFactory(cfg, self.spool, self.scheduler.enqueue, Policy(directory, cfg.trusted_networks), reactor)
+        smtp = SMTPServerFactory(SMTPSettings(cfg), self.spool, self.scheduler.enqueue, Policy(directory, cfg.trusted_networks), reactor)
         site = make_http_site(self.spool, self.scheduler.enqueue, self.scheduler, self.users, self.metrics,
                               "mx.example.com", max_body=50_000, run=threads.deferToThread,
                               admins=["alice@example.com"], event_log=self.event_log)

@@ -263,7 +263,7 @@ def test_route_to_mailhub_server(reactor, sink, dns_server, tmp_path) -> None:
     from mailhub.config import ServerConfig
     from mailhub.delivery.directory import Directory
     from mailhub.smtp.policy import Policy
-    from mailhub.smtp.server import SMTPServerFactory
+    from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
     from mailhub.queue.spool import Spool
 
     port, out = sink
@@ -275,7 +275,7 @@ def test_route_to_mailhub_server(reactor, sink, dns_server, tmp_path) -> None:
     policy = Policy(directory, config.trusted_networks)
 
     def listen():
-        factory = SMTPServerFactory(config, spool, queued.append, policy, reactor)
+        factory = SMTPServerFactory(SMTPSettings(config), spool, queued.append, policy, reactor)
         return reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     listener = in_reactor(reactor, listen)

@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
@@ -35,7 +35,7 @@ class Server:
         self.queued: list = []
         directory = Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice", "bob"])
         cfg = ServerConfig(hostname=HOST, **config)
-        factory = SMTPServerFactory(cfg, self.spool, self.queued.append, Policy(directory, cfg.trusted_networks), reactor)
+        factory = SMTPServerFactory(SMTPSettings(cfg), self.spool, self.queued.append, Policy(directory, cfg.trusted_networks), reactor)
         if run is not None:
             factory.run = run
         self.factory = factory
@@ -213,7 +213,7 @@ def test_client_that_never_reads_replies(reactor, tmp_path):
 
     def build_tracking(addr):
         proto = build(addr)
-        write = proto._write
+        write = proto.write
 
         def tracking_write(*args):
             write(*args)
@@ -221,7 +221,7 @@ def test_client_that_never_reads_replies(reactor, tmp_path):
             peak["out"] = max(peak["out"], len(t.dataBuffer) - t.offset + t._tempDataLen)
             peak["in"] = max(peak["in"], len(proto._buf) - getattr(proto, "_pos", 0))
 
-        proto._write = tracking_write
+        proto.write = tracking_write
         return proto
 
     srv.factory.buildProtocol = build_tracking

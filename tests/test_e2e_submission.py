@@ -27,7 +27,7 @@ from mailhub.users import UsersChecker, UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
 
 from conftest import in_reactor, require_tool
@@ -59,8 +59,8 @@ class Servers:
         self.addresses = {}
         for listener in ("smtp", "submission", "smtps"):
             factory = SMTPServerFactory(
-                cfg, self.spool, self.queued.append, policy, reactor, listener,
-                tls=server_tls, users=users, throttle=throttle, allow_plaintext_loopback=True,
+                SMTPSettings(cfg, listener, allow_plaintext_loopback=True), self.spool, self.queued.append, policy,
+                reactor, tls=server_tls, users=users, throttle=throttle,
             )
             if listener == "smtps":
                 endpoint = tls.implicit_tls_endpoint(reactor, "tcp:0:interface=127.0.0.1", server_tls)
@@ -283,7 +283,7 @@ def test_parallel_auth_guesses_are_capped_over_real_sockets(reactor, tmp_path):
     cfg = ServerConfig(hostname=HOST, trusted_networks=("127.0.0.1/32",))
     policy = Policy(Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice"]), cfg.trusted_networks)
     factory = SMTPServerFactory(
-        cfg, Spool(str(tmp_path / "spool"), fsync=False), lambda env: None, policy, reactor, "submission",
+        SMTPSettings(cfg, "submission"), Spool(str(tmp_path / "spool"), fsync=False), lambda env: None, policy, reactor,
         tls=tls.ServerTLS(cert, key), users=users, checker=checker,
         throttle=auth.AuthThrottle(reactor, delay=0.05, max_failures=3, window=300),
     )

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.smtp.proto import (
     MAX_REPLY_LINE,
     CommandError,
@@ -273,7 +273,7 @@ def test_ipv6_loopback_end_to_end(reactor, tmp_path):
     spool = Spool(str(tmp_path / "spool"), fsync=False)
     queued: list = []
     policy = Policy(Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice"]), cfg.trusted_networks)
-    factory = SMTPServerFactory(cfg, spool, queued.append, policy, reactor, "smtp")
+    factory = SMTPServerFactory(SMTPSettings(cfg, "smtp"), spool, queued.append, policy, reactor)
     try:
         port = in_reactor(reactor, serverFromString(reactor, r"tcp6:0:interface=\:\:1").listen, factory)
     except Exception as e:  # no IPv6 loopback on this machine

@@ -13,6 +13,7 @@ import os
 import pytest
 from twisted.logger import globalLogPublisher
 from mailhub.smtp import server as smtpd
+from mailhub.smtp.settings import SMTPSettings
 
 from smtpharness import FOREIGN, GO_AHEAD, GREETING, HOST, MAIL_OK, OK, RCPT_OK, Client, queued_id
 from smtpharness import Harness as _Harness
@@ -256,7 +257,7 @@ def test_soft_error_limit_delays_every_reply(tmp_path):
 
 def test_soft_limit_from_config_and_hard_limit_still_closes(tmp_path):
     h = Harness(tmp_path, max_errors=4, soft_error_limit=2)
-    assert h.factory.soft_error_limit == 2
+    assert h.factory.config.soft_error_limit == 2
     c = h.ehlo()
     assert c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\n") == UNKNOWN * 2
     h.clock.advance(1)
@@ -511,9 +512,12 @@ def test_metrics_read_the_events(tmp_path):
     assert metrics.tls_connections._value.get() == 0
 
 
-def test_limits_come_from_the_configuration_unless_given(tmp_path):
+def test_limits_come_from_the_configuration(tmp_path):
     """max_hops, min_data_rate and soft_error_limit: the [server] values reach the sessions."""
     h = Harness(tmp_path, max_hops=7, min_data_rate=123, soft_error_limit=4)
-    assert (h.factory.max_hops, h.factory.min_data_rate, h.factory.soft_error_limit) == (7, 123, 4)
+    assert h.factory.settings == SMTPSettings(h.config)
+    c = h.connect()
+    assert (c.proto.config.max_hops, c.proto.config.min_data_rate, c.proto.config.soft_error_limit) == (7, 123, 4)
     h.serve(max_hops=9)
-    assert (h.factory.max_hops, h.factory.min_data_rate) == (9, 123)
+    c = h.connect()
+    assert (c.proto.config.max_hops, c.proto.config.min_data_rate) == (9, 123)

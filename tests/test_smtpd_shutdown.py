@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
 from mailhub.tap import _Listener
 
@@ -55,7 +55,7 @@ def make_factory(tmp_path: Any) -> tuple[SMTPServerFactory, Runner, task.Clock, 
     queued: list = []
     runner = Runner()
     factory = SMTPServerFactory(
-        config, spool, queued.append, Policy(directory, config.trusted_networks), clock, "smtp", run=runner
+        SMTPSettings(config, "smtp"), spool, queued.append, Policy(directory, config.trusted_networks), clock, run=runner
     )
     return factory, runner, clock, queued
 

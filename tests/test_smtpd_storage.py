@@ -14,9 +14,9 @@ import smtplib
 
 import pytest
 
-from mailhub.smtp.server import FREE_SPACE_CACHE, spool_free_space
+from mailhub.smtp.factory import FREE_SPACE_CACHE, spool_free_space
 from daemon import Daemon, config_text
-from smtpharness import GO_AHEAD, GREETING, HOST, MAIL_OK, OK, RCPT_OK, converse, queued_id
+from smtpharness import GO_AHEAD, GREETING, MAIL_OK, OK, RCPT_OK, converse, queued_id
 from smtpharness import Harness as _Harness
 
 MB = 1000000

@@ -101,7 +101,7 @@ class Harness(_Harness):
     def tls_session(self, ip: str = FOREIGN) -> Client:
         """Connected, EHLO, STARTTLS done, EHLO again: ready for AUTH."""
         c = self.connect(ip)
-        assert c.send("EHLO client.test\r\n") == ehlo_reply(starttls=True, auth_=c.proto._auth_offered())
+        assert c.send("EHLO client.test\r\n") == ehlo_reply(starttls=True, auth_=c.proto.tlsauth.auth_offered())
         assert c.send("STARTTLS\r\n") == READY
         assert c.transport.tls_started == [TLS_OPTIONS]
         assert c.send("EHLO client.test\r\n") == ehlo_reply(auth_=self.users is not None)

@@ -22,14 +22,14 @@ from mailhub import tls
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.smtp.policy import Policy
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
 
 from conftest import in_reactor
 from peers import wait_for
 from smtpharness import FOREIGN, GREETING, HOST, Client
 from smtpharness import Harness as _Harness
-from test_smtpd_tls_auth import READY, TLSStringTransport, ehlo_reply
+from test_smtpd_tls_auth import READY, ehlo_reply
 from test_smtpd_tls_auth import Harness as TLSHarness
 
 
@@ -120,7 +120,8 @@ def _serve(reactor, tmp_path, certificate, listener: str, timeout: float = 30, s
     policy = Policy(Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice"]), cfg.trusted_networks)
     server_tls = tls.ServerTLS(*certificate)
     factory = SMTPServerFactory(
-        cfg, Spool(str(tmp_path / "spool"), fsync=False), lambda env: None, policy, reactor, listener, tls=server_tls
+        SMTPSettings(cfg, listener), Spool(str(tmp_path / "spool"), fsync=False), lambda env: None, policy, reactor,
+        tls=server_tls,
     )
     if listener == "smtps":
         endpoint = tls.implicit_tls_endpoint(reactor, "tcp:0:interface=127.0.0.1", server_tls)

@@ -65,8 +65,7 @@ def test_bdat_rset_counts_like_postfix(h, logged):
 
 def test_rejected_data_too_big_and_too_many_hops(tmp_path, logged):
     """Postfix: data=0/1 for both (552 5.3.4; Postfix says 554 5.4.0 for the hops, mailhub 554 5.4.6)."""
-    h = Harness(tmp_path, max_message_size=2000)
-    h.factory.max_hops = 3  # a factory argument (config max_hops is passed by the daemon)
+    h = Harness(tmp_path, max_message_size=2000, max_hops=3)
     c = h.connect()
     assert "250-SIZE 2000\r\n" in c.send("EHLO client.test\r\n")
     assert send_message(c, b"x" * 70 + b"\r\n" + (b"x" * 70 + b"\r\n") * 60 + b".\r\n").startswith("552 5.3.4")

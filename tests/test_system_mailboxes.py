@@ -34,7 +34,7 @@ from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.delivery.local import LocalDelivery
 from mailhub.smtp.policy import Policy
 from mailhub.delivery.router import Router
-from mailhub.smtp.server import SMTPServerFactory
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool, queue_file_bytes
 from mailhub.config import check_maildir_name
 from mailhub.delivery.system import Accounts
@@ -505,7 +505,7 @@ def test_e2e_smtp_to_home_maildir(reactor, passwd, homes, tmp_path):
     spool = Spool(str(tmp_path / "spool"), fsync=True)
     queued: list[Envelope] = []
     cfg = ServerConfig(hostname="mx.example.org")
-    factory = SMTPServerFactory(cfg, spool, queued.append, Policy(directory, cfg.trusted_networks), reactor)
+    factory = SMTPServerFactory(SMTPSettings(cfg), spool, queued.append, Policy(directory, cfg.trusted_networks), reactor)
     port = in_reactor(reactor, serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen, factory)
     try:
         with smtplib.SMTP("127.0.0.1", port.getHost().port, timeout=10) as client:

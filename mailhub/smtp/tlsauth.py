@@ -1,11 +1,12 @@
 """
 STARTTLS (RFC 3207) and AUTH PLAIN/LOGIN (RFC 4954) inside an SMTP session.
 
-Owns: L{TLSAuthMixin}, mixed into L{mailhub.smtp.server.SMTPServer}: the
-C{STARTTLS} and C{AUTH} commands, the SASL exchange's lines
-(C{_sasl}, the C{SASL} input mode), the wait for the checker and the
-failure throttle (C{_auth_wait}), and the C{starttls} event once the
-handshake completed.
+Owns: L{TLSAuth}, one per session, the component the session protocol
+delegates the C{STARTTLS} and C{AUTH} commands to: the SASL exchange's
+lines (L{TLSAuth.exchanging}, L{TLSAuth.line}), the wait for the checker
+and the failure throttle, what the EHLO reply offers
+(L{TLSAuth.starttls_offered}, L{TLSAuth.auth_offered}), and the
+C{starttls} event once the handshake completed.
 
 STARTTLS (CVE-2011-0411): after C{220 2.0.0 Ready to start TLS} every
 byte the client sent in clear after the STARTTLS line is discarded, then
@@ -19,22 +20,17 @@ disconnected meanwhile, so parallel connections from one IP cannot have
 more than C{max_failures} guesses evaluated per window.
 Passwords and SASL responses are never logged.
 
-Must not touch: passwords and SASL decoding (L{mailhub.smtp.sasl}),
-certificates (L{mailhub.tls}), sender ownership (L{mailhub.smtp.policy}), the
-transaction and message data.  The host protocol provides C{factory}
-(C{tls}, C{checker}, C{throttle}, C{allow_plaintext_loopback}),
-C{session}, C{transport}, C{_buf}/C{_pos}, C{_mode}, C{_tx}, C{_busy},
-C{_closed}, C{_starttls}, C{_handshaking}, C{_tls_timer}, and the
-methods C{reply}, C{_write}, C{_close}, C{_command}, C{_process},
-C{reset_session}, C{_touch}, C{_timed_out}.
+The TLS handshake's deadline (C{starttls_timeout}) is kept by the
+session's L{mailhub.smtp.limits.Pacer}: this component starts it.
 
-The TLS handshake has its own deadline (C{factory.starttls_timeout},
-Postfix smtpd_starttls_timeout), after STARTTLS and on smtps listeners
-alike, and the idle C{timeout} keeps running while it is under way: a
-client that answers the C{220} with nothing, or with half a ClientHello,
-is disconnected (aborted: no reply can be sent before the handshake
-completes, and none may go out in clear text) and its connection slot is
-freed.
+Must not touch: passwords and SASL decoding (L{mailhub.smtp.sasl}),
+certificates (L{mailhub.tls}), sender ownership (L{mailhub.smtp.policy}),
+the transaction and message data, the input buffer (only through
+C{host.discard_input}).  What it uses of its host, the session protocol
+(L{mailhub.smtp.server.SMTPServer}): C{session}, C{transport}, C{pacer},
+C{closed}, C{in_transaction}, and the methods C{reply}, C{write},
+C{send}, C{close}, C{flush_output}, C{discard_input}, C{reset_session},
+C{process}.
 """
 
 from __future__ import annotations
@@ -47,13 +43,13 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailhub.smtp import sasl as auth
 from mailhub.maillog import mail_event
+from mailhub.smtp import sasl as auth
 from mailhub.smtp.policy import is_loopback
-from mailhub.smtp.proto import COMMAND, NEED_HELO, SASL, CommandError, Reply, _fields
+from mailhub.smtp.proto import NEED_HELO, CommandError, Reply, _fields
 
 __all__ = [
-    "TLSAuthMixin",
+    "TLSAuth",
     "TLS_READY",
     "TLS_ACTIVE",
     "TLS_UNAVAILABLE",
@@ -77,132 +73,134 @@ def _reply(t: tuple[int, str, str]) -> Reply:
     return Reply(*t)
 
 
-class TLSAuthMixin:
-    """The STARTTLS and AUTH commands of one SMTP session (see the module docstring)."""
+class TLSAuth:
+    """
+    The STARTTLS and AUTH commands of one SMTP session (see the module docstring).
 
-    factory: Any
-    session: Any
-    transport: Any
-    _sasl: auth.SASLExchange | None
-    _auth_wait: defer.Deferred[Any] | None
+    @param host: the session protocol.
+    @param tls: the L{mailhub.tls.ServerTLS}, or C{None}: no STARTTLS.
+    @param checker: the twisted.cred checker, or C{None}: no AUTH.
+    @param throttle: the failure throttle shared by all listeners, or C{None}.
+    @param allow_plaintext_loopback: offer AUTH without TLS to 127.0.0.1 / ::1.
+    """
 
-    # IHandshakeListener (declared by SMTPServer)
+    def __init__(
+        self, host: Any, tls: Any, checker: Any, throttle: auth.AuthThrottle | None, allow_plaintext_loopback: bool
+    ) -> None:
+        self.host = host
+        self.tls = tls
+        self.checker = checker
+        self.throttle = throttle
+        self.allow_plaintext_loopback = allow_plaintext_loopback
+        self._sasl: auth.SASLExchange | None = None
+        self._auth_wait: defer.Deferred[Any] | None = None
+        self._starttls = False  # STARTTLS answered, handshake not yet complete
 
-    def handshakeCompleted(self) -> None:
+    @property
+    def exchanging(self) -> bool:
+        """An AUTH exchange waits for the client's next response line (it is never a command)."""
+        return self._sasl is not None
+
+    def forget(self) -> None:
+        """Drop an unfinished AUTH exchange (the session was reset, timed out or is closing)."""
+        self._sasl = None
+
+    def line_too_long(self) -> bool:
+        """A response line over the limit: the exchange ends with 500 5.5.6; False if none was going on."""
+        if self._sasl is None:
+            return False
+        self._sasl = None
+        self.host.reply(AUTH_LINE_TOO_LONG)
+        return True
+
+    def stop(self) -> None:
+        """The connection is gone: no delayed AUTH reply is sent."""
+        self._sasl = None
+        wait, self._auth_wait = self._auth_wait, None
+        if wait is not None:
+            wait.cancel()
+
+    def handshake_completed(self) -> None:
         """The TLS handshake after STARTTLS succeeded (for smtps the C{connection} event says tls)."""
-        self._handshake_finished()
-        if self._starttls and not self._closed:
+        host = self.host
+        if self._starttls and not host.closed:
             self._starttls = False
             mail_event(
                 "starttls",
                 "STARTTLS from [{client}] listener={listener}",
-                client=self.session.client_ip, listener=self.session.listener,
+                client=host.session.client_ip, listener=host.session.listener,
             )
-
-    # -- the handshake deadline ------------------------------------------------------------------
-
-    def _handshake_started(self) -> None:
-        """
-        A TLS handshake is under way (after STARTTLS, or from the start on
-        an smtps listener): it must complete within C{starttls_timeout}
-        (Postfix smtpd_starttls_timeout), and the idle timeout keeps
-        running too.  A session closed meanwhile is aborted, since no
-        reply can reach a client that has not finished its handshake.
-        """
-        self._handshaking = True
-        limit = self.factory.starttls_timeout
-        if limit and limit > 0:
-            self._tls_timer = self.factory.clock.callLater(limit, self._handshake_timed_out)
-
-    def _handshake_finished(self) -> None:
-        """The handshake completed: its deadline ends; the client has the full C{timeout} again."""
-        if not self._handshaking:
-            return
-        self._handshaking = False
-        timer, self._tls_timer = self._tls_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._touch()
-
-    def _handshake_timed_out(self) -> None:
-        self._tls_timer = None
-        if self._closed or not self._handshaking:
-            return
-        idle = self._timer
-        if idle is not None and idle.active():
-            idle.cancel()
-        self._timed_out()
 
     # -- STARTTLS (RFC 3207) ---------------------------------------------------------------------
 
-    def _starttls_offered(self) -> bool:
+    def starttls_offered(self) -> bool:
         """On smtp and submission listeners with a certificate, until TLS is up."""
-        return self.factory.tls is not None and not self.session.tls
+        return self.tls is not None and not self.host.session.tls
 
     def do_starttls(self, arg: str) -> None:
+        host = self.host
         if arg:
             raise CommandError(501, "5.5.4", "Syntax: STARTTLS")
-        if self.session.tls:
+        if host.session.tls:
             raise CommandError(*_fields(TLS_ACTIVE))
-        if self.factory.tls is None:
+        if self.tls is None:
             raise CommandError(502, "5.5.1", "Error: STARTTLS not implemented")
-        if self._tx is not None:
+        if host.in_transaction:
             raise CommandError(*_fields(IN_TRANSACTION))
-        if not ITLSTransport.providedBy(self.transport):
+        if not ITLSTransport.providedBy(host.transport):
             raise CommandError(*_fields(TLS_UNAVAILABLE))
-        self.reply(TLS_READY)
+        host.reply(TLS_READY)
         # CVE-2011-0411: whatever the client pipelined after STARTTLS was
         # sent in clear text and may have been injected by a man in the
         # middle; it must never be executed as if it came over TLS.
         # Bytes arriving after startTLS() go to the TLS layer instead.
-        pending = len(self._buf) - self._pos
+        pending = host.discard_input()
         if pending:
             log.info(
                 "STARTTLS from [{client}]: {n} pipelined plaintext octets discarded",
-                client=self.session.client_ip, n=pending,
+                client=host.session.client_ip, n=pending,
             )
-        self._buf, self._pos = b"", 0
-        self.reset_session()
+        host.reset_session()
         self._starttls = True
-        self._flush_output()  # the 220 and what preceded it go out in clear text, before the handshake
+        host.flush_output()  # the 220 and what preceded it go out in clear text, before the handshake
         try:
-            self.transport.startTLS(self.factory.tls.options())
+            host.transport.startTLS(self.tls.options())
         except Exception:
-            log.failure("STARTTLS failed for [{client}]", client=self.session.client_ip)
-            self._close()
+            log.failure("STARTTLS failed for [{client}]", client=host.session.client_ip)
+            host.close()
             return
-        self.session.tls = True
-        self._handshake_started()
+        host.session.tls = True
+        host.pacer.handshake_started()
 
     # -- AUTH (RFC 4954) ------------------------------------------------------------------------
 
-    def _auth_offered(self) -> bool:
+    def auth_offered(self) -> bool:
         """
         PLAIN and LOGIN carry the password in clear: offered only with a
         users file, and only over TLS or (if allowed) from 127.0.0.1 / ::1.
         """
-        f = self.factory
-        if f.checker is None:
+        if self.checker is None:
             return False
-        return self.session.tls or (f.allow_plaintext_loopback and is_loopback(self.session.client_ip))
+        session = self.host.session
+        return session.tls or (self.allow_plaintext_loopback and is_loopback(session.client_ip))
 
     def do_auth(self, arg: str) -> None:
-        f = self.factory
-        if f.checker is None:
+        host = self.host
+        if self.checker is None:
             raise CommandError(502, "5.5.1", "Error: AUTH not implemented")
-        if self.session.helo is None:
+        if host.session.helo is None:
             raise CommandError(*_fields(NEED_HELO))
-        if self.session.authenticated_user:
+        if host.session.authenticated_user:
             raise CommandError(*auth.REPLY_ALREADY_AUTHENTICATED)
-        if self._tx is not None:
+        if host.in_transaction:
             raise CommandError(*_fields(IN_TRANSACTION))
-        if not self._auth_offered():
-            if self._starttls_offered():
+        if not self.auth_offered():
+            if self.starttls_offered():
                 raise CommandError(*auth.REPLY_ENCRYPTION_REQUIRED)  # 538 5.7.11
             raise CommandError(*_fields(AUTH_DISABLED))
-        if f.throttle is not None and f.throttle.blocked(self.session.client_ip):
-            self._write(*auth.REPLY_TOO_MANY_FAILURES)
-            self._close()
+        if self.throttle is not None and self.throttle.blocked(host.session.client_ip):
+            host.write(*auth.REPLY_TOO_MANY_FAILURES)
+            host.close()
             return
         mechanism, _, initial = arg.partition(" ")
         if not mechanism:
@@ -212,71 +210,67 @@ class TLSAuthMixin:
             self._sasl = auth.SASLExchange(mechanism, initial.encode("utf-8") if initial else None)
         except auth.SASLError as e:
             raise CommandError(*e.reply) from None
-        self._sasl_step()
+        self._step()
 
-    def _sasl_step(self) -> None:
+    def _step(self) -> None:
         """Send the next 334 challenge, or check the credentials once complete."""
+        host = self.host
         exchange = self._sasl
         assert exchange is not None
         try:
             step = exchange.next()
         except auth.SASLError as e:
-            self._sasl_end(_reply(e.reply))
+            self._end(_reply(e.reply))
             return
         if isinstance(step, bytes):
-            self._mode = SASL
-            self._send(b"334 " + step + b"\r\n")
+            host.send(b"334 " + step + b"\r\n")
             return
         self._sasl = None
-        self._mode = COMMAND
-        throttle = self.factory.throttle
-        if throttle is not None and not throttle.begin(self.session.client_ip):
+        throttle = self.throttle
+        if throttle is not None and not throttle.begin(host.session.client_ip):
             # Failures plus checks in flight from this IP (parallel
             # connections) already reach the limit: no more guesses.
             log.info("AUTH {mechanism} from [{client}] refused: too many attempts",
-                     mechanism=exchange.mechanism, client=self.session.client_ip)
-            self._write(*auth.REPLY_TOO_MANY_FAILURES)
-            self._close()
+                     mechanism=exchange.mechanism, client=host.session.client_ip)
+            host.write(*auth.REPLY_TOO_MANY_FAILURES)
+            host.close()
             return
-        self._busy = True  # read nothing more until the answer (and any delay) is sent
-        # Not kept in _auth_wait: connectionLost must not cancel the check,
-        # so that its throttle slot is held until the check really ended
-        # (a thread cannot be stopped) and its outcome is counted.
-        d = defer.maybeDeferred(self.factory.checker.requestAvatarId, step)
-        d.addBoth(self._auth_checked, exchange.mechanism, throttle)
+        host.pacer.busy = True  # read nothing more until the answer (and any delay) is sent
+        # Not kept in _auth_wait: the connection's end must not cancel the
+        # check, so that its throttle slot is held until the check really
+        # ended (a thread cannot be stopped) and its outcome is counted.
+        d = defer.maybeDeferred(self.checker.requestAvatarId, step)
+        d.addBoth(self._checked, exchange.mechanism, throttle)
 
-    def _sasl_line(self, line: bytes) -> None:
+    def line(self, line: bytes) -> None:
         """A client response inside an AUTH exchange (never a command)."""
         exchange = self._sasl
-        if exchange is None:  # cannot happen; be safe
-            self._mode = COMMAND
-            self._command(line)
-            return
+        assert exchange is not None
         try:
             exchange.feed(line)  # "*" cancels: 501 5.7.0
         except auth.SASLError as e:
-            self._sasl_end(_reply(e.reply))
+            self._end(_reply(e.reply))
             return
-        self._sasl_step()
+        self._step()
 
-    def _sasl_end(self, reply: Reply) -> None:
+    def _end(self, reply: Reply) -> None:
         self._sasl = None
-        self._mode = COMMAND
-        self.reply(reply)
+        self.host.reply(reply)
 
-    def _auth_checked(self, result: Any, mechanism: str, throttle: auth.AuthThrottle | None) -> None:
+    def _checked(self, result: Any, mechanism: str, throttle: auth.AuthThrottle | None) -> None:
         """
         The checker answered.  The slot reserved in C{throttle} (the one
         L{auth.AuthThrottle.begin} was called on) is given back first, even
         when the connection is gone meanwhile (a wrong password still
         counts); the delayed 535 / 421 follows unless nobody is there.
         """
-        client = self.session.client_ip
+        host = self.host
+        client = host.session.client_ip
         wrong = isinstance(result, Failure) and result.check(UnauthorizedLogin) is not None
         wait: defer.Deferred[bool] = defer.succeed(False)
         if throttle is not None:
             wait = throttle.finish(client, ok=not wrong)  # slot back; a failure is counted
-        if self._closed:
+        if host.closed:
             wait.cancel()  # nobody to answer: no delay timer
             wait.addErrback(lambda f: None)
             if isinstance(result, Failure) and not wrong:
@@ -287,35 +281,36 @@ class TLSAuthMixin:
                 # The user name is not logged: clients type passwords into it.
                 log.info("AUTH {mechanism} failed from [{client}]", mechanism=mechanism, client=client)
                 self._auth_wait = wait
-                wait.addBoth(self._auth_throttled)
+                wait.addBoth(self._throttled)
                 return None
             log.failure("AUTH checker error for [{client}]", result, client=client)
-            self._auth_done(_reply(auth.REPLY_TEMPORARY_FAILURE))
+            self._done(_reply(auth.REPLY_TEMPORARY_FAILURE))
             return None
-        self.session.authenticated_user = str(result)
+        host.session.authenticated_user = str(result)
         log.info(
             "AUTH {mechanism} from [{client}]: sasl_username={user}",
-            mechanism=mechanism, client=client, user=self.session.authenticated_user,
+            mechanism=mechanism, client=client, user=host.session.authenticated_user,
         )
-        self._auth_done(_reply(auth.REPLY_AUTH_OK))
+        self._done(_reply(auth.REPLY_AUTH_OK))
         return None
 
-    def _auth_throttled(self, close: Any) -> None:
+    def _throttled(self, close: Any) -> None:
         self._auth_wait = None
-        if self._closed:
+        host = self.host
+        if host.closed:
             return None
         if isinstance(close, Failure):
             log.failure("AUTH throttle error", close)
             close = False
         if close:
-            self._busy = False
-            self._write(*auth.REPLY_TOO_MANY_FAILURES)
-            self._close()
+            host.pacer.busy = False
+            host.write(*auth.REPLY_TOO_MANY_FAILURES)
+            host.close()
             return None
-        self._auth_done(_reply(auth.REPLY_AUTH_FAILED))
+        self._done(_reply(auth.REPLY_AUTH_FAILED))
         return None
 
-    def _auth_done(self, reply: Reply) -> None:
-        self._busy = False
-        self.reply(reply)
-        self._process()
+    def _done(self, reply: Reply) -> None:
+        self.host.pacer.busy = False
+        self.host.reply(reply)
+        self.host.process()
