@@ -34,6 +34,7 @@ __all__ = [
     "missing_fields",
     "complete_header",
     "trace_header",
+    "after_trace_header",
     "address_literal",
 ]
 
@@ -176,6 +177,19 @@ def trace_header(clauses: list[str], date: str) -> bytes:
     header with this function; only the clauses differ.
     """
     return ("Received: " + "\r\n\t".join(clauses) + f"; {date}\r\n").encode("utf-8")
+
+
+def after_trace_header(content: bytes) -> bytes:
+    """
+    What must stand between a trace header and the content that follows
+    it: nothing, or the empty line that ends the header section when the
+    content's first line starts with white space.  Such a line is no
+    header field (RFC 5322 2.2: a field starts with its name), so that
+    content has no header section; without the empty line it would fold
+    into our trace header as a continuation line and change what the
+    header says.
+    """
+    return b"\r\n" if content[:1] in (b" ", b"\t") else b""
 
 
 def address_literal(ip: str) -> str:

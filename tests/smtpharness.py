@@ -178,7 +178,8 @@ class Harness:
 
 
 def strip_received(raw: bytes) -> tuple[bytes, bytes]:
-    m = re.match(rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*", raw)
+    # our trace header, and the empty line after it when the content starts with white space
+    m = re.match(rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*(?:\r\n(?=[ \t]))?", raw)
     assert m, raw[:200]
     return m.group(0), raw[m.end() :]
 

@@ -190,3 +190,13 @@ def test_trace_header_folds_one_clause_per_line():
     assert trace_header(["from a ([192.0.2.1])", "by b (mailhub) with ESMTP id Q", "for <c@d>"], DATE) == (
         b"Received: from a ([192.0.2.1])\r\n\tby b (mailhub) with ESMTP id Q\r\n\tfor <c@d>; " + DATE.encode() + b"\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    "content,between",
+    [(b" x\r\n", b"\r\n"), (b"\tx\r\n", b"\r\n"), (b"Subject: x\r\n", b""), (b"\r\nbody", b""), (b"", b"")],
+)
+def test_after_trace_header_ends_it_before_a_leading_continuation_line(content, between):
+    from mailhub.rfc5322 import after_trace_header
+
+    assert after_trace_header(content) == between

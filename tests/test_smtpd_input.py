@@ -288,3 +288,42 @@ def test_ipv6_loopback_end_to_end(reactor, tmp_path):
         received, _ = strip_received(f.read())
     assert received.startswith(b"Received: from client.test ([IPv6:::1])\r\n")
     assert env.client["addr"] == "::1"
+
+
+@pytest.mark.parametrize("first", [b" folded", b"\tby evil.example; 1 Jan 2000 00:00:00 +0000", b" "])
+def test_content_starting_with_white_space_cannot_fold_into_the_trace_header(h, first):
+    """
+    A first line that starts with white space is no header field (RFC 5322
+    2.2), so the content has no header section: an empty line ends our
+    Received header before it, instead of the line becoming a continuation
+    of the trace header.
+    """
+    import email
+    import email.policy
+
+    c = h.ehlo()
+    converse(c, [
+        ("MAIL FROM:<a@elsewhere.test>\r\n", MAIL_OK),
+        ("RCPT TO:<alice@example.com>\r\n", RCPT_OK),
+        ("DATA\r\n", GO_AHEAD),
+    ])
+    qid = queued_id(c.send(first + b"\r\nSubject: not a header\r\n.\r\n"))
+    stored = h.message(qid)
+    trace, rest = stored.split(b"\r\n\r\n", 1)
+    assert trace.startswith(b"Received: ") and not trace.endswith(first)
+    assert rest == first + b"\r\nSubject: not a header\r\n"
+    parsed = email.message_from_bytes(stored, policy=email.policy.compat32)
+    assert parsed.keys() == ["Received"] and "evil" not in parsed["Received"]
+
+
+@pytest.mark.parametrize("first", [b"Subject: hi", b"", b"x"])
+def test_other_content_follows_the_trace_header_directly(h, first):
+    c = h.ehlo()
+    converse(c, [
+        ("MAIL FROM:<a@elsewhere.test>\r\n", MAIL_OK),
+        ("RCPT TO:<alice@example.com>\r\n", RCPT_OK),
+        ("DATA\r\n", GO_AHEAD),
+    ])
+    qid = queued_id(c.send(first + b"\r\nbody\r\n.\r\n"))
+    trace, rest = strip_received(h.message(qid))
+    assert rest == first + b"\r\nbody\r\n"

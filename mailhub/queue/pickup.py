@@ -58,7 +58,7 @@ from twisted.logger import Logger
 from mailhub.address import AddressError, parse_mailbox
 from mailhub.envelope import Envelope, Recipient
 from mailhub.maillog import mail_event
-from mailhub.rfc5322 import trace_header
+from mailhub.rfc5322 import after_trace_header, trace_header
 from mailhub.queue.spool import Spool, fsync_dir
 
 __all__ = [
@@ -757,6 +757,7 @@ class PickupService(service.Service):
             clauses = [f"by {self.hostname} (mailhub, from userid {uid})", f"id {writer.queue_id}"]
             writer.write(trace_header(clauses, email.utils.formatdate(now, localtime=True)))
             eight_bit = False
+            first = True
             while True:
                 try:
                     chunk = f.read(_CHUNK)
@@ -764,6 +765,9 @@ class PickupService(service.Service):
                     raise _EntryError(e)
                 if not chunk:
                     break
+                if first:
+                    first = False
+                    writer.write(after_trace_header(chunk))
                 eight_bit = eight_bit or not chunk.isascii()
                 writer.write(chunk)
             esmtp: dict[str, Any] = {"size": writer.size, "body": "8BITMIME" if eight_bit else "7BIT"}

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 
 from mailhub.envelope import Envelope, Recipient
 from mailhub.queue.spool import Spool, SpoolWriter
+from mailhub.rfc5322 import after_trace_header
 from mailhub.smtp.proto import TOO_BIG, DotDecoder, HopCounter, Reply
 
 __all__ = ["Transaction", "BARE_LINE_ENDING", "LOCAL_ERROR", "TOO_MANY_HOPS"]
@@ -66,6 +67,7 @@ class Transaction:
     bdat: bool = False
     max_size: int = 0  # max_message_size when the message was opened; 0: no limit
     max_hops: int = 0  # max_hops when the message was opened; 0: no limit
+    _content_started: bool = False  # the first content bytes are written (after_trace_header)
 
     @property
     def smtputf8(self) -> bool:
@@ -130,6 +132,9 @@ class Transaction:
             return
         try:
             assert self.writer is not None
+            if not self._content_started:
+                self._content_started = True
+                self.writer.write(after_trace_header(body))
             self.writer.write(body)
         except Exception:
             log.failure("queue file write error")

@@ -38,7 +38,7 @@ from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from mailhub.web.limits import ConnectionLimits, LimitedConnection, RefusedConnection
 from mailhub.maillog import mail_event
 from mailhub.queue.scheduler import FLUSHED, HELD
-from mailhub.rfc5322 import address_literal, complete_header, format_date, trace_header
+from mailhub.rfc5322 import address_literal, after_trace_header, complete_header, format_date, trace_header
 from mailhub.queue.spool import is_queue_id
 
 __all__ = ["make_http_site", "ApiSite", "ApiResource", "ROUTES", "DEFAULT_MAX_BODY", "HttpError"]
@@ -655,6 +655,7 @@ class ApiResource(resource.Resource):
                 if len(recipients) == 1:
                     clauses.append(f"for <{recipients[0]}>")
                 writer.write(trace_header(clauses, format_date(now)))
+                writer.write(after_trace_header(message))
                 writer.write(message)
                 esmtp: dict[str, Any] = {"size": writer.size, "body": "7BIT" if message.isascii() else "8BITMIME"}
                 if not sender.isascii() or not all(r.address.isascii() for r in rcpts):
