@@ -24,7 +24,7 @@ from conftest import in_reactor, require_tool
 from mailhub.delivery.directory import Directory
 from mailhub.envelope import Envelope, Recipient
 from mailhub.delivery.local import LocalDelivery
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import free_port, wait_for
 
 MESSAGE = (

@@ -31,7 +31,7 @@ from conftest import in_reactor, require_tool
 from mailhub.relay import client as smtpclient
 from mailhub.envelope import Envelope, Recipient
 from mailhub.relay.agent import RemoteDelivery
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import free_port, wait_for, wait_listening
 from dnszone import AAAA, CNAME, MX, A, Zone
 

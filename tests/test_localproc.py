@@ -22,7 +22,7 @@ from daemon import Daemon, config_text, delivered_with, message, send
 from mailhub.delivery import localproc
 from mailhub.config import load_config
 from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import wait_for
 
 DOMAIN = "example.test"

@@ -20,7 +20,8 @@ from twisted.logger import formatEvent
 
 from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
 from mailhub.queue.scheduler import RetryPolicy, Scheduler
-from mailhub.queue.spool import FOOTER_SIZE, Spool
+from mailhub.queue.queuefile import FOOTER_SIZE
+from mailhub.queue.spool import Spool
 
 T0 = 1_700_000_000.0
 BODY = b"Subject: hello\r\nFrom: alice@example.com\r\nMessage-ID: <m1@example.com>\r\n\r\nHi there.\r\n"
@@ -1437,7 +1438,8 @@ def test_queue_stats_from_memory(tmp_path):
 
     from mailhub.envelope import Envelope, Recipient
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
-    from mailhub.queue.spool import Spool, new_queue_id
+    from mailhub.queue.queuefile import new_queue_id
+    from mailhub.queue.spool import Spool
 
     spool = Spool(str(tmp_path / "spool"), fsync=False)
     clock = Clock()

@@ -35,7 +35,8 @@ from mailhub.delivery.local import LocalDelivery
 from mailhub.smtp.policy import Policy
 from mailhub.delivery.router import Router
 from mailhub.smtp.server import SMTPServerFactory
-from mailhub.queue.spool import Spool, queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
+from mailhub.queue.spool import Spool
 from mailhub.config import check_maildir_name
 from mailhub.delivery.system import Accounts
 

@@ -40,7 +40,8 @@ from twisted.python.failure import Failure
 from mailhub.delivery import system
 from mailhub.delivery.directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient
 from mailhub.envelope import Envelope, Outcome, Recipient
-from mailhub.queue.spool import DirSync, QueueFileError, open_message
+from mailhub.queue.durable import DirSync
+from mailhub.queue.queuefile import QueueFileError, open_message
 
 __all__ = ["LocalDelivery", "CHUNK_SIZE"]
 

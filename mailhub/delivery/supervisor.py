@@ -98,7 +98,7 @@ def check_request(data: Any, spool: str | None = None) -> dict[str, Any]:
     L{BadRequest}.  With C{spool} (the privileged processes), the message
     must be the queue file C{SPOOL/queue/QUEUE_ID} and nothing else.
     """
-    from mailhub.queue.spool import is_queue_id
+    from mailhub.queue.queuefile import is_queue_id
 
     if not isinstance(data, dict):
         raise BadRequest("not a JSON object")

@@ -20,7 +20,7 @@ import re
 from typing import Mapping
 
 from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.spool import QueueFileError, open_message
+from mailhub.queue.queuefile import QueueFileError, open_message
 from mailhub.smtp.proto import rfc5322_date
 
 __all__ = [

@@ -59,7 +59,8 @@ from mailhub.address import AddressError, parse_mailbox
 from mailhub.envelope import Envelope, Recipient
 from mailhub.maillog import mail_event
 from mailhub.smtp.proto import trace_header
-from mailhub.queue.spool import Spool, fsync_dir
+from mailhub.queue.durable import fsync_dir
+from mailhub.queue.spool import Spool
 
 __all__ = [
     "PICKUP_VERSION",

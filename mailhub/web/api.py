@@ -37,9 +37,9 @@ from mailhub import address
 from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from mailhub.web.limits import ConnectionLimits, LimitedConnection, RefusedConnection
 from mailhub.maillog import mail_event
-from mailhub.queue.scheduler import FLUSHED, HELD
 from mailhub.smtp.proto import address_literal, rfc5322_date, trace_header
-from mailhub.queue.spool import is_queue_id
+from mailhub.queue.queuefile import is_queue_id
+from mailhub.queue.status import FLUSHED, HELD
 
 __all__ = ["make_http_site", "ApiSite", "ApiResource", "ROUTES", "DEFAULT_MAX_BODY", "HttpError"]
 
