@@ -128,7 +128,7 @@ def deliver(reactor, agent: RemoteDelivery, tmp_path, *rcpts: str, qid: str = "E
     path = tmp_path / qid  # a queue file, as the spool hands it to agents
     env = Envelope(qid, "sender@example.org", [Recipient(r) for r in rcpts], 0.0)
     path.write_bytes(queue_file_bytes(MESSAGE, env))
-    return in_reactor(reactor, lambda: agent.deliver(env, env.recipients, str(path)))
+    return in_reactor(reactor, lambda: agent.deliver(env, env.recipients, str(path), report=lambda outcomes: None))
 
 
 def stop(reactor, agent: RemoteDelivery) -> None:

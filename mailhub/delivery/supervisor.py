@@ -221,14 +221,14 @@ class PrivilegedDelivery(LocalDeliveryProcesses):
         )
         self._fail_waiting_if_none_running()
 
-    def deliver(self, envelope: Any, recipients: Any, message_path: str) -> Any:
+    def deliver(self, envelope: Any, recipients: Any, message_path: str, report: Any) -> Any:
         if self.orphaned:
             from twisted.internet import defer
 
             return defer.succeed([
                 Outcome.temporary(r.address, "no local delivery process is running", 451, "4.3.0") for r in recipients
             ])
-        return super().deliver(envelope, recipients, message_path)
+        return super().deliver(envelope, recipients, message_path, report)
 
 
 # -- the supervisor ---------------------------------------------------------------------
