@@ -198,7 +198,7 @@ def make_dsn(
     Build the DSN for C{recipients} of C{envelope}.
 
     @param original: the original message, as bytes or the path of its
-        queue file (L{mailhub.queue.spool.open_message}: read bounded, never whole).
+        queue file (L{mailhub.queue.queuefile.open_message}: read bounded, never whole).
     @param reporting_mta: this host's name (Reporting-MTA, From domain).
     @param now: the time of the report (Date, Message-ID).
     @param action: C{"failed"} (a bounce), C{"delayed"} (a warning), or
