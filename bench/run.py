@@ -421,7 +421,8 @@ def fill_backlog(spool_path: str, count: int, size: int = 4096, now: float | Non
     as fast as it goes -- before the daemon starts.  Returns their queue ids.
     """
     _import_mailhub()
-    from mailhub.queue.spool import Spool, new_queue_id
+    from mailhub.queue.queuefile import new_queue_id
+    from mailhub.queue.spool import Spool
 
     now = time.time() if now is None else now
     spool = Spool(spool_path, fsync=False)

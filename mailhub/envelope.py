@@ -6,7 +6,10 @@ state machine, and their versioned JSON form on disk (house rule 8: text,
 never pickles; C{cat} can read an envelope), which is checked field by
 field when it is read (L{validate_envelope}), so a damaged file is an
 L{EnvelopeFormatError} and never a wrong type further on.  Also L{Outcome}, the data a
-delivery agent returns for one recipient (house rule 4).
+delivery agent returns for one recipient (house rule 4), and the contract
+of a delivery agent (L{DeliveryAgent}, L{DeliverFunction},
+L{ReportFunction}): one outcome per recipient given, progress reported
+through C{report} (always passed) as transactions end.
 
 Must not touch: files, clocks, the network.  The spool decides where the
 JSON goes; the scheduler decides what an outcome means for retrying.
@@ -18,9 +21,12 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mailhub.address import AddressError, parse_mailbox
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.defer import Deferred
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -36,6 +42,9 @@ __all__ = [
     "DELIVERED_OUTCOME",
     "TEMPORARY",
     "PERMANENT",
+    "ReportFunction",
+    "DeliveryAgent",
+    "DeliverFunction",
 ]
 
 ENVELOPE_VERSION = 1
@@ -420,3 +429,41 @@ class Outcome:
     @classmethod
     def permanent(cls, recipient: str, text: str, code: int = 550, status: str = "5.0.0", remote_mta: str = "") -> "Outcome":
         return cls(recipient, PERMANENT, code, status, text, remote_mta)
+
+
+#: C{report(outcomes)}: some recipients' outcomes, as soon as they are known.
+ReportFunction = Callable[[list[Outcome]], None]
+
+
+class DeliveryAgent(Protocol):
+    """
+    What delivers a queued message to some of its recipients (the local
+    agent, its worker processes, the remote agent).
+
+    C{deliver} fires with one L{Outcome} per recipient given (delivered,
+    temporary or permanent: data, never a decision to retry) and never
+    with a failure.  Before that it may call C{report} -- always passed --
+    with the outcomes of some of the recipients as soon as they are known
+    (the remote agent: each next hop's transaction), each recipient at
+    most once; the final list repeats them.  An agent that answers all at
+    once need not call it.  The message is read from C{message_path}, a
+    queue file (L{mailhub.queue.queuefile.open_message}).
+    """
+
+    def deliver(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction
+    ) -> Deferred[list[Outcome]]:
+        ...
+
+
+class DeliverFunction(Protocol):
+    """
+    What the scheduler hands a due message to (the router): the same
+    contract as L{DeliveryAgent.deliver}, with the message named by its
+    envelope's queue id.
+    """
+
+    def __call__(
+        self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction
+    ) -> Deferred[list[Outcome]]:
+        ...

@@ -38,9 +38,9 @@ from twisted.application import service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     ILogObserver,
+    Logger,
     LogLevel,
     LogPublisher,
-    Logger,
     formatEventAsClassicLogText,
     formatTime,
     globalLogPublisher,

@@ -187,7 +187,7 @@ class Daemon:
         callers' C{qid + ".json"} checks mean what they meant; read an
         envelope with C{Spool(d.spool).load(qid)}, not from C{envelopes/}.
         """
-        from mailhub.queue.spool import is_queue_id
+        from mailhub.queue.queuefile import is_queue_id
 
         names = os.listdir(os.path.join(self.spool, "queue"))
         return sorted(name + ".json" for name in names if is_queue_id(name))

@@ -12,7 +12,7 @@ import pytest
 
 from mailhub.queue.notices import FULL_LIMIT, HEADERS_LIMIT, make_dsn
 from mailhub.envelope import FAILED, PENDING, Envelope, Recipient
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 
 ORIGINAL = (
     b"Received: from client\r\n\tby mx\r\nFrom: Alice <alice@example.com>\r\n"

@@ -20,7 +20,8 @@ from twisted.python import usage
 from mailhub.cli.queue import QueueOptions, run_queue
 from mailhub.envelope import Envelope, Recipient
 from mailhub.queue.pickup import ensure_pickup_dirs, write_pickup
-from mailhub.queue.spool import Spool, new_queue_id
+from mailhub.queue.queuefile import new_queue_id
+from mailhub.queue.spool import Spool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARRIVAL = 1_700_000_000.0

@@ -14,7 +14,8 @@ import os
 from daemon import CLEAN_EXIT, DOMAIN, Daemon, config_text, delivered_with, message, wait_for
 
 from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.spool import FOOTER_SIZE, Spool, new_queue_id
+from mailhub.queue.queuefile import FOOTER_SIZE, new_queue_id
+from mailhub.queue.spool import Spool
 
 BAD = {
     "next_attempt_null": lambda d: d.update(next_attempt=None),

@@ -50,7 +50,7 @@ class Hub:
         for o in self.observers:
             globalLogPublisher.addObserver(o)
 
-        def deliver(env, recipients):
+        def deliver(env, recipients, report):
             with self.done:
                 self.delivered += [(env.queue_id, r.address) for r in recipients]
                 self.done.notify_all()

@@ -24,7 +24,7 @@ from conftest import in_reactor, require_tool
 from mailhub.delivery.directory import Directory
 from mailhub.envelope import Envelope, Recipient
 from mailhub.delivery.local import LocalDelivery
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import free_port, wait_for
 
 MESSAGE = (
@@ -62,7 +62,7 @@ def deliver(tmp_path, run=sync_run, users=("alice",)) -> tuple[str, str, defer.D
     queued.write_bytes(queue_file_bytes(MESSAGE, env))  # a queue file, as the spool commits it
     directory = Directory(["example.org"], root, users=list(users))
     agent = LocalDelivery(directory, "mx.example.org", run=run)
-    d = agent.deliver(env, env.recipients, str(queued))
+    d = agent.deliver(env, env.recipients, str(queued), report=lambda outcomes: None)
     return root, directory.maildir_for("alice@example.org"), d
 
 

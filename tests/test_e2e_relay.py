@@ -31,7 +31,7 @@ from conftest import in_reactor, require_tool
 from mailhub.relay import client as smtpclient
 from mailhub.envelope import Envelope, Recipient
 from mailhub.relay.agent import RemoteDelivery
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import free_port, wait_for, wait_listening
 from dnszone import AAAA, CNAME, MX, A, Zone
 
@@ -128,7 +128,7 @@ def deliver(reactor, agent: RemoteDelivery, tmp_path, *rcpts: str, qid: str = "E
     path = tmp_path / qid  # a queue file, as the spool hands it to agents
     env = Envelope(qid, "sender@example.org", [Recipient(r) for r in rcpts], 0.0)
     path.write_bytes(queue_file_bytes(MESSAGE, env))
-    return in_reactor(reactor, lambda: agent.deliver(env, env.recipients, str(path)))
+    return in_reactor(reactor, lambda: agent.deliver(env, env.recipients, str(path), report=lambda outcomes: None))
 
 
 def stop(reactor, agent: RemoteDelivery) -> None:

@@ -30,7 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from conftest import in_reactor
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
 from mailhub.relay.client import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import Sink, free_port, sink_message
 
 pytestmark = pytest.mark.timeout(60)

@@ -22,9 +22,10 @@ import time
 
 import pytest
 
-import mailhub.queue.spool as spool_mod
+from mailhub.queue import migration, queuefile
 from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.spool import Spool, new_queue_id, open_message
+from mailhub.queue.queuefile import new_queue_id, open_message
+from mailhub.queue.spool import Spool
 
 from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, wait_for
 from peers import Sink, free_port, sink_message
@@ -210,7 +211,7 @@ def test_bounce_of_a_message_carries_no_queue_trailer(tmp_path):
                                          last_status="5.1.1", last_text="no such user")],
                    arrival=time.time(), esmtp={"ret": "FULL"})
     with open(path, "wb") as f:
-        f.write(spool_mod.queue_file_bytes(msg, env))
+        f.write(queuefile.queue_file_bytes(msg, env))
     dsn = make_dsn(env, env.recipients, path, reporting_mta="mx.example.test", now=time.time())
     assert msg in dsn
     assert b"mailhub-queue" not in dsn and b'"queue_id"' not in dsn
@@ -388,22 +389,22 @@ def test_crash_after_queue_file_before_old_files_deleted_keeps_one_copy(tmp_path
     """
     sp = str(tmp_path / "spool")
     msgs = format1_spool(sp, 3, 5000)
-    real_unlink = Spool._unlink_logged
+    real_unlink = migration.unlink_logged
 
     class Crash(BaseException):
         pass
 
-    def crash(self, path, *remove):
+    def crash(path, *remove):
         if os.sep + "new" + os.sep in path or path.endswith(".json"):
             raise Crash()
-        real_unlink(self, path, *remove)
+        real_unlink(path, *remove)
 
-    Spool._unlink_logged = crash
+    migration.unlink_logged = crash
     try:
         with pytest.raises(Crash):
             Spool(sp, fsync=False).migrate()
     finally:
-        Spool._unlink_logged = real_unlink
+        migration.unlink_logged = real_unlink
     assert sorted(os.listdir(os.path.join(sp, "new"))) == sorted(msgs)
     pending = Spool(sp, fsync=False).recover()
     assert sorted(e.queue_id for e in pending) == sorted(msgs)
@@ -431,7 +432,7 @@ def test_two_concurrent_migrations_never_lose_an_acknowledged_message(tmp_path):
     sp = str(tmp_path / "spool")
     msgs = format1_spool(sp, 1, 3000)
     (qid, msg), = msgs.items()
-    real_trailer = spool_mod.queue_file_trailer
+    real_trailer = migration.queue_file_trailer
     daemon_paused, tool_paused = threading.Event(), threading.Event()
     go_daemon, go_tool = threading.Event(), threading.Event()
 
@@ -453,7 +454,7 @@ def test_two_concurrent_migrations_never_lose_an_acknowledged_message(tmp_path):
         except BaseException as e:
             results[name] = e
 
-    spool_mod.queue_file_trailer = trailer
+    migration.queue_file_trailer = trailer
     try:
         daemon = threading.Thread(target=run, args=("daemon", Spool(sp, fsync=False).recover), name="daemon")
         tool = threading.Thread(target=run, args=("tool", Spool(sp, fsync=False).migrate), name="tool")
@@ -469,7 +470,7 @@ def test_two_concurrent_migrations_never_lose_an_acknowledged_message(tmp_path):
         go_tool.set()
         tool.join(10)
     finally:
-        spool_mod.queue_file_trailer = real_trailer
+        migration.queue_file_trailer = real_trailer
     pending = results["daemon"]
     # the message was acknowledged and never delivered: it must be queued, readable, exact
     assert isinstance(pending, list) and [e.queue_id for e in pending] == [qid], (pending, results)
@@ -490,18 +491,18 @@ def test_leftover_format1_file_never_drops_the_current_envelope(tmp_path):
     sp = str(tmp_path / "spool")
     (qid, _), = format1_spool(sp, 1, 100).items()
     s = Spool(sp, fsync=False)
-    real_unlink = spool_mod._unlink_quietly
+    real_unlink = migration.unlink_quietly
 
     def failing_on_new(path):
         if os.sep + "new" + os.sep in path:
             return  # the unlink failed (and was ignored)
         real_unlink(path)
 
-    spool_mod._unlink_quietly = failing_on_new
+    migration.unlink_quietly = failing_on_new
     try:
         s.migrate()
     finally:
-        spool_mod._unlink_quietly = real_unlink
+        migration.unlink_quietly = real_unlink
     env = s.load(qid)
     env.recipients.append(Recipient("dave@closed.test"))  # two recipients: one delivered, one still pending
     env.recipients[0].state = "delivered"
@@ -515,7 +516,7 @@ def test_documented_tail_jq_line_prints_the_envelope(tmp_path):
     env = Envelope(queue_id=new_queue_id(), sender="a@client.test", recipients=[Recipient("b@x.test")],
                    arrival=1.0)
     path = tmp_path / env.queue_id
-    path.write_bytes(spool_mod.queue_file_bytes(b"Subject: x\r\n\r\nbody\r\n", env))
+    path.write_bytes(queuefile.queue_file_bytes(b"Subject: x\r\n\r\nbody\r\n", env))
     docs = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "spool.rst")).read()
     (command,) = [line.split("#")[0].strip() for line in docs.splitlines() if "| jq . # the envelope of the commit" in line]
     command = command.replace("SPOOL/queue/ID", str(path)).replace("jq .", "jq -r .queue_id")

@@ -17,7 +17,7 @@ from mailhub.delivery import local
 from mailhub.delivery.directory import Directory
 from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.delivery.local import LocalDelivery, copy_lf, delivered_to_addresses
-from mailhub.queue.spool import open_message, queue_file_bytes
+from mailhub.queue.queuefile import open_message, queue_file_bytes
 
 MESSAGE = (
     b"From: Sender <s@remote.example>\r\n"
@@ -85,7 +85,7 @@ def spool_message(tmp_path, data: bytes = MESSAGE) -> str:
 
 
 def deliver(agent, env, path) -> list[Outcome]:
-    return result_of(agent.deliver(env, env.recipients, path))
+    return result_of(agent.deliver(env, env.recipients, path, report=lambda outcomes: None))
 
 
 def files(root, user, sub="new", domain="example.org") -> list[str]:

@@ -22,7 +22,7 @@ from daemon import Daemon, config_text, delivered_with, message, send
 from mailhub.delivery import localproc
 from mailhub.config import load_config
 from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import wait_for
 
 DOMAIN = "example.test"
@@ -159,7 +159,7 @@ def pool(reactor, tmp_path):
 
 def deliver(reactor, pool, qid: str, rcpts: list[str], path: str):
     env, recipients = envelope(qid, rcpts)
-    return in_reactor(reactor, pool.deliver, env, recipients, path)
+    return in_reactor(reactor, pool.deliver, env, recipients, path, lambda outcomes: None)
 
 
 def test_pool_spreads_deliveries_over_its_processes(reactor, pool, tmp_path):
@@ -169,7 +169,7 @@ def test_pool_spreads_deliveries_over_its_processes(reactor, pool, tmp_path):
         ds = []
         for i in range(40):
             env, recipients = envelope(f"15NXCCCCCCCC{i:05d}", [f"alice@{DOMAIN}", f"bob@{DOMAIN}"])
-            ds.append(pool.deliver(env, recipients, path))
+            ds.append(pool.deliver(env, recipients, path, report=lambda outcomes: None))
         # both children have work in their pipes at once
         busy = sorted(len(c.inflight) for c in pool.children)
         return defer.gatherResults(ds).addCallback(lambda r: (busy, r))
@@ -188,7 +188,7 @@ def test_killed_process_fails_its_work_softly_and_is_replaced(reactor, pool, tmp
 
     def start():
         env, recipients = envelope("15NXDDDDDDDDDDDDD", [f"alice@{DOMAIN}"])
-        d = pool.deliver(env, recipients, fifo)
+        d = pool.deliver(env, recipients, fifo, report=lambda outcomes: None)
         stuck = [c for c in pool.children if c.inflight][0]
         return d, stuck, stuck.transport.pid
 
@@ -233,7 +233,7 @@ def test_stop_lets_processes_finish_and_exit(reactor, tmp_path):
 
     def deliver_then_stop():
         env, recipients = envelope("15NXGGGGGGGGGGGGG", [f"alice@{DOMAIN}"])
-        d = p.deliver(env, recipients, path)
+        d = p.deliver(env, recipients, path, report=lambda outcomes: None)
         stopped = p.stopService()  # the request already sent is still answered
         return defer.gatherResults([d, stopped])
 
@@ -349,7 +349,7 @@ def test_a_process_that_cannot_be_started_is_retried_later_and_deliveries_are_so
     p.startService()
     assert reactor.spawns == 1 and p.children == [None]
     env, recipients = envelope("15NXSSSSSSSSSSSSS", [f"alice@{DOMAIN}"])
-    d = p.deliver(env, recipients, "/nonexistent")
+    d = p.deliver(env, recipients, "/nonexistent", report=lambda outcomes: None)
     # held while a restart is pending; failed softly when that start fails too
     assert not d.called
     reactor.clock.advance(1.0)
@@ -378,7 +378,7 @@ def test_a_process_that_dies_at_once_backs_off_and_fails_work_softly(reactor, tm
     in_reactor(reactor, p.startService)
     try:
         env, recipients = envelope("15NXTTTTTTTTTTTTT", [f"alice@{DOMAIN}"])
-        outcomes = in_reactor(reactor, p.deliver, env, recipients, queued(tmp_path))  # waits for the answer
+        outcomes = in_reactor(reactor, p.deliver, env, recipients, queued(tmp_path), lambda outcomes: None)  # waits for the answer
         assert [(o.kind, o.code, o.status) for o in outcomes] == [("temporary", 451, "4.3.0")]
         wait_for(lambda: p._failures.get(0, 0) >= 2, 20, "a second failed start")
     finally:
@@ -422,10 +422,10 @@ def test_sigkill_mid_write_fails_every_request_once_with_451_and_delivers_nothin
         def start():
             ds = []
             env, rcpts = envelope("15NXKKKKKKKKKKK00", [f"alice@{DOMAIN}"])
-            ds.append(pool.deliver(env, rcpts, fifo))
+            ds.append(pool.deliver(env, rcpts, fifo, report=lambda outcomes: None))
             for i in range(1, 12):
                 env, rcpts = envelope(f"15NXKKKKKKKKKKK{i:02d}", long_rcpts)
-                ds.append(pool.deliver(env, rcpts, path))
+                ds.append(pool.deliver(env, rcpts, path, report=lambda outcomes: None))
             for i, d in enumerate(ds):
                 d.addCallback(lambda r, i=i: (calls.append(i), r)[1])
             child = pool.children[0]
@@ -452,7 +452,7 @@ def test_sigkill_mid_write_fails_every_request_once_with_451_and_delivers_nothin
             out = []
             for i in range(5):
                 env, rcpts = envelope(f"15NXLLLLLLLLLLL{i:02d}", [f"alice@{DOMAIN}", f"bob@{DOMAIN}"])
-                out.append(pool.deliver(env, rcpts, path))
+                out.append(pool.deliver(env, rcpts, path, report=lambda outcomes: None))
             return defer.gatherResults(out)
 
         results = in_reactor(reactor, again)
@@ -481,7 +481,7 @@ def test_delivery_queued_while_no_process_runs_goes_to_the_replacement(reactor, 
         wait_for(lambda: gone(pid) and p.children[0] is None, 20, "the process to be gone")
         path = queued(tmp_path)
         env, recipients = envelope("15NXRRRRRRRRRRRRR", [f"alice@{DOMAIN}"])
-        [d] = in_reactor(reactor, lambda: [p.deliver(env, recipients, path)])  # the Deferred itself
+        [d] = in_reactor(reactor, lambda: [p.deliver(env, recipients, path, report=lambda outcomes: None)])  # the Deferred itself
         assert not d.called
         wait_for(lambda: p.children[0] is not None and p.children[0].running, 20, "the replacement process")
         # nothing else is delivered meanwhile: the waiting request alone must reach the new process

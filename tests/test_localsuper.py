@@ -19,7 +19,7 @@ from mailhub.delivery import localproc
 from mailhub.delivery import supervisor as localsuper
 from mailhub.envelope import Envelope, Recipient
 from mailhub.delivery.supervisor import BadRequest, check_request
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from peers import wait_for
 from test_localproc import DOMAIN, MESSAGE, directory_args, maildir_messages
 

@@ -158,7 +158,7 @@ def test_fed_by_the_real_scheduler(tmp_path, clock):
     spool = Spool(str(tmp_path / "spool"), fsync=False)
     m = MailMetrics(clock, spool_queue_stats(spool))
 
-    def deliver(env, recipients):
+    def deliver(env, recipients, report):
         return defer.succeed([
             Outcome.delivered(r.address) if not r.address.startswith("bad") else
             Outcome.permanent(r.address, "no such user", 550, "5.1.1", remote_mta="mx.example.net[192.0.2.1]:25")

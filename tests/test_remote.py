@@ -25,7 +25,7 @@ from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.relay.agent import RemoteDelivery
 from mailhub.relay.nexthop import Destination, parse_dns_server, parse_nexthop
 from mailhub.relay.client import SessionError
-from mailhub.queue.spool import open_message, queue_file_bytes
+from mailhub.queue.queuefile import open_message, queue_file_bytes
 
 from dnszone import AAAA, CNAME, MX, A, Zone
 
@@ -183,7 +183,7 @@ def env(*rcpts: str, qid: str = "Q1") -> tuple[Envelope, list[Recipient]]:
 
 def run(agent: RemoteDelivery, msg: str, *rcpts: str, qid: str = "Q1") -> list[Outcome]:
     e, r = env(*rcpts, qid=qid)
-    d = agent.deliver(e, r, msg)
+    d = agent.deliver(e, r, msg, report=lambda outcomes: None)
     result = []
     d.addBoth(result.append)
     assert result, "delivery did not finish"
@@ -621,7 +621,7 @@ def test_destination_concurrency_limit(tmp_path) -> None:
     results: list = []
     for i in range(5):
         e, r = env("u@pref.test", qid=f"Q{i}")
-        agent.deliver(e, r, msg).addCallback(results.append)
+        agent.deliver(e, r, msg, report=lambda outcomes: None).addCallback(results.append)
     assert len(net.connects) == 2 and results == []
     net.release(0)
     # The first connection delivered Q0, then was handed (after RSET) to
@@ -643,7 +643,7 @@ def test_total_concurrency_limit(tmp_path) -> None:
     results: list = []
     for i, dom in enumerate(("pref.test", "aonly.test", "cname.test")):
         e, r = env(f"u@{dom}", qid=f"Q{i}")
-        agent.deliver(e, r, msg).addCallback(results.append)
+        agent.deliver(e, r, msg, report=lambda outcomes: None).addCallback(results.append)
     assert len(net.connects) == 2
     net.release(0)
     # Q0 done; its idle connection is closed to make room for the third destination.
@@ -844,7 +844,7 @@ def test_scheduler_records_the_fast_domain_while_the_slow_one_is_in_data(tmp_pat
     # a crash now: the next daemon's scheduler sends only to the slow domain
     given: list[list[str]] = []
 
-    def after_crash(envelope, recipients):
+    def after_crash(envelope, recipients, report):
         given.append([r.address for r in recipients])
         return defer.Deferred()
 

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from mailhub.address import normalize_domain
-from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
+from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
 from mailhub.delivery.router import NO_RELAY_TEXT, Router
 from mailhub.queue.spool import Spool
 
@@ -30,7 +30,7 @@ class FakeAgent:
     auto: bool = True
     calls: list = field(default_factory=list)
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> Deferred:
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction) -> Deferred:
         d: Deferred = Deferred()
         self.calls.append(([r.address for r in recipients], message_path, d))
         if self.auto:
@@ -53,7 +53,7 @@ ENV = Envelope(
 
 def run(router: Router, recipients=None) -> list[Outcome]:
     results = []
-    router(ENV, recipients or ENV.recipients).addCallback(results.append)
+    router(ENV, recipients or ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
     assert results, "router result did not fire"
     return results[0]
 
@@ -78,7 +78,7 @@ def test_no_remote_agent_is_temporary(spool):
 def test_agents_run_concurrently(spool):
     local, remote = FakeAgent(auto=False), FakeAgent(auto=False)
     results = []
-    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients).addCallback(results.append)
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
     assert len(local.calls) == 1 and len(remote.calls) == 1 and not results
     remote.calls[0][2].callback([Outcome.permanent("far@remote.example", "no such user", 550, "5.1.1")])
     assert not results
@@ -90,7 +90,7 @@ def test_agents_run_concurrently(spool):
 @pytest.mark.parametrize("how", ["raise", "errback"])
 def test_agent_failure_only_affects_its_recipients(spool, how):
     class Broken:
-        def deliver(self, envelope, recipients, message_path):
+        def deliver(self, envelope, recipients, message_path, report):
             if how == "raise":
                 raise RuntimeError("boom")
             return defer.fail(RuntimeError("boom"))
@@ -103,12 +103,12 @@ def test_agent_failure_only_affects_its_recipients(spool, how):
 
 def test_missing_and_stray_outcomes(spool):
     class Sloppy:
-        def deliver(self, envelope, recipients, message_path):
+        def deliver(self, envelope, recipients, message_path, report):
             return defer.succeed([Outcome.delivered("me@Local.Example"), Outcome.delivered("far@remote.example")])
 
     remote = FakeAgent(auto=False)
     results = []
-    Router(spool, FakeDirectory("local.example"), Sloppy(), remote)(ENV, ENV.recipients).addCallback(results.append)
+    Router(spool, FakeDirectory("local.example"), Sloppy(), remote)(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
     # the local agent's claim about the remote recipient is ignored
     remote.calls[0][2].callback([Outcome.temporary("far@remote.example", "busy")])
     [out] = results
@@ -144,7 +144,7 @@ def test_remote_outcome_fields_survive_the_merge(spool):
     """The scheduler's success notices read remote_mta and dsn_passed off the merged outcomes."""
     local, remote = FakeAgent(), FakeAgent(auto=False)
     results = []
-    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients).addCallback(results.append)
+    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
     relayed = Outcome.delivered("far@remote.example", "host mx said: 250 ok", "mx[192.0.2.1]:25", dsn_passed=True)
     remote.calls[0][2].callback([relayed])
     [out] = results
@@ -161,7 +161,7 @@ class ReportingAgent:
 
     calls: list = field(default_factory=list)
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str, report=None) -> Deferred:
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction) -> Deferred:
         d: Deferred = Deferred()
         self.calls.append(([r.address for r in recipients], report, d))
         return d

@@ -18,9 +18,10 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent
 
-from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
+from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient, ReportFunction
 from mailhub.queue.scheduler import RetryPolicy, Scheduler
-from mailhub.queue.spool import FOOTER_SIZE, Spool
+from mailhub.queue.queuefile import FOOTER_SIZE
+from mailhub.queue.spool import Spool
 
 T0 = 1_700_000_000.0
 BODY = b"Subject: hello\r\nFrom: alice@example.com\r\nMessage-ID: <m1@example.com>\r\n\r\nHi there.\r\n"
@@ -43,7 +44,7 @@ class FakeDeliver:
     auto: bool = True
     calls: list[Call] = field(default_factory=list)
 
-    def __call__(self, envelope: Envelope, recipients: list[Recipient]) -> Deferred:
+    def __call__(self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction) -> Deferred:
         d: Deferred = Deferred()
         self.calls.append(Call(envelope, [r.address for r in recipients], d, self.clock.seconds()))
         if self.auto:
@@ -225,8 +226,8 @@ def test_bounce_bytes_parse_back(spool, clock):
     deliver = FakeDeliver(clock, {"bob@example.org": [(550, "5.1.1", "user unknown")]})
     deliver_bounces = FakeDeliver(clock, auto=False)
 
-    def route(envelope, rcpts):
-        return (deliver_bounces if envelope.sender == "" else deliver)(envelope, rcpts)
+    def route(envelope, rcpts, report):
+        return (deliver_bounces if envelope.sender == "" else deliver)(envelope, rcpts, report)
 
     env = queue(spool, clock, rcpts=[Recipient("bob@example.org", original="b@example.org")])
     make(spool, clock, route)
@@ -256,7 +257,7 @@ def test_expiry_bounces_with_4_4_7(spool, clock):
     policy = RetryPolicy(min_backoff=300, max_backoff=4000, max_queue_lifetime=1000, jitter=0)
     deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "mailbox busy")] * 10})
     deliver_bounces = FakeDeliver(clock, auto=False)
-    route = lambda e, r: (deliver_bounces if e.sender == "" else deliver)(e, r)
+    route = lambda e, r, report: (deliver_bounces if e.sender == "" else deliver)(e, r, report)
     env = queue(spool, clock)
     make(spool, clock, route, policy)
     clock.advance(300)
@@ -285,7 +286,7 @@ def test_mixed_outcomes(spool, clock):
         },
     )
     deliver_bounces = FakeDeliver(clock, auto=False)
-    route = lambda e, r: (deliver_bounces if e.sender == "" else deliver)(e, r)
+    route = lambda e, r, report: (deliver_bounces if e.sender == "" else deliver)(e, r, report)
     env = queue(spool, clock, rcpts=("ok@example.org", "gone@example.org", "busy@example.org"))
     make(spool, clock, route)
     states = {r["address"]: r["state"] for r in on_disk(spool, env.queue_id)["recipients"]}
@@ -301,7 +302,7 @@ def test_mixed_outcomes(spool, clock):
 def test_null_sender_gets_no_bounce_but_postmaster_gets_one_double_bounce(spool, clock, events):
     deliver = FakeDeliver(clock, {"bob@example.org": [(550, "5.1.1", "user unknown")]})
     to_postmaster = FakeDeliver(clock, {"postmaster@mx.example.org": [(550, "5.2.0", "postmaster broken")]})
-    route = lambda e, r: (to_postmaster if e.client.get("double_bounce") else deliver)(e, r)
+    route = lambda e, r, report: (to_postmaster if e.client.get("double_bounce") else deliver)(e, r, report)
     env = queue(spool, clock, sender="")
     make(spool, clock, route)
     # one double bounce to the postmaster, and it failed too: nothing more
@@ -336,7 +337,7 @@ def test_delay_warning_sent_once(spool, clock):
     policy = RetryPolicy(delay_warning=500, jitter=0)
     deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "busy")] * 10})
     deliver_bounces = FakeDeliver(clock, auto=False)
-    route = lambda e, r: (deliver_bounces if e.sender == "" else deliver)(e, r)
+    route = lambda e, r, report: (deliver_bounces if e.sender == "" else deliver)(e, r, report)
     env = queue(spool, clock)
     make(spool, clock, route, policy)
     clock.advance(300)
@@ -535,7 +536,7 @@ def test_stop_service_waits_for_deliveries(spool, clock):
 def test_deliver_exception_is_temporary(spool, clock, how):
     calls = []
 
-    def deliver(envelope, recipients):
+    def deliver(envelope, recipients, report):
         calls.append(clock.seconds())
         if how == "raise":
             raise RuntimeError("agent bug")
@@ -553,7 +554,7 @@ def test_deliver_exception_is_temporary(spool, clock, how):
 
 
 def test_unreported_recipient_is_temporary(spool, clock):
-    def deliver(envelope, recipients):
+    def deliver(envelope, recipients, report):
         return defer.succeed([Outcome.delivered("a@example.org"), Outcome.delivered("stranger@example.org")])
 
     env = queue(spool, clock, rcpts=("a@example.org", "b@example.org"))
@@ -609,7 +610,7 @@ class Scripted:
     outcomes: dict = field(default_factory=dict)
     calls: list = field(default_factory=list)
 
-    def __call__(self, envelope: Envelope, recipients: list[Recipient]) -> Deferred:
+    def __call__(self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction) -> Deferred:
         self.calls.append((envelope, [r.address for r in recipients]))
         if envelope.sender == "":
             return Deferred()  # keep notifications in the spool to read them
@@ -697,7 +698,7 @@ def test_no_success_notice_without_success_keyword(spool, clock, notify):
 def test_null_sender_never_gets_a_success_notice(spool, clock, how):
     calls = []
 
-    def deliver(e, rcpts):
+    def deliver(e, rcpts, report):
         calls.append([r.address for r in rcpts])
         return defer.succeed([
             Outcome.delivered(r.address) if how == "local" else relayed(r.address, dsn_passed=False) for r in rcpts
@@ -735,11 +736,11 @@ def test_success_notice_per_round(spool, clock):
     deliver = FakeDeliver(clock, {"b@example.org": [(451, "4.2.0", "busy")]})
     routed = []
 
-    def route(e, r):
+    def route(e, r, report):
         if e.sender == "":
             routed.append(e)
             return Deferred()
-        return deliver(e, r)
+        return deliver(e, r, report)
 
     rcpts = [Recipient(a, notify=["SUCCESS", "DELAY"]) for a in ("a@example.org", "b@example.org")]
     queue(spool, clock, rcpts=rcpts, esmtp={"envid": "R2"})
@@ -758,7 +759,7 @@ def test_success_notice_per_round(spool, clock):
 
 def test_delay_warning_carries_envid_and_orcpt(spool, clock):
     deliver = FakeDeliver(clock, {"bob@example.org": [(451, "4.2.0", "busy")] * 10})
-    route = lambda e, r: Deferred() if e.sender == "" else deliver(e, r)
+    route = lambda e, r, report: Deferred() if e.sender == "" else deliver(e, r, report)
     queue(spool, clock, rcpts=[Recipient("bob@example.org", orcpt="rfc822;first@example.org")],
           esmtp={"envid": "D-1", "ret": "FULL"})
     make(spool, clock, route, RetryPolicy(jitter=0, delay_warning=200))
@@ -782,7 +783,7 @@ class SlowAndFast:
     slow: list = field(default_factory=list)  # (queue id, Deferred)
     fast: list = field(default_factory=list)
 
-    def __call__(self, envelope: Envelope, recipients: list[Recipient]) -> Deferred:
+    def __call__(self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction) -> Deferred:
         if any(r.address.endswith("@slow.example") for r in recipients):
             d: Deferred = Deferred()
             self.slow.append((envelope.queue_id, d, [r.address for r in recipients]))
@@ -952,7 +953,7 @@ def bounce_held_back(clock: task.Clock) -> tuple[FakeDeliver, FakeDeliver, objec
     """(deliver for originals: bob@example.net refused; deliver for notifications: never answers; route)."""
     originals = FakeDeliver(clock, {"bob@example.net": [(550, "5.1.1", "no such user")]})
     notices = FakeDeliver(clock, auto=False)
-    return originals, notices, lambda e, r: (notices if e.client.get("bounce_of") else originals)(e, r)
+    return originals, notices, lambda e, r, report: (notices if e.client.get("bounce_of") else originals)(e, r, report)
 
 
 def test_double_bounce_follows_the_postmaster_alias(spool, clock):
@@ -1005,7 +1006,7 @@ def test_failed_bounce_to_an_aliased_postmaster_is_discarded(spool, clock, event
 class RemoteRefuses:
     """The remote agent: every recipient refused for good."""
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> Deferred:
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction) -> Deferred:
         return defer.succeed([Outcome.permanent(r.address, "no such user", 550, "5.1.1", remote_mta="mx.example.net")
                               for r in recipients])
 
@@ -1163,11 +1164,11 @@ class Progress:
 
 @dataclass
 class ReportingDeliver:
-    """deliver(envelope, recipients, report=None): the test reports and fires by hand."""
+    """deliver(envelope, recipients, report): the test reports and fires by hand."""
 
     calls: list[Progress] = field(default_factory=list)
 
-    def __call__(self, envelope: Envelope, recipients: list[Recipient], report=None) -> Deferred:
+    def __call__(self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction) -> Deferred:
         d: Deferred = Deferred()
         self.calls.append(Progress([r.address for r in recipients], report, d))
         return d
@@ -1185,18 +1186,6 @@ def counting_updates(spool: Spool, monkeypatch) -> list[str]:
     real_update = spool.update
     monkeypatch.setattr(spool, "update", lambda e: (updates.append(e.queue_id), real_update(e)))
     return updates
-
-
-def test_takes_report():
-    from mailhub.queue.scheduler import takes_report
-
-    assert takes_report(lambda e, r, report=None: None)
-    assert takes_report(lambda e, r, *, report=None: None)
-    assert takes_report(lambda *a, **kw: None)
-    assert not takes_report(lambda e, r: None)
-    assert not takes_report(FakeDeliver(task.Clock()))
-    assert takes_report(ReportingDeliver())
-    assert not takes_report(len)  # a builtin: no signature to read, so no report
 
 
 def test_fast_destination_is_on_disk_while_the_slow_one_is_pending(tmp_path, spool, clock, monkeypatch, events):
@@ -1395,7 +1384,7 @@ def test_router_reports_the_local_batch_before_the_remote_agent_ends(tmp_path, s
     remote = []
 
     class SlowRemote:
-        def deliver(self, envelope, recipients, message_path):
+        def deliver(self, envelope, recipients, message_path, report):
             remote.append(Deferred())
             return remote[-1]
 
@@ -1437,7 +1426,8 @@ def test_queue_stats_from_memory(tmp_path):
 
     from mailhub.envelope import Envelope, Recipient
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
-    from mailhub.queue.spool import Spool, new_queue_id
+    from mailhub.queue.queuefile import new_queue_id
+    from mailhub.queue.spool import Spool
 
     spool = Spool(str(tmp_path / "spool"), fsync=False)
     clock = Clock()

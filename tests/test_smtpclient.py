@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from mailhub.relay import client as smtpclient
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
-from mailhub.queue.spool import queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
 from mailhub.relay.client import (
     CHUNK_SIZE,
     MAX_LINE,

@@ -10,9 +10,11 @@ import os
 
 import pytest
 
+from mailhub.queue import durable, queuefile
 from mailhub.queue import spool as spool_module
 from mailhub.envelope import DELIVERED, Envelope, EnvelopeFormatError, Recipient
-from mailhub.queue.spool import Spool, is_queue_id, new_queue_id
+from mailhub.queue.queuefile import is_queue_id, new_queue_id
+from mailhub.queue.spool import Spool
 
 BODY = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -62,8 +64,8 @@ def test_commit_then_load(spool):
     with open(spool.message_path(env.queue_id), "rb") as f:
         raw = f.read()
     assert raw.startswith(BODY)
-    footer = raw[-spool_module.FOOTER_SIZE:]
-    env_json = raw[len(BODY):-spool_module.FOOTER_SIZE]
+    footer = raw[-queuefile.FOOTER_SIZE:]
+    env_json = raw[len(BODY):-queuefile.FOOTER_SIZE]
     assert footer == b"\n#mailhub-queue 2 %016x %08x\n" % (len(BODY), len(env_json))
     data = json.loads(env_json)
     assert data["version"] == 1 and data["recipients"][0]["address"] == "b@example.org"
@@ -120,7 +122,7 @@ def test_open_message_with_an_envelope_bigger_than_the_tail_read(spool):
     w.write(BODY)
     env = Envelope(w.queue_id, "a@example.com", [Recipient(f"r{i}@example.org") for i in range(400)], arrival=1.0)
     w.commit(env)
-    assert len(env.to_json()) > spool_module._TAIL_READ
+    assert len(env.to_json()) > queuefile._TAIL_READ
     assert message(spool, env.queue_id) == BODY
     assert spool.load(env.queue_id) == env
 
@@ -134,12 +136,12 @@ def test_open_message_refuses_what_is_not_a_queue_file(spool, damage):
     raw = {
         "truncated": raw[:-10],
         "no footer": BODY,
-        "wrong lengths": raw[:-spool_module.FOOTER_SIZE] + b"\n#mailhub-queue 2 %016x %08x\n" % (1, 2),
+        "wrong lengths": raw[:-queuefile.FOOTER_SIZE] + b"\n#mailhub-queue 2 %016x %08x\n" % (1, 2),
         "empty": b"",
     }[damage]
     with open(path, "wb") as f:
         f.write(raw)
-    with pytest.raises(spool_module.QueueFileError):
+    with pytest.raises(queuefile.QueueFileError):
         spool.open_message(env.queue_id)
     with pytest.raises(EnvelopeFormatError):
         spool.load(env.queue_id)
@@ -264,7 +266,7 @@ def test_add(spool):
 def test_queue_file_bytes_is_what_a_commit_writes(spool):
     env = commit(spool)
     with open(spool.message_path(env.queue_id), "rb") as f:
-        assert f.read() == spool_module.queue_file_bytes(BODY, env)
+        assert f.read() == queuefile.queue_file_bytes(BODY, env)
 
 
 def test_ids_unique_and_sortable():
@@ -284,7 +286,7 @@ def test_ids_unique_and_sortable():
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_oserror_during_commit_leaves_nothing_queued(tmp_path, monkeypatch, fail_at, size):
     spool = Spool(str(tmp_path / "spool"))
-    real_rename, real_fsync, real_fsync_dir, real_write = os.rename, os.fsync, spool_module._fsync_dir, os.write
+    real_rename, real_fsync, real_fsync_dir, real_write = os.rename, os.fsync, durable.fsync_dir, os.write
 
     def rename(src, dst):
         if fail_at == "rename" and "/queue/" in dst:
@@ -311,7 +313,7 @@ def test_oserror_during_commit_leaves_nothing_queued(tmp_path, monkeypatch, fail
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "write", write)
-    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
     if size == "large" and fail_at == "write":
         w._file = ShortWrites(w._file)
         w._file.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
@@ -528,7 +530,7 @@ def test_dirsync_one_fsync_covers_concurrent_callers():
             started.set()
             release.wait(5)
 
-    ds = spool_module.DirSync()
+    ds = durable.DirSync()
     first = threading.Thread(target=ds.sync, args=(slow_fsync,), name="first")
     first.start()
     assert started.wait(5)
@@ -544,7 +546,7 @@ def test_dirsync_one_fsync_covers_concurrent_callers():
 
 
 def test_dirsync_error_reaches_every_waiter():
-    ds = spool_module.DirSync()
+    ds = durable.DirSync()
 
     def broken():
         raise OSError(5, "I/O error")
@@ -559,14 +561,14 @@ def test_remover_unlinks_envelope_only_after_queue_fsync(tmp_path, monkeypatch):
     env = commit(spool)
     spool.update(env)
     events = []
-    real = spool_module._fsync_dir
+    real = durable.fsync_dir
 
     def fsync_dir(path):
         events.append(("fsync", os.path.basename(path), os.path.exists(spool.message_path(env.queue_id)),
                        os.path.exists(spool.envelope_path(env.queue_id))))
         return real(path)
 
-    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
     spool.remove(env.queue_id)
     spool.drain()
     # queue file already unlinked, envelope still there, when queue/ was synced
@@ -578,7 +580,7 @@ def test_remover_of_a_message_never_updated_makes_no_fsync(tmp_path, monkeypatch
     spool = Spool(str(tmp_path / "spool"))
     env = commit(spool)
     events = []
-    monkeypatch.setattr(spool_module, "_fsync_dir", events.append)
+    monkeypatch.setattr(durable, "fsync_dir", events.append)
     spool.remove(env.queue_id)
     spool.drain()
     assert events == [] and listing(spool) == EMPTY
@@ -592,7 +594,7 @@ def test_remover_keeps_envelope_when_fsync_fails(tmp_path, monkeypatch):
     def fsync_dir(path):
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(spool_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
     spool.remove(env.queue_id)
     spool.drain()
     monkeypatch.undo()
@@ -608,8 +610,8 @@ def test_update_while_removing_refused(tmp_path, monkeypatch):
     import threading
 
     gate = threading.Event()
-    real = spool_module._fsync_dir
-    monkeypatch.setattr(spool_module, "_fsync_dir", lambda p: (gate.wait(5), real(p)))
+    real = durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_dir", lambda p: (gate.wait(5), real(p)))
     spool.remove(env.queue_id)
     assert os.path.exists(spool.envelope_path(env.queue_id))  # the remover is blocked
     with pytest.raises(KeyError):

@@ -35,7 +35,8 @@ from mailhub.delivery.local import LocalDelivery
 from mailhub.smtp.policy import Policy
 from mailhub.delivery.router import Router
 from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
-from mailhub.queue.spool import Spool, queue_file_bytes
+from mailhub.queue.queuefile import queue_file_bytes
+from mailhub.queue.spool import Spool
 from mailhub.config import check_maildir_name
 from mailhub.delivery.system import Accounts
 
@@ -124,7 +125,7 @@ def deliver(d: Directory, tmp_path, *rcpts: str, data: bytes = MESSAGE, qid: str
     path.write_bytes(queue_file_bytes(data, env))  # a queue file, as the spool commits it
     agent = LocalDelivery(d, "mx.example.org", run=sync_run)
     out = []
-    agent.deliver(env, env.recipients, str(path)).addBoth(out.append)
+    agent.deliver(env, env.recipients, str(path), report=lambda outcomes: None).addBoth(out.append)
     return out[0]
 
 
@@ -524,7 +525,7 @@ def test_e2e_smtp_to_home_maildir(reactor, passwd, homes, tmp_path):
     (env,) = queued
     assert [r.address for r in env.recipients] == ["alice@example.org", "bob@example.org"]
     agent = LocalDelivery(directory, "mx.example.org", run=threads.deferToThread)
-    outcomes = in_reactor(reactor, Router(spool, directory, agent), env, env.recipients)
+    outcomes = in_reactor(reactor, Router(spool, directory, agent), env, env.recipients, lambda outcomes: None)
     assert [o.kind for o in outcomes] == ["delivered", "delivered"]
     for user, uid in (("alice", 1000), ("bob", 1001)):
         box = mailbox.Maildir(str(homes[user] / "Maildir"), create=False)

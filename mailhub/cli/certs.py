@@ -17,8 +17,8 @@ from typing import TextIO
 
 from twisted.python import usage
 
-from mailhub.tls import make_self_signed
 from mailhub.cli import Command
+from mailhub.tls import make_self_signed
 
 __all__ = ["MakeCertOptions", "run_make_cert"]
 

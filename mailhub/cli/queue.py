@@ -32,9 +32,11 @@ from typing import Any, Callable, TextIO
 from twisted.python import usage
 
 from mailhub.cli import Command, silence
-from mailhub.envelope import EnvelopeFormatError, PENDING
+from mailhub.envelope import PENDING, EnvelopeFormatError
 from mailhub.queue.pickup import list_pickup, pickup_dirs
-from mailhub.queue.spool import QueueFileError, Spool, is_queue_id
+from mailhub.queue.queuefile import QueueFileError, is_queue_id
+from mailhub.queue.spool import Spool
+from mailhub.queue.status import HELD, REMOVE_PENDING
 
 __all__ = ["QueueOptions", "run_queue", "main"]
 
@@ -253,8 +255,8 @@ _DONE = {"delete": "deleted", "hold": "on hold", "release": "released", "flush":
 #: what to print instead of _DONE when the daemon answers with a status
 #: (L{mailhub.queue.control.ControlClient.ask}); not errors: the exit status is 0
 _STATUS_TEXT = {
-    ("delete", "pending"): "delete pending (being delivered now: removed when that attempt ends, without notices)",
-    ("flush", "held"): "on hold, not flushed (release it first)",
+    ("delete", REMOVE_PENDING): "delete pending (being delivered now: removed when that attempt ends, without notices)",
+    ("flush", HELD): "on hold, not flushed (release it first)",
 }
 
 Control = Callable[[str, "str | None"], "tuple[str | None, str]"]

@@ -31,8 +31,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
-from mailhub.cli import silence
 from mailhub.address import AddressError, parse_mailbox, parse_path
+from mailhub.cli import silence
 from mailhub.queue.pickup import MessageTooLarge, clean_fullname, write_pickup
 
 __all__ = [

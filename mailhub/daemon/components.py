@@ -21,8 +21,8 @@ from typing import Any
 from twisted.logger import Logger
 
 from mailhub.config import DEFAULTS_SOURCE, Config, ConfigError, find_config_file, load_config, read_secret
-from mailhub.loglevel import set_level as set_log_level
 from mailhub.daemon.reload import Live, Reloader
+from mailhub.loglevel import set_level as set_log_level
 
 __all__ = ["build_components", "tap_reloader"]
 
@@ -75,10 +75,10 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
 
     @raise ConfigError: one line (an aliases file error names FILE:LINE).
     """
-    from mailhub.users import UsersFile
+    from mailhub.daemon.reload import Delegate
     from mailhub.delivery.directory import AliasesError, Directory, directory_args
     from mailhub.smtp.policy import Policy
-    from mailhub.daemon.reload import Delegate
+    from mailhub.users import UsersFile
 
     source = config.source or DEFAULTS_SOURCE
     try:

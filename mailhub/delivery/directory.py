@@ -43,10 +43,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailhub import address
-
-from mailhub.delivery import system
 from mailhub.address import AddressError, Mailbox
 from mailhub.config import check_maildir_name
+from mailhub.delivery import system
 
 __all__ = [
     "RecipientError",

@@ -39,8 +39,9 @@ from twisted.python.failure import Failure
 
 from mailhub.delivery import system
 from mailhub.delivery.directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient
-from mailhub.envelope import Envelope, Outcome, Recipient
-from mailhub.queue.spool import DirSync, QueueFileError, open_message
+from mailhub.envelope import Envelope, Outcome, Recipient, ReportFunction
+from mailhub.queue.durable import DirSync
+from mailhub.queue.queuefile import QueueFileError, open_message
 
 __all__ = ["LocalDelivery", "CHUNK_SIZE"]
 
@@ -221,7 +222,9 @@ class LocalDelivery:
 
     # -- the DeliveryAgent interface ---------------------------------------------------
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> defer.Deferred:
+    def deliver(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction
+    ) -> defer.Deferred:
         """
         Deliver the message at C{message_path} to each of C{recipients}.
         Fires with one L{Outcome} per recipient, in order; never errbacks:

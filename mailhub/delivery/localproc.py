@@ -58,8 +58,8 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailhub.envelope import Envelope, Outcome, Recipient
 import mailhub
+from mailhub.envelope import Envelope, Outcome, Recipient, ReportFunction
 
 __all__ = ["LocalDeliveryProcesses", "settings_for", "main", "MAX_LINE"]
 
@@ -401,7 +401,9 @@ class LocalDeliveryProcesses(service.Service):
 
     # -- the DeliveryAgent interface ------------------------------------------------------------
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> defer.Deferred[list[Outcome]]:
+    def deliver(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction
+    ) -> defer.Deferred[list[Outcome]]:
         """Fires with one L{Outcome} per recipient, in order; never errbacks."""
         addresses = [r.address for r in recipients]
         return self.submit(

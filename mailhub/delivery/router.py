@@ -6,9 +6,9 @@ domains to the local agent, everything else to the remote agent) and the
 merge of the agents' outcomes into one list with exactly one outcome per
 recipient given; passing outcomes on to the scheduler's C{report}
 callback as soon as they are known -- each agent's batch when that agent
-finishes (the local agent answers per call), and, for an agent whose
-C{deliver} takes C{report} (the remote agent: one report per next-hop
-transaction), each of its reports at once -- so one slow destination does
+finishes (the local agent answers per call), and each report an agent
+makes through the C{report} it is always given (the remote agent: one per
+next-hop transaction) at once -- so one slow destination does
 not hold back the recording of the others.  The first outcome known for a
 recipient is the one passed on and the one in the merged list.
 
@@ -26,30 +26,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.address import AddressError
-from mailhub.envelope import Envelope, Outcome, Recipient
-from mailhub.queue.scheduler import ReportFunction, takes_report
+from mailhub.envelope import DeliveryAgent, Envelope, Outcome, Recipient, ReportFunction
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailhub.queue.spool import Spool
 
-__all__ = ["DeliveryAgent", "ReportFunction", "Router", "NO_RELAY_TEXT"]
+__all__ = ["Router", "NO_RELAY_TEXT"]
 
 log = Logger()
 
 NO_RELAY_TEXT = "no route to non-local domain: relay not configured"
-
-
-class DeliveryAgent(Protocol):
-    """
-    What the router hands recipients to.  Returns one L{Outcome} per
-    recipient (delivered / temporary / permanent); never decides to retry.
-    An agent may also take C{report=}, a L{ReportFunction} to call with
-    outcomes as they become known (per transaction), before the Deferred
-    fires with all of them; agents without it are reported when they finish.
-    """
-
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> "Deferred[list[Outcome]]":
-        ...
 
 
 class _LocalDomains(Protocol):
@@ -77,8 +63,6 @@ class Router:
         self.directory = directory
         self.local = local
         self.remote = remote
-        self._local_reports = takes_report(local.deliver)
-        self._remote_reports = remote is not None and takes_report(remote.deliver)
 
     def split(self, recipients: list[Recipient]) -> tuple[list[Recipient], list[Recipient], list[Outcome]]:
         """
@@ -102,11 +86,11 @@ class Router:
         return local, remote, decided
 
     def __call__(
-        self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction | None = None
+        self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction
     ) -> "Deferred[list[Outcome]]":
         """
         Deliver through both agents at once; fires with one outcome per
-        recipient.  C{report}, if given, is called with outcomes as they
+        recipient.  C{report} is called with outcomes as they
         become known (each at most once per recipient), before this fires.
         """
         local, remote, decided = self.split(recipients)
@@ -114,7 +98,7 @@ class Router:
         known: dict[str, Outcome] = {}  # the first outcome per recipient
         rounds: list[Deferred] = []
         if local:
-            rounds.append(self._run(self.local, "local", envelope, local, path, known, report, self._local_reports))
+            rounds.append(self._run(self.local, "local", envelope, local, path, known, report))
         if remote:
             if self.remote is None:
                 # Trusted clients may relay, but no remote agent exists yet:
@@ -122,7 +106,7 @@ class Router:
                 decided += [Outcome.temporary(r.address, NO_RELAY_TEXT, 451, "4.4.0") for r in remote]
             else:
                 rounds.append(
-                    self._run(self.remote, "remote", envelope, remote, path, known, report, self._remote_reports)
+                    self._run(self.remote, "remote", envelope, remote, path, known, report)
                 )
         d = defer.gatherResults(rounds, consumeErrors=True)
         d.addCallback(self._merge, recipients, decided, envelope.queue_id, known)
@@ -136,8 +120,7 @@ class Router:
         recipients: list[Recipient],
         path: str,
         known: dict[str, Outcome],
-        report: ReportFunction | None,
-        agent_reports: bool,
+        report: ReportFunction,
     ) -> Deferred:
         """
         One agent's round; its outcomes filtered to its own recipients, its
@@ -172,7 +155,7 @@ class Router:
                 if o.recipient not in known:
                     known[o.recipient] = o
                     new.append(o)
-            if new and report is not None:
+            if new:
                 try:
                     report(new)
                 except Exception:  # the caller's bug must not fail the agent's delivery
@@ -182,10 +165,7 @@ class Router:
             forward(outcomes)
             return outcomes
 
-        if agent_reports:
-            d = defer.maybeDeferred(agent.deliver, envelope, list(recipients), path, report=forward)
-        else:
-            d = defer.maybeDeferred(agent.deliver, envelope, list(recipients), path)
+        d = defer.maybeDeferred(agent.deliver, envelope, list(recipients), path, report=forward)
         d.addCallback(mine_only)
         d.addErrback(failed)
         d.addCallback(finished)

@@ -98,7 +98,7 @@ def check_request(data: Any, spool: str | None = None) -> dict[str, Any]:
     L{BadRequest}.  With C{spool} (the privileged processes), the message
     must be the queue file C{SPOOL/queue/QUEUE_ID} and nothing else.
     """
-    from mailhub.queue.spool import is_queue_id
+    from mailhub.queue.queuefile import is_queue_id
 
     if not isinstance(data, dict):
         raise BadRequest("not a JSON object")
@@ -221,14 +221,14 @@ class PrivilegedDelivery(LocalDeliveryProcesses):
         )
         self._fail_waiting_if_none_running()
 
-    def deliver(self, envelope: Any, recipients: Any, message_path: str) -> Any:
+    def deliver(self, envelope: Any, recipients: Any, message_path: str, report: Any) -> Any:
         if self.orphaned:
             from twisted.internet import defer
 
             return defer.succeed([
                 Outcome.temporary(r.address, "no local delivery process is running", 451, "4.3.0") for r in recipients
             ])
-        return super().deliver(envelope, recipients, message_path)
+        return super().deliver(envelope, recipients, message_path, report)
 
 
 # -- the supervisor ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
+
 from mailhub.config import DEFAULT_ALIASES, DEFAULT_HOME_MAILDIR, MAX_UID, MIN_UID
 
 __all__ = [

@@ -1,29 +1,42 @@
 """
-Delivery status notifications (RFC 3464): the bytes of a bounce, a delay
-warning or a success notice (RFC 3461 NOTIFY=SUCCESS: "delivered" or
-"relayed").
+Delivery status notifications (RFC 3464): a bounce, a delay warning or a
+success notice (RFC 3461 NOTIFY=SUCCESS: "delivered" or "relayed") -- what
+it says and who gets it.
 
-Owns: the text and structure of the DSN message -- a multipart/report with
-a human-readable part, the machine-readable message/delivery-status part
-and the original message's headers (or, for RET=FULL in a failure report,
-the whole original when it is small enough).
+Owns: the text and structure of the DSN message (L{make_dsn}, pure) -- a
+multipart/report with a human-readable part, the machine-readable
+message/delivery-status part and the original message's headers (or, for
+RET=FULL in a failure report, the whole original when it is small
+enough); and its composition (L{Notifier}): which recipients a notice
+covers (NOTIFY), to whom it goes (the sender, resolved like submitted
+mail; the postmaster for a bounce that cannot be returned), and queueing
+it as a new message from C{<>}.  Longer than most modules because both
+halves are one job, the notice; L{make_dsn} touches no file but the
+original it reads.
 
-Must not touch: the spool, the clock, the network.  Everything here is
-pure: the scheduler decides I{when} to notify and queues what this module
-returns as a new message from C{<>}.
+Must not touch: the clock (the time is given), the network, a message's
+envelope (the scheduler decides I{when} to notify and what an outcome
+means; L{Notifier} only reads the recipients it is given).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
-from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.spool import QueueFileError, open_message
+from twisted.logger import Logger
+
+from mailhub.address import AddressError
+from mailhub.delivery.directory import RecipientError
+from mailhub.envelope import DELIVERED, Envelope, Outcome, Recipient
+from mailhub.maillog import mail_event
+from mailhub.queue.queuefile import QueueFileError, new_queue_id, open_message
+from mailhub.queue.spool import Spool
 from mailhub.rfc5322 import format_date
 
 __all__ = [
+    "Notifier",
     "make_dsn",
     "FAILED_ACTION",
     "DELAYED_ACTION",
@@ -33,6 +46,8 @@ __all__ = [
     "HEADERS_LIMIT",
     "FULL_LIMIT",
 ]
+
+log = Logger()
 
 #: RFC 3464 2.3.3 Action values mailhub reports.  "expanded" is not used:
 #: aliases are expanded at RCPT time and each target reported on its own.
@@ -183,7 +198,7 @@ def make_dsn(
     Build the DSN for C{recipients} of C{envelope}.
 
     @param original: the original message, as bytes or the path of its
-        queue file (L{mailhub.queue.spool.open_message}: read bounded, never whole).
+        queue file (L{mailhub.queue.queuefile.open_message}: read bounded, never whole).
     @param reporting_mta: this host's name (Reporting-MTA, From domain).
     @param now: the time of the report (Date, Message-ID).
     @param action: C{"failed"} (a bounce), C{"delayed"} (a warning), or
@@ -375,3 +390,233 @@ def make_dsn(
         out.append(b"\r\n")
     out.append(f"--{boundary}--\r\n".encode("utf-8"))
     return b"".join(out)
+
+
+class _Unresolved(Exception):
+    """A notification recipient the resolver refused; C{temporary} for a 4xx."""
+
+    def __init__(self, text: str, temporary: bool) -> None:
+        super().__init__(text)
+        self.text = text
+        self.temporary = temporary
+
+
+class Notifier:
+    """
+    Composes and queues the notices of a delivery round: bounces, delay
+    warnings and success notices, each a new message from C{<>} built by
+    L{make_dsn}, committed to C{spool} and handed to C{enqueue}.  Decides
+    who gets one (RFC 3461 NOTIFY; a bounce of a bounce goes to the
+    postmaster once, never to C{<>}; a double bounce is discarded) and
+    addresses it through C{resolve}, the recipient resolver submitted mail
+    goes through (aliases, extensions).
+
+    @param expires: the time a message's pending recipients are given up
+        (the Retry-Until of a delay warning).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        enqueue: Callable[[Envelope], None],
+        hostname: str,
+        postmaster: str,
+        expires: Callable[[Envelope], float],
+        resolve: Callable[[str], list[str]] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.enqueue = enqueue
+        self.hostname = hostname
+        self.postmaster = postmaster
+        self.expires = expires
+        self.resolve = resolve
+
+
+    _KEYWORD = {
+        FAILED_ACTION: "FAILURE",
+        DELAYED_ACTION: "DELAY",
+        DELIVERED_ACTION: "SUCCESS",
+        RELAYED_ACTION: "SUCCESS",
+    }
+
+    @classmethod
+    def _wants(cls, r: Recipient, action: str) -> bool:
+        """
+        RFC 3461 4.1 NOTIFY: NEVER means nothing; no keywords means the
+        default (failures and delays, never success); otherwise the keyword
+        that names the event.
+        """
+        notify = {n.upper() for n in r.notify}
+        if "NEVER" in notify:
+            return False
+        if not notify:
+            return action in (FAILED_ACTION, DELAYED_ACTION)
+        return cls._KEYWORD[action] in notify
+
+    def success(self, env: Envelope, recipients: list[Recipient], outcomes: list[Outcome], now: float) -> None:
+        """
+        RFC 3461 NOTIFY=SUCCESS: one notice for the recipients delivered in
+        this round.  "delivered" for a local delivery (no remote MTA);
+        "relayed" for a hand-over to a next hop that did not offer DSN
+        (RFC 3461 5.2.2); nothing for a next hop that took NOTIFY with the
+        message -- the success notice is then its job.  The delivery itself
+        is done whatever happens here, so a notice that cannot be queued is
+        logged and lost, never a reason to deliver again.
+        """
+        if not env.sender:
+            return
+        passed = {o.recipient for o in outcomes if o.dsn_passed}
+        actions: dict[str, str] = {}
+        for r in recipients:
+            if r.state != DELIVERED or not any(n.upper() == "SUCCESS" for n in r.notify):
+                continue
+            if not r.remote_mta:
+                actions[r.address] = DELIVERED_ACTION
+            elif r.address not in passed:
+                actions[r.address] = RELAYED_ACTION
+        if not actions:
+            return
+        chosen = [r for r in recipients if r.address in actions]
+        kind = DELIVERED_ACTION if DELIVERED_ACTION in actions.values() else RELAYED_ACTION
+        self.notify(env, chosen, now, kind, actions)
+
+    def notify(
+        self,
+        env: Envelope,
+        recipients: list[Recipient],
+        now: float,
+        action: str,
+        actions: dict[str, str] | None = None,
+    ) -> bool:
+        """
+        Queue a DSN about C{recipients}.  Returns False only when it could
+        not be queued (spool error), so the caller keeps the recipients.
+
+        @param actions: per-recipient Action where it differs from C{action}.
+        """
+        qid = env.queue_id
+        actions = actions or {}
+        recipients = [r for r in recipients if self._wants(r, actions.get(r.address, action))]
+        if not recipients:
+            return True
+        to = env.sender
+        client: dict[str, Any] = {"protocol": "dsn", "bounce_of": qid}
+        if not env.sender:
+            if action != FAILED_ACTION:
+                return True
+            if env.client.get("double_bounce"):
+                mail_event("bounce", "{queue_id}: undeliverable postmaster notification discarded", queue_id=qid)
+                return True
+            postmaster = self.postmaster.lower()
+            if all(postmaster in (r.address.lower(), r.original.lower()) for r in recipients):
+                mail_event("bounce", "{queue_id}: undeliverable bounce to postmaster discarded", queue_id=qid)
+                return True
+            to = self.postmaster
+            client["double_bounce"] = True
+        addressed = self._address_notice(qid, to, client, action)
+        if isinstance(addressed, bool):
+            return addressed  # False: try again later; True: discarded
+        to, finals = addressed
+        try:
+            message = make_dsn(
+                env,
+                recipients,
+                self.spool.message_path(qid),
+                self.hostname,
+                now,
+                action,
+                qid,
+                to=to,
+                retry_until=self.expires(env),
+                actions=actions,
+            )
+            esmtp: dict[str, Any] = {}
+            if not message.isascii():
+                esmtp["body"] = "8BITMIME"
+            if not all(a.isascii() for a in [to, *finals]):
+                esmtp["smtputf8"] = True
+            dsn = Envelope(
+                queue_id=new_queue_id(now),
+                sender="",
+                recipients=[Recipient(final, original=to) for final in finals],
+                arrival=now,
+                next_attempt=now,
+                esmtp=esmtp,
+                client=client,
+            )
+            self.spool.add(dsn, message)
+        except OSError as e:
+            log.error("{queue_id}: cannot queue a {action} notification: {error}", queue_id=qid, action=action, error=e)
+            return False
+        if action == DELAYED_ACTION:
+            kind = "delay notification"
+        elif action in (DELIVERED_ACTION, RELAYED_ACTION):
+            kind = "sender delivery status notification"
+        elif client.get("double_bounce"):
+            kind = "postmaster non-delivery notification"
+        else:
+            kind = "sender non-delivery notification"
+        mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind=kind, dsn_id=dsn.queue_id)
+        self.enqueue(dsn)
+        return True
+
+    def _address_notice(
+        self, qid: str, to: str, client: dict[str, Any], action: str
+    ) -> tuple[str, list[str]] | bool:
+        """
+        (recipient, its final addresses) of a notification to C{to}.  A
+        sender that no longer resolves gets no notice: a bounce goes to
+        the postmaster instead (C{client} is marked a double bounce), other
+        notices are dropped (C{True}); a postmaster that does not resolve
+        gets it unexpanded -- its own mailbox, the postmaster rule, is the
+        last place left.  C{False}: a temporary error, try again later.
+        """
+        while True:
+            try:
+                return to, self._resolve(to)
+            except _Unresolved as e:
+                if e.temporary:
+                    log.warn(
+                        "{queue_id}: cannot resolve the notification recipient {to} now: {error}",
+                        queue_id=qid, to=to, error=e.text,
+                    )
+                    return False
+                if client.get("double_bounce"):
+                    log.error(
+                        "{queue_id}: cannot resolve the notification recipient {to}: {error}; sending to it unexpanded",
+                        queue_id=qid, to=to, error=e.text,
+                    )
+                    return to, [to]
+                if action != FAILED_ACTION:
+                    log.warn(
+                        "{queue_id}: {action} notification for {to} discarded: {error}",
+                        queue_id=qid, action=action, to=to, error=e.text,
+                    )
+                    return True
+                log.warn(
+                    "{queue_id}: cannot resolve the sender {to}: {error}; notifying the postmaster",
+                    queue_id=qid, to=to, error=e.text,
+                )
+                to = self.postmaster
+                client["double_bounce"] = True
+
+    def _resolve(self, to: str) -> list[str]:
+        """
+        The final addresses of a notification's recipient, as local delivery
+        expects them (an alias or C{user+tag} address has no Maildir of its
+        own).
+
+        @raise _Unresolved: the resolver refused it (temporary for a 4xx).
+        """
+        if self.resolve is None:
+            return [to]
+        try:
+            finals = [a for a in self.resolve(to) if a]
+        except RecipientError as e:
+            raise _Unresolved(str(e), 400 <= e.code < 500) from e
+        except AddressError as e:
+            raise _Unresolved(f"bad address: {e}", False) from e
+        except Exception as e:  # a bug: never lose the round for it
+            log.failure("cannot resolve the notification recipient {to}", to=to)
+            raise _Unresolved(f"{type(e).__name__}: {e}", False) from e
+        return finals or [to]

@@ -58,8 +58,9 @@ from twisted.logger import Logger
 from mailhub.address import AddressError, parse_mailbox
 from mailhub.envelope import Envelope, Recipient
 from mailhub.maillog import mail_event
+from mailhub.queue.durable import fsync_dir
+from mailhub.queue.spool import Spool
 from mailhub.rfc5322 import after_trace_header, trace_header
-from mailhub.queue.spool import Spool, fsync_dir
 
 __all__ = [
     "PICKUP_VERSION",

@@ -6,15 +6,15 @@ Owns: time.  A heap of C{(due, seq, queue_id)} and one C{callLater} on the
 injected C{IReactorTime}, armed for the earliest due time; the concurrency
 limits (messages in flight in all, and per destination, so one slow or
 dead destination cannot take every slot); the retry policy (backoff from attempts, clamped, jittered, capped
-by the queue lifetime); turning failures into RFC 3464 bounces (new
-messages from C{<>}, never to C{<>}), addressed through the same recipient
-resolver as submitted mail (aliases, extensions); operator actions on a
-message in flight (a removal ignores that round's outcomes); the
-per-recipient delivery log lines.
+by the queue lifetime); deciding, at the end of a round, which recipients
+bounce, expire or get a delay warning or success notice (the notices
+themselves are composed and queued by L{mailhub.queue.notices.Notifier});
+operator actions on a message in flight (a removal ignores that round's
+outcomes); the per-recipient delivery log lines.
 
 Outcomes are recorded as soon as a destination answers, not when the
-whole round has ended: C{deliver} is given a C{report} callback (when its
-signature takes one, see L{takes_report}) and calls it with the outcomes
+whole round has ended: C{deliver} is always given a C{report} callback
+(L{mailhub.envelope.DeliverFunction}) and calls it with the outcomes
 of each transaction as it ends (the router: each agent's batch; the
 remote agent: each next hop's transaction).  A delivered (or temporarily
 failed) recipient is applied to the envelope at once, and a report with
@@ -40,12 +40,11 @@ from __future__ import annotations
 
 import functools
 import heapq
-import inspect
 import itertools
 import math
 import random as _random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.application import service
 from twisted.internet import defer
@@ -54,24 +53,26 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailhub.queue import notices as bounce
-from mailhub.address import AddressError
-from mailhub.delivery.directory import RecipientError
-from mailhub.envelope import DELIVERED, DELIVERED_OUTCOME, FAILED, PENDING, PERMANENT, Envelope, Outcome, Recipient
+from mailhub.envelope import (
+    DELIVERED_OUTCOME,
+    FAILED,
+    PENDING,
+    PERMANENT,
+    DeliverFunction,
+    Envelope,
+    Outcome,
+    Recipient,
+)
 from mailhub.maillog import mail_event
-from mailhub.queue.spool import Spool, new_queue_id
+from mailhub.queue.notices import DELAYED_ACTION, FAILED_ACTION, Notifier
+from mailhub.queue.spool import Spool
+from mailhub.queue.status import FLUSHED, HELD, REMOVE_PENDING, REMOVED
 
 __all__ = [
     "RetryPolicy",
     "Scheduler",
     "EXPIRED_STATUS",
     "recipient_domain",
-    "REMOVED",
-    "REMOVE_PENDING",
-    "FLUSHED",
-    "HELD",
-    "ReportFunction",
-    "takes_report",
 ]
 
 log = Logger()
@@ -79,50 +80,7 @@ log = Logger()
 #: RFC 3463 "delivery time expired".
 EXPIRED_STATUS = "4.4.7"
 
-#: C{report(outcomes)}: some recipients' outcomes, as soon as they are known.
-ReportFunction = Callable[[list[Outcome]], None]
-#: C{deliver(envelope, recipients)} or C{deliver(envelope, recipients,
-#: report=ReportFunction)}; fires with the final list of outcomes.
-DeliverFunction = Callable[..., "Deferred[list[Outcome]]"]
 ResolveFunction = Callable[[str], list[str]]
-
-#: L{Scheduler.remove}: the message is gone from the queue and the spool.
-REMOVED = "removed"
-#: L{Scheduler.remove}: the message is being delivered; it is removed when
-#: that attempt ends, and the attempt's outcomes are ignored (no notices).
-REMOVE_PENDING = "pending"
-#: L{Scheduler.flush}: due now (or again as soon as its round in flight ends).
-FLUSHED = "flushed"
-#: L{Scheduler.flush}: on hold, so not flushed.
-HELD = "held"
-
-
-class _Unresolved(Exception):
-    """A notification recipient the resolver refused; C{temporary} for a 4xx."""
-
-    def __init__(self, text: str, temporary: bool) -> None:
-        super().__init__(text)
-        self.text = text
-        self.temporary = temporary
-
-
-def takes_report(deliver: Callable[..., Any]) -> bool:
-    """
-    Whether C{deliver} accepts a C{report} keyword (or C{**kwargs}), so
-    it can be given a progress callback.  Checked once, when it is wired:
-    callables written before progress reports existed (and the tests'
-    fakes) keep their two- or three-argument form and are simply called
-    without one; their outcomes are recorded when they fire.
-    """
-    try:
-        params = inspect.signature(deliver).parameters.values()
-    except (TypeError, ValueError):  # no introspectable signature
-        return False
-    return any(
-        p.kind is inspect.Parameter.VAR_KEYWORD
-        or (p.name == "report" and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
-        for p in params
-    )
 
 
 @dataclass(eq=False)
@@ -250,8 +208,8 @@ class Scheduler(service.Service):
         #: Postfix) for a remote one whose next hop was never reached;
         #: None: always "local"
         self.is_local = is_local
-        #: deliver takes report=: outcomes are recorded per destination
-        self._reports = takes_report(deliver)
+        #: composes and queues bounces, delay warnings and success notices
+        self.notices = Notifier(spool, self.enqueue, hostname, self.postmaster, policy.expires, resolve)
         self._queue: dict[str, Envelope] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._scheduled: dict[str, tuple[int, float]] = {}  # qid -> (seq, due) of its live heap entry
@@ -569,10 +527,7 @@ class Scheduler(service.Service):
         for key in keys:
             self._busy[key] = self._busy.get(key, 0) + 1
         rnd = _Round(env, recipients, frozenset(r.address for r in recipients))
-        if self._reports:
-            d = defer.maybeDeferred(self.deliver, env, list(recipients), report=functools.partial(self._report, rnd))
-        else:
-            d = defer.maybeDeferred(self.deliver, env, list(recipients))
+        d = defer.maybeDeferred(self.deliver, env, list(recipients), report=functools.partial(self._report, rnd))
         self._in_flight[qid] = d
         d.addErrback(self._deliver_failed, env, recipients)
         d.addCallback(self._round_done, rnd)
@@ -663,7 +618,7 @@ class Scheduler(service.Service):
                 self._log_delivery(env, r, now, False)
             return None
 
-        self._success_notice(env, recipients, outcomes, now)
+        self.notices.success(env, recipients, outcomes, now)
 
         failed = [r for r in recipients if r.state == FAILED]
         expired = []
@@ -680,7 +635,7 @@ class Scheduler(service.Service):
             self._log_delivery(env, r, now, r in expired)
 
         bounced = failed + expired
-        if bounced and not self._notify(env, bounced, now, bounce.FAILED_ACTION):
+        if bounced and not self.notices.notify(env, bounced, now, FAILED_ACTION):
             # the bounce could not be queued: do not lose it, try again later
             for r in bounced:
                 r.state = PENDING
@@ -692,7 +647,7 @@ class Scheduler(service.Service):
             and env.sender
             and now - env.arrival >= self.policy.delay_warning
         ):
-            if self._notify(env, pending, now, bounce.DELAYED_ACTION):
+            if self.notices.notify(env, pending, now, DELAYED_ACTION):
                 env.warned = True
 
         if env.done:
@@ -772,197 +727,6 @@ class Scheduler(service.Service):
         self._queue.pop(qid, None)
         self._unschedule(qid)
         mail_event("removed", "{queue_id}: removed ({why})", queue_id=qid, why=why)
-
-    # -- notifications ---------------------------------------------------------------------
-
-    _KEYWORD = {
-        bounce.FAILED_ACTION: "FAILURE",
-        bounce.DELAYED_ACTION: "DELAY",
-        bounce.DELIVERED_ACTION: "SUCCESS",
-        bounce.RELAYED_ACTION: "SUCCESS",
-    }
-
-    @classmethod
-    def _wants(cls, r: Recipient, action: str) -> bool:
-        """
-        RFC 3461 4.1 NOTIFY: NEVER means nothing; no keywords means the
-        default (failures and delays, never success); otherwise the keyword
-        that names the event.
-        """
-        notify = {n.upper() for n in r.notify}
-        if "NEVER" in notify:
-            return False
-        if not notify:
-            return action in (bounce.FAILED_ACTION, bounce.DELAYED_ACTION)
-        return cls._KEYWORD[action] in notify
-
-    def _success_notice(self, env: Envelope, recipients: list[Recipient], outcomes: list[Outcome], now: float) -> None:
-        """
-        RFC 3461 NOTIFY=SUCCESS: one notice for the recipients delivered in
-        this round.  "delivered" for a local delivery (no remote MTA);
-        "relayed" for a hand-over to a next hop that did not offer DSN
-        (RFC 3461 5.2.2); nothing for a next hop that took NOTIFY with the
-        message -- the success notice is then its job.  The delivery itself
-        is done whatever happens here, so a notice that cannot be queued is
-        logged and lost, never a reason to deliver again.
-        """
-        if not env.sender:
-            return
-        passed = {o.recipient for o in outcomes if o.dsn_passed}
-        actions: dict[str, str] = {}
-        for r in recipients:
-            if r.state != DELIVERED or not any(n.upper() == "SUCCESS" for n in r.notify):
-                continue
-            if not r.remote_mta:
-                actions[r.address] = bounce.DELIVERED_ACTION
-            elif r.address not in passed:
-                actions[r.address] = bounce.RELAYED_ACTION
-        if not actions:
-            return
-        chosen = [r for r in recipients if r.address in actions]
-        kind = bounce.DELIVERED_ACTION if bounce.DELIVERED_ACTION in actions.values() else bounce.RELAYED_ACTION
-        self._notify(env, chosen, now, kind, actions)
-
-    def _notify(
-        self,
-        env: Envelope,
-        recipients: list[Recipient],
-        now: float,
-        action: str,
-        actions: dict[str, str] | None = None,
-    ) -> bool:
-        """
-        Queue a DSN about C{recipients}.  Returns False only when it could
-        not be queued (spool error), so the caller keeps the recipients.
-
-        @param actions: per-recipient Action where it differs from C{action}.
-        """
-        qid = env.queue_id
-        actions = actions or {}
-        recipients = [r for r in recipients if self._wants(r, actions.get(r.address, action))]
-        if not recipients:
-            return True
-        to = env.sender
-        client: dict[str, Any] = {"protocol": "dsn", "bounce_of": qid}
-        if not env.sender:
-            if action != bounce.FAILED_ACTION:
-                return True
-            if env.client.get("double_bounce"):
-                mail_event("bounce", "{queue_id}: undeliverable postmaster notification discarded", queue_id=qid)
-                return True
-            postmaster = self.postmaster.lower()
-            if all(postmaster in (r.address.lower(), r.original.lower()) for r in recipients):
-                mail_event("bounce", "{queue_id}: undeliverable bounce to postmaster discarded", queue_id=qid)
-                return True
-            to = self.postmaster
-            client["double_bounce"] = True
-        addressed = self._address_notice(qid, to, client, action)
-        if isinstance(addressed, bool):
-            return addressed  # False: try again later; True: discarded
-        to, finals = addressed
-        try:
-            message = bounce.make_dsn(
-                env,
-                recipients,
-                self.spool.message_path(qid),
-                self.hostname,
-                now,
-                action,
-                qid,
-                to=to,
-                retry_until=self.policy.expires(env),
-                actions=actions,
-            )
-            esmtp: dict[str, Any] = {}
-            if not message.isascii():
-                esmtp["body"] = "8BITMIME"
-            if not all(a.isascii() for a in [to, *finals]):
-                esmtp["smtputf8"] = True
-            dsn = Envelope(
-                queue_id=new_queue_id(now),
-                sender="",
-                recipients=[Recipient(final, original=to) for final in finals],
-                arrival=now,
-                next_attempt=now,
-                esmtp=esmtp,
-                client=client,
-            )
-            self.spool.add(dsn, message)
-        except OSError as e:
-            log.error("{queue_id}: cannot queue a {action} notification: {error}", queue_id=qid, action=action, error=e)
-            return False
-        if action == bounce.DELAYED_ACTION:
-            kind = "delay notification"
-        elif action in (bounce.DELIVERED_ACTION, bounce.RELAYED_ACTION):
-            kind = "sender delivery status notification"
-        elif client.get("double_bounce"):
-            kind = "postmaster non-delivery notification"
-        else:
-            kind = "sender non-delivery notification"
-        mail_event("bounce", "{queue_id}: {kind}: {dsn_id}", queue_id=qid, kind=kind, dsn_id=dsn.queue_id)
-        self.enqueue(dsn)
-        return True
-
-    def _address_notice(
-        self, qid: str, to: str, client: dict[str, Any], action: str
-    ) -> tuple[str, list[str]] | bool:
-        """
-        (recipient, its final addresses) of a notification to C{to}.  A
-        sender that no longer resolves gets no notice: a bounce goes to
-        the postmaster instead (C{client} is marked a double bounce), other
-        notices are dropped (C{True}); a postmaster that does not resolve
-        gets it unexpanded -- its own mailbox, the postmaster rule, is the
-        last place left.  C{False}: a temporary error, try again later.
-        """
-        while True:
-            try:
-                return to, self._resolve(to)
-            except _Unresolved as e:
-                if e.temporary:
-                    log.warn(
-                        "{queue_id}: cannot resolve the notification recipient {to} now: {error}",
-                        queue_id=qid, to=to, error=e.text,
-                    )
-                    return False
-                if client.get("double_bounce"):
-                    log.error(
-                        "{queue_id}: cannot resolve the notification recipient {to}: {error}; sending to it unexpanded",
-                        queue_id=qid, to=to, error=e.text,
-                    )
-                    return to, [to]
-                if action != bounce.FAILED_ACTION:
-                    log.warn(
-                        "{queue_id}: {action} notification for {to} discarded: {error}",
-                        queue_id=qid, action=action, to=to, error=e.text,
-                    )
-                    return True
-                log.warn(
-                    "{queue_id}: cannot resolve the sender {to}: {error}; notifying the postmaster",
-                    queue_id=qid, to=to, error=e.text,
-                )
-                to = self.postmaster
-                client["double_bounce"] = True
-
-    def _resolve(self, to: str) -> list[str]:
-        """
-        The final addresses of a notification's recipient, as local delivery
-        expects them (an alias or C{user+tag} address has no Maildir of its
-        own).
-
-        @raise _Unresolved: the resolver refused it (temporary for a 4xx).
-        """
-        if self.resolve is None:
-            return [to]
-        try:
-            finals = [a for a in self.resolve(to) if a]
-        except RecipientError as e:
-            raise _Unresolved(str(e), 400 <= e.code < 500) from e
-        except AddressError as e:
-            raise _Unresolved(f"bad address: {e}", False) from e
-        except Exception as e:  # a bug: never lose the round for it
-            log.failure("cannot resolve the notification recipient {to}", to=to)
-            raise _Unresolved(f"{type(e).__name__}: {e}", False) from e
-        return finals or [to]
 
     # -- logging ---------------------------------------------------------------------------
 

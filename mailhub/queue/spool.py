@@ -1,7 +1,11 @@
 """
 The queue on disk: one file per queued message, as Postfix keeps it.
 
-Owns: the spool directory and every file in it.  A message is queued when,
+Owns: the spool directory and every file in it -- committing a message
+(L{SpoolWriter}), updating its envelope, removing it, listing and loading
+the queue, and recovering it at start-up.  The bytes of one queue file are
+L{mailhub.queue.queuefile}'s; the conversion of the first layout is
+L{mailhub.queue.migration}'s; the fsync steps are L{mailhub.queue.durable}'s.  A message is queued when,
 and only when, its queue file exists in C{queue/}; everything before that
 rename can be thrown away after a crash because no 250 was given.
 
@@ -35,8 +39,9 @@ envelope.  Unlinks run in the spool's own remover thread, so the caller
 hidden from L{Spool.load}, L{Spool.queue_ids} and L{Spool.update} in this
 process.
 
-Readers of a queued message open it with L{open_message}, which stops at
-the end of the message: nothing may read a queue file to its end.
+Readers of a queued message open it with
+L{mailhub.queue.queuefile.open_message}, which stops at the end of the
+message: nothing may read a queue file to its end.
 
 Must not touch: the reactor, clocks, the network.  Calls are synchronous
 and thread-safe; callers decide in which thread they run.  The only thread
@@ -45,156 +50,29 @@ of its own is the remover (L{Spool.remove}), which exits when idle.
 
 from __future__ import annotations
 
-import fcntl
-import io
 import os
-import re
 import secrets
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from twisted.logger import Logger
 
 from mailhub.envelope import Envelope, EnvelopeFormatError
+from mailhub.queue import durable, migration
+from mailhub.queue.durable import DirSync, unlink_quietly, write_file
+from mailhub.queue.queuefile import (
+    MessageFile,
+    is_queue_id,
+    new_queue_id,
+    open_message,
+    parse_envelope,
+    queue_file_trailer,
+    read_queued_envelope,
+)
 
-__all__ = [
-    "Spool", "SpoolWriter", "DirSync", "MessageFile", "QueueFileError", "fsync_dir", "new_queue_id",
-    "is_queue_id", "open_message", "queue_file_bytes", "queue_file_trailer", "MEMORY_LIMIT", "FOOTER_SIZE",
-]
+__all__ = ["Spool", "SpoolWriter", "MEMORY_LIMIT", "REMOVER_PATIENCE"]
 
 log = Logger()
-
-_ID_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTVWXYZ"
-
-
-def new_queue_id(now: float | None = None) -> str:
-    """
-    A new queue id: 11 characters of microseconds since the epoch (so ids
-    sort by arrival) and 6 random ones, from an alphabet that is safe in a
-    file name and unambiguous to read aloud.
-    """
-    micro = int((time.time() if now is None else now) * 1_000_000)
-    head = []
-    for _ in range(11):
-        micro, digit = divmod(micro, len(_ID_ALPHABET))
-        head.append(_ID_ALPHABET[digit])
-    # One getrandom() call, not six (secrets.choice asks the kernel each
-    # time, and this runs on the reactor thread).  The bias of 64 random
-    # bits reduced mod 33**6 is below 2**-33: irrelevant for uniqueness.
-    rand = int.from_bytes(secrets.token_bytes(8), "big")
-    tail = []
-    for _ in range(6):
-        rand, digit = divmod(rand, len(_ID_ALPHABET))
-        tail.append(_ID_ALPHABET[digit])
-    return "".join(reversed(head)) + "".join(tail)
-
-
-#: 8 to 64 characters of the alphabet (a regular expression: called three
-#: times per envelope at startup, where a character loop cost seconds for
-#: 100 000 queued messages).
-_QUEUE_ID = re.compile("[" + re.escape(_ID_ALPHABET) + "]{8,64}")
-
-
-def is_queue_id(text: str) -> bool:
-    """Whether C{text} could be a queue id (used to refuse path tricks)."""
-    return _QUEUE_ID.fullmatch(text) is not None
-
-
-def _fsync_dir(path: str) -> None:
-    """fsync a directory, so the renames and unlinks in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-#: The same, for the other modules that write durably (local.py, pickup.py).
-fsync_dir = _fsync_dir
-
-class DirSync:
-    """
-    Group commit of one directory's fsync, shared by threads.
-
-    A thread that has just renamed (or linked, or unlinked) a name in the
-    directory calls L{sync}; it returns once an fsync of the directory that
-    I{began after that call} has completed, so it covers the caller's
-    change.  If no fsync is running the caller starts one; if one is
-    running (it may have begun before the caller's rename) the caller waits
-    for it to end and then for the next one, which one of the waiters
-    starts and which covers all of them.  N concurrent committers therefore
-    cost about two fsyncs, not N.  An fsync error is raised in every
-    caller that relied on that fsync.
-
-    @param path: the directory, opened for each fsync; or C{None} when
-        every caller passes its own C{fsync} callable (a descriptor it holds).
-    """
-
-    def __init__(self, path: str | None = None) -> None:
-        self.path = path
-        self._cond = threading.Condition(threading.Lock())
-        self._started = 0  # generation of the last fsync begun
-        self._done = 0  # generation of the last fsync ended
-        self._running = False
-        self._errors: dict[int, BaseException] = {}
-        #: fsyncs really made (for tests and the benchmark's curiosity)
-        self.fsyncs = 0
-
-    def sync(self, fsync: Callable[[], None] | None = None, patience: float = 0.0) -> None:
-        """
-        Return when the directory is durable as of this call; raise if that
-        fsync failed.
-
-        @param patience: seconds to wait for another thread to start the
-            covering fsync before starting one.  For work that is not
-            waited for by a client (the spool's remover): under load it
-            then rides on the commits' fsyncs and adds none of its own.
-        """
-        with self._cond:
-            target = self._started + 1  # the first fsync to begin after now
-            deadline = None
-            while self._done < target:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                if patience <= 0:
-                    break
-                if deadline is None:
-                    deadline = time.monotonic() + patience
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            if self._done >= target:
-                error = self._errors.get(target)
-                if error is not None:
-                    raise error
-                return
-            # nobody is syncing and our change is not covered: lead
-            self._running = True
-            self._started += 1
-            gen = self._started
-        error = None
-        try:
-            if fsync is not None:
-                fsync()
-            else:
-                assert self.path is not None
-                _fsync_dir(self.path)
-        except BaseException as e:
-            error = e
-        with self._cond:
-            self._running = False
-            self._done = gen
-            self.fsyncs += 1
-            if error is not None:
-                self._errors[gen] = error
-            for old in [g for g in self._errors if g < gen - 1000]:
-                del self._errors[old]
-            self._cond.notify_all()
-        if error is not None:
-            raise error
 
 
 #: Seconds the remover waits for a commit's fsync of queue/ to ride on
@@ -205,153 +83,6 @@ REMOVER_PATIENCE = 0.05
 #: runs in a worker thread) and written there: the reactor thread makes no
 #: file system call for it.  Larger ones go to tmp/ as they arrive.
 MEMORY_LIMIT = 64 * 1024
-
-#: The footer that ends every queue file: the message's length and the
-#: envelope's, in hexadecimal, so a reader finds both with one read from
-#: the end.  Fixed size (FOOTER_SIZE bytes).
-_FOOTER = b"\n#mailhub-queue 2 %016x %08x\n"
-_FOOTER_RE = re.compile(rb"\n#mailhub-queue 2 ([0-9a-f]{16}) ([0-9a-f]{8})\n")
-FOOTER_SIZE = len(_FOOTER % (0, 0))
-
-#: Bytes read from the end of a queue file to find its envelope in one
-#: read (an envelope with a handful of recipients is well under this).
-_TAIL_READ = 8192
-
-
-class QueueFileError(ValueError):
-    """A file in queue/ that is not a complete queue file."""
-
-
-def queue_file_trailer(message_length: int, envelope: Envelope) -> bytes:
-    """
-    What follows the message in its queue file: the envelope and the
-    footer.  (Public for tools that build a queue by hand: the benchmark's
-    backlog, tests.)
-    """
-    env = envelope.to_json()
-    return env + _FOOTER % (message_length, len(env))
-
-
-def queue_file_bytes(message: bytes, envelope: Envelope) -> bytes:
-    """A whole queue file for C{message} (tools and tests that build one by hand)."""
-    return message + queue_file_trailer(len(message), envelope)
-
-
-def _read_trailer(fd: int, size: int) -> tuple[int, bytes]:
-    """
-    The message length and the envelope bytes of the open queue file
-    C{fd} of C{size} bytes.
-
-    @raise QueueFileError: no valid footer, or lengths that do not add up.
-    """
-    if size < FOOTER_SIZE:
-        raise QueueFileError(f"{size} bytes, shorter than a footer")
-    start = max(0, size - _TAIL_READ)
-    tail = os.pread(fd, size - start, start)
-    m = _FOOTER_RE.fullmatch(tail, len(tail) - FOOTER_SIZE)
-    if m is None:
-        raise QueueFileError("no queue file footer")
-    length, env_length = int(m.group(1), 16), int(m.group(2), 16)
-    if length + env_length + FOOTER_SIZE != size:
-        raise QueueFileError(f"lengths {length}+{env_length} do not match the file size {size}")
-    env_start = length - start  # in tail
-    if env_start >= 0:
-        return length, tail[env_start : len(tail) - FOOTER_SIZE]
-    return length, os.pread(fd, env_length, length)
-
-
-class _MessageSlice(io.RawIOBase):
-    """The first C{length} bytes of an open queue file, as a raw stream."""
-
-    def __init__(self, fd: int, length: int) -> None:
-        super().__init__()
-        self._fd = fd
-        self._length = length
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        want = min(len(buffer), self._length - self._pos)
-        if want <= 0:
-            return 0
-        got = os.preadv(self._fd, [memoryview(buffer)[:want]], self._pos)
-        self._pos += got
-        return got
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                os.close(self._fd)
-            finally:
-                super().close()
-
-
-class MessageFile(io.BufferedReader):
-    """
-    A queued message opened for reading (L{open_message}): a buffered
-    binary file that ends where the message ends.
-
-    @ivar length: the message's size in bytes (what C{fstat} would say of
-        a file holding only the message).
-    """
-
-    length: int
-
-
-def open_message(path: str) -> MessageFile:
-    """
-    Open the queue file at C{path} for reading its message.
-
-    @raise OSError: it cannot be opened (e.g. FileNotFoundError: removed).
-    @raise QueueFileError: it is not a complete queue file.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        length, _ = _read_trailer(fd, os.fstat(fd).st_size)
-    except BaseException:
-        os.close(fd)
-        raise
-    f = MessageFile(_MessageSlice(fd, length), CHUNK)
-    f.length = length
-    return f
-
-
-#: Read buffer of L{open_message} files.
-CHUNK = 64 * 1024
-
-
-def _write_file(path: str, data: bytes, sync: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 class SpoolWriter:
@@ -420,7 +151,7 @@ class SpoolWriter:
             if self._file is None:
                 pending, self._buffer = self._buffer or [], None
                 self._closed = True
-                _write_file(self._tmp, b"".join(pending + [trailer]), self.spool.fsync)
+                write_file(self._tmp, b"".join(pending + [trailer]), self.spool.fsync)
             else:
                 self._write_raw(trailer)
                 if self.spool.fsync:
@@ -440,7 +171,7 @@ class SpoolWriter:
             if self._file is None:
                 return  # nothing was written to disk
             self._file.close()
-        _unlink_quietly(self._tmp)
+        unlink_quietly(self._tmp)
 
 
 class Spool:
@@ -482,7 +213,7 @@ class Spool:
         L{open_message} of a queued message.
 
         @raise KeyError: not a queue id (a path trick), or no such message.
-        @raise QueueFileError: the file is damaged.
+        @raise mailhub.queue.queuefile.QueueFileError: the file is damaged.
         """
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
@@ -505,18 +236,18 @@ class Spool:
                 self.queue_sync.sync()
         except BaseException:
             # Nothing may stay queued when commit fails (the client gets a 4xx).
-            _unlink_quietly(final)
+            unlink_quietly(final)
             raise
 
     def _write_envelope(self, envelope: Envelope) -> None:
         qid = envelope.queue_id
         tmp = os.path.join(self.path, "tmp", qid + ".env")
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         try:
-            _write_file(tmp, envelope.to_json(), self.fsync)
+            write_file(tmp, envelope.to_json(), self.fsync)
             os.rename(tmp, self.envelope_path(qid))
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         if self.fsync:
             self.envelopes_sync.sync()
@@ -670,23 +401,14 @@ class Spool:
                 raw = f.read()
         except FileNotFoundError:
             raw = self._queued_envelope(queue_id)
-        env = Envelope.from_json(raw)
-        if env.queue_id != queue_id:
-            raise EnvelopeFormatError("queue_id does not match the file name")
-        return env
+        return parse_envelope(raw, queue_id)
 
     def _queued_envelope(self, queue_id: str) -> bytes:
         """The envelope bytes in the queue file (KeyError: none; EnvelopeFormatError: bad file)."""
         try:
-            fd = os.open(self.message_path(queue_id), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return read_queued_envelope(self.message_path(queue_id))
         except FileNotFoundError:
             raise KeyError(queue_id)
-        try:
-            return _read_trailer(fd, os.fstat(fd).st_size)[1]
-        except QueueFileError as e:
-            raise EnvelopeFormatError(f"bad queue file: {e}")
-        finally:
-            os.close(fd)
 
     def queue_ids(self) -> list[str]:
         """Ids of all queued messages, oldest first."""
@@ -704,157 +426,23 @@ class Spool:
 
     # -- startup ------------------------------------------------------------------
 
-    def _quarantine(self, path: str, why: str) -> None:
+    def quarantine(self, path: str, why: str) -> None:
+        """Move the unreadable file C{path} to C{corrupt/} (never over another) and log why."""
         target = os.path.join(self.path, "corrupt", os.path.basename(path))
         if os.path.exists(target):
             target += "." + secrets.token_hex(4)
         os.rename(path, target)
         log.error("spool: moved {path} to {target}: {why}", path=path, target=target, why=why)
 
-    def _conversion_lock(self, blocking: bool) -> int:
-        """
-        An exclusive C{flock} on C{SPOOL/convert.lock}, held while the first
-        layout is converted and C{tmp/} is emptied at start-up, so the
-        daemon and a queue tool never convert (or clean up) at once.
-
-        @raise BlockingIOError: C{blocking} is false and another process holds it.
-        """
-        fd = os.open(os.path.join(self.path, "convert.lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
     def migrate(self, blocking: bool = True) -> int:
         """
-        Convert messages queued in the first spool layout (C{new/ID} and
-        C{envelopes/ID.json}, mailhub before queue files) into queue files;
-        return how many.  Runs under L{_conversion_lock} (see there for
-        C{blocking}).
-        """
-        if not os.path.isdir(os.path.join(self.path, "new")):
-            return 0
-        lock = self._conversion_lock(blocking)
-        try:
-            return self._migrate()
-        finally:
-            os.close(lock)
+        Convert messages queued in the first spool layout into queue files;
+        return how many (L{mailhub.queue.migration.migrate}).
 
-    def _migrate(self) -> int:
+        @raise BlockingIOError: C{blocking} is false and another process
+            holds the conversion lock.
         """
-        L{migrate}, its lock held.  Each message is written and made durable
-        in C{queue/} before its old files go, so a crash meanwhile leaves
-        both copies and the next run deletes C{new/ID}, and the envelope
-        file only if it is still the copy of the one in the queue file (if
-        it differs, the daemon has updated it since: it stays, as the
-        message's changed envelope).  A message in C{new/} without an envelope was never
-        committed and is deleted; an unreadable envelope goes to
-        C{corrupt/} with its message.  C{new/} is removed when empty, so
-        this costs one C{stat} afterwards.
-        """
-        new = os.path.join(self.path, "new")
-        try:
-            names = sorted(os.listdir(new))
-        except FileNotFoundError:
-            return 0
-        queued = set(os.listdir(os.path.join(self.path, "queue")))
-        moved: list[str] = []
-        for name in names:
-            old = os.path.join(new, name)
-            if name in queued:
-                continue  # converted before a crash: only new/ID is left to delete
-            if not is_queue_id(name):
-                self._quarantine(old, "not a queue id")
-                continue
-            try:
-                with open(self.envelope_path(name), "rb") as f:
-                    env = Envelope.from_json(f.read())
-                if env.queue_id != name:
-                    raise EnvelopeFormatError("queue_id does not match the file name")
-            except FileNotFoundError:
-                self._unlink_logged(old)  # never committed
-                continue
-            except (EnvelopeFormatError, OSError) as e:
-                self._quarantine(self.envelope_path(name), f"unreadable envelope: {e}")
-                self._quarantine(old, "message of an unreadable envelope")
-                continue
-            tmp = os.path.join(self.path, "tmp", name + ".convert")
-            _unlink_quietly(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-            try:
-                try:
-                    dst_file = os.fdopen(fd, "wb")
-                except BaseException:
-                    os.close(fd)
-                    raise
-                # dst first: if old/ID cannot be opened, dst is still closed
-                with dst_file as dst, open(old, "rb") as src:
-                    length = 0
-                    while chunk := src.read(CHUNK):
-                        dst.write(chunk)
-                        length += len(chunk)
-                    dst.write(queue_file_trailer(length, env))
-                    dst.flush()
-                    if self.fsync:
-                        os.fsync(dst.fileno())
-                # link, not rename: never replaces a queue file that is already there
-                os.link(tmp, self.message_path(name))
-            except FileExistsError:
-                queued.add(name)
-                continue
-            except IsADirectoryError:
-                self._quarantine(old, "not a regular file")
-                self._quarantine(self.envelope_path(name), "envelope of an unreadable message")
-                continue
-            finally:
-                _unlink_quietly(tmp)
-            moved.append(name)
-        if self.fsync:
-            _fsync_dir(os.path.join(self.path, "queue"))
-        # Now every message of new/ is durable in queue/ (or was never
-        # committed): the old files go.  The envelope of a message converted
-        # just now only repeats the copy in its queue file.
-        for name in moved:
-            self._unlink_logged(self.envelope_path(name))
-        for name in names:
-            if name in queued and name not in moved:
-                self._drop_envelope_copy(name)
-        for name in names:
-            if name in moved or name in queued:
-                self._unlink_logged(os.path.join(new, name))
-        if self.fsync:
-            _fsync_dir(os.path.join(self.path, "envelopes"))
-        self._unlink_logged(new, os.rmdir)
-        if moved:
-            log.info("spool: converted {count} message(s) to queue files", count=len(moved))
-        return len(moved)
-
-    def _drop_envelope_copy(self, queue_id: str) -> None:
-        """
-        Delete C{envelopes/ID.json} of a message converted before a crash
-        if it is byte for byte the envelope in its queue file (the old
-        envelope, which the conversion would have deleted); one that
-        differs is the daemon's later update and stays.
-        """
-        try:
-            with open(self.envelope_path(queue_id), "rb") as f:
-                copy = f.read()
-            queued = self._queued_envelope(queue_id)
-        except (OSError, KeyError, EnvelopeFormatError):
-            return
-        if copy == queued:
-            self._unlink_logged(self.envelope_path(queue_id))
-
-    def _unlink_logged(self, path: str, remove: Callable[[str], None] = os.unlink) -> None:
-        """C{remove(path)}; a failure other than "already gone" is logged, not raised."""
-        try:
-            remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("spool: cannot remove {path}: {error}", path=path, error=e)
+        return migration.migrate(self, blocking)
 
     def recover(self) -> list[Envelope]:
         """
@@ -871,7 +459,7 @@ class Spool:
           removed.
         """
         self.drain()
-        lock = self._conversion_lock(blocking=True)  # a queue tool may be converting
+        lock = migration.conversion_lock(self.path, blocking=True)  # a queue tool may be converting
         try:
             tmp = os.path.join(self.path, "tmp")
             for name in os.listdir(tmp):
@@ -879,7 +467,7 @@ class Spool:
                     os.unlink(os.path.join(tmp, name))
                 except IsADirectoryError:
                     pass
-            self._migrate()
+            migration.convert(self)
         finally:
             os.close(lock)
         pending = []
@@ -888,21 +476,19 @@ class Spool:
         for name in sorted(os.listdir(os.path.join(self.path, "queue"))):
             path = self.message_path(name)
             if not is_queue_id(name):
-                self._quarantine(path, "not a queue file name")
+                self.quarantine(path, "not a queue file name")
                 continue
             try:
                 if name + ".json" in envelopes:
                     env = self.load(name)
                 else:
-                    env = Envelope.from_json(self._queued_envelope(name))
-                    if env.queue_id != name:
-                        raise EnvelopeFormatError("queue_id does not match the file name")
+                    env = parse_envelope(self._queued_envelope(name), name)
             except KeyError:
                 continue  # gone meanwhile (removed by the queue tool)
             except (EnvelopeFormatError, OSError) as e:
-                self._quarantine(path, f"unreadable: {e}")
+                self.quarantine(path, f"unreadable: {e}")
                 if name + ".json" in envelopes:
-                    self._quarantine(self.envelope_path(name), "envelope of an unreadable message")
+                    self.quarantine(self.envelope_path(name), "envelope of an unreadable message")
                     envelopes.discard(name + ".json")
                 continue
             queued.add(name)
@@ -913,12 +499,12 @@ class Spool:
         for entry in sorted(envelopes):
             qid = entry[:-5] if entry.endswith(".json") else ""
             if not is_queue_id(qid):
-                self._quarantine(os.path.join(self.path, "envelopes", entry), "not an envelope file name")
+                self.quarantine(os.path.join(self.path, "envelopes", entry), "not an envelope file name")
             elif qid not in queued:
                 # the queue file's unlink was durable, this one's was not
-                _unlink_quietly(self.envelope_path(qid))
+                unlink_quietly(self.envelope_path(qid))
                 log.info("spool: removed the envelope of {queue_id}, whose message was already removed", queue_id=qid)
         self.drain()
         if self.fsync:
-            _fsync_dir(os.path.join(self.path, "envelopes"))
+            durable.fsync_dir(os.path.join(self.path, "envelopes"))
         return pending

@@ -50,7 +50,7 @@ from twisted.names import error as dnserror
 from twisted.names import hosts as hostsmodule
 
 from mailhub.address import AddressError, normalize_domain
-from mailhub.envelope import PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
+from mailhub.envelope import PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
 from mailhub.relay import client as smtpclient
 from mailhub.relay.nexthop import (
     Destination,
@@ -243,7 +243,7 @@ class RemoteDelivery(service.Service):
         envelope: Envelope,
         recipients: list[Recipient],
         message_path: str,
-        report: Callable[[list[Outcome]], None] | None = None,
+        report: ReportFunction,
     ) -> Deferred:
         """
         Deliver C{message_path} to C{recipients}; fires with one L{Outcome}

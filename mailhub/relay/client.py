@@ -74,7 +74,7 @@ from mailhub.envelope import (
     Outcome,
     Recipient,
 )
-from mailhub.queue.spool import QueueFileError, open_message
+from mailhub.queue.queuefile import QueueFileError, open_message
 from mailhub.relay.downgrade import ConversionError, downgrade, split_header
 from mailhub.relay.tls import VerifyingCreator, connect_reason, tls_failure_text
 

@@ -35,11 +35,11 @@ from twisted.web import resource, server
 
 from mailhub import address
 from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Recipient
-from mailhub.web.limits import ConnectionLimits, LimitedConnection, RefusedConnection
 from mailhub.maillog import mail_event
-from mailhub.queue.scheduler import FLUSHED, HELD
+from mailhub.queue.queuefile import is_queue_id
+from mailhub.queue.status import FLUSHED, HELD
 from mailhub.rfc5322 import address_literal, after_trace_header, complete_header, format_date, trace_header
-from mailhub.queue.spool import is_queue_id
+from mailhub.web.limits import ConnectionLimits, LimitedConnection, RefusedConnection
 
 __all__ = ["make_http_site", "ApiSite", "ApiResource", "ROUTES", "DEFAULT_MAX_BODY", "HttpError"]
 
