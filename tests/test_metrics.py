@@ -17,6 +17,7 @@ from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.metrics import MailMetrics, MetricsObserver, reject_reason, spool_queue_stats
 from mailhub.queue.scheduler import RetryPolicy, Scheduler
 from mailhub.queue.spool import Spool
+from tlsauthharness import TLSAuthHarness
 
 T0 = 1_700_000_000.0
 
@@ -191,9 +192,7 @@ def test_fed_by_the_real_scheduler(tmp_path, clock):
 
 def test_rejections_are_counted_by_their_real_reason(tmp_path):
     """A sender-ownership refusal (553 5.7.1 at MAIL) is not a relay denial (554 5.7.1 at RCPT)."""
-    from test_smtpd_tls_auth import Harness
-
-    h = Harness(tmp_path)
+    h = TLSAuthHarness(tmp_path)
     m = MailMetrics(h.clock)
     observer = MetricsObserver(m)
     globalLogPublisher.addObserver(observer)

@@ -29,8 +29,8 @@ from conftest import in_reactor
 from peers import wait_for
 from smtpharness import FOREIGN, GREETING, HOST, Client
 from smtpharness import Harness as _Harness
-from test_smtpd_tls_auth import READY, TLSStringTransport, ehlo_reply
-from test_smtpd_tls_auth import Harness as TLSHarness
+from tlsauthharness import READY, ehlo_reply
+from tlsauthharness import TLSAuthHarness as TLSHarness
 
 
 def tls_harness(tmp_path, timeout: float, starttls_timeout: float) -> TLSHarness:
