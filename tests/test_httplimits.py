@@ -19,7 +19,7 @@ from mailhub.web.limits import ABORT_GRACE, RefusedConnection
 from mailhub.metrics import MetricsObserver
 from twisted.logger import globalLogPublisher
 
-from test_httpapi import Env, message_json
+from httpharness import Env, message_json
 
 
 class Site:
