@@ -2,11 +2,11 @@
 The envelope of a queued message and the outcome of a delivery attempt.
 
 Owns: the in-memory L{Envelope} / L{Recipient} records, their per-recipient
-state machine, and their versioned JSON form on disk (house rule 8: text,
-never pickles; C{cat} can read an envelope), which is checked field by
+state machine, and their versioned JSON form on disk ("state on disk is
+text": never pickles; C{cat} can read an envelope), which is checked field by
 field when it is read (L{validate_envelope}), so a damaged file is an
 L{EnvelopeFormatError} and never a wrong type further on.  Also L{Outcome}, the data a
-delivery agent returns for one recipient (house rule 4), and the contract
+delivery agent returns for one recipient ("outcomes are data, retrying is policy"), and the contract
 of a delivery agent (L{DeliveryAgent}, L{DeliverFunction},
 L{ReportFunction}): one outcome per recipient given, progress reported
 through C{report} (always passed) as transactions end.

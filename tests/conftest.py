@@ -18,9 +18,11 @@ import threading
 from typing import Any, Callable
 
 import pytest
-
 from twisted.internet import threads
 from twisted.logger import formatEvent, globalLogPublisher
+
+# daemon_user: the throwaway system user of the end-to-end tests run as root
+pytest_plugins = ["accounts"]
 
 
 @pytest.fixture(scope="session")

@@ -25,13 +25,13 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from mailhub.smtp import sasl as auth
-from mailhub.users import UsersChecker, UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
-from mailhub.smtp.policy import Policy
-from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
+from mailhub.smtp import sasl as auth
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
+from mailhub.users import UsersChecker, UsersFile
 
 HOST = "mx.example.com"
 NOW = 1700000000.0  # Tue, 14 Nov 2023 22:13:20 +0000

@@ -16,8 +16,6 @@ from mailhub.smtp import sasl as auth
 from mailhub.smtp.sasl import AuthThrottle, SASLError, SASLExchange, decode_login, decode_plain
 from mailhub.users import UsersChecker, UsersFile
 
-
-
 ROUNDS = 4
 
 

@@ -10,17 +10,22 @@ a real UsersFile and AuthThrottle.
 from __future__ import annotations
 
 import pytest
-
 from smtpharness import (
     AUTH_FAILED,
-    AUTH_PASSWORD as PASSWORD,
-    AUTH_USER as USER,
     FOREIGN,
-    TOO_MANY_AUTH_FAILURES as TOO_MANY,
     Harness,
     b64,
     serve_with_auth,
     tls_session,
+)
+from smtpharness import (
+    AUTH_PASSWORD as PASSWORD,
+)
+from smtpharness import (
+    AUTH_USER as USER,
+)
+from smtpharness import (
+    TOO_MANY_AUTH_FAILURES as TOO_MANY,
 )
 
 OTHER = "203.0.113.9"

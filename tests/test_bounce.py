@@ -10,8 +10,8 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from mailhub.queue.notices import FULL_LIMIT, HEADERS_LIMIT, make_dsn
 from mailhub.envelope import FAILED, PENDING, Envelope, Recipient
+from mailhub.queue.notices import FULL_LIMIT, HEADERS_LIMIT, make_dsn
 from mailhub.queue.queuefile import queue_file_bytes
 
 ORIGINAL = (

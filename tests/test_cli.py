@@ -265,8 +265,8 @@ def test_make_service_order(tmp_path, monkeypatch):
     from mailhub import tap
     from mailhub.metrics import MetricsObserver
     from mailhub.queue.pickup import PickupService
-    from mailhub.relay.agent import RemoteDelivery
     from mailhub.queue.scheduler import Scheduler
+    from mailhub.relay.agent import RemoteDelivery
 
     o = tap_options(["--smtp", "tcp:0:interface=127.0.0.1", "--smtp", "tcp:0:interface=127.0.0.2"],
                     tmp_path, monkeypatch)
@@ -333,8 +333,8 @@ def test_make_service_submission_listeners(tmp_path, monkeypatch):
     import signal
 
     from mailhub import tap
-    from mailhub.users import UsersFile
     from mailhub.tls import ServerTLS, make_self_signed
+    from mailhub.users import UsersFile
 
     make_self_signed("mx.example", str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
     conf = tmp_path / "m.toml"
@@ -376,7 +376,6 @@ def test_make_service_passes_smtpd_limits(tmp_path, monkeypatch):
 
 
 def test_make_service_bad_certificate_exits_78(tmp_path, monkeypatch, capsys):
-    from mailhub import tap
 
     (tmp_path / "c.pem").write_text("not a certificate")
     (tmp_path / "k.pem").write_text("not a key")
@@ -468,11 +467,11 @@ def test_make_service_http_and_observers(tmp_path, monkeypatch):
     from twisted.logger import globalLogPublisher
 
     from mailhub import tap
-    from mailhub.users import UsersFile
     from mailhub.eventlog import EventLogObserver
-    from mailhub.web.api import ApiSite
     from mailhub.maillog import mail_event
     from mailhub.metrics import MetricsObserver
+    from mailhub.users import UsersFile
+    from mailhub.web.api import ApiSite
 
     conf = tmp_path / "m.toml"
     conf.write_text(

@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-
 from twisted.python import usage
 
 from mailhub.cli.queue import QueueOptions, run_queue

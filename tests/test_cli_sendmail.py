@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-
 from twisted.internet import task
 
 from mailhub.cli.sendmail import Invocation, UsageError, parse_args

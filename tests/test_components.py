@@ -5,8 +5,8 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
-from mailhub.daemon.components import build_components
 from mailhub.config import load_config
+from mailhub.daemon.components import build_components
 from mailhub.daemon.reload import Live
 
 

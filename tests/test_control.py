@@ -11,12 +11,11 @@ import os
 import stat
 
 import pytest
+from conftest import in_reactor
 
 from mailhub.cli.queue import QueueOptions, run_queue
 from mailhub.queue.control import ControlClient, control_service, socket_path
 from mailhub.queue.spool import Spool
-
-from conftest import in_reactor
 
 QID = "ABCDEFGHJK12345"
 

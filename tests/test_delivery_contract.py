@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from test_router import FakeAgent, FakeDirectory
+from test_scheduler import FakeDeliver, Scripted, SlowAndFast
 from twisted.internet import defer, task
 
 from mailhub.delivery.directory import Directory
@@ -23,9 +25,6 @@ from mailhub.envelope import DeliverFunction, DeliveryAgent, Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
 from mailhub.queue.spool import Spool
 from mailhub.relay.agent import RemoteDelivery
-
-from test_router import FakeAgent, FakeDirectory
-from test_scheduler import FakeDeliver, Scripted, SlowAndFast
 
 AGENT_PARAMS = ["envelope", "recipients", "message_path", "report"]
 DELIVER_PARAMS = ["envelope", "recipients", "report"]

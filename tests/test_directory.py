@@ -12,13 +12,13 @@ from mailhub.delivery.directory import (
     MAX_ALIAS_DEPTH,
     AliasesError,
     AliasLoop,
+    AliasUnavailable,
     Directory,
     InvalidMailbox,
     RecipientError,
     UnknownRecipient,
     UnsafeMailbox,
     UnsupportedAlias,
-    AliasUnavailable,
     parse_aliases,
 )
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 import re
 import smtplib
-import socket
 import threading
 
 import pytest
-
 from daemon import CLEAN_EXIT, DOMAIN, Daemon, config_text, read_maildir, split_message, wait_for
 
 TOTAL = 200

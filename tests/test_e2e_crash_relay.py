@@ -51,8 +51,8 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
-
 from daemon import CLEAN_EXIT, Daemon, wait_for
+
 from mailhub.envelope import DELIVERED, PENDING, Envelope
 from mailhub.queue.spool import Spool
 

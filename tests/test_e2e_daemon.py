@@ -13,7 +13,6 @@ import os
 import subprocess
 
 import pytest
-
 from daemon import BODY, CLEAN_EXIT, DOMAIN, Daemon, delivered_with, message, send, split_message, wait_for
 
 

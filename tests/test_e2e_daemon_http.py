@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, send, split_message, wait_for
 
 _HTTP = re.compile(r"listening for HTTP on tcp:0:interface=127\.0\.0\.1 \(127\.0\.0\.1:(\d+)\)")

@@ -23,7 +23,6 @@ import subprocess
 import sys
 
 import pytest
-
 from daemon import BODY, CLEAN_EXIT, Daemon, read_maildir, send, split_message, wait_for
 from daemon import message as _message
 from peers import Sink, free_port, sink_message

@@ -20,7 +20,6 @@ import sys
 import time
 
 import pytest
-
 from daemon import CLEAN_EXIT, Daemon, read_maildir, send, split_message, wait_for
 from peers import Sink, free_port
 

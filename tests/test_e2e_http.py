@@ -15,24 +15,23 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import in_reactor
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
 
-from mailhub.users import UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
 from mailhub.envelope import Outcome
 from mailhub.eventlog import EventLogObserver, story
-from mailhub.web.api import make_http_site
 from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
-from mailhub.smtp.policy import Policy
 from mailhub.queue.scheduler import RetryPolicy, Scheduler
-from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
-
-from conftest import in_reactor
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
+from mailhub.users import UsersFile
+from mailhub.web.api import make_http_site
 
 
 class Hub:

@@ -18,14 +18,14 @@ import socket
 import subprocess
 
 import pytest
+from conftest import in_reactor, require_tool
+from peers import free_port, wait_for
 from twisted.internet import defer, threads
 
-from conftest import in_reactor, require_tool
 from mailhub.delivery.directory import Directory
-from mailhub.envelope import Envelope, Recipient
 from mailhub.delivery.local import LocalDelivery
+from mailhub.envelope import Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
-from peers import free_port, wait_for
 
 MESSAGE = (
     b"Received: from client.example ([127.0.0.1]) by mx.example.org\r\n"

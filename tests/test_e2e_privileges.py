@@ -3,7 +3,7 @@ End-to-end: the real daemon started as root in virtual mode switches to an
 unprivileged user -- by twistd's own C{--uid/--gid}, or by server.user --
 after binding; the control socket, the spool and the mailboxes belong to
 that user, and a spool left by a root-run daemon stops start-up with one
-line.  Needs root; the throwaway user comes from test_e2e_system_mode.
+line.  Needs root; the throwaway user comes from tests/accounts.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
+from accounts import status
 from daemon import CLEAN_EXIT, DOMAIN, TWISTD, Daemon, config_text, delivered_with, message, send
-from test_e2e_system_mode import daemon_user, status  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ class TwistdUidDaemon(Daemon):
                 "mailhub", "--config", self.conf, *extra]
 
 
-def test_twistd_uid_switches_and_the_control_socket_is_the_users(daemon_user, home):  # noqa: F811
+def test_twistd_uid_switches_and_the_control_socket_is_the_users(daemon_user, home):
     d = TwistdUidDaemon(home, daemon_user.pw_uid, daemon_user.pw_gid, daemon_user.pw_name).start()
     try:
         uid = str(daemon_user.pw_uid)
@@ -59,7 +58,7 @@ def test_twistd_uid_switches_and_the_control_socket_is_the_users(daemon_user, ho
     assert "Traceback" not in d.log()
 
 
-def test_a_spool_of_another_user_is_one_line(daemon_user, home):  # noqa: F811
+def test_a_spool_of_another_user_is_one_line(daemon_user, home):
     (home / "spool").mkdir(mode=0o700)  # left by a daemon that ran as root
     d = Daemon(home, config_text(), user=daemon_user.pw_name)
     r = subprocess.run(d.command(), cwd=d.home, env=d.env(), capture_output=True, text=True, timeout=60)

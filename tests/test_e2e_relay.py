@@ -22,18 +22,18 @@ import os
 import subprocess
 
 import pytest
-from twisted.logger import formatEvent
-from twisted.internet import protocol
-from twisted.protocols.basic import LineReceiver
-from twisted.names import dns, server
-
 from conftest import in_reactor, require_tool
-from mailhub.relay import client as smtpclient
-from mailhub.envelope import Envelope, Recipient
-from mailhub.relay.agent import RemoteDelivery
-from mailhub.queue.queuefile import queue_file_bytes
-from peers import free_port, wait_for, wait_listening
 from dnszone import AAAA, CNAME, MX, A, Zone
+from peers import free_port, wait_for, wait_listening
+from twisted.internet import protocol
+from twisted.logger import formatEvent
+from twisted.names import dns, server
+from twisted.protocols.basic import LineReceiver
+
+from mailhub.envelope import Envelope, Recipient
+from mailhub.queue.queuefile import queue_file_bytes
+from mailhub.relay import client as smtpclient
+from mailhub.relay.agent import RemoteDelivery
 
 MESSAGE = (
     b"From: sender@example.org\r\n"
@@ -262,9 +262,9 @@ def test_route_to_mailhub_server(reactor, sink, dns_server, tmp_path) -> None:
 
     from mailhub.config import ServerConfig
     from mailhub.delivery.directory import Directory
-    from mailhub.smtp.policy import Policy
-    from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
     from mailhub.queue.spool import Spool
+    from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+    from mailhub.smtp.policy import Policy
 
     port, out = sink
     dns_addr, _ = dns_server

@@ -13,17 +13,16 @@ import socket
 import threading
 
 import pytest
+from conftest import in_reactor
+from peers import wait_for
 from twisted.internet import threads
 from twisted.internet.endpoints import serverFromString
 
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
-from mailhub.smtp.policy import Policy
-from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
-
-from conftest import in_reactor
-from peers import wait_for
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
 
 HOST = "mx.example.com"
 

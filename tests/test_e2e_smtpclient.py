@@ -19,19 +19,19 @@ import email.policy
 import os
 
 import pytest
+from conftest import in_reactor
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from peers import Sink, free_port, sink_message
 from twisted.internet import endpoints, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
-from conftest import in_reactor
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
-from mailhub.relay.client import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
 from mailhub.queue.queuefile import queue_file_bytes
-from peers import Sink, free_port, sink_message
+from mailhub.relay.client import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,14 +21,13 @@ import threading
 import time
 
 import pytest
-
-from mailhub.queue import migration, queuefile
-from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.queuefile import new_queue_id, open_message
-from mailhub.queue.spool import Spool
-
 from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, wait_for
 from peers import Sink, free_port, sink_message
+
+from mailhub.envelope import Envelope, Recipient
+from mailhub.queue import migration, queuefile
+from mailhub.queue.queuefile import new_queue_id, open_message
+from mailhub.queue.spool import Spool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

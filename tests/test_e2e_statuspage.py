@@ -12,13 +12,12 @@ import subprocess
 import zlib
 
 import pytest
+from conftest import in_reactor, require_tool
 from twisted.internet.endpoints import serverFromString
 
-from mailhub.web.api import make_http_site
 from mailhub.metrics import MailMetrics
 from mailhub.queue.spool import Spool
-
-from conftest import in_reactor, require_tool
+from mailhub.web.api import make_http_site
 
 HOSTILE = '<img src=x onerror="document.title=1">@evil.example'
 

@@ -18,19 +18,17 @@ import ssl
 import subprocess
 
 import pytest
+from conftest import in_reactor, require_tool
 from twisted.internet.endpoints import serverFromString
 
 from mailhub import tls
-
-from mailhub.smtp import sasl as auth
-from mailhub.users import UsersChecker, UsersFile
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
-from mailhub.smtp.policy import Policy
-from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
-
-from conftest import in_reactor, require_tool
+from mailhub.smtp import sasl as auth
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
+from mailhub.users import UsersChecker, UsersFile
 
 HOST = "mx.example.com"
 USER, PASSWORD = "alice@example.com", "s3cret-Pa55"

@@ -26,54 +26,12 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 
 import pytest
-
+from accounts import free_uid, status
 from conftest import require_tool
-from daemon import CLEAN_EXIT, DOMAIN, ROOT, Daemon, read_maildir, send, split_message, wait_for
-
-
-def free_uid() -> int:
-    for _ in range(1000):
-        uid = random.randint(20000, 59000)
-        try:
-            pwd.getpwuid(uid)
-        except KeyError:
-            return uid
-    raise AssertionError("no free uid found")
-
-
-@pytest.fixture(scope="module")
-def daemon_user():
-    """A throwaway system user for server.user (useradd --system), removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("system mode end-to-end needs root (useradd, files given to the account)")
-    useradd = require_tool("useradd")
-    userdel = require_tool("userdel")
-    name = f"mhd{random.randrange(16**6):06x}"
-    r = subprocess.run(
-        [useradd, "--system", "--no-create-home", "--home-dir", "/nonexistent", "-s", "/usr/sbin/nologin", name],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert r.returncode == 0, r.stderr
-    try:
-        pw = pwd.getpwnam(name)
-        try:
-            probe = subprocess.run(
-                [sys.executable, "-c", "import mailhub.tap, twisted.internet.reactor"],
-                env=dict(os.environ, PYTHONPATH=ROOT), cwd="/", user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
-                capture_output=True, text=True, timeout=60,
-            )
-            problem = probe.stderr.strip()[-200:] if probe.returncode else None
-        except PermissionError as e:
-            problem = str(e)
-        if problem:
-            pytest.skip(f"user {name} cannot run {sys.executable} with mailhub: {problem}")
-        yield pw
-    finally:
-        subprocess.run([userdel, name], capture_output=True, timeout=30)
+from daemon import CLEAN_EXIT, DOMAIN, Daemon, read_maildir, send, split_message, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -241,11 +199,6 @@ def test_mail_for_root_is_delivered_once_to_the_account_never_to_real_root(daemo
 
 
 # -- privilege separation ------------------------------------------------------------------
-
-
-def status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
 
 
 def listening_inode(port: int) -> str:

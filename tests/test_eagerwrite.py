@@ -10,14 +10,12 @@ import socket
 import ssl
 
 import pytest
-
+from conftest import in_reactor
 from twisted.internet import defer, protocol
 from twisted.internet.testing import StringTransport
 
 from mailhub.eagerwrite import write_now, write_to_child
 from mailhub.tls import ServerTLS, make_self_signed
-
-from conftest import in_reactor
 
 
 class _Server(protocol.Protocol):

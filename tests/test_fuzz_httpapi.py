@@ -26,16 +26,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from fuzzing import LogCapture
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from fuzzing import LogCapture
-from mailhub.users import UsersFile
-from mailhub.web.api import make_http_site
 from mailhub.metrics import MailMetrics, spool_queue_stats
 from mailhub.queue.spool import Spool
+from mailhub.users import UsersFile
+from mailhub.web.api import make_http_site
 
 USER = "alice@example.com"
 

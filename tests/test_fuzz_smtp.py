@@ -26,14 +26,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
-
 from fuzzing import LogCapture, bad_reply_lines
-from mailhub.smtp.server import SMTPServer
-from mailhub.smtp.limits import ERROR_SLEEP
+from hypothesis import given
+from hypothesis import strategies as st
 from smtpharness import AUTH_PASSWORD as PASSWORD
 from smtpharness import AUTH_USER as USER
 from smtpharness import FOREIGN, GREETING, Client, Harness, TLSStringTransport, serve_with_auth
+
+from mailhub.smtp.limits import ERROR_SLEEP
+from mailhub.smtp.server import SMTPServer
 
 TIMEOUT = 30.0  # idle timeout of the fuzzed server (ServerConfig.timeout)
 QUEUED_ID = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r$", re.M)

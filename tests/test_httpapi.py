@@ -14,98 +14,17 @@ import os
 import re
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from httpharness import Env, message_json, post_json
 
 from mailhub.users import UsersFile
 from mailhub.web.api import ROUTES, make_http_site
-from mailhub.metrics import MailMetrics, spool_queue_stats
-from mailhub.queue.spool import Spool
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "openapi.json")
-
-
-class FakeScheduler:
-    def __init__(self) -> None:
-        self.enqueued: list = []
-        self.flushed: list = []
-
-    def enqueue(self, env) -> None:
-        self.enqueued.append(env)
-
-    def flush(self, queue_id=None) -> str:
-        """As Scheduler.flush: KeyError if not queued; "held" for the one message named when on hold."""
-        if queue_id is not None and queue_id not in ("0000000000000AAAAA", "0000000000000HHHHH"):
-            raise KeyError(queue_id)
-        self.flushed.append(queue_id)
-        return "held" if queue_id == "0000000000000HHHHH" else "flushed"
-
-
-class Env:
-    def __init__(self, tmp_path, max_body=100_000, run=None) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.spool = Spool(str(tmp_path / "spool"), fsync=False)
-        self.users = UsersFile(str(tmp_path / "users"), rounds=4)
-        self.users.add("alice@example.com", "secret-a")
-        self.users.add("root@example.com", "secret-r")
-        self.alice = self.users.add_token("alice@example.com")
-        self.root = self.users.add_token("root@example.com")
-        self.scheduler = FakeScheduler()
-        self.metrics = MailMetrics(self.clock, spool_queue_stats(self.spool))
-        self.site = make_http_site(
-            self.spool, self.scheduler.enqueue, self.scheduler, self.users, self.metrics, "mx.example.com",
-            max_body=max_body, run=run, admins=["root@example.com"], clock=self.clock,
-        )
-
-    def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None, token: str | None = None,
-                raw: bytes | None = None):
-        proto = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
-                                    hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
-        proto.makeConnection(transport)
-        if raw is None:
-            h = {"Host": "localhost", "Content-Length": str(len(body))}
-            if token:
-                h["Authorization"] = f"Bearer {token}"
-            h.update(headers or {})
-            head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
-            raw = head.encode() + body
-        proto.dataReceived(raw)
-        return Response(transport.value(), transport)
-
-
-class Response:
-    def __init__(self, data: bytes, transport) -> None:
-        self.raw = data
-        self.transport = transport
-        head, _, self.body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split()[1]) if lines[0] else 0
-        self.headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            self.headers[k.strip().lower()] = v.strip()
-
-    def json(self):
-        return json.loads(self.body)
 
 
 @pytest.fixture
 def env(tmp_path):
     return Env(tmp_path)
-
-
-def message_json(**kw):
-    data = {"from": "alice@example.com", "to": ["bob@example.org"], "subject": "Hi", "text": "Hello Bob\n"}
-    data.update(kw)
-    return json.dumps(data).encode()
-
-
-def post_json(env, body, token="alice"):
-    return env.request("POST", "/v1/messages", body, {"Content-Type": "application/json"},
-                       token=getattr(env, token) if token in ("alice", "root") else token)
 
 
 # -- submission -----------------------------------------------------------------------------
@@ -421,8 +340,9 @@ def test_get_unknown_or_bad_message_is_404(env):
 
 
 def test_get_message_from_event_log_after_it_left(tmp_path):
-    from mailhub.eventlog import EventLogObserver
     from twisted.logger import globalLogPublisher
+
+    from mailhub.eventlog import EventLogObserver
     from mailhub.maillog import mail_event
 
     e = Env(tmp_path)
@@ -515,6 +435,7 @@ def test_405_and_404(env):
 
 def test_metrics_endpoint_counts_http_submissions(env):
     from twisted.logger import globalLogPublisher
+
     from mailhub.metrics import MetricsObserver
 
     obs = MetricsObserver(env.metrics)

@@ -13,8 +13,7 @@ import email.policy
 import json
 
 import pytest
-
-from test_httpapi import Env, message_json, post_json
+from httpharness import Env, message_json, post_json
 
 FORGED = "From: ceo@bank.example"
 

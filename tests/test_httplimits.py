@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from httpharness import Env, message_json
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
+from mailhub.metrics import MetricsObserver
 from mailhub.web.api import make_http_site
 from mailhub.web.limits import ABORT_GRACE, RefusedConnection
-from mailhub.metrics import MetricsObserver
-from twisted.logger import globalLogPublisher
-
-from test_httpapi import Env, message_json
 
 
 class Site:

@@ -15,8 +15,8 @@ from twisted.logger import formatEvent
 
 from mailhub.delivery import local
 from mailhub.delivery.directory import Directory
-from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.delivery.local import LocalDelivery, copy_lf, delivered_to_addresses
+from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.queue.queuefile import open_message, queue_file_bytes
 
 MESSAGE = (

@@ -8,39 +8,22 @@ and the daemon with a delivery process killed under it.
 from __future__ import annotations
 
 import json
-import mailbox
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
-from twisted.internet import defer
-
 from conftest import in_reactor
 from daemon import Daemon, config_text, delivered_with, message, send
-from mailhub.delivery import localproc
+from deliveryharness import DOMAIN, MESSAGE, directory_args, maildir_messages
+from peers import wait_for
+from twisted.internet import defer
+
 from mailhub.config import load_config
+from mailhub.delivery import localproc
 from mailhub.envelope import Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
-from peers import wait_for
-
-DOMAIN = "example.test"
-MESSAGE = b"From: a@client.test\r\nSubject: hello\r\n\r\nbody line\r\n.dot line\r\n"
-
-
-def directory_args(tmp_path) -> dict:
-    return {
-        "domains": [DOMAIN],
-        "mailboxes": str(tmp_path / "mailboxes"),
-        "users": ["alice", "bob"],
-        "aliases_path": None,
-        "separator": "+",
-        "mode": "virtual",
-        "home_maildir": "Maildir",
-        "min_uid": 1000,
-        "max_uid": 60000,
-    }
 
 
 def queued(tmp_path, name: str = "Q1", data: bytes = MESSAGE) -> str:
@@ -50,14 +33,6 @@ def queued(tmp_path, name: str = "Q1", data: bytes = MESSAGE) -> str:
     trailer = Envelope("15NXAAAAAAAAAAAAA", "a@client.test", [Recipient(f"alice@{DOMAIN}")], arrival=1700000000.25)
     path.write_bytes(queue_file_bytes(data, trailer))
     return str(path)
-
-
-def maildir_messages(tmp_path, user: str) -> list[bytes]:
-    path = tmp_path / "mailboxes" / DOMAIN / user
-    if not path.exists():
-        return []
-    box = mailbox.Maildir(str(path), factory=None, create=False)
-    return [box.get_bytes(k) for k in sorted(box.keys())]
 
 
 # -- the child program, over real pipes ----------------------------------------------------

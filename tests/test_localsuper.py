@@ -13,15 +13,14 @@ import subprocess
 import sys
 
 import pytest
+from deliveryharness import DOMAIN, MESSAGE, directory_args, maildir_messages
+from peers import wait_for
 
 from mailhub.delivery import localproc
-
 from mailhub.delivery import supervisor as localsuper
-from mailhub.envelope import Envelope, Recipient
 from mailhub.delivery.supervisor import BadRequest, check_request
+from mailhub.envelope import Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
-from peers import wait_for
-from test_localproc import DOMAIN, MESSAGE, directory_args, maildir_messages
 
 QID = "15NXAAAAAAAAAAAAA"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(localproc.__file__)))

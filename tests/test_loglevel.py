@@ -7,7 +7,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from twisted.logger import FilteringLogObserver, LogBeginner, LogLevel, LogPublisher, Logger
+from twisted.logger import FilteringLogObserver, LogBeginner, Logger, LogLevel, LogPublisher
 
 from mailhub import loglevel
 from mailhub.config import ConfigError, load_config

@@ -18,10 +18,10 @@ import time
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import (
-    formatEvent,
+    Logger,
     LogLevel,
     LogPublisher,
-    Logger,
+    formatEvent,
     formatEventAsClassicLogText,
     globalLogPublisher,
 )

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import require_tool
 
 MAN = os.path.join(sys.prefix, "share", "man")

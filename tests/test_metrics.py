@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from tlsauthharness import TLSAuthHarness
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
@@ -191,9 +192,7 @@ def test_fed_by_the_real_scheduler(tmp_path, clock):
 
 def test_rejections_are_counted_by_their_real_reason(tmp_path):
     """A sender-ownership refusal (553 5.7.1 at MAIL) is not a relay denial (554 5.7.1 at RCPT)."""
-    from test_smtpd_tls_auth import Harness
-
-    h = Harness(tmp_path)
+    h = TLSAuthHarness(tmp_path)
     m = MailMetrics(h.clock)
     observer = MetricsObserver(m)
     globalLogPublisher.addObserver(observer)

@@ -11,7 +11,6 @@ import os
 import stat
 
 import pytest
-
 from twisted.internet import inotify, task
 
 from mailhub.queue import pickup

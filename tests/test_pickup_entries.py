@@ -12,7 +12,6 @@ import os
 import socket
 
 import pytest
-
 from twisted.internet import task
 
 from mailhub.queue import pickup

@@ -14,11 +14,11 @@ import stat
 import tempfile
 
 import pytest
+from twisted.internet.task import Clock
 
 from mailhub.config import ConfigError, load_config
 from mailhub.queue.pickup import GROUP_DIR_MODE, PickupService, pickup_dirs, write_pickup
 from mailhub.queue.spool import Spool
-from twisted.internet.task import Clock
 
 
 def _some_group() -> grp.struct_group:

@@ -14,21 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
+from dnszone import AAAA, CNAME, MX, A, Zone
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from twisted.names import error as dnserror
 
-from mailhub.relay import client as smtpclient
 from mailhub.envelope import Envelope, Outcome, Recipient
-from mailhub.relay.agent import RemoteDelivery
-from mailhub.relay.nexthop import Destination, parse_dns_server, parse_nexthop
-from mailhub.relay.client import SessionError
 from mailhub.queue.queuefile import open_message, queue_file_bytes
-
-from dnszone import AAAA, CNAME, MX, A, Zone
-
+from mailhub.relay import client as smtpclient
+from mailhub.relay.agent import RemoteDelivery
+from mailhub.relay.client import SessionError
+from mailhub.relay.nexthop import Destination, parse_dns_server, parse_nexthop
 
 # -- a fake network following smtpclient.connect's contract ------------------------------
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from mailhub.address import normalize_domain
-from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
 from mailhub.delivery.router import NO_RELAY_TEXT, Router
+from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
 from mailhub.queue.spool import Spool
 
 

@@ -13,14 +13,13 @@ import re
 from dataclasses import dataclass, field
 
 import pytest
-
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent
 
 from mailhub.envelope import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient, ReportFunction
-from mailhub.queue.scheduler import RetryPolicy, Scheduler
 from mailhub.queue.queuefile import FOOTER_SIZE
+from mailhub.queue.scheduler import RetryPolicy, Scheduler
 from mailhub.queue.spool import Spool
 
 T0 = 1_700_000_000.0
@@ -303,7 +302,7 @@ def test_null_sender_gets_no_bounce_but_postmaster_gets_one_double_bounce(spool,
     deliver = FakeDeliver(clock, {"bob@example.org": [(550, "5.1.1", "user unknown")]})
     to_postmaster = FakeDeliver(clock, {"postmaster@mx.example.org": [(550, "5.2.0", "postmaster broken")]})
     route = lambda e, r, report: (to_postmaster if e.client.get("double_bounce") else deliver)(e, r, report)
-    env = queue(spool, clock, sender="")
+    queue(spool, clock, sender="")
     make(spool, clock, route)
     # one double bounce to the postmaster, and it failed too: nothing more
     assert len(to_postmaster.calls) == 1
@@ -1259,7 +1258,7 @@ def test_reports_with_only_temporary_outcomes_write_nothing(spool, clock, monkey
 def test_a_report_answering_the_whole_round_is_not_written_twice(spool, clock, monkeypatch):
     """One destination (the common case): the report and the round's end cost one removal, no update."""
     deliver = ReportingDeliver()
-    env = queue(spool, clock, rcpts=(FAST, "dave@fast.example"))
+    queue(spool, clock, rcpts=(FAST, "dave@fast.example"))
     s = make(spool, clock, deliver)
     updates = counting_updates(spool, monkeypatch)
     deliver.calls[0].report([Outcome.delivered(FAST), Outcome.delivered("dave@fast.example")])
@@ -1425,8 +1424,8 @@ def test_queue_stats_from_memory(tmp_path):
     from twisted.internet.task import Clock
 
     from mailhub.envelope import Envelope, Recipient
-    from mailhub.queue.scheduler import RetryPolicy, Scheduler
     from mailhub.queue.queuefile import new_queue_id
+    from mailhub.queue.scheduler import RetryPolicy, Scheduler
     from mailhub.queue.spool import Spool
 
     spool = Spool(str(tmp_path / "spool"), fsync=False)

@@ -20,9 +20,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailhub.relay import client as smtpclient
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
+from mailhub.relay import client as smtpclient
 from mailhub.relay.client import (
     CHUNK_SIZE,
     MAX_LINE,

@@ -11,23 +11,6 @@ import os
 import re
 
 import pytest
-from twisted.logger import globalLogPublisher
-
-from mailhub.smtp.proto import (
-    CommandError,
-    DotDecoder,
-    MAX_LINE,
-    MAX_MAIL_LINE,
-    format_reply,
-    parse_mail_params,
-    parse_params,
-    parse_rcpt_params,
-    received_header,
-    split_path,
-    with_protocol,
-    xtext_decode,
-)
-from mailhub.queue.spool import SpoolWriter
 from smtpharness import (
     DATE,
     EHLO,
@@ -45,6 +28,23 @@ from smtpharness import (
     strip_received,
 )
 from smtpharness import TwoDomainHarness as Harness
+from twisted.logger import globalLogPublisher
+
+from mailhub.queue.spool import SpoolWriter
+from mailhub.smtp.proto import (
+    MAX_LINE,
+    MAX_MAIL_LINE,
+    CommandError,
+    DotDecoder,
+    format_reply,
+    parse_mail_params,
+    parse_params,
+    parse_rcpt_params,
+    received_header,
+    split_path,
+    with_protocol,
+    xtext_decode,
+)
 
 BARE = "550 5.6.0 Message contains bare CR or LF; lines must end with CRLF\r\n"
 TOO_MANY_CONNECTIONS = f"421 4.7.0 {HOST} Error: too many connections\r\n"

@@ -13,12 +13,17 @@ from __future__ import annotations
 import smtplib
 
 import pytest
+from conftest import in_reactor
+from smtpharness import GO_AHEAD, GREETING, HOST, MAIL_OK, NOW, RCPT_OK, converse, queued_id, strip_received
+from smtpharness import Harness as _Harness
 from twisted.internet.endpoints import serverFromString
 
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
-from mailhub.smtp.policy import Policy
+from mailhub.queue.spool import Spool
+from mailhub.rfc5322 import address_literal
 from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
 from mailhub.smtp.proto import (
     MAX_REPLY_LINE,
     CommandError,
@@ -28,12 +33,6 @@ from mailhub.smtp.proto import (
     received_header,
     xtext_decode,
 )
-from mailhub.queue.spool import Spool
-from mailhub.rfc5322 import address_literal
-
-from conftest import in_reactor
-from smtpharness import GO_AHEAD, GREETING, HOST, MAIL_OK, NOW, RCPT_OK, converse, queued_id, strip_received
-from smtpharness import Harness as _Harness
 
 
 class Harness(_Harness):

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from twisted.logger import globalLogPublisher
-from mailhub.smtp import server as smtpd
-from mailhub.smtp.settings import SMTPSettings
-
 from smtpharness import FOREIGN, GO_AHEAD, GREETING, HOST, MAIL_OK, OK, RCPT_OK, Client, queued_id
 from smtpharness import Harness as _Harness
+from twisted.logger import globalLogPublisher
+
+from mailhub.smtp import server as smtpd
+from mailhub.smtp.settings import SMTPSettings
 
 BYE = "221 2.0.0 Bye\r\n"
 HOPS = "554 5.4.6 Too many hops\r\n"

@@ -17,9 +17,9 @@ from twisted.internet.testing import StringTransport
 
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
-from mailhub.smtp.policy import Policy
-from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
 from mailhub.tap import _Listener
 
 HOST = "mx.example.com"

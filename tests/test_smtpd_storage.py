@@ -13,11 +13,11 @@ import os
 import smtplib
 
 import pytest
-
-from mailhub.smtp.factory import FREE_SPACE_CACHE, spool_free_space
 from daemon import Daemon, config_text
 from smtpharness import GO_AHEAD, GREETING, MAIL_OK, OK, RCPT_OK, converse, queued_id
 from smtpharness import Harness as _Harness
+
+from mailhub.smtp.factory import FREE_SPACE_CACHE, spool_free_space
 
 MB = 1000000
 FULL = "452 4.3.1 Insufficient system storage\r\n"

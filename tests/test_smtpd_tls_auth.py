@@ -7,22 +7,11 @@ call, a task.Clock for the throttle's delay, a real UsersFile (bcrypt with
 
 from __future__ import annotations
 
-import base64
-
 import pytest
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
-from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
-
-from mailhub.smtp import sasl as auth
-from mailhub.users import UsersChecker, UsersFile
-from mailhub.smtp.proto import received_header
 from smtpharness import (
     DATE,
     FOREIGN,
     GO_AHEAD,
-    GREETING,
     HOST,
     MAIL_OK,
     NOW,
@@ -30,17 +19,18 @@ from smtpharness import (
     RCPT_OK,
     TLS_OPTIONS,
     Client,
-    FakeTLS,
-    TLSStringTransport,
     converse,
     queued_id,
 )
-from smtpharness import Harness as _Harness
+from tlsauthharness import AUTH_OK, PASSWORD, PLAIN, READY, USER, b64, ehlo_reply
+from tlsauthharness import TLSAuthHarness as Harness
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 
-USER, PASSWORD = "alice@example.com", "s3cret-Pa55"
+from mailhub.smtp.proto import received_header
 
-READY = "220 2.0.0 Ready to start TLS\r\n"
-AUTH_OK = "235 2.7.0 Authentication successful\r\n"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid\r\n"
 MALFORMED = "501 5.5.2 Cannot decode AUTH response\r\n"
 CANCELLED = "501 5.7.0 Authentication cancelled\r\n"
@@ -53,65 +43,7 @@ NOT_ENABLED = "503 5.5.1 Error: authentication not enabled\r\n"
 IN_TX = "503 5.5.1 Error: MAIL transaction in progress\r\n"
 NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first\r\n"
 
-
-def ehlo_reply(starttls: bool = False, auth_: bool = False) -> str:
-    lines = [HOST, "PIPELINING", "SIZE 10240000"]
-    lines += ["STARTTLS"] if starttls else []
-    lines += ["AUTH PLAIN LOGIN"] if auth_ else []
-    lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN"]
-    return "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
-
-
-PLAIN = b64(f"\0{USER}\0{PASSWORD}")
 PLAIN_WRONG = b64(f"\0{USER}\0wrong")
-
-
-class Harness(_Harness):
-    """
-    TLS (FakeTLS) and users (bcrypt, 4 rounds, checked synchronously) on by
-    default; connect() hands out TLSStringTransports and checks the greeting.
-    """
-
-    def __init__(self, tmp_path, listener: str = "smtp", tls: bool = True, users: bool = True,
-                 trusted=("127.0.0.0/8", "::1/128"), **factory_kw) -> None:
-        super().__init__(tmp_path, trusted_networks=tuple(trusted))
-        self.users = None
-        kw: dict = {}
-        if users:
-            self.users = UsersFile(str(tmp_path / "users"), clock=self.clock, rounds=4)
-            self.users.add(USER, PASSWORD, ["senders=sales@example.org"])
-            self.users.add("bob@example.com", "bobs-password")
-            kw["users"] = self.users
-            kw["checker"] = UsersChecker(self.users, run=lambda f, *a: defer.maybeDeferred(f, *a))
-            kw["throttle"] = auth.AuthThrottle(self.clock, delay=1.0, max_failures=3, window=300)
-        if tls:
-            kw["tls"] = FakeTLS()
-        kw.update(factory_kw)
-        self.serve(listener, **kw)
-
-    def connect(self, ip: str = FOREIGN, transport_class=TLSStringTransport) -> Client:
-        c = Client(self.factory, ip, transport_class)
-        assert c.greeting == GREETING
-        return c
-
-    def tls_session(self, ip: str = FOREIGN) -> Client:
-        """Connected, EHLO, STARTTLS done, EHLO again: ready for AUTH."""
-        c = self.connect(ip)
-        assert c.send("EHLO client.test\r\n") == ehlo_reply(starttls=True, auth_=c.proto.tlsauth.auth_offered())
-        assert c.send("STARTTLS\r\n") == READY
-        assert c.transport.tls_started == [TLS_OPTIONS]
-        assert c.send("EHLO client.test\r\n") == ehlo_reply(auth_=self.users is not None)
-        return c
-
-    def authenticated(self, ip: str = FOREIGN) -> Client:
-        c = self.tls_session(ip)
-        assert c.send(f"AUTH PLAIN {PLAIN}\r\n") == AUTH_OK
-        assert c.user == USER
-        return c
 
 
 @pytest.fixture

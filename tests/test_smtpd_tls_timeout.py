@@ -13,6 +13,12 @@ import dataclasses
 import socket
 
 import pytest
+from conftest import in_reactor
+from peers import wait_for
+from smtpharness import FOREIGN, GREETING, HOST, Client
+from smtpharness import Harness as _Harness
+from tlsauthharness import READY, ehlo_reply
+from tlsauthharness import TLSAuthHarness as TLSHarness
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import StringTransport
@@ -21,16 +27,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailhub import tls
 from mailhub.config import ServerConfig
 from mailhub.delivery.directory import Directory
-from mailhub.smtp.policy import Policy
-from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
 from mailhub.queue.spool import Spool
-
-from conftest import in_reactor
-from peers import wait_for
-from smtpharness import FOREIGN, GREETING, HOST, Client
-from smtpharness import Harness as _Harness
-from test_smtpd_tls_auth import READY, ehlo_reply
-from test_smtpd_tls_auth import Harness as TLSHarness
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
 
 
 def tls_harness(tmp_path, timeout: float, starttls_timeout: float) -> TLSHarness:

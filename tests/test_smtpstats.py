@@ -9,9 +9,6 @@ from __future__ import annotations
 import smtplib
 
 import pytest
-
-from mailhub.smtp.stats import UNKNOWN, CommandCounts
-
 from smtpharness import (
     AUTH_FAILED,
     AUTH_OK,
@@ -26,6 +23,8 @@ from smtpharness import (
 )
 from smtpharness import Harness as BaseHarness
 from smtpharness import TwoDomainHarness as Harness
+
+from mailhub.smtp.stats import UNKNOWN, CommandCounts
 
 # -- the counts ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import random
 import pytest
 from smtpharness import FOREIGN, HOST, MAIL_OK, OK, send_message
 from smtpharness import TwoDomainHarness as Harness
+from tlsauthharness import TLSAuthHarness
 from twisted.logger import formatEvent
 
 from mailhub.smtp.stats import UNKNOWN, CommandCounts
@@ -118,9 +119,7 @@ def test_soft_error_delay_and_a_loss_while_sleeping(tmp_path, logged):
 
 
 def test_auth_abort_counts_as_failed(tmp_path, logged):
-    from test_smtpd_tls_auth import Harness as AuthHarness
-
-    h = AuthHarness(tmp_path)
+    h = TLSAuthHarness(tmp_path)
     c = h.tls_session()
     assert c.send("AUTH PLAIN\r\n") == "334 \r\n"
     assert c.send("*\r\n").startswith("501 5.7.0")

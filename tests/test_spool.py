@@ -10,9 +10,9 @@ import os
 
 import pytest
 
+from mailhub.envelope import DELIVERED, Envelope, EnvelopeFormatError, Recipient
 from mailhub.queue import durable, queuefile
 from mailhub.queue import spool as spool_module
-from mailhub.envelope import DELIVERED, Envelope, EnvelopeFormatError, Recipient
 from mailhub.queue.queuefile import is_queue_id, new_queue_id
 from mailhub.queue.spool import Spool
 

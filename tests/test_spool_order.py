@@ -20,7 +20,6 @@ import os
 import stat
 
 import pytest
-
 from twisted.internet import task
 
 from mailhub.envelope import DELIVERED, Envelope, Recipient

@@ -16,12 +16,12 @@ import smtplib
 import stat
 
 import pytest
+from conftest import in_reactor
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 
-from conftest import in_reactor
 from mailhub.address import Mailbox, parse_mailbox
-from mailhub.config import ServerConfig
+from mailhub.config import ServerConfig, check_maildir_name
 from mailhub.delivery.directory import (
     AliasLoop,
     AliasUnavailable,
@@ -30,15 +30,14 @@ from mailhub.delivery.directory import (
     UnknownRecipient,
     UnsupportedAlias,
 )
-from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.delivery.local import LocalDelivery
-from mailhub.smtp.policy import Policy
 from mailhub.delivery.router import Router
-from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.delivery.system import Accounts
+from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
 from mailhub.queue.spool import Spool
-from mailhub.config import check_maildir_name
-from mailhub.delivery.system import Accounts
+from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+from mailhub.smtp.policy import Policy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="delivering as another user needs root")
 

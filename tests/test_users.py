@@ -20,8 +20,6 @@ from zope.interface import implementer
 from mailhub import users as auth
 from mailhub.users import UnknownUser, UserExists, UsersChecker, UsersFile, owns_sender
 
-
-
 ROUNDS = 4
 
 

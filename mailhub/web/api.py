@@ -11,7 +11,7 @@ error format C{{"error": TEXT, "code": HTTP_STATUS}}.
 
 Must not touch: the spool's files (only L{Spool.new_message} and
 L{SpoolWriter.commit}, as smtpd does), delivery, configuration files.  A
-C{202} is given only after the commit returned (house rule 1): any spool
+C{202} is given only after the commit returned ("durable before 250"): any spool
 error before that is a C{503} (C{507} when the disk is full) and nothing is
 queued.
 
