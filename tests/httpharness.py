@@ -21,7 +21,7 @@ from twisted.internet.testing import StringTransport
 
 from mailhub.metrics import MailMetrics, spool_queue_stats
 from mailhub.queue.spool import Spool
-from mailhub.smtp.sasl import UsersFile
+from mailhub.users import UsersFile
 from mailhub.web.api import make_http_site
 
 __all__ = ["Env", "FakeScheduler", "Response", "message_json", "post_json"]

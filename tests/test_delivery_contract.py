@@ -12,8 +12,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from test_router import FakeAgent, FakeDirectory
-from test_scheduler import FakeDeliver, Scripted, SlowAndFast
+from agentfakes import FakeAgent, FakeDeliver, FakeDirectory, Scripted, SlowAndFast
 from twisted.internet import defer, task
 
 from mailhub.delivery.directory import Directory

@@ -2,7 +2,7 @@
 The code's own checks: ruff (pycodestyle, pyflakes, import order, pyupgrade,
 bugbear) and mypy (with the zope.interface plugin; strict on the pure modules),
 configured in pyproject.toml.  They run with the suite so that CI fails on a
-regression, not only a reviewer.
+regression.
 """
 
 from __future__ import annotations

@@ -7,34 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+from agentfakes import FakeAgent, FakeDirectory
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from mailhub.address import normalize_domain
 from mailhub.delivery.router import NO_RELAY_TEXT, Router
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
 from mailhub.queue.spool import Spool
-
-
-class FakeDirectory:
-    def __init__(self, *domains: str) -> None:
-        self.domains = {normalize_domain(d) for d in domains}
-
-    def is_local(self, domain: str) -> bool:
-        return normalize_domain(domain) in self.domains
-
-
-@dataclass
-class FakeAgent:
-    auto: bool = True
-    calls: list = field(default_factory=list)
-
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction) -> Deferred:
-        d: Deferred = Deferred()
-        self.calls.append(([r.address for r in recipients], message_path, d))
-        if self.auto:
-            d.callback([Outcome.delivered(r.address) for r in recipients])
-        return d
 
 
 @pytest.fixture

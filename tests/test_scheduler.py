@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 import pytest
+from agentfakes import FakeDeliver, Scripted, SlowAndFast
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent
@@ -24,43 +25,6 @@ from mailhub.queue.spool import Spool
 
 T0 = 1_700_000_000.0
 BODY = b"Subject: hello\r\nFrom: alice@example.com\r\nMessage-ID: <m1@example.com>\r\n\r\nHi there.\r\n"
-
-
-@dataclass
-class Call:
-    envelope: Envelope
-    recipients: list[str]
-    deferred: Deferred
-    at: float
-
-
-@dataclass
-class FakeDeliver:
-    """deliver(): records each call; answers from C{script} at once, or leaves the Deferred to the test."""
-
-    clock: task.Clock
-    script: dict = field(default_factory=dict)  # address -> list of (code, status, text) to answer in turn
-    auto: bool = True
-    calls: list[Call] = field(default_factory=list)
-
-    def __call__(self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction) -> Deferred:
-        d: Deferred = Deferred()
-        self.calls.append(Call(envelope, [r.address for r in recipients], d, self.clock.seconds()))
-        if self.auto:
-            d.callback([self.answer(r.address) for r in recipients])
-        return d
-
-    def answer(self, address: str) -> Outcome:
-        answers = self.script.get(address)
-        code, status, text = answers.pop(0) if answers else (250, "2.0.0", "delivered")
-        if code < 400:
-            return Outcome.delivered(address, text)
-        if code < 500:
-            return Outcome.temporary(address, text, code, status)
-        return Outcome.permanent(address, text, code, status, remote_mta="mx.example.net")
-
-    def to(self, address: str) -> list[Call]:
-        return [c for c in self.calls if address in c.recipients]
 
 
 @pytest.fixture
@@ -601,22 +565,6 @@ def relayed(address: str, dsn_passed: bool) -> Outcome:
     )
 
 
-@dataclass
-class Scripted:
-    """deliver(): fixed outcomes by address (delivered locally unless given); DSNs are left queued."""
-
-    clock: task.Clock
-    outcomes: dict = field(default_factory=dict)
-    calls: list = field(default_factory=list)
-
-    def __call__(self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction) -> Deferred:
-        self.calls.append((envelope, [r.address for r in recipients]))
-        if envelope.sender == "":
-            return Deferred()  # keep notifications in the spool to read them
-        return defer.succeed([self.outcomes.get(r.address) or Outcome.delivered(r.address, "delivered to maildir")
-                              for r in recipients])
-
-
 def test_success_notice_for_local_delivery_with_envid_and_orcpt(spool, clock, events):
     deliver = Scripted(clock)
     env = queue(
@@ -772,23 +720,6 @@ def test_delay_warning_carries_envid_and_orcpt(spool, clock):
 
 
 # -- per-destination fairness ---------------------------------------------------------------
-
-
-@dataclass
-class SlowAndFast:
-    """deliver(): never answers for slow.example (a dead or tarpitting host); answers at once otherwise."""
-
-    clock: task.Clock
-    slow: list = field(default_factory=list)  # (queue id, Deferred)
-    fast: list = field(default_factory=list)
-
-    def __call__(self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction) -> Deferred:
-        if any(r.address.endswith("@slow.example") for r in recipients):
-            d: Deferred = Deferred()
-            self.slow.append((envelope.queue_id, d, [r.address for r in recipients]))
-            return d
-        self.fast.append((envelope.queue_id, self.clock.seconds()))
-        return defer.succeed([Outcome.delivered(r.address) for r in recipients])
 
 
 def test_slow_destination_does_not_hold_back_other_domains(spool, clock):
