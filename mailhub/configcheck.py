@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
 from mailhub.address import AddressError, normalize_domain
 

@@ -19,10 +19,10 @@ L{mailhub.config}, which is also the import point for everything here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from types import MappingProxyType
-from typing import Any, Callable, get_type_hints
+from typing import Any, get_type_hints
 
 from mailhub import configcheck as check
 

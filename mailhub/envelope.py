@@ -155,7 +155,7 @@ class Envelope:
         """True when no recipient is left to try: the message can go."""
         return not any(r.state == PENDING for r in self.recipients)
 
-    def apply(self, outcome: "Outcome", when: float) -> Recipient:
+    def apply(self, outcome: Outcome, when: float) -> Recipient:
         """
         Record C{outcome} on the matching pending recipient and return it.
         A temporary outcome leaves the recipient pending; the scheduler
@@ -191,7 +191,7 @@ class Envelope:
         return (json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Envelope":
+    def from_json(cls, raw: bytes) -> Envelope:
         """
         Parse the on-disk form, checking every field (L{validate_envelope}):
         whatever the file says, the result is an envelope the scheduler,
@@ -419,15 +419,15 @@ class Outcome:
         return bool(self.remote_mta) and self.code != 0
 
     @classmethod
-    def delivered(cls, recipient: str, text: str = "delivered", remote_mta: str = "", dsn_passed: bool = False) -> "Outcome":
+    def delivered(cls, recipient: str, text: str = "delivered", remote_mta: str = "", dsn_passed: bool = False) -> Outcome:
         return cls(recipient, DELIVERED_OUTCOME, 250, "2.0.0", text, remote_mta, dsn_passed)
 
     @classmethod
-    def temporary(cls, recipient: str, text: str, code: int = 451, status: str = "4.3.0", remote_mta: str = "") -> "Outcome":
+    def temporary(cls, recipient: str, text: str, code: int = 451, status: str = "4.3.0", remote_mta: str = "") -> Outcome:
         return cls(recipient, TEMPORARY, code, status, text, remote_mta)
 
     @classmethod
-    def permanent(cls, recipient: str, text: str, code: int = 550, status: str = "5.0.0", remote_mta: str = "") -> "Outcome":
+    def permanent(cls, recipient: str, text: str, code: int = 550, status: str = "5.0.0", remote_mta: str = "") -> Outcome:
         return cls(recipient, PERMANENT, code, status, text, remote_mta)
 
 

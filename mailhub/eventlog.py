@@ -34,7 +34,8 @@ import io
 import json
 import os
 import sys
-from typing import IO, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 from twisted.logger import ILogObserver, formatEvent
 from zope.interface import implementer

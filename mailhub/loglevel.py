@@ -28,7 +28,8 @@ whatever the level; only twistd's log is filtered.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from twisted.logger import (
     FilteringLogObserver,

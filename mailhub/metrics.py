@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -151,7 +152,7 @@ def spool_queue_stats(spool: Any) -> QueueStats:
 class _QueueCollector:
     """Gauges computed at scrape time, so they are never stale."""
 
-    def __init__(self, metrics: "MailMetrics") -> None:
+    def __init__(self, metrics: MailMetrics) -> None:
         self.metrics = metrics
 
     def describe(self) -> Iterable[Any]:

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
 
 __all__ = [
@@ -113,7 +113,7 @@ def format_date(when: float, localtime: bool = False) -> str:
     cached = _last_utc
     if cached[0] == second:
         return cached[1]
-    text = format_datetime(datetime.fromtimestamp(second, timezone.utc))
+    text = format_datetime(datetime.fromtimestamp(second, UTC))
     _last_utc = (second, text)
     return text
 

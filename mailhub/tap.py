@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService

@@ -25,7 +25,8 @@ import datetime
 import ipaddress
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -137,7 +138,7 @@ class ServerTLS:
         self.key_path = key_path
         self._options, self.certificate = load_certificate_options(cert_path, key_path)
 
-    def options(self) -> "ServerTLS":
+    def options(self) -> ServerTLS:
         """
         The object to give to C{startTLS} and to TLS listeners.  It is this
         object, so that a later L{reload} reaches every listener.
@@ -277,7 +278,7 @@ def make_self_signed(hostname: str, cert_path: str, key_path: str, days: int = 3
     except ValueError:
         san = x509.DNSName(hostname)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

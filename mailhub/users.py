@@ -42,8 +42,9 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import bcrypt
 from twisted.cred.checkers import ICredentialsChecker

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger

@@ -20,7 +20,8 @@ import itertools
 import os
 import socket
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application import internet
 from twisted.internet import endpoints, protocol

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -381,14 +382,14 @@ def make_dsn(
     for desc, ctype, payload in body_parts:
         out.append(
             f"--{boundary}\r\nContent-Description: {desc}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Transfer-Encoding: {'8bit' if not payload.isascii() else '7bit'}\r\n\r\n".encode("utf-8")
+            f"Content-Transfer-Encoding: {'8bit' if not payload.isascii() else '7bit'}\r\n\r\n".encode()
         )
         out.append(payload)
         if payload and not payload.endswith(b"\r\n"):
             out.append(b"\r\n")
         # the CRLF before a delimiter belongs to the delimiter (RFC 2046 5.1.1)
         out.append(b"\r\n")
-    out.append(f"--{boundary}--\r\n".encode("utf-8"))
+    out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out)
 
 

@@ -43,8 +43,8 @@ import heapq
 import itertools
 import math
 import random as _random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from twisted.application import service
 from twisted.internet import defer

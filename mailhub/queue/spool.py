@@ -94,7 +94,7 @@ class SpoolWriter:
     memory stays bounded whatever the message size.
     """
 
-    def __init__(self, spool: "Spool", queue_id: str) -> None:
+    def __init__(self, spool: Spool, queue_id: str) -> None:
         self.spool = spool
         self.queue_id = queue_id
         self.size = 0

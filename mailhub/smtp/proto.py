@@ -112,7 +112,7 @@ _UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
 _NON_ASCII = re.compile("[^\x00-\x7f]+")
 
 
-def _escape_octets(m: "re.Match[str]") -> str:
+def _escape_octets(m: re.Match[str]) -> str:
     return "".join(f"\\x{b:02X}" for b in m.group(0).encode("utf-8", "surrogatepass"))
 
 

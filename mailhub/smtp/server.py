@@ -124,9 +124,9 @@ class SMTPServer(protocol.Protocol):
     leading underscore.
     """
 
-    factory: "SMTPServerFactory"
+    factory: SMTPServerFactory
 
-    def __init__(self, factory: "SMTPServerFactory") -> None:
+    def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
         self.settings = factory.settings
         self.config = factory.config

@@ -64,7 +64,7 @@ class SMTPSettings:
             raise ValueError(f"sender_check must be one of {', '.join(SENDER_CHECKS)}, not {self.sender_check!r}")
 
     @classmethod
-    def of(cls, config: Config, listener: str, server: Any = None) -> "SMTPSettings":
+    def of(cls, config: Config, listener: str, server: Any = None) -> SMTPSettings:
         """
         The settings of C{listener} from a loaded configuration; C{server}:
         what stands for C{config.server} (the daemon passes its live

@@ -26,7 +26,8 @@ import email.utils
 import errno
 import json
 import re
-from typing import Any, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 from urllib.parse import parse_qs
 
 from twisted.internet import defer

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import datetime
 import html
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mailhub import __version__
 from mailhub.metrics import MailMetrics, MinuteBucket
@@ -32,7 +33,7 @@ def _e(value: Any) -> str:
 
 def _time(ts: Any) -> str:
     try:
-        return datetime.datetime.fromtimestamp(float(ts), datetime.timezone.utc).strftime("%H:%M:%S")
+        return datetime.datetime.fromtimestamp(float(ts), datetime.UTC).strftime("%H:%M:%S")
     except (TypeError, ValueError, OverflowError, OSError):
         return "-"
 
