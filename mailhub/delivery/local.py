@@ -38,7 +38,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.delivery import system
-from mailhub.delivery.directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient
+from mailhub.delivery.directory import Directory
+from mailhub.delivery.errors import InvalidMailbox, RecipientError, UnknownRecipient
 from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.queue.spool import DirSync, QueueFileError, open_message
 

@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 
 from mailhub.queue import notices as bounce
 from mailhub.address import AddressError
-from mailhub.delivery.directory import RecipientError
+from mailhub.delivery.errors import RecipientError
 from mailhub.envelope import DELIVERED, DELIVERED_OUTCOME, FAILED, PENDING, PERMANENT, Envelope, Outcome, Recipient
 from mailhub.maillog import mail_event
 from mailhub.queue.spool import Spool, new_queue_id

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 
 from mailhub.address import AddressError, Mailbox
 
-from mailhub.delivery.directory import Directory, RecipientError
+from mailhub.delivery.directory import Directory
+from mailhub.delivery.errors import RecipientError
 
 __all__ = ["Reply", "Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "SENDER_CHECKS", "is_loopback"]
 
