@@ -29,6 +29,11 @@ abuse mean postmaster.
 Aliases: C{|command} and C{/file} targets are never run; an alias with one
 is refused (550 5.3.0).  An alias that needs an unusable C{:include:} file
 answers 451 4.3.0 (see docs/delivery.rst).
+
+About 550 lines, one job: the expansion (extensions, implicit aliases,
+loops through aliases and include files, depth and fan-out) and the
+mailbox checks it consults at each step are one decision, the one the
+RCPT reply and the delivery agent both rely on.
 """
 
 from __future__ import annotations
