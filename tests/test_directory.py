@@ -1,4 +1,4 @@
-"""Tests for mailhub.delivery.directory: local domains, mailboxes, extensions, aliases, safety."""
+"""Tests for mailhub.delivery.directory: local domains, mailboxes, extensions, alias expansion, safety."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from twisted.internet.task import Clock
 
 from mailhub.address import Mailbox, parse_mailbox
+from mailhub.delivery.aliases import AliasesError
 from mailhub.delivery.directory import (
     MAX_ALIAS_DEPTH,
-    AliasesError,
     AliasLoop,
     AliasUnavailable,
     Directory,
@@ -19,7 +19,6 @@ from mailhub.delivery.directory import (
     UnknownRecipient,
     UnsafeMailbox,
     UnsupportedAlias,
-    parse_aliases,
 )
 
 DOMAINS = ("example.org", "Bücher.example")
@@ -249,7 +248,7 @@ def test_may_create(root):
     assert not d.may_create("erin@bücher.example")
 
 
-# -- aliases file parsing ----------------------------------------------------------------
+# -- aliases ----------------------------------------------------------------
 
 ALIASES = """\
 # system aliases
@@ -270,20 +269,6 @@ list: team, root, friend@Remote.Example, Friend@remote.example
 pm: postmaster
 postmaster: alice
 """
-
-
-def test_parse_aliases_table():
-    table = parse_aliases(ALIASES, "aliases")
-    keys = set(table)
-    assert ("root", None) in keys
-    assert ("abuse", None) in keys
-    assert ("sales", "example.org") in keys
-    assert ("sales", None) in keys
-    assert ("quoted name", None) in keys
-    team = table[("team", None)]
-    assert [(t.local, t.domain) for t in team] == [
-        ("alice", None), ("bob", None), ("carol", "xn--bcher-kva.example"), ("friend", "remote.example"),
-    ]
 
 
 @pytest.mark.parametrize(
@@ -404,23 +389,6 @@ def test_backslash_target_skips_aliases(root):
     assert resolve(d, "x@example.org") == ["alice@example.org", "carol@remote.example"]
 
 
-@pytest.mark.parametrize(
-    "text, line",
-    [
-        ("  leading: continuation\n", 1),
-        ("root alice\n", 1),
-        ("root: alice\n\nbroken line\n", 3),
-        (": alice\n", 1),
-        ("../x: alice\n", 1),
-        ("a@not..valid: alice\n", 1),
-    ],
-)
-def test_syntax_errors(text, line):
-    with pytest.raises(AliasesError) as e:
-        parse_aliases(text, "/etc/aliases")
-    assert str(e.value).startswith(f"/etc/aliases:{line}: ")
-
-
 def test_bad_file_at_start_raises(root, tmp_path):
     with pytest.raises(AliasesError):
         make(root, "broken\n")
@@ -515,7 +483,7 @@ def test_lazy_and_rate_limited(root, tmp_path, monkeypatch):
     rewrite(path, "info: alice\n", 1_000_000)
     d = Directory(DOMAINS, str(root), aliases_path=path, clock=clock)
     assert clock.getDelayedCalls() == []
-    import mailhub.delivery.directory as mod
+    import mailhub.delivery.aliases as mod
 
     stats = []
     real_stat = mod.os.stat

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.logger import formatEvent
 
 from mailhub.delivery import local
+from mailhub.delivery import maildir as maildir_module
 from mailhub.delivery.directory import Directory
 from mailhub.delivery.local import LocalDelivery, copy_lf, delivered_to_addresses
 from mailhub.envelope import Envelope, Outcome, Recipient
@@ -203,7 +204,7 @@ def test_no_hard_links_falls_back_to_rename(agent, root, tmp_path, monkeypatch):
     def no_links(*a, **kw):
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(local.os, "link", no_links)
+    monkeypatch.setattr(maildir_module.os, "link", no_links)
     env = envelope("s@x.example", "alice@example.org")
     path = spool_message(tmp_path)
     assert deliver(agent, env, path)[0].kind == "delivered"
@@ -289,7 +290,7 @@ def test_fsync_enospc(agent, root, tmp_path, monkeypatch):
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(local.os, "fsync", no_space)
+    monkeypatch.setattr(maildir_module.os, "fsync", no_space)
     (o,) = deliver(agent, envelope("s@x.example", "alice@example.org"), spool_message(tmp_path))
     assert (o.kind, o.code, o.status) == ("temporary", 452, "4.3.1")
     assert files(root, "alice", "tmp") == [] and files(root, "alice", "new") == []
@@ -299,7 +300,7 @@ def test_link_eacces(agent, root, tmp_path, monkeypatch):
     def denied(*a, **kw):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(local.os, "link", denied)
+    monkeypatch.setattr(maildir_module.os, "link", denied)
     (o,) = deliver(agent, envelope("s@x.example", "alice@example.org"), spool_message(tmp_path))
     assert (o.kind, o.code, o.status) == ("temporary", 451, "4.2.0")
     assert files(root, "alice", "tmp") == []
@@ -370,7 +371,7 @@ def test_unexpected_error_is_temporary_and_logged(agent, tmp_path, monkeypatch, 
     def boom(*a):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(agent, "_write_fds", boom)
+    monkeypatch.setattr(agent.maildir, "write", boom)
     (o,) = deliver(agent, envelope("s@x.example", "alice@example.org"), spool_message(tmp_path))
     assert (o.kind, o.code, o.status) == ("temporary", 451, "4.3.0")
     assert any(e.get("log_failure") is not None and "bug" in str(e["log_failure"].value) for e in logged)
@@ -471,7 +472,7 @@ def test_symlinked_file_name_in_tmp_is_not_written_through(agent, root, tmp_path
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious\n")
     env = envelope("s@x.example", "alice@example.org")
-    unique = agent._unique(env.queue_id, env.arrival, "alice@example.org")
+    unique = agent.maildir.unique(env.queue_id, env.arrival, "alice@example.org")
     os.symlink(str(victim), str(root / "example.org" / "alice" / "tmp" / unique))
     (o,) = deliver(agent, env, spool_message(tmp_path))
     assert o.kind == "delivered"

@@ -246,7 +246,7 @@ def delivery_pids(daemon_pid: int) -> list[int]:
                 cmdline = f.read()
         except OSError:
             continue
-        if int(fields[1]) == daemon_pid and b"mailhub.delivery.localproc" in cmdline and fields[0] != "Z":
+        if int(fields[1]) == daemon_pid and b"mailhub.delivery.localchild" in cmdline and fields[0] != "Z":
             pids.append(int(entry))
     return pids
 
@@ -362,15 +362,16 @@ def test_a_process_that_dies_at_once_backs_off_and_fails_work_softly(reactor, tm
 
 def test_delivery_process_imports_no_network_or_tls_machinery():
     """
-    What a delivery process imports (the module, then what _serve needs) stays
-    free of twisted.internet.tcp and TLS: importing them made every delivery
-    process about 10 MB bigger (the 100 MB message's RSS growth in bench/run.py
-    went from 28 to 39 MB when localproc imported eagerwrite at module level).
+    What a delivery process imports (its program, then what _serve needs) stays
+    free of twisted.internet.tcp and TLS: importing them makes every delivery
+    process about 10 MB bigger (the 100 MB message's RSS growth in bench/run.py:
+    28 MB without them, 39 MB with).
     """
     root = localproc._PACKAGE_ROOT
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import mailhub.delivery.localproc, mailhub.delivery.directory, mailhub.delivery.local, twisted.logger;"
+        "import mailhub.delivery.localchild, mailhub.delivery.localproc, mailhub.delivery.directory,"
+        " mailhub.delivery.local, twisted.logger;"
         "print(sorted(m for m in ('twisted.internet.tcp', 'twisted.internet.ssl', 'OpenSSL') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=60)

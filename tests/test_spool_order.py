@@ -24,7 +24,8 @@ from twisted.internet import task
 
 from mailhub.envelope import DELIVERED, Envelope, Recipient
 from mailhub.queue.pickup import PickupService, ensure_pickup_dirs, pickup_dirs, write_pickup
-from mailhub.queue.spool import MEMORY_LIMIT, Spool, new_queue_id
+from mailhub.queue.queuefile import new_queue_id
+from mailhub.queue.spool import MEMORY_LIMIT, Spool
 
 SMALL = b"Subject: small\r\n\r\nhello\r\n"
 LARGE = b"Subject: large\r\n\r\n" + b"x" * (3 * MEMORY_LIMIT) + b"\r\n"

@@ -76,7 +76,8 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
     @raise ConfigError: one line (an aliases file error names FILE:LINE).
     """
     from mailhub.daemon.reload import Delegate
-    from mailhub.delivery.directory import AliasesError, Directory, directory_args
+    from mailhub.delivery.aliases import AliasesError
+    from mailhub.delivery.directory import Directory, directory_args
     from mailhub.smtp.policy import Policy
     from mailhub.users import UsersFile
 

@@ -105,9 +105,10 @@ def _mailboxes(config: Config, source: str) -> list[Problem]:
 
 
 def _directory(config: Config, source: str) -> list[Problem]:
-    from mailhub.delivery.directory import AliasesError, Directory, directory_args
+    from mailhub.delivery.aliases import AliasesError
+    from mailhub.delivery.directory import Directory, directory_args
 
-    with _logged("mailhub.delivery.directory") as found:
+    with _logged("mailhub.delivery.") as found:  # the resolver's and the aliases file's warnings
         try:
             Directory(**directory_args(config.local))
         except AliasesError as e:  # "FILE:LINE: problem", as the daemon stops with it

@@ -1,16 +1,20 @@
 """
-Local domains, mailboxes and aliases: who exists here, and where their mail goes.
+The resolver: who exists here, and where their mail goes.
 
 Owns: the answer to "is this a local domain?", "does this local address
-exist, and to which final addresses does it expand?" (aliases(5) file,
-address extensions, the postmaster rule) and "which Maildir is this
-address?" (a path below the mailbox root with no symlink in it).  Reads the
-aliases file (reloading it lazily when it changes) and looks at, but never
-writes, the mailbox tree.
+exist, and to which final addresses does it expand?" (address extensions,
+the implicit aliases, the postmaster rule, alias expansion with its loop,
+depth and fan-out limits) and "which Maildir is this address?" (a path
+below the mailbox root with no symlink in it, or a system account).  Looks
+at, but never writes, the mailbox tree; asks the aliases file
+(L{mailhub.delivery.aliases.AliasesFile}) for the targets of a name, and has
+it re-read at most once a second (L{RELOAD_INTERVAL}, by the injected clock).
 
-Must not touch: message bytes, the spool, the network, the reactor.  The
-one place that creates Maildirs is L{mailhub.delivery.local}; the one place that
-turns a L{RecipientError} into an SMTP reply is the policy/server.
+Must not touch: the aliases(5) syntax and reading its files
+(L{mailhub.delivery.aliases}), message bytes, the spool, the network, the
+reactor.  The one place that creates Maildirs is L{mailhub.delivery.local};
+the one place that turns a L{RecipientError} into an SMTP reply is the
+policy/server.
 
 Layout (virtual mode, the default): mail for C{user@domain} lives in
 C{<mailboxes>/<domain>/<user>/}, where C{domain} is the normalised domain
@@ -23,42 +27,47 @@ C{~user/Maildir}, postmaster without an alias means root, MAILER-DAEMON and
 abuse mean postmaster.
 
 Aliases: C{|command} and C{/file} targets are never run; an alias with one
-is refused (550 5.3.0).  C{:include:} files are read only when owned by root
-or the daemon's user and not world-writable (see docs/delivery.rst).
+is refused (550 5.3.0).  An alias that needs an unusable C{:include:} file
+answers 451 4.3.0 (see docs/delivery.rst).
+
+About 550 lines, one job: the expansion (extensions, implicit aliases,
+loops through aliases and include files, depth and fan-out) and the
+mailbox checks it consults at each step are one decision, the one the
+RCPT reply and the delivery agent both rely on.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import re
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailhub import address
-from mailhub.address import AddressError, Mailbox
-from mailhub.config import check_maildir_name
+from mailhub.address import AddressError, Mailbox, is_safe_local_part
+from mailhub.config import DEFAULT_HOME_MAILDIR, MAX_UID, MIN_UID, check_maildir_name
 from mailhub.delivery import system
+from mailhub.delivery.aliases import AliasesFile, AliasTarget
+from mailhub.delivery.errors import (
+    AliasLoop,
+    AliasUnavailable,
+    InvalidMailbox,
+    RecipientError,
+    UnknownRecipient,
+    UnsafeMailbox,
+    UnsupportedAlias,
+)
 
 __all__ = [
-    "RecipientError",
-    "UnknownRecipient",
-    "AliasLoop",
-    "InvalidMailbox",
-    "UnsafeMailbox",
-    "AliasesError",
-    "UnsupportedAlias",
-    "AliasUnavailable",
     "Directory",
-    "parse_include",
-    "parse_aliases",
+    "directory_args",
+    "IMPLICIT_ALIASES",
     "MAX_ALIAS_DEPTH",
     "MAX_ALIAS_FANOUT",
 ]
@@ -71,312 +80,6 @@ MAX_ALIAS_DEPTH = 20
 MAX_ALIAS_FANOUT = 1000
 #: The aliases file is stat()ed at most this often (seconds of the injected clock).
 RELOAD_INTERVAL = 1.0
-
-
-class RecipientError(Exception):
-    """
-    A recipient cannot be accepted.  Carries the SMTP reply as data so the
-    server answers with exactly these codes.
-
-    @ivar code: SMTP reply code, e.g. 550.
-    @ivar enhanced: RFC 3463 enhanced status code, e.g. C{"5.1.1"}.
-    @ivar text: human-readable reply text.
-    """
-
-    code = 550
-    enhanced = "5.1.1"
-    text = "recipient rejected"
-
-    def __init__(self, code: int | None = None, enhanced: str | None = None, text: str | None = None) -> None:
-        if code is not None:
-            self.code = code
-        if enhanced is not None:
-            self.enhanced = enhanced
-        if text is not None:
-            self.text = text
-        super().__init__(f"{self.code} {self.enhanced} {self.text}")
-
-
-class UnknownRecipient(RecipientError):
-    """No such mailbox or alias (Postfix: "User unknown in local recipient table")."""
-
-    code = 550
-    enhanced = "5.1.1"
-    text = "User unknown in local recipient table"
-
-
-class AliasLoop(RecipientError):
-    """Alias expansion loops without reaching a mailbox, or nests too deep."""
-
-    code = 550
-    enhanced = "5.4.6"
-    text = "alias loop"
-
-
-class InvalidMailbox(RecipientError):
-    """A local part that can never be a directory name (C{..}, C{/}, NUL...)."""
-
-    code = 550
-    enhanced = "5.1.3"
-    text = "invalid mailbox name"
-
-
-class UnsafeMailbox(RecipientError):
-    """
-    The domain or mailbox directory is a symlink (never followed below the
-    mailbox root, wherever it points).  Temporary
-    on purpose: it is a configuration problem an operator can fix, and mail
-    waiting for that fix must not bounce.
-    """
-
-    code = 451
-    enhanced = "4.3.5"
-    text = "mailbox location not allowed"
-
-
-class AliasesError(ValueError):
-    """The aliases file cannot be read or has a syntax error (C{"FILE:LINE: problem"})."""
-
-
-# -- the aliases(5) file -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Target:
-    """
-    One parsed alias target.
-
-    C{kind} is C{"address"} (a local part in the alias's own domain when
-    C{domain} is None, else a full address; C{direct} for C{\\name}, which
-    skips alias lookup), C{"include"} (C{path} holds more targets) or
-    C{"pipe"} / C{"file"} (never run or written: the alias is rejected).
-    """
-
-    local: str  # folded local part ("" for include/pipe/file)
-    domain: str | None  # normalised domain, or None for "the alias's own domain"
-    text: str  # as written, for remote addresses and messages
-    kind: str = "address"
-    direct: bool = False
-    path: str = ""  # :include: file
-    where: str = ""  # FILE:LINE, for messages
-
-
-def _unquote_target(raw: str) -> str:
-    """C{"|cmd arg"} -> C{|cmd arg}: quoted pipe/file/include targets, as sendmail allows."""
-    if len(raw) > 1 and raw.startswith('"') and raw.endswith('"') and raw[1:2] in ("|", "/", ":"):
-        return raw[1:-1]
-    return raw
-
-
-def _split_targets(text: str) -> list[str]:
-    """Split C{a, "b, c", d} on commas outside double quotes."""
-    out, cur, quoted, escaped = [], [], False, False
-    for ch in text:
-        if escaped:
-            cur.append(ch)
-            escaped = False
-        elif ch == "\\" and quoted:
-            cur.append(ch)
-            escaped = True
-        elif ch == '"':
-            cur.append(ch)
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    out.append("".join(cur).strip())
-    return [t for t in out if t]
-
-
-def _parse_target(raw: str) -> _Target:
-    """@raise ValueError: if C{raw} is not a usable address."""
-    if "@" in raw:
-        mb = address.parse_mailbox(raw)  # AddressError is a ValueError
-        local = mb.local_key
-        if not address.is_safe_local_part(local):
-            raise ValueError("unsafe local part")
-        return _Target(local, mb.domain_key, raw)
-    direct = False
-    if raw.startswith("\\"):  # sendmail: \\user = the mailbox, no further aliasing
-        direct, raw = True, raw[1:]
-    if raw.startswith('"'):
-        if len(raw) < 2 or not raw.endswith('"'):
-            raise ValueError("unbalanced quotes")
-        local = Mailbox(raw, "x").local_key
-    else:
-        local = raw.lower()
-        if any(c.isspace() for c in local):
-            raise ValueError("not a valid local part")
-    if not address.is_safe_local_part(local):
-        raise ValueError("not a valid local part")
-    return _Target(local, None, raw, direct=direct)
-
-
-def _parse_one(raw: str, filename: str, number: int, owner: str) -> _Target | None:
-    """
-    One target as written in C{filename} line C{number}, or None (logged)
-    when it is not usable.  C{owner} names the alias (or include file) for
-    the messages.
-    """
-    where = f"{filename}:{number}"
-    text = _unquote_target(raw)
-    if text.lower().startswith(":include:"):
-        path = text[len(":include:") :].strip()
-        if not os.path.isabs(path):
-            log.warn(
-                "aliases: {where}: target {target!r} ignored: an :include: path must be absolute",
-                where=where, target=raw,
-            )
-            return None
-        return _Target("", None, raw, kind="include", path=os.path.normpath(path), where=where)
-    if text.startswith(("|", "/")):
-        kind = "pipe" if text.startswith("|") else "file"
-        log.error(
-            "aliases: {where}: {owner}: {kind} target {target!r} is not supported "
-            "(mailhub never runs commands or writes files named in aliases); "
-            "mail for it is rejected with 550 5.3.0",
-            where=where, owner=owner, kind=kind, target=raw,
-        )
-        return _Target("", None, raw, kind=kind, where=where)
-    try:
-        target = _parse_target(raw)
-    except ValueError as e:
-        log.warn("aliases: {where}: target {target!r} ignored: {why}", where=where, target=raw, why=str(e))
-        return None
-    return target
-
-
-def _parse_key(raw: str) -> tuple[str, str | None]:
-    """(folded local part, normalised domain or None)."""
-    name = raw.strip()
-    quoted = name.startswith('"') and name.endswith('"') and len(name) > 1
-    if quoted:
-        name = Mailbox(name, "x").local_key
-        domain = None
-    elif "@" in name:
-        local, _, dom = name.rpartition("@")
-        try:
-            domain = address.normalize_domain(dom)
-        except AddressError as e:
-            raise ValueError(f"invalid domain in alias name {raw!r}: {e}")
-        name = Mailbox(local, dom).local_key
-    else:
-        name = name.lower()
-        domain = None
-    if not name or not address.is_safe_local_part(name) or (not quoted and any(c.isspace() for c in name)):
-        raise ValueError(f"invalid alias name {raw!r}")
-    return name, domain
-
-
-def parse_aliases(text: str, filename: str = "<aliases>") -> dict[tuple[str, str | None], tuple[_Target, ...]]:
-    """
-    Parse aliases(5) text into C{{(name, domain or None): targets}}.
-
-    Syntax: C{name: target, target, ...}; a line starting with whitespace
-    continues the previous entry; lines whose first non-blank character is
-    C{#} and blank lines are ignored.  Names are case-insensitive.  Targets:
-    addresses, C{\\user} (that mailbox, no further aliasing) and
-    C{:include:/path}.  C{|command} and C{/file} targets are kept as such
-    (and logged as an error naming the file and line): an alias with one is
-    rejected when used, never partly delivered.  A target that is not a
-    valid address is ignored with a warning.
-
-    @raise AliasesError: on a syntax error (C{"FILE:LINE: problem"}).
-    """
-    # Logical lines: (first physical line number, text).
-    entries: list[tuple[int, str]] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0] in " \t":
-            if not entries:
-                raise AliasesError(f"{filename}:{number}: continuation line without an alias before it")
-            first, prev = entries[-1]
-            entries[-1] = (first, prev + " " + line.strip())
-            continue
-        entries.append((number, line.rstrip()))
-    table: dict[tuple[str, str | None], tuple[_Target, ...]] = {}
-    for number, line in entries:
-        name, sep, rest = line.partition(":")
-        if not sep:
-            raise AliasesError(f"{filename}:{number}: missing ':' after the alias name")
-        try:
-            key = _parse_key(name)
-        except ValueError as e:
-            raise AliasesError(f"{filename}:{number}: {e}")
-        if key in table:
-            log.warn(
-                "aliases: {filename}:{line}: duplicate alias {name!r} ignored, the first one is used",
-                filename=filename, line=number, name=name.strip(),
-            )
-            continue
-        targets: list[_Target] = []
-        for raw in _split_targets(rest):
-            target = _parse_one(raw, filename, number, f"alias {name.strip()!r}")
-            if target is not None:
-                targets.append(target)
-        table[key] = tuple(targets)
-    return table
-
-
-def parse_include(text: str, filename: str) -> tuple[_Target, ...]:
-    """
-    Parse an C{:include:} file: targets separated by commas or newlines,
-    C{#} comment lines and blank lines ignored, the same target syntax as
-    the aliases file (nested C{:include:} too).
-    """
-    targets: list[_Target] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        for raw in _split_targets(line):
-            target = _parse_one(raw, filename, number, f":include: file {filename}")
-            if target is not None:
-                targets.append(target)
-    return tuple(targets)
-
-
-#: Largest :include: file read (a list of addresses; anything bigger is a mistake).
-MAX_INCLUDE_SIZE = 1 << 20
-
-
-@dataclass(frozen=True)
-class _Include:
-    sig: tuple[int, int, int] | None
-    targets: tuple[_Target, ...] | None  # None: unavailable
-    error: str | None
-
-
-def _load_include(path: str) -> tuple[tuple[_Target, ...] | None, str | None]:
-    """Read an include file safely: (targets, None) or (None, why not)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return None, "is a symbolic link (not followed)"
-        return None, f"cannot read: {e.strerror}"
-    try:
-        why = system.is_safe_include(os.fstat(fd))
-        if why is not None:
-            return None, why
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_INCLUDE_SIZE + 1)
-    except OSError as e:
-        return None, f"cannot read: {e.strerror}"
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_INCLUDE_SIZE:
-        return None, f"larger than {MAX_INCLUDE_SIZE} bytes"
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not UTF-8: {e}"
-    return parse_include(text, path), None
-
-
-# -- the directory ------------------------------------------------------------------
 
 
 class _WallClock:
@@ -408,28 +111,9 @@ def _split_address(text: str) -> tuple[str, str]:
         raise InvalidMailbox()
 
 
-class UnsupportedAlias(RecipientError):
-    """
-    The alias has a C{|command} or C{/file} target.  mailhub never runs
-    those, and never delivers an alias partly, so the whole alias is refused.
-    """
-
-    code = 550
-    enhanced = "5.3.0"
-    text = "alias target type not supported"
-
-
-class AliasUnavailable(RecipientError):
-    """An C{:include:} file an alias depends on cannot be used right now (logged)."""
-
-    code = 451
-    enhanced = "4.3.0"
-    text = "alias temporarily unavailable"
-
-
 #: In system mode, postmaster without an alias means root (Debian's /etc/aliases default).
-_POSTMASTER_TO_ROOT = (_Target("root", None, "root"),)
-_TO_POSTMASTER = (_Target("postmaster", None, "postmaster"),)
+_POSTMASTER_TO_ROOT = (AliasTarget("root", None, "root"),)
+_TO_POSTMASTER = (AliasTarget("postmaster", None, "postmaster"),)
 #: Names that exist in every local domain as aliases of postmaster unless
 #: the aliases file defines them or they have a mailbox of their own
 #: (Postfix's sample aliases file).  System mode: root is an account.
@@ -468,7 +152,7 @@ class Directory:
     @param min_uid: system mode: the lowest uid (besides root's) with a mailbox.
     @param max_uid: system mode: the highest uid with a mailbox.
 
-    @raise AliasesError: if C{aliases_path} cannot be read or parsed at start.
+    @raise mailhub.delivery.aliases.AliasesError: if C{aliases_path} cannot be read or parsed at start.
     @raise ValueError: unknown mode, bad C{home_maildir}, C{users} in system mode.
     """
 
@@ -482,10 +166,10 @@ class Directory:
         clock: IReactorTime | None = None,
         *,
         mode: str = "virtual",
-        home_maildir: str = system.DEFAULT_HOME_MAILDIR,
+        home_maildir: str = DEFAULT_HOME_MAILDIR,
         passwd_lookup: Callable[[str], Any] = pwd.getpwnam,
-        min_uid: int = system.MIN_UID,
-        max_uid: int = system.MAX_UID,
+        min_uid: int = MIN_UID,
+        max_uid: int = MAX_UID,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"local mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -509,17 +193,13 @@ class Directory:
             else:
                 self._any_domain_users.add(entry.lower())
         self.aliases_path = aliases_path
-        self._aliases: dict[tuple[str, str | None], tuple[_Target, ...]] = {}
-        self._aliases_sig: tuple[int, int, int] | None = None
-        self._includes: dict[str, _Include] = {}
         self._last_check = float("-inf")
         # (folded local, domain) -> clock time until which its mailbox is known to exist
         self._found: dict[tuple[str, str], float] = {}
+        #: the aliases file as loaded (None: no aliases file)
+        self.aliases: AliasesFile | None = None
         if aliases_path is not None:
-            sig = self._stat_aliases()
-            self._aliases = self._read_aliases()
-            self._aliases_sig = sig
-            self._refresh_includes()
+            self.aliases = AliasesFile(aliases_path, self.domains)
             self._last_check = self.clock.seconds()
 
     # -- domains --------------------------------------------------------------------
@@ -533,102 +213,18 @@ class Directory:
 
     # -- aliases file ----------------------------------------------------------------
 
-    def _stat_aliases(self) -> tuple[int, int, int]:
-        assert self.aliases_path is not None
-        try:
-            st = os.stat(self.aliases_path)
-        except OSError as e:
-            raise AliasesError(f"{self.aliases_path}: cannot read: {e.strerror}")
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _read_aliases(self) -> dict[tuple[str, str | None], tuple[_Target, ...]]:
-        assert self.aliases_path is not None
-        try:
-            with open(self.aliases_path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise AliasesError(f"{self.aliases_path}: cannot read: {e.strerror}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise AliasesError(f"{self.aliases_path}: not UTF-8: {e}")
-        table = parse_aliases(text, self.aliases_path)
-        for name, domain in table:
-            if domain is not None and domain not in self.domains:
-                log.warn(
-                    "aliases: {filename}: alias {name}@{domain} ignored: {domain} is not a local domain",
-                    filename=self.aliases_path, name=name, domain=domain,
-                )
-        return table
-
     def _maybe_reload(self) -> None:
         """Reload the aliases file and include files that changed; at most one check per second."""
-        if self.aliases_path is None:
+        if self.aliases is None:
             return
         now = self.clock.seconds()
         if now - self._last_check < RELOAD_INTERVAL:
             return
         self._last_check = now
-        try:
-            sig = self._stat_aliases()
-        except AliasesError as e:
-            if self._aliases_sig is not None:
-                log.error("aliases: {error}; keeping the previous table", error=str(e))
-                self._aliases_sig = None
-            self._refresh_includes()
-            return
-        if sig != self._aliases_sig:
-            # Remember the signature even when parsing fails, so a broken file is
-            # reported once, not once a second.
-            self._aliases_sig = sig
-            try:
-                table = self._read_aliases()
-            except AliasesError as e:
-                log.error("aliases: {error}; keeping the previous table", error=str(e))
-            else:
-                self._aliases = table
-                log.info(
-                    "aliases: reloaded {filename} ({count} aliases)", filename=self.aliases_path, count=len(table)
-                )
-        self._refresh_includes()
+        self.aliases.refresh()
 
-    def _refresh_includes(self) -> None:
-        """
-        (Re)read the C{:include:} files the table refers to, directly or
-        through other include files, where their (mtime, size, inode)
-        changed.  A file that cannot be used is logged once per change and
-        its aliases answer 451 until it is fixed.
-        """
-        pending = [t.path for targets in self._aliases.values() for t in targets if t.kind == "include"]
-        seen: dict[str, _Include] = {}
-        while pending:
-            path = pending.pop()
-            if path in seen:
-                continue
-            try:
-                st = os.lstat(path)
-                sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
-            except OSError:
-                sig = None
-            old = self._includes.get(path)
-            if old is not None and sig is not None and old.sig == sig:
-                inc = old
-            else:
-                targets, error = _load_include(path)
-                inc = _Include(sig, targets, error)
-                if error is not None and (old is None or old.error != error or old.sig != sig):
-                    log.error(
-                        "aliases: :include:{path} {error}; aliases using it answer 451 4.3.0 until it is fixed",
-                        path=path, error=error,
-                    )
-            seen[path] = inc
-            pending.extend(t.path for t in inc.targets or () if t.kind == "include")
-        self._includes = seen
-
-    def _alias(self, local: str, domain: str) -> tuple[_Target, ...] | None:
-        targets = self._aliases.get((local, domain))
-        if targets is None:
-            targets = self._aliases.get((local, None))
+    def _alias(self, local: str, domain: str) -> tuple[AliasTarget, ...] | None:
+        targets = self.aliases.lookup(local, domain) if self.aliases is not None else None
         if not targets and self.mode == "system" and local == "postmaster":
             return _POSTMASTER_TO_ROOT
         # An alias whose every target was unusable is as if not defined.
@@ -758,7 +354,7 @@ class Directory:
         @raise UnknownRecipient: no such account, or one without a mailbox.
         """
         local, domain = _split_address(address)
-        if not _is_safe_local_part(local) or domain not in self.domains:
+        if not is_safe_local_part(local) or domain not in self.domains:
             raise InvalidMailbox(text="invalid mailbox name" if domain in self.domains else "not a local domain")
         account = self.accounts.lookup(local)
         if account is None:
@@ -864,7 +460,7 @@ class Directory:
         self,
         name: str,
         domain: str,
-        targets: tuple[_Target, ...],
+        targets: tuple[AliasTarget, ...],
         stack: tuple[tuple[str, str], ...],
         out: dict[str, str],
         budget: list[int],
@@ -886,7 +482,7 @@ class Directory:
                     raise AliasLoop(text=f"alias loop through :include:{target.path}")
                 if len(stack) > MAX_ALIAS_DEPTH:
                     raise AliasLoop(text="alias expansion too deep")
-                inc = self._includes.get(target.path)
+                inc = self.aliases.include(target.path) if self.aliases is not None else None
                 if inc is None or inc.targets is None:
                     unavailable = unavailable or AliasUnavailable()
                     continue
@@ -937,7 +533,6 @@ class Directory:
         out[key] = final
 
 
-_is_safe_local_part = address.is_safe_local_part
 
 
 def directory_args(local: Any) -> dict[str, Any]:

@@ -1,22 +1,27 @@
 """
-Local delivery: copy a queued message into recipients' Maildirs.
+Local delivery: the delivery agent that copies a queued message into
+recipients' Maildirs.
 
-Owns: the Maildir files mailhub writes (tmp/ -> new/, per
-https://cr.yp.to/proto/maildir.html, named so that a delivery repeated
-after a crash is recognised), the trace headers prepended to them
-(C{Return-Path}, C{Delivered-To}), the forwarding-loop check, and turning
-file-system errors into per-recipient L{Outcome}s (house rule 4).
+Owns: L{LocalDelivery} (the agent: for each recipient, find its Maildir
+through the directory, open it, have it written, and turn what happened --
+file-system errors too -- into one L{Outcome} per recipient: agents return
+outcomes, the scheduler decides), the forwarding-loop check
+(C{Delivered-To} already in the header), and the queued message as each
+Maildir copy gets it (L{QueuedMessage}, L{copy_lf}: LF line ends, read
+once per round when small).
 
 Both modes open the Maildir the same way (L{mailhub.delivery.system.open_below}: no
 symlink followed below the mailbox root or the home directory, every
-directory opened relative to its parent's descriptor) and write the file
-by descriptor.  Virtual mode: C{<mailboxes>/<domain>/<user>}
+directory opened relative to its parent's descriptor) and have the file
+written by descriptor (L{mailhub.delivery.maildir.MaildirWriter}).  Virtual
+mode: C{<mailboxes>/<domain>/<user>}
 (L{mailhub.delivery.system.open_virtual_maildir}).  System mode (C{directory.mode ==
 "system"}): C{~user/Maildir} (L{mailhub.delivery.system.open_maildir}, directories
 owned by the user); each new file is C{fchown}ed to the recipient before
 it is written.
 
-Must not touch: the spool (the message file is only read), retry decisions
+Must not touch: the Maildir file names and commit order (L{mailhub.delivery.maildir}),
+the spool (the message file is only read), retry decisions
 (the scheduler's), alias and mailbox lookups (the directory's), the
 reactor (file work runs through the injected C{run}, a thread by default).
 Logs nothing per recipient: the scheduler logs outcomes.
@@ -25,10 +30,7 @@ Logs nothing per recipient: the scheduler logs outcomes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
-import os
-import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
@@ -38,12 +40,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailhub.delivery import system
-from mailhub.delivery.directory import Directory, InvalidMailbox, RecipientError, UnknownRecipient
+from mailhub.delivery.directory import Directory
+from mailhub.delivery.errors import InvalidMailbox, RecipientError, UnknownRecipient
+from mailhub.delivery.maildir import MaildirWriter
 from mailhub.envelope import Envelope, Outcome, Recipient, ReportFunction
-from mailhub.queue.durable import DirSync
 from mailhub.queue.queuefile import QueueFileError, open_message
 
-__all__ = ["LocalDelivery", "CHUNK_SIZE"]
+__all__ = ["LocalDelivery", "QueuedMessage", "copy_lf", "delivered_to_addresses", "CHUNK_SIZE"]
 
 log = Logger()
 
@@ -58,21 +61,8 @@ PARALLEL_RECIPIENTS = 8
 #: of a sane message is far smaller; a hostile one must not cost memory).
 MAX_HEADER_SCAN = 1 << 20
 
-#: Maildirs whose new/ group-commit state is remembered (see L{LocalDelivery._sync_new}).
-MAX_DIR_SYNCS = 4096
-
 _QUOTA_ERRNOS = {getattr(errno, "EDQUOT", -1)}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
-
-
-def _maildir_host(hostname: str) -> str:
-    """The host part of a Maildir name: C{/} and C{:} are escaped as the spec says."""
-    return hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
-
-
-def _header_value(text: str) -> bytes:
-    """A trace header value, never able to start another header."""
-    return text.replace("\r", "").replace("\n", "").encode("utf-8", "surrogateescape")
 
 
 def delivered_to_addresses(path: str) -> set[str]:
@@ -215,9 +205,8 @@ class LocalDelivery:
         self.hostname = hostname
         self.run = run
         self.fsync = fsync
-        self._host = _maildir_host(hostname)
-        self._syncs_lock = threading.Lock()
-        self._syncs: dict[object, DirSync] = {}
+        #: writes the Maildir files (names, tmp/ -> new/, fsync)
+        self.maildir = MaildirWriter(hostname, fsync)
         self._recipient_pool: ThreadPoolExecutor | None = None
 
     # -- the DeliveryAgent interface ---------------------------------------------------
@@ -285,7 +274,7 @@ class LocalDelivery:
     ) -> Outcome:
         if address.lower() in seen:
             return Outcome.permanent(address, "mail forwarding loop for " + address, 554, "5.4.6")
-        unique = self._unique(queue_id, arrival, address)
+        unique = self.maildir.unique(queue_id, arrival, address)
         if getattr(self.directory, "mode", "virtual") == "system":
             return self._deliver_system(unique, sender, address, message)
         try:
@@ -304,7 +293,7 @@ class LocalDelivery:
     def _deliver_system(self, unique: str, sender: str, address: str, message: "QueuedMessage") -> Outcome:
         """
         System mode: C{~user/Maildir}, written by root and given to the
-        account (see L{mailhub.delivery.system} and L{_write_fds}).
+        account (see L{mailhub.delivery.system} and L{MaildirWriter.write}).
         """
         try:
             account = self.directory.account_for(address)
@@ -326,11 +315,11 @@ class LocalDelivery:
         """
         The one way both modes write a Maildir file: every directory opened
         without following a link (L{system.open_below}), the file written by
-        descriptor (L{_write_fds}); file-system errors become outcomes.
+        descriptor (L{MaildirWriter.write}); file-system errors become outcomes.
         """
         try:
             with open_maildir() as fds:
-                self._write_fds(fds, unique, sender, address, message)
+                self.maildir.write(fds, unique, sender, address, message)
         except system.NoMailbox:
             return Outcome.permanent(address, "User unknown in local recipient table", 550, "5.1.1")
         except system.UnsafeLocation as e:  # logged with the path by system
@@ -349,128 +338,3 @@ class LocalDelivery:
         if e.errno in _PERMISSION_ERRNOS:
             return Outcome.temporary(address, text, 451, "4.2.0")
         return Outcome.temporary(address, text, 451, "4.3.0")
-
-    def _unique(self, queue_id: str, arrival: float, address: str) -> str:
-        """
-        C{<sec>.M<usec>Q<queue id>R<hash of address>.<host>}: the arrival time
-        of the message, then what makes the name unique -- the spool's queue
-        id (unique on this host) and the recipient.  Deliberately
-        deterministic: the same (message, recipient) always gets the same
-        name, so a delivery repeated after a crash (file in new/, outcome not
-        yet recorded in the spool) finds its first copy instead of leaving a
-        duplicate.  The maildir spec only asks for uniqueness; its
-        M, Q, R fields are conventions, and a random R would defeat this.
-        """
-        sec = int(arrival)
-        usec = min(int((arrival - sec) * 1_000_000), 999_999)
-        qid = "".join(c for c in queue_id if c.isalnum()) or "0"
-        tag = hashlib.sha256(address.lower().encode("utf-8", "surrogateescape")).hexdigest()[:12]
-        return f"{sec}.M{usec}Q{qid}R{tag}.{self._host}"
-
-    def _sync_new(self, key: object, fsync: Callable[[], None]) -> None:
-        """
-        Make a link into a Maildir's new/ durable, sharing the fsync with
-        concurrent deliveries into the same Maildir (L{DirSync}): under load
-        most mail goes to few mailboxes, and one directory fsync then covers
-        every file linked before it began.  The table is bounded; forgetting
-        an entry only costs a group its sharing, never its fsync.
-        """
-        with self._syncs_lock:
-            ds = self._syncs.get(key)
-            if ds is None:
-                if len(self._syncs) >= MAX_DIR_SYNCS:
-                    self._syncs.clear()
-                ds = self._syncs[key] = DirSync()
-        ds.sync(fsync)
-
-    def _fill(self, fd: int, sender: str, address: str, message: "QueuedMessage") -> int:
-        """
-        Write the Maildir copy into the new file C{fd} (closed here, also
-        on error) and fsync it; returns its size.
-        """
-        try:
-            out = os.fdopen(fd, "wb", buffering=CHUNK_SIZE)
-        except BaseException:
-            os.close(fd)
-            raise
-        with out:
-            size = self._write_header_and_body(out, sender, address, message)
-            out.flush()
-            if self.fsync:
-                os.fsync(out.fileno())
-        return size
-
-    def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message: "QueuedMessage") -> int:
-        header = (
-            b"Return-Path: <" + _header_value(sender) + b">\n"
-            b"Delivered-To: " + _header_value(address) + b"\n"
-        )
-        out.write(header)
-        return len(header) + message.write_to(out)
-
-    def _write_fds(self, fds: system.MaildirFds, unique: str, sender: str, address: str, message: "QueuedMessage") -> None:
-        """
-        Write one Maildir file into a Maildir opened by L{system.open_below}:
-        created in tmp/ (C{O_EXCL | O_NOFOLLOW}), written, fsync'd, linked
-        into new/, new/ fsync'd.  If this exact delivery is already in new/
-        (or was moved to cur/ by a reader) nothing is added.  Every name is
-        relative to a directory descriptor and nothing is followed; in
-        system mode the new file is given to the recipient (C{fchown})
-        before a byte is written, so quota and ownership are the
-        recipient's, and what the user can rename in their own tmp/ is
-        never written or chowned by path.
-        """
-        try:
-            os.unlink(unique, dir_fd=fds.tmp)  # ours, left by a crash (or whatever the user put there)
-        except FileNotFoundError:
-            pass
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(unique, flags, 0o600, dir_fd=fds.tmp)
-        try:
-            try:
-                system.give(fd, fds.uid, fds.gid)
-            except BaseException:
-                os.close(fd)
-                raise
-            size = self._fill(fd, sender, address, message)
-            name = f"{unique},S={size}"
-            if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
-                os.unlink(unique, dir_fd=fds.tmp)
-                return
-            try:
-                os.link(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new, follow_symlinks=False)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                if not _exists_at(fds.new, name):  # no hard links here: rename
-                    os.rename(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new)
-            try:
-                os.unlink(unique, dir_fd=fds.tmp)
-            except FileNotFoundError:
-                pass
-        except BaseException:
-            try:
-                os.unlink(unique, dir_fd=fds.tmp)
-            except OSError:
-                pass
-            raise
-        if self.fsync:
-            # keyed by inode, not path: the user owns the path; the fsync
-            # is made on a descriptor the leader holds, of that same inode
-            st = os.fstat(fds.new)
-            new_fd = fds.new
-            self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
-
-
-#: The flag sets probed in cur/ for an already delivered message (an already delivered copy that a reader moved, see L{LocalDelivery._write_fds}).
-_CUR_FLAGS = ("", "S", "RS", "FS", "T", "ST")
-
-
-def _exists_at(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True

@@ -2,8 +2,9 @@
 Local delivery in processes of its own (Postfix's local(8) beside qmgr).
 
 Owns: the pool of local delivery processes (L{LocalDeliveryProcesses}, a
-delivery agent and a service of the daemon) and the program each of them
-runs (L{main}, C{python -m mailhub.delivery.localproc}).
+delivery agent and a service of the daemon: starting, feeding, restarting
+and stopping them) and the protocol between the daemon and them.  The
+program each of them runs is L{mailhub.delivery.localchild}.
 
 Why: Maildir delivery is file work -- read the queued message, write a
 copy, fsync it, link it, fsync the directory -- plus the Python around
@@ -19,8 +20,8 @@ Protocol, over the child's stdin and stdout, one JSON object per line:
  - first line, parent to child: the settings (L{settings_for}): the
    L{mailhub.delivery.directory.Directory} arguments, the host name and the fsync
    switch.  The child builds its own Directory and
-   L{mailhub.delivery.local.LocalDelivery} from them (the aliases file is read,
-   and re-read when it changes, by each process).
+   L{mailhub.delivery.local.LocalDelivery} from them (without the aliases
+   file: see L{settings_for}).
  - then requests: C{{"id": N, "queue_id", "arrival", "sender",
    "addresses": [...], "message_path", "crlf"}} (crlf: see
    L{mailhub.delivery.local.QueuedMessage});
@@ -40,7 +41,7 @@ completed is not duplicated) and is started again after a pause.
 Requests queue in the parent while no child is running.
 
 Must not touch: the spool (only the message file named in a request is
-read), retry decisions (the scheduler's).
+read), the Maildir code (the children's), retry decisions (the scheduler's).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import json
 import os
 import sys
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -61,7 +61,7 @@ from twisted.python.failure import Failure
 import mailhub
 from mailhub.envelope import Envelope, Outcome, Recipient, ReportFunction
 
-__all__ = ["LocalDeliveryProcesses", "settings_for", "main", "MAX_LINE"]
+__all__ = ["LocalDeliveryProcesses", "settings_for", "MAX_LINE"]
 
 log = Logger()
 
@@ -79,7 +79,7 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mailhub.__file__
 
 #: The child's program: mailhub is imported from where this process found it
 #: (appended to sys.path, so an installed mailhub still comes first).
-_CHILD_MAIN = "import sys; sys.path.append(sys.argv[1]); from mailhub.delivery.localproc import main; sys.exit(main())"
+_CHILD_MAIN = "import sys; sys.path.append(sys.argv[1]); from mailhub.delivery.localchild import main; sys.exit(main())"
 
 #: Seconds stopService waits for the children to finish what they were given.
 STOP_TIMEOUT = 30.0
@@ -98,10 +98,6 @@ def settings_for(directory_args: dict[str, Any], hostname: str, fsync: bool) -> 
     stop a child from starting.
     """
     return {"directory": dict(directory_args, aliases_path=None), "hostname": hostname, "fsync": fsync}
-
-
-def _outcome_to_json(o: Outcome) -> dict[str, Any]:
-    return {"recipient": o.recipient, "kind": o.kind, "code": o.code, "status": o.status, "text": o.text}
 
 
 def _outcome_from_json(d: Any) -> Outcome:
@@ -137,9 +133,9 @@ class _Child(protocol.ProcessProtocol):
     def send(self, request: _Request) -> None:
         self.inflight[request.id] = request
         assert self.transport is not None
-        # Imported here, in the daemon only: the delivery processes import
-        # this module too, and eagerwrite's twisted.internet.tcp (with TLS)
-        # would add about 10 MB to each of them.
+        # Imported here, when the first request is sent: importing this
+        # module must not pull in eagerwrite's twisted.internet.tcp (with
+        # TLS), about 10 MB per process.
         from mailhub.eagerwrite import write_to_child
 
         write_to_child(self.transport, request.line)
@@ -444,97 +440,3 @@ class LocalDeliveryProcesses(service.Service):
                 return
             child = min(running, key=lambda c: len(c.inflight))
             child.send(self.waiting.popleft())
-
-
-# -- the child ----------------------------------------------------------------------------
-
-
-def _serve(stdin: Any, stdout: Any) -> int:
-    """
-    Read the settings, then answer requests until stdin ends.  Every
-    request is checked (L{mailhub.delivery.supervisor.check_request}); one that is
-    not well-formed is answered C{{"id": N, "refused": WHY}}, and a line
-    without a usable id ends this process (its parent starts another).
-    With C{settings["spool"]} (a root process of the supervisor) the
-    message must be the queue file named by the queue id, opened with
-    L{mailhub.delivery.supervisor.open_queued}.
-    """
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from mailhub.delivery.directory import Directory
-    from mailhub.delivery.local import LocalDelivery
-    from mailhub.delivery.supervisor import MAX_REQUEST_LINE, BadRequest, check_request, limit_open_files
-
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr, timeFormat=None)], redirectStandardIO=False)
-    first = stdin.readline(MAX_REQUEST_LINE)
-    if not first:
-        return 0
-    settings = json.loads(first)
-    spool = settings.get("spool")
-    if spool is not None:
-        limit_open_files()
-    directory = Directory(**settings["directory"])
-    agent = LocalDelivery(directory, settings["hostname"], fsync=bool(settings["fsync"]), run=_direct)
-
-    def answer(data: dict[str, Any]) -> None:
-        stdout.write(json.dumps(data).encode() + b"\n")
-        stdout.flush()
-
-    while line := stdin.readline(MAX_REQUEST_LINE + 1):
-        try:
-            if len(line) > MAX_REQUEST_LINE:
-                raise BadRequest(f"request longer than {MAX_REQUEST_LINE} bytes")
-            try:
-                data = json.loads(line)
-            except (ValueError, RecursionError):
-                raise BadRequest("not JSON")
-            request = check_request(data, spool["path"] if spool else None)
-        except BadRequest as e:
-            log.error("refused a request: {why}", why=str(e))
-            if e.id is None:
-                return 65  # EX_DATAERR: the parent sends nothing like this
-            answer({"id": e.id, "refused": str(e)})
-            continue
-        outcomes = _deliver(agent, request, spool)
-        answer({"id": request["id"], "outcomes": [_outcome_to_json(o) for o in outcomes]})
-    return 0
-
-
-def _deliver(agent: Any, request: dict[str, Any], spool: dict[str, Any] | None) -> list[Outcome]:
-    from mailhub.delivery.supervisor import open_queued
-
-    addresses = request["addresses"]
-    path = request["message_path"]
-    fd = -1
-    try:
-        if spool is not None:
-            try:
-                fd = open_queued(spool["path"], int(spool["uid"]), request["queue_id"])
-            except OSError as e:
-                return [agent._os_error(a, e, "cannot read queued message") for a in addresses]
-            path = f"/proc/self/fd/{fd}"
-        return agent._deliver_all(
-            request["queue_id"], request["arrival"], request["sender"], addresses, path, request["crlf"],
-        )
-    except Exception:  # _deliver_all answers per recipient; this is a safety net
-        log.failure("local delivery of {queue_id} failed", queue_id=request["queue_id"])
-        return [Outcome.temporary(a, "local delivery failed: internal error", 451, "4.3.0") for a in addresses]
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
-def _direct(f: Any, *args: Any) -> Any:
-    return f(*args)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """C{python -m mailhub.delivery.localproc}: a local delivery process (started by the daemon, not by hand)."""
-    if os.isatty(0):
-        print("mailhub.delivery.localproc: started by the mailhub daemon, not by hand", file=sys.stderr)
-        return 64
-    return _serve(sys.stdin.buffer, sys.stdout.buffer)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

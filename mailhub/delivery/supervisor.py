@@ -281,10 +281,10 @@ class _Supervisor(protocol.Protocol):
         d.addCallback(self._answer, request["id"])
 
     def _answer(self, outcomes: list[Outcome], id: int) -> None:
-        from mailhub.delivery.localproc import _outcome_to_json
+        from mailhub.delivery.localchild import outcome_to_json
 
         self.pending -= 1
-        self._write({"id": id, "outcomes": [_outcome_to_json(o) for o in outcomes]})
+        self._write({"id": id, "outcomes": [outcome_to_json(o) for o in outcomes]})
         self._maybe_end()
 
     def _refuse(self, e: BadRequest) -> None:

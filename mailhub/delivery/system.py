@@ -33,7 +33,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mailhub.config import DEFAULT_ALIASES, DEFAULT_HOME_MAILDIR, MAX_UID, MIN_UID
+from mailhub.config import MAX_UID, MIN_UID
 
 __all__ = [
     "Account",
@@ -45,11 +45,6 @@ __all__ = [
     "open_virtual_maildir",
     "NoMailbox",
     "give",
-    "is_safe_include",
-    "DEFAULT_ALIASES",
-    "DEFAULT_HOME_MAILDIR",
-    "MIN_UID",
-    "MAX_UID",
 ]
 
 log = Logger()
@@ -344,18 +339,3 @@ def open_virtual_maildir(root: str, domain: str, local: str, may_create: bool, f
     finally:
         os.close(fd)
 
-
-def is_safe_include(st: os.stat_result) -> str | None:
-    """
-    Why an C{:include:} file with this C{fstat} must not be used, or None:
-    a regular file owned by root or the daemon's user, not writable by
-    others (else any local user could add themselves to a list, or point
-    it at an outside address).
-    """
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if st.st_uid not in (0, os.geteuid()):
-        return f"owned by uid {st.st_uid} (must be root or the daemon's user)"
-    if st.st_mode & stat.S_IWOTH:
-        return "world-writable"
-    return None

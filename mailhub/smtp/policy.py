@@ -43,7 +43,8 @@ from dataclasses import dataclass
 
 from mailhub.address import AddressError, Mailbox
 from mailhub.config import SENDER_CHECKS
-from mailhub.delivery.directory import Directory, RecipientError
+from mailhub.delivery.directory import Directory
+from mailhub.delivery.errors import RecipientError
 from mailhub.smtp.proto import Reply
 
 __all__ = ["Session", "Policy", "LISTENERS", "SUBMISSION_LISTENERS", "SENDER_CHECKS", "is_loopback"]

@@ -1,0 +1,196 @@
+"""
+Writing one file into a Maildir, the same way in virtual and system mode.
+
+Owns: the Maildir file of one (message, recipient): its name
+(L{MaildirWriter.unique}, deterministic so that a delivery repeated after a
+crash finds its first copy), the trace headers prepended to it
+(C{Return-Path}, C{Delivered-To}), and the commit per
+https://cr.yp.to/proto/maildir.html: created in tmp/ (C{O_EXCL |
+O_NOFOLLOW}, by descriptor), given to the recipient (system mode), written,
+fsync'd, linked into new/ (renamed where hard links are not available),
+new/ fsync'd -- that last fsync shared by concurrent deliveries into the
+same Maildir (L{mailhub.queue.spool.DirSync}).
+
+Must not touch: where the Maildir is and how it is opened (the caller passes
+the descriptors of L{mailhub.delivery.system.open_below}), the queued
+message (the caller passes an object that writes it, L{Message}), outcomes
+(L{mailhub.delivery.local}), the reactor (everything here blocks; the caller
+runs it in a thread or a delivery process).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from typing import BinaryIO, Protocol
+
+from mailhub.delivery.system import MaildirFds, give
+from mailhub.queue.durable import DirSync
+
+__all__ = ["MaildirWriter", "Message", "MAX_DIR_SYNCS"]
+
+#: Write buffer of a Maildir file.
+WRITE_BUFFER = 1 << 20
+
+#: Maildirs whose new/ group-commit state is remembered (see L{MaildirWriter._sync_new}).
+MAX_DIR_SYNCS = 4096
+
+
+class Message(Protocol):
+    """The message as each Maildir copy gets it (L{mailhub.delivery.local.QueuedMessage})."""
+
+    def write_to(self, out: BinaryIO) -> int:
+        """Write the message (LF line ends) to C{out}; returns the bytes written."""
+
+
+def _maildir_host(hostname: str) -> str:
+    """The host part of a Maildir name: C{/} and C{:} are escaped as the spec says."""
+    return hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+def _header_value(text: str) -> bytes:
+    """A trace header value, never able to start another header."""
+    return text.replace("\r", "").replace("\n", "").encode("utf-8", "surrogateescape")
+
+
+class MaildirWriter:
+    """
+    Writes Maildir files named after C{hostname}; C{fsync} C{False} only
+    for tests that do not measure durability.  Safe to use from several
+    threads at once.
+    """
+
+    def __init__(self, hostname: str, fsync: bool = True) -> None:
+        self.fsync = fsync
+        self._host = _maildir_host(hostname)
+        self._syncs_lock = threading.Lock()
+        self._syncs: dict[object, DirSync] = {}
+
+    def unique(self, queue_id: str, arrival: float, address: str) -> str:
+        """
+        C{<sec>.M<usec>Q<queue id>R<hash of address>.<host>}: the arrival time
+        of the message, then what makes the name unique -- the spool's queue
+        id (unique on this host) and the recipient.  Deliberately
+        deterministic: the same (message, recipient) always gets the same
+        name, so a delivery repeated after a crash (file in new/, outcome not
+        yet recorded in the spool) finds its first copy instead of leaving a
+        duplicate.  The maildir spec only asks for uniqueness; its
+        M, Q, R fields are conventions, and a random R would defeat this.
+        """
+        sec = int(arrival)
+        usec = min(int((arrival - sec) * 1_000_000), 999_999)
+        qid = "".join(c for c in queue_id if c.isalnum()) or "0"
+        tag = hashlib.sha256(address.lower().encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        return f"{sec}.M{usec}Q{qid}R{tag}.{self._host}"
+
+    def _sync_new(self, key: object, fsync: Callable[[], None]) -> None:
+        """
+        Make a link into a Maildir's new/ durable, sharing the fsync with
+        concurrent deliveries into the same Maildir (L{DirSync}): under load
+        most mail goes to few mailboxes, and one directory fsync then covers
+        every file linked before it began.  The table is bounded; forgetting
+        an entry only costs a group its sharing, never its fsync.
+        """
+        with self._syncs_lock:
+            ds = self._syncs.get(key)
+            if ds is None:
+                if len(self._syncs) >= MAX_DIR_SYNCS:
+                    self._syncs.clear()
+                ds = self._syncs[key] = DirSync()
+        ds.sync(fsync)
+
+    def _fill(self, fd: int, sender: str, address: str, message: Message) -> int:
+        """
+        Write the Maildir copy into the new file C{fd} (closed here, also
+        on error) and fsync it; returns its size.
+        """
+        try:
+            out = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        except BaseException:
+            os.close(fd)
+            raise
+        with out:
+            size = self._write_header_and_body(out, sender, address, message)
+            out.flush()
+            if self.fsync:
+                os.fsync(out.fileno())
+        return size
+
+    def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message: Message) -> int:
+        header = (
+            b"Return-Path: <" + _header_value(sender) + b">\n"
+            b"Delivered-To: " + _header_value(address) + b"\n"
+        )
+        out.write(header)
+        return len(header) + message.write_to(out)
+
+    def write(self, fds: MaildirFds, unique: str, sender: str, address: str, message: Message) -> None:
+        """
+        Write one Maildir file into a Maildir opened by
+        L{mailhub.delivery.system.open_below}:
+        created in tmp/ (C{O_EXCL | O_NOFOLLOW}), written, fsync'd, linked
+        into new/, new/ fsync'd.  If this exact delivery is already in new/
+        (or was moved to cur/ by a reader) nothing is added.  Every name is
+        relative to a directory descriptor and nothing is followed; in
+        system mode the new file is given to the recipient (C{fchown})
+        before a byte is written, so quota and ownership are the
+        recipient's, and what the user can rename in their own tmp/ is
+        never written or chowned by path.
+        """
+        try:
+            os.unlink(unique, dir_fd=fds.tmp)  # ours, left by a crash (or whatever the user put there)
+        except FileNotFoundError:
+            pass
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(unique, flags, 0o600, dir_fd=fds.tmp)
+        try:
+            try:
+                give(fd, fds.uid, fds.gid)
+            except BaseException:
+                os.close(fd)
+                raise
+            size = self._fill(fd, sender, address, message)
+            name = f"{unique},S={size}"
+            if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
+                os.unlink(unique, dir_fd=fds.tmp)
+                return
+            try:
+                os.link(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if not _exists_at(fds.new, name):  # no hard links here: rename
+                    os.rename(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new)
+            try:
+                os.unlink(unique, dir_fd=fds.tmp)
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            try:
+                os.unlink(unique, dir_fd=fds.tmp)
+            except OSError:
+                pass
+            raise
+        if self.fsync:
+            # keyed by inode, not path: the user owns the path; the fsync
+            # is made on a descriptor the leader holds, of that same inode
+            st = os.fstat(fds.new)
+            new_fd = fds.new
+            self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
+
+
+#: The flag sets probed in cur/ for an already delivered copy that a reader moved (see L{MaildirWriter.write}).
+_CUR_FLAGS = ("", "S", "RS", "FS", "T", "ST")
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
