@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from mailhub.cli.queue import QueueOptions, run_queue
 from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.pickup import ensure_pickup_dirs, write_pickup
+from mailhub.queue.pickupfile import ensure_pickup_dirs, write_pickup
 from mailhub.queue.spool import Spool, new_queue_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

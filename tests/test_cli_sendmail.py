@@ -20,7 +20,8 @@ import pytest
 from twisted.internet import task
 
 from mailhub.cli.sendmail import Invocation, UsageError, parse_args
-from mailhub.queue.pickup import PickupService, ensure_pickup_dirs, pickup_dirs, read_header
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import ensure_pickup_dirs, pickup_dirs, read_header
 from mailhub.queue.spool import Spool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,11 +15,11 @@ import pytest
 from twisted.internet import inotify, task
 
 from mailhub.queue import pickup
-from mailhub.queue.pickup import (
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import (
     CRLFNormalizer,
     MessageTooLarge,
     PickupFormatError,
-    PickupService,
     ensure_pickup_dirs,
     format_header,
     pickup_dirs,

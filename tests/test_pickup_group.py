@@ -16,7 +16,8 @@ import tempfile
 import pytest
 
 from mailhub.config import ConfigError, load_config
-from mailhub.queue.pickup import GROUP_DIR_MODE, PickupService, pickup_dirs, write_pickup
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import GROUP_DIR_MODE, pickup_dirs, write_pickup
 from mailhub.queue.spool import Spool
 from twisted.internet.task import Clock
 

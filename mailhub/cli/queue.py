@@ -33,7 +33,7 @@ from twisted.python import usage
 
 from mailhub.cli import Command, silence
 from mailhub.envelope import EnvelopeFormatError, PENDING
-from mailhub.queue.pickup import list_pickup, pickup_dirs
+from mailhub.queue.pickupfile import list_pickup, pickup_dirs
 from mailhub.queue.spool import QueueFileError, Spool, is_queue_id
 
 __all__ = ["QueueOptions", "run_queue", "main"]
