@@ -50,7 +50,7 @@ from mailhub.queue.pickupfile import clean_fullname, unique_name, write_pickup
 from mailhub.smtp.policy import Reply, Session
 from mailhub.smtp.server import SMTPServer, SMTPServerFactory
 
-__all__ = ["LocalSubmissionPolicy", "PickupSink", "PickupMessage", "serve_stdio", "LOCAL_PEER"]
+__all__ = ["LocalSubmissionPolicy", "PickupSink", "PickupMessage", "make_factory", "serve_stdio", "LOCAL_PEER"]
 
 #: The address a -bs client is reported as (Postfix's stand-alone smtpd uses 127.0.0.1 too).
 LOCAL_PEER = "127.0.0.1"
@@ -189,6 +189,25 @@ def _reactor() -> Any:
     return PollReactor()
 
 
+def make_factory(settings: Settings, fullname: str | None, progress: Any, clock: Any) -> SMTPServerFactory:
+    """
+    The SMTP server factory of a C{-bs} session: mailhub's own, with the
+    C{[server]} settings, L{PickupSink} as its spool, nothing to enqueue
+    (the daemon's pickup takes the file from there), L{LocalSubmissionPolicy},
+    no sender ownership check and no free-space check (the pickup area is
+    written by the user, under the user's quota).
+    """
+    return SMTPServerFactory(
+        settings.server,
+        PickupSink(settings, fullname, progress),  # type: ignore[arg-type]
+        lambda envelope: None,
+        LocalSubmissionPolicy(settings.origin),  # type: ignore[arg-type]
+        clock,
+        sender_check="off",
+        min_free_space=0,
+    )
+
+
 def serve_stdio(
     settings: Settings,
     fullname: str | None,
@@ -208,16 +227,7 @@ def serve_stdio(
     """
     if reactor is None:
         reactor = _reactor()
-    sink = PickupSink(settings, fullname, progress)
-    factory = SMTPServerFactory(
-        settings.server,
-        sink,  # type: ignore[arg-type]
-        lambda envelope: None,  # committed is queued: the daemon's pickup takes it from here
-        LocalSubmissionPolicy(settings.origin),  # type: ignore[arg-type]
-        reactor,
-        sender_check="off",
-        min_free_space=0,
-    )
+    factory = make_factory(settings, fullname, progress, reactor)
     session = _StdioSession(factory)
     session.on_lost = lambda: reactor.stop() if reactor.running else None  # type: ignore[method-assign]
     _LocalStdio(session, stdin=stdin.fileno(), stdout=stdout.fileno(), reactor=reactor)
