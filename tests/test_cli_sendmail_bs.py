@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport

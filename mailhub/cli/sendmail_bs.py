@@ -230,6 +230,6 @@ def serve_stdio(
     factory = make_factory(settings, fullname, progress, reactor)
     session = _StdioSession(factory)
     session.on_lost = lambda: reactor.stop() if reactor.running else None  # type: ignore[method-assign]
-    _LocalStdio(session, stdin=stdin.fileno(), stdout=stdout.fileno(), reactor=reactor)
+    _LocalStdio(session, stdin=stdin.fileno(), stdout=stdout.fileno(), reactor=reactor)  # type: ignore[call-arg]
     reactor.run(installSignalHandlers=False)
     return EX_OK
