@@ -548,7 +548,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     if config.spool.pickup_group is not None:
         import grp
 
-        from mailhub.queue.pickup import GROUP_DIR_MODE
+        from mailhub.queue.pickupfile import GROUP_DIR_MODE
 
         pickup_mode = {"dir_mode": GROUP_DIR_MODE, "gid": grp.getgrnam(config.spool.pickup_group).gr_gid}
     pickup = PickupService(

@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from mailhub.cli.queue import QueueOptions, run_queue
 from mailhub.envelope import Envelope, Recipient
-from mailhub.queue.pickup import ensure_pickup_dirs, write_pickup
+from mailhub.queue.pickupfile import ensure_pickup_dirs, write_pickup
 from mailhub.queue.queuefile import new_queue_id
 from mailhub.queue.spool import Spool
 

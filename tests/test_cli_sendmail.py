@@ -19,7 +19,8 @@ import pytest
 from twisted.internet import task
 
 from mailhub.cli.sendmail import Invocation, UsageError, parse_args
-from mailhub.queue.pickup import PickupService, ensure_pickup_dirs, pickup_dirs, read_header
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import ensure_pickup_dirs, pickup_dirs, read_header
 from mailhub.queue.spool import Spool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,27 +275,28 @@ def test_bs_with_smtplib(env):
     try:
         s = PipeSMTP(ours)
         code, greeting = s.connect("pipe")
-        assert (code, greeting) == (220, b"mx.example ESMTP mailhub (sendmail -bs)")
+        assert (code, greeting) == (220, b"mx.example ESMTP mailhub")
         code, text = s.ehlo("client.example")
         assert code == 250
         assert s.has_extn("enhancedstatuscodes") and s.has_extn("8bitmime") and s.has_extn("pipelining")
         assert s.esmtp_features["size"] == "2000"
-        assert s.docmd("DATA") == (503, b"5.5.1 Error: need MAIL command")
+        assert s.docmd("DATA") == (503, b"5.5.1 Error: need RCPT command")
         assert s.docmd("RCPT TO:<a@example.org>") == (503, b"5.5.1 Error: need MAIL command")
         assert s.mail("<sender@example.org>") == (250, b"2.1.0 Ok")
         assert s.docmd("MAIL FROM:<x@example.org>") == (503, b"5.5.1 Error: nested MAIL command")
-        assert s.rcpt("<bad@@x>") == (501, b"5.1.3 Bad recipient address syntax: invalid local part")
+        assert s.rcpt("<bad@@x>") == (501, b"5.1.3 Error: bad recipient address: invalid local part")
         assert s.rcpt("<to@example.com>") == (250, b"2.1.5 Ok")
-        assert s.rcpt("<root>") == (250, b"2.1.5 Ok")
+        assert s.rcpt("<root>") == (501, b"5.1.3 Error: bad recipient address: address must be local-part@domain")
+        assert s.rcpt("<postmaster>") == (250, b"2.1.5 Ok")
         code, text = s.data(b"Subject: via bs\r\n\r\n.leading dot\r\n..\r\nend\r\n")
         assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
         assert s.noop() == (250, b"2.0.0 Ok")
         assert s.docmd("BOGUS") == (500, b"5.5.2 Error: command not recognized")
-        assert s.mail("<s@example.org>", ["SIZE=5000"]) == (552, b"5.3.4 Message size exceeds fixed limit")
+        assert s.mail("<s@example.org>", ["SIZE=5000"]) == (552, b"5.3.4 Error: message size exceeds fixed limit")
         assert s.rset() == (250, b"2.0.0 Ok")
         assert s.mail("<s@example.org>") == (250, b"2.1.0 Ok")
         assert s.rcpt("<to@example.com>") == (250, b"2.1.5 Ok")
-        assert s.data(b"x" * 2500 + b"\r\n") == (552, b"5.3.4 Error: message too large")
+        assert s.data(b"x" * 2500 + b"\r\n") == (552, b"5.3.4 Error: message size exceeds fixed limit")
         assert s.mail("<s@example.org>") == (250, b"2.1.0 Ok")
         assert s.quit() == (221, b"2.0.0 Bye")
     finally:
@@ -302,7 +304,7 @@ def test_bs_with_smtplib(env):
         assert proc.wait(10) == 0
     header, body, msg = only_pickup(spool)
     assert header.sender == "sender@example.org"
-    assert header.recipients == ("to@example.com", "root@example.org")
+    assert header.recipients == ("to@example.com", "postmaster@example.org")
     assert msg["Subject"] == "via bs"
     assert body.endswith(b"\r\n\r\n.leading dot\r\n..\r\nend\r\n")
     assert msg["Message-ID"] and msg["Date"]
@@ -586,9 +588,9 @@ def test_bs_control_characters_in_paths_refused(env):
                                   "RCPT TO:<b\x85@example.com>\r\nQUIT\r\n".encode())
     assert r.returncode == 0
     assert r.stdout.split(b"\r\n")[2:5] == [
-        b"501 5.1.7 Bad sender address syntax: control character in the address",
+        b"501 5.1.7 Bad sender address syntax: control characters in address",
         b"250 2.1.0 Ok",
-        b"501 5.1.3 Bad recipient address syntax: control character in the address",
+        b"501 5.1.3 Error: bad recipient address: control characters in address",
     ]
 
 
@@ -602,3 +604,56 @@ def test_help_and_version_print_usage_not_an_error():
         assert run([flag], io.BytesIO(b""), out, err) == 0
         assert out.getvalue().startswith(expected)
         assert err.getvalue() == ""
+
+
+# -- -bs speaks the daemon's SMTP grammar ---------------------------------------------------------
+
+_BS_ENVELOPE = b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+
+
+def test_bs_bare_lf_dot_does_not_end_the_message(env):
+    """A bare-LF "." inside DATA is not an end of data: nothing is smuggled, the message is refused."""
+    config, spool = env
+    r = sendmail(config, ["-bs"], _BS_ENVELOPE + b"Subject: a\r\n\r\nbody\n.\nMAIL FROM:<evil@example.org>\r\n"
+                 b"RCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    assert r.returncode == 0
+    replies = r.stdout.split(b"\r\n")
+    assert b"550 5.6.0 Message contains bare CR or LF; lines must end with CRLF" in replies
+    assert not any(line.startswith(b"250 2.0.0 Ok: queued") for line in replies), replies
+    assert replies[-2:] == [b"221 2.0.0 Bye", b""]
+    assert pickup_files(spool) == []
+
+
+def test_bs_pipelined_transactions_are_all_answered_in_order(env):
+    """A whole pipelined session in one write: every command answered, both messages committed."""
+    config, spool = env
+    one = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: %d\r\n\r\n..dot\r\n.\r\n"
+    r = sendmail(config, ["-bs"], b"EHLO x\r\n" + one % 1 + b"RSET\r\n" + one % 2 + b"QUIT\r\n")
+    codes = [line[:3] for line in r.stdout.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"250", b"354", b"250", b"221"]
+    queued = [line.split()[-1].decode() for line in r.stdout.split(b"\r\n") if line.startswith(b"250 2.0.0 Ok: queued")]
+    files = pickup_files(spool)
+    assert sorted(queued) == sorted(os.listdir(pickup_dirs(spool.path)[1]))
+    assert sorted(email.message_from_bytes(body)["Subject"] for _, body in files) == ["1", "2"]
+    assert all(b"\r\n.dot\r\n" in body for _, body in files)
+
+
+def test_bs_long_command_line_refused_and_session_goes_on(env):
+    config, spool = env
+    r = sendmail(config, ["-bs"], b"EHLO x\r\nNOOP " + b"x" * 5000 + b"\r\nMAIL FROM:<" + b"a" * 3000
+                 + b"@example.org>\r\nNOOP\r\nQUIT\r\n")
+    replies = r.stdout.split(b"\r\n")
+    assert b"500 5.5.2 Error: line too long" in replies
+    assert replies[-3:] == [b"250 2.0.0 Ok", b"221 2.0.0 Bye", b""]
+    assert max(len(line) for line in replies) < 600  # the long input is never echoed
+    assert pickup_files(spool) == []
+
+
+def test_bs_message_carries_the_session_trace_and_the_pickup_name(env):
+    config, spool = env
+    r = sendmail(config, ["-bs"], _BS_ENVELOPE + b"Subject: t\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    name = [line for line in r.stdout.split(b"\r\n") if line.startswith(b"250 2.0.0 Ok: queued as ")][0].split()[-1]
+    assert os.listdir(pickup_dirs(spool.path)[1]) == [name.decode()]
+    _, body, msg = only_pickup(spool)
+    assert body.startswith(b"Received: from x ([127.0.0.1])\r\n\tby mx.example (mailhub) with ESMTP id " + name)
+    assert msg["From"] and msg["Date"] and msg["Message-ID"]

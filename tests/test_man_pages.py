@@ -73,7 +73,7 @@ def _long_options(options_class) -> list[str]:
 def test_every_command_and_option_is_in_the_pages():
     from mailhub import tap
     from mailhub.cli import main as cli_main
-    from mailhub.cli import sendmail
+    from mailhub.cli import sendmail_options
 
     page = re.sub(r"\s+", " ", rendered("mailhub.8").replace("\u2010", "-").replace("\u2212", "-"))
     for command in _commands(cli_main.Options):
@@ -88,7 +88,7 @@ def test_every_command_and_option_is_in_the_pages():
         assert option in page, option
 
     page = re.sub(r"\s+", " ", rendered("mailhub-sendmail.1").replace("\u2010", "-").replace("\u2212", "-"))
-    for letter in sorted(sendmail._WITH_VALUE | sendmail._FLAGS | {"q", "t", "i", "v", "C", "f", "r", "F"}):
+    for letter in sorted(sendmail_options._WITH_VALUE | sendmail_options._FLAGS | {"q", "t", "i", "v", "C", "f", "r", "F"}):
         assert re.search(rf"-{letter}\b", page), letter
     for mode in "mpsi":
         assert f"-b{mode}" in page, mode

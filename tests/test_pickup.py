@@ -14,15 +14,16 @@ import pytest
 from twisted.internet import inotify, task
 
 from mailhub.queue import pickup
-from mailhub.queue.pickup import (
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import (
     CRLFNormalizer,
     MessageTooLarge,
     PickupFormatError,
-    PickupService,
     ensure_pickup_dirs,
     format_header,
     pickup_dirs,
     read_header,
+    unique_name,
     write_pickup,
 )
 from mailhub.queue.spool import Spool
@@ -183,6 +184,20 @@ def test_write_pickup(spool):
 def test_write_pickup_too_large_leaves_nothing(spool):
     with pytest.raises(MessageTooLarge):
         write_pickup(spool.path, "a@x.example", ["b@y.example"], [b"x" * 60, b"y" * 60], max_size=100)
+    tmp_dir, new_dir = pickup_dirs(spool.path)
+    assert os.listdir(tmp_dir) == [] and os.listdir(new_dir) == []
+
+
+def test_write_pickup_with_a_given_name(spool):
+    name = unique_name()
+    assert write_pickup(spool.path, "a@x.example", ["b@y.example"], [b"x\n"], name=name) == name
+    assert os.listdir(pickup_dirs(spool.path)[1]) == [name]
+
+
+@pytest.mark.parametrize("name", ["../new/x", ".hidden", "", "a/b"])
+def test_write_pickup_refuses_a_name_that_is_not_a_pickup_name(spool, name):
+    with pytest.raises(ValueError):
+        write_pickup(spool.path, "a@x.example", ["b@y.example"], [b"x\n"], name=name)
     tmp_dir, new_dir = pickup_dirs(spool.path)
     assert os.listdir(tmp_dir) == [] and os.listdir(new_dir) == []
 

@@ -15,7 +15,8 @@ import pytest
 from twisted.internet import task
 
 from mailhub.queue import pickup
-from mailhub.queue.pickup import PickupService, ensure_pickup_dirs, list_pickup, pickup_dirs, write_pickup
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import ensure_pickup_dirs, list_pickup, pickup_dirs, write_pickup
 from mailhub.queue.spool import Spool
 
 

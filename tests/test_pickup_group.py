@@ -17,7 +17,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from mailhub.config import ConfigError, load_config
-from mailhub.queue.pickup import GROUP_DIR_MODE, PickupService, pickup_dirs, write_pickup
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import GROUP_DIR_MODE, pickup_dirs, write_pickup
 from mailhub.queue.spool import Spool
 
 

@@ -23,7 +23,8 @@ import pytest
 from twisted.internet import task
 
 from mailhub.envelope import DELIVERED, Envelope, Recipient
-from mailhub.queue.pickup import PickupService, ensure_pickup_dirs, pickup_dirs, write_pickup
+from mailhub.queue.pickup import PickupService
+from mailhub.queue.pickupfile import ensure_pickup_dirs, pickup_dirs, write_pickup
 from mailhub.queue.queuefile import new_queue_id
 from mailhub.queue.spool import MEMORY_LIMIT, Spool
 

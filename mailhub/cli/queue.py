@@ -33,7 +33,7 @@ from twisted.python import usage
 
 from mailhub.cli import Command, silence
 from mailhub.envelope import PENDING, EnvelopeFormatError
-from mailhub.queue.pickup import list_pickup, pickup_dirs
+from mailhub.queue.pickupfile import list_pickup, pickup_dirs
 from mailhub.queue.queuefile import QueueFileError, is_queue_id
 from mailhub.queue.spool import Spool
 from mailhub.queue.status import HELD, REMOVE_PENDING
