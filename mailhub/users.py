@@ -37,6 +37,7 @@ therefore not contain C{:}, white space or quotes.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import hmac
 import os
@@ -130,8 +131,14 @@ def hash_password(password: str, rounds: int = DEFAULT_ROUNDS) -> str:
     return bcrypt.hashpw(check_password_acceptable(password), bcrypt.gensalt(rounds)).decode("ascii")
 
 
-def _check_hash(password: bytes, hashed: str) -> bool:
-    """bcrypt.checkpw that answers False instead of raising."""
+def _check_hash(password: bytes, hashed: str | None) -> bool:
+    """
+    bcrypt.checkpw that answers False instead of raising.  C{hashed} None
+    (an unknown user) checks against L{_dummy_hash}, so that a failed login
+    takes as long whether or not the user exists.
+    """
+    if hashed is None:
+        hashed = _dummy_hash()
     if len(password) > MAX_PASSWORD_BYTES:
         return False
     try:
@@ -140,9 +147,10 @@ def _check_hash(password: bytes, hashed: str) -> bool:
         return False
 
 
-# A valid hash of a random password: checked for unknown users so that a
-# failed login takes as long whether or not the user exists.
-_DUMMY_HASH = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(DEFAULT_ROUNDS)).decode()
+@functools.cache
+def _dummy_hash() -> str:
+    """A valid hash of a random password, made once, on first use (in the checker's thread, never at import)."""
+    return bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(DEFAULT_ROUNDS)).decode()
 
 
 @dataclass(frozen=True)
@@ -515,7 +523,7 @@ class UsersChecker:
         if isinstance(password, str):
             password = password.encode("utf-8")
         entry = self.users.get(username)
-        hashed = entry.password_hash if entry is not None else _DUMMY_HASH
+        hashed = entry.password_hash if entry is not None else None
 
         def checked(ok: bool) -> str:
             if ok and entry is not None:
