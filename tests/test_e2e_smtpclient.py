@@ -29,7 +29,9 @@ from twisted.internet.protocol import Factory, Protocol
 
 from conftest import in_reactor
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
-from mailhub.relay.client import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
+from mailhub.relay.client import ClientOptions, connect
+from mailhub.relay.dotstuff import CHUNK_SIZE, stuff
+from mailhub.relay.reply import SessionError
 from mailhub.queue.spool import queue_file_bytes
 from peers import Sink, free_port, sink_message
 

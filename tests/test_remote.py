@@ -24,7 +24,7 @@ from mailhub.relay import client as smtpclient
 from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.relay.agent import RemoteDelivery
 from mailhub.relay.nexthop import Destination, parse_dns_server, parse_nexthop
-from mailhub.relay.client import SessionError
+from mailhub.relay.reply import SessionError
 from mailhub.queue.spool import open_message, queue_file_bytes
 
 from dnszone import AAAA, CNAME, MX, A, Zone

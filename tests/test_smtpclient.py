@@ -23,15 +23,10 @@ from twisted.python.failure import Failure
 from mailhub.relay import client as smtpclient
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
 from mailhub.queue.spool import queue_file_bytes
-from mailhub.relay.client import (
-    CHUNK_SIZE,
-    MAX_LINE,
-    ClientOptions,
-    DotStuffer,
-    SessionError,
-    connect,
-    stuff,
-)
+from mailhub.relay import dotstuff, prepare
+from mailhub.relay.client import MAX_LINE, ClientOptions, connect
+from mailhub.relay.dotstuff import CHUNK_SIZE, DotStuffer, stuff
+from mailhub.relay.reply import SessionError
 
 MTA = "mx.example[192.0.2.1]:25"
 EHLO_FULL = (
@@ -606,7 +601,7 @@ def test_smtputf8_flag_kept_when_offered_even_if_ascii(msg):
     ("Subject: hi\r\n X-cont: ü\r\n\r\n".encode(), True),
     ("Subject: ü".encode(), True),  # headers only, 8-bit
     # no end of the header section within the scan limit: unknown, so required
-    (b"Subject: hi\r\nX-Long: " + b"a" * (smtpclient.MAX_HEADER_SCAN + 10) + b"\r\n\r\n", True),
+    (b"Subject: hi\r\nX-Long: " + b"a" * (prepare.MAX_HEADER_SCAN + 10) + b"\r\n\r\n", True),
 ])
 def test_smtputf8_need_read_from_the_header_section(msg, data, needs):
     s = Server(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
@@ -813,7 +808,7 @@ def test_large_body_streamed_in_bursts_and_backpressure(msg):
     p = s.proto._producer
     assert s.t.producer is p and s.t.streaming
     first = len(s.take())
-    assert 0 < first <= smtpclient.MAX_BURST + 2 * CHUNK_SIZE  # yields to the reactor
+    assert 0 < first <= dotstuff.MAX_BURST + 2 * CHUNK_SIZE  # yields to the reactor
     p.pauseProducing()
     s.clock.advance(0)
     assert s.take() == b""  # paused: nothing written
@@ -1050,7 +1045,7 @@ def test_delivered_outcome_says_whether_dsn_was_passed_on(msg, ehlo, passed):
 )
 def test_orcpt_always_xtext_encoded(stored, sent):
     """The server stores ORCPT decoded; the client must encode it again."""
-    from mailhub.relay.client import _orcpt
+    from mailhub.relay.prepare import _orcpt
 
     assert _orcpt(Recipient("a@x.com", orcpt=stored)) == sent
 

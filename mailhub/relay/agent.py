@@ -52,6 +52,8 @@ from twisted.names import hosts as hostsmodule
 from mailhub.address import AddressError, normalize_domain
 from mailhub.envelope import PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
 from mailhub.relay import client as smtpclient
+from mailhub.relay.reply import SessionError
+from mailhub.relay.tls import connect_reason
 from mailhub.relay.nexthop import (
     Destination,
     _ip,
@@ -142,7 +144,7 @@ def _tidy(text: str) -> str:
 
 def _connect_reason(err: BaseException) -> str:
     """Postfix-style reason for a failed connect."""
-    return smtpclient.connect_reason(err)
+    return connect_reason(err)
 
 
 # -- the delivery agent ------------------------------------------------------------
@@ -410,7 +412,7 @@ class RemoteDelivery(service.Service):
         return outcomes, False
 
     def _session_fail(self, e: BaseException, remote: str) -> _Fail:
-        if isinstance(e, smtpclient.SessionError):
+        if isinstance(e, SessionError):
             kind = PERMANENT if e.permanent else TEMPORARY
             # remote_mta is empty when no connection was made (refused, timed out)
             return _Fail(kind, e.code, e.enhanced, _tidy(e.text), e.remote_mta)
@@ -681,7 +683,7 @@ class RemoteDelivery(service.Service):
                 try:
                     conn = await self._connect(self._reactor, self._endpoint(target), options,
                                                target.name, target.ip, target.port)
-                except smtpclient.SessionError as e:
+                except SessionError as e:
                     if e.tls_failed and options.tls == smtpclient.TLS_MAY:
                         log.info("TLS with {target} failed ({error}); retrying without TLS",
                                  target=str(target), error=e.text)
