@@ -49,7 +49,7 @@ from twisted.logger import Logger
 
 from mailhub.address import AddressError, normalize_domain
 from mailhub.envelope import PERMANENT, TEMPORARY, Envelope, Outcome, Recipient
-from mailhub.relay import client as smtpclient
+from mailhub.relay import client
 from mailhub.relay.mx import HopFailure, MXResolver, Target
 from mailhub.relay.nexthop import Destination, _ip, _route_key, parse_dns_server, parse_nexthop
 from mailhub.relay.pool import ConnectionPool
@@ -85,7 +85,7 @@ class RemoteDelivery(service.Service):
     Delivery agent for non-local recipients (C{DeliveryAgent}): groups the
     recipients by next hop, finds the addresses to try, connects (or reuses
     an idle connection) within the concurrency limits and hands the
-    transaction to L{smtpclient.SMTPConnection.send}.
+    transaction to L{client.SMTPConnection.send}.
 
     It is also a service: stopping it closes the idle connections.
 
@@ -124,7 +124,7 @@ class RemoteDelivery(service.Service):
         local_addresses: Sequence[str] = (),
         local_names: Sequence[str] = (),
         client_options: dict | None = None,
-        connect: Callable[..., Deferred] = smtpclient.connect,
+        connect: Callable[..., Deferred] = client.connect,
         resolver: Any = None,
         random: Any = None,
         idle_timeout: float = 5.0,
@@ -132,7 +132,7 @@ class RemoteDelivery(service.Service):
         recipient_limit: int = 50,
         loopback_is_self: bool = True,
     ) -> None:
-        if tls not in (smtpclient.TLS_NONE, smtpclient.TLS_MAY, smtpclient.TLS_ENCRYPT, smtpclient.TLS_VERIFY):
+        if tls not in (client.TLS_NONE, client.TLS_MAY, client.TLS_ENCRYPT, client.TLS_VERIFY):
             raise ValueError(f"tls must be none, may, encrypt or verify, got {tls!r}")
         self._reactor = reactor
         self._helo = helo_name
@@ -145,7 +145,7 @@ class RemoteDelivery(service.Service):
         }
         self._client_options = dict(client_options or {})
         # Fail at construction (config time) on an unknown option.
-        smtpclient.ClientOptions(helo_name=helo_name, **self._client_options)
+        client.ClientOptions(helo_name=helo_name, **self._client_options)
         self._connect = connect
         self._recipient_limit = recipient_limit
         self._mx = MXResolver(
@@ -349,7 +349,7 @@ class RemoteDelivery(service.Service):
         kw.update(self._client_options)
         if tls is not None:
             kw["tls"] = tls
-        return smtpclient.ClientOptions(**kw)
+        return client.ClientOptions(**kw)
 
     def _endpoint(self, target: Target) -> Any:
         timeout = self._client_options.get("connect_timeout", 30.0)
@@ -375,10 +375,10 @@ class RemoteDelivery(service.Service):
                     conn = await self._connect(self._reactor, self._endpoint(target), options,
                                                target.name, target.ip, target.port)
                 except SessionError as e:
-                    if e.tls_failed and options.tls == smtpclient.TLS_MAY:
+                    if e.tls_failed and options.tls == client.TLS_MAY:
                         log.info("TLS with {target} failed ({error}); retrying without TLS",
                                  target=str(target), error=e.text)
-                        options = self._options(dest, target, tls=smtpclient.TLS_NONE)
+                        options = self._options(dest, target, tls=client.TLS_NONE)
                         continue
                     fail = self._session_fail(e, str(target))
                     if e.permanent:

@@ -642,7 +642,7 @@ class SMTPClientProtocol(Protocol):
 class SMTPConnection:
     """
     An established session (greeting, EHLO, STARTTLS, AUTH done), handed to
-    remote.py.  One transaction at a time; L{usable} says whether another
+    the relay agent.  One transaction at a time; L{usable} says whether another
     message may follow (after L{reset}).
     """
 

@@ -1,5 +1,5 @@
 """
-Unit tests for mailhub.relay.agent: routing, DNS (MX / implicit MX / null MX /
+Unit tests for mailhub.relay (agent, mx, pool): routing, DNS (MX / implicit MX / null MX /
 CNAME / errors), trying hosts in order, loop detection, TLS fallback,
 concurrency limits and connection reuse.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import random
+import re
 
 import pytest
 from OpenSSL import SSL
@@ -787,6 +788,40 @@ def test_dot_line_exactly_at_chunk_boundary(msg, boundary_line):
     d = _send_body(s, msg(raw))
     wire = s.take()
     assert wire == head + b"." + boundary_line.replace(b"\n", b"\r\n").replace(b"\r\r", b"\r") + b"tail\r\n.\r\n"
+    s.say(b"250 ok\r\n")
+    assert result_of(d)[0].kind == DELIVERED_OUTCOME
+
+
+@pytest.mark.parametrize("boundary_line", [b".\r\n", b"..\r\n", b".x\r\n", b".\n", b".\r", b"\n.\r\n"])
+def test_dot_line_at_every_read_and_burst_boundary(msg, boundary_line):
+    """
+    A line starting with "." begins at every CHUNK_SIZE read boundary of a
+    message longer than MAX_BURST (so also at the boundaries where the
+    producer yields to the reactor); on the wire every such line carries
+    the second dot and the only terminator is the last line.
+    """
+    blocks = dotstuff.MAX_BURST // CHUNK_SIZE + 4
+    raw = b""
+    # "\n.\r\n": each chunk ends with the CR of a CRLF split by the boundary
+    eol = b"\r" if boundary_line.startswith(b"\n") else b"\r\n"
+    for i in range(blocks):
+        filler = b"Subject: t\r\n\r\n" if i == 0 else boundary_line
+        filler += b"z" * (CHUNK_SIZE - len(filler) - len(eol)) + eol
+        raw += filler
+        assert len(raw) == (i + 1) * CHUNK_SIZE
+    raw += boundary_line + b"end\r\n"
+    s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
+    d = _send_body(s, msg(raw))
+    wire = s.take()
+    # The reference, line by line: CRLF line ends, a dot added to each line
+    # that starts with one, the terminator after the last line.
+    lines = re.sub(rb"\r\n|\r|\n", b"\r\n", raw).split(b"\r\n")
+    assert lines[-1] == b""
+    expected = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"
+    assert sum(1 for line in lines if line.startswith(b".")) >= blocks
+    # (compared by offset: a diff of megabytes would take minutes to print)
+    differs = next((i for i, (a, b) in enumerate(zip(wire, expected)) if a != b), None)
+    assert (differs, len(wire)) == (None, len(expected))
     s.say(b"250 ok\r\n")
     assert result_of(d)[0].kind == DELIVERED_OUTCOME
 
