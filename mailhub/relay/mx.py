@@ -52,8 +52,9 @@ MAX_CNAME_DEPTH = 8
 
 class HopFailure(Exception):
     """
-    Every recipient of a group gets this outcome.  C{code} is 0 unless a
-    server replied with it; C{remote_mta} is the host connected to, if any.
+    Every recipient routed to one next hop gets this outcome (nothing can
+    be resolved, a loop, no host reached).  C{code} is 0 unless a server
+    replied with it; C{remote_mta} is the host connected to, if any.
     """
 
     def __init__(self, kind: str, code: int, status: str, text: str, remote_mta: str = "") -> None:
@@ -97,7 +98,6 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.name}[{self.ip}]:{self.port}"
-
 
 
 class MXResolver:
