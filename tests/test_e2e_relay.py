@@ -195,7 +195,7 @@ def test_connection_reused_for_second_message(reactor, sink, dns_server, tmp_pat
     try:
         first = deliver(reactor, agent, tmp_path, "a@aonly.e2e.test", qid="E2E0000001")
         second = deliver(reactor, agent, tmp_path, "b@aonly.e2e.test", qid="E2E0000002")
-        assert in_reactor(reactor, lambda: agent._total) == 1  # one idle connection kept
+        assert in_reactor(reactor, lambda: agent._pool.total) == 1  # one idle connection kept
     finally:
         stop(reactor, agent)
     assert [o.kind for o in first + second] == ["delivered", "delivered"]

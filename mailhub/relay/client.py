@@ -1,102 +1,66 @@
 """
-The outbound ESMTP client: one connection to one remote MTA.
+The outbound ESMTP client protocol: one connection to one remote MTA.
 
 Owns: the client side of the SMTP conversation -- reading the greeting,
 EHLO (HELO fallback), STARTTLS, AUTH, and transactions (MAIL, RCPT, DATA,
-RSET, QUIT) with PIPELINING, SIZE, 8BITMIME, SMTPUTF8 and DSN parameters --
-and turning every reply into data: one L{Outcome} per recipient, or a
-L{SessionError} for the connection as a whole.
+RSET, QUIT) with PIPELINING -- its timeouts, and turning every reply into
+data: one L{Outcome} per recipient, or a L{SessionError} for the connection
+as a whole.  L{connect} sets a session up; L{SMTPConnection} is what the
+relay agent holds.
 
-Must not touch: routing (which host, which MX, in which order: remote.py),
-retry decisions (scheduler.py), the spool (the message file is only read),
-configuration files, and the global reactor (time and connections come in
-through the injected reactor and endpoint).
+Why one module of this size: it is one state machine.  Replies are read
+from bytes with hard bounds (L{MAX_LINE}, L{MAX_LINES},
+L{MAX_EARLY_REPLIES}: a hostile server cannot make us buffer without
+limit) and handed in order to the waiters the session set-up and the
+transactions register; the timers, the TLS state and the connection's loss
+are all one object's state.  What could be said apart is: the reply and
+error types (L{mailhub.relay.reply}), the DATA stream and its dot-stuffing
+(L{mailhub.relay.dotstuff}), the MAIL/RCPT parameters, SMTPUTF8 and
+8BITMIME decisions (L{mailhub.relay.prepare}) and the TLS context and
+failure texts (L{mailhub.relay.tls}).
 
-Why not C{twisted.mail.smtp.SMTPClient}: it dot-stuffs each 16 KiB file
-chunk on its own, so a C{"."} line that starts exactly at a chunk boundary
-goes out unstuffed and ends the message early (truncation / smuggling).
-Here L{DotStuffer} keeps state across chunks, bare CR and bare LF are both
-turned into CRLF (so a lenient receiver that treats either as a line end
-sees the same lines, and the same stuffing, as a strict one), and the body
-is streamed from the spool file through a push producer that respects the
-transport's backpressure, so a 100 MB message never sits in memory.
-
-Replies are parsed from bytes with hard bounds (L{MAX_LINE}, L{MAX_LINES},
-L{MAX_EARLY_REPLIES}): a hostile server cannot make us buffer without limit.
-
-8BITMIME: C{BODY=8BITMIME} is sent when the envelope says so and the peer
-offers 8BITMIME.  When the peer does not offer it and the message has 8-bit
-bytes, the message is converted to 7 bit before it is sent (RFC 6152 3;
-Postfix's default, C{disable_mime_output_conversion = no}): 8-bit MIME
-bodies become quoted-printable (text) or base64 (others), everything else
-is kept byte for byte (L{mailhub.relay.downgrade}).  What cannot be converted
-(8-bit headers, 8-bit in a part that must not be encoded) fails for every
-recipient of the transaction with status C{5.6.3} (RFC 3463 "Conversion
-required but not supported").  A peer that offers SMTPUTF8 is taken to
-accept 8-bit data in an SMTPUTF8 transaction (RFC 6531 3.1 requires it to
-offer 8BITMIME too).
-
-SMTPUTF8: required (C{5.6.7} at a peer without it) only when the envelope
-addresses are not ASCII, or the message was received with SMTPUTF8 I{and}
-its header section really has non-ASCII bytes (RFC 6531 3.2, as Postfix):
-an ASCII-only message flagged SMTPUTF8 goes out without the parameter.
+Must not touch: routing (which host, which MX, in which order:
+L{mailhub.relay.agent}), retry decisions (the scheduler), the spool (the
+message file is only read), configuration files, and the global reactor
+(time and connections come in through the injected reactor and endpoint).
 """
 
 from __future__ import annotations
 
 import base64
-import io
-import re
-from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import (
-    IHandshakeListener,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhub.eagerwrite import write_now
-from mailhub.envelope import (
-    DELIVERED_OUTCOME,
-    PERMANENT,
-    TEMPORARY,
-    Envelope,
-    Outcome,
-    Recipient,
-)
+from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.queue.queuefile import QueueFileError, open_message
-from mailhub.relay.downgrade import ConversionError, downgrade, split_header
-from mailhub.relay.tls import VerifyingCreator, connect_reason, tls_failure_text
+from mailhub.relay.dotstuff import BodyProducer
+from mailhub.relay.prepare import Prepared, prepare
+from mailhub.relay.reply import LOCAL_CODE, ConnectionBroken, SessionError, SMTPReply, parse_reply
+from mailhub.relay.tls import client_creator, connect_reason, tls_failure_text
 
 __all__ = [
     "TLS_NONE",
     "TLS_MAY",
     "TLS_ENCRYPT",
     "TLS_VERIFY",
+    "MAX_LINE",
+    "MAX_LINES",
+    "MAX_EARLY_REPLIES",
     "ClientOptions",
-    "SessionError",
-    "SMTPReply",
     "SMTPConnection",
     "SMTPClientProtocol",
     "SMTPClientFactory",
-    "DotStuffer",
-    "stuff",
     "connect",
-    "connect_reason",
-    "tls_failure_text",
-    "MAX_LINE",
-    "MAX_LINES",
-    "CHUNK_SIZE",
 ]
 
 log = Logger()
@@ -112,22 +76,6 @@ MAX_LINE = 4096
 MAX_LINES = 200
 #: Replies a server may send that we did not ask for yet before we give up.
 MAX_EARLY_REPLIES = 16
-#: Spool file read size when streaming the body.
-CHUNK_SIZE = 64 * 1024
-#: Bytes written in one go before yielding to the reactor even if the
-#: transport has not asked us to pause (keeps other connections served).
-MAX_BURST = 1024 * 1024
-#: Most bytes read to find the end of a message's header section (for the
-#: SMTPUTF8 decision); past it the headers count as possibly non-ASCII.
-MAX_HEADER_SCAN = 1024 * 1024
-
-# The "reply code" of an outcome or SessionError that no server said
-# (connection refused or lost, TLS failure, a local decision): 0, so that
-# reports never present our own words as a server's reply.
-_LOCAL_TEMP = 0
-_LOCAL_PERM = 0
-
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
 @dataclass(frozen=True)
@@ -154,215 +102,6 @@ class ClientOptions:
             raise ValueError(f"tls must be one of {_TLS_LEVELS}, not {self.tls!r}")
 
 
-class SessionError(Exception):
-    """
-    The connection as a whole failed (refused, timed out, greeting / EHLO /
-    STARTTLS / AUTH rejected, TLS required but missing).  The caller
-    decides whether to try another host (remote.py) and turns it into
-    outcomes for the recipients.
-
-    @ivar code: the reply code, or 0 when no server said one.
-    @ivar enhanced: RFC 3463 status, e.g. C{"4.4.1"}.
-    @ivar text: what happened, Postfix style.
-    @ivar permanent: True for 5xx.
-    @ivar remote_mta: C{"host[ip]:port"}.
-    @ivar tls_failed: the TLS handshake (or certificate check) failed; under
-        C{"may"} the caller may try again with C{tls="none"}.
-    """
-
-    def __init__(
-        self,
-        code: int,
-        enhanced: str,
-        text: str,
-        permanent: bool = False,
-        remote_mta: str = "",
-        tls_failed: bool = False,
-    ) -> None:
-        super().__init__(f"{code} {enhanced} {text}")
-        self.code = code
-        self.enhanced = enhanced
-        self.text = text
-        self.permanent = permanent
-        self.remote_mta = remote_mta
-        self.tls_failed = tls_failed
-
-
-@dataclass(frozen=True)
-class SMTPReply:
-    """
-    One (possibly multi-line) reply.  C{enhanced} is the reply's own RFC
-    3463 code when it has one of the right class, else C{X.0.0}; C{text} is
-    the lines without code and enhanced code, joined with spaces.
-    C{has_enhanced} says whether the server gave the enhanced code.
-    """
-
-    code: int
-    enhanced: str
-    text: str
-    lines: tuple[str, ...] = field(default=(), compare=False)
-    has_enhanced: bool = field(default=False, compare=False)
-
-    @property
-    def said(self) -> str:
-        """
-        The reply as the server said it, for "host X said: ...": code, the
-        server's own enhanced code (never one we made up) and text.
-        """
-        if self.has_enhanced:
-            return f"{self.code} {self.enhanced} {self.text}".rstrip()
-        return f"{self.code} {self.text}".rstrip()
-
-    @property
-    def kind(self) -> str:
-        return {2: DELIVERED_OUTCOME, 4: TEMPORARY, 5: PERMANENT}.get(self.code // 100, TEMPORARY)
-
-
-def _parse_reply(lines: list[tuple[int, str]]) -> SMTPReply:
-    code = lines[0][0]
-    enhanced = ""
-    texts = []
-    for _, text in lines:
-        m = _ENHANCED.match(text)
-        if m and int(m.group(1)) == code // 100:
-            enhanced = enhanced or f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}"
-            text = text[m.end() :]
-        texts.append(text)
-    has_enhanced = bool(enhanced)
-    if not enhanced:
-        cls = code // 100
-        enhanced = f"{cls}.0.0" if cls in (2, 4, 5) else "4.5.0"
-    return SMTPReply(
-        code, enhanced, " ".join(t for t in texts if t).strip(), tuple(t for _, t in lines), has_enhanced
-    )
-
-
-class _Broken(Exception):
-    """The connection is gone or unusable; C{text} says why (Postfix style)."""
-
-    def __init__(self, text: str, enhanced: str = "4.4.2", tls_failed: bool = False, code: int = 0) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
-        self.enhanced = enhanced
-        self.tls_failed = tls_failed
-
-
-class DotStuffer:
-    """
-    Turns message bytes into the DATA stream, chunk by chunk, with state
-    kept across chunks: bare CR and bare LF become CRLF, a line starting
-    with C{"."} gets a second dot (RFC 5321 4.5.2) even when it starts
-    exactly at a chunk boundary, and L{finish} ends the last line with CRLF
-    and adds the C{".\\r\\n"} terminator.
-    """
-
-    def __init__(self) -> None:
-        self._at_line_start = True
-        self._held_cr = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._held_cr:
-            chunk = b"\r" + chunk
-            self._held_cr = False
-        if chunk.endswith(b"\r"):
-            # Could be the first half of a CRLF split across chunks.
-            chunk = chunk[:-1]
-            self._held_cr = True
-        if not chunk:
-            return b""
-        data = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self._at_line_start and data.startswith(b"."):
-            data = b"." + data
-        self._at_line_start = data.endswith(b"\r\n")
-        return data
-
-    def finish(self) -> bytes:
-        out = b""
-        if self._held_cr:
-            self._held_cr = False
-            out = b"\r\n"
-            self._at_line_start = True
-        if not self._at_line_start:
-            out += b"\r\n"
-        return out + b".\r\n"
-
-
-def stuff(data: bytes) -> bytes:
-    """The whole DATA stream for C{data} (tests and small messages)."""
-    s = DotStuffer()
-    return s.feed(data) + s.finish()
-
-
-@implementer(IPushProducer)
-class _BodyProducer:
-    """
-    Streams the spool file through a L{DotStuffer} into the transport.  A
-    push producer: the transport pauses us when its buffer fills and
-    resumes us when it drains; every write re-arms the data_xfer timer.
-    """
-
-    def __init__(self, proto: "SMTPClientProtocol", file: IO[bytes]) -> None:
-        self.proto = proto
-        self.file = file
-        self.stuffer = DotStuffer()
-        self.done: Deferred[None] = Deferred()
-        self.paused = False
-        self.finished = False
-        self._later: Any = None
-
-    def start(self) -> None:
-        self.proto.transport.registerProducer(self, True)
-        self.proto._arm_xfer()
-        self._pump()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        if self.paused and not self.finished:
-            self.paused = False
-            self.proto._arm_xfer()
-            self._pump()
-
-    def stopProducing(self) -> None:
-        self.fail(_Broken(f"lost connection with {self.proto.remote_mta} while sending message content"))
-
-    def fail(self, err: _Broken) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self._later is not None and self._later.active():
-            self._later.cancel()
-        self.done.callback(err)
-
-    def _pump(self) -> None:
-        self._later = None
-        burst = 0
-        while not self.paused and not self.finished:
-            try:
-                chunk = self.file.read(CHUNK_SIZE)
-            except OSError as e:
-                self.proto._abort(f"error reading queue file: {e}", "4.3.0")
-                return
-            if not chunk:
-                tail = self.stuffer.finish()
-                self.finished = True
-                self.proto.transport.write(tail)
-                self.proto.transport.unregisterProducer()
-                self.done.callback(None)
-                return
-            out = self.stuffer.feed(chunk)
-            if out:
-                self.proto.transport.write(out)
-                self.proto._arm_xfer()
-            burst += len(chunk)
-            if burst >= MAX_BURST and not self.paused and not self.finished:
-                self._later = self.proto.clock.callLater(0, self._pump)
-                return
-
-
 @dataclass
 class _Waiter:
     deferred: Deferred
@@ -376,7 +115,7 @@ class SMTPClientProtocol(Protocol):
     The byte-level client.  Replies go, in order, to the L{_Waiter}s
     registered by L{_expect}; one timer covers the oldest waiter.  The
     session set-up and each transaction are coroutines over those waiters.
-    A waiter's Deferred fires with an L{SMTPReply} or a L{_Broken}, never
+    A waiter's Deferred fires with an L{SMTPReply} or a L{ConnectionBroken}, never
     errbacks, so unawaited pipelined waiters cannot leak unhandled errors.
     """
 
@@ -398,8 +137,8 @@ class SMTPClientProtocol(Protocol):
         self._tls_pending = False
         self._handshake_done = False
         self._verify_error: tuple[int, int] | None = None
-        self._failure: _Broken | None = None
-        self._producer: _BodyProducer | None = None
+        self._failure: ConnectionBroken | None = None
+        self._producer: BodyProducer | None = None
         self._busy = False
         self.extensions: dict[str, str] = {}
         self.tls = False
@@ -446,7 +185,7 @@ class SMTPClientProtocol(Protocol):
                 or isinstance(err, (VerificationError, CertificateError, SSL.Error))
             ):
                 text = tls_failure_text(self.remote_name, self.remote_mta, err, self._verify_error)
-            self._failure = _Broken(text, "4.7.5" if tls_failed else "4.4.2", tls_failed=tls_failed)
+            self._failure = ConnectionBroken(text, "4.7.5" if tls_failed else "4.4.2", tls_failed=tls_failed)
         if self._producer is not None:
             self._producer.fail(self._failure)
         waiters, self._waiters = self._waiters, []
@@ -456,7 +195,7 @@ class SMTPClientProtocol(Protocol):
     def _abort(self, text: str, enhanced: str = "4.4.2", tls_failed: bool = False) -> None:
         """Drop the connection at once; every waiter gets C{text}."""
         if self._failure is None:
-            self._failure = _Broken(text, enhanced, tls_failed)
+            self._failure = ConnectionBroken(text, enhanced, tls_failed)
         self.usable = False
         if not self._closed:
             self._closed = True
@@ -495,7 +234,7 @@ class SMTPClientProtocol(Protocol):
                 return
             if len(text) > 3 and text[3] == "-":
                 continue
-            reply = _parse_reply(self._lines)
+            reply = parse_reply(self._lines)
             self._lines = []
             self._dispatch(reply)
 
@@ -513,7 +252,7 @@ class SMTPClientProtocol(Protocol):
         """A Deferred for the next reply not yet claimed."""
         d: Deferred = Deferred()
         if self._closed:
-            d.callback(self._failure or _Broken(f"lost connection with {self.remote_mta} while {what}"))
+            d.callback(self._failure or ConnectionBroken(f"lost connection with {self.remote_mta} while {what}"))
             return d
         if self._early:
             d.callback(self._early.pop(0))
@@ -554,12 +293,12 @@ class SMTPClientProtocol(Protocol):
 
     async def _reply(self, d: Deferred) -> SMTPReply:
         r = await d
-        if isinstance(r, _Broken):
+        if isinstance(r, ConnectionBroken):
             raise r
         if r.code == 421:
             # The server is closing the session: whatever we were doing on
             # this connection is over (RFC 5321 3.8).
-            raise _Broken(f"host {self.remote_mta} said: {r.said}", r.enhanced, code=421)
+            raise ConnectionBroken(f"host {self.remote_mta} said: {r.said}", r.enhanced, code=421)
         return r
 
     # -- session set-up ---------------------------------------------------------------
@@ -575,7 +314,7 @@ class SMTPClientProtocol(Protocol):
         )
 
     def _local_error(self, enhanced: str, text: str, permanent: bool = False, **kw: Any) -> SessionError:
-        code = _LOCAL_PERM if permanent else _LOCAL_TEMP
+        code = LOCAL_CODE if permanent else LOCAL_CODE
         return SessionError(code, enhanced, text, permanent, self.remote_mta, **kw)
 
     async def _session(self) -> "SMTPConnection":
@@ -628,7 +367,7 @@ class SMTPClientProtocol(Protocol):
                 )
                 return
             raise SessionError(
-                _LOCAL_TEMP, "4.7.4",
+                LOCAL_CODE, "4.7.4",
                 f"TLS is required, but host {self.remote_mta} refused to start TLS: {reply.said}",
                 False, self.remote_mta,
             )
@@ -646,7 +385,7 @@ class SMTPClientProtocol(Protocol):
         self.transport.startTLS(creator)
         try:
             await self._hello()
-        except _Broken as e:
+        except ConnectionBroken as e:
             # The handshake runs when the EHLO after STARTTLS is written; a
             # failure there is worded by connectionLost (tls_failure_text).
             raise SessionError(
@@ -658,26 +397,9 @@ class SMTPClientProtocol(Protocol):
 
     def _tls_options(self) -> Any:
         o = self.options
-        if o.tls == TLS_VERIFY:
-            if o.tls_ca_file:
-                with open(o.tls_ca_file, "rb") as f:
-                    pem = f.read()
-                blocks = re.findall(
-                    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL
-                )
-                if not blocks:
-                    raise ValueError(f"no certificate in {o.tls_ca_file}")
-                trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-            else:
-                trust = ssl.platformTrust()
-            return VerifyingCreator(
-                ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2),
-                o.tls_hostname or self.remote_name,
-                self._record_verify_error,
-            )
-        # "may" / "encrypt": encrypted, not authenticated (Postfix does not
-        # verify at these levels either).
-        return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        return client_creator(
+            o.tls == TLS_VERIFY, o.tls_ca_file, o.tls_hostname or self.remote_name, self._record_verify_error
+        )
 
     async def _auth(self) -> None:
         o = self.options
@@ -721,7 +443,7 @@ class SMTPClientProtocol(Protocol):
         ready = self.factory.ready
         if isinstance(result, Failure):
             err = result.value
-            if isinstance(err, _Broken):
+            if isinstance(err, ConnectionBroken):
                 err = SessionError(
                     err.code, err.enhanced, err.text, False, self.remote_mta,
                     tls_failed=err.tls_failed or self._tls_pending,
@@ -744,20 +466,6 @@ class SMTPClientProtocol(Protocol):
 
     # -- transactions ----------------------------------------------------------------
 
-    def _needs_smtputf8(self, envelope: Envelope, recipients: list[Recipient], header: bytes | None) -> bool:
-        """
-        Whether this transaction cannot go without SMTPUTF8 (RFC 6531 3.2,
-        as Postfix): the envelope addresses are not ASCII, or the message
-        came in with SMTPUTF8 and its header section (C{header}; None when
-        it could not be read within bounds) is not ASCII.  A message flagged
-        SMTPUTF8 whose envelope and headers are all ASCII does not need it.
-        """
-        if not envelope.sender.isascii() or any(not r.address.isascii() for r in recipients):
-            return True
-        if envelope.esmtp.get("smtputf8"):
-            return header is None or not header.isascii()
-        return False
-
     def _outcome(self, rcpt: Recipient, reply: SMTPReply, what: str) -> Outcome:
         text = f"host {self.remote_mta} said: {reply.said} (in reply to {what})"
         cls = reply.code // 100
@@ -768,6 +476,7 @@ class SMTPClientProtocol(Protocol):
         status = reply.enhanced if cls == 4 else "4.5.0"
         return Outcome.temporary(rcpt.address, text, reply.code, status, self.remote_mta)
 
+
     async def _transaction(
         self, envelope: Envelope, recipients: list[Recipient], message_path: str
     ) -> list[Outcome]:
@@ -775,83 +484,18 @@ class SMTPClientProtocol(Protocol):
         mta = self.remote_mta
         outcomes: dict[int, Outcome] = {}
 
-        def all_(make: Callable[[Recipient], Outcome]) -> list[Outcome]:
-            return [make(r) for r in recipients]
-
         if not recipients:
             return []
         try:
             f = open_message(message_path)
         except (OSError, QueueFileError) as e:
             unreadable = f"cannot read queue file: {e}"
-            return all_(lambda r: Outcome.temporary(r.address, unreadable, _LOCAL_TEMP, "4.3.0", mta))
+            return [Outcome.temporary(r.address, unreadable, LOCAL_CODE, "4.3.0", mta) for r in recipients]
         with f:
-            try:
-                size = f.length
-                header = _read_header(f) if envelope.esmtp.get("smtputf8") else b""
-            except OSError as e:
-                unreadable = f"cannot read queue file: {e}"
-                return all_(lambda r: Outcome.temporary(r.address, unreadable, _LOCAL_TEMP, "4.3.0", mta))
-            utf8 = self._needs_smtputf8(envelope, recipients, header)
-            if utf8 and "SMTPUTF8" not in self.extensions:
-                return all_(lambda r: Outcome.permanent(
-                    r.address, f"SMTPUTF8 is required, but was not offered by host {mta}", _LOCAL_PERM, "5.6.7", mta))
-            # Flagged at MAIL and the peer can take it: pass the flag on.
-            utf8 = utf8 or bool(envelope.esmtp.get("smtputf8") and "SMTPUTF8" in self.extensions)
-            body: IO[bytes] = f
-            if "8BITMIME" not in self.extensions and not utf8:
-                # RFC 6152 3: no 8-bit data to a peer that did not offer
-                # 8BITMIME.  Rare, so the message (at most the size limit)
-                # is converted in memory.
-                try:
-                    raw = _read_if_8bit(f)
-                except OSError as e:
-                    unreadable = f"cannot read queue file: {e}"
-                    return all_(lambda r: Outcome.temporary(r.address, unreadable, _LOCAL_TEMP, "4.3.0", mta))
-                if raw is not None:
-                    try:
-                        converted = downgrade(raw)
-                    except ConversionError as e:
-                        text = (f"Conversion required but not supported: host {mta} does not offer 8BITMIME "
-                                f"and the message cannot be converted to 7 bit ({e})")
-                        log.info("{text}", text=text)
-                        return all_(lambda r: Outcome.permanent(r.address, text, _LOCAL_PERM, "5.6.3", mta))
-                    log.info("converted 8-bit message to 7 bit for {mta} ({old} -> {new} bytes)",
-                             mta=mta, old=size, new=len(converted))
-                    body = io.BytesIO(converted)
-                    size = len(converted)
-            limit = self.extensions.get("SIZE", "").strip()
-            if limit.isdigit() and int(limit) > 0 and size > int(limit):
-                return all_(lambda r: Outcome.permanent(
-                    r.address, f"message too large for {mta} ({size} > {limit} bytes)", _LOCAL_PERM, "5.3.4", mta))
-
-            mail = f"MAIL FROM:<{envelope.sender}>"
-            if "SIZE" in self.extensions:
-                mail += f" SIZE={size}"
-            if str(envelope.esmtp.get("body", "")).upper() == "8BITMIME" and "8BITMIME" in self.extensions:
-                mail += " BODY=8BITMIME"
-            if utf8:
-                mail += " SMTPUTF8"
-            dsn = "DSN" in self.extensions
-            if dsn:
-                ret = str(envelope.esmtp.get("ret", "") or "").upper()
-                if ret in ("FULL", "HDRS"):
-                    mail += f" RET={ret}"
-                envid = envelope.esmtp.get("envid")
-                if envid:
-                    # Stored decoded by the server (smtpproto.parse_mail_params): encode again.
-                    mail += f" ENVID={_xtext(str(envid))}"
-            rcpts = []
-            for r in recipients:
-                cmd = f"RCPT TO:<{r.address}>"
-                if dsn:
-                    if r.notify:
-                        cmd += " NOTIFY=" + ",".join(n.upper() for n in r.notify)
-                    orcpt = _orcpt(r)
-                    if orcpt:
-                        cmd += " ORCPT=" + orcpt
-                rcpts.append(cmd)
-
+            prepared = prepare(f, envelope, recipients, self.extensions, mta)
+            if not isinstance(prepared, Prepared):
+                return prepared
+            mail, rcpts, body = prepared.mail, prepared.rcpts, prepared.body
             try:
                 # Outcomes are recorded as replies arrive, so a connection
                 # lost half way keeps the RCPT rejections already given.
@@ -898,7 +542,7 @@ class SMTPClientProtocol(Protocol):
                             outcomes[i] = Outcome.temporary(
                                 recipients[i].address,
                                 f"host {mta} said: {data_r.said} (unexpected reply to DATA command)",
-                                _LOCAL_TEMP, "4.5.0", mta)
+                                LOCAL_CODE, "4.5.0", mta)
                     if data_r is not None and data_r.code == 354:
                         # Pipelined DATA accepted with no recipient: end it
                         # empty, as RFC 2920 3.1 requires.
@@ -909,7 +553,11 @@ class SMTPClientProtocol(Protocol):
                         self.usable = False
                     return [outcomes[i] for i in range(len(recipients))]
 
-                self._producer = _BodyProducer(self, body)
+                self._producer = BodyProducer(
+                    self.transport, self.clock, body, progress=self._arm_xfer,
+                    read_error=lambda e: self._abort(f"error reading queue file: {e}", "4.3.0"),
+                    lost=lambda: ConnectionBroken(f"lost connection with {mta} while sending message content"),
+                )
                 self._producer.start()
                 broken = await self._producer.done
                 if broken is not None:
@@ -922,7 +570,7 @@ class SMTPClientProtocol(Protocol):
                 for i in accepted:
                     outcomes[i] = self._outcome(recipients[i], end, "end of DATA command")
                 return [outcomes[i] for i in range(len(recipients))]
-            except _Broken as e:
+            except ConnectionBroken as e:
                 self.usable = False
                 self._abort(e.text, e.enhanced)
                 return [
@@ -942,7 +590,7 @@ class SMTPClientProtocol(Protocol):
         if not self.usable or self._closed:
             mta = self.remote_mta
             text = (self._failure.text if self._failure else f"connection to {mta} is not usable")
-            return succeed([Outcome.temporary(r.address, text, _LOCAL_TEMP, "4.4.2", mta) for r in recipients])
+            return succeed([Outcome.temporary(r.address, text, LOCAL_CODE, "4.4.2", mta) for r in recipients])
         self._begin()
 
         def done(result: Any) -> Any:
@@ -960,7 +608,7 @@ class SMTPClientProtocol(Protocol):
         async def rset() -> None:
             try:
                 r = await self._command("RSET", self.options.command_timeout, "sending RSET")
-            except _Broken as e:
+            except ConnectionBroken as e:
                 self._abort(e.text, e.enhanced)
                 return
             if r.code // 100 != 2:
@@ -981,7 +629,7 @@ class SMTPClientProtocol(Protocol):
         async def quit_() -> None:
             try:
                 await self._command("QUIT", self.options.command_timeout, "sending QUIT")
-            except _Broken:
+            except ConnectionBroken:
                 return
             if not self._closed:
                 self._closed = True
@@ -991,72 +639,10 @@ class SMTPClientProtocol(Protocol):
         return Deferred.fromCoroutine(quit_())
 
 
-def _read_header(f: IO[bytes]) -> bytes | None:
-    """
-    The header section of the open message file (read from the start, at
-    most L{MAX_HEADER_SCAN} bytes; None when it does not end within that),
-    leaving the file at its start.
-    """
-    f.seek(0)
-    data = f.read(MAX_HEADER_SCAN + 1)
-    f.seek(0)
-    eof = len(data) <= MAX_HEADER_SCAN
-    data = data[:MAX_HEADER_SCAN]
-    norm = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    head, sep, rest, _complete = split_header(norm)
-    if sep or rest or eof:
-        return head
-    return None  # the prefix ended inside the header section: the rest is unknown
-
-
-def _read_if_8bit(f: IO[bytes]) -> bytes | None:
-    """
-    The whole message when it has any 8-bit byte, else None; scanned in
-    chunks so a 7-bit message is never held in memory.  Leaves the file at
-    its start.
-    """
-    f.seek(0)
-    try:
-        while True:
-            chunk = f.read(CHUNK_SIZE)
-            if not chunk:
-                return None
-            if not chunk.isascii():
-                f.seek(0)
-                return f.read()
-    finally:
-        f.seek(0)
-
-
-def _xtext(value: str) -> str:
-    """RFC 3461 4 xtext encoding."""
-    return "".join(
-        c if 33 <= ord(c) <= 126 and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode("utf-8"))
-        for c in value
-    )
-
-
-def _orcpt(r: Recipient) -> str:
-    """
-    The ORCPT to pass on: the value given at RCPT if there was one, else none.
-    The server stores it as "addr-type;address" with the xtext decoded
-    (smtpproto.parse_rcpt_params), so the address is always encoded again
-    here: an address with "+" or "=" must not go out raw (RFC 3461 4.2).
-    """
-    if not r.orcpt:
-        return ""
-    kind, semi, addr = r.orcpt.partition(";")
-    if not semi:
-        kind, addr = "rfc822", r.orcpt
-    if not kind.isascii() or not addr.isascii() or not kind.strip():
-        return ""
-    return f"{kind.strip()};{_xtext(addr)}"
-
-
 class SMTPConnection:
     """
     An established session (greeting, EHLO, STARTTLS, AUTH done), handed to
-    remote.py.  One transaction at a time; L{usable} says whether another
+    the relay agent.  One transaction at a time; L{usable} says whether another
     message may follow (after L{reset}).
     """
 
@@ -1130,7 +716,7 @@ class SMTPClientFactory(ClientFactory):
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if not self.ready.called:
             self.ready.errback(SessionError(
-                _LOCAL_TEMP, "4.4.1", f"connect to {self.remote_mta}: {connect_reason(reason.value)}",
+                LOCAL_CODE, "4.4.1", f"connect to {self.remote_mta}: {connect_reason(reason.value)}",
             ))
 
 
@@ -1171,7 +757,7 @@ def connect(
             return
         reason = "Connection timed out" if timed_out else connect_reason(f.value)
         # No connection: no remote MTA (a DSN names none, the log says relay=none).
-        ready.errback(SessionError(_LOCAL_TEMP, "4.4.1", f"connect to {factory.remote_mta}: {reason}"))
+        ready.errback(SessionError(LOCAL_CODE, "4.4.1", f"connect to {factory.remote_mta}: {reason}"))
 
     cd.addCallbacks(connected, failed)
     return ready

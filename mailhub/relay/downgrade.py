@@ -22,7 +22,7 @@ already base64/quoted-printable encoded part (corrupt), in a message/* type
 that must not be encoded (RFC 2046 5.2), or nesting deeper than L{MAX_DEPTH}.
 
 Must not touch: the network, the spool, the reactor (bytes in, bytes out;
-smtpclient.py reads the file and sends the result).
+L{mailhub.relay.prepare} reads the file and decides, the client sends the result).
 """
 
 from __future__ import annotations

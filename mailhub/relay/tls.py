@@ -3,7 +3,8 @@ The TLS and connection-failure side of the outbound SMTP client: verifying
 a next hop's certificate and saying in words why a connection or a TLS
 handshake failed.
 
-Owns: L{VerifyingCreator} (client TLS connections that check the chain
+Owns: L{client_creator} (the TLS context for STARTTLS at a given
+security level), L{VerifyingCreator} (client TLS connections that check the chain
 and the name, RFC 6125 through service_identity, and remember OpenSSL's
 X.509 verification error), L{tls_failure_text} and L{connect_reason}
 (Postfix-style texts: "connect to HOST[IP]:PORT: Connection refused",
@@ -16,6 +17,7 @@ retry decisions, configuration files.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, Callable
 
 import idna
@@ -29,14 +31,14 @@ from service_identity.hazmat import (
     verify_service_identity,
 )
 from service_identity.pyopenssl import extract_patterns
-from twisted.internet import error
+from twisted.internet import error, ssl
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["VerifyingCreator", "connect_reason", "tls_failure_text"]
+__all__ = ["VerifyingCreator", "client_creator", "connect_reason", "tls_failure_text"]
 
 
 #: OpenSSL X.509 verification errors (X509_V_ERR_*) as OpenSSL words them.
@@ -162,3 +164,39 @@ def connect_reason(err: BaseException) -> str:
     if isinstance(err, error.ConnectError) and err.osError:
         return str(err.osError).rstrip(".")
     return str(err).rstrip(".") or type(err).__name__
+
+
+def client_creator(
+    verify: bool,
+    ca_file: str | None,
+    hostname: str,
+    record_verify_error: Callable[[int, int], None],
+) -> Any:
+    """
+    The connection creator for STARTTLS.  With C{verify} (level "verify"),
+    a L{VerifyingCreator} checking C{hostname} against the certificates in
+    C{ca_file} (the platform's trust store when None); otherwise encrypted,
+    not authenticated (Postfix does not verify at "may" / "encrypt"
+    either).  TLS 1.2 at least.
+
+    @raise OSError: C{ca_file} cannot be read.
+    @raise ValueError: C{ca_file} holds no certificate.
+    """
+    if verify:
+        if ca_file:
+            with open(ca_file, "rb") as f:
+                pem = f.read()
+            blocks = re.findall(
+                rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL
+            )
+            if not blocks:
+                raise ValueError(f"no certificate in {ca_file}")
+            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+        else:
+            trust = ssl.platformTrust()
+        return VerifyingCreator(
+            ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2),
+            hostname,
+            record_verify_error,
+        )
+    return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)

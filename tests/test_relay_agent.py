@@ -1,5 +1,5 @@
 """
-Unit tests for mailhub.relay.agent: routing, DNS (MX / implicit MX / null MX /
+Unit tests for mailhub.relay (agent, mx, pool): routing, DNS (MX / implicit MX / null MX /
 CNAME / errors), trying hosts in order, loop detection, TLS fallback,
 concurrency limits and connection reuse.
 
@@ -24,8 +24,8 @@ from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.queue.queuefile import open_message, queue_file_bytes
 from mailhub.relay import client as smtpclient
 from mailhub.relay.agent import RemoteDelivery
-from mailhub.relay.client import SessionError
 from mailhub.relay.nexthop import Destination, parse_dns_server, parse_nexthop
+from mailhub.relay.reply import SessionError
 
 # -- a fake network following smtpclient.connect's contract ------------------------------
 
@@ -606,7 +606,7 @@ def test_broken_connection_mid_message_is_not_kept(tmp_path) -> None:
     run(agent, msg, "u@pref.test", qid="Q2")
     assert len(net.conns) == 2  # no reuse of a dead connection
     assert [c.quits for c in net.conns] == [1, 1]
-    assert agent._total == 0  # both freed their slots
+    assert agent._pool.total == 0  # both freed their slots
 
 
 # -- concurrency and reuse --------------------------------------------------------------------------
@@ -651,7 +651,7 @@ def test_total_concurrency_limit(tmp_path) -> None:
     net.release(0)
     net.release(0)
     assert len(results) == 3
-    assert agent._total == 2  # two idle connections, within the limit
+    assert agent._pool.total == 2  # two idle connections, within the limit
 
 
 def test_connection_reused_for_next_message_then_expires(tmp_path) -> None:
@@ -668,7 +668,7 @@ def test_connection_reused_for_next_message_then_expires(tmp_path) -> None:
     assert conn.quits == 0
     clock.advance(0.2)
     assert conn.quits == 1
-    assert agent._total == 0
+    assert agent._pool.total == 0
     run(agent, msg, "w@pref.test", qid="Q3")
     assert len(net.connects) == 2
 
@@ -680,7 +680,7 @@ def test_unusable_idle_connection_is_replaced(tmp_path) -> None:
     assert one(run(agent, msg, "v@pref.test", qid="Q2")).kind == "delivered"
     assert len(net.connects) == 2
     assert net.conns[0].resets == 0
-    assert agent._total == 1
+    assert agent._pool.total == 1
 
 
 def test_stop_service_closes_idle_connections(tmp_path) -> None:
@@ -692,7 +692,7 @@ def test_stop_service_closes_idle_connections(tmp_path) -> None:
     agent.stopService().addCallback(result.append)
     assert result
     assert [c.quits for c in net.conns] == [1, 1]
-    assert agent._total == 0 and clock.getDelayedCalls() == []
+    assert agent._pool.total == 0 and clock.getDelayedCalls() == []
     # After stop nothing is kept idle.
     run(agent, msg, "u@pref.test")
     assert net.conns[-1].quits == 1
@@ -800,7 +800,7 @@ def test_a_failing_report_does_not_break_the_delivery(tmp_path) -> None:
     result: list = []
     agent.deliver(*env("u@pref.test"), msg, report=report).addBoth(result.append)
     [[o]] = result
-    assert o.kind == "delivered" and agent._total == 1  # the connection went back to the idle pool
+    assert o.kind == "delivered" and agent._pool.total == 1  # the connection went back to the idle pool
 
 
 def test_scheduler_records_the_fast_domain_while_the_slow_one_is_in_data(tmp_path) -> None:

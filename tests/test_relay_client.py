@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import random
+import re
 
 import pytest
 from OpenSSL import SSL
@@ -22,16 +23,10 @@ from twisted.python.failure import Failure
 
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
-from mailhub.relay import client as smtpclient
-from mailhub.relay.client import (
-    CHUNK_SIZE,
-    MAX_LINE,
-    ClientOptions,
-    DotStuffer,
-    SessionError,
-    connect,
-    stuff,
-)
+from mailhub.relay import client, dotstuff, prepare
+from mailhub.relay.client import MAX_LINE, ClientOptions, connect
+from mailhub.relay.dotstuff import CHUNK_SIZE, DotStuffer, stuff
+from mailhub.relay.reply import SessionError
 
 MTA = "mx.example[192.0.2.1]:25"
 EHLO_FULL = (
@@ -606,7 +601,7 @@ def test_smtputf8_flag_kept_when_offered_even_if_ascii(msg):
     ("Subject: hi\r\n X-cont: ü\r\n\r\n".encode(), True),
     ("Subject: ü".encode(), True),  # headers only, 8-bit
     # no end of the header section within the scan limit: unknown, so required
-    (b"Subject: hi\r\nX-Long: " + b"a" * (smtpclient.MAX_HEADER_SCAN + 10) + b"\r\n\r\n", True),
+    (b"Subject: hi\r\nX-Long: " + b"a" * (prepare.MAX_HEADER_SCAN + 10) + b"\r\n\r\n", True),
 ])
 def test_smtputf8_need_read_from_the_header_section(msg, data, needs):
     s = Server(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
@@ -796,6 +791,40 @@ def test_dot_line_exactly_at_chunk_boundary(msg, boundary_line):
     assert result_of(d)[0].kind == DELIVERED_OUTCOME
 
 
+@pytest.mark.parametrize("boundary_line", [b".\r\n", b"..\r\n", b".x\r\n", b".\n", b".\r", b"\n.\r\n"])
+def test_dot_line_at_every_read_and_burst_boundary(msg, boundary_line):
+    """
+    A line starting with "." begins at every CHUNK_SIZE read boundary of a
+    message longer than MAX_BURST (so also at the boundaries where the
+    producer yields to the reactor); on the wire every such line carries
+    the second dot and the only terminator is the last line.
+    """
+    blocks = dotstuff.MAX_BURST // CHUNK_SIZE + 4
+    raw = b""
+    # "\n.\r\n": each chunk ends with the CR of a CRLF split by the boundary
+    eol = b"\r" if boundary_line.startswith(b"\n") else b"\r\n"
+    for i in range(blocks):
+        filler = b"Subject: t\r\n\r\n" if i == 0 else boundary_line
+        filler += b"z" * (CHUNK_SIZE - len(filler) - len(eol)) + eol
+        raw += filler
+        assert len(raw) == (i + 1) * CHUNK_SIZE
+    raw += boundary_line + b"end\r\n"
+    s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
+    d = _send_body(s, msg(raw))
+    wire = s.take()
+    # The reference, line by line: CRLF line ends, a dot added to each line
+    # that starts with one, the terminator after the last line.
+    lines = re.sub(rb"\r\n|\r|\n", b"\r\n", raw).split(b"\r\n")
+    assert lines[-1] == b""
+    expected = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"
+    assert sum(1 for line in lines if line.startswith(b".")) >= blocks
+    # (compared by offset: a diff of megabytes would take minutes to print)
+    differs = next((i for i, (a, b) in enumerate(zip(wire, expected)) if a != b), None)
+    assert (differs, len(wire)) == (None, len(expected))
+    s.say(b"250 ok\r\n")
+    assert result_of(d)[0].kind == DELIVERED_OUTCOME
+
+
 def test_crlf_split_across_chunk_boundary(msg):
     raw = b"a" * (CHUNK_SIZE - 1) + b"\r\n.\r\n"
     s = Server(ehlo=b"250-mx\r\n250 PIPELINING\r\n")
@@ -813,7 +842,7 @@ def test_large_body_streamed_in_bursts_and_backpressure(msg):
     p = s.proto._producer
     assert s.t.producer is p and s.t.streaming
     first = len(s.take())
-    assert 0 < first <= smtpclient.MAX_BURST + 2 * CHUNK_SIZE  # yields to the reactor
+    assert 0 < first <= dotstuff.MAX_BURST + 2 * CHUNK_SIZE  # yields to the reactor
     p.pauseProducing()
     s.clock.advance(0)
     assert s.take() == b""  # paused: nothing written
@@ -935,7 +964,7 @@ def test_endless_reply_line_aborts():
 
 def test_too_many_reply_lines_aborts():
     s = Server(ehlo=None)
-    s.say(b"250-x\r\n" * (smtpclient.MAX_LINES + 1))
+    s.say(b"250-x\r\n" * (client.MAX_LINES + 1))
     assert "too many lines" in failure_of(s.d).text
 
 
@@ -948,7 +977,7 @@ def test_malformed_reply_aborts():
 def test_unsolicited_replies_bounded():
     s = Server()
     s.conn
-    s.say(b"250 what\r\n" * (smtpclient.MAX_EARLY_REPLIES + 1))
+    s.say(b"250 what\r\n" * (client.MAX_EARLY_REPLIES + 1))
     assert not s.conn.usable
 
 
@@ -1050,7 +1079,7 @@ def test_delivered_outcome_says_whether_dsn_was_passed_on(msg, ehlo, passed):
 )
 def test_orcpt_always_xtext_encoded(stored, sent):
     """The server stores ORCPT decoded; the client must encode it again."""
-    from mailhub.relay.client import _orcpt
+    from mailhub.relay.prepare import _orcpt
 
     assert _orcpt(Recipient("a@x.com", orcpt=stored)) == sent
 

@@ -31,7 +31,9 @@ from twisted.internet.protocol import Factory, Protocol
 
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
-from mailhub.relay.client import CHUNK_SIZE, ClientOptions, SessionError, connect, stuff
+from mailhub.relay.client import ClientOptions, connect
+from mailhub.relay.dotstuff import CHUNK_SIZE, stuff
+from mailhub.relay.reply import SessionError
 
 pytestmark = pytest.mark.timeout(60)
 
