@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import glob
 import os
-
-from setuptools import Command, setup
 from typing import Any
 
+from setuptools import Command, setup
 from setuptools.command.build import build
 from setuptools.command.editable_wheel import editable_wheel
 

@@ -49,8 +49,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAIN = "bench.example"
@@ -625,7 +626,7 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool], interval
                 while time.monotonic() < deadline and alive():
                     try:
                         chunk = s.recv(512)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
                     if not chunk:
                         break
@@ -956,7 +957,7 @@ def send_big(port: int, size: int, chunk: int = 1 << 16) -> float:
         for cmd in (f"MAIL FROM:<{SENDER}> SIZE={size + 200}", f"RCPT TO:<{PROBE_USER}@{DOMAIN}>", "DATA"):
             s.sendall(cmd.encode() + b"\r\n")
             reply = recv_reply(s)
-            if not reply[:1] in (b"2", b"3"):
+            if reply[:1] not in (b"2", b"3"):
                 raise RuntimeError(f"{cmd}: {reply!r}")
         s.sendall(f"From: <{SENDER}>\r\nSubject: big\r\n\r\n".encode())
         sent = 0
@@ -1298,7 +1299,8 @@ def format_table(scenarios: Sequence[Scenario], medians: dict, targets: Sequence
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        cells = (c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
+        lines.append("  ".join(cells).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

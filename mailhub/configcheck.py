@@ -87,7 +87,10 @@ def positive_int(value: Any) -> int:
 
 def delivery_processes(value: Any) -> int:
     if not is_int(value) or value < 0:
-        raise BadValue(f"must be a number of processes, 0 to {MAX_DELIVERY_PROCESSES} (0: deliver in the daemon's threads), got {show(value)}")
+        raise BadValue(
+            f"must be a number of processes, 0 to {MAX_DELIVERY_PROCESSES} "
+            f"(0: deliver in the daemon's threads), got {show(value)}"
+        )
     n = value
     if n > MAX_DELIVERY_PROCESSES:
         raise BadValue(f"must be at most {MAX_DELIVERY_PROCESSES} (0: deliver in the daemon's threads), got {value}")

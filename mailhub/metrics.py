@@ -183,7 +183,9 @@ class MailMetrics:
         self.connections = Counter("connections", "Client connections accepted", ["listener"], namespace=NAMESPACE, registry=r)
         self.tls_connections = Counter("tls_connections", "Connections that negotiated TLS", namespace=NAMESPACE, registry=r)
         self.accepted = Counter("messages_accepted", "Messages queued", ["listener"], namespace=NAMESPACE, registry=r)
-        self.rejected = Counter("messages_rejected", "Recipients or messages refused", ["reason"], namespace=NAMESPACE, registry=r)
+        self.rejected = Counter(
+            "messages_rejected", "Recipients or messages refused", ["reason"], namespace=NAMESPACE, registry=r
+        )
         self.deliveries = Counter(
             "deliveries", "Delivery attempts per recipient", ["status", "transport"], namespace=NAMESPACE, registry=r
         )

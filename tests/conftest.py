@@ -15,7 +15,8 @@ import os
 import shutil
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from twisted.internet import threads

@@ -124,7 +124,7 @@ class Daemon:
             extra = (f"--user={user}", *extra)
         return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mailhub", "--config", self.conf, *extra]
 
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         self.runs += 1
         self.log_path = os.path.join(self.home, f"daemon{self.runs}.log")
         self.err_path = os.path.join(self.home, f"daemon{self.runs}.err")

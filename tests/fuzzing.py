@@ -68,7 +68,7 @@ class LogCapture:
         if "log_failure" in event or level in (LogLevel.error, LogLevel.critical):
             self.bad.append(event)
 
-    def __enter__(self) -> "LogCapture":
+    def __enter__(self) -> LogCapture:
         globalLogPublisher.addObserver(self)
         return self
 

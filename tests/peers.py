@@ -14,7 +14,7 @@ import pwd
 import socket
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from conftest import require_tool
 

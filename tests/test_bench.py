@@ -321,7 +321,7 @@ def test_backlog_table_rows_and_postfix_not_applicable():
     assert cells == [
         ["4.32", "n/a", "-"], ["4.20", "n/a", "-"], ["12.3", "n/a", "-"], ["180", "n/a", "-"], ["300.0", "n/a", "-"],
     ]  # fmt: skip
-    for line, label in zip(lines[2:], labels):
+    for line, label in zip(lines[2:], labels, strict=True):
         assert label in line
 
 

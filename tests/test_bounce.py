@@ -209,7 +209,8 @@ def ok(address="bob@example.org", **kw) -> Recipient:
 def test_success_dsn_mixed_delivered_and_relayed():
     mta = "mx.example.net[192.0.2.1]:25"
     a = ok("a@example.org", orcpt="rfc822;a-orig@example.org")
-    b = ok("b@far.example", remote_mta=mta, last_text=f"host {mta} said: 250 2.0.0 Ok: queued as 9 (in reply to end of DATA command)")
+    b = ok("b@far.example", remote_mta=mta,
+           last_text=f"host {mta} said: 250 2.0.0 Ok: queued as 9 (in reply to end of DATA command)")
     raw = make_dsn(env([a, b], esmtp={"envid": "ENV.1", "ret": "FULL"}), [a, b], ORIGINAL, "h.example", NOW,
                    "delivered", actions={"b@far.example": "relayed"})
     msg = parse(raw)

@@ -631,7 +631,8 @@ def test_commands_import_only_what_they_need(tmp_path):
     code = (
         "import sys; from mailhub.cli.main import main; "
         "rc = main(['check-config'], out=open('/dev/null', 'w')); "
-        "print(rc, sorted(m for m in ('bcrypt', 'OpenSSL', 'mailhub.smtp.sasl', 'mailhub.users', 'mailhub.tls', 'mailhub.cli.user') "
+        "print(rc, sorted(m for m in "
+        "('bcrypt', 'OpenSSL', 'mailhub.smtp.sasl', 'mailhub.users', 'mailhub.tls', 'mailhub.cli.user') "
         "if m in sys.modules))"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -368,7 +368,8 @@ def test_fullname_control_characters_replaced_by_spaces(env, fullname, cleaned):
 def test_fullname_control_characters_in_bs_mode(env):
     config, spool = env
     r = sendmail(config, ["-bs", "-F", "Evil\r\nBcc: x"],
-                 b"HELO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: s\r\n\r\nx\r\n.\r\nQUIT\r\n")
+                 b"HELO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n"
+                 b"DATA\r\nSubject: s\r\n\r\nx\r\n.\r\nQUIT\r\n")
     assert r.returncode == 0 and b"250 2.0.0 Ok: queued as" in r.stdout, r.stdout
     header, body, msg = only_pickup(spool)
     assert header.fullname == "Evil Bcc: x"

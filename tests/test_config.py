@@ -440,7 +440,9 @@ def test_http_limit_and_event_log_rotation_keys(tmp_path):
     assert (c.server.http_header_timeout, c.server.http_request_timeout) == (30.0, 120.0)
     assert (c.server.http_max_connections, c.server.http_max_connections_per_ip) == (20, 5)
     assert (c.server.event_log_max_size, c.server.event_log_keep) == (0, 9)
-    assert "server.http_max_connections_per_ip: must be" in error_of(write(tmp_path, "[server]\nhttp_max_connections_per_ip = 0\n"))
+    assert "server.http_max_connections_per_ip: must be" in error_of(
+        write(tmp_path, "[server]\nhttp_max_connections_per_ip = 0\n")
+    )
 
 
 def test_event_log_empty_string_is_off(tmp_path):

@@ -174,7 +174,10 @@ def test_the_sections_of_the_page_are_the_sections_of_the_configuration(document
 @pytest.mark.parametrize(
     "line, entries",
     [
-        ("``max_hops`` (default ``50``, Postfix ``hopcount_limit``)", [("max_hops", "default ``50``, Postfix ``hopcount_limit``")]),
+        (
+            "``max_hops`` (default ``50``, Postfix ``hopcount_limit``)",
+            [("max_hops", "default ``50``, Postfix ``hopcount_limit``")],
+        ),
         ("``tls_cert``, ``tls_key`` (default: not set)", [("tls_cert", "default: not set"), ("tls_key", "default: not set")]),
         (
             "``min_uid`` (default ``1000``), ``max_uid`` (default ``60000``), system mode",
@@ -184,7 +187,10 @@ def test_the_sections_of_the_page_are_the_sections_of_the_configuration(document
             "``hostname`` (default: the host's name, ``socket.getfqdn()``)",
             [("hostname", "default: the host's name, ``socket.getfqdn()``")],
         ),
-        ('``event_log`` (default ``DATA/events.jsonl``; ``""`` = off)', [("event_log", 'default ``DATA/events.jsonl``; ``""`` = off')]),
+        (
+            '``event_log`` (default ``DATA/events.jsonl``; ``""`` = off)',
+            [("event_log", 'default ``DATA/events.jsonl``; ``""`` = off')],
+        ),
     ],
 )
 def test_parse_term(line, entries):

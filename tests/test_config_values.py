@@ -64,9 +64,9 @@ ERRORS = [
     ('[server]\ntrusted_networks = "10.0.0.0/8"\n', "server.trusted_networks: must be a list of networks, got '10.0.0.0/8'"),
     ("[server]\nlisten = 25\n", "server.listen: unknown key (known: hostname, smtp, max_message_size, "
      "max_recipients, trusted_networks, timeout, starttls_timeout, max_connections, max_connections_per_ip, max_errors, "
-     "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, http, http_max_body, "
-     "http_admins, http_header_timeout, http_request_timeout, http_max_connections, http_max_connections_per_ip, "
-     "event_log, event_log_max_size, event_log_keep, mail_log, log_level, user)"),
+     "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, "
+     "http, http_max_body, http_admins, http_header_timeout, http_request_timeout, http_max_connections, "
+     "http_max_connections_per_ip, event_log, event_log_max_size, event_log_keep, mail_log, log_level, user)"),
     ("[srever]\nsmtp = []\n",
      "srever: unknown section or key (known: auth, data_dir, local, relay, server, spool, submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),

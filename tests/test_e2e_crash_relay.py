@@ -127,7 +127,7 @@ class Receiver:
     release: threading.Event = field(default_factory=threading.Event)
     errors: list[str] = field(default_factory=list)
 
-    def start(self) -> "Receiver":
+    def start(self) -> Receiver:
         receiver = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -414,7 +414,7 @@ def test_sigkill_during_relay_is_at_least_once(tmp_path, receivers):
         for r in (remote, other):
             r.release.set()  # stalled sessions end; the daemon is gone
     for r in (remote, other):
-        wait_for(lambda: r.open_connections(1) == 0, 20, "the first run's connections to close")
+        wait_for(lambda r=r: r.open_connections(1) == 0, 20, "the first run's connections to close")
 
     # what the daemon had not finished at the kill, per recipient
     seq_of = {qid: seq for seq, qid in qids.items()}

@@ -62,7 +62,7 @@ def mailhub(d: Daemon, *args: str, stdin: str | None = None) -> subprocess.Compl
 class HttpDaemon(Daemon):
     http_port = 0
 
-    def start(self) -> "HttpDaemon":
+    def start(self) -> HttpDaemon:
         super().start()
         m = wait_for(lambda: _HTTP.search(self.log()), 10, "the HTTP listener")
         self.http_port = int(m.group(1))
@@ -232,7 +232,6 @@ def test_status_page(daemon):
 
 
 def _read_until_closed(sock, deadline: float) -> bytes:
-    import socket as _socket
     import time
 
     data = b""
@@ -240,7 +239,7 @@ def _read_until_closed(sock, deadline: float) -> bytes:
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         try:
             chunk = sock.recv(4096)
-        except _socket.timeout:
+        except TimeoutError:
             break
         if not chunk:
             return data
@@ -266,7 +265,7 @@ def test_slow_header_is_closed_at_the_header_deadline(daemon):
             s.settimeout(0.5)
             try:
                 answer = s.recv(4096)
-            except _socket.timeout:
+            except TimeoutError:
                 continue
             answer += _read_until_closed(s, start + 15)
             break

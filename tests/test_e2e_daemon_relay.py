@@ -298,7 +298,8 @@ def test_refused_connection_is_reported_as_no_reply_everywhere(tmp_path):
     text = config("mx.example.test", "example.test", "tcp:0:interface=127.0.0.1", '["127.0.0.0/8"]',
                   {"dead.test": f"[127.0.0.1]:{dead}"}, '["alice"]')
     text = text.replace("[relay]\n", "[relay]\ndelay_warning = 1\n").replace(
-        "[server]\n", '[server]\nhttp = ["tcp:0:interface=127.0.0.1"]\nhttp_admins = ["alice@example.test"]\n') + '[auth]\nusers = "users"\n'
+        "[server]\n", '[server]\nhttp = ["tcp:0:interface=127.0.0.1"]\nhttp_admins = ["alice@example.test"]\n'
+    ) + '[auth]\nusers = "users"\n'
     d = Daemon(tmp_path, text)
     d.start()
     try:

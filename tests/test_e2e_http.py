@@ -58,7 +58,9 @@ class Hub:
         self.scheduler = Scheduler(self.spool, deliver, reactor, RetryPolicy(), hostname="mx.example.com")
         directory = Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice", "bob"])
         cfg = ServerConfig(hostname="mx.example.com")
-        smtp = SMTPServerFactory(SMTPSettings(cfg), self.spool, self.scheduler.enqueue, Policy(directory, cfg.trusted_networks), reactor)
+        smtp = SMTPServerFactory(
+            SMTPSettings(cfg), self.spool, self.scheduler.enqueue, Policy(directory, cfg.trusted_networks), reactor
+        )
         site = make_http_site(self.spool, self.scheduler.enqueue, self.scheduler, self.users, self.metrics,
                               "mx.example.com", max_body=50_000, run=threads.deferToThread,
                               admins=["alice@example.com"], event_log=self.event_log)
@@ -153,7 +155,8 @@ def test_submit_json_deliver_and_scrape(hub):
     status, _, data = hub.call("GET", f"/v1/messages/{qid}")
     assert status == 200, data
     got = json.loads(data)
-    assert got["state"] == "done" and [(r["address"], r["state"]) for r in got["recipients"]] == [("bob@example.com", "delivered")]
+    assert got["state"] == "done"
+    assert [(r["address"], r["state"]) for r in got["recipients"]] == [("bob@example.com", "delivered")]
     assert [e["event"] for e in story(hub.event_log, qid)] == ["accepted", "delivery", "removed"]
 
 

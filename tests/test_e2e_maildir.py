@@ -130,7 +130,7 @@ def mail_identity() -> tuple[int, int, str, str]:
 
 
 def chown_tree(path: str, uid: int, gid: int) -> None:
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, _dirnames, filenames in os.walk(path):
         os.chown(dirpath, uid, gid)
         for name in filenames:
             os.chown(os.path.join(dirpath, name), uid, gid)

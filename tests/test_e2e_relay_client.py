@@ -396,7 +396,7 @@ def test_responder_all_rejected_rset_and_reuse(reactor, responder, tmp_path):
 def pki(tmp_path_factory):
     """A test CA and a server certificate for mx.test signed by it."""
     d = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -497,7 +497,7 @@ def test_connection_refused(reactor, tmp_path):
 
 
 def _cert(subject: str, issuer_name: str, issuer_key, key, *, days: tuple[int, int] = (-1, 1), ca: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

@@ -34,7 +34,9 @@ class Server:
         self.queued: list = []
         directory = Directory(["example.com"], str(tmp_path / "mailboxes"), users=["alice", "bob"])
         cfg = ServerConfig(hostname=HOST, **config)
-        factory = SMTPServerFactory(SMTPSettings(cfg), self.spool, self.queued.append, Policy(directory, cfg.trusted_networks), reactor)
+        factory = SMTPServerFactory(
+            SMTPSettings(cfg), self.spool, self.queued.append, Policy(directory, cfg.trusted_networks), reactor
+        )
         if run is not None:
             factory.run = run
         self.factory = factory
@@ -95,7 +97,7 @@ def test_smtplib_message_round_trip(server):
 
 
 def test_smtplib_smtputf8(server):
-    message = "Subject: grüße\r\n\r\nhällo\r\n".encode("utf-8")
+    message = "Subject: grüße\r\n\r\nhällo\r\n".encode()
     with smtplib.SMTP(*server.address, timeout=10) as client:
         client.ehlo("client.test")
         client.sendmail("jörg@bücher.example", ["alice@example.com"], message, mail_options=["SMTPUTF8"])

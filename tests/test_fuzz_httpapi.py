@@ -199,7 +199,9 @@ def _message(**kw: object) -> bytes:
         pytest.param(b"[" * 30_000 + b"]" * 30_000, id="nested-lists"),
         pytest.param(_message(subject="a\u000bb"), id="subject-vt"),
         pytest.param(_message(subject="a\u2028b"), id="subject-u2028"),
-        pytest.param(_message(subject="hello =?utf-8?q?=0D=0AFrom:_ceo@bank.example=0D=0A=0D=0A<b>x</b>?="), id="subject-encoded-crlf"),
+        pytest.param(
+            _message(subject="hello =?utf-8?q?=0D=0AFrom:_ceo@bank.example=0D=0A=0D=0A<b>x</b>?="), id="subject-encoded-crlf"
+        ),
         pytest.param(b'{"from": "0@", "to": "bob@example.org", "text": ""}',
                      id="sender-empty-domain"),
         pytest.param(_message(to=["0@"]), id="recipient-empty-domain"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import itertools
 import re
 import tempfile
 from pathlib import Path
@@ -157,7 +158,7 @@ def transcripts(draw: st.DrawFn) -> list[bytes]:
     wire = b"".join(draw(GOOD_START)) + b"".join(draw(st.lists(COMMAND, max_size=14)))
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=8)))
     bounds = [0, *cuts, len(wire)]
-    return [wire[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [wire[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 # -- properties ------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def sessions(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
     wire += draw(st.sampled_from([b"QUIT\r\n", b""]))
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=10)))
     bounds = [0, *cuts, len(wire)]
-    return [wire[a:b] for a, b in zip(bounds, bounds[1:]) if b > a], expected
+    return [wire[a:b] for a, b in itertools.pairwise(bounds) if b > a], expected
 
 
 @given(session=sessions())

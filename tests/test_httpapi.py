@@ -32,8 +32,9 @@ def env(tmp_path):
 
 def test_post_json_queues_a_mime_message(env):
     att = base64.b64encode(b"\x00\x01binary").decode()
+    attachment = {"filename": "a.bin", "content_type": "application/pdf", "content_base64": att}
     r = post_json(env, message_json(cc=["carol@example.net"], bcc=["dave@example.net"], html="<p>Hello</p>",
-                                    attachments=[{"filename": "a.bin", "content_type": "application/pdf", "content_base64": att}]))
+                                    attachments=[attachment]))
     assert r.status == 202, r.raw
     qid = r.json()["queue_id"]
     assert r.headers["content-type"] == "application/json"
@@ -44,7 +45,9 @@ def test_post_json_queues_a_mime_message(env):
     assert env.scheduler.enqueued == [env_]
     with env.spool.open_message(qid) as f:
         raw = f.read()
-    assert raw.startswith(b"Received: from [127.0.0.1] (user alice@example.com)\r\n\tby mx.example.com (mailhub) with HTTP id " + qid.encode())
+    assert raw.startswith(
+        b"Received: from [127.0.0.1] (user alice@example.com)\r\n\tby mx.example.com (mailhub) with HTTP id " + qid.encode()
+    )
     assert b"\n" not in raw.replace(b"\r\n", b"")
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg["From"] == "alice@example.com" and msg["To"] == "bob@example.org" and msg["Cc"] == "carol@example.net"
@@ -54,7 +57,9 @@ def test_post_json_queues_a_mime_message(env):
     assert body.get_content() == "Hello Bob\r\n"
     assert msg.get_body(("html",)).get_content() == "<p>Hello</p>\r\n"
     atts = list(msg.iter_attachments())
-    assert [(a.get_filename(), a.get_content_type(), a.get_content()) for a in atts] == [("a.bin", "application/pdf", b"\x00\x01binary")]
+    assert [(a.get_filename(), a.get_content_type(), a.get_content()) for a in atts] == [
+        ("a.bin", "application/pdf", b"\x00\x01binary")
+    ]
     # the accepted metric went up through the log
     assert env_.esmtp["size"] == len(raw)
 
@@ -76,7 +81,10 @@ def test_post_raw_with_query_envelope(env):
 
 
 def test_post_raw_envelope_from_headers(env):
-    raw = b"From: alice@example.com\r\nTo: a@example.org, B <b@example.org>\r\nCc: c@example.org\r\nBcc: d@example.org\r\n\r\nx\r\n"
+    raw = (
+        b"From: alice@example.com\r\nTo: a@example.org, B <b@example.org>\r\n"
+        b"Cc: c@example.org\r\nBcc: d@example.org\r\n\r\nx\r\n"
+    )
     r = env.request("POST", "/v1/messages", raw, {"Content-Type": "message/rfc822; charset=utf-8"}, token=env.alice)
     assert r.status == 202, r.raw
     e = env.spool.load(r.json()["queue_id"])
@@ -236,11 +244,21 @@ def test_bad_tokens(env, headers, token, status, text):
         (b'{"from": "alice@example.com", "to": [], "text": "x"}', 400, "no recipients"),
         (b'{"from": "alice@example.com", "to": "not an address", "text": "x"}', 400, "invalid recipient"),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": 5}', 400, "text must be a string"),
-        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "subject": "a\\r\\nBcc: x@y"}', 400, "subject: control character U+000D"),
+        (
+            b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "subject": "a\\r\\nBcc: x@y"}',
+            400, "subject: control character U+000D",
+        ),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "evil": 1}', 400, "unknown field(s): evil"),
         (b'{"to": ["b@example.org"], "text": "x"}', 400, "missing sender"),
-        (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", "attachments": [{"filename": "a", "content_base64": "!!"}]}', 400, "not base64"),
-        (b'{"from": "bob@example.com", "to": ["b@example.org"], "text": "x"}', 403, "sender <bob@example.com> is not owned by alice@example.com"),
+        (
+            b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "x", '
+            b'"attachments": [{"filename": "a", "content_base64": "!!"}]}',
+            400, "not base64",
+        ),
+        (
+            b'{"from": "bob@example.com", "to": ["b@example.org"], "text": "x"}',
+            403, "sender <bob@example.com> is not owned by alice@example.com",
+        ),
         (b'{"from": "alice@example.com", "to": ["b@example.org"], "text": "\\ud800"}', 400, "lone surrogate"),
     ],
 )

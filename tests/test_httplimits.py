@@ -56,7 +56,7 @@ def limited(tmp_path):
 
 def test_a_trickling_header_is_cut_at_the_header_deadline(limited):
     proto, transport = limited.connect()
-    for i, byte in enumerate(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"):
+    for byte in b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa":
         if limited.clock.seconds() - 1_700_000_000 >= 59:
             break
         proto.dataReceived(bytes([byte]))

@@ -353,7 +353,8 @@ def test_a_process_that_dies_at_once_backs_off_and_fails_work_softly(reactor, tm
     in_reactor(reactor, p.startService)
     try:
         env, recipients = envelope("15NXTTTTTTTTTTTTT", [f"alice@{DOMAIN}"])
-        outcomes = in_reactor(reactor, p.deliver, env, recipients, queued(tmp_path), lambda outcomes: None)  # waits for the answer
+        # waits for the answer
+        outcomes = in_reactor(reactor, p.deliver, env, recipients, queued(tmp_path), lambda outcomes: None)
         assert [(o.kind, o.code, o.status) for o in outcomes] == [("temporary", 451, "4.3.0")]
         wait_for(lambda: p._failures.get(0, 0) >= 2, 20, "a second failed start")
     finally:

@@ -140,7 +140,7 @@ def test_unicode_is_utf8(captured, mail_log):
         raw = f.read()
     assert raw == (
         f"2026-11-28T17:26:46+0000 [mailhub.mail#info] {QID}: accepted from=<jörg@bücher.example 📬>\n"
-    ).encode("utf-8")
+    ).encode()
     # a lone surrogate (undecodable bytes passed along) never stops the line
     event = emit(captured, "accepted", "{queue_id}: from=<{sender}>", queue_id=QID, sender="x\udcff")
     mail_log(event)

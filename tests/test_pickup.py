@@ -48,7 +48,7 @@ class FakeNotifier:
         self.lost = True
 
     def fire(self, name):
-        for path, mask, callbacks in self.watches:
+        for path, _mask, callbacks in self.watches:
             for cb in callbacks:
                 cb(None, path.child(name), inotify.IN_MOVED_TO)
 

@@ -31,7 +31,7 @@ from mailhub.relay.reply import SessionError
 
 
 class FakeConnection:
-    def __init__(self, net: "FakeNet", name: str, ip: str, port: int, options: Any) -> None:
+    def __init__(self, net: FakeNet, name: str, ip: str, port: int, options: Any) -> None:
         self.net = net
         self.remote_mta = f"{name}[{ip}]:{port}"
         self.options = options

@@ -819,7 +819,7 @@ def test_dot_line_at_every_read_and_burst_boundary(msg, boundary_line):
     expected = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines) + b".\r\n"
     assert sum(1 for line in lines if line.startswith(b".")) >= blocks
     # (compared by offset: a diff of megabytes would take minutes to print)
-    differs = next((i for i, (a, b) in enumerate(zip(wire, expected)) if a != b), None)
+    differs = next((i for i, (a, b) in enumerate(zip(wire, expected, strict=False)) if a != b), None)
     assert (differs, len(wire)) == (None, len(expected))
     s.say(b"250 ok\r\n")
     assert result_of(d)[0].kind == DELIVERED_OUTCOME
@@ -976,9 +976,9 @@ def test_malformed_reply_aborts():
 
 def test_unsolicited_replies_bounded():
     s = Server()
-    s.conn
+    conn = s.conn  # the session is up before the flood
     s.say(b"250 what\r\n" * (client.MAX_EARLY_REPLIES + 1))
-    assert not s.conn.usable
+    assert not conn.usable
 
 
 # -- reset / quit ---------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def test_no_remote_agent_is_temporary(spool):
 def test_agents_run_concurrently(spool):
     local, remote = FakeAgent(auto=False), FakeAgent(auto=False)
     results = []
-    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
+    router = Router(spool, FakeDirectory("local.example"), local, remote)
+    router(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
     assert len(local.calls) == 1 and len(remote.calls) == 1 and not results
     remote.calls[0][2].callback([Outcome.permanent("far@remote.example", "no such user", 550, "5.1.1")])
     assert not results
@@ -86,7 +87,8 @@ def test_missing_and_stray_outcomes(spool):
 
     remote = FakeAgent(auto=False)
     results = []
-    Router(spool, FakeDirectory("local.example"), Sloppy(), remote)(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
+    router = Router(spool, FakeDirectory("local.example"), Sloppy(), remote)
+    router(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
     # the local agent's claim about the remote recipient is ignored
     remote.calls[0][2].callback([Outcome.temporary("far@remote.example", "busy")])
     [out] = results
@@ -122,7 +124,8 @@ def test_remote_outcome_fields_survive_the_merge(spool):
     """The scheduler's success notices read remote_mta and dsn_passed off the merged outcomes."""
     local, remote = FakeAgent(), FakeAgent(auto=False)
     results = []
-    Router(spool, FakeDirectory("local.example"), local, remote)(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
+    router = Router(spool, FakeDirectory("local.example"), local, remote)
+    router(ENV, ENV.recipients, report=lambda outcomes: None).addCallback(results.append)
     relayed = Outcome.delivered("far@remote.example", "host mx said: 250 ok", "mx[192.0.2.1]:25", dsn_passed=True)
     remote.calls[0][2].callback([relayed])
     [out] = results

@@ -530,7 +530,9 @@ def test_hundred_thousand_messages_share_one_timer(spool, clock):
     deliver = FakeDeliver(clock, auto=False)
     s = make(spool, clock, deliver)
     envs = [
-        Envelope(f"{i:012d}AAAA", "a@example.com", [Recipient("b@example.org")], arrival=T0, next_attempt=T0 + 10 + (i * 7919) % 100000)
+        Envelope(
+            f"{i:012d}AAAA", "a@example.com", [Recipient("b@example.org")], arrival=T0, next_attempt=T0 + 10 + (i * 7919) % 100000
+        )
         for i in range(100_000)
     ]
     # One timer for the whole queue, however long: a timer or a sort per

@@ -135,7 +135,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
         return sock.recv(4096) == b""
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

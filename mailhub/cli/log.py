@@ -24,7 +24,7 @@ def format_record(record: dict[str, Any]) -> str:
 
     when = record.get("time")
     try:
-        stamp = datetime.datetime.fromtimestamp(float(when), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        stamp = datetime.datetime.fromtimestamp(float(when), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         stamp = stamp[:-4] + "Z"  # milliseconds
     except (TypeError, ValueError):
         stamp = "-"

@@ -4,8 +4,8 @@ The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 Owns: the command-line front end for administration.  Each command is a
 L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
 C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}) and
-C{log} (L{mailhub.cli.log}) and C{reload} (asks the daemon, L{mailhub.daemon.reload}); this module finds and loads the configuration
-and hands each command what it needs.  A command's module is imported only
+C{log} (L{mailhub.cli.log}) and C{reload} (asks the daemon, L{mailhub.daemon.reload});
+this module finds and loads the configuration and hands each command what it needs.  A command's module is imported only
 when that command runs (L{_lazy}): C{user} brings bcrypt, C{make-cert}
 OpenSSL, and C{mailhub queue} should not pay for them.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
 configuration error; the commands add their own.
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from twisted.python import usage
 

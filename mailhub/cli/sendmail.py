@@ -210,7 +210,7 @@ def _run(
     if argv and argv[0] == "--version":
         from mailhub import __version__
 
-        stdout.write(f"mailhub-sendmail (mailhub {__version__})\n".encode("utf-8"))
+        stdout.write(f"mailhub-sendmail (mailhub {__version__})\n".encode())
         stdout.flush()
         return EX_OK
     try:

@@ -96,7 +96,7 @@ class PickupMessage:
     named C{queue_id}: nothing appears in C{pickup/} before that.
     """
 
-    def __init__(self, sink: "PickupSink") -> None:
+    def __init__(self, sink: PickupSink) -> None:
         self.sink = sink
         self.queue_id = unique_name()
         self.size = 0

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import getpass as _getpass
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from twisted.python import usage
 

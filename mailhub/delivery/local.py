@@ -270,7 +270,7 @@ class LocalDelivery:
         return list(self._recipient_pool.map(one, addresses))
 
     def _deliver_one(
-        self, queue_id: str, arrival: float, sender: str, address: str, message: "QueuedMessage", seen: set[str]
+        self, queue_id: str, arrival: float, sender: str, address: str, message: QueuedMessage, seen: set[str]
     ) -> Outcome:
         if address.lower() in seen:
             return Outcome.permanent(address, "mail forwarding loop for " + address, 554, "5.4.6")
@@ -290,7 +290,7 @@ class LocalDelivery:
             unique, sender, address, message,
         )
 
-    def _deliver_system(self, unique: str, sender: str, address: str, message: "QueuedMessage") -> Outcome:
+    def _deliver_system(self, unique: str, sender: str, address: str, message: QueuedMessage) -> Outcome:
         """
         System mode: C{~user/Maildir}, written by root and given to the
         account (see L{mailhub.delivery.system} and L{MaildirWriter.write}).
@@ -310,7 +310,7 @@ class LocalDelivery:
 
     def _open_and_write(
         self, open_maildir: Callable[[], system.MaildirFds], unique: str, sender: str, address: str,
-        message: "QueuedMessage",
+        message: QueuedMessage,
     ) -> Outcome:
         """
         The one way both modes write a Maildir file: every directory opened

@@ -117,7 +117,7 @@ class _Request:
 class _Child(protocol.ProcessProtocol):
     """One delivery process, seen from the daemon."""
 
-    def __init__(self, pool: "LocalDeliveryProcesses", slot: int) -> None:
+    def __init__(self, pool: LocalDeliveryProcesses, slot: int) -> None:
         self.pool = pool
         self.slot = slot
         self.inflight: dict[int, _Request] = {}  # by id: answers may come in any order

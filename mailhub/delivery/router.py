@@ -54,7 +54,7 @@ class Router:
 
     def __init__(
         self,
-        spool: "Spool",
+        spool: Spool,
         directory: _LocalDomains,
         local: DeliveryAgent,
         remote: DeliveryAgent | None = None,
@@ -87,7 +87,7 @@ class Router:
 
     def __call__(
         self, envelope: Envelope, recipients: list[Recipient], report: ReportFunction
-    ) -> "Deferred[list[Outcome]]":
+    ) -> Deferred[list[Outcome]]:
         """
         Deliver through both agents at once; fires with one outcome per
         recipient.  C{report} is called with outcomes as they

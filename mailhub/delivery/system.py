@@ -154,7 +154,7 @@ class MaildirFds:
                     pass
         self.maildir = self.tmp = self.new = self.cur = -1
 
-    def __enter__(self) -> "MaildirFds":
+    def __enter__(self) -> MaildirFds:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -543,7 +543,8 @@ class Scheduler(service.Service):
         mail twice -- and some recipient of the round is still unanswered
         (otherwise the end of the round, which follows, writes or removes
         the envelope: a message to one destination costs no extra write).
-        Permanent ones wait for the end of the round and their bounce.  Nothing is written for a message removed in flight; nothing
+        Permanent ones wait for the end of the round and their bounce.
+        Nothing is written for a message removed in flight; nothing
         at all happens after the round has ended.  Never raises into the
         delivery agent.
         """
@@ -756,5 +757,6 @@ class Scheduler(service.Service):
             dsn=r.last_status,
             status=status,
             text=text,
-            code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,  # for GET /v1/messages/ID after it left the queue
+            # for GET /v1/messages/ID after it left the queue
+            code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
         )

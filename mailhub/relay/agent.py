@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import random as _random
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -198,7 +198,7 @@ class RemoteDelivery(service.Service):
 
         def merge(results: list) -> list[Outcome]:
             out = list(early)
-            for (ok, value), (dest, rcpts) in zip(results, groups.items()):
+            for (ok, value), (dest, rcpts) in zip(results, groups.items(), strict=True):
                 if ok:
                     out.extend(value)
                 else:  # a bug, not a remote problem; keep the message

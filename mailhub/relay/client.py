@@ -123,7 +123,7 @@ class SMTPClientProtocol(Protocol):
     options: ClientOptions
     remote_name: str
     remote_mta: str
-    factory: "SMTPClientFactory"
+    factory: SMTPClientFactory
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -317,7 +317,7 @@ class SMTPClientProtocol(Protocol):
         code = LOCAL_CODE if permanent else LOCAL_CODE
         return SessionError(code, enhanced, text, permanent, self.remote_mta, **kw)
 
-    async def _session(self) -> "SMTPConnection":
+    async def _session(self) -> SMTPConnection:
         o = self.options
         greeting = await self._reply(self._expect(o.greeting_timeout, "receiving the initial server greeting"))
         if greeting.code != 220:

@@ -217,7 +217,7 @@ class MXResolver:
         out: list[str] = []
         temporary = None
         nxdomain = False
-        for (ok, value), rtype in zip(results, (dns.A, dns.AAAA)):
+        for (ok, value), rtype in zip(results, (dns.A, dns.AAAA), strict=True):
             if ok:
                 for rec in value:
                     if rtype == dns.A:
@@ -316,7 +316,7 @@ class MXResolver:
         )
         resolved: list[tuple[str, list[str]]] = []
         errors: list[BaseException] = []
-        for host, (ok, value) in zip(hosts, results):
+        for host, (ok, value) in zip(hosts, results, strict=True):
             if ok:
                 resolved.append((host, value))
             else:

@@ -34,8 +34,9 @@ is only read), routing and retry decisions.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Callable
+from typing import IO, TYPE_CHECKING
 
 from twisted.logger import Logger
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import idna
 from OpenSSL import SSL

@@ -186,7 +186,8 @@ class SMTPServer(protocol.Protocol):
             limit = "max_connections" if self.factory.connections >= self.config.max_connections else "max_connections_per_ip"
             mail_event(
                 "reject",
-                "NOQUEUE: reject: CONNECT from [{client}]: 421 4.7.0 Error: too many connections; limit={limit} listener={listener}",
+                "NOQUEUE: reject: CONNECT from [{client}]: 421 4.7.0 Error: too many connections; "
+                "limit={limit} listener={listener}",
                 client=self.session.client_ip, code=421, enhanced="4.7.0", text="Error: too many connections",
                 limit=limit, listener=self.session.listener, reason="too_many_connections",
             )

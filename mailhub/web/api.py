@@ -212,7 +212,7 @@ def _match(pattern: str, path: str) -> dict[str, str] | None:
     if len(p_parts) != len(parts):
         return None
     found = {}
-    for want, have in zip(p_parts, parts):
+    for want, have in zip(p_parts, parts, strict=True):
         if want.startswith("{"):
             if not have:
                 return None
@@ -328,7 +328,10 @@ class ApiResource(resource.Resource):
         if failure.check(HttpError):
             self._send(request, failure.value)
             return
-        log.failure("HTTP {method} {path} failed", failure, method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
+        log.failure(
+            "HTTP {method} {path} failed", failure,
+            method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+        )
         self._send(request, HttpError(500, "internal error"))
 
     def _send(self, request: server.Request, answer: Any) -> None:
@@ -652,7 +655,10 @@ class ApiResource(resource.Resource):
         def write() -> Envelope:
             writer = self.spool.new_message()
             try:
-                clauses = [f"from {address_literal(client_ip)} (user {user})", f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}"]
+                clauses = [
+                    f"from {address_literal(client_ip)} (user {user})",
+                    f"by {self.hostname} (mailhub) with HTTP id {writer.queue_id}",
+                ]
                 if len(recipients) == 1:
                     clauses.append(f"for <{recipients[0]}>")
                 writer.write(trace_header(clauses, format_date(now)))
