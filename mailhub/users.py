@@ -515,7 +515,8 @@ class UsersChecker:
         self.users = users
         self._run = run
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[str]:
+    # Twisted's ICredentialsChecker types avatar ids as bytes; mailhub's are str addresses (the portal passes them through).
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[str]:  # type: ignore[override]
         username = credentials.username
         password = credentials.password
         if isinstance(username, bytes):

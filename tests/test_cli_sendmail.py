@@ -286,7 +286,7 @@ def test_bs_with_smtplib(env):
         assert s.docmd("MAIL FROM:<x@example.org>") == (503, b"5.5.1 Error: nested MAIL command")
         assert s.rcpt("<bad@@x>") == (501, b"5.1.3 Error: bad recipient address: invalid local part")
         assert s.rcpt("<to@example.com>") == (250, b"2.1.5 Ok")
-        assert s.rcpt("<root>") == (501, b"5.1.3 Error: bad recipient address: address must be local-part@domain")
+        assert s.rcpt("<root>") == (250, b"2.1.5 Ok")  # a bare name is qualified with the origin domain
         assert s.rcpt("<postmaster>") == (250, b"2.1.5 Ok")
         code, text = s.data(b"Subject: via bs\r\n\r\n.leading dot\r\n..\r\nend\r\n")
         assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
@@ -304,7 +304,7 @@ def test_bs_with_smtplib(env):
         assert proc.wait(10) == 0
     header, body, msg = only_pickup(spool)
     assert header.sender == "sender@example.org"
-    assert header.recipients == ("to@example.com", "postmaster@example.org")
+    assert header.recipients == ("to@example.com", "root@example.org", "postmaster@example.org")
     assert msg["Subject"] == "via bs"
     assert body.endswith(b"\r\n\r\n.leading dot\r\n..\r\nend\r\n")
     assert msg["Message-ID"] and msg["Date"]

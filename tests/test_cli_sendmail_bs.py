@@ -67,6 +67,18 @@ def test_any_sender_and_recipient_accepted_and_committed(session):
     assert b"\r\nFrom: Alice <someone@else.test>\r\n" in body
 
 
+def test_bare_names_are_qualified_with_the_origin_domain(session):
+    """As Postfix's append_at_myorigin and the sendmail -bs of old: <root> is root@ORIGIN, sender too."""
+    proto, transport, settings, progress = session
+    proto.dataReceived(b"EHLO x\r\nMAIL FROM:<alice>\r\nRCPT TO:<root>\r\nDATA\r\nSubject: s\r\n\r\nbody\r\n.\r\n")
+    replies = _replies(transport)
+    assert replies[-5:-2] == ["250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+    name = replies[-2].removeprefix("250 2.0.0 Ok: queued as ")
+    with open(os.path.join(pickup_dirs(settings.spool_path)[1], name), "rb") as f:
+        header = read_header(f)
+    assert (header.sender, header.recipients) == ("alice@example.org", ("root@example.org",))
+
+
 def test_rset_and_cut_off_data_leave_nothing(session):
     proto, transport, settings, progress = session
     proto.dataReceived(b"HELO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\npart\r\n")

@@ -43,5 +43,7 @@ class Command(usage.Options):
     ..."}); here the synopsis is shown as written.
     """
 
+    synopsis: str
+
     def getSynopsis(self) -> str:
         return self.synopsis

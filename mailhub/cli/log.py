@@ -22,7 +22,7 @@ def format_record(record: dict[str, Any]) -> str:
     """One line for a human: ISO time and the text."""
     import datetime
 
-    when = record.get("time")
+    when: Any = record.get("time")  # JSON: anything; float() says whether it is a time
     try:
         stamp = datetime.datetime.fromtimestamp(float(when), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         stamp = stamp[:-4] + "Z"  # milliseconds

@@ -220,6 +220,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             shown = shown.subOptions
         err.write(f"{shown}\nmailhub: {e}\n")
         return EX_USAGE
+    assert options.subCommand is not None  # postOptions requires one
     return COMMANDS[options.subCommand](options, out, err)
 
 

@@ -70,7 +70,7 @@ class ShowOptions(Command):
     synopsis = "mailhub queue show ID"
     longdesc = "Print a message's envelope and its header."
 
-    def parseArgs(self, queue_id: str) -> None:
+    def parseArgs(self, queue_id: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments
         self.ids = [queue_id]
 
 
@@ -78,7 +78,7 @@ class CatOptions(Command):
     synopsis = "mailhub queue cat ID"
     longdesc = "Print a queued message exactly as it was received (its queue file also holds the envelope)."
 
-    def parseArgs(self, queue_id: str) -> None:
+    def parseArgs(self, queue_id: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments
         self.ids = [queue_id]
 
 
@@ -175,8 +175,8 @@ def list_queue(spool: Spool, out: TextIO) -> int:
         sender = (entry.header.sender or "MAILER-DAEMON") if entry.header else "(unreadable pickup file)"
         lines.append(f"{'pickup':17} {entry.size:>8} {_when(entry.mtime):20}  {sender}")
         lines.append(f"{indent}(waiting for the daemon: pickup/new/{entry.name}, uid {entry.uid})")
-        for r in entry.header.recipients if entry.header else ():
-            lines.append(f"{indent}{r}")
+        for rcpt in entry.header.recipients if entry.header else ():
+            lines.append(f"{indent}{rcpt}")
         lines.append("")
     if not count:
         out.write("Mail queue is empty\n")
@@ -424,7 +424,7 @@ def _run_queue(
     err = err or sys.stderr
     spool_path = target.spool.path if hasattr(target, "spool") else str(target)
     command = options.subCommand or "list"
-    sub = options.subOptions if options.subOptions is not None else ListOptions()
+    sub: Any = options.subOptions if options.subOptions is not None else ListOptions()  # one of the Command classes above
     if not os.path.isdir(os.path.join(spool_path, "envelopes")):
         err.write(f"{PROG}: no queue at {spool_path} (check spool.path in the configuration)\n")
         return EX_NOINPUT

@@ -201,7 +201,9 @@ def make_factory(settings: Settings, fullname: str | None, progress: Any, clock:
     written by the user, under the user's quota).
     """
     return SMTPServerFactory(
-        SMTPSettings(server=settings.server, listener="smtp", sender_check="off", min_free_space=0),
+        SMTPSettings(
+            server=settings.server, listener="smtp", sender_check="off", min_free_space=0, qualify_domain=settings.origin
+        ),
         PickupSink(settings, fullname, progress),  # type: ignore[arg-type]
         lambda envelope: None,
         LocalSubmissionPolicy(settings.origin),  # type: ignore[arg-type]

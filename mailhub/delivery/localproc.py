@@ -311,7 +311,13 @@ class LocalDeliveryProcesses(service.Service):
                     child._broken("stopping")
 
         timer = self.clock.callLater(STOP_TIMEOUT, kill)
-        return done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+
+        def stop_timer(result: Failure | None) -> Failure | None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(stop_timer)
 
     def _spawn(self, slot: int) -> None:
         self._restarts.pop(slot, None)

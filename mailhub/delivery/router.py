@@ -188,9 +188,9 @@ class Router:
                 by_addr.setdefault(o.recipient, o)
         merged = []
         for r in recipients:
-            o = by_addr.get(r.address)
-            if o is None:
+            found = by_addr.get(r.address)
+            if found is None:
                 log.warn("{queue_id}: no outcome reported for {rcpt}", queue_id=queue_id, rcpt=r.address)
-                o = Outcome.temporary(r.address, "delivery agent reported no outcome", 451, "4.3.0")
-            merged.append(o)
+                found = Outcome.temporary(r.address, "delivery agent reported no outcome", 451, "4.3.0")
+            merged.append(found)
         return merged

@@ -42,6 +42,7 @@ from typing import Any
 from twisted.internet import protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailhub.delivery.localproc import _PACKAGE_ROOT, LocalDeliveryProcesses
@@ -312,7 +313,7 @@ class _Supervisor(protocol.Protocol):
         if self.reactor.running:
             self.reactor.stop()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.reactor.running:
             self.reactor.stop()
 

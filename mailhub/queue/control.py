@@ -53,7 +53,7 @@ _ERRORS = {NoSuchMessage: b"NO_SUCH_MESSAGE", KeyError: b"NO_SUCH_MESSAGE"}
 #: word for it (Flush: "flushed" or "held"; Delete: "removed" or "pending",
 #: the message being in flight).  Optional, so an old daemon's empty answer
 #: still parses.
-_STATUS = [(b"status", amp.Unicode(optional=True))]
+_STATUS: list[tuple[bytes, amp.Argument]] = [(b"status", amp.Unicode(optional=True))]
 
 
 class Flush(amp.Command):
@@ -66,13 +66,13 @@ class Flush(amp.Command):
 
 class Hold(amp.Command):
     arguments = [(b"queue_id", amp.Unicode())]
-    response: list = []
+    response = []
     errors = _ERRORS
 
 
 class Release(amp.Command):
     arguments = [(b"queue_id", amp.Unicode())]
-    response: list = []
+    response = []
     errors = _ERRORS
 
 
@@ -91,7 +91,7 @@ class Reload(amp.Command):
     C{restart}: the changed keys that need a restart, comma-separated.
     """
 
-    arguments: list = []
+    arguments = []
     response = [
         (b"applied", amp.Boolean()),
         (b"summary", amp.Unicode()),
@@ -198,7 +198,7 @@ class ControlClient:
         return out
 
     def _read_box(self) -> dict[bytes, bytes]:
-        box = {}
+        box: dict[bytes, bytes] = {}
         while True:
             (klen,) = struct.unpack("!H", self._read(2))
             if klen == 0:

@@ -109,7 +109,7 @@ class PickupService(service.Service):
     @param notifier_factory: C{clock -> INotify-like or None}; tests pass a fake.
     """
 
-    name = "pickup"
+    name = "pickup"  # type: ignore[assignment]  # Twisted's Service says name = None, unannotated
 
     def __init__(
         self,

@@ -529,10 +529,12 @@ class Scheduler(service.Service):
         rnd = _Round(env, recipients, frozenset(r.address for r in recipients))
         d = defer.maybeDeferred(self.deliver, env, list(recipients), report=functools.partial(self._report, rnd))
         self._in_flight[qid] = d
-        d.addErrback(self._deliver_failed, env, recipients)
-        d.addCallback(self._round_done, rnd)
-        d.addErrback(self._round_failed, rnd)
-        d.addCallback(self._round_over, qid)
+        (
+            d.addErrback(self._deliver_failed, env, recipients)
+            .addCallback(self._round_done, rnd)
+            .addErrback(self._round_failed, rnd)
+            .addCallback(self._round_over, qid)
+        )
 
     def _report(self, rnd: _Round, outcomes: list[Outcome]) -> None:
         """
@@ -602,12 +604,12 @@ class Scheduler(service.Service):
         for r in recipients:
             if r.address in rnd.applied:
                 continue
-            o = rnd.first.get(r.address)
-            if o is None:
-                o = rnd.first[r.address] = Outcome.temporary(
+            first = rnd.first.get(r.address)
+            if first is None:
+                first = rnd.first[r.address] = Outcome.temporary(
                     r.address, "delivery agent reported no outcome", 451, "4.3.0"
                 )
-            env.apply(o, now)
+            env.apply(first, now)
             rnd.applied.add(r.address)
         outcomes = list(rnd.first.values())
 

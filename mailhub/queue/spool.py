@@ -50,6 +50,7 @@ of its own is the remover (L{Spool.remove}), which exits when idle.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import threading
@@ -101,7 +102,7 @@ class SpoolWriter:
         self._tmp = os.path.join(spool.path, "tmp", queue_id + ".msg")
         self._buffer: list[bytes] | None = []
         self._buffered = 0
-        self._file = None
+        self._file: io.FileIO | None = None  # once the message is past MEMORY_LIMIT
         self._closed = False
 
     def _open(self) -> None:
@@ -118,9 +119,11 @@ class SpoolWriter:
     def _write_raw(self, data: bytes) -> None:
         # An unbuffered file may write less than asked (e.g. disk nearly
         # full): loop, or the message is silently truncated.
+        file = self._file
+        assert file is not None  # _open() has run
         view = memoryview(data)
         while view:
-            view = view[self._file.write(view) :]
+            view = view[file.write(view) :]
 
     def write(self, data: bytes) -> None:
         """Append C{data}.  Raises C{OSError} (e.g. ENOSPC) to the caller."""

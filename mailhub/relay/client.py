@@ -683,7 +683,7 @@ class SMTPConnection:
         return self._proto.quit()
 
 
-class SMTPClientFactory(ClientFactory):
+class SMTPClientFactory(ClientFactory[SMTPClientProtocol]):
     """
     Builds the one L{SMTPClientProtocol} of one connection.  C{ready} fires
     with the L{SMTPConnection} once the session is set up, or errbacks with

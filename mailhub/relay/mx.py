@@ -18,10 +18,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.names import cache, dns, resolve
 from twisted.names import client as dnsclient
 from twisted.names import error as dnserror
@@ -208,8 +209,9 @@ class MXResolver:
         @raise NotFound: neither A nor AAAA exists.
         @raise DNSTemporary: no address, and at least one lookup failed softly.
         """
-        if _ip(host) is not None:
-            return [_ip(host).compressed]
+        literal = _ip(host)
+        if literal is not None:
+            return [literal.compressed]
         results = await defer.DeferredList(
             [defer.ensureDeferred(self.query(host, dns.A)), defer.ensureDeferred(self.query(host, dns.AAAA))],
             consumeErrors=True,
@@ -224,12 +226,14 @@ class MXResolver:
                         out.append(rec.dottedQuad())
                     else:
                         out.append(ipaddress.IPv6Address(rec.address).compressed)
-            elif value.check(NotFound):
-                nxdomain = nxdomain or value.value.nxdomain
-            elif value.check(DNSTemporary):
-                temporary = value.value
+                continue
+            failure = cast(Failure, value)  # DeferredList: (False, Failure); Twisted types only the success value
+            if failure.check(NotFound):
+                nxdomain = nxdomain or failure.value.nxdomain
+            elif failure.check(DNSTemporary):
+                temporary = failure.value
             else:
-                temporary = DNSTemporary(value.getErrorMessage())
+                temporary = DNSTemporary(failure.getErrorMessage())
         if out:
             return out
         if temporary is not None:
@@ -320,9 +324,10 @@ class MXResolver:
             if ok:
                 resolved.append((host, value))
             else:
-                errors.append(value.value)
+                error = cast(Failure, value).value  # DeferredList: (False, Failure); Twisted types only the success value
+                errors.append(error)
                 log.info("MX host {host} for {domain}: no address ({error})", host=host, domain=dest.host,
-                         error=type(value.value).__name__)
+                         error=type(error).__name__)
         # Loop detection (Postfix smtp_addr.c): the best MX is us -> loop;
         # a worse MX is us -> we are a backup, try only better ones.
         for i, (host, addrs) in enumerate(resolved):

@@ -124,6 +124,14 @@ class Commands:
             return Reply(501, "5.1.8", f"Bad sender system address: {e}")
         return self._address_error(e, "sender")
 
+    def _qualified(self, path: str) -> str:
+        """C{<user>} as C{<user@qualify_domain>} where the listener qualifies bare names (local submission)."""
+        domain = self.host.settings.qualify_domain
+        inner = path.strip().removeprefix("<").removesuffix(">")
+        if domain is None or not inner or "@" in inner or ":" in inner:
+            return path
+        return f"<{inner}@{domain}>"
+
     def do_mail(self, arg: str) -> None:
         if self.host.session.helo is None:
             raise CommandError(*_fields(NEED_HELO))
@@ -144,7 +152,7 @@ class Commands:
             raise CommandError(501, "5.5.4", "Syntax: MAIL FROM:<address>")
         esmtp = parse_mail_params(parse_params(words), self.host.config.max_message_size)
         try:
-            sender = address.parse_path(path, allow_utf8=esmtp["smtputf8"])
+            sender = address.parse_path(self._qualified(path), allow_utf8=esmtp["smtputf8"])
         except address.AddressError as e:
             self.host.reply(self._sender_error(e))
             return
@@ -189,7 +197,7 @@ class Commands:
             mailbox = self.host.factory.policy.postmaster()
         else:
             try:
-                parsed = address.parse_path(path, allow_utf8=tx.smtputf8)
+                parsed = address.parse_path(self._qualified(path), allow_utf8=tx.smtputf8)
             except address.AddressError as e:
                 self.host.reply(self._address_error(e, "recipient"))
                 return

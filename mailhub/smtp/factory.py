@@ -51,7 +51,7 @@ def spool_free_space(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class SMTPServerFactory(protocol.Factory):
+class SMTPServerFactory(protocol.Factory[SMTPServer]):
     """
     Builds L{SMTPServer}s for one listener and counts their connections.
 
@@ -85,7 +85,7 @@ class SMTPServerFactory(protocol.Factory):
 
     noisy = False  # no "Starting factory" line at start and stop (mailhub/loglevel.py)
 
-    protocol = SMTPServer  # type: ignore[assignment]
+    protocol = SMTPServer
 
     def __init__(
         self,

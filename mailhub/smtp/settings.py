@@ -49,6 +49,10 @@ class SMTPSettings:
         below it (or below 1.5 x C{max_message_size}, or when SIZE= does
         not fit) MAIL is answered C{452 4.3.1} (Postfix queue_minfree).
         0: no check.
+    @ivar qualify_domain: a path without a domain (C{<root>}) gets
+        C{@qualify_domain} appended before it is parsed, as Postfix's
+        C{append_at_myorigin} does for local submission; C{None} (every
+        network listener): such a path is a syntax error.
     """
 
     server: ServerConfig
@@ -58,6 +62,7 @@ class SMTPSettings:
     received_auth_user: bool = False
     extension_separator: str = LocalConfig.extension_separator
     min_free_space: int = 0
+    qualify_domain: str | None = None
 
     def __post_init__(self) -> None:
         if self.sender_check not in SENDER_CHECKS:
