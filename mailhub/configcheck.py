@@ -24,7 +24,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 from mailhub.address import AddressError, normalize_domain
 
@@ -75,7 +75,7 @@ def show(value: Any) -> str:
     return str(value)
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -180,7 +180,7 @@ def check_endpoint(description: str) -> None:
     from twisted.internet.testing import MemoryReactor
 
     try:
-        endpoint = serverFromString(MemoryReactor(), description)
+        endpoint = serverFromString(MemoryReactor(), description)  # type: ignore[no-untyped-call]  # Twisted: unannotated
     except Exception as e:  # the parser raises ValueError, TypeError, KeyError...
         hint = ""
         if "multiple values" in str(e) and "::" in description:
@@ -386,11 +386,11 @@ def ip_addresses(value: Any) -> tuple[str, ...]:
     return items
 
 
-def choice(*allowed: str) -> Checker:
+def choice(*allowed: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in allowed:
             raise BadValue(f"must be one of {', '.join(repr(a) for a in allowed)}, got {show(value)}")
-        return value
+        return cast(str, value)  # equal to one of the allowed strings
 
     return check
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint, ITLSTransport
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -145,11 +145,17 @@ class SMTPClientProtocol(Protocol):
         self.usable = False
         self.connection: SMTPConnection | None = None
 
+    @property
+    def _tcp(self) -> ITLSTransport:
+        """C{transport}, typed: a TCP connection that can start TLS."""
+        assert self.transport is not None  # set by makeConnection, before connectionMade
+        return cast(ITLSTransport, self.transport)
+
     # -- connection -----------------------------------------------------------
 
     def connectionMade(self) -> None:
         if not self.factory.remote_ip:
-            peer = getattr(self.transport.getPeer(), "host", "")
+            peer = getattr(self._tcp.getPeer(), "host", "")
             self.remote_mta = f"{self.remote_name}[{peer}]:{self.factory.port}"
         d = Deferred.fromCoroutine(self._session())
         d.addBoth(self._session_done)
@@ -199,7 +205,7 @@ class SMTPClientProtocol(Protocol):
         self.usable = False
         if not self._closed:
             self._closed = True
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
             # Some transports (StringTransport) do not call connectionLost.
             self.connectionLost(Failure(self._failure))
 
@@ -382,7 +388,7 @@ class SMTPClientProtocol(Protocol):
             raise self._local_error("4.7.5", f"cannot set up TLS for {self.remote_mta}: {e}", tls_failed=True)
         self.extensions = {}
         self._tls_pending = True
-        self.transport.startTLS(creator)
+        self._tcp.startTLS(creator)
         try:
             await self._hello()
         except ConnectionBroken as e:
@@ -457,7 +463,7 @@ class SMTPClientProtocol(Protocol):
                 self._write("QUIT")
                 self._closed = True
                 self._cancel_timers()
-                self.transport.loseConnection()
+                self._tcp.loseConnection()
             if not ready.called:
                 ready.errback(err)
             return
@@ -634,7 +640,7 @@ class SMTPClientProtocol(Protocol):
             if not self._closed:
                 self._closed = True
                 self._cancel_timers()
-                self.transport.loseConnection()
+                self._tcp.loseConnection()
 
         return Deferred.fromCoroutine(quit_())
 

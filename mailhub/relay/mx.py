@@ -22,11 +22,11 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.names import cache, dns, resolve
 from twisted.names import client as dnsclient
 from twisted.names import error as dnserror
 from twisted.names import hosts as hostsmodule
+from twisted.python.failure import Failure
 
 from mailhub.address import normalize_domain
 from mailhub.envelope import PERMANENT, TEMPORARY, Outcome

@@ -53,10 +53,11 @@ intermediate C{354} (RFC 3463 defines no class 3).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -103,6 +104,22 @@ NOT_IMPLEMENTED = {"ETRN", "TURN", "ATRN", "SEND", "SOML", "SAML"}
 #: Replies to pipelined commands are held back and sent together (see
 #: L{SMTPServer.send}) up to this many bytes at a time.
 REPLY_BATCH = 4096
+
+
+class _Transport(TypingProtocol):
+    """
+    What a session uses of its transport (TCP, or TLS over TCP): a
+    connection, a consumer the session is registered on as a streaming
+    producer, and a producer of the client's bytes.
+    """
+
+    def getPeer(self) -> IAddress: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener, IPushProducer)
@@ -159,6 +176,12 @@ class SMTPServer(protocol.Protocol):
         )
         self.commands = Commands(self)
 
+    @property
+    def _tcp(self) -> _Transport:
+        """C{transport}, typed for what the session does with it."""
+        assert self.transport is not None  # set by makeConnection, before connectionMade
+        return cast(_Transport, self.transport)
+
     # -- the factory's view ------------------------------------------------------------------------
 
     @property
@@ -179,7 +202,7 @@ class SMTPServer(protocol.Protocol):
     # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.session.client_ip = getattr(self.transport.getPeer(), "host", "")
+        self.session.client_ip = getattr(self._tcp.getPeer(), "host", "")
         if not self.factory.admit(self.session.client_ip):
             # Postfix's anvil warns about each connection over a limit; here
             # it is a reject event (metrics: rejected_total{reason}) saying which limit.
@@ -201,7 +224,7 @@ class SMTPServer(protocol.Protocol):
             "connect from [{client}] listener={listener} tls={tls}",
             client=self.session.client_ip, listener=self.session.listener, tls=self.session.tls,
         )
-        self.transport.registerProducer(self, True)
+        self._tcp.registerProducer(self, True)
         self.pacer.start()
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             self.pacer.handshake_started()  # implicit TLS: the greeting waits for the handshake
@@ -311,21 +334,21 @@ class SMTPServer(protocol.Protocol):
         # producer is registered, and a TCP transport whose buffer drains
         # resumes a paused producer instead of closing.
         if self._counted:
-            self.transport.unregisterProducer()
+            self._tcp.unregisterProducer()
         if self.pacer.handshaking:
             # A TLS layer whose handshake never completes keeps replies
             # buffered and never closes (loseConnection waits for them).
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
             return
-        self.transport.loseConnection()
+        self._tcp.loseConnection()
 
     # -- deadlines and flow control (called by the pacer) ---------------------------------------------
 
     def _reading(self, on: bool) -> None:
         if on:
-            self.transport.resumeProducing()
+            self._tcp.resumeProducing()
         else:
-            self.transport.pauseProducing()
+            self._tcp.pauseProducing()
 
     def _update_reading(self) -> None:
         if self._closed or self._eof:
