@@ -288,6 +288,8 @@ def test_memory_is_flat_over_many_sessions(tmp_path, ending):
     for i in range(200):
         ip = f"192.0.2.{i % 250 + 1}"
         server.session(scripts[ending], ip)
-    assert _live_sessions() == baseline
+    # another test's session may still be waiting for the collector at the
+    # start, and be gone at the end: none of these 200 is left
+    assert _live_sessions() <= baseline
     f = server.h.factory
     assert (f.connections, f.per_ip, f.sessions) == (0, {}, set())
