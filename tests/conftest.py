@@ -23,7 +23,7 @@ from twisted.internet import threads
 from twisted.logger import formatEvent, globalLogPublisher
 
 # daemon_user: the throwaway system user of the end-to-end tests run as root
-pytest_plugins = ["accounts"]
+pytest_plugins = ["accounts", "usersfile"]
 
 
 @pytest.fixture(scope="session")

@@ -10,43 +10,16 @@ import base64
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, task
+from usersfile import result_of, sync_run
 
 from mailhub.smtp import sasl as auth
 from mailhub.smtp.sasl import AuthThrottle, SASLError, SASLExchange, decode_login, decode_plain
-from mailhub.users import UsersChecker, UsersFile
-
-ROUNDS = 4
+from mailhub.users import UsersChecker
 
 
 def b64(data: bytes) -> bytes:
     return base64.b64encode(data)
 
-
-def sync_run(f, *args, **kwargs) -> defer.Deferred:
-    """deferToThread stand-in: runs at once, in this thread."""
-    return defer.maybeDeferred(f, *args, **kwargs)
-
-
-def result_of(d: defer.Deferred):
-    results, failures = [], []
-    d.addCallbacks(results.append, failures.append)
-    if failures:
-        failures[0].raiseException()
-    assert results, "Deferred has not fired"
-    return results[0]
-
-
-@pytest.fixture
-def clock():
-    c = task.Clock()
-    c.advance(1000)
-    return c
-
-
-@pytest.fixture
-def users(tmp_path, clock):
-    return UsersFile(str(tmp_path / "users"), clock=clock, rounds=ROUNDS)
 
 
 

@@ -14,41 +14,12 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer, task
+from twisted.internet import defer
+from usersfile import ROUNDS, result_of, sync_run
 from zope.interface import implementer
 
 from mailhub import users as auth
 from mailhub.users import UnknownUser, UserExists, UsersChecker, UsersFile, owns_sender
-
-ROUNDS = 4
-
-
-def sync_run(f, *args, **kwargs) -> defer.Deferred:
-    """deferToThread stand-in: runs at once, in this thread."""
-    return defer.maybeDeferred(f, *args, **kwargs)
-
-
-def result_of(d: defer.Deferred):
-    results, failures = [], []
-    d.addCallbacks(results.append, failures.append)
-    if failures:
-        failures[0].raiseException()
-    assert results, "Deferred has not fired"
-    return results[0]
-
-
-@pytest.fixture
-def clock():
-    c = task.Clock()
-    c.advance(1000)
-    return c
-
-
-@pytest.fixture
-def users(tmp_path, clock):
-    return UsersFile(str(tmp_path / "users"), clock=clock, rounds=ROUNDS)
-
-
 
 # -- file format ----------------------------------------------------------------
 
