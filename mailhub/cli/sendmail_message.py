@@ -19,7 +19,6 @@ import email.utils
 import os
 import pwd
 import re
-import secrets
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from mailhub.address import AddressError, parse_mailbox
+from mailhub.rfc5322 import field_name, is_field_line, missing_fields
 
 __all__ = [
     "MAX_HEADER_SECTION", "ADDRESS_HEADERS", "RESENT_HEADERS", "Composed", "compose_message",
@@ -211,8 +211,6 @@ def dedupe(addresses: Iterable[str]) -> list[str]:
 
 # -- the message ----------------------------------------------------------------------------
 
-_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
 #: Address headers whose bare local names get @origin (Postfix cleanup's
 #: sender and recipient header classes, header_opts.c; Return-Path aside).
 ADDRESS_HEADERS = frozenset({
@@ -284,8 +282,8 @@ def compose_message(
             break
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1][1].append(line)
-        elif _FIELD.match(line) and size <= MAX_HEADER_SECTION:
-            fields.append((line.split(b":", 1)[0].strip().lower(), [line]))
+        elif is_field_line(line) and size <= MAX_HEADER_SECTION:
+            fields.append((field_name(line), [line]))
         else:
             body_start.append(line)  # not a header: the body starts here
             break
@@ -304,11 +302,8 @@ def compose_message(
             added.append(f"{resent}From: {email.utils.formataddr((fullname or '', sender))}\n")
         else:
             added.append(f"{resent}From: MAILER-DAEMON@{origin}\n")
-    if resent.lower().encode() + b"date" not in names:
-        added.append(f"{resent}Date: {email.utils.formatdate(now, localtime=True)}\n")
-    if resent.lower().encode() + b"message-id" not in names:
-        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
-        added.append(f"{resent}Message-ID: <{stamp}.{secrets.token_hex(8)}@{hostname}>\n")
+    when = time.time() if now is None else now
+    added.extend(f + "\n" for f in missing_fields(names, hostname, when, prefix=resent, localtime=True))
     head = b"".join(kept) + "".join(added).encode("utf-8")
 
     def chunks() -> Iterator[bytes]:
