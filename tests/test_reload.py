@@ -127,3 +127,18 @@ def test_sighup_schedules_the_reload_in_the_reactor():
         restore()
     assert len(calls) == 1
     calls[0]()
+
+
+def test_restart_keys_are_compared_with_what_runs(tmp_path):
+    """
+    A listener changed in the file waits for a restart, and is named at
+    every reload until then; put back to the running value it needs nothing.
+    """
+    started = _config(tmp_path)
+    moved = dataclasses.replace(started, server=dataclasses.replace(started.server, smtp=("tcp:2526",)))
+    files = [moved, moved, started]
+    live = Live(started, directory=Component("old"))
+    reloader = Reloader(live, lambda: files.pop(0), lambda config, running: {"directory": Component("new")})
+    assert reloader.reload().summary() == "configuration reloaded: no change applied; needs a restart: server.smtp"
+    assert reloader.reload().summary() == "configuration reloaded: no change applied; needs a restart: server.smtp"
+    assert reloader.reload().summary() == "configuration reloaded: no change applied"

@@ -68,8 +68,12 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def _restart_only(key: str, fixed: tuple[str, ...] = ()) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in (*RESTART_KEYS, *fixed))
+
+
 def needs_restart(key: str, old: Config, new: Config, fixed: tuple[str, ...] = ()) -> bool:
-    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in (*RESTART_KEYS, *fixed)):
+    if _restart_only(key, fixed):
         return True
     if key in PROCESS_KEYS and old.local.delivery_processes:
         return True
@@ -179,6 +183,9 @@ class Reloader:
         fixed: tuple[str, ...] = (),
     ) -> None:
         self.live = live
+        #: the configuration the daemon started with: what its listeners,
+        #: spool and other restart-only settings really are
+        self.started = live.config
         self.fixed = fixed
         self.load = load
         self.build = build
@@ -204,10 +211,13 @@ class Reloader:
             new = self.load()
         except ConfigError as e:
             return Outcome(False, str(e))
-        changed = changed_keys(old, new)
-        restart = tuple(k for k in changed if needs_restart(k, old, new, self.fixed))
+        # Restart-only keys are compared with what runs (the configuration
+        # the daemon started with), so a key put back needs nothing and one
+        # still waiting is named at every reload until the restart.
+        restart = tuple(k for k in changed_keys(self.started, new) if needs_restart(k, self.started, new, self.fixed))
+        changed = [k for k in changed_keys(old, new) if k not in restart and not _restart_only(k, self.fixed)]
         if not changed:
-            return Outcome(True)
+            return Outcome(True, changed=restart, restart=restart)
         try:
             components = self.build(new, self.live)
         except (ConfigError, ValueError, OSError) as e:
@@ -216,7 +226,7 @@ class Reloader:
         self.live.swap(new, **components)
         if self.retire is not None:
             self.retire({k: v for k, v in replaced.items() if v is not components[k]})
-        return Outcome(True, changed=tuple(changed), restart=restart)
+        return Outcome(True, changed=(*changed, *restart), restart=restart)
 
 
 def install_sighup(reload: Callable[[], Any], reactor: Any) -> Callable[[], None]:
