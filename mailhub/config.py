@@ -62,6 +62,7 @@ from mailhub.configschema import (
 __all__ = [
     "ConfigError",
     "check_maildir_name",
+    "default_hostname",
     "ServerConfig",
     "SpoolConfig",
     "LocalConfig",
@@ -238,7 +239,7 @@ def load_config(
         for key, below in data_dir_defaults(cls).items():
             values[name].setdefault(key, os.path.join(data_root, below))
     server, spool, local, relay = values["server"], values["spool"], values["local"], values["relay"]
-    server.setdefault("hostname", socket.getfqdn())
+    server.setdefault("hostname", default_hostname())
 
     _check_local(where, local)
     _readable_file(where, "local.aliases", local.get("aliases"))
@@ -434,3 +435,18 @@ def format_config(config: Config) -> str:
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def default_hostname() -> str:
+    """
+    The host's name for C{server.hostname}: its fully qualified name, or
+    its plain host name where name resolution gives only C{localhost} (an
+    /etc/hosts that lists C{127.0.0.1 localhost} first), as Postfix's
+    C{myhostname} comes from C{gethostname()}.  A greeting, trace header or
+    HELO saying C{localhost} is refused by many mail exchangers.
+    """
+    fqdn = socket.getfqdn()
+    if fqdn.split(".", 1)[0] != "localhost":
+        return fqdn
+    name = socket.gethostname()
+    return name if name and name.split(".", 1)[0] != "localhost" else fqdn

@@ -86,7 +86,7 @@ def key(
 
 @dataclass(frozen=True)
 class ServerConfig:
-    hostname: str = key(checker=check.domain)  # the loader's default: socket.getfqdn()
+    hostname: str = key(checker=check.domain)  # the loader's default: config.default_hostname()
     smtp: tuple[str, ...] = key(("tcp:8025:interface=127.0.0.1",), check.endpoints)
     max_message_size: int = key(10240000, check.positive_int)  # bytes, Postfix message_size_limit
     max_recipients: int = key(1000, check.positive_int)  # Postfix smtpd_recipient_limit

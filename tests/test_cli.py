@@ -641,10 +641,12 @@ def test_commands_import_only_what_they_need(tmp_path):
     assert r.stdout == "0 []\n", r.stderr
 
 
-def test_version(capsys):
+@pytest.mark.parametrize("args", [["--version"], ["user", "--version"], ["queue", "list", "--version"], ["log", "--version"]])
+def test_version(capsys, args):
+    """Every command's --version is mailhub's, not Twisted's (usage.Options' own)."""
     from mailhub import __version__
 
     with pytest.raises(SystemExit) as e:
-        main(["--version"])
+        main(args)
     assert e.value.code == 0
     assert capsys.readouterr().out == f"mailhub {__version__}\n"

@@ -8,7 +8,6 @@ single values are in test_config_values.py.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 from configfiles import error_of, write
@@ -23,6 +22,7 @@ from mailhub.config import (
     ServerConfig,
     SpoolConfig,
     SubmissionConfig,
+    default_hostname,
     find_config_file,
     format_config,
     load_config,
@@ -37,7 +37,7 @@ def test_embedded_defaults(tmp_path, monkeypatch):
     c = load_config(None)
     data = os.path.join(str(tmp_path), "mailhub-data")
     assert c == Config(
-        server=ServerConfig(hostname=socket.getfqdn(), event_log=os.path.join(data, "events.jsonl")),
+        server=ServerConfig(hostname=default_hostname(), event_log=os.path.join(data, "events.jsonl")),
         spool=SpoolConfig(path=os.path.join(data, "spool")),
         local=LocalConfig(mailboxes=os.path.join(data, "mailboxes")),
         relay=RelayConfig(),
@@ -75,7 +75,7 @@ def test_empty_file_is_defaults(tmp_path, monkeypatch):
     c = load_config(path)
     assert c.source == path
     assert c.spool.path == str(work / "mailhub-data" / "spool")
-    assert c.server == ServerConfig(hostname=socket.getfqdn(), event_log=str(work / "mailhub-data" / "events.jsonl"))
+    assert c.server == ServerConfig(hostname=default_hostname(), event_log=str(work / "mailhub-data" / "events.jsonl"))
 
 
 FULL = """
@@ -183,7 +183,7 @@ def test_overrides_win_over_file(tmp_path, monkeypatch):
 
 def test_overrides_none_ignored(tmp_path):
     c = load_config(None, {"server.hostname": None})
-    assert c.server.hostname == socket.getfqdn()
+    assert c.server.hostname == default_hostname()
 
 
 # -- finding the file ----------------------------------------------------------------------
@@ -543,3 +543,20 @@ def test_missing_data_dir_is_created_by_the_daemon(tmp_path):
 def test_aliases_that_is_a_directory(tmp_path):
     path = write(tmp_path, f'[local]\naliases = "{tmp_path}"\n')
     assert error_of(path) == f"{path}: local.aliases: not a regular file {tmp_path}"
+
+
+@pytest.mark.parametrize(
+    "fqdn,host,expected",
+    [
+        ("mx.example.org", "mx", "mx.example.org"),
+        ("localhost", "vm", "vm"),  # /etc/hosts lists 127.0.0.1 localhost first
+        ("localhost.localdomain", "vm.example.org", "vm.example.org"),
+        ("localhost", "localhost", "localhost"),
+    ],
+)
+def test_default_hostname_is_never_localhost_when_the_host_has_a_name(monkeypatch, fqdn, host, expected):
+    from mailhub.config import default_hostname
+
+    monkeypatch.setattr("mailhub.config.socket.getfqdn", lambda: fqdn)
+    monkeypatch.setattr("mailhub.config.socket.gethostname", lambda: host)
+    assert default_hostname() == expected

@@ -47,3 +47,10 @@ class Command(usage.Options):
 
     def getSynopsis(self) -> str:
         return self.synopsis
+
+    def opt_version(self) -> None:
+        """Print the mailhub version and exit."""
+        from mailhub import __version__
+
+        print(f"mailhub {__version__}")
+        raise SystemExit(0)

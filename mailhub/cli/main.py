@@ -91,12 +91,7 @@ class Options(usage.Options):
         ["reload", None, ReloadOptions, "Make the running daemon re-read its configuration file."],
     ]
 
-    def opt_version(self) -> None:
-        """Print the mailhub version and exit."""
-        from mailhub import __version__
-
-        print(f"mailhub {__version__}")
-        raise SystemExit(0)
+    opt_version = Command.opt_version
 
     def opt_C(self, path: str) -> None:
         """Configuration file (as -c; the sendmail spelling)."""

@@ -18,7 +18,6 @@ import errno
 import os
 import pwd
 import secrets
-import socket
 import stat
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -27,6 +26,7 @@ from twisted.application import service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailhub.config import default_hostname
 from mailhub.envelope import Envelope, Recipient
 from mailhub.maillog import mail_event
 from mailhub.queue.pickupfile import (
@@ -130,7 +130,7 @@ class PickupService(service.Service):
         self.clock = clock
         self.max_size = max_size
         self.resolve_recipient = resolve_recipient
-        self.hostname = hostname or socket.getfqdn()
+        self.hostname = hostname or default_hostname()
         self.notifier_factory = notifier_factory
         self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
