@@ -28,7 +28,7 @@ from smtpharness import (
     strip_received,
 )
 from smtpharness import TwoDomainHarness as Harness
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mailhub.queue.spool import SpoolWriter
 from mailhub.smtp.proto import (
@@ -732,3 +732,21 @@ def test_reset_session_forgets_helo(h):
     assert c.send("MAIL FROM:<>\r\n") == MAIL_OK
     c.proto.reset_session()
     assert c.send("MAIL FROM:<>\r\n") == "503 5.5.1 Error: send HELO/EHLO first\r\n"
+
+
+@pytest.mark.parametrize(
+    "body,reply,reason",
+    [
+        (b"Subject: hi\r\n\r\nbare\nline\r\n.\r\n", BARE, "bare_line_ending"),
+        (b"Subject: hi\r\n\r\n" + b"x" * 3000 + b"\r\n.\r\n", "552 5.3.4 Error: message size exceeds fixed limit\r\n",
+         "too_large"),
+    ],
+)
+def test_a_message_refused_at_the_end_of_data_is_logged_with_its_reason(tmp_path, events, body, reply, reason):
+    h = Harness(tmp_path, max_message_size=2000)
+    c = h.connect()
+    c.send("EHLO client.test\r\n")
+    assert send_message(c, body) == reply
+    [event] = [e for e in events if e.get("mail_event") == "reject"]
+    assert event["reason"] == reason and event["code"] == int(reply[:3])
+    assert formatEvent(event).startswith(f"NOQUEUE: reject: DATA from [{FOREIGN}]: {reply[:9]}")

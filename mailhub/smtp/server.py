@@ -76,6 +76,7 @@ from mailhub.smtp.proto import (
     MAX_AUTH_LINE,
     MAX_LINE,
     MAX_MAIL_LINE,
+    TOO_BIG,
     CommandError,
     Reply,
     format_reply,
@@ -84,7 +85,7 @@ from mailhub.smtp.proto import (
 )
 from mailhub.smtp.stats import UNKNOWN, CommandCounts
 from mailhub.smtp.tlsauth import TLSAuth
-from mailhub.smtp.transaction import LOCAL_ERROR, TOO_MANY_HOPS, Transaction
+from mailhub.smtp.transaction import BARE_LINE_ENDING, LOCAL_ERROR, TOO_MANY_HOPS, Transaction
 
 if TYPE_CHECKING:
     from mailhub.smtp.factory import SMTPServerFactory
@@ -92,6 +93,9 @@ if TYPE_CHECKING:
 __all__ = ["SMTPServer", "REPLY_BATCH"]
 
 log = Logger()
+
+#: Why a message was refused at the end of its data (the reject event's reason, a metrics label).
+_DATA_REASONS = {BARE_LINE_ENDING: "bare_line_ending", TOO_BIG: "too_large", LOCAL_ERROR: "local_error"}
 
 #: Control characters never allowed in a command line (TAB is tolerated).
 _BAD_COMMAND_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -687,6 +691,14 @@ class SMTPServer(protocol.Protocol):
                     "NOQUEUE: reject: DATA from [{client}]: {code} {enhanced} {text}; hops={hops} from=<{sender}>",
                     client=session.client_ip, code=outcome.code, enhanced=outcome.enhanced,
                     text=outcome.text, hops=tx.hops.count, sender=tx.sender, reason="too_many_hops",
+                )
+            else:
+                # the message's content was refused: the log says why, as for MAIL and RCPT
+                mail_event(
+                    "reject",
+                    "NOQUEUE: reject: DATA from [{client}]: {code} {enhanced} {text}; size={size} from=<{sender}>",
+                    client=session.client_ip, code=outcome.code, enhanced=outcome.enhanced,
+                    text=outcome.text, size=tx.size, sender=tx.sender, reason=_DATA_REASONS.get(outcome, "other"),
                 )
             self.reply(outcome)
             return
