@@ -213,15 +213,20 @@ def test_two_authorization_headers_are_refused(env):
 @pytest.mark.parametrize(
     "query, message, error",
     [
-        ("", b"From: alice@example.com\r\nTo: " + b"(" * 5000 + b"\r\n\r\nx\r\n", "cannot read the addresses"),
-        ("?from=alice@example.com&to=" + "a" * 5000 + "@example.org", b"Subject: x\r\n\r\nx\r\n", "local part too long"),
-        ("?from=%ff%fe&to=bob@example.org", b"Subject: x\r\n\r\nx\r\n", "invalid sender"),
+        # Python's email package either gives up (RecursionError: "cannot
+        # read the addresses") or, in some 3.11 releases, finds no address
+        # in the comments ("no recipients"); both are the client's error
+        ("", b"From: alice@example.com\r\nTo: " + b"(" * 5000 + b"\r\n\r\nx\r\n",
+         ("cannot read the addresses", "no recipients")),
+        ("?from=alice@example.com&to=" + "a" * 5000 + "@example.org", b"Subject: x\r\n\r\nx\r\n",
+         ("local part too long",)),
+        ("?from=%ff%fe&to=bob@example.org", b"Subject: x\r\n\r\nx\r\n", ("invalid sender",)),
     ],
     ids=["nested-comments", "long-recipient", "bad-sender"],
 )
 def test_raw_messages_with_unreadable_addresses_are_400(env, query, message, error):
     r = env.request("POST", "/v1/messages" + query, message, {"Content-Type": "message/rfc822"}, token=env.alice)
     assert r.status == 400, r.raw
-    assert error in r.json()["error"]
+    assert any(text in r.json()["error"] for text in error), r.json()
     assert len(r.body) < 300  # the client's input is not echoed in full
     assert env.spool.queue_ids() == []
