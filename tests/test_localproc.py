@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import in_reactor
@@ -19,6 +20,7 @@ from daemon import Daemon, config_text, delivered_with, message, send
 from deliveryharness import DOMAIN, MESSAGE, directory_args, maildir_messages
 from peers import wait_for
 from twisted.internet import defer
+from twisted.logger import LogLevel
 
 from mailhub.config import load_config
 from mailhub.delivery import localproc
@@ -474,3 +476,45 @@ def test_the_child_is_given_the_directory_that_holds_the_package():
     import mailhub
 
     assert os.path.samefile(os.path.join(localproc._PACKAGE_ROOT, "mailhub"), os.path.dirname(mailhub.__file__))
+
+
+def delivery_children() -> list[int]:
+    """Delivery processes whose parent is this test process."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                ppid = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, StopIteration):
+            continue
+        if ppid == os.getpid() and b"mailhub.delivery.localchild" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_reconfigure_replaces_each_process_once_and_logs_no_error(reactor, pool, tmp_path, events):
+    """
+    New settings (a configuration reload): each old process finishes and
+    ends, its slot is taken by one new process at once, and an old one's
+    end is no failure: no error line, and no second replacement started
+    for a slot that has one (which would leave an untracked process).
+    """
+    path = queued(tmp_path)
+    old = in_reactor(reactor, lambda: [c.transport.pid for c in pool.children])
+    settings = localproc.settings_for(directory_args(tmp_path), "mx.example.test", True)
+    in_reactor(reactor, pool.reconfigure, settings)
+    for pid in old:
+        wait_for(lambda pid=pid: gone(pid), 20, "the old process to end")
+    # longer than any restart delay a wrongly scheduled replacement would wait
+    time.sleep(1.5)  # part of the scenario: nothing may happen meanwhile
+    new = in_reactor(reactor, lambda: [c.transport.pid for c in pool.children if c is not None and c.running])
+    assert len(new) == 2 and not set(new) & set(old)
+    alive = [p for p in delivery_children() if not gone(p)]
+    assert sorted(alive) == sorted(new)  # nothing untracked is left running
+    assert not [e for e in events if e.get("log_level") == LogLevel.error and "ended" in str(e.get("log_format"))]
+    [o] = deliver(reactor, pool, "15NXRRRRRRRRRRRRR", [f"alice@{DOMAIN}"], path)
+    assert o.kind == "delivered"

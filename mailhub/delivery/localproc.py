@@ -227,7 +227,9 @@ class _Child(protocol.ProcessProtocol):
         if self._err.strip():
             self.errReceived(b"\n")
         failed, self.inflight = list(self.inflight.values()), {}
-        if failed or not self.pool.stopping:
+        if self.retiring and not failed:
+            log.info("local delivery process {pid} ended: replaced for new settings", pid=self._pid())
+        elif failed or not self.pool.stopping:
             log.error(
                 "local delivery process {pid} ended ({why}); {count} delivery attempt(s) in flight tried again later",
                 pid=self._pid(), why=why, count=len(failed),
@@ -369,8 +371,11 @@ class LocalDeliveryProcesses(service.Service):
             )
 
     def _ended(self, child: _Child) -> None:
-        if self.children[child.slot] is child:
-            self.children[child.slot] = None
+        if self.children[child.slot] is not child:
+            # a retired child (reconfigure): its slot has its replacement already
+            self._dispatch()
+            return
+        self.children[child.slot] = None
         if not self.stopping:
             # a child that answered nothing (crashed at start, or on its
             # first request) restarts later and later
