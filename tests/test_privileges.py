@@ -192,7 +192,7 @@ def test_a_spool_the_user_cannot_reach_is_one_line(open_dir):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory away needs root")
-def test_the_event_logs_directory_is_the_users_where_mailhub_rotates_it(open_dir):
+def test_the_event_logs_directory_is_the_users_where_mailhub_rotates_it(open_dir, monkeypatch):
     """
     The default event log (DATA/events.jsonl) is rotated by the daemon after
     it switched users: a missing data directory is created for the user
@@ -204,6 +204,7 @@ def test_the_event_logs_directory_is_the_users_where_mailhub_rotates_it(open_dir
     from mailhub.config import load_config
     from mailhub.daemon.privileges import prepare_for
 
+    monkeypatch.setattr("mailhub.daemon.privileges.check_runnable", lambda user: None)  # not what is tested here
     nobody = pwd.getpwnam("nobody")
     user = RunAs("nobody", nobody.pw_uid, nobody.pw_gid)
     data = open_dir / "data"
@@ -225,3 +226,35 @@ def test_the_event_logs_directory_is_the_users_where_mailhub_rotates_it(open_dir
     by_logrotate = dataclasses.replace(other, server=dataclasses.replace(other.server, event_log_max_size=0))
     prepare_for(by_logrotate, user)
     assert os.stat(root_owned / "events.jsonl").st_uid == nobody.pw_uid  # the file itself is the user's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs files the other user cannot use")
+def test_an_interpreter_or_package_the_user_cannot_use_stops_the_start(open_dir):
+    """
+    The daemon imports modules and starts delivery processes after the
+    switch: an interpreter behind a 0700 directory, or not executable by
+    the user, or a package it cannot read, is one line at start, not mail
+    accepted and never delivered.
+    """
+    from mailhub.daemon.privileges import check_runnable
+
+    nobody = pwd.getpwnam("nobody")
+    user = RunAs("nobody", nobody.pw_uid, nobody.pw_gid)
+    public, private = open_dir / "public", open_dir / "private"
+    public.mkdir(mode=0o755)
+    private.mkdir(mode=0o700)
+    for d in (public, private):
+        (d / "python").write_bytes(b"")
+        os.chmod(d / "python", 0o755)
+        (d / "__init__.py").write_bytes(b"")
+        os.chmod(d / "__init__.py", 0o644)
+    check_runnable(user, str(public / "python"), str(public / "__init__.py"))
+    with pytest.raises(PrivilegeError, match=r"nobody cannot reach .*private/python: .*private is mode 0700"):
+        check_runnable(user, str(private / "python"), str(public / "__init__.py"))
+    os.chmod(public / "python", 0o700)
+    with pytest.raises(PrivilegeError, match=r"nobody cannot run .*public/python \(mode 0700\)"):
+        check_runnable(user, str(public / "python"), str(public / "__init__.py"))
+    os.chmod(public / "python", 0o755)
+    os.chmod(public / "__init__.py", 0o600)
+    with pytest.raises(PrivilegeError, match=r"nobody cannot read .*public/__init__.py \(mode 0600\)"):
+        check_runnable(user, str(public / "python"), str(public / "__init__.py"))

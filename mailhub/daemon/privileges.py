@@ -38,6 +38,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 __all__ = [
+    "check_runnable",
     "NoDefaultUser",
     "DEFAULT_USER",
     "PrivilegeError",
@@ -251,6 +252,43 @@ def _check_path(key: str, path: str, user: RunAs) -> None:
             )
 
 
+def check_runnable(user: RunAs, executable: str | None = None, package: str | None = None) -> None:
+    """
+    The interpreter and mailhub's own files must be usable by C{user}
+    after the switch: the daemon imports modules later and starts its
+    delivery processes as that user.  An interpreter under a home directory
+    of mode 0700 (a per-user Python) would let the daemon start and accept
+    mail it then cannot deliver.
+
+    @raise PrivilegeError: one line naming the file and what is missing.
+    """
+    import sys
+
+    import mailhub
+
+    executable = os.path.realpath(executable or sys.executable)
+    package = os.path.realpath(package or os.path.join(os.path.dirname(mailhub.__file__), "__init__.py"))
+    for path, what, bits in (
+        (executable, "run", (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)),
+        (package, "read", (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)),
+    ):
+        _check_path("server.user", path, user)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise PrivilegeError(f"server.user: cannot check {path}: {e.strerror or e}") from None
+        try:
+            groups = set(os.getgrouplist(user.name, user.gid))
+        except OSError:
+            groups = {user.gid}
+        bit = bits[0] if st.st_uid == user.uid else bits[1] if st.st_gid in groups else bits[2]
+        if not st.st_mode & bit:
+            raise PrivilegeError(
+                f"server.user: {user.name} cannot {what} {path} (mode {stat.S_IMODE(st.st_mode):04o}): "
+                "install mailhub where that user can use it (for example a venv made with /usr/bin/python3)"
+            )
+
+
 def _prepare_directory(key: str, path: str, user: RunAs, mode: int) -> None:
     try:
         st = os.stat(path)
@@ -314,6 +352,7 @@ def prepare_for(config: Any, user: RunAs) -> None:
 
     @raise PrivilegeError: something belongs to someone else, or cannot be created.
     """
+    check_runnable(user)
     event_log = config.server.event_log
     if event_log and config.server.event_log_max_size:
         # mailhub rotates the event log itself: its directory (by default the
