@@ -287,6 +287,8 @@ def test_memory_is_flat_over_many_sessions(tmp_path, ending):
     for i in range(200):
         ip = f"192.0.2.{i % 250 + 1}"
         server.session(scripts[ending], ip)
-    assert _live_sessions() == baseline
+    # At most the baseline: sessions of earlier tests may still be referenced when it is taken
+    # (a traceback, a fixture) and be collected by now; none of these 200 may stay alive.
+    assert _live_sessions() <= baseline
     f = server.h.factory
     assert (f.connections, f.per_ip, f.sessions) == (0, {}, set())

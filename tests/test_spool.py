@@ -509,6 +509,29 @@ def test_large_message_spills_to_tmp(spool):
     assert listing(spool)["tmp"] == []
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_queue_file_is_private_whatever_the_umask(spool, size):
+    """A queue file is mode 0600 under a permissive umask, whether it was written at commit or spilled to tmp/."""
+    old = os.umask(0)
+    try:
+        env = commit(spool, BODY if size == "small" else b"x" * (spool_module.MEMORY_LIMIT + 1))
+    finally:
+        os.umask(old)
+    assert os.stat(spool.message_path(env.queue_id)).st_mode & 0o777 == 0o600
+
+
+def test_spilling_never_writes_through_an_existing_tmp_file(spool):
+    """The tmp/ file a large message spills to is created exclusively: a file (or link) already there is refused."""
+    w = spool.new_message()
+    planted = os.path.join(spool.path, "tmp", w.queue_id + ".msg")
+    with open(planted, "wb") as f:
+        f.write(b"planted")
+    with pytest.raises(FileExistsError):
+        w.write(b"x" * (spool_module.MEMORY_LIMIT + 1))
+    with open(planted, "rb") as f:
+        assert f.read() == b"planted"
+
+
 def test_large_message_abort_removes_tmp(spool):
     w = spool.new_message()
     w.write(b"x" * (spool_module.MEMORY_LIMIT + 1))
