@@ -625,6 +625,41 @@ def test_remover_keeps_envelope_when_fsync_fails(tmp_path, monkeypatch):
     assert spool.recover() == [] and listing(spool) == EMPTY  # the orphan goes at the next start
 
 
+def test_remover_goes_on_after_a_queue_file_it_cannot_unlink(tmp_path, monkeypatch):
+    """
+    A queue file that cannot be unlinked stays queued (updatable, found at the next start); the other
+    messages of the same batch are still removed, and the remover forgets every id it has dealt with.
+    """
+    import threading
+
+    spool = Spool(str(tmp_path / "spool"))
+    first, stuck, other, plain = commit(spool), commit(spool), commit(spool), commit(spool)
+    for env in (first, stuck, other):
+        spool.update(env)
+    gate = threading.Event()
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        if path == spool.message_path(first.queue_id):
+            gate.wait(5)  # hold the remover in its first batch while the others are queued behind it
+        if path == spool.message_path(stuck.queue_id):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(spool_module.os, "unlink", unlink)
+    spool.remove(first.queue_id)
+    for env in (stuck, other, plain):  # one batch: stuck first
+        spool.remove(env.queue_id)
+    gate.set()
+    spool.drain()
+    monkeypatch.undo()
+    assert listing(spool)["queue"] == [stuck.queue_id]
+    assert listing(spool)["envelopes"] == [stuck.queue_id + ".json"]
+    assert spool._removing == set()
+    spool.update(stuck)  # still queued: not taken for a message being removed
+    assert [e.queue_id for e in spool.recover()] == [stuck.queue_id]
+
+
 def test_update_while_removing_refused(tmp_path, monkeypatch):
     """An update racing a removal must not bring back a ghost envelope."""
     spool = Spool(str(tmp_path / "spool"))
