@@ -383,6 +383,32 @@ def test_recover_strange_file_names_quarantined(spool):
     assert listing(spool)["corrupt"] == ["notes.txt", "x.y"]
 
 
+def test_recover_goes_on_past_every_queue_file_it_sets_aside(spool, monkeypatch):
+    """
+    A strange name, an unreadable file, a message removed meanwhile and a message already done, each
+    sorted before a pending message: recovery deals with each and still returns the pending one.
+    """
+    with open(os.path.join(spool.path, "queue", "-strange"), "w") as f:  # sorts before every queue id
+        f.write("hello")
+    unreadable, vanished, done, pending = commit(spool), commit(spool), commit(spool), commit(spool)
+    done.recipients[0].state = DELIVERED
+    spool.update(done)
+    with open(spool.message_path(unreadable.queue_id), "r+b") as f:
+        f.truncate(5)
+    spool.update(vanished)
+    real_load = spool.load
+
+    def load(qid):
+        if qid == vanished.queue_id:
+            raise KeyError(qid)  # removed by the queue tool between the listing and the read
+        return real_load(qid)
+
+    monkeypatch.setattr(spool, "load", load)
+    assert spool.recover() == [pending]
+    assert listing(spool)["corrupt"] == ["-strange", unreadable.queue_id]
+    assert done.queue_id not in listing(spool)["queue"]
+
+
 def test_recover_done_envelope_removed(spool):
     env = commit(spool)
     env.recipients[0].state = DELIVERED
