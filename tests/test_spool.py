@@ -409,6 +409,14 @@ def test_recover_goes_on_past_every_queue_file_it_sets_aside(spool, monkeypatch)
     assert done.queue_id not in listing(spool)["queue"]
 
 
+def test_iterating_skips_an_unreadable_envelope_and_goes_on(spool):
+    bad, good = commit(spool), commit(spool)
+    spool.update(bad)
+    with open(spool.envelope_path(bad.queue_id), "wb") as f:
+        f.write(b"{not json")
+    assert list(spool) == [good]
+
+
 def test_recover_done_envelope_removed(spool):
     env = commit(spool)
     env.recipients[0].state = DELIVERED
