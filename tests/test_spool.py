@@ -595,11 +595,69 @@ def test_dirsync_one_fsync_covers_concurrent_callers():
     others = [threading.Thread(target=ds.sync, args=(slow_fsync,), name=f"o{i}") for i in range(8)]
     for t in others:
         t.start()
+    assert _waiting(ds, 8)  # every one waits for the running fsync instead of starting its own
     release.set()
     for t in [first] + others:
         t.join(5)
         assert not t.is_alive()
     assert len(calls) == 2 and ds.fsyncs == 2  # not 9
+
+
+def _waiting(ds: durable.DirSync, n: int) -> bool:
+    """Poll (with a deadline) until C{n} threads wait on C{ds}'s condition."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while len(ds._cond._waiters) != n:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_dirsync_failed_fsync_raises_in_every_caller_that_waited_for_it():
+    """Two callers arrive while an fsync runs; the next fsync, which covers both, fails: both see the error."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def fsync():
+        calls.append(1)
+        if len(calls) == 1:
+            started.set()
+            release.wait(5)
+        else:
+            raise OSError(5, "I/O error")
+
+    ds = durable.DirSync()
+    first = threading.Thread(target=ds.sync, args=(fsync,))
+    first.start()
+    assert started.wait(5)
+    outcomes: list[object] = []
+
+    def waiter():
+        try:
+            ds.sync(fsync)
+            outcomes.append("durable")
+        except OSError as e:
+            outcomes.append(e.errno)
+
+    waiters = [threading.Thread(target=waiter) for _ in range(2)]
+    for t in waiters:
+        t.start()
+    assert _waiting(ds, 2)
+    release.set()
+    for t in [first, *waiters]:
+        t.join(5)
+        assert not t.is_alive()
+    assert outcomes == [5, 5] and len(calls) == 2
+
+
+def test_dirsync_with_patience_still_fsyncs_when_nobody_else_does():
+    calls = []
+    durable.DirSync().sync(lambda: calls.append(1), patience=0.01)
+    assert calls == [1]
 
 
 def test_dirsync_error_reaches_every_waiter():
