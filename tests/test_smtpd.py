@@ -610,6 +610,8 @@ def test_bdat(h):
     received, rest = strip_received(h.message(qid))
     assert rest == b"hello" + body  # exact bytes, no unstuffing, nothing executed
     assert b"with ESMTP id" in received
+    # BDAT content is taken as sent, bare CR and LF included: no "crlf" promise to local delivery
+    assert "crlf" not in h.queued[-1].esmtp
     assert c.send("NOOP\r\n") == OK
 
 
