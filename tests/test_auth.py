@@ -186,6 +186,21 @@ def test_throttle_memory_is_bounded(clock):
     assert t.failures("192.0.2.9") == 1
 
 
+def test_throttle_full_table_forgets_the_stalest_client_not_a_blocked_one(clock):
+    """Failures from new addresses cannot push a client that is blocked now out of a full table."""
+    t = AuthThrottle(clock, max_failures=2, window=300, max_clients=3)
+    t.record_failure("192.0.2.9")  # the stalest entry, though its address sorts last
+    clock.advance(1)
+    for _ in range(2):
+        t.record_failure("192.0.2.1")
+        clock.advance(1)
+    t.record_failure("192.0.2.5")
+    clock.advance(1)
+    t.record_failure("192.0.2.7")  # table full: one entry goes
+    assert t.blocked("192.0.2.1") and t.failures("192.0.2.1") == 2
+    assert t.failures("192.0.2.9") == 0 and t.failures("192.0.2.5") == 1 and t.failures("192.0.2.7") == 1
+
+
 def test_throttle_slots_count_checks_in_flight_with_failures(clock):
     t = AuthThrottle(clock, delay=1.0, max_failures=3, window=300)
     ip = "192.0.2.1"

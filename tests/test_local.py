@@ -200,6 +200,36 @@ def test_repeated_delivery_is_not_duplicated(agent, root, tmp_path):
         assert f.read() == expected_bytes("s@x.example", "alice@example.org")
 
 
+def test_a_link_planted_in_tmp_after_the_cleanup_is_never_written_through(agent, root, tmp_path, monkeypatch):
+    """
+    The tmp/ file is created exclusively: a hard link to another file that a mailbox owner puts at the
+    (predictable) tmp/ name between the cleanup unlink and the open is refused, and the file it points
+    to is left as it was.
+    """
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    real_unlink = os.unlink
+    planted: list[str] = []
+
+    def unlink_then_plant(name, *args, dir_fd=None, **kw):
+        real_unlink(name, *args, dir_fd=dir_fd, **kw)
+        if dir_fd is not None and not planted:
+            os.link(victim, name, dst_dir_fd=dir_fd)
+            planted.append(name)
+
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(str(root), "example.org", "alice", sub))
+    env = envelope("s@x.example", "alice@example.org")
+    name = agent._unique(env.queue_id, env.arrival, "alice@example.org")
+    with open(maildir_file(root, "alice", name, "tmp"), "wb"):
+        pass  # a leftover of the same delivery: the cleanup unlink runs
+    monkeypatch.setattr(local.os, "unlink", unlink_then_plant)
+    outcome = deliver(agent, env, spool_message(tmp_path))[0]
+    assert outcome.kind != "delivered"
+    assert victim.read_bytes() == b"not yours"
+    assert files(root, "alice") == []
+
+
 def test_no_hard_links_falls_back_to_rename(agent, root, tmp_path, monkeypatch):
     def no_links(*a, **kw):
         raise OSError(errno.EPERM, "Operation not permitted")

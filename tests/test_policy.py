@@ -134,3 +134,29 @@ def test_check_sender(policy):
     assert policy.check_sender(alice, "bob@example.com", owns, "none") is None
     # Unauthenticated sessions are not sender-checked.
     assert policy.check_sender(session("203.0.113.9"), "bob@example.com", owns) is None
+
+
+class _StubDirectory:
+    """A directory that breaks its contract in the two ways check_recipient guards against."""
+
+    primary_domain = "example.com"
+
+    def is_local(self, domain: str) -> bool:
+        if domain.startswith("bad"):
+            from mailhub.address import AddressError
+
+            raise AddressError("bad domain", "5.1.2")
+        return True
+
+    def resolve(self, mailbox: Mailbox) -> list[str]:
+        return []
+
+
+def test_check_recipient_never_accepts_a_local_recipient_that_resolves_to_nothing():
+    policy = Policy(_StubDirectory(), ())
+    reply, addresses = policy.check_recipient(session("198.51.100.1"), parse_mailbox("ghost@example.com"))
+    assert (reply, addresses) == (
+        Reply(550, "5.1.1", "<ghost@example.com>: Recipient address rejected: User unknown"), []
+    )
+    reply, addresses = policy.check_recipient(session("127.0.0.1"), parse_mailbox("a@bad.example"))
+    assert (reply, addresses) == (Reply(501, "5.1.2", "<a@bad.example>: bad domain"), [])

@@ -212,6 +212,9 @@ def test_greeting(h):
         ("MAIL FROM:<alice@example.com> SIZE=abc", "501 5.5.4 Error: bad SIZE parameter\r\n"),
         ("MAIL FROM:<alice@example.com> SIZE=10240001", "552 5.3.4 Error: message size exceeds fixed limit\r\n"),
         ("MAIL FROM:<alice@example.com> BODY=BINARYMIME", "501 5.5.4 Error: BODY must be 7BIT or 8BITMIME\r\n"),
+        ("MAIL FROM:<alice@example.com> RET=ALL", "501 5.5.4 Error: RET must be FULL or HDRS\r\n"),
+        ("MAIL FROM:<alice@example.com> RET", "501 5.5.4 Error: RET must be FULL or HDRS\r\n"),
+        ("MAIL FROM:<alice@example.com> BODY=7bit RET=full", MAIL_OK),
         ("MAIL FROM:<jörg@example.com>", "553 5.6.7 Error: bad sender address: non-ASCII address requires SMTPUTF8\r\n"),
         ("MAIL FROM:<alice@example.com> SMTPUTF8=yes", "501 5.5.4 Error: SMTPUTF8 takes no value\r\n"),
         ("MAIL FROM:<alice@example.com>", MAIL_OK),
@@ -610,6 +613,8 @@ def test_bdat(h):
     received, rest = strip_received(h.message(qid))
     assert rest == b"hello" + body  # exact bytes, no unstuffing, nothing executed
     assert b"with ESMTP id" in received
+    # BDAT content is taken as sent, bare CR and LF included: no "crlf" promise to local delivery
+    assert "crlf" not in h.queued[-1].esmtp
     assert c.send("NOOP\r\n") == OK
 
 

@@ -120,6 +120,19 @@ def test_hop_limit_bdat(tmp_path, events):
     assert len(h.queued) == 1
 
 
+def test_hop_limit_counts_only_the_header_section(tmp_path):
+    """Received: lines after the first empty line are body, even when the body has empty lines of its own."""
+    h = Harness(tmp_path, factory_kw={"max_hops": 3})
+    c = h.ehlo()
+    crlf = b"Received: a\r\nReceived: b\r\n\r\nReceived: c\r\n\r\nReceived: d\r\n\r\n"
+    assert c.send(START + "DATA\r\n") == MAIL_OK + RCPT_OK + GO_AHEAD
+    queued_id(c.send(crlf + b".\r\n"))
+    lf = b"Received: a\nReceived: b\n\nReceived: c\n\nReceived: d\n"  # BDAT: bare LF as sent
+    assert c.send(START) == MAIL_OK + RCPT_OK
+    queued_id(c.send(b"BDAT %d LAST\r\n" % len(lf) + lf))
+    assert len(h.queued) == 2
+
+
 def test_hop_limit_disabled(tmp_path):
     h = Harness(tmp_path, factory_kw={"max_hops": 0})
     c = h.ehlo()

@@ -383,6 +383,40 @@ def test_recover_strange_file_names_quarantined(spool):
     assert listing(spool)["corrupt"] == ["notes.txt", "x.y"]
 
 
+def test_recover_goes_on_past_every_queue_file_it_sets_aside(spool, monkeypatch):
+    """
+    A strange name, an unreadable file, a message removed meanwhile and a message already done, each
+    sorted before a pending message: recovery deals with each and still returns the pending one.
+    """
+    with open(os.path.join(spool.path, "queue", "-strange"), "w") as f:  # sorts before every queue id
+        f.write("hello")
+    unreadable, vanished, done, pending = commit(spool), commit(spool), commit(spool), commit(spool)
+    done.recipients[0].state = DELIVERED
+    spool.update(done)
+    with open(spool.message_path(unreadable.queue_id), "r+b") as f:
+        f.truncate(5)
+    spool.update(vanished)
+    real_load = spool.load
+
+    def load(qid):
+        if qid == vanished.queue_id:
+            raise KeyError(qid)  # removed by the queue tool between the listing and the read
+        return real_load(qid)
+
+    monkeypatch.setattr(spool, "load", load)
+    assert spool.recover() == [pending]
+    assert listing(spool)["corrupt"] == ["-strange", unreadable.queue_id]
+    assert done.queue_id not in listing(spool)["queue"]
+
+
+def test_iterating_skips_an_unreadable_envelope_and_goes_on(spool):
+    bad, good = commit(spool), commit(spool)
+    spool.update(bad)
+    with open(spool.envelope_path(bad.queue_id), "wb") as f:
+        f.write(b"{not json")
+    assert list(spool) == [good]
+
+
 def test_recover_done_envelope_removed(spool):
     env = commit(spool)
     env.recipients[0].state = DELIVERED
@@ -509,6 +543,29 @@ def test_large_message_spills_to_tmp(spool):
     assert listing(spool)["tmp"] == []
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_queue_file_is_private_whatever_the_umask(spool, size):
+    """A queue file is mode 0600 under a permissive umask, whether it was written at commit or spilled to tmp/."""
+    old = os.umask(0)
+    try:
+        env = commit(spool, BODY if size == "small" else b"x" * (spool_module.MEMORY_LIMIT + 1))
+    finally:
+        os.umask(old)
+    assert os.stat(spool.message_path(env.queue_id)).st_mode & 0o777 == 0o600
+
+
+def test_spilling_never_writes_through_an_existing_tmp_file(spool):
+    """The tmp/ file a large message spills to is created exclusively: a file (or link) already there is refused."""
+    w = spool.new_message()
+    planted = os.path.join(spool.path, "tmp", w.queue_id + ".msg")
+    with open(planted, "wb") as f:
+        f.write(b"planted")
+    with pytest.raises(FileExistsError):
+        w.write(b"x" * (spool_module.MEMORY_LIMIT + 1))
+    with open(planted, "rb") as f:
+        assert f.read() == b"planted"
+
+
 def test_large_message_abort_removes_tmp(spool):
     w = spool.new_message()
     w.write(b"x" * (spool_module.MEMORY_LIMIT + 1))
@@ -538,11 +595,69 @@ def test_dirsync_one_fsync_covers_concurrent_callers():
     others = [threading.Thread(target=ds.sync, args=(slow_fsync,), name=f"o{i}") for i in range(8)]
     for t in others:
         t.start()
+    assert _waiting(ds, 8)  # every one waits for the running fsync instead of starting its own
     release.set()
     for t in [first] + others:
         t.join(5)
         assert not t.is_alive()
     assert len(calls) == 2 and ds.fsyncs == 2  # not 9
+
+
+def _waiting(ds: durable.DirSync, n: int) -> bool:
+    """Poll (with a deadline) until C{n} threads wait on C{ds}'s condition."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while len(ds._cond._waiters) != n:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_dirsync_failed_fsync_raises_in_every_caller_that_waited_for_it():
+    """Two callers arrive while an fsync runs; the next fsync, which covers both, fails: both see the error."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def fsync():
+        calls.append(1)
+        if len(calls) == 1:
+            started.set()
+            release.wait(5)
+        else:
+            raise OSError(5, "I/O error")
+
+    ds = durable.DirSync()
+    first = threading.Thread(target=ds.sync, args=(fsync,))
+    first.start()
+    assert started.wait(5)
+    outcomes: list[object] = []
+
+    def waiter():
+        try:
+            ds.sync(fsync)
+            outcomes.append("durable")
+        except OSError as e:
+            outcomes.append(e.errno)
+
+    waiters = [threading.Thread(target=waiter) for _ in range(2)]
+    for t in waiters:
+        t.start()
+    assert _waiting(ds, 2)
+    release.set()
+    for t in [first, *waiters]:
+        t.join(5)
+        assert not t.is_alive()
+    assert outcomes == [5, 5] and len(calls) == 2
+
+
+def test_dirsync_with_patience_still_fsyncs_when_nobody_else_does():
+    calls = []
+    durable.DirSync().sync(lambda: calls.append(1), patience=0.01)
+    assert calls == [1]
 
 
 def test_dirsync_error_reaches_every_waiter():
@@ -600,6 +715,41 @@ def test_remover_keeps_envelope_when_fsync_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert listing(spool)["queue"] == [] and listing(spool)["envelopes"] == [env.queue_id + ".json"]
     assert spool.recover() == [] and listing(spool) == EMPTY  # the orphan goes at the next start
+
+
+def test_remover_goes_on_after_a_queue_file_it_cannot_unlink(tmp_path, monkeypatch):
+    """
+    A queue file that cannot be unlinked stays queued (updatable, found at the next start); the other
+    messages of the same batch are still removed, and the remover forgets every id it has dealt with.
+    """
+    import threading
+
+    spool = Spool(str(tmp_path / "spool"))
+    first, stuck, other, plain = commit(spool), commit(spool), commit(spool), commit(spool)
+    for env in (first, stuck, other):
+        spool.update(env)
+    gate = threading.Event()
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        if path == spool.message_path(first.queue_id):
+            gate.wait(5)  # hold the remover in its first batch while the others are queued behind it
+        if path == spool.message_path(stuck.queue_id):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(spool_module.os, "unlink", unlink)
+    spool.remove(first.queue_id)
+    for env in (stuck, other, plain):  # one batch: stuck first
+        spool.remove(env.queue_id)
+    gate.set()
+    spool.drain()
+    monkeypatch.undo()
+    assert listing(spool)["queue"] == [stuck.queue_id]
+    assert listing(spool)["envelopes"] == [stuck.queue_id + ".json"]
+    assert spool._removing == set()
+    spool.update(stuck)  # still queued: not taken for a message being removed
+    assert [e.queue_id for e in spool.recover()] == [stuck.queue_id]
 
 
 def test_update_while_removing_refused(tmp_path, monkeypatch):

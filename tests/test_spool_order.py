@@ -171,6 +171,17 @@ def test_remove_unlinks_the_queue_file_fsyncs_queue_then_unlinks_the_envelope(sp
     assert not os.path.exists(spool.envelope_path(env.queue_id))
 
 
+def test_recover_fsyncs_envelopes_after_deleting_an_orphan_envelope(spool, recorder):
+    """An envelope whose queue file is gone (a crash during removal) is deleted, and envelopes/ fsync'd after."""
+    env = receive(spool, SMALL)
+    spool.update(env)
+    os.unlink(spool.message_path(env.queue_id))
+    start = len(recorder.events) - 1
+    assert spool.recover() == []
+    orphan = recorder.index("unlink", spool.envelope_path(env.queue_id), after=start)
+    recorder.assert_directory_synced(os.path.join(spool.path, "envelopes"), orphan)
+
+
 def test_conversion_fsyncs_the_queue_file_links_it_fsyncs_queue_then_deletes_the_old_files(spool, recorder):
     env = envelope(new_queue_id())
     os.makedirs(os.path.join(spool.path, "new"))
