@@ -220,10 +220,10 @@ def test_a_link_planted_in_tmp_after_the_cleanup_is_never_written_through(agent,
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(str(root), "example.org", "alice", sub))
     env = envelope("s@x.example", "alice@example.org")
-    name = agent._unique(env.queue_id, env.arrival, "alice@example.org")
+    name = agent.maildir.unique(env.queue_id, env.arrival, "alice@example.org")
     with open(maildir_file(root, "alice", name, "tmp"), "wb"):
         pass  # a leftover of the same delivery: the cleanup unlink runs
-    monkeypatch.setattr(local.os, "unlink", unlink_then_plant)
+    monkeypatch.setattr(maildir_module.os, "unlink", unlink_then_plant)
     outcome = deliver(agent, env, spool_message(tmp_path))[0]
     assert outcome.kind != "delivered"
     assert victim.read_bytes() == b"not yours"
