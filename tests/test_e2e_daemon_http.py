@@ -97,7 +97,11 @@ def token(daemon):
     assert r.returncode == 0, r.stderr
     assert r.stderr == f"mailhub: created an API token for alice@{DOMAIN}; it is shown only once\n"
     assert re.fullmatch(r"mh_[A-Za-z0-9_-]{40,}\n", r.stdout), r.stdout
-    return r.stdout.strip()
+    token = r.stdout.strip()
+    # the daemon looks at the users file at most once a second (docs/submission.rst)
+    wait_for(lambda: daemon.request("GET", "/v1/queue", headers={"Authorization": f"Bearer {token}"})[0] != 401,
+             10, "the daemon to see the new token")
+    return token
 
 
 _SAMPLE = re.compile(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", re.M)
