@@ -251,8 +251,9 @@ def test_the_spool_and_control_socket_belong_to_server_user(daemon, daemon_user)
 def test_only_the_delivery_supervisor_and_its_processes_keep_root(daemon):
     [supervisor] = children(daemon.proc.pid)
     assert status(supervisor)["Uid"].split() == ["0"] * 4
-    workers = children(supervisor)
-    assert workers and all(status(w)["Uid"].split() == ["0"] * 4 for w in workers)
+    # (a worker another test killed may still be waiting for its restart)
+    workers = wait_for(lambda: children(supervisor) or None, 20, "the supervisor's delivery processes")
+    assert all(status(w)["Uid"].split() == ["0"] * 4 for w in workers)
 
 
 def test_a_delivery_process_killed_after_the_switch_is_started_again(daemon, account):
