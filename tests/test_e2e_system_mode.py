@@ -259,7 +259,7 @@ def test_only_the_delivery_supervisor_and_its_processes_keep_root(daemon):
 def test_a_delivery_process_killed_after_the_switch_is_started_again(daemon, account):
     pw, _ = account
     [supervisor] = children(daemon.proc.pid)
-    [worker] = children(supervisor)
+    [worker] = wait_for(lambda: children(supervisor) or None, 20, "the supervisor's delivery process")
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: [w for w in children(supervisor) if w != worker] or None, 20, "a new delivery process")
     send(daemon, f"{pw.pw_name}@{DOMAIN}", message(f"{pw.pw_name}@{DOMAIN}", "s6"))
