@@ -53,6 +53,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Iterator
 
@@ -104,6 +105,7 @@ class SpoolWriter:
         self._buffered = 0
         self._file: io.FileIO | None = None  # once the message is past MEMORY_LIMIT
         self._closed = False
+        self._prefix = b""  # header fields prepended by the end-of-data checks
 
     def _open(self) -> None:
         # os.open: the file is 0600 whatever the umask (open() would give 0666 & ~umask)
@@ -139,6 +141,33 @@ class SpoolWriter:
         self._write_raw(data)
         self.size += len(data)
 
+    def prepend(self, data: bytes) -> None:
+        """
+        Put C{data} before everything written so far (and before what an
+        earlier call prepended).  It becomes part of the file at the
+        commit: a spilled message is then copied once behind it.
+        """
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        self._prefix = bytes(data) + self._prefix
+        self.size += len(data)
+
+    def chunks(self, size: int = MEMORY_LIMIT) -> Iterator[bytes]:
+        """The bytes written so far (not the prepended ones), in chunks of at most C{size} bytes."""
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        if self._buffer is not None:
+            yield from list(self._buffer)
+            return
+        left = self.size - len(self._prefix)
+        with open(self._tmp, "rb") as file:
+            while left > 0:
+                chunk = file.read(min(size, left))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                yield chunk
+
     def commit(self, envelope: Envelope) -> None:
         """
         Make the message durable and queued.  When this returns without an
@@ -154,7 +183,12 @@ class SpoolWriter:
             if self._file is None:
                 pending, self._buffer = self._buffer or [], None
                 self._closed = True
-                write_file(self._tmp, b"".join(pending + [trailer]), self.spool.fsync)
+                write_file(self._tmp, b"".join([self._prefix, *pending, trailer]), self.spool.fsync)
+            elif self._prefix:
+                self._write_raw(trailer)
+                self._file.close()
+                self._closed = True
+                self._copy_behind_prefix()
             else:
                 self._write_raw(trailer)
                 if self.spool.fsync:
@@ -164,6 +198,22 @@ class SpoolWriter:
             self.spool._commit(self._tmp, envelope.queue_id)
         except BaseException:
             self.abort()
+            raise
+
+    def _copy_behind_prefix(self) -> None:
+        """Rewrite the spilled file as prefix + its bytes (fsync'd when the spool syncs)."""
+        final = self._tmp + ".p"
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out, open(self._tmp, "rb") as source:
+                out.write(self._prefix)
+                shutil.copyfileobj(source, out, 1024 * 1024)
+                out.flush()
+                if self.spool.fsync:
+                    os.fsync(out.fileno())
+            os.replace(final, self._tmp)
+        except BaseException:
+            unlink_quietly(final)
             raise
 
     def abort(self) -> None:

@@ -18,7 +18,7 @@ public names above), the relay decision (L{Policy}), the spool's files.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from mailhub.envelope import Envelope
 from mailhub.queue.spool import Spool
 from mailhub.smtp import sasl as auth
+from mailhub.smtp.checks import MessageCheck
 from mailhub.smtp.policy import Policy
 from mailhub.smtp.server import SMTPServer
 from mailhub.smtp.settings import SMTPSettings
@@ -75,6 +76,8 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
     @param throttle: the L{mailhub.smtp.sasl.AuthThrottle}, shared by all
         listeners; default C{AuthThrottle(clock)} (1 s delay, 5 failures
         per 300 s per client IP) whenever AUTH is enabled.
+    @param checks: the L{mailhub.smtp.checks.MessageCheck}s every message
+        passes, in order, between the end of its data and its commit.
     @param free_space: how to measure the spool's free bytes (default:
         statvfs of the spool directory, L{spool_free_space}); tests pass a fake.
 
@@ -101,8 +104,11 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         checker: Any = None,
         throttle: auth.AuthThrottle | None = None,
         free_space: Callable[[], int] | None = None,
+        checks: Sequence[MessageCheck] = (),
     ) -> None:
         self.settings = settings
+        #: the end-of-data stage (L{mailhub.smtp.checks}), in order
+        self.checks: list[MessageCheck] = list(checks)
         self.config = settings.server
         self.listener = settings.listener
         self.tls = tls

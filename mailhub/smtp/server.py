@@ -65,6 +65,7 @@ from zope.interface import implementer
 from mailhub.eagerwrite import write_now
 from mailhub.envelope import Envelope
 from mailhub.maillog import mail_event
+from mailhub.smtp.checks import StagedMessage, run_checks
 from mailhub.smtp.commands import LINE_TOO_LONG, Commands
 from mailhub.smtp.limits import Pacer
 from mailhub.smtp.policy import Session
@@ -88,6 +89,7 @@ from mailhub.smtp.tlsauth import TLSAuth
 from mailhub.smtp.transaction import BARE_LINE_ENDING, LOCAL_ERROR, TOO_MANY_HOPS, Transaction
 
 if TYPE_CHECKING:
+    from mailhub.queue.spool import SpoolWriter
     from mailhub.smtp.factory import SMTPServerFactory
 
 __all__ = ["SMTPServer", "REPLY_BATCH"]
@@ -705,22 +707,55 @@ class SMTPServer(protocol.Protocol):
         writer = tx.writer
         assert writer is not None
         self.pacer.busy = True
-        d = defer.maybeDeferred(self.factory.run, writer.commit, outcome)
-        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(outcome,), errbackArgs=(outcome,))
+        checks = self.factory.checks
+        d: defer.Deferred[Any]
+        if not checks:
+            d = self._commit(outcome, writer, {})
+        else:
+            staged = StagedMessage(outcome, writer, trusted=self.factory.policy.may_relay(session))
+            d = run_checks(checks, staged)
+            d.addCallback(self._checked, staged)
         self.factory.track_commit(self, d)
 
-    def _committed(self, _: object, envelope: Envelope) -> None:
+    def _checked(self, verdict: Reply | None, staged: StagedMessage) -> defer.Deferred[None] | None:
+        """The end-of-data checks answered: refuse the message, or commit it as they left it."""
+        envelope = staged.envelope
+        if verdict is not None:
+            staged.writer.abort()
+            self.pacer.busy = False
+            mail_event(
+                "reject",
+                "{queue_id}: reject: END-OF-MESSAGE from [{client}]: {code} {enhanced} {text}; from=<{sender}>",
+                queue_id=envelope.queue_id, client=envelope.client["addr"], code=verdict.code,
+                enhanced=verdict.enhanced, text=verdict.text, sender=envelope.sender, reason="message_check",
+            )
+            self.reply(verdict)
+            self.process()
+            return None
+        envelope.esmtp["size"] = staged.writer.size
+        return self._commit(envelope, staged.writer, staged.log_fields)
+
+    def _commit(self, envelope: Envelope, writer: SpoolWriter, log_fields: dict[str, str]) -> defer.Deferred[None]:
+        """Commit in the factory's C{run} (a thread): 250 once durable, 451 on any failure."""
+        d = defer.maybeDeferred(self.factory.run, writer.commit, envelope)
+        d.addCallbacks(
+            self._committed, self._commit_failed, callbackArgs=(envelope, log_fields), errbackArgs=(envelope,)
+        )
+        return d
+
+    def _committed(self, _: object, envelope: Envelope, log_fields: dict[str, str]) -> None:
         self.pacer.busy = False
         # Logged before enqueue: enqueue may deliver at once, and the story
         # of a message in the log must start with its arrival.
+        extra = "".join(f" {name}={{{name}}}" for name in log_fields)
         mail_event(
             "accepted",
             "{queue_id}: accepted from=<{sender}> nrcpt={nrcpt} size={size} client=[{client}] proto={proto}"
-            " listener={listener} sasl_username={user}",
+            " listener={listener} sasl_username={user}" + extra,
             queue_id=envelope.queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
             size=envelope.esmtp["size"], client=envelope.client["addr"], proto=envelope.client["protocol"],
             listener=envelope.client["listener"], user=envelope.client["user"],
-            **{"from": envelope.sender},
+            **log_fields, **{"from": envelope.sender},
         )
         try:
             self.factory.enqueue(envelope)
