@@ -415,3 +415,35 @@ def check_maildir_name(name: str) -> tuple[str, ...]:
     if not parts or any(p in (".", "..") or "\x00" in p for p in parts):
         raise ValueError(f"home_maildir must not contain '.' or '..' components: {name!r}")
     return parts
+
+
+# -- milters ([[milter]] tables, docs/milter.rst)
+
+MILTER_ACTIONS = ("tempfail", "accept", "reject")
+SMTP_LISTENERS = ("smtp", "submission", "smtps")
+
+
+def milter_socket(value: Any) -> str:
+    """C{unix:/absolute/path} or C{inet:host:port} (C{inet:[::1]:port} for IPv6), as Postfix writes them."""
+    text = string(value)
+    kind, _, rest = text.partition(":")
+    if kind == "unix":
+        if not rest.startswith("/"):
+            raise BadValue(f"unix: needs an absolute path, got {show(value)}")
+        return text
+    if kind == "inet":
+        host, _, port_text = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise BadValue(f"must be inet:host:port, got {show(value)}")
+        return text
+    raise BadValue(f'must be "unix:/path" or "inet:host:port", got {show(value)}')
+
+
+def smtp_listeners(value: Any) -> tuple[str, ...]:
+    """A list of SMTP listener kinds (smtp, submission, smtps)."""
+    names = string_list(value, "listener names")
+    for name in names:
+        if name not in SMTP_LISTENERS:
+            raise BadValue(f"unknown listener {show(name)} (known: {', '.join(SMTP_LISTENERS)})")
+    return names

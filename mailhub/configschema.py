@@ -34,6 +34,8 @@ __all__ = [
     "RelayConfig",
     "AuthConfig",
     "SubmissionConfig",
+    "MilterConfig",
+    "MILTER_KEYS",
     "TopLevel",
     "Config",
     "SECTIONS",
@@ -199,6 +201,21 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class MilterConfig:  # one [[milter]] table (docs/milter.rst); the tables apply in order
+    socket: str = key(checker=check.milter_socket)  # "unix:/path" or "inet:host:port"; required
+    # when the milter is down, too slow or breaks the protocol (Postfix milter_default_action)
+    default_action: str = key("tempfail", check.choice(*check.MILTER_ACTIONS))
+    connect_timeout: float = key(30.0, check.positive_duration)  # Postfix milter_connect_timeout
+    command_timeout: float = key(30.0, check.positive_duration)  # each SMTP stage; milter_command_timeout
+    content_timeout: float = key(300.0, check.positive_duration)  # body and end of message; milter_content_timeout
+    listeners: tuple[str, ...] = key(check.SMTP_LISTENERS, check.smtp_listeners)  # the listeners it filters
+
+
+#: The keys of a [[milter]] table: key -> (checker, is_path).
+MILTER_KEYS: dict[str, tuple[check.Checker, bool]] = {}
+
+
+@dataclass(frozen=True)
 class TopLevel:
     """The keys outside any section.  Not part of L{Config}: the loader uses them."""
 
@@ -214,6 +231,7 @@ class Config:
     source: str | None  # the config file read, or None for embedded defaults
     auth: AuthConfig = AuthConfig()
     submission: SubmissionConfig = SubmissionConfig()
+    milters: tuple[MilterConfig, ...] = ()  # the [[milter]] tables, in order
 
 
 def _sections() -> dict[str, type]:
@@ -235,6 +253,7 @@ def _keys(cls: type) -> dict[str, tuple[check.Checker, bool]]:
 SCHEMA: dict[str, dict[str, tuple[check.Checker, bool]]] = {name: _keys(cls) for name, cls in SECTIONS.items()}
 #: Top-level keys that are not sections.
 TOP_KEYS: dict[str, tuple[check.Checker, bool]] = _keys(TopLevel)
+MILTER_KEYS.update(_keys(MilterConfig))
 
 
 def data_dir_defaults(cls: type) -> dict[str, str]:
@@ -244,5 +263,5 @@ def data_dir_defaults(cls: type) -> dict[str, str]:
 
 def key_field(section: str, name: str) -> Field[Any]:
     """The dataclass field of key C{name} in C{section} (C{""}: top level)."""
-    cls = SECTIONS[section] if section else TopLevel
+    cls = MilterConfig if section == "milter" else SECTIONS[section] if section else TopLevel
     return {f.name: f for f in fields(cls)}[name]

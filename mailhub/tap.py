@@ -399,6 +399,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.delivery.router import Router
     from mailhub.eventlog import EventLogObserver
     from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
+    from mailhub.milter.check import MilterCheck
+    from mailhub.milter.client import endpoint as milter_endpoint
+    from mailhub.milter.session import Milters
     from mailhub.queue.control import control_service, socket_path
     from mailhub.queue.pickup import PickupService
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
@@ -589,7 +592,15 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         # The commit (fsyncs) runs in a thread so other sessions are not
         # stalled by the disk; the session reads nothing until it is done.
         # Without a certificate no STARTTLS is offered; without a users
-        # file no AUTH (a plain MX listener).
+        # file no AUTH (a plain MX listener).  The listener's milters (in
+        # order) are asked at each stage and at the end of data.
+        specs = [m for m in config.milters if listener in m.listeners]
+        milters = None
+        if specs:
+            milters = Milters(
+                specs, reactor, lambda spec: milter_endpoint(reactor, spec.socket).connect,
+                max_body=config.server.max_message_size, spill_dir=os.path.join(spool.path, "tmp"),
+            )
         smtp_factory = SMTPServerFactory(
             SMTPSettings.of(config, listener, server=Delegate.of(live, "server")),
             spool,
@@ -600,6 +611,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             tls=server_tls,
             users=users,
             throttle=throttle,
+            milters=milters,
+            checks=[MilterCheck(run=threads.deferToThread)] if milters is not None else [],
         )
         factories.append(smtp_factory)
         return smtp_factory

@@ -55,7 +55,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from twisted.logger import Logger
 
@@ -167,6 +167,40 @@ class SpoolWriter:
                     return
                 left -= len(chunk)
                 yield chunk
+
+    def rewrite(self, chunks: Iterable[bytes]) -> None:
+        """
+        Replace everything written so far (not the prepended fields) with
+        C{chunks}, which may be read from this writer's own L{chunks}: the
+        new content goes to a second file (or memory, up to
+        L{MEMORY_LIMIT}) and takes the old one's place when complete, so
+        memory stays bounded whatever the size.  Durability is the
+        commit's, as for L{write}.  On an exception the old content stays.
+        """
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        prefix = len(self._prefix)
+        other = SpoolWriter(self.spool, self.queue_id)
+        other._tmp = self._tmp + ".new"
+        try:
+            for chunk in chunks:
+                other.write(chunk)
+        except BaseException:
+            other.abort()
+            raise
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            unlink_quietly(self._tmp)
+        if other._file is not None:
+            other._file.close()
+            os.rename(other._tmp, self._tmp)
+            self._file = open(self._tmp, "ab", buffering=0)  # noqa: SIM115 -- closed at commit/abort
+            self._buffer = None
+        else:
+            self._buffer, self._buffered = other._buffer, other._buffered
+        other._closed = True
+        self.size = other.size + prefix
 
     def commit(self, envelope: Envelope) -> None:
         """

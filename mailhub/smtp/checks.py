@@ -13,7 +13,9 @@ returns a L{Reply} (refuse the message: 4xx or 5xx with its own text) or
 C{None} (go on), directly or through a Deferred.  It may prepend header
 fields (L{StagedMessage.prepend}: they go above everything, our
 C{Received} included, as RFC 8601 and RFC 6376 want theirs), add mail-log
-fields, or change the envelope's sender and recipients.  A check that
+fields, change the envelope's sender, recipients or hold flag, replace
+the content (L{StagedMessage.rewrite}: a milter's header and body
+changes) or discard the message (C{discard}: 250, nothing committed).  A check that
 fails unexpectedly (an exception) makes the message 451 4.3.0, never 5xx:
 nothing was accepted yet, the client tries again.
 
@@ -29,7 +31,7 @@ Deferred and does its work asynchronously or in a thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -64,12 +66,19 @@ class StagedMessage:
         authenticated ("us": authentication checks skip it, signing
         applies).
     @ivar log_fields: extra C{key=value} fields for the "accepted" line.
+    @ivar session: the SMTP session the message came from (C{None}
+        elsewhere); a check reads only what it documents (the milter
+        check: C{session.milter}).
+    @ivar discard: a check accepted the message to throw it away: the
+        client gets its 250, nothing is committed (a milter's DISCARD).
     """
 
     envelope: Envelope
     writer: SpoolWriter
     trusted: bool
     log_fields: dict[str, str] = field(default_factory=dict)
+    session: Any = None
+    discard: bool = False
 
     @property
     def client(self) -> dict[str, Any]:
@@ -97,6 +106,15 @@ class StagedMessage:
         if not fields.endswith(b"\r\n"):
             raise ValueError("header fields must end with CRLF")
         self.writer.prepend(fields)
+
+
+    def rewrite(self, chunks: Iterable[bytes]) -> None:
+        """
+        Replace the message's content (prepended fields stay) with
+        C{chunks}, which may come from L{content}; file work, so call it
+        in a thread.  Bounded in memory (L{SpoolWriter.rewrite}).
+        """
+        self.writer.rewrite(chunks)
 
 
 class MessageCheck(Protocol):

@@ -78,6 +78,10 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         per 300 s per client IP) whenever AUTH is enabled.
     @param checks: the L{mailhub.smtp.checks.MessageCheck}s every message
         passes, in order, between the end of its data and its commit.
+    @param milters: the listener's milters (an object whose
+        C{session(server)} gives each session its milter conversations:
+        L{mailhub.milter.session.Milters}); their end-of-message part is
+        one of C{checks}.
     @param free_space: how to measure the spool's free bytes (default:
         statvfs of the spool directory, L{spool_free_space}); tests pass a fake.
 
@@ -105,10 +109,13 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         throttle: auth.AuthThrottle | None = None,
         free_space: Callable[[], int] | None = None,
         checks: Sequence[MessageCheck] = (),
+        milters: Any = None,
     ) -> None:
         self.settings = settings
         #: the end-of-data stage (L{mailhub.smtp.checks}), in order
         self.checks: list[MessageCheck] = list(checks)
+        #: the listener's milters (L{mailhub.milter.session.Milters}: C{session(smtp_server)}), or None
+        self.milters = milters
         self.config = settings.server
         self.listener = settings.listener
         self.tls = tls

@@ -53,6 +53,7 @@ intermediate C{354} (RFC 3463 defines no class 3).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -181,6 +182,8 @@ class SMTPServer(protocol.Protocol):
             self, factory.tls, factory.checker, factory.throttle, self.settings.allow_plaintext_loopback
         )
         self.commands = Commands(self)
+        #: the milter conversations (mailhub.milter.session), or None: the listener has no milters
+        self.milter = factory.milters.session(self) if factory.milters is not None else None
 
     @property
     def _tcp(self) -> _Transport:
@@ -247,6 +250,8 @@ class SMTPServer(protocol.Protocol):
         self.pacer.stop()
         self.tlsauth.stop()
         self.reset_transaction()
+        if self.milter is not None:
+            self.milter.close()
         if self._counted:
             self._counted = False
             self.factory.release(self.session.client_ip)
@@ -583,6 +588,33 @@ class SMTPServer(protocol.Protocol):
             if tx is not None:
                 tx.abort()
         self.transaction = self._held = None
+        if self.milter is not None:
+            self.milter.reset()
+
+    def after_milter(self, verdict: defer.Deferred[Reply | None], go: Callable[[], None]) -> None:
+        """
+        Read nothing more until the milters answered a command: a refusal
+        is the command's reply, C{None} runs C{go} (the command's own end).
+        """
+        self.pacer.busy = True
+
+        def answered(refusal: Reply | None) -> None:
+            self.pacer.busy = False
+            if self._closed:
+                return
+            if refusal is None:
+                go()
+            else:
+                self.reply(refusal)
+                if refusal.code == 421:
+                    self.close()
+            self.process()
+
+        def broken(failure: Any) -> None:
+            log.failure("milter stage failed", failure)
+            answered(LOCAL_ERROR)
+
+        verdict.addCallbacks(answered, broken)
 
     def reset_session(self) -> None:
         """
@@ -712,7 +744,7 @@ class SMTPServer(protocol.Protocol):
         if not checks:
             d = self._commit(outcome, writer, {})
         else:
-            staged = StagedMessage(outcome, writer, trusted=self.factory.policy.may_relay(session))
+            staged = StagedMessage(outcome, writer, trusted=self.factory.policy.may_relay(session), session=self)
             d = run_checks(checks, staged)
             d.addCallback(self._checked, staged)
         self.factory.track_commit(self, d)
@@ -730,6 +762,16 @@ class SMTPServer(protocol.Protocol):
                 enhanced=verdict.enhanced, text=verdict.text, sender=envelope.sender, reason="message_check",
             )
             self.reply(verdict)
+            self.process()
+            return None
+        if staged.discard:
+            staged.writer.abort()
+            self.pacer.busy = False
+            mail_event(
+                "discard", "{queue_id}: discard: END-OF-MESSAGE from [{client}]; from=<{sender}>",
+                queue_id=envelope.queue_id, client=envelope.client["addr"], sender=envelope.sender,
+            )
+            self.reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
             self.process()
             return None
         envelope.esmtp["size"] = staged.writer.size
