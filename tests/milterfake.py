@@ -116,5 +116,5 @@ def milters(clock: Any, *fakes: FakeMilter, default_action: str = "tempfail", ma
     """L{Milters} over fake milters, one C{[[milter]]} each (socket names C{inet:127.0.0.1:1}, ...)."""
     specs = [MilterSpec(socket=f"inet:127.0.0.1:{n}", default_action=default_action, **timeouts)
              for n, _ in enumerate(fakes, 1)]
-    by_socket = {spec.socket: fake for spec, fake in zip(specs, fakes)}
+    by_socket = {spec.socket: fake for spec, fake in zip(specs, fakes, strict=True)}
     return Milters(specs, clock, lambda spec: by_socket[spec.socket].connect, max_body=max_body)

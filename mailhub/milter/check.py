@@ -33,7 +33,7 @@ from mailhub.milter import codec
 from mailhub.milter.client import EndOfMessage, MilterFailure
 from mailhub.milter.codec import Modification, Response
 from mailhub.milter.rewrite import Header, body_chunks, crlf_body, skip_bytes
-from mailhub.milter.session import REJECT, Conversation, MilterSession, _reply_of
+from mailhub.milter.session import REJECT, Conversation, MilterSession, reply_of
 from mailhub.smtp.checks import StagedMessage
 from mailhub.smtp.proto import Reply
 
@@ -105,8 +105,8 @@ class MilterCheck:
 
         async def step(command: bytes, packets: list[bytes], no_reply: int, content: bool = False) -> bool:
             """Send one step; C{False}: the milter said SKIP (no more body)."""
-            macros = session._macro(conv, command, values) if command in (codec.DATA, codec.EOH) else []
-            verdict = await session._exchange(conv, [*macros, *packets], no_reply, content)
+            macros = session.macro_packets(conv, command, values) if command in (codec.DATA, codec.EOH) else []
+            verdict = await session.exchange(conv, [*macros, *packets], no_reply, content)
             if verdict is None or verdict.kind == "continue":
                 return True
             if verdict.kind == "skip":
@@ -127,7 +127,7 @@ class MilterCheck:
                 for chunk in body_chunks(skip_bytes(message.content(), len(section))):
                     if not await step(codec.BODY, [codec.packet(codec.BODY, chunk)], codec.P_NR_BODY, content=True):
                         break
-            eom = await proto.end_of_message([*session._macro(conv, codec.BODYEOB, values), codec.packet(codec.BODYEOB)])
+            eom = await proto.end_of_message([*session.macro_packets(conv, codec.BODYEOB, values), codec.packet(codec.BODYEOB)])
         except _Stop as stop:
             return stop.reply
         try:
@@ -150,7 +150,7 @@ class MilterCheck:
             mail_event("milter", "{queue_id}: milter-discard: END-OF-MESSAGE; milter={milter}",
                        queue_id=qid, milter=conv.name)
             return None
-        reply = _reply_of(verdict, REJECT)
+        reply = reply_of(verdict, REJECT)
         mail_event(
             "milter", "{queue_id}: milter-reject: END-OF-MESSAGE from [{client}]: {code} {enhanced} {text}; milter={milter}",
             queue_id=qid, client=message.client.get("addr", ""), code=reply.code, enhanced=reply.enhanced,
@@ -183,7 +183,7 @@ class MilterCheck:
                 envelope.sender = "" if sender is None else str(sender)
             elif change.kind == codec.QUARANTINE:
                 envelope.held = True
-                reason = codec._clean(change.value.encode("utf-8", "replace"))[:100] or "milter"
+                reason = codec.clean(change.value.encode("utf-8", "replace"))[:100] or "milter"
                 message.log_fields["quarantine"] = reason.replace(" ", "_")
                 mail_event("milter", "{queue_id}: milter-hold: {reason}; milter={milter}",
                            queue_id=qid, reason=reason, milter=conv.name)

@@ -226,7 +226,7 @@ _RESPONSES = {ACCEPT: "accept", CONTINUE: "continue", DISCARD: "discard", REJECT
 MAX_TEXT = 400
 
 
-def _clean(raw: bytes) -> str:
+def clean(raw: bytes) -> str:
     """Printable ASCII only, bounded: a milter's text never reaches the client raw."""
     text = raw.decode("ascii", "replace")
     text = "".join(c if " " <= c <= "~" else " " for c in text)
@@ -240,7 +240,7 @@ def parse_replycode(data: bytes) -> Response:
     lines = raw.replace(b"\r\n", b"\n").split(b"\n")
     first = lines[0]
     if len(first) < 3 or not first[:3].isdigit() or first[0:1] not in (b"4", b"5") or first[3:4] not in (b"", b" ", b"-"):
-        raise MilterProtocolError(f"bad reply code {_clean(first[:40])!r}")
+        raise MilterProtocolError(f"bad reply code {clean(first[:40])!r}")
     code = int(first[:3])
     texts = []
     enhanced = ""
@@ -250,7 +250,7 @@ def parse_replycode(data: bytes) -> Response:
         if words and _is_enhanced(words[0], code):
             enhanced = enhanced or words[0].decode("ascii")
             body = words[1] if len(words) > 1 else b""
-        texts.append(_clean(body))
+        texts.append(clean(body))
     if not enhanced:
         enhanced = "5.7.1" if code >= 500 else "4.7.1"
     text = " ".join(t for t in texts if t)[:MAX_TEXT] or ("Command rejected" if code >= 500 else "Try again later")
@@ -305,7 +305,7 @@ def _pair(data: bytes, what: str) -> tuple[str, str]:
         raise MilterProtocolError(f"{what}: name without value")
     name = parts[0].decode("utf-8", "replace")
     if not name or any(c <= " " or c == ":" or c > "~" for c in name):
-        raise MilterProtocolError(f"{what}: bad field name {_clean(parts[0][:40])!r}")
+        raise MilterProtocolError(f"{what}: bad field name {clean(parts[0][:40])!r}")
     return name, parts[1].decode("utf-8", "surrogateescape")
 
 

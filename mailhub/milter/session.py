@@ -138,7 +138,7 @@ class MilterSession:
         except Exception:
             return 0
 
-    def _macro(self, conv: Conversation, command: bytes, values: dict[str, str]) -> list[bytes]:
+    def macro_packets(self, conv: Conversation, command: bytes, values: dict[str, str]) -> list[bytes]:
         proto = conv.proto
         assert proto is not None and proto.negotiated is not None
         names = proto.negotiated.macros.get(command)
@@ -164,10 +164,10 @@ class MilterSession:
         assert negotiated is not None
         session = self.host.session
         if not negotiated.skips(codec.P_NOCONNECT):
-            packets = [*self._macro(conv, codec.CONNECT, values),
+            packets = [*self.macro_packets(conv, codec.CONNECT, values),
                        codec.packet(codec.CONNECT, codec.connect_data(values["{client_name}"], session.client_ip or "",
                                                                       self._client_port()))]
-            verdict = await self._exchange(conv, packets, codec.P_NR_CONN)
+            verdict = await self.exchange(conv, packets, codec.P_NR_CONN)
             self._connect_verdict(conv, verdict)
         if self._helo is not None and not conv.done and conv.connect_reply is None:
             await self._say_helo(conv)
@@ -178,8 +178,8 @@ class MilterSession:
         assert proto is not None and proto.negotiated is not None and self._helo is not None
         if proto.negotiated.skips(codec.P_NOHELO):
             return
-        packets = [*self._macro(conv, codec.HELO, self.macros()), codec.packet(codec.HELO, codec.strings(self._helo))]
-        self._connect_verdict(conv, await self._exchange(conv, packets, codec.P_NR_HELO))
+        packets = [*self.macro_packets(conv, codec.HELO, self.macros()), codec.packet(codec.HELO, codec.strings(self._helo))]
+        self._connect_verdict(conv, await self.exchange(conv, packets, codec.P_NR_HELO))
 
     def _connect_verdict(self, conv: Conversation, verdict: Response | None) -> None:
         if verdict is None or verdict.kind in ("continue", "skip"):
@@ -189,9 +189,9 @@ class MilterSession:
         elif verdict.kind == "discard":
             conv.connect_reply = DISCARD
         else:
-            conv.connect_reply = _reply_of(verdict, REJECT)
+            conv.connect_reply = reply_of(verdict, REJECT)
 
-    async def _exchange(self, conv: Conversation, packets: list[bytes], no_reply: int,
+    async def exchange(self, conv: Conversation, packets: list[bytes], no_reply: int,
                         content: bool = False) -> Response | None:
         proto = conv.proto
         assert proto is not None and proto.negotiated is not None
@@ -281,7 +281,7 @@ class MilterSession:
                     values = self.macros()
                     values["{mail_addr}" if command == codec.MAIL else "{rcpt_addr}"] = packet[5:].split(b"\0")[0].decode(
                         "utf-8", "replace").strip("<>")
-                    verdict = await self._exchange(conv, [*self._macro(conv, command, values), packet], no_reply)
+                    verdict = await self.exchange(conv, [*self.macro_packets(conv, command, values), packet], no_reply)
                 except MilterFailure as e:
                     refusal = self.failed(conv, str(e), stage)
                     if refusal is not None:
@@ -294,7 +294,7 @@ class MilterSession:
                 elif verdict.kind == "discard":
                     self.discard = True
                 else:
-                    refusal = _reply_of(verdict, REJECT)
+                    refusal = reply_of(verdict, REJECT)
                     self._log_refusal(conv, stage, refusal)
                     return refusal
             return None
@@ -330,7 +330,7 @@ class MilterSession:
                 proto.close()
 
 
-def _reply_of(verdict: Response, reject: Reply) -> Reply:
+def reply_of(verdict: Response, reject: Reply) -> Reply:
     """The SMTP reply for a refusing verdict (C{reject}, C{tempfail}, C{replycode})."""
     if verdict.kind == "replycode":
         return Reply(verdict.code, verdict.enhanced, verdict.text)
