@@ -102,12 +102,13 @@ class OpenDKIM:
 class Rspamd:
     """
     rspamd with the stock configuration and local overrides in C{home}:
-    the proxy worker in milter mode (scanning itself), the other workers
+    the proxy worker in milter mode (scanning itself; with C{quarantine},
+    what it would reject is quarantined instead), the other workers
     on free loopback ports, DNS pointed at a closed loopback port (nothing
     leaves the machine), no Redis, headers added for local clients too.
     """
 
-    def __init__(self, home: str) -> None:
+    def __init__(self, home: str, quarantine: bool = False) -> None:
         self.home = home
         self.port = free_port()
         for sub in ("local.d", "override.d", "db", "run"):
@@ -117,6 +118,7 @@ class Rspamd:
             "override.d/worker-proxy.inc": (
                 f'bind_socket = "127.0.0.1:{self.port}";\nmilter = yes;\ntimeout = 120s;\n'
                 'upstream "local" { default = yes; self_scan = yes; }\ncount = 1;\n'
+                + ("quarantine_on_reject = true;\n" if quarantine else "")
             ),
             "override.d/worker-normal.inc": f'bind_socket = "127.0.0.1:{free_port()}";\ncount = 1;\n',
             "override.d/worker-controller.inc": f'bind_socket = "127.0.0.1:{free_port()}";\ncount = 1;\n',

@@ -13,11 +13,13 @@ import os
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from daemon import DOMAIN, Daemon, config_text, delivered_with, message, send
+from daemon import DOMAIN, Daemon, config_text, delivered_with, message, read_maildir, send
 from milterpeers import OpenDKIM, Rspamd, dkim_key
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -117,6 +119,33 @@ def test_rspamd_rejects_gtube_and_adds_its_headers_to_a_clean_message(tmp_path, 
     assert refused == (554, b"5.7.1 Gtube pattern")
     assert "milter-reject: END-OF-MESSAGE" in log and "Gtube pattern" in log
     assert len(d.queued()) == 0
+
+
+def test_rspamd_quarantines_and_mailhub_queue_release_frees_the_message(tmp_path) -> None:
+    quarantining = Rspamd(str(tmp_path / "rspamd"), quarantine=True).start()
+    d = Daemon(_home(tmp_path), milter_config(f'socket = "{quarantining.socket}"')).start()
+    try:
+        spam = message(f"alice@{DOMAIN}", "<held@client.test>").replace(b"\r\n\r\n", b"\r\n\r\n" + GTUBE + b"\r\n", 1)
+        qid = send(d, f"alice@{DOMAIN}", spam)
+        listing = subprocess.run(
+            [sys.executable, "-m", "mailhub.cli.main", "-c", d.conf, "queue", "list"],
+            capture_output=True, text=True, env=d.env(), cwd=d.home, timeout=60,
+        )
+        assert f"{qid}!" in listing.stdout, listing.stdout + listing.stderr
+        assert read_maildir(d.maildir("alice")) == []
+        released = subprocess.run(
+            [sys.executable, "-m", "mailhub.cli.main", "-c", d.conf, "queue", "release", qid],
+            capture_output=True, text=True, env=d.env(), cwd=d.home, timeout=60,
+        )
+        assert released.returncode == 0, released.stderr
+        raw = delivered_with(d, "alice", "<held@client.test>")
+        log = d.log()
+    finally:
+        d.stop()
+        quarantining.stop()
+    assert GTUBE in raw
+    assert f"{qid}: milter-hold: Spam message quarantined" in log and "quarantine=Spam_message_quarantined" in log
+    assert f"{qid}: released from hold" in log
 
 
 def _session(d: Daemon) -> smtplib.SMTP:
