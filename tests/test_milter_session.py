@@ -189,3 +189,29 @@ def test_a_broken_reply_gets_the_default_action_and_a_log_line(tmp_path, logged)
     h = serve(tmp_path, fake, default_action="reject")
     assert session(h).send(MAIL) == "550 5.7.1 Command rejected\r\n"
     assert any("packet length" in line and "default action reject" in line for line in logged())
+
+
+def test_a_milter_that_closed_between_messages_is_reconnected_at_the_next_mail(tmp_path) -> None:
+    fake = FakeMilter()
+    h = serve(tmp_path, fake)
+    c = session(h)
+    queued_id(deliver(c))
+    first = fake.connections[0]
+    first.protocol.connectionLost(None)  # the milter went away while the session was idle
+    queued_id(deliver(c))
+    assert len(fake.connections) == 2
+    commands = [cmd for cmd in fake.commands() if cmd != codec.MACRO]
+    second = commands[commands.index(codec.OPTNEG, 1) :]
+    assert second[:4] == [codec.OPTNEG, codec.CONNECT, codec.HELO, codec.MAIL]
+
+
+def test_too_many_or_too_large_changes_get_the_default_action(tmp_path) -> None:
+    huge = reply(codec.ADDHEADER, b"X-Big\0" + b"v" * 600_000 + b"\0")
+    fake = FakeMilter(answers={codec.BODYEOB: [huge + huge + reply(codec.CONTINUE)]})
+    h = serve(tmp_path, fake)
+    assert deliver(session(h)) == "451 4.7.1 Service unavailable - try again later\r\n"
+    assert h.spool_is_empty()
+    bare_cr = FakeMilter(answers={codec.BODYEOB: [reply(codec.ADDHEADER, b"X-Cr\0a\rb\0") + reply(codec.CONTINUE)]})
+    h = serve(tmp_path / "2", bare_cr)
+    qid = queued_id(deliver(session(h)))
+    assert b"X-Cr: a b\r\n" in h.message(qid)

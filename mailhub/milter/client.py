@@ -42,8 +42,10 @@ _NEEDS = {
     codec.REPLBODY: codec.F_CHGBODY, codec.ADDRCPT: codec.F_ADDRCPT, codec.ADDRCPT_PAR: codec.F_ADDRCPT_PAR,
     codec.DELRCPT: codec.F_DELRCPT, codec.QUARANTINE: codec.F_QUARANTINE, codec.CHGFROM: codec.F_CHGFROM,
 }
-#: At most this many modifications from one milter for one message.
+#: At most this many modifications from one milter for one message,
 MAX_MODIFICATIONS = 1000
+#: and at most this many bytes of header fields and addresses in them.
+MAX_CHANGES_SIZE = 1024 * 1024
 
 
 class MilterFailure(Exception):
@@ -58,6 +60,7 @@ class EndOfMessage:
     modifications: list[Modification] = field(default_factory=list)
     body: IO[bytes] | None = None
     body_size: int = 0
+    changes_size: int = 0
 
 
 class MilterProtocol(protocol.Protocol):
@@ -217,6 +220,9 @@ class MilterProtocol(protocol.Protocol):
             return
         if len(eom.modifications) >= MAX_MODIFICATIONS:
             raise MilterProtocolError(f"more than {MAX_MODIFICATIONS} modifications")
+        eom.changes_size += len(change.name) + len(change.value)
+        if eom.changes_size > min(self.max_body, MAX_CHANGES_SIZE):
+            raise MilterProtocolError("header and envelope changes too large")
         eom.modifications.append(change)
 
     def _fire(self, result: object) -> None:

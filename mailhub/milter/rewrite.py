@@ -70,8 +70,8 @@ class Header:
     @staticmethod
     def line(name: str, value: str, leadspc: bool) -> bytes:
         """A field line from a milter's name and value."""
-        raw = value.encode("utf-8", "surrogateescape")
-        lines = [p for p in _FOLD.split(raw)]
+        raw = value.encode("utf-8", "surrogateescape").replace(b"\0", b" ")
+        lines = [p.replace(b"\r", b" ") for p in _FOLD.split(raw)]  # a CR is a line break only before LF
         first, rest = lines[0], lines[1:]
         folded = b"".join(b"\r\n" + (p if p[:1] in (b" ", b"\t") else b"\t" + p) for p in rest if p.strip())
         sep = b":" if leadspc else b": "

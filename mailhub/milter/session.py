@@ -248,6 +248,8 @@ class MilterSession:
         self._in_message = True
         for conv in self.conversations:
             conv.broken, conv.broken_at_all = None, False
+            if conv.proto is not None and conv.proto.failed is not None:
+                conv.proto = None  # closed while idle: a new conversation for the new message
             if conv.done == "message":
                 conv.done = ""
         packet = codec.packet(codec.MAIL, codec.strings(f"<{sender}>", *args))
