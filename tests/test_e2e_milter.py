@@ -32,7 +32,7 @@ def milter_config(*tables: str) -> str:
 
 def _home(tmp_path) -> str:
     home = tmp_path / "mh"
-    home.mkdir()
+    home.mkdir(parents=True)
     return str(home)
 
 
@@ -219,3 +219,25 @@ def test_a_milter_that_never_answers_times_out_and_blocks_no_one_else(tmp_path, 
         signer.signal(signal.SIGCONT)
         d.stop()
     assert "no answer within 3s; default action reject" in log
+
+
+def test_a_milter_filters_only_its_listeners(tmp_path) -> None:
+    from peers import free_port
+
+    down = f"inet:127.0.0.1:{free_port()}"  # nothing listens there
+    d = Daemon(_home(tmp_path), milter_config(
+        f'socket = "{down}"\ndefault_action = "reject"\nlisteners = ["submission"]',
+    )).start()
+    try:
+        send(d, f"alice@{DOMAIN}", message(f"alice@{DOMAIN}", "<mx@client.test>"))  # smtp: not filtered
+        delivered_with(d, "alice", "<mx@client.test>")
+    finally:
+        d.stop()
+    d = Daemon(_home(tmp_path / "2"), milter_config(f'socket = "{down}"\ndefault_action = "reject"')).start()
+    try:
+        with d.smtp() as s:
+            assert s.ehlo("client.test") == (550, b"5.7.1 Command rejected")
+        log = d.log()
+    finally:
+        d.stop()
+    assert f"milter {down}: HELO: cannot connect" in log and "default action reject" in log

@@ -215,3 +215,18 @@ def test_too_many_or_too_large_changes_get_the_default_action(tmp_path) -> None:
     h = serve(tmp_path / "2", bare_cr)
     qid = queued_id(deliver(session(h)))
     assert b"X-Cr: a b\r\n" in h.message(qid)
+
+
+def test_an_authenticated_submission_shows_the_user_and_the_listener(tmp_path) -> None:
+    from tests.smtpharness import AUTH_PASSWORD, AUTH_USER, b64, serve_with_auth, tls_session
+
+    fake = FakeMilter()
+    h = Harness(tmp_path)
+    serve_with_auth(h, tmp_path, listener="submission", milters=milters(h.clock, fake), checks=[MilterCheck()])
+    c = tls_session(h)
+    assert c.send(f"AUTH PLAIN {b64(chr(0) + AUTH_USER + chr(0) + AUTH_PASSWORD)}\r\n").startswith("235")
+    assert c.send(f"MAIL FROM:<{AUTH_USER}>\r\n") == "250 2.1.0 Ok\r\n"
+    macros = b"".join(p for cmd, p in fake.seen if cmd == codec.MACRO)
+    assert b"{auth_authen}\0" + AUTH_USER.encode() + b"\0" in macros
+    assert b"{daemon_name}\0submission\0" in macros
+    assert b"{tls_version}\0" in macros
