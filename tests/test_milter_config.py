@@ -49,3 +49,14 @@ def test_bad_milter_tables_are_one_line_errors(tmp_path, text: str, error: str) 
     with pytest.raises(ConfigError) as e:
         load(tmp_path, text)
     assert error in str(e.value) and "\n" not in str(e.value)
+
+
+def test_changed_milters_need_a_restart(tmp_path) -> None:
+    import dataclasses
+
+    from mailhub.daemon.reload import changed_keys, needs_restart
+
+    old = load(tmp_path, "")
+    new = dataclasses.replace(old, milters=(MilterConfig(socket="inet:127.0.0.1:8891"),))
+    assert changed_keys(old, new) == ["milter"]
+    assert needs_restart("milter", old, new)

@@ -45,6 +45,7 @@ RESTART_KEYS = (
     "relay.min_backoff", "relay.max_backoff", "relay.max_queue_lifetime", "relay.delay_warning",
     "relay.concurrency", "relay.destination_concurrency",
     "auth.max_failures", "auth.failure_window", "auth.failure_delay",
+    "milter",  # the [[milter]] tables are wired into the listeners at start
 )
 
 #: Keys the local delivery processes were started with: reloaded by
@@ -59,6 +60,7 @@ def _flat(config: Config) -> dict[str, Any]:
         for f in dataclasses.fields(table):
             value = getattr(table, f.name)
             out[f"{section}.{f.name}"] = dict(value) if f.name == "routes" else value
+    out["milter"] = config.milters
     return out
 
 
