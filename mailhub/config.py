@@ -51,6 +51,7 @@ from mailhub.configschema import (
     TOP_KEYS,
     AuthConfig,
     Config,
+    LimitsConfig,
     LocalConfig,
     RelayConfig,
     ServerConfig,
@@ -69,6 +70,7 @@ __all__ = [
     "RelayConfig",
     "AuthConfig",
     "SubmissionConfig",
+    "LimitsConfig",
     "Config",
     "DEFAULT_ALIASES",
     "DEFAULT_CONFIG_FILE",
@@ -270,6 +272,7 @@ def load_config(
         source=os.path.abspath(path) if path is not None else None,
         auth=auth_cfg,
         submission=SubmissionConfig(**values["submission"]),
+        limits=LimitsConfig(**values["limits"]),
     )
 
 

@@ -404,6 +404,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
     from mailhub.queue.spool import Spool
     from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+    from mailhub.smtp.proxyheader import ProxyGate
     from mailhub.smtp.sasl import AuthThrottle
     from mailhub.tls import ServerTLS, implicit_tls_endpoint
     from mailhub.web.api import make_http_site
@@ -479,8 +480,14 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     # The reloadable components: every consumer reads them through live
     # (mailhub/daemon/reload.py), so a reload (SIGHUP, mailhub reload) reaches it.
     live = Live(config)
+    # Rate limits ([limits], docs/ratelimits.rst): fixed until a restart.
+    from mailhub.ratelimit.limits import build_rate_limits
+
+    ratelimit, ratelimit_store = build_rate_limits(config, reactor)
+    if ratelimit_store is not None:
+        ratelimit_store.setServiceParent(top)
     try:
-        live.swap(config, **build_components(config, reactor, live))
+        live.swap(config, **build_components(config, reactor, live, ratelimit))
     except ConfigError as e:
         fail(str(e))
     directory = Delegate.of(live, "directory")
@@ -600,6 +607,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             tls=server_tls,
             users=users,
             throttle=throttle,
+            ratelimit=ratelimit,
+            proxy=ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor) if listener != "smtps" else None,
         )
         factories.append(smtp_factory)
         return smtp_factory
@@ -641,6 +650,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             request_timeout=server_cfg.http_request_timeout,
             max_connections=server_cfg.http_max_connections,
             max_connections_per_ip=server_cfg.http_max_connections_per_ip,
+            ratelimit=ratelimit,
         )
         for description in server_cfg.http:
             endpoint = serverFromString(reactor, description)
@@ -650,7 +660,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         options, live, top, factories, reactor, server_tls,
         mail_log_service.observer if mail_log_service is not None else None,
         local if local_cfg.delivery_processes and not privileged_delivery else None,
-        processes_fixed=privileged_delivery,
+        processes_fixed=privileged_delivery, ratelimit=ratelimit,
     ))
     install_sighup(reloader[0].reload, reactor)
     if user is not None:
