@@ -199,7 +199,9 @@ class _StartupLog(service.Service):
             hostname=c.server.hostname,
             source=c.source or DEFAULTS_SOURCE,
         )
-        if c.local.mode == "system":
+        if c.local.transport != "maildir":
+            mailboxes = f"LMTP {c.local.transport.removeprefix('lmtp:')}"
+        elif c.local.mode == "system":
             mailboxes = f"~ACCOUNT/{c.local.home_maildir} (system accounts)"
         else:
             mailboxes = c.local.mailboxes
@@ -432,7 +434,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     remember_launcher(reactor)
     top = service.MultiService()
     user = _run_as(config, options)
-    privileged_delivery = user is not None and config.local.mode == "system"
+    # LMTP (local.transport) hands local mail to another server: no delivery processes
+    privileged_delivery = user is not None and config.local.mode == "system" and config.local.transport == "maildir"
     if privileged_delivery and not config.local.delivery_processes:
         fail(
             f'{source}: local.delivery_processes: must be at least 1 with local.mode = "system" '
@@ -497,7 +500,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local: Any
     supervisor = None
-    if privileged_delivery:
+    if local_cfg.transport != "maildir":
+        # LMTP to Dovecot (or another LMTP server) does the local delivery (docs/delivery.rst, LMTP).
+        from mailhub.delivery.lmtp import LMTPDelivery
+
+        local = LMTPDelivery(reactor, local_cfg.transport, config.server.hostname)
+        local.setServiceParent(top)
+    elif privileged_delivery:
         # Root delivery processes behind a supervisor started before the
         # switch (mailhub.delivery.supervisor); their settings are fixed now.
         from mailhub.delivery.supervisor import PrivilegedDelivery
@@ -659,7 +668,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     reloader.append(tap_reloader(
         options, live, top, factories, reactor, server_tls,
         mail_log_service.observer if mail_log_service is not None else None,
-        local if local_cfg.delivery_processes and not privileged_delivery else None,
+        local if local_cfg.delivery_processes and not privileged_delivery and local_cfg.transport == "maildir" else None,
         processes_fixed=privileged_delivery, ratelimit=ratelimit,
     ))
     install_sighup(reloader[0].reload, reactor)
