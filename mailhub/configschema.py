@@ -206,14 +206,14 @@ class SubmissionConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:  # rate limits (docs/ratelimits.rst); 0 = no limit
-    client_connections_per_minute: int = key(0, check.non_negative_int)  # per client address
-    client_messages_per_minute: int = key(0, check.non_negative_int)  # MAIL commands per client address
-    client_recipients_per_minute: int = key(0, check.non_negative_int)  # RCPT commands per client address
+    client_connections_per_min: int = key(0, check.non_negative_int)  # per client address
+    client_messages_per_min: int = key(0, check.non_negative_int)  # MAIL commands per client address
+    client_recipients_per_min: int = key(0, check.non_negative_int)  # RCPT commands per client address
     user_messages_per_hour: int = key(0, check.non_negative_int)  # per authenticated SMTP user
     user_recipients_per_hour: int = key(0, check.non_negative_int)
     token_messages_per_hour: int = key(0, check.non_negative_int)  # per HTTP API token
     token_recipients_per_hour: int = key(0, check.non_negative_int)
-    destination_messages_per_second: int = key(0, check.non_negative_int)  # relay transactions per domain
+    domain_messages_per_sec: int = key(0, check.non_negative_int)  # relay transactions per domain
     exempt_networks: tuple[str, ...] = key((), check.networks)  # no per-address limits for these clients
     redis: str | None = key(None, check.redis_url)  # counters shared in Redis; None: in memory
     redis_timeout: float = key(1.0, check.positive_duration)  # seconds per Redis command

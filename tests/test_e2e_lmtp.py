@@ -176,6 +176,7 @@ transport = "lmtp:inet:127.0.0.1:{dc.lmtp_port}"
 [relay]
 min_backoff = 60
 max_backoff = 120
+routes = {{ "remote.example" = "[127.0.0.1]:1" }}  # the bounce to joerg: refused, no DNS
 """).start()
     try:
         with d.smtp() as s:
@@ -198,8 +199,8 @@ max_backoff = 120
         assert f"to=<ghost@{DOMAIN}>" in log and "User doesn't exist" in log
         assert "Quota exceeded" in log
         # the over-quota recipient stays queued for the next attempt; nothing else does
-        (qid,) = [name[:-5] for name in d.queued()]
-        env = Spool(d.spool).load(qid)
+        spool = Spool(d.spool)
+        (env,) = [e for e in (spool.load(n[:-5]) for n in d.queued()) if e.sender == "joerg@remote.example"]
         assert {r.address: r.state for r in env.recipients} == {
             f"alice@{DOMAIN}": "delivered", f"full@{DOMAIN}": "pending", f"ghost@{DOMAIN}": "failed",
         }

@@ -83,7 +83,7 @@ mailboxes = "mailboxes"
 users = ["alice"]
 
 [limits]
-client_messages_per_minute = 3
+client_messages_per_min = 3
 redis = "{redis_url}"
 redis_timeout = 2
 redis_failure = "{failure}"

@@ -77,7 +77,7 @@ def events():
 
 
 def test_limits_verdicts_and_events(events):
-    rl = limits(client_messages_per_minute=2, user_recipients_per_hour=3)
+    rl = limits(client_messages_per_min=2, user_recipients_per_hour=3)
     assert verdict_of(rl.mail("192.0.2.1", None)) is None
     assert verdict_of(rl.mail("192.0.2.1", None)) is None
     v = verdict_of(rl.mail("192.0.2.1", None))
@@ -98,7 +98,7 @@ def test_limits_verdicts_and_events(events):
 
 
 def test_connection_limit_closes_and_exempt_networks():
-    rl = limits(client_connections_per_minute=1, exempt_networks=("10.0.0.0/8",))
+    rl = limits(client_connections_per_min=1, exempt_networks=("10.0.0.0/8",))
     assert verdict_of(rl.connection("192.0.2.1")) is None
     v = verdict_of(rl.connection("192.0.2.1"))
     assert v is not None and (v.code, v.enhanced, v.limit) == (421, "4.7.0", "client_connections")
@@ -126,13 +126,13 @@ def test_store_down_fails_open_or_closed(events):
     globalLogPublisher.addObserver(warnings.append)
     try:
         clock = task.Clock()
-        rl = limits(Down(), clock, client_messages_per_minute=5)
+        rl = limits(Down(), clock, client_messages_per_min=5)
         assert verdict_of(rl.mail("192.0.2.1", None)) is None
         assert verdict_of(rl.mail("192.0.2.1", None)) is None
         said = [e for e in warnings if "cannot count" in str(e.get("log_format", ""))]
         assert len(said) == 1 and said[0]["log_level"] == LogLevel.warn  # once a minute, not per event
         clock.advance(60)
-        closed = limits(Down(), clock, client_messages_per_minute=5, client_connections_per_minute=5,
+        closed = limits(Down(), clock, client_messages_per_min=5, client_connections_per_min=5,
                         redis_failure="closed")
         v = verdict_of(closed.mail("192.0.2.1", None))
         assert v is not None and (v.code, v.enhanced, v.limit) == (451, "4.3.0", "unavailable")
@@ -171,7 +171,7 @@ def serve(tmp_path: Any, counter: Any = None, **keys: Any) -> Harness:
 
 
 def test_smtp_connection_rate(tmp_path):
-    h = serve(tmp_path, client_connections_per_minute=2)
+    h = serve(tmp_path, client_connections_per_min=2)
     assert h.connect().greeting == GREETING
     assert h.connect().greeting == GREETING
     third = h.connect()
@@ -185,7 +185,7 @@ def test_smtp_connection_rate(tmp_path):
 
 
 def test_smtp_message_and_recipient_rates(tmp_path):
-    h = serve(tmp_path, client_messages_per_minute=1, client_recipients_per_minute=2)
+    h = serve(tmp_path, client_messages_per_min=1, client_recipients_per_min=2)
     c = h.connect()
     assert c.send("EHLO client.example\r\n") == EHLO
     assert c.send("MAIL FROM:<x@client.example>\r\n") == MAIL_OK
@@ -214,7 +214,7 @@ def test_smtp_waits_for_a_slow_counter(tmp_path):
             return d
 
     slow = Slow()
-    h = serve(tmp_path, slow, client_messages_per_minute=1)
+    h = serve(tmp_path, slow, client_messages_per_min=1)
     c = h.connect()
     assert c.send("EHLO client.example\r\n") == EHLO
     # MAIL waits for the count; RCPT, pipelined after it, waits too
@@ -237,7 +237,7 @@ def test_smtp_counter_answer_after_the_client_left(tmp_path):
             slow.append(d)
             return d
 
-    h = serve(tmp_path, Slow(), client_messages_per_minute=1)
+    h = serve(tmp_path, Slow(), client_messages_per_min=1)
     c = h.connect()
     c.send("EHLO client.example\r\nMAIL FROM:<x@client.example>\r\n")
     c.lose()
@@ -280,7 +280,7 @@ def test_smtp_authenticated_user_limit_uses_the_user(tmp_path):
 
 def test_relay_defers_recipients_over_the_destination_rate(tmp_path):
     clock = task.Clock()
-    rl = limits(MemoryCounter(clock), clock, destination_messages_per_second=1)
+    rl = limits(MemoryCounter(clock), clock, domain_messages_per_sec=1)
     sent: list[list[str]] = []
     agent = RemoteDelivery(clock, "mx.example.com", ratelimit=rl)
 
@@ -314,5 +314,5 @@ def test_relay_defers_recipients_over_the_destination_rate(tmp_path):
 
 def test_limits_config_defaults_are_off():
     cfg = LimitsConfig()
-    assert all(getattr(cfg, f.name) == 0 for f in dataclasses.fields(cfg) if f.name.endswith(("minute", "hour", "second")))
+    assert all(getattr(cfg, f.name) == 0 for f in dataclasses.fields(cfg) if f.name.endswith(("_min", "_hour", "_sec")))
     assert (cfg.redis, cfg.redis_failure) == (None, "open")

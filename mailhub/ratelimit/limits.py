@@ -65,14 +65,14 @@ class Verdict:
 
 #: limit name -> (config attribute, window, what is counted (for the text), per what)
 _LIMITS: dict[str, tuple[str, float, str, str]] = {
-    "client_connections": ("client_connections_per_minute", MINUTE, "connections", "from your address"),
-    "client_messages": ("client_messages_per_minute", MINUTE, "messages", "from your address"),
-    "client_recipients": ("client_recipients_per_minute", MINUTE, "recipients", "from your address"),
+    "client_connections": ("client_connections_per_min", MINUTE, "connections", "from your address"),
+    "client_messages": ("client_messages_per_min", MINUTE, "messages", "from your address"),
+    "client_recipients": ("client_recipients_per_min", MINUTE, "recipients", "from your address"),
     "user_messages": ("user_messages_per_hour", HOUR, "messages", "for your user"),
     "user_recipients": ("user_recipients_per_hour", HOUR, "recipients", "for your user"),
     "token_messages": ("token_messages_per_hour", HOUR, "messages", "for this token"),
     "token_recipients": ("token_recipients_per_hour", HOUR, "recipients", "for this token"),
-    "destination_messages": ("destination_messages_per_second", SECOND, "messages", "to this domain"),
+    "domain_messages": ("domain_messages_per_sec", SECOND, "messages", "to this domain"),
 }
 
 
@@ -142,7 +142,7 @@ class RateLimits:
 
     def destination(self, domain: str) -> Deferred[Verdict | None]:
         """One relay transaction to C{domain} is about to start."""
-        return self._check([("destination_messages", domain.lower(), 1)], "RELAY", "")
+        return self._check([("domain_messages", domain.lower(), 1)], "RELAY", "")
 
     # -- counting ---------------------------------------------------------------
 

@@ -160,7 +160,7 @@ class RemoteDelivery(service.Service):
             max_addresses=max_addresses,
         )
         self._pool = ConnectionPool(reactor, destination_concurrency, total_concurrency, idle_timeout)
-        # [limits] destination_messages_per_second (mailhub.ratelimit.limits.RateLimits), or None
+        # [limits] domain_messages_per_sec (mailhub.ratelimit.limits.RateLimits), or None
         self._ratelimit = ratelimit
 
     # -- public -------------------------------------------------------------------
