@@ -316,3 +316,51 @@ def test_limits_config_defaults_are_off():
     cfg = LimitsConfig()
     assert all(getattr(cfg, f.name) == 0 for f in dataclasses.fields(cfg) if f.name.endswith(("_min", "_hour", "_sec")))
     assert (cfg.redis, cfg.redis_failure) == (None, "open")
+
+
+# -- the HTTP API ---------------------------------------------------------------------------
+
+
+def test_http_api_token_limits(tmp_path):
+    from httpharness import Env, message_json, post_json
+
+    env = Env(tmp_path)
+    env.site.resource.ratelimit = limits(MemoryCounter(env.clock), env.clock, token_messages_per_hour=2,
+                                         token_recipients_per_hour=3)
+    assert post_json(env, message_json()).status == 202
+    assert post_json(env, message_json()).status == 202
+    r = post_json(env, message_json())
+    assert (r.status, r.headers["retry-after"]) == (429, "3600"), r.raw
+    assert r.json()["error"] == "Error: too many messages for this token (more than 2 per hour); try again later"
+    assert post_json(env, message_json(**{"from": "root@example.com"}), token="root").status == 202  # another token
+    three = ["a@example.org", "b@example.org", "c@example.org"]
+    r = post_json(env, message_json(**{"from": "root@example.com", "to": three}), token="root")
+    assert r.status == 429 and "too many recipients for this token" in r.json()["error"]
+    env.clock.advance(3600)
+    assert post_json(env, message_json()).status == 202
+    env.site.resource.ratelimit = limits(Down(), env.clock, token_messages_per_hour=2, redis_failure="closed")
+    r = post_json(env, message_json())
+    assert (r.status, r.json()["error"]) == (503, "Error: rate limit service unavailable; try again later")
+
+
+def test_smtp_a_failing_limit_check_is_a_temporary_error(tmp_path):
+    class Broken:
+        active = True
+
+        def connection(self, ip: str) -> Any:
+            return defer.fail(RuntimeError("bug"))
+
+        def mail(self, ip: str, user: str | None) -> Any:
+            return defer.fail(RuntimeError("bug"))
+
+    h = Harness(tmp_path, trusted_networks=())
+    h.serve(ratelimit=Broken())
+    c = h.connect()
+    assert c.greeting == f"421 4.3.0 {HOST} Error: rate limit service unavailable; try again later\r\n"
+    h.factory.ratelimit.connection = lambda ip: defer.succeed(None)  # type: ignore[union-attr]
+    c = h.connect()
+    c.send("EHLO client.example\r\n")
+    assert c.send("MAIL FROM:<x@client.example>\r\n") == (
+        "451 4.3.0 Error: rate limit service unavailable; try again later\r\n"
+    )
+    assert not c.closed

@@ -96,8 +96,8 @@ class Gates:
             return
         host.pacer.busy = True
         d = limits.connection(host.session.client_ip)
+        d.addErrback(self._check_failed)
         d.addCallback(self._connection_checked)
-        d.addErrback(lambda f: log.failure("rate limit check failed", f))
 
     def _connection_checked(self, verdict: Verdict | None) -> None:
         host = self.host
@@ -105,7 +105,8 @@ class Gates:
             return
         host.pacer.busy = False
         if verdict is not None:
-            host.write(verdict.code, verdict.enhanced, f"{host.config.hostname} {verdict.text}")
+            code = 421 if verdict.code == 451 else verdict.code
+            host.write(code, verdict.enhanced, f"{host.config.hostname} {verdict.text}")
             host.close()
             return
         host.greet()
@@ -143,9 +144,15 @@ class Gates:
         check = limits.mail if verb == "MAIL" else limits.rcpt
         self.host.pacer.busy = True
         d = check(session.client_ip, session.authenticated_user)
+        d.addErrback(self._check_failed)
         d.addCallback(self._command_checked, handler, arg)
-        d.addErrback(lambda f: log.failure("rate limit check failed", f))
         return True
+
+    @staticmethod
+    def _check_failed(failure: Any) -> Verdict:
+        """The limits never fail; if they did, the client hears a temporary error, not silence."""
+        log.failure("rate limit check failed", failure)
+        return Verdict("unavailable", 451, "4.3.0", "Error: rate limit service unavailable; try again later", 60)
 
     def _command_checked(self, verdict: Verdict | None, handler: Callable[[str], None], arg: str) -> None:
         host = self.host
