@@ -278,7 +278,7 @@ def test_smtp_authenticated_user_limit_uses_the_user(tmp_path):
 # -- the relay agent -------------------------------------------------------------------------
 
 
-def test_relay_defers_recipients_over_the_destination_rate(tmp_path):
+def test_relay_defers_recipients_over_the_destination_rate(tmp_path, events):
     clock = task.Clock()
     rl = limits(MemoryCounter(clock), clock, domain_messages_per_sec=1)
     sent: list[list[str]] = []
@@ -306,6 +306,15 @@ def test_relay_defers_recipients_over_the_destination_rate(tmp_path):
         "c@two.example": ("temporary", 0, "4.4.5"),
     }
     assert "too many messages to this domain" in out[0][0].text
+    assert out[0][0].text == (
+        "deferred: Error: too many messages to this domain (more than 1 per second); try again later"
+    )
+    lines = [e for e in events if e.get("mail_event") == "rate_limited"]
+    assert [e["key"] for e in lines] == ["one.example", "two.example"]
+    assert lines[0]["log_format"] == (
+        "NOQUEUE: rate limit: RELAY to one.example: 450 4.7.1 Error: too many messages to this domain"
+        " (more than 1 per second); try again later; limit=domain_messages key=one.example count=2"
+    )
     clock.advance(1)
     out.clear()
     agent.deliver(env, rcpts[2:], "/nonexistent", reported.extend).addCallback(out.append)

@@ -177,9 +177,10 @@ class RateLimits:
                 code, enhanced = (421, "4.7.0") if closing else (450, "4.7.1")
                 text = f"Error: too many {what} {per} (more than {maximum} per {unit}); try again later"
                 verdict = Verdict(limit, code, enhanced, text, int(window))
+                party = "from [{client}]" if client else "to {key}"
                 mail_event(
                     "rate_limited",
-                    "NOQUEUE: rate limit: {where} from [{client}]: {code} {enhanced} {text}; limit={limit} key={key}"
+                    "NOQUEUE: rate limit: {where} " + party + ": {code} {enhanced} {text}; limit={limit} key={key}"
                     " count={count}",
                     where=where, client=client, code=code, enhanced=enhanced, text=text, limit=limit, key=key,
                     count=value, max=maximum,
