@@ -52,6 +52,7 @@ from mailhub.configschema import (
     TOP_KEYS,
     AuthConfig,
     Config,
+    LimitsConfig,
     LocalConfig,
     MilterConfig,
     RelayConfig,
@@ -71,6 +72,7 @@ __all__ = [
     "RelayConfig",
     "AuthConfig",
     "SubmissionConfig",
+    "LimitsConfig",
     "Config",
     "DEFAULT_ALIASES",
     "DEFAULT_CONFIG_FILE",
@@ -294,6 +296,7 @@ def load_config(
         auth=auth_cfg,
         submission=SubmissionConfig(**values["submission"]),
         milters=top.get("milter", ()),
+        limits=LimitsConfig(**values["limits"]),
     )
 
 

@@ -447,3 +447,35 @@ def smtp_listeners(value: Any) -> tuple[str, ...]:
         if name not in SMTP_LISTENERS:
             raise BadValue(f"unknown listener {show(name)} (known: {', '.join(SMTP_LISTENERS)})")
     return names
+#: What C{[limits] redis_failure} may say.
+REDIS_FAILURES = ("open", "closed")
+
+
+def redis_url(value: Any) -> str | None:
+    """C{[limits] redis}: C{""} (no Redis) or a URL redis-py reads (redis://, rediss://, unix://)."""
+    text = optional_string(value)
+    if text is None:
+        return None
+    if not text.startswith(("redis://", "rediss://", "unix://")) or len(text) > 1000:
+        raise BadValue(f"invalid Redis URL {text[:100]!r} (want e.g. \"redis://127.0.0.1:6379/0\")")
+    return text
+
+
+def local_transport(value: Any) -> str:
+    """C{local.transport}: C{"maildir"}, C{"lmtp:unix:/path"} or C{"lmtp:inet:host:port"}."""
+    text = string(value)
+    if text == "maildir":
+        return text
+    kind, _, where = text.partition(":")
+    if kind == "lmtp":
+        family, _, rest = where.partition(":")
+        if family == "unix" and rest.startswith("/"):
+            return text
+        if family == "inet":
+            host, _, port_text = rest.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if host and port_text.isdigit() and 0 < int(port_text) < 65536:
+                return text
+    raise BadValue(
+        f"invalid transport {text[:100]!r} (want \"maildir\", \"lmtp:unix:/path\" or \"lmtp:inet:host:port\")"
+    )

@@ -36,6 +36,7 @@ __all__ = [
     "SubmissionConfig",
     "MilterConfig",
     "MILTER_KEYS",
+    "LimitsConfig",
     "TopLevel",
     "Config",
     "SECTIONS",
@@ -127,6 +128,9 @@ class ServerConfig:
     log_level: str = key("info", check.choice(*check.LOG_LEVELS))  # mailhub/loglevel.py
     # -- the user the daemon runs as once its ports are bound (docs/architecture.rst)
     user: str | None = key(None, check.optional_string)  # None: "mailhub" when started as root, else the current user
+    # -- PROXY protocol (docs/ratelimits.rst): connections from these networks must start with a PROXY header
+    proxy_from: tuple[str, ...] = key((), check.networks)
+    proxy_timeout: float = key(10.0, check.positive_duration)  # seconds for the PROXY header to arrive
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,8 @@ class LocalConfig:
     # Maildir delivery in this many processes of their own (mailhub.delivery.localproc);
     # 0: in the daemon's threads.  See docs/delivery.rst.
     delivery_processes: int = key(1, check.delivery_processes)
+    # "maildir" (written here), "lmtp:unix:/path" or "lmtp:inet:host:port" (docs/delivery.rst, LMTP)
+    transport: str = key("maildir", check.local_transport)
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,22 @@ MILTER_KEYS: dict[str, tuple[check.Checker, bool]] = {}
 
 
 @dataclass(frozen=True)
+class LimitsConfig:  # rate limits (docs/ratelimits.rst); 0 = no limit
+    client_connections_per_min: int = key(0, check.non_negative_int)  # per client address
+    client_messages_per_min: int = key(0, check.non_negative_int)  # MAIL commands per client address
+    client_recipients_per_min: int = key(0, check.non_negative_int)  # RCPT commands per client address
+    user_messages_per_hour: int = key(0, check.non_negative_int)  # per authenticated SMTP user
+    user_recipients_per_hour: int = key(0, check.non_negative_int)
+    token_messages_per_hour: int = key(0, check.non_negative_int)  # per HTTP API token
+    token_recipients_per_hour: int = key(0, check.non_negative_int)
+    domain_messages_per_sec: int = key(0, check.non_negative_int)  # relay transactions per domain
+    exempt_networks: tuple[str, ...] = key((), check.networks)  # no per-address limits for these clients
+    redis: str | None = key(None, check.redis_url)  # counters shared in Redis; None: in memory
+    redis_timeout: float = key(1.0, check.positive_duration)  # seconds per Redis command
+    redis_failure: str = key("open", check.choice(*check.REDIS_FAILURES))  # Redis down: "open" or "closed"
+
+
+@dataclass(frozen=True)
 class TopLevel:
     """The keys outside any section.  Not part of L{Config}: the loader uses them."""
 
@@ -232,6 +254,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     submission: SubmissionConfig = SubmissionConfig()
     milters: tuple[MilterConfig, ...] = ()  # the [[milter]] tables, in order
+    limits: LimitsConfig = LimitsConfig()
 
 
 def _sections() -> dict[str, type]:

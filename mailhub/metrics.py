@@ -23,6 +23,7 @@ Mail events read (name: fields used):
 - C{delivery}: C{status}, C{transport} (else from C{relay}), C{delay}
                                                    -> deliveries_total, delivery_latency_seconds
 - C{bounce} with C{dsn_id}, not a delay notice      -> bounces_total
+- C{rate_limited}: C{limit}                        -> rate_limited_total
 
 Every name carries the application prefix L{NAMESPACE} (C{mailhub_}), as
 Prometheus' naming rules ask: C{mailhub_messages_accepted_total}.
@@ -190,6 +191,9 @@ class MailMetrics:
             "deliveries", "Delivery attempts per recipient", ["status", "transport"], namespace=NAMESPACE, registry=r
         )
         self.bounces = Counter("bounces", "Non-delivery notifications queued", namespace=NAMESPACE, registry=r)
+        self.rate_limited = Counter(
+            "rate_limited", "Events refused or deferred by a rate limit", ["limit"], namespace=NAMESPACE, registry=r
+        )
         self.latency = Histogram(
             "delivery_latency_seconds",
             "Arrival to final delivery (sent or bounced), per recipient",
@@ -271,6 +275,8 @@ class MailMetrics:
             self._child(self.rejected, reject_reason(event)).inc()
         elif name == "delivery":
             self._delivery(event)
+        elif name == "rate_limited":
+            self._child(self.rate_limited, reject_reason({"reason": event.get("limit")})).inc()
         elif name == "bounce":
             dsn = event.get("dsn_id")
             if dsn and "delay" not in str(event.get("kind", "")):

@@ -199,7 +199,9 @@ class _StartupLog(service.Service):
             hostname=c.server.hostname,
             source=c.source or DEFAULTS_SOURCE,
         )
-        if c.local.mode == "system":
+        if c.local.transport != "maildir":
+            mailboxes = f"LMTP {c.local.transport.removeprefix('lmtp:')}"
+        elif c.local.mode == "system":
             mailboxes = f"~ACCOUNT/{c.local.home_maildir} (system accounts)"
         else:
             mailboxes = c.local.mailboxes
@@ -407,6 +409,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
     from mailhub.queue.spool import Spool
     from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
+    from mailhub.smtp.proxyheader import ProxyGate
     from mailhub.smtp.sasl import AuthThrottle
     from mailhub.tls import ServerTLS, implicit_tls_endpoint
     from mailhub.web.api import make_http_site
@@ -434,7 +437,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     remember_launcher(reactor)
     top = service.MultiService()
     user = _run_as(config, options)
-    privileged_delivery = user is not None and config.local.mode == "system"
+    # LMTP (local.transport) hands local mail to another server: no delivery processes
+    privileged_delivery = user is not None and config.local.mode == "system" and config.local.transport == "maildir"
     if privileged_delivery and not config.local.delivery_processes:
         fail(
             f'{source}: local.delivery_processes: must be at least 1 with local.mode = "system" '
@@ -482,8 +486,14 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     # The reloadable components: every consumer reads them through live
     # (mailhub/daemon/reload.py), so a reload (SIGHUP, mailhub reload) reaches it.
     live = Live(config)
+    # Rate limits ([limits], docs/ratelimits.rst): fixed until a restart.
+    from mailhub.ratelimit.limits import build_rate_limits
+
+    ratelimit, ratelimit_store = build_rate_limits(config, reactor)
+    if ratelimit_store is not None:
+        ratelimit_store.setServiceParent(top)
     try:
-        live.swap(config, **build_components(config, reactor, live))
+        live.swap(config, **build_components(config, reactor, live, ratelimit))
     except ConfigError as e:
         fail(str(e))
     directory = Delegate.of(live, "directory")
@@ -493,7 +503,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local: Any
     supervisor = None
-    if privileged_delivery:
+    if local_cfg.transport != "maildir":
+        # LMTP to Dovecot (or another LMTP server) does the local delivery (docs/delivery.rst, LMTP).
+        from mailhub.delivery.lmtp import LMTPDelivery
+
+        local = LMTPDelivery(reactor, local_cfg.transport, config.server.hostname)
+        local.setServiceParent(top)
+    elif privileged_delivery:
         # Root delivery processes behind a supervisor started before the
         # switch (mailhub.delivery.supervisor); their settings are fixed now.
         from mailhub.delivery.supervisor import PrivilegedDelivery
@@ -613,6 +629,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             throttle=throttle,
             milters=milters,
             checks=[MilterCheck(run=threads.deferToThread)] if milters is not None else [],
+            ratelimit=ratelimit,
+            proxy=ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor) if listener != "smtps" else None,
         )
         factories.append(smtp_factory)
         return smtp_factory
@@ -654,6 +672,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             request_timeout=server_cfg.http_request_timeout,
             max_connections=server_cfg.http_max_connections,
             max_connections_per_ip=server_cfg.http_max_connections_per_ip,
+            ratelimit=ratelimit,
         )
         for description in server_cfg.http:
             endpoint = serverFromString(reactor, description)
@@ -662,8 +681,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     reloader.append(tap_reloader(
         options, live, top, factories, reactor, server_tls,
         mail_log_service.observer if mail_log_service is not None else None,
-        local if local_cfg.delivery_processes and not privileged_delivery else None,
-        processes_fixed=privileged_delivery,
+        local if local_cfg.delivery_processes and not privileged_delivery and local_cfg.transport == "maildir" else None,
+        processes_fixed=privileged_delivery, ratelimit=ratelimit,
     ))
     install_sighup(reloader[0].reload, reactor)
     if user is not None:

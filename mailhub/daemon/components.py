@@ -29,8 +29,11 @@ __all__ = ["build_components", "tap_reloader"]
 log = Logger()
 
 
-def remote_delivery(config: Config, reactor: Any) -> Any:
-    """The outbound relay agent, from the [relay] keys (docs/relay.rst)."""
+def remote_delivery(config: Config, reactor: Any, ratelimit: Any = None) -> Any:
+    """
+    The outbound relay agent, from the [relay] keys (docs/relay.rst);
+    C{ratelimit}: the daemon's rate limits (docs/ratelimits.rst), or None.
+    """
     from mailhub.relay.agent import RemoteDelivery
 
     relay, server = config.relay, config.server
@@ -62,12 +65,13 @@ def remote_delivery(config: Config, reactor: Any) -> Any:
                 "data_done_timeout": relay.data_done_timeout,
             },
             idle_timeout=relay.connection_cache_time,
+            ratelimit=ratelimit,
         )
     except ValueError as e:  # config.py checked every value; this is a safety net
         raise ConfigError(f"{source}: relay: {e}") from e
 
 
-def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]:
+def build_components(config: Config, reactor: Any, live: Live, ratelimit: Any = None) -> dict[str, Any]:
     """
     The components for L{Live.swap}: C{directory}, C{policy}, C{users},
     C{remote}.  Those already in C{live} whose settings did not change
@@ -93,7 +97,7 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
     if not first and old.relay == config.relay and old.server.hostname == config.server.hostname:
         remote = live.remote
     else:
-        remote = remote_delivery(config, reactor)
+        remote = remote_delivery(config, reactor, ratelimit)
     users = None
     if config.auth.users is not None:
         if not first and old.auth.users == config.auth.users and live.users is not None:
@@ -117,6 +121,7 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
 def tap_reloader(
     options: Any, live: Live, top: Any, factories: list[Any], reactor: Any,
     server_tls: Any = None, mail_log: Any = None, processes: Any = None, processes_fixed: bool = False,
+    ratelimit: Any = None,
 ) -> Reloader:
     """
     The reload of the daemon C{makeService} built: the same file, command
@@ -137,7 +142,7 @@ def tap_reloader(
         return load_config(find_config_file(path), overrides, data, check_files=True)
 
     def build(config: Config, running: Live) -> dict[str, Any]:
-        components = build_components(config, reactor, running)
+        components = build_components(config, reactor, running, ratelimit)
         if server_tls is not None and config.server.tls_cert is not None and config.server.tls_key is not None:
             from mailhub.tls import load_certificate_options
 

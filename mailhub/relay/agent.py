@@ -131,6 +131,7 @@ class RemoteDelivery(service.Service):
         max_addresses: int = 5,
         recipient_limit: int = 50,
         loopback_is_self: bool = True,
+        ratelimit: Any = None,
     ) -> None:
         if tls not in (client.TLS_NONE, client.TLS_MAY, client.TLS_ENCRYPT, client.TLS_VERIFY):
             raise ValueError(f"tls must be none, may, encrypt or verify, got {tls!r}")
@@ -159,6 +160,8 @@ class RemoteDelivery(service.Service):
             max_addresses=max_addresses,
         )
         self._pool = ConnectionPool(reactor, destination_concurrency, total_concurrency, idle_timeout)
+        # [limits] domain_messages_per_sec (mailhub.ratelimit.limits.RateLimits), or None
+        self._ratelimit = ratelimit
 
     # -- public -------------------------------------------------------------------
 
@@ -177,7 +180,37 @@ class RemoteDelivery(service.Service):
             as it ends (and of each next hop that could not be reached), so
             they can be recorded before the slowest next hop has answered.
             The final list repeats them.  An exception from it is logged.
+
+        With a destination rate limit, each recipient domain counts one
+        message; the recipients of a domain over its limit are deferred
+        (temporary, 4.4.5: the scheduler tries them again later), never failed.
         """
+        if self._ratelimit is None:
+            return self._deliver(envelope, recipients, message_path, report)
+        return defer.ensureDeferred(self._limited(envelope, recipients, message_path, report))
+
+    async def _limited(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction
+    ) -> list[Outcome]:
+        by_domain: dict[str, list[Recipient]] = {}
+        for r in recipients:
+            by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
+        allowed: list[Recipient] = []
+        deferred: list[Outcome] = []
+        for domain, rcpts in by_domain.items():
+            verdict = await self._ratelimit.destination(domain) if domain else None
+            if verdict is None:
+                allowed.extend(rcpts)
+            else:
+                text = f"deferred: {verdict.text}"
+                deferred.extend(Outcome.temporary(r.address, text, 0, "4.4.5") for r in rcpts)
+        self._report(report, envelope, deferred)
+        outcomes = await self._deliver(envelope, allowed, message_path, report) if allowed else []
+        return deferred + outcomes
+
+    def _deliver(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction
+    ) -> Deferred:
         groups: dict[Destination, list[Recipient]] = {}
         early: list[Outcome] = []
         for r in recipients:

@@ -27,9 +27,11 @@ from twisted.logger import Logger
 
 from mailhub.envelope import Envelope
 from mailhub.queue.spool import Spool
+from mailhub.ratelimit.limits import RateLimits
 from mailhub.smtp import sasl as auth
 from mailhub.smtp.checks import MessageCheck
 from mailhub.smtp.policy import Policy
+from mailhub.smtp.proxyheader import ProxyGate
 from mailhub.smtp.server import SMTPServer
 from mailhub.smtp.settings import SMTPSettings
 from mailhub.users import UsersChecker, UsersFile, owns_sender
@@ -84,6 +86,10 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         one of C{checks}.
     @param free_space: how to measure the spool's free bytes (default:
         statvfs of the spool directory, L{spool_free_space}); tests pass a fake.
+    @param ratelimit: the L{mailhub.ratelimit.limits.RateLimits} checked at
+        connect, MAIL and RCPT (docs/ratelimits.rst); None: none.
+    @param proxy: the L{mailhub.smtp.proxyheader.ProxyGate} of
+        C{server.proxy_from}; None: no PROXY headers are read.
 
     The limits (C{max_hops}, C{min_data_rate}, C{soft_error_limit},
     C{starttls_timeout}, C{timeout}, ...) are read from
@@ -110,6 +116,8 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         free_space: Callable[[], int] | None = None,
         checks: Sequence[MessageCheck] = (),
         milters: Any = None,
+        ratelimit: RateLimits | None = None,
+        proxy: ProxyGate | None = None,
     ) -> None:
         self.settings = settings
         #: the end-of-data stage (L{mailhub.smtp.checks}), in order
@@ -117,6 +125,10 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         #: the listener's milters (L{mailhub.milter.session.Milters}: C{session(smtp_server)}), or None
         self.milters = milters
         self.config = settings.server
+        #: the rate limits (connections, MAIL, RCPT), or None
+        self.ratelimit = ratelimit if ratelimit is not None and ratelimit.active else None
+        #: C{server.proxy_from}: peers that must start with a PROXY header, or None
+        self.proxy = proxy if proxy else None
         self.listener = settings.listener
         self.tls = tls
         self.users = users

@@ -68,6 +68,7 @@ from mailhub.envelope import Envelope
 from mailhub.maillog import mail_event
 from mailhub.smtp.checks import StagedMessage, run_checks
 from mailhub.smtp.commands import LINE_TOO_LONG, Commands
+from mailhub.smtp.gates import Gates
 from mailhub.smtp.limits import Pacer
 from mailhub.smtp.policy import Session
 from mailhub.smtp.proto import (
@@ -184,6 +185,7 @@ class SMTPServer(protocol.Protocol):
         self.commands = Commands(self)
         #: the milter conversations (mailhub.milter.session), or None: the listener has no milters
         self.milter = factory.milters.session(self) if factory.milters is not None else None
+        self.gates = Gates(self)
 
     @property
     def _tcp(self) -> _Transport:
@@ -211,7 +213,12 @@ class SMTPServer(protocol.Protocol):
     # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.session.client_ip = getattr(self._tcp.getPeer(), "host", "")
+        # A proxy's connection begins once its PROXY header named the client (smtp.gates).
+        self.gates.connection_made(getattr(self._tcp.getPeer(), "host", ""))
+
+    def begin(self, client_ip: str, proxy: str | None = None) -> None:
+        """Serve the client at C{client_ip} (C{proxy}: the proxy it came through)."""
+        self.session.client_ip = client_ip
         if not self.factory.admit(self.session.client_ip):
             # Postfix's anvil warns about each connection over a limit; here
             # it is a reject event (metrics: rejected_total{reason}) saying which limit.
@@ -230,13 +237,16 @@ class SMTPServer(protocol.Protocol):
         self.factory.sessions.add(self)
         mail_event(
             "connection",
-            "connect from [{client}] listener={listener} tls={tls}",
-            client=self.session.client_ip, listener=self.session.listener, tls=self.session.tls,
+            "connect from [{client}] listener={listener} tls={tls}" + (" proxy=[{proxy}]" if proxy else ""),
+            client=self.session.client_ip, listener=self.session.listener, tls=self.session.tls, proxy=proxy,
         )
         self._tcp.registerProducer(self, True)
         self.pacer.start()
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             self.pacer.handshake_started()  # implicit TLS: the greeting waits for the handshake
+        self.gates.greet()  # after the connection rate limit
+
+    def greet(self) -> None:
         self.write(220, "", f"{self.config.hostname} ESMTP mailhub")
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -247,6 +257,7 @@ class SMTPServer(protocol.Protocol):
         receiving = tx is not None and self._mode in (DATA, BDAT)
         received = tx.received if tx is not None else 0
         self._closed = True
+        self.gates.stop()
         self.pacer.stop()
         self.tlsauth.stop()
         self.reset_transaction()
@@ -281,6 +292,9 @@ class SMTPServer(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
+            return
+        if self.gates.reading_header:
+            self.gates.feed(data)
             return
         if self.pacer.handshaking:
             # Application data comes only out of a completed handshake.
@@ -558,11 +572,17 @@ class SMTPServer(protocol.Protocol):
         handler = self.commands.handlers.get(verb)
         self._commands.start(verb if handler is not None or verb in NOT_IMPLEMENTED else UNKNOWN)
         if handler is None:
-            if verb in NOT_IMPLEMENTED:
+            if verb == "PROXY" and self.factory.proxy is not None:
+                self.gates.refuse_proxy()
+            elif verb in NOT_IMPLEMENTED:
                 self.reply(Reply(502, "5.5.1", f"Error: {verb} not implemented"))
             else:
                 self.reply(Reply(500, "5.5.2", "Error: command not recognized"))
             return
+        if not self.gates.hold(verb, handler, arg):  # MAIL, RCPT: after the rate limits
+            self.run_command(handler, arg)
+
+    def run_command(self, handler: Any, arg: str) -> None:
         try:
             handler(arg.strip(" \t"))
         except CommandError as e:

@@ -243,6 +243,7 @@ class ApiResource(resource.Resource):
         event_log: str | None = None,
         separator: str = "+",
         clock: Any = None,
+        ratelimit: Any = None,
     ) -> None:
         """
         @param spool: L{mailhub.queue.spool.Spool}.
@@ -259,6 +260,8 @@ class ApiResource(resource.Resource):
             domains); C{None} queues recipients as given.
         @param admins: users allowed to list the whole queue and flush it.
         @param event_log: the JSON event log, to answer for messages that left the queue.
+        @param ratelimit: the L{mailhub.ratelimit.limits.RateLimits} (per API
+            token: messages and recipients per hour; 429 over them), or C{None}.
         """
         super().__init__()
         if status_page == "default":
@@ -280,6 +283,7 @@ class ApiResource(resource.Resource):
         self.max_recipients = max_recipients
         self.event_log = event_log
         self.separator = separator
+        self.ratelimit = ratelimit
         self.clock = clock if clock is not None else getattr(metrics, "clock", None)
         self._handlers: dict[tuple[str, str], Callable[..., Any]] = {
             ("GET", "/"): self.get_status,
@@ -548,7 +552,19 @@ class ApiResource(resource.Resource):
         if not self.users.may_send_as(user, sender, self.separator):
             raise HttpError(403, f"sender <{sender}> is not owned by {user}")
         checked = self._check_recipients(recipients)
-        return self._queue(request, user, sender, checked, message)
+        if self.ratelimit is None:
+            return self._queue(request, user, sender, checked, message)
+        token = (_header(request, b"authorization") or "").strip().partition(" ")[2].strip()
+        client_ip = getattr(request.getClientAddress(), "host", "")
+        d = self.ratelimit.api_message(client_ip, token, len(checked))
+
+        def judged(verdict: Any) -> Any:
+            if verdict is not None:  # 429 over a limit; 503 when the counter is down and limits fail closed
+                status = 503 if verdict.limit == "unavailable" else 429
+                raise HttpError(status, verdict.text, {"Retry-After": str(verdict.retry_after)})
+            return self._queue(request, user, sender, checked, message)
+
+        return d.addCallback(judged)
 
     def _check_sender(self, sender: Any) -> str:
         if not isinstance(sender, str) or not sender:
