@@ -23,6 +23,8 @@ Mail events read (name: fields used):
 - C{delivery}: C{status}, C{transport} (else from C{relay}), C{delay}
                                                    -> deliveries_total, delivery_latency_seconds
 - C{bounce} with C{dsn_id}, not a delay notice      -> bounces_total
+- C{relay_tls}: C{policy}, C{result}, C{verified}, C{count}
+                                                   -> relay_tls_total
 
 Every name carries the application prefix L{NAMESPACE} (C{mailhub_}), as
 Prometheus' naming rules ask: C{mailhub_messages_accepted_total}.
@@ -190,6 +192,10 @@ class MailMetrics:
             "deliveries", "Delivery attempts per recipient", ["status", "transport"], namespace=NAMESPACE, registry=r
         )
         self.bounces = Counter("bounces", "Non-delivery notifications queued", namespace=NAMESPACE, registry=r)
+        self.relay_tls = Counter(
+            "relay_tls", "Outbound recipients delivered, and sessions failed, by TLS policy and protection",
+            ["policy", "result", "verified"], namespace=NAMESPACE, registry=r,
+        )
         self.latency = Histogram(
             "delivery_latency_seconds",
             "Arrival to final delivery (sent or bounced), per recipient",
@@ -271,6 +277,13 @@ class MailMetrics:
             self._child(self.rejected, reject_reason(event)).inc()
         elif name == "delivery":
             self._delivery(event)
+        elif name == "relay_tls":
+            try:
+                count = max(0, int(event.get("count", 1)))
+            except (TypeError, ValueError):
+                count = 1
+            self._child(self.relay_tls, str(event.get("policy", "")), str(event.get("result", "")),
+                        str(event.get("verified", "none"))).inc(count)
         elif name == "bounce":
             dsn = event.get("dsn_id")
             if dsn and "delay" not in str(event.get("kind", "")):

@@ -36,8 +36,10 @@ still in its DATA timeout; and all together when the Deferred fires.
 
 from __future__ import annotations
 
+import dataclasses
 import random as _random
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,13 +50,16 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.logger import Logger
 
 from mailhub.address import AddressError, normalize_domain
-from mailhub.envelope import PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
+from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
+from mailhub.maillog import mail_event
 from mailhub.relay import client
 from mailhub.relay.mx import HopFailure, MXResolver, Target
 from mailhub.relay.nexthop import Destination, _ip, _route_key, parse_dns_server, parse_nexthop
 from mailhub.relay.pool import ConnectionPool
 from mailhub.relay.reply import SessionError
 from mailhub.relay.tls import connect_reason
+from mailhub.relay.tlspolicy import DomainPolicy, HostPolicy, TLSPolicy, verified
+from mailhub.relay.tlsrpt import result_type
 
 __all__ = ["RemoteDelivery"]
 
@@ -131,6 +136,8 @@ class RemoteDelivery(service.Service):
         max_addresses: int = 5,
         recipient_limit: int = 50,
         loopback_is_self: bool = True,
+        tls_policy: TLSPolicy | None = None,
+        tls_reports: Any = None,
     ) -> None:
         if tls not in (client.TLS_NONE, client.TLS_MAY, client.TLS_ENCRYPT, client.TLS_VERIFY):
             raise ValueError(f"tls must be none, may, encrypt or verify, got {tls!r}")
@@ -159,6 +166,9 @@ class RemoteDelivery(service.Service):
             max_addresses=max_addresses,
         )
         self._pool = ConnectionPool(reactor, destination_concurrency, total_concurrency, idle_timeout)
+        self.tls_policy = tls_policy if tls_policy is not None else TLSPolicy(tls)
+        self.tls_reports = tls_reports
+        self._conn_policy: weakref.WeakKeyDictionary[Any, tuple[DomainPolicy, HostPolicy]] = weakref.WeakKeyDictionary()
 
     # -- public -------------------------------------------------------------------
 
@@ -234,9 +244,20 @@ class RemoteDelivery(service.Service):
             return Destination(body, self._port, mx=False, explicit=False)
         return Destination(domain, self._port, mx=True, explicit=False)
 
+    def _subservices(self) -> list[Any]:
+        return [s for s in (self.tls_policy.mtasts, self.tls_reports) if s is not None]
+
+    def startService(self) -> None:
+        super().startService()
+        for s in self._subservices():
+            s.startService()
+
     def stopService(self) -> Deferred:
-        """Close every idle connection."""
+        """Close every idle connection; stop the policy refresh and write the TLS report counts."""
         super().stopService()
+        for s in self._subservices():
+            if s.running:
+                s.stopService()
         return self._pool.close()
 
     # -- one group of recipients to one next hop ---------------------------------------
@@ -274,7 +295,7 @@ class RemoteDelivery(service.Service):
                     if conn is not None:
                         conn = await self._pool.reuse(dest, conn)
                 if conn is None:
-                    conn = await self._connect_any(dest, targets)
+                    conn = await self._connect_any(dest, targets, envelope)
             outcomes, broken = await self._transactions(conn, envelope, rcpts, path, report)
             if broken:
                 self._pool.quit(dest, conn)
@@ -315,6 +336,7 @@ class RemoteDelivery(service.Service):
                 outcomes.extend(failed)
                 return outcomes, True
             answered = {o.recipient for o in got}
+            got = self._tls_delivered(conn, envelope, got)
             done = list(got) + [
                 Outcome.temporary(r.address, "no reply for this recipient", 0, "4.4.2", conn.remote_mta)
                 for r in chunk
@@ -337,9 +359,14 @@ class RemoteDelivery(service.Service):
         """The twisted.names resolver in use, created on first use."""
         return self._mx.resolver()
 
+    async def mx_addresses(self, host: str) -> list[str]:
+        """The addresses of C{host} through the relay's resolver (the MTA-STS policy host)."""
+        return await self._mx.addresses(host)
+
     # -- connecting ------------------------------------------------------------------
 
-    def _options(self, dest: Destination, target: Target, tls: str | None = None) -> Any:
+    def _options(self, dest: Destination, target: Target, tls: str | None = None,
+                 host: HostPolicy | None = None) -> Any:
         kw: dict[str, Any] = {
             "helo_name": self._helo,
             "tls": tls or self._tls,
@@ -347,6 +374,11 @@ class RemoteDelivery(service.Service):
             "auth": self._smarthost_auth if dest == self._smarthost else None,
         }
         kw.update(self._client_options)
+        if host is not None:
+            kw["tls"] = host.tls
+            kw["tls_observe"] = host.observe and host.tls != client.TLS_NONE
+            kw["dane_tlsa"] = host.tlsa
+            kw["dane_names"] = (target.name, dest.host) if host.tlsa else ()
         if tls is not None:
             kw["tls"] = tls
         return client.ClientOptions(**kw)
@@ -357,31 +389,57 @@ class RemoteDelivery(service.Service):
             return TCP6ClientEndpoint(self._reactor, target.ip, target.port, timeout=timeout)
         return TCP4ClientEndpoint(self._reactor, target.ip, target.port, timeout=timeout)
 
-    async def _connect_any(self, dest: Destination, targets: list[Target]) -> Any:
+    async def _connect_any(self, dest: Destination, targets: list[Target], envelope: Envelope | None = None) -> Any:
         """
-        Try C{targets} in order; the first that greets and accepts EHLO
-        wins.  Connection failures and 4xx/5xx greetings mean "try the
-        next" (Postfix tries all MX hosts, smtp_skip_5xx_greeting).
+        Try C{targets} in order; the first that greets, accepts EHLO and
+        gives the protection its TLS policy asks for wins.  Connection
+        failures and 4xx/5xx greetings mean "try the next" (Postfix tries
+        all MX hosts, smtp_skip_5xx_greeting); so does a host the policy
+        refuses (an MX outside an enforced MTA-STS policy, a failed TLSA
+        lookup).  Only level "may" falls back to plain text.
 
         @raise HopFailure: all failed; temporary unless every one answered 5xx.
         """
         last_temp: HopFailure | None = None
         last_perm: HopFailure | None = None
+        dp = await self.tls_policy.for_destination(dest)
+        hosts: dict[tuple[str, int], HostPolicy] = {}
         for target in targets:
-            options = self._options(dest, target)
+            key = (target.name, target.port)
+            if key not in hosts:
+                hosts[key] = await self.tls_policy.for_host(dp, target.name, target.port)
+            hp = hosts[key]
+            if hp.refuse:
+                last_temp = HopFailure(TEMPORARY, 0, "4.7.5", f"{hp.refuse}; not sending to {target}")
+                self._tls_event(envelope, dp, hp, target, "failed", reason=hp.refuse, rtype=hp.result_type)
+                log.info("{text}", text=last_temp.text)
+                continue
+            if hp.warning:
+                self._tls_event(envelope, dp, hp, target, "testing-failed", reason=hp.warning,
+                                rtype="validation-failure")
+            options = self._options(dest, target, host=hp)
             while True:
                 log.debug("connecting to {target} for {dest}", target=str(target), dest=str(dest))
                 try:
                     conn = await self._connect(self._reactor, self._endpoint(target), options,
                                                target.name, target.ip, target.port)
                 except SessionError as e:
+                    tls_problem = e.tls_failed or e.enhanced in ("4.7.4", "4.7.5")
                     if e.tls_failed and options.tls == client.TLS_MAY:
                         log.info("TLS with {target} failed ({error}); retrying without TLS",
                                  target=str(target), error=e.text)
-                        options = self._options(dest, target, tls=client.TLS_NONE)
+                        if hp.observe:
+                            self._tls_event(envelope, dp, hp, target, "testing-failed", reason=e.text)
+                        options = self._options(dest, target, tls=client.TLS_NONE, host=hp)
                         continue
                     fail = self._session_fail(e, str(target))
-                    if e.permanent:
+                    if tls_problem and hp.source in ("mta-sts", "dane"):
+                        what = "DANE TLSA records" if hp.tlsa else f"MTA-STS policy of {dp.domain}"
+                        fail = HopFailure(TEMPORARY, 0, "4.7.5", f"{fail.text} (required by the {what})",
+                                          fail.remote_mta)
+                    if tls_problem:
+                        self._tls_event(envelope, dp, hp, target, "failed", reason=e.text)
+                    if fail.kind == PERMANENT:
                         last_perm = fail
                     else:
                         last_temp = fail
@@ -393,8 +451,18 @@ class RemoteDelivery(service.Service):
                     log.info("{text}", text=text, target=str(target), dest=str(dest))
                     break
                 else:
-                    log.info("connected to {remote} for {dest} (tls={tls})", remote=conn.remote_mta,
-                             dest=str(dest), tls=getattr(conn, "tls", False))
+                    self._conn_policy[conn] = (dp, hp)
+                    info = self._info(conn)
+                    problem = None
+                    if hp.observe:
+                        problem = info["pkix_error"] if info["version"] else "STARTTLS was not offered"
+                    if problem:
+                        self._tls_event(envelope, dp, hp, target, "testing-failed", reason=problem)
+                    else:
+                        self._record_report(dp, hp, target, problem=None)
+                    log.info("connected to {remote} for {dest} (tls={tls} verified={verified})",
+                             remote=conn.remote_mta, dest=str(dest), tls=info["version"] or "none",
+                             verified=verified(hp, info))
                     return conn
         if last_temp is not None:
             raise last_temp
@@ -402,3 +470,59 @@ class RemoteDelivery(service.Service):
             raise last_perm
         raise HopFailure(TEMPORARY, 0, "4.4.1", f"no address to try for {dest}")
 
+    # -- TLS: what the log, the metrics and the TLS reports are told ---------------------
+
+    @staticmethod
+    def _info(conn: Any) -> dict[str, Any]:
+        info = getattr(conn, "tls_info", None)
+        if isinstance(info, dict):
+            return info
+        tls = bool(getattr(conn, "tls", False))
+        return {"version": "TLS" if tls else "", "cipher": "", "pkix_error": "not checked", "dane": None}
+
+    def _record_report(self, dp: DomainPolicy, hp: HostPolicy, target: Target, problem: str | None,
+                       rtype: str = "") -> None:
+        if self.tls_reports is None:
+            return
+        if hp.report_type == "tlsa":
+            strings = [str(r) for r in hp.tlsa]
+            mx: list[str] = []
+        elif hp.report_type == "sts" and dp.sts is not None:
+            p = dp.sts.policy
+            strings = ["version: STSv1", f"mode: {p.mode}"] + [f"mx: {m}" for m in p.mx] + [f"max_age: {p.max_age}"]
+            mx = list(p.mx)
+        else:
+            strings, mx = [], []
+        self.tls_reports.record(dp.domain, hp.report_type, strings, mx, problem is None,
+                                rtype or (result_type(problem) if problem else ""), target.name, target.ip)
+
+    def _tls_event(self, envelope: Envelope | None, dp: DomainPolicy, hp: HostPolicy, target: Target, result: str,
+                   reason: str = "", rtype: str = "") -> None:
+        """A TLS failure (or, under MTA-STS testing, what would have failed): logged, counted, reported."""
+        mail_event(
+            "relay_tls", "{queue_id}: TLS {result} for {domain} at {relay}: policy={policy} ({reason})",
+            queue_id=envelope.queue_id if envelope is not None else "-", result=result, domain=dp.domain,
+            relay=str(target), policy=hp.report_type if hp.source != "table" else "table", reason=reason,
+            verified="none", count=1,
+        )
+        self._record_report(dp, hp, target, reason or result, rtype)
+
+    def _tls_delivered(self, conn: Any, envelope: Envelope, got: list[Outcome]) -> list[Outcome]:
+        """
+        The delivered outcomes say how the session was protected
+        (C{tls=TLSv1.3 cipher=... verified=dane}); one C{relay_tls} event counts them.
+        """
+        delivered = [o for o in got if o.kind == DELIVERED_OUTCOME]
+        if not delivered:
+            return got
+        dp, hp = self._conn_policy.get(conn, (None, None))
+        info = self._info(conn)
+        word = verified(hp, info)
+        note = f" tls={info['version'] or 'none'} cipher={info['cipher'] or 'none'} verified={word}"
+        policy = "none" if hp is None else ("table" if hp.source == "table" else hp.report_type)
+        mail_event(
+            "relay_tls", "{queue_id}: TLS delivered {count} to {relay}: policy={policy}{note}",
+            queue_id=envelope.queue_id, result="delivered", count=len(delivered), relay=conn.remote_mta,
+            domain=dp.domain if dp is not None else "", policy=policy, verified=word, note=note,
+        )
+        return [dataclasses.replace(o, text=o.text + note) if o.kind == DELIVERED_OUTCOME else o for o in got]
