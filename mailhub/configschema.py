@@ -187,7 +187,8 @@ class RelayConfig:  # retry policy for ALL deliveries (local too)
     dane: bool = key(True, check.boolean)  # DANE (RFC 7672) when the configured resolver is local and validates
     tls_policy: Mapping[str, str] = key(checker=check.tls_policy, factory=lambda: MappingProxyType({}))
     tls_reports: bool = key(False, check.boolean)  # send daily RFC 8460 TLS reports to the domains asking for them
-    tls_state: str | None = key(None, check.optional_string, path=True, data_dir="tls")  # MTA-STS cache, TLS report counts
+    # MTA-STS policy cache and TLS report counts; None: SPOOL/tls
+    tls_state: str | None = key(None, check.optional_string, path=True)
 
 
 @dataclass(frozen=True)

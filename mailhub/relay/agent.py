@@ -359,6 +359,14 @@ class RemoteDelivery(service.Service):
         """The twisted.names resolver in use, created on first use."""
         return self._mx.resolver()
 
+    async def targets(self, dest: Destination) -> list[Target]:
+        """
+        The addresses that would be tried for C{dest} (C{mailhub tls check}).
+
+        @raise HopFailure: nothing can be tried.
+        """
+        return await self._mx.targets(dest)
+
     async def mx_addresses(self, host: str) -> list[str]:
         """The addresses of C{host} through the relay's resolver (the MTA-STS policy host)."""
         return await self._mx.addresses(host)
@@ -434,8 +442,8 @@ class RemoteDelivery(service.Service):
                         continue
                     fail = self._session_fail(e, str(target))
                     if tls_problem and hp.source in ("mta-sts", "dane"):
-                        what = "DANE TLSA records" if hp.tlsa else f"MTA-STS policy of {dp.domain}"
-                        fail = HopFailure(TEMPORARY, 0, "4.7.5", f"{fail.text} (required by the {what})",
+                        what = "DANE" if hp.tlsa else f"the MTA-STS policy of {dp.domain}"
+                        fail = HopFailure(TEMPORARY, 0, "4.7.5", f"{fail.text} (required by {what})",
                                           fail.remote_mta)
                     if tls_problem:
                         self._tls_event(envelope, dp, hp, target, "failed", reason=e.text)

@@ -289,6 +289,8 @@ class MTASTS(service.Service):
         self._loop = task.LoopingCall(self.refresh)
         self._loop.clock = reactor
         self._interval = refresh_interval
+        #: False: policies are not written to the cache (C{mailhub tls check}).
+        self.persist = True
         self._load()
 
     def _now(self) -> float:
@@ -312,6 +314,12 @@ class MTASTS(service.Service):
             self._cache[entry.domain] = entry
 
     def _store(self, entry: CachedPolicy | None, domain: str) -> None:
+        if not self.persist or "/" in domain or domain.startswith("."):
+            if entry is None:
+                self._cache.pop(domain, None)
+            else:
+                self._cache[domain] = entry
+            return
         if entry is None:
             self._cache.pop(domain, None)
             try:
