@@ -236,9 +236,11 @@ class TLSReports(service.Service):
 
     def send_due(self) -> Any:
         """Send each finished day's reports once (a C{.sent} marker file records it)."""
-        if not self._send or self._txt is None or self._submit is None or not os.path.isdir(self._dir):
+        if not self._send or self._txt is None or self._submit is None:
             return None
         self.flush()
+        if not os.path.isdir(self._dir):
+            return None
         today = day_of(self._reactor.seconds())
 
         async def go() -> None:
