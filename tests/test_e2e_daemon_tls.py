@@ -101,7 +101,7 @@ def net(reactor, tmp_path_factory):
         f"_{b_port}._tcp.mx.bad.test": [TLSA(3, 1, 1, b"\x01" * 32)],
         "sts.test": [MX(10, "mx.sts.test")], "mx.sts.test": [A("127.0.0.1")],
         "away.test": [MX(10, "mx.away.test")], "mx.away.test": [A("127.0.0.1")],
-    }, servfail=("_mta-sts.sts.test", "_mta-sts.away.test"))
+    }, servfail=("_mta-sts.sts.test", "_mta-sts.away.test"), failure=RuntimeError)  # RuntimeError: SERVFAIL
 
     def start_dns():
         factory = ValidatingServerFactory([zone], secure=("dane.test", "bad.test"))

@@ -62,7 +62,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dns_server(reactor):
-    zone = Zone("test", ZONE)
+    zone = Zone("test", ZONE, failure=RuntimeError)  # a servfail name answers SERVFAIL, not NXDOMAIN
 
     def start():
         factory = ValidatingServerFactory([zone], secure=("dane.test", "both.test"))
@@ -106,7 +106,7 @@ def relay(reactor, dns_server, https, pki, tmp_path):
     """relay(port, table=..., default=...) -> a started RemoteDelivery; stopped after the test."""
     agents = []
 
-    def make(port: int, table=None, default="may", state=None):
+    def make(port: int, table=None, default="may", state=None, fetch_ca=pki.ca_file):
         dns_addr = dns_server[0]
         state = state or tmp_path / "tls"
 
@@ -117,7 +117,7 @@ def relay(reactor, dns_server, https, pki, tmp_path):
                 client_options={"tls_ca_file": pki.ca_file, "connect_timeout": 10.0, "command_timeout": 20.0,
                                 "greeting_timeout": 20.0},
             )
-            fetch = https_fetcher(reactor, agent.mx_addresses, port=https[1], ca_file=pki.ca_file, timeout=10.0)
+            fetch = https_fetcher(reactor, agent.mx_addresses, port=https[1], ca_file=fetch_ca, timeout=10.0)
             mtasts = MTASTS(reactor, str(state / "mta-sts"), txt_lookup(agent.resolver), fetch)
             dane = DaneLookup(ValidatingResolver(servers=[parse_dns_server(dns_addr)], reactor=reactor))
             agent.tls_policy = TLSPolicy(default, table or {}, dane, mtasts)
@@ -238,18 +238,30 @@ def test_cached_policy_survives_a_restart_and_a_failed_txt_lookup(reactor, pki, 
         site.policies["mta-sts.sts.test"] = saved
 
 
-def test_policy_redirect_is_not_followed(reactor, receiver, relay, https, tmp_path):
+@pytest.mark.parametrize("status, ctype, body", [
+    (302, "text/plain", ENFORCE.encode()),  # a redirect is a failed fetch, whatever it carries
+    (200, "text/html", ENFORCE.encode()),  # not text/plain
+    (200, "text/plain", ENFORCE.encode() + b"x: " + b"y" * 70000 + b"\r\n"),  # over 64 KB
+])
+def test_bad_policy_responses_are_no_policy(reactor, receiver, relay, https, tmp_path, status, ctype, body):
     site = https[0]
     saved = site.policies["mta-sts.sts.test"]
-    site.policies["mta-sts.sts.test"] = (302, "text/plain", b"moved")
+    site.policies["mta-sts.sts.test"] = (status, ctype, body)
     try:
         f, port = receiver(None)
         o = deliver(reactor, relay(port), tmp_path, "b@sts.test")
-        assert o.kind == DELIVERED_OUTCOME  # no policy: opportunistic, and the stripped server gets plain text
+        assert o.kind == DELIVERED_OUTCOME, o.text  # no policy: opportunistic, plain text to a stripped server
         assert [tls for tls, _ in f.messages] == [False]
         assert " verified=none" in o.text and " tls=none" in o.text
     finally:
         site.policies["mta-sts.sts.test"] = saved
+
+
+def test_policy_host_with_an_untrusted_certificate_gives_no_policy(reactor, pki, receiver, relay, https, tmp_path):
+    other = PKI(tmp_path, "another CA")  # the policy server's certificate is not from this one
+    f, port = receiver(None)
+    o = deliver(reactor, relay(port, fetch_ca=other.ca_file), tmp_path, "b@sts.test")
+    assert o.kind == DELIVERED_OUTCOME and [tls for tls, _ in f.messages] == [False], o.text
 
 
 # -- DANE ---------------------------------------------------------------------------
