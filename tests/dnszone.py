@@ -51,15 +51,23 @@ class ValidatingServerFactory(server.DNSServerFactory):
     """
     A DNS server that plays a validating resolver: answers about names in
     (or under) C{secure} carry the AD bit, as a DNSSEC-validating resolver
-    sets it on data it validated.
+    sets it on data it validated -- only to a query that asked for it with
+    the AD bit (RFC 6840 5.7), as unbound and BIND do.
     """
 
     def __init__(self, authorities: list[Any], secure: tuple[str, ...] = ()) -> None:
         super().__init__(authorities=authorities)
         self.secure = {s.lower() for s in secure}
+        self._asked_ad: dict[int, bool] = {}
+
+    def messageReceived(self, message: dns.Message, proto: Any, address: Any = None) -> None:
+        if len(self._asked_ad) > 1000:
+            self._asked_ad.clear()
+        self._asked_ad[message.id] = bool(message.authenticData)
+        super().messageReceived(message, proto, address)
 
     def sendReply(self, protocol: Any, message: dns.Message, address: Any) -> None:
-        if message.queries:
+        if message.queries and self._asked_ad.pop(message.id, False):
             name = message.queries[0].name.name.decode().lower()
             if any(name == s or name.endswith("." + s) for s in self.secure):
                 message.authenticData = 1

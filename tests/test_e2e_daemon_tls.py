@@ -167,8 +167,8 @@ def test_dane_mismatch_defers_and_sends_nothing(net):
     line = log_line(a, qid, "status=deferred")
     assert "dsn=4.7.5" in line and "does not match its TLSA records" in line, line
     assert in_box(b, "bad.test", "d2") is None
-    env = Spool(a.spool).load(qid)
-    assert env.recipients[0].last_status == "4.7.5"
+    wait_for(lambda: Spool(a.spool).load(qid).recipients[0].last_status == "4.7.5", 20,
+             "the deferral in the envelope")  # written after the log line
 
 
 def test_cached_mta_sts_policy_rules_after_a_restart_when_txt_fails(net):

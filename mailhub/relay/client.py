@@ -424,10 +424,10 @@ class SMTPClientProtocol(Protocol):
             self.tls_cipher = ssl_conn.get_cipher_name() or ""
         self.tls_pkix_error = None if o.tls == TLS_VERIFY else getattr(self._creator, "pkix_error", "not checked")
         if o.dane_tlsa:
-            chain = ssl_conn.get_peer_cert_chain(as_cryptography=True) if ssl_conn is not None else None
+            chain = [c.to_cryptography() for c in (ssl_conn.get_peer_cert_chain() or [])] if ssl_conn is not None else []
             now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
             names = o.dane_names or (o.tls_hostname or self.remote_name,)
-            self.tls_dane = tlsa_match(chain or [], o.dane_tlsa, names, now)
+            self.tls_dane = tlsa_match(chain, o.dane_tlsa, names, now)
             if self.tls_dane is None:
                 raise self._local_error(
                     "4.7.5", f"TLS: certificate of {self.remote_name} does not match its TLSA records",
