@@ -28,10 +28,10 @@ from mailhub.envelope import DELIVERED_OUTCOME, TEMPORARY, Envelope, Recipient
 from mailhub.queue.queuefile import queue_file_bytes
 from mailhub.relay.agent import RemoteDelivery
 from mailhub.relay.dane import DaneLookup, ValidatingResolver
-from mailhub.relay.mtasts import MTASTS, https_fetcher, txt_lookup
+from mailhub.relay.mtasts import MTASTS, https_agent, https_fetcher, txt_lookup
 from mailhub.relay.nexthop import parse_dns_server
 from mailhub.relay.tlspolicy import TLSPolicy
-from mailhub.relay.tlsrpt import TLSReports, build_report, day_of, load_day
+from mailhub.relay.tlsrpt import TLSReports, build_report, day_of, https_poster, load_day
 
 MESSAGE = b"From: a@example.org\r\nTo: b@sts.test\r\nSubject: tls policy\r\n\r\nprotected body\r\n"
 MX_NAMES = ("mx.sts.test", "mx.testing.test", "mx.outside.test", "mx.dane.test", "mx.plain.test",
@@ -41,6 +41,7 @@ ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: mx.sts.test\r\nmax_age: 86400\
 ZONE = {
     "sts.test": [MX(10, "mx.sts.test")],
     "_mta-sts.sts.test": [TXT("v=STSv1; id=20260101")],
+    "_smtp._tls.sts.test": [TXT("v=TLSRPTv1; rua=https://mta-sts.sts.test/tlsrpt,mailto:tlsrpt@sts.test")],
     "testing.test": [MX(10, "mx.testing.test")],
     "_mta-sts.testing.test": [TXT("v=STSv1; id=1")],
     "outside.test": [MX(10, "mx.outside.test")],
@@ -348,3 +349,41 @@ def test_table_encrypt_and_dane_only_defer(reactor, receiver, relay, tmp_path):
     assert (o.kind, o.status) == (TEMPORARY, "4.7.5"), o.text
     assert "no usable DNSSEC-validated TLSA records for mx.plain.test" in o.text
     assert fresh.commands == []  # never connected
+
+
+# -- TLS reports ----------------------------------------------------------------------
+
+
+def test_daily_report_posted_over_https_and_mailed(reactor, pki, relay, https, tmp_path):
+    import gzip
+    import json
+
+    agent = relay(25)  # its resolver and address lookups
+    yesterday = day_of(reactor.seconds() - 86400)
+    (tmp_path / "tls" / "tlsrpt").mkdir(parents=True)
+    counts = {"sts.test": {json.dumps(["sts", ["version: STSv1"], ["mx.sts.test"]]): {
+        "success": 7, "failure": 1, "details": {json.dumps(["certificate-expired", "mx.sts.test", "", ""]): 1}}}}
+    (tmp_path / "tls" / "tlsrpt" / f"{yesterday}.json").write_text(json.dumps(counts))
+    mailed = []
+
+    def submit(sender, to, message):
+        mailed.append((sender, to, message))
+
+    async def none():
+        return None
+
+    def build():
+        web = https_agent(reactor, agent.mx_addresses, port=https[1], ca_file=pki.ca_file, timeout=10.0)
+        reports = TLSReports(reactor, str(tmp_path / "tls"), organization="relay.example.org",
+                             sender="postmaster@example.org", txt=txt_lookup(agent.resolver),
+                             submit=lambda *a: (submit(*a), none())[1], send=True, post=https_poster(web, reactor))
+        return reports.send_due()
+
+    in_reactor(reactor, build)
+    [(host, path, ctype, body)] = https[0].posts
+    assert (host, path, ctype) == ("mta-sts.sts.test", "/tlsrpt", "application/tlsrpt+gzip")
+    report = json.loads(gzip.decompress(body))
+    assert report["policies"][0]["summary"] == {"total-successful-session-count": 7,
+                                                "total-failure-session-count": 1}
+    assert [(s, t) for s, t, _ in mailed] == [("postmaster@example.org", "tlsrpt@sts.test")]
+    assert (tmp_path / "tls" / "tlsrpt" / f"{yesterday}.sent").exists()

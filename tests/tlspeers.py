@@ -203,15 +203,25 @@ class _Policy(resource.Resource):
         return body
 
 
+    def render_POST(self, request: Any) -> bytes:
+        host = (request.getHeader(b"host") or b"").split(b":")[0].decode().lower()
+        self.site.posts.append((host, request.path.decode(), (request.getHeader(b"content-type") or b"").decode(),
+                                request.content.read()))
+        return b"thanks"
+
+
 class PolicySite:
     """
     The HTTPS side of MTA-STS: C{policies[host] = (status, content type, body)},
     served on C{/.well-known/mta-sts.txt}; C{requests} lists (host, path).
+    A POST (a TLS report) is answered 200 and kept in C{posts}:
+    (host, path, content type, body).
     """
 
     def __init__(self) -> None:
         self.policies: dict[str, tuple[int, str, bytes]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.posts: list[tuple[str, str, str, bytes]] = []
         self.site = server.Site(_Policy(self))
 
     def set(self, domain: str, body: str, status: int = 200, ctype: str = "text/plain") -> None:

@@ -78,10 +78,10 @@ def tls_policies(config: Config, reactor: Any, agent: Any, https_port: int = 443
     C{relay.tls_reports} is on, through the pickup area).
     """
     from mailhub.relay.dane import DaneLookup, ValidatingResolver
-    from mailhub.relay.mtasts import MTASTS, https_fetcher, txt_lookup
+    from mailhub.relay.mtasts import MTASTS, https_agent, https_fetcher, txt_lookup
     from mailhub.relay.nexthop import parse_dns_server
     from mailhub.relay.tlspolicy import TLSPolicy
-    from mailhub.relay.tlsrpt import TLSReports
+    from mailhub.relay.tlsrpt import TLSReports, https_poster
 
     relay, server = config.relay, config.server
     state = relay.tls_state or os.path.join(config.spool.path, "tls")
@@ -114,9 +114,16 @@ def tls_policies(config: Config, reactor: Any, agent: Any, https_port: int = 443
 
         return threads.deferToThread(write_pickup, spool, sender, [to], [message], fsync=fsync)
 
+    post = None
+    if relay.tls_reports:
+        try:
+            web = https_agent(reactor, agent.mx_addresses, ca_file=relay.tls_ca_file, timeout=relay.connect_timeout)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{config.source or DEFAULTS_SOURCE}: relay.tls_ca_file: {e}") from e
+        post = https_poster(web, reactor)
     agent.tls_reports = TLSReports(
         reactor, state, organization=server.hostname, sender=f"postmaster@{config.local.domains[0]}",
-        txt=txt, submit=submit, send=relay.tls_reports,
+        txt=txt, submit=submit, send=relay.tls_reports, post=post,
     )
 
 

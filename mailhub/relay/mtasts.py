@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 __all__ = [
     "STSPolicy", "CachedPolicy", "PolicyError", "parse_txt", "parse_policy", "mx_matches", "MTASTS",
-    "MAX_POLICY_SIZE", "MAX_AGE_LIMIT", "https_fetcher", "txt_lookup",
+    "MAX_POLICY_SIZE", "MAX_AGE_LIMIT", "https_agent", "https_fetcher", "txt_lookup",
 ]
 
 log = Logger()
@@ -219,14 +219,34 @@ class _ResolvedEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
-    def __init__(self, reactor: Any, addresses: Callable[[str], Awaitable[list[str]]], port: int,
+    def __init__(self, reactor: Any, addresses: Callable[[str], Awaitable[list[str]]], port: int | None,
                  trust: Any, timeout: float) -> None:
         self._reactor, self._addresses, self._port, self._trust, self._timeout = reactor, addresses, port, trust, timeout
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
         tls = ssl.optionsForClientTLS(host, trustRoot=self._trust)
-        return _ResolvedEndpoint(self._reactor, self._addresses, host, self._port, tls, self._timeout)
+        port = self._port if self._port is not None else uri.port
+        return _ResolvedEndpoint(self._reactor, self._addresses, host, port, tls, self._timeout)
+
+
+def https_agent(reactor: Any, addresses: Callable[[str], Awaitable[list[str]]], *, port: int | None = None,
+                ca_file: str | None = None, timeout: float = 30.0) -> Agent:
+    """
+    twisted.web's Agent for HTTPS to mail domains' hosts: the certificate
+    verified against the system trust store or C{ca_file}, the name
+    resolved through the relay's resolver (C{addresses}), C{timeout}
+    seconds to connect; C{port} replaces the URL's (tests).
+
+    @raise OSError, ValueError: C{ca_file} cannot be read or holds no certificate.
+    """
+    if ca_file:
+        from mailhub.relay.tls import trust_from_file
+
+        trust = trust_from_file(ca_file)
+    else:
+        trust = ssl.platformTrust()
+    return Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, addresses, port, trust, timeout))
 
 
 def https_fetcher(reactor: Any, addresses: Callable[[str], Awaitable[list[str]]], *, port: int = 443,
@@ -236,13 +256,7 @@ def https_fetcher(reactor: Any, addresses: Callable[[str], Awaitable[list[str]]]
     A 200 with C{text/plain} only (no redirects followed), at most
     L{MAX_POLICY_SIZE} bytes, within C{timeout} seconds in all.
     """
-    if ca_file:
-        from mailhub.relay.tls import trust_from_file
-
-        trust = trust_from_file(ca_file)
-    else:
-        trust = ssl.platformTrust()
-    agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, addresses, port, trust, timeout))
+    agent = https_agent(reactor, addresses, port=port, ca_file=ca_file, timeout=timeout)
 
     def fetch(domain: str) -> Deferred:
         async def go() -> bytes:

@@ -8,8 +8,9 @@ directory (C{tlsrpt/YYYY-MM-DD.json}, written by a timer and when the
 service stops, never per session), the RFC 8460 JSON of one domain's day
 (L{build_report}), the C{_smtp._tls} TXT record (L{parse_rua}), the report
 message (L{report_message}: C{multipart/report; report-type="tlsrpt"}
-with the gzipped JSON) and, when C{relay.tls_reports} is on, sending the
-previous days' reports to C{mailto:} addresses once each.
+with the gzipped JSON), the HTTPS upload (L{https_poster}) and, when
+C{relay.tls_reports} is on, sending the previous days' reports to the
+C{mailto:} and C{https:} addresses once each.
 
 Must not touch: the policies themselves (L{mailhub.relay.tlspolicy}),
 connections, the spool (a report is handed to the C{submit} callable, which
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import io
 import json
 import os
 import re
@@ -31,9 +33,15 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
 
-__all__ = ["TLSReports", "build_report", "parse_rua", "report_message", "result_type", "day_of", "load_day"]
+__all__ = [
+    "TLSReports", "build_report", "parse_rua", "report_message", "report_gzip", "https_poster", "result_type",
+    "day_of", "load_day",
+]
 
 log = Logger()
 
@@ -123,6 +131,32 @@ def build_report(domain: str, day: str, policies: dict[str, Any], organization: 
     }
 
 
+def report_gzip(report: dict[str, Any]) -> bytes:
+    """The report as RFC 8460 sends it: JSON, gzipped."""
+    return gzip.compress(json.dumps(report, indent=1).encode("utf-8"))
+
+
+def https_poster(agent: Any, reactor: Any, timeout: float = 60.0) -> Callable[[str, bytes], Any]:
+    """
+    C{post(uri, gzipped_report)} through twisted.web's C{agent} (RFC 8460
+    5.4: C{application/tlsrpt+gzip}); a 2xx is success, anything else raises.
+    """
+
+    def post(uri: str, body: bytes) -> Any:
+        async def go() -> None:
+            response = await agent.request(
+                b"POST", uri.encode("ascii"), Headers({b"content-type": [b"application/tlsrpt+gzip"]}),
+                FileBodyProducer(io.BytesIO(body)),
+            )
+            response.deliverBody(Protocol())  # the answer's body is not read
+            if not 200 <= response.code < 300:
+                raise OSError(f"HTTP status {response.code}")
+
+        return defer.ensureDeferred(go()).addTimeout(timeout, reactor)
+
+    return post
+
+
 def report_message(report: dict[str, Any], domain: str, organization: str, sender: str, to: str) -> bytes:
     """The report mail (RFC 8460 5.3): multipart/report, report-type tlsrpt, the JSON gzipped."""
     day = report["date-range"]["start-datetime"][:10]
@@ -137,7 +171,7 @@ def report_message(report: dict[str, Any], domain: str, organization: str, sende
     msg.set_content(f"TLS report for {domain}, {day}, from {organization}.\n")
     name = f"{organization}!{domain}!{day}T00:00:00Z!{day}T23:59:59Z!{report['report-id'][:8]}.json.gz"
     msg.add_attachment(
-        gzip.compress(json.dumps(report, indent=1).encode("utf-8")), maintype="application",
+        report_gzip(report), maintype="application",
         subtype="tlsrpt+gzip", filename=name,
     )
     msg.replace_header("Content-Type", 'multipart/report; report-type="tlsrpt"; boundary="%s"' % msg.get_boundary())
@@ -162,16 +196,18 @@ class TLSReports(service.Service):
 
     @param txt: C{txt(name)} -> TXT records (lists of strings).
     @param submit: C{submit(sender, recipient, message_bytes)} -> Deferred; queues a report mail.
+    @param post: C{post(https_uri, gzipped_json)} -> Deferred (L{https_poster}).
     """
 
     def __init__(self, reactor: Any, state_dir: str, *, organization: str, sender: str,
                  txt: Callable[[str], Awaitable[list[list[bytes]]]] | None = None,
                  submit: Callable[[str, str, bytes], Any] | None = None, send: bool = False,
+                 post: Callable[[str, bytes], Any] | None = None,
                  flush_interval: float = 60.0, send_interval: float = 3600.0) -> None:
         self._reactor = reactor
         self._dir = os.path.join(state_dir, "tlsrpt")
         self.organization, self.sender = organization, sender
-        self._txt, self._submit, self._send = txt, submit, send
+        self._txt, self._submit, self._send, self._post = txt, submit, send, post
         self._days: dict[str, dict[str, dict[str, Any]]] = {}
         self._dirty: set[str] = set()
         self._flush = task.LoopingCall(self.flush)
@@ -224,8 +260,18 @@ class TLSReports(service.Service):
                 continue
             report = build_report(domain, day, policies, self.organization, self.sender, str(uuid.uuid4()))
             for uri in rua:
+                if uri.lower().startswith("https://") and self._post is not None:
+                    try:
+                        await self._post(uri, report_gzip(report))
+                    except Exception as e:
+                        log.info("TLS report for {domain} to {uri} failed: {error}", domain=domain, uri=uri[:100],
+                                 error=str(e) or type(e).__name__)
+                    else:
+                        log.info("TLS report for {domain} ({day}) posted to {uri}", domain=domain, day=day,
+                                 uri=uri[:100])
+                    continue
                 if not uri.lower().startswith("mailto:"):
-                    log.info("TLS report for {domain}: {uri} is not a mailto: address; skipped", domain=domain,
+                    log.info("TLS report for {domain}: {uri} is neither mailto: nor https:; skipped", domain=domain,
                              uri=uri[:100])
                     continue
                 to = uri[7:].split("?", 1)[0]
