@@ -35,7 +35,7 @@ from mailhub.relay.tlsrpt import TLSReports, build_report, day_of, https_poster,
 
 MESSAGE = b"From: a@example.org\r\nTo: b@sts.test\r\nSubject: tls policy\r\n\r\nprotected body\r\n"
 MX_NAMES = ("mx.sts.test", "mx.testing.test", "mx.outside.test", "mx.dane.test", "mx.plain.test",
-            "mx.both.test", "mx.insecure.test")
+            "mx.both.test", "mx.insecure.test", "mx.half.test")
 ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: mx.sts.test\r\nmax_age: 86400\r\n"
 
 ZONE = {
@@ -50,6 +50,7 @@ ZONE = {
     "both.test": [MX(10, "mx.both.test")],
     "_mta-sts.both.test": [TXT("v=STSv1; id=1")],
     "insecure.test": [MX(10, "mx.insecure.test")],
+    "half.dane.test": [MX(10, "mx.half.test")],  # a secure MX record naming a host in an unsigned zone
     "plain.test": [MX(10, "mx.plain.test")],
 }
 for _n in MX_NAMES + tuple(f"mta-sts.{d}" for d in ("sts.test", "testing.test", "outside.test", "both.test")):
@@ -316,6 +317,14 @@ def test_tlsa_without_the_ad_bit_is_not_used(reactor, receiver, relay, dns_serve
     f, port = receiver(own)
     set_tlsa(dns_server[1], "mx.insecure.test", port, TLSA(3, 1, 1, hashlib.sha256(b"k").digest()))
     o = deliver(reactor, relay(port), tmp_path, "b@insecure.test")
+    assert o.kind == DELIVERED_OUTCOME and " verified=none" in o.text, o.text
+
+
+def test_tlsa_of_an_mx_host_with_insecure_addresses_is_not_used(reactor, receiver, relay, dns_server, tmp_path):
+    _, own = PKI.self_signed("mx.half.test")
+    f, port = receiver(own)
+    set_tlsa(dns_server[1], "mx.half.test", port, TLSA(3, 1, 1, hashlib.sha256(b"k").digest()))
+    o = deliver(reactor, relay(port), tmp_path, "b@half.dane.test")
     assert o.kind == DELIVERED_OUTCOME and " verified=none" in o.text, o.text
 
 

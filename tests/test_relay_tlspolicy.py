@@ -228,11 +228,15 @@ def test_tlsa_match_ee_and_ta(tmp_path):
 
 
 class FakeDane:
-    def __init__(self, secure: bool = True, answers=None, trusted: bool = True) -> None:
+    def __init__(self, secure: bool = True, answers=None, trusted: bool = True, insecure_hosts=()) -> None:
         self.secure, self.answers, self.trusted = secure, answers or {}, trusted
+        self.insecure_hosts = insecure_hosts
 
     async def mx_secure(self, domain):
         return self.secure
+
+    async def host_secure(self, host):
+        return host not in self.insecure_hosts
 
     async def tlsa(self, host, port):
         a = self.answers.get(host, DaneAnswer(True, ()))
@@ -277,6 +281,9 @@ def test_precedence_table_dane_mtasts_default():
     # insecure MX, or a resolver whose AD bit is not believed: no DANE
     assert decide(TLSPolicy("may", dane=FakeDane(secure=False, answers=dane.answers))).source == "default"
     assert decide(TLSPolicy("may", dane=FakeDane(trusted=False, answers=dane.answers))).source == "default"
+    # an MX host whose addresses are not validated: its TLSA records are not used (RFC 7672 2.2.2)
+    half = FakeDane(answers=dane.answers, insecure_hosts=("mx.d.test",))
+    assert decide(TLSPolicy("may", dane=half, mtasts=enforce)) == HostPolicy("verify", "mta-sts")
     # no MX lookup (smarthost, [route]): nothing is discovered
     assert decide(TLSPolicy("may", dane=dane, mtasts=enforce), mx=False) == HostPolicy("may", "default")
 

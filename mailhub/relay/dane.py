@@ -7,7 +7,8 @@ Owns: L{ValidatingResolver} (twisted.names queries that ask for the AD bit
 and hand back the whole response: its answers and whether the resolver
 says it validated them), L{TLSA} (the record, parsed from the raw rdata:
 twisted.names has no TLSA class), L{DaneLookup} (is a domain's MX RRset
-DNSSEC-secure, the usable TLSA records of C{_PORT._tcp.HOST}) and
+DNSSEC-secure, are an MX host's addresses, the usable TLSA records of
+C{_PORT._tcp.HOST}) and
 L{tlsa_match} (DANE-EE 3 0 x / 3 1 x and DANE-TA 2 x x).
 
 The AD bit is believed only from a resolver on this host (loopback), as
@@ -253,6 +254,18 @@ class DaneLookup:
     async def mx_secure(self, domain: str) -> bool:
         """The MX RRset of C{domain} (or its denial) validated."""
         _records, secure = await self._ask(domain, dns.MX)
+        return secure
+
+    async def host_secure(self, host: str) -> bool:
+        """
+        The address records of MX host C{host} validated: only then are its
+        TLSA records looked up (RFC 7672 2.2.2).  A failed lookup counts as
+        insecure (the connection itself uses the relay's resolver).
+        """
+        try:
+            _records, secure = await self._ask(host, dns.A)
+        except DNSFailure:
+            return False
         return secure
 
     async def tlsa(self, host: str, port: int) -> DaneAnswer:
