@@ -67,7 +67,8 @@ def dns_server(reactor):
     zone = Zone("test", ZONE, failure=RuntimeError)  # a servfail name answers SERVFAIL, not NXDOMAIN
 
     def start():
-        factory = ValidatingServerFactory([zone], secure=("dane.test", "both.test"))
+        # _tcp.mx.half.test: TLSA answers validate, the address of mx.half.test does not
+        factory = ValidatingServerFactory([zone], secure=("dane.test", "both.test", "_tcp.mx.half.test"))
         return reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
 
     port = in_reactor(reactor, start)
