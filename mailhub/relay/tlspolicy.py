@@ -160,8 +160,8 @@ class TLSPolicy:
         level = dp.table
         if level is not None and level not in _DANE_LEVELS:
             return HostPolicy(level, "table")
-        if dp.dane:
-            assert self.dane is not None
+        if dp.dane and self.dane is not None and await self.dane.host_secure(host):
+            # RFC 7672 2.2.2: TLSA records only for a host whose addresses validated
             try:
                 answer = await self.dane.tlsa(host, port)
             except DNSFailure as e:
