@@ -51,7 +51,6 @@ from twisted.logger import Logger
 
 from mailhub.address import AddressError, normalize_domain
 from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
-from mailhub.maillog import mail_event
 from mailhub.relay import client
 from mailhub.relay.mx import HopFailure, MXResolver, Target
 from mailhub.relay.nexthop import Destination, _ip, _route_key, parse_dns_server, parse_nexthop
@@ -59,7 +58,7 @@ from mailhub.relay.pool import ConnectionPool
 from mailhub.relay.reply import SessionError
 from mailhub.relay.tls import connect_reason
 from mailhub.relay.tlspolicy import DomainPolicy, HostPolicy, TLSPolicy, verified
-from mailhub.relay.tlsrpt import result_type
+from mailhub.relay.tlsrpt import record_session, session_info, tls_delivered, tls_failure
 
 __all__ = ["RemoteDelivery"]
 
@@ -460,14 +459,14 @@ class RemoteDelivery(service.Service):
                     break
                 else:
                     self._conn_policy[conn] = (dp, hp)
-                    info = self._info(conn)
+                    info = session_info(conn)
                     problem = None
                     if hp.observe:
                         problem = info["pkix_error"] if info["version"] else "STARTTLS was not offered"
                     if problem:
                         self._tls_event(envelope, dp, hp, target, "testing-failed", reason=problem)
                     else:
-                        self._record_report(dp, hp, target, problem=None)
+                        record_session(self.tls_reports, dp, hp, target.name, target.ip, None)
                     log.info("connected to {remote} for {dest} (tls={tls} verified={verified})",
                              remote=conn.remote_mta, dest=str(dest), tls=info["version"] or "none",
                              verified=verified(hp, info))
@@ -478,59 +477,18 @@ class RemoteDelivery(service.Service):
             raise last_perm
         raise HopFailure(TEMPORARY, 0, "4.4.1", f"no address to try for {dest}")
 
-    # -- TLS: what the log, the metrics and the TLS reports are told ---------------------
-
-    @staticmethod
-    def _info(conn: Any) -> dict[str, Any]:
-        info = getattr(conn, "tls_info", None)
-        if isinstance(info, dict):
-            return info
-        tls = bool(getattr(conn, "tls", False))
-        return {"version": "TLS" if tls else "", "cipher": "", "pkix_error": "not checked", "dane": None}
-
-    def _record_report(self, dp: DomainPolicy, hp: HostPolicy, target: Target, problem: str | None,
-                       rtype: str = "") -> None:
-        if self.tls_reports is None:
-            return
-        if hp.report_type == "tlsa":
-            strings = [str(r) for r in hp.tlsa]
-            mx: list[str] = []
-        elif hp.report_type == "sts" and dp.sts is not None:
-            p = dp.sts.policy
-            strings = ["version: STSv1", f"mode: {p.mode}"] + [f"mx: {m}" for m in p.mx] + [f"max_age: {p.max_age}"]
-            mx = list(p.mx)
-        else:
-            strings, mx = [], []
-        self.tls_reports.record(dp.domain, hp.report_type, strings, mx, problem is None,
-                                rtype or (result_type(problem) if problem else ""), target.name, target.ip)
+    # -- TLS: what the log, the metrics and the TLS reports are told (relay.tlsrpt) -----
 
     def _tls_event(self, envelope: Envelope | None, dp: DomainPolicy, hp: HostPolicy, target: Target, result: str,
                    reason: str = "", rtype: str = "") -> None:
-        """A TLS failure (or, under MTA-STS testing, what would have failed): logged, counted, reported."""
-        mail_event(
-            "relay_tls", "{queue_id}: TLS {result} for {domain} at {relay}: policy={policy} ({reason})",
-            queue_id=envelope.queue_id if envelope is not None else "-", result=result, domain=dp.domain,
-            relay=str(target), policy=hp.report_type if hp.source != "table" else "table", reason=reason,
-            verified="none", count=1,
-        )
-        self._record_report(dp, hp, target, reason or result, rtype)
+        tls_failure(self.tls_reports, envelope.queue_id if envelope is not None else "-", dp, hp, target.name,
+                    target.ip, str(target), result, reason, rtype)
 
     def _tls_delivered(self, conn: Any, envelope: Envelope, got: list[Outcome]) -> list[Outcome]:
-        """
-        The delivered outcomes say how the session was protected
-        (C{tls=TLSv1.3 cipher=... verified=dane}); one C{relay_tls} event counts them.
-        """
+        """The delivered outcomes say how the session was protected (C{tls=... cipher=... verified=...})."""
         delivered = [o for o in got if o.kind == DELIVERED_OUTCOME]
         if not delivered:
             return got
         dp, hp = self._conn_policy.get(conn, (None, None))
-        info = self._info(conn)
-        word = verified(hp, info)
-        note = f" tls={info['version'] or 'none'} cipher={info['cipher'] or 'none'} verified={word}"
-        policy = "none" if hp is None else ("table" if hp.source == "table" else hp.report_type)
-        mail_event(
-            "relay_tls", "{queue_id}: TLS delivered {count} to {relay}: policy={policy}{note}",
-            queue_id=envelope.queue_id, result="delivered", count=len(delivered), relay=conn.remote_mta,
-            domain=dp.domain if dp is not None else "", policy=policy, verified=word, note=note,
-        )
+        note = tls_delivered(envelope.queue_id, dp, hp, conn.remote_mta, session_info(conn), len(delivered))
         return [dataclasses.replace(o, text=o.text + note) if o.kind == DELIVERED_OUTCOME else o for o in got]

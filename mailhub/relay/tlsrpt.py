@@ -12,6 +12,11 @@ with the gzipped JSON), the HTTPS upload (L{https_poster}) and, when
 C{relay.tls_reports} is on, sending the previous days' reports to the
 C{mailto:} and C{https:} addresses once each.
 
+Also what the relay agent tells the mail log and the metrics about TLS:
+the C{relay_tls} mail events (L{tls_failure}, L{tls_delivered}: the
+C{tls=... cipher=... verified=...} words of a delivery) and the counts
+(L{record_session}).
+
 Must not touch: the policies themselves (L{mailhub.relay.tlspolicy}),
 connections, the spool (a report is handed to the C{submit} callable, which
 the daemon points at the pickup area).
@@ -38,7 +43,11 @@ from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
+from mailhub.maillog import mail_event
+from mailhub.relay.tlspolicy import DomainPolicy, HostPolicy, verified
+
 __all__ = [
+    "record_session", "session_info", "tls_delivered", "tls_failure",
     "TLSReports", "build_report", "parse_rua", "report_message", "report_gzip", "https_poster", "result_type",
     "day_of", "load_day",
 ]
@@ -187,6 +196,71 @@ def load_day(state_dir: str, day: str) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# -- what the relay agent reports -------------------------------------------------------
+
+
+def session_info(conn: Any) -> dict[str, Any]:
+    """C{conn.tls_info} (L{mailhub.relay.client.SMTPConnection}), or what a connection without it says."""
+    info = getattr(conn, "tls_info", None)
+    if isinstance(info, dict):
+        return info
+    tls = bool(getattr(conn, "tls", False))
+    return {"version": "TLS" if tls else "", "cipher": "", "pkix_error": "not checked", "dane": None}
+
+
+def _policy_word(hp: HostPolicy | None) -> str:
+    return "none" if hp is None else ("table" if hp.source == "table" else hp.report_type)
+
+
+def record_session(reports: TLSReports | None, dp: DomainPolicy, hp: HostPolicy, host: str, ip: str,
+                   problem: str | None, rtype: str = "") -> None:
+    """Count one session with MX C{host} (or one refusal) for the TLS reports: failed when C{problem}."""
+    if reports is None:
+        return
+    if hp.report_type == "tlsa":
+        strings = [str(r) for r in hp.tlsa]
+        mx: list[str] = []
+    elif hp.report_type == "sts" and dp.sts is not None:
+        p = dp.sts.policy
+        strings = ["version: STSv1", f"mode: {p.mode}"] + [f"mx: {m}" for m in p.mx] + [f"max_age: {p.max_age}"]
+        mx = list(p.mx)
+    else:
+        strings, mx = [], []
+    reports.record(dp.domain, hp.report_type, strings, mx, problem is None,
+                   rtype or (result_type(problem) if problem else ""), host, ip)
+
+
+def tls_failure(reports: TLSReports | None, queue_id: str, dp: DomainPolicy, hp: HostPolicy, host: str, ip: str,
+                where: str, result: str, reason: str = "", rtype: str = "") -> None:
+    """
+    A TLS failure or a refused host (C{result="failed"}), or what MTA-STS
+    testing would have refused (C{"testing-failed"}): logged, counted, reported.
+    """
+    mail_event(
+        "relay_tls", "{queue_id}: TLS {result} for {domain} at {relay}: policy={policy} ({reason})",
+        queue_id=queue_id, result=result, domain=dp.domain, relay=where, policy=_policy_word(hp), reason=reason,
+        verified="none", count=1,
+    )
+    record_session(reports, dp, hp, host, ip, reason or result, rtype)
+
+
+def tls_delivered(queue_id: str, dp: DomainPolicy | None, hp: HostPolicy | None, remote_mta: str,
+                  info: dict[str, Any], count: int) -> str:
+    """
+    One C{relay_tls} event for C{count} recipients delivered in a session;
+    returns the words their outcomes end with (C{" tls=TLSv1.3 cipher=...
+    verified=dane"}).
+    """
+    word = verified(hp, info)
+    note = f" tls={info['version'] or 'none'} cipher={info['cipher'] or 'none'} verified={word}"
+    mail_event(
+        "relay_tls", "{queue_id}: TLS delivered {count} to {relay}: policy={policy}{note}",
+        queue_id=queue_id, result="delivered", count=count, relay=remote_mta,
+        domain=dp.domain if dp is not None else "", policy=_policy_word(hp), verified=word, note=note,
+    )
+    return note
 
 
 class TLSReports(service.Service):
