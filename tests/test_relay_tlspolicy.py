@@ -20,7 +20,7 @@ from tlspeers import PKI, cert_sha256, spki_sha256
 from twisted.internet import defer, task
 
 from mailhub.metrics import MailMetrics
-from mailhub.relay.dane import TLSA, DaneAnswer, DNSFailure, tlsa_match
+from mailhub.relay.dane import TLSA, DaneAnswer, DNSFailure, ValidatingResolver, resolv_conf_servers, tlsa_match
 from mailhub.relay.mtasts import MTASTS, PolicyError, mx_matches, parse_policy, parse_txt
 from mailhub.relay.nexthop import Destination
 from mailhub.relay.tlspolicy import HostPolicy, TLSPolicy, table_key, verified
@@ -222,6 +222,17 @@ def test_tlsa_match_ee_and_ta(tmp_path):
     assert tlsa_match(chain, [ta], ["mx.dane.test"], NOW + datetime.timedelta(days=30)) is None  # and validity
     assert tlsa_match([leaf], [ta], ["mx.dane.test"], NOW) is None  # the anchor must be in the chain
     assert tlsa_match([], [ee_key], [], NOW) is None
+
+
+def test_resolv_conf_servers_and_trust(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# comment\nsearch example.org\nnameserver 127.0.0.53\nnameserver ::1\nnameserver bogus\n")
+    assert resolv_conf_servers(str(conf)) == [("127.0.0.53", 53), ("::1", 53)]
+    assert resolv_conf_servers(str(tmp_path / "missing")) == []
+    clock = task.Clock()
+    assert ValidatingResolver(servers=[("127.0.0.1", 53), ("::1", 5353)], reactor=clock).trusted()
+    # one remote server is enough for the AD bit to be forgeable on the way: not believed
+    assert not ValidatingResolver(servers=[("127.0.0.1", 53), ("192.0.2.53", 53)], reactor=clock).trusted()
 
 
 # -- the policy decision -------------------------------------------------------------------

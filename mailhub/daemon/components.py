@@ -77,7 +77,7 @@ def tls_policies(config: Config, reactor: Any, agent: Any, https_port: int = 443
     cached under C{relay.tls_state}, and the TLS report counts (sent when
     C{relay.tls_reports} is on, through the pickup area).
     """
-    from mailhub.relay.dane import DaneLookup, ValidatingResolver
+    from mailhub.relay.dane import DaneLookup, ValidatingResolver, resolv_conf_servers
     from mailhub.relay.mtasts import MTASTS, https_agent, https_fetcher, txt_lookup
     from mailhub.relay.nexthop import parse_dns_server
     from mailhub.relay.tlspolicy import TLSPolicy
@@ -90,9 +90,8 @@ def tls_policies(config: Config, reactor: Any, agent: Any, https_port: int = 443
         servers = [parse_dns_server(s) for s in relay.dns_servers]
 
         def validating() -> ValidatingResolver:
-            if servers:
-                return ValidatingResolver(servers=servers, reactor=reactor)
-            return ValidatingResolver(resolv="/etc/resolv.conf", reactor=reactor)
+            return ValidatingResolver(servers=servers or resolv_conf_servers() or [("127.0.0.1", 53)],
+                                      reactor=reactor)
 
         dane = DaneLookup(validating)
     txt = txt_lookup(agent.resolver)

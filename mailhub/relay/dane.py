@@ -38,7 +38,10 @@ from twisted.logger import Logger
 from twisted.names import client as dnsclient
 from twisted.names import dns
 
-__all__ = ["TLSA_TYPE", "TLSA", "ValidatingResolver", "DaneLookup", "DaneAnswer", "tlsa_match", "DNSFailure"]
+__all__ = [
+    "TLSA_TYPE", "TLSA", "ValidatingResolver", "DaneLookup", "DaneAnswer", "tlsa_match", "DNSFailure",
+    "resolv_conf_servers",
+]
 
 log = Logger()
 
@@ -202,6 +205,26 @@ class ValidatingResolver(dnsclient.Resolver):
         if m.trunc:
             m = await self.queryTCP(query)
         return m
+
+
+def resolv_conf_servers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """
+    The C{nameserver} lines of C{path}, read once (the validating resolver
+    starts no re-read timer); [] when it cannot be read.
+    """
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    try:
+                        servers.append((ipaddress.ip_address(words[1].split("%")[0]).compressed, 53))
+                    except ValueError:
+                        continue
+    except OSError:
+        return []
+    return servers
 
 
 @dataclass(frozen=True)

@@ -144,15 +144,15 @@ class TLSPolicy:
         discover = dest.mx and (level is None or level in _DANE_LEVELS)
         use_dane = discover and self.dane is not None and self.dane.trusted
         mx_secure = False
+        # the MTA-STS lookup runs while DANE's is answered (its Deferred never fails)
+        pending = self.mtasts.policy(dest.host) if discover and level is None and self.mtasts is not None else None
         if use_dane:
             assert self.dane is not None
             try:
                 mx_secure = await self.dane.mx_secure(dest.host)
             except DNSFailure as e:
                 log.info("DNSSEC MX lookup for {domain} failed: {error}", domain=dest.host, error=str(e))
-        sts = None
-        if discover and level is None and self.mtasts is not None:
-            sts = await self.mtasts.policy(dest.host)
+        sts = await pending if pending is not None else None
         return DomainPolicy(dest.host, level, sts, mx_secure, use_dane and mx_secure)
 
     async def for_host(self, dp: DomainPolicy, host: str, port: int) -> HostPolicy:
