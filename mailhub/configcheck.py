@@ -364,6 +364,26 @@ def routes(value: Any) -> Mapping[str, str]:
     return MappingProxyType(out)
 
 
+#: Levels of the [relay.tls_policy] table (mailhub.relay.tlspolicy.TABLE_LEVELS).
+TLS_POLICY_LEVELS = ("none", "may", "encrypt", "verify", "dane", "dane-only")
+
+
+def tls_policy(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise BadValue(f'must be a table of domain = "level", got {show(value)}')
+    out: dict[str, str] = {}
+    for key, level in value.items():
+        dot = "." if key.startswith(".") else ""
+        try:
+            domain = dot + normalize_domain(key[len(dot):])
+        except AddressError as e:
+            raise BadValue(f"invalid domain {key!r}: {e}")
+        if level not in TLS_POLICY_LEVELS:
+            raise BadValue(f"{key!r}: must be one of {', '.join(TLS_POLICY_LEVELS)}, got {show(level)}")
+        out[domain] = level
+    return MappingProxyType(out)
+
+
 def dns_servers(value: Any) -> tuple[str, ...]:
     from mailhub.relay.nexthop import parse_dns_server
 

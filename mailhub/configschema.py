@@ -190,6 +190,13 @@ class RelayConfig:  # retry policy for ALL deliveries (local too)
     data_init_timeout: float = key(120.0, check.positive_duration)
     data_xfer_timeout: float = key(180.0, check.positive_duration)
     data_done_timeout: float = key(600.0, check.positive_duration)
+    # -- outbound TLS policies (mailhub.relay.tlspolicy); see docs/relay.rst
+    mta_sts: bool = key(True, check.boolean)  # honour published MTA-STS policies (RFC 8461)
+    dane: bool = key(True, check.boolean)  # DANE (RFC 7672) when the configured resolver is local and validates
+    tls_policy: Mapping[str, str] = key(checker=check.tls_policy, factory=lambda: MappingProxyType({}))
+    tls_reports: bool = key(False, check.boolean)  # send daily RFC 8460 TLS reports to the domains asking for them
+    # MTA-STS policy cache and TLS report counts; None: SPOOL/tls
+    tls_state: str | None = key(None, check.optional_string, path=True)
 
 
 @dataclass(frozen=True)

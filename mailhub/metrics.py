@@ -24,6 +24,8 @@ Mail events read (name: fields used):
                                                    -> deliveries_total, delivery_latency_seconds
 - C{bounce} with C{dsn_id}, not a delay notice      -> bounces_total
 - C{rate_limited}: C{limit}                        -> rate_limited_total
+- C{relay_tls}: C{policy}, C{result}, C{verified}, C{count}
+                                                   -> relay_tls_total
 
 Every name carries the application prefix L{NAMESPACE} (C{mailhub_}), as
 Prometheus' naming rules ask: C{mailhub_messages_accepted_total}.
@@ -194,6 +196,10 @@ class MailMetrics:
         self.rate_limited = Counter(
             "rate_limited", "Events refused or deferred by a rate limit", ["limit"], namespace=NAMESPACE, registry=r
         )
+        self.relay_tls = Counter(
+            "relay_tls", "Outbound recipients delivered, and sessions failed, by TLS policy and protection",
+            ["policy", "result", "verified"], namespace=NAMESPACE, registry=r,
+        )
         self.latency = Histogram(
             "delivery_latency_seconds",
             "Arrival to final delivery (sent or bounced), per recipient",
@@ -277,6 +283,13 @@ class MailMetrics:
             self._delivery(event)
         elif name == "rate_limited":
             self._child(self.rate_limited, reject_reason({"reason": event.get("limit")})).inc()
+        elif name == "relay_tls":
+            try:
+                count = max(0, int(event.get("count", 1)))
+            except (TypeError, ValueError):
+                count = 1
+            self._child(self.relay_tls, str(event.get("policy", "")), str(event.get("result", "")),
+                        str(event.get("verified", "none"))).inc(count)
         elif name == "bounce":
             dsn = event.get("dsn_id")
             if dsn and "delay" not in str(event.get("kind", "")):

@@ -4,7 +4,8 @@ The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 Owns: the command-line front end for administration.  Each command is a
 L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
 C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}) and
-C{log} (L{mailhub.cli.log}) and C{reload} (asks the daemon, L{mailhub.daemon.reload});
+C{log} (L{mailhub.cli.log}), C{reload} (asks the daemon, L{mailhub.daemon.reload})
+and C{tls} (L{mailhub.cli.tls});
 this module finds and loads the configuration and hands each command what it needs.  A command's module is imported only
 when that command runs (L{_lazy}): C{user} brings bcrypt, C{make-cert}
 OpenSSL, and C{mailhub queue} should not pay for them.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
@@ -89,6 +90,7 @@ class Options(usage.Options):
         ["make-cert", None, _lazy(".certs", "MakeCertOptions"), "Write a self-signed TLS certificate and key."],
         ["log", None, _lazy(".log", "LogOptions"), "Print the story of one message from the event log."],
         ["reload", None, ReloadOptions, "Make the running daemon re-read its configuration file."],
+        ["tls", None, _lazy(".tls", "TLSOptions"), "Show the outbound TLS policy of a domain, or its TLS report."],
     ]
 
     opt_version = Command.opt_version
@@ -199,7 +201,17 @@ def reload(options: Options, out: TextIO, err: TextIO) -> int:
     return 0 if applied else 1
 
 
-COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload}
+def tls(options: Options, out: TextIO, err: TextIO) -> int:
+    config = _config(options, err)
+    if config is None:
+        return EX_CONFIG
+    return _run(".tls", "run_tls")(options.subOptions, config, out=out, err=err)
+
+
+COMMANDS = {
+    "check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload,
+    "tls": tls,
+}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:

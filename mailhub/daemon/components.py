@@ -16,6 +16,7 @@ reload must survive them.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.logger import Logger
@@ -42,7 +43,7 @@ def remote_delivery(config: Config, reactor: Any, ratelimit: Any = None) -> Any:
     if relay.smarthost_user is not None and relay.smarthost_password_file is not None:
         auth = (relay.smarthost_user, read_secret(relay.smarthost_password_file, source))
     try:
-        return RemoteDelivery(
+        agent = RemoteDelivery(
             reactor,
             relay.helo_name or server.hostname,
             smarthost=relay.smarthost,
@@ -67,8 +68,66 @@ def remote_delivery(config: Config, reactor: Any, ratelimit: Any = None) -> Any:
             idle_timeout=relay.connection_cache_time,
             ratelimit=ratelimit,
         )
+        tls_policies(config, reactor, agent)
+        return agent
     except ValueError as e:  # config.py checked every value; this is a safety net
         raise ConfigError(f"{source}: relay: {e}") from e
+
+
+def tls_policies(config: Config, reactor: Any, agent: Any, https_port: int = 443) -> None:
+    """
+    The relay agent's TLS policy sources from the [relay] keys: the
+    [relay.tls_policy] table, DANE through the configured resolvers, MTA-STS
+    cached under C{relay.tls_state}, and the TLS report counts (sent when
+    C{relay.tls_reports} is on, through the pickup area).
+    """
+    from mailhub.relay.dane import DaneLookup, ValidatingResolver, resolv_conf_servers
+    from mailhub.relay.mtasts import MTASTS, https_agent, https_fetcher, txt_lookup
+    from mailhub.relay.nexthop import parse_dns_server
+    from mailhub.relay.tlspolicy import TLSPolicy
+    from mailhub.relay.tlsrpt import TLSReports, https_poster
+
+    relay, server = config.relay, config.server
+    state = relay.tls_state or os.path.join(config.spool.path, "tls")
+    dane = None
+    if relay.dane:
+        servers = [parse_dns_server(s) for s in relay.dns_servers]
+
+        def validating() -> ValidatingResolver:
+            return ValidatingResolver(servers=servers or resolv_conf_servers() or [("127.0.0.1", 53)],
+                                      reactor=reactor)
+
+        dane = DaneLookup(validating)
+    txt = txt_lookup(agent.resolver)
+    mtasts = None
+    if relay.mta_sts:
+        try:
+            fetch = https_fetcher(reactor, agent.mx_addresses, port=https_port, ca_file=relay.tls_ca_file,
+                                  timeout=min(relay.connect_timeout * 2, 60.0))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{config.source or DEFAULTS_SOURCE}: relay.tls_ca_file: {e}") from e
+        mtasts = MTASTS(reactor, os.path.join(state, "mta-sts"), txt, fetch)
+    agent.tls_policy = TLSPolicy(relay.tls, relay.tls_policy, dane, mtasts)
+    spool, fsync = config.spool.path, config.spool.fsync
+
+    def submit(sender: str, to: str, message: bytes) -> Any:
+        from twisted.internet import threads
+
+        from mailhub.queue.pickupfile import write_pickup
+
+        return threads.deferToThread(write_pickup, spool, sender, [to], [message], fsync=fsync)
+
+    post = None
+    if relay.tls_reports:
+        try:
+            web = https_agent(reactor, agent.mx_addresses, ca_file=relay.tls_ca_file, timeout=relay.connect_timeout)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{config.source or DEFAULTS_SOURCE}: relay.tls_ca_file: {e}") from e
+        post = https_poster(web, reactor)
+    agent.tls_reports = TLSReports(
+        reactor, state, organization=server.hostname, sender=f"postmaster@{config.local.domains[0]}",
+        txt=txt, submit=submit, send=relay.tls_reports, post=post,
+    )
 
 
 def build_components(config: Config, reactor: Any, live: Live, ratelimit: Any = None) -> dict[str, Any]:
