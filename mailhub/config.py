@@ -51,7 +51,9 @@ from mailhub.configschema import (
     TOP_KEYS,
     AuthConfig,
     Config,
+    DKIMConfig,
     LocalConfig,
+    MailAuthConfig,
     RelayConfig,
     ServerConfig,
     SpoolConfig,
@@ -270,6 +272,8 @@ def load_config(
         source=os.path.abspath(path) if path is not None else None,
         auth=auth_cfg,
         submission=SubmissionConfig(**values["submission"]),
+        dkim=DKIMConfig(**values["dkim"]),
+        mailauth=MailAuthConfig(**values["mailauth"]),
     )
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "RelayConfig",
     "AuthConfig",
     "SubmissionConfig",
+    "DKIMConfig",
+    "MailAuthConfig",
     "TopLevel",
     "Config",
     "SECTIONS",
@@ -199,6 +201,22 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class DKIMConfig:  # DKIM signing (docs/authentication.rst)
+    keys: str | None = key(None, check.optional_string, path=True)  # KEYS/DOMAIN/SELECTOR.key; None: no signing
+    sign_subdomains: bool = key(False, check.boolean)  # a subdomain without keys uses its parent's
+
+
+@dataclass(frozen=True)
+class MailAuthConfig:  # SPF/DKIM/DMARC checks of inbound mail (docs/authentication.rst)
+    verify: bool = key(False, check.boolean)  # check mail from untrusted clients, add Authentication-Results
+    authserv_id: str | None = key(None, check.optional_string)  # None: server.hostname
+    dmarc_enforce: bool = key(False, check.boolean)  # p=reject -> 550 5.7.1, p=quarantine -> header
+    temperror: str = key("accept", check.choice("accept", "defer"))  # DNS trouble: mark and accept, or 451 4.7.0
+    dns_timeout: float = key(10.0, check.positive_duration)  # seconds per query
+    threads: int = key(4, check.positive_int)  # worker threads for checks and signing
+
+
+@dataclass(frozen=True)
 class TopLevel:
     """The keys outside any section.  Not part of L{Config}: the loader uses them."""
 
@@ -214,6 +232,8 @@ class Config:
     source: str | None  # the config file read, or None for embedded defaults
     auth: AuthConfig = AuthConfig()
     submission: SubmissionConfig = SubmissionConfig()
+    dkim: DKIMConfig = DKIMConfig()
+    mailauth: MailAuthConfig = MailAuthConfig()
 
 
 def _sections() -> dict[str, type]:

@@ -513,7 +513,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
     live.remote.setName("remote")
     live.remote.setServiceParent(top)
-    remote = Delegate.of(live, "remote")
+    # SPF/DKIM/DMARC checks and DKIM signing (docs/authentication.rst):
+    # signing sits in front of the remote agent, the checks at the end of DATA.
+    from mailhub.auth.service import AuthService
+
+    auth_service = AuthService(config, reactor)
+    auth_service.setServiceParent(top)
+    remote = auth_service.wrap(Delegate.of(live, "remote"))
     router = Router(spool, directory, local, remote)
     relay = config.relay
     retry = RetryPolicy(
@@ -600,6 +606,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             tls=server_tls,
             users=users,
             throttle=throttle,
+            checks=auth_service.checks,
         )
         factories.append(smtp_factory)
         return smtp_factory

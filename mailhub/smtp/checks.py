@@ -12,7 +12,9 @@ A check is any object with a C{name} and a C{check(message)} method that
 returns a L{Reply} (refuse the message: 4xx or 5xx with its own text) or
 C{None} (go on), directly or through a Deferred.  It may prepend header
 fields (L{StagedMessage.prepend}: they go above everything, our
-C{Received} included, as RFC 8601 and RFC 6376 want theirs), add mail-log
+C{Received} included, as RFC 8601 and RFC 6376 want theirs), replace the
+start of the content (L{StagedMessage.replace_start}: how header fields
+are deleted, e.g. a forged Authentication-Results), add mail-log
 fields, or change the envelope's sender and recipients.  A check that
 fails unexpectedly (an exception) makes the message 451 4.3.0, never 5xx:
 nothing was accepted yet, the client tries again.
@@ -97,6 +99,13 @@ class StagedMessage:
         if not fields.endswith(b"\r\n"):
             raise ValueError("header fields must end with CRLF")
         self.writer.prepend(fields)
+
+    def replace_start(self, length: int, data: bytes) -> None:
+        """
+        Put C{data} in place of the first C{length} bytes of L{content}
+        (e.g. the header section without some fields); written at the commit.
+        """
+        self.writer.replace_start(length, data)
 
 
 class MessageCheck(Protocol):
