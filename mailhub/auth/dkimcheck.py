@@ -111,7 +111,10 @@ def _one(d: dkim.DKIM, idx: int, value: bytes, txt: TXTLookup, recorder: _Record
     except _Temporary as e:
         return made("temperror", f"key lookup: {e}")
     except dkim.ValidationError as e:
-        return made("fail" if "expired" in str(e) or "mismatch" in str(e) else "permerror", str(e))
+        text = str(e)
+        if text.startswith("x= value is past"):
+            return made("fail", f"signature expired ({text})")
+        return made("fail" if "mismatch" in text else "permerror", text)
     except dkim.KeyFormatError as e:
         return made("permerror", f"key: {e}")
     except dkim.DKIMException as e:

@@ -35,6 +35,14 @@ def _value(text: str) -> str:
     return '"' + "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "?" for c in text) + '"'
 
 
+#: RFC 8601 pvalue's local-part "@" domain-name, when the local part is a dot-atom
+_ADDRESS = re.compile(r"^[!#$%&'*+\-/=?^_`{|}~0-9A-Za-z]+(?:\.[!#$%&'*+\-/=?^_`{|}~0-9A-Za-z]+)*@[0-9A-Za-z.-]+$")
+
+
+def _pvalue(text: str) -> str:
+    return text if len(text) <= 254 and _ADDRESS.match(text) else _value(text)
+
+
 def _comment(text: str) -> str:
     text = "".join(c if 32 <= ord(c) < 127 and c not in "()\\" else " " for c in text[:100]).strip()
     return f" ({text})" if text else ""
@@ -46,7 +54,7 @@ def results_field(server: str, spf: SPFResult, dkim: list[DKIMResult], dmarc: DM
     prop = "smtp.mailfrom" if spf.identity == "mailfrom" else "smtp.helo"
     spf_part = f"spf={spf.result}{_comment(spf.reason) if spf.result != 'pass' else ''}"
     if spf.value:
-        spf_part += f" {prop}={_value(spf.value)}"
+        spf_part += f" {prop}={_pvalue(spf.value)}"
     parts.append(spf_part)
     for r in dkim:
         part = f"dkim={r.result}{_comment(r.reason)}"
