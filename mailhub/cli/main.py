@@ -210,7 +210,8 @@ def dkim(options: Options, out: TextIO, err: TextIO) -> int:
     return _run(".dkim", "run_dkim")(sub, config, out=out, err=err)
 
 
-COMMANDS = {"dkim": dkim, "check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload}
+COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload,
+            "dkim": dkim}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
