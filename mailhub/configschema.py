@@ -212,6 +212,7 @@ class MailAuthConfig:  # SPF/DKIM/DMARC checks of inbound mail (docs/authenticat
     authserv_id: str | None = key(None, check.optional_string)  # None: server.hostname
     dmarc_enforce: bool = key(False, check.boolean)  # p=reject -> 550 5.7.1, p=quarantine -> header
     temperror: str = key("accept", check.choice("accept", "defer"))  # DNS trouble: mark and accept, or 451 4.7.0
+    spf_reject: bool = key(False, check.boolean)  # SPF fail (-all) -> 550 5.7.23 at the end of DATA
     dns_timeout: float = key(10.0, check.positive_duration)  # seconds per query
     threads: int = key(4, check.positive_int)  # worker threads for checks and signing
 

@@ -129,3 +129,17 @@ def test_checks_off_only_marks_trusted_mail(tmp_path):
     raw = h.message(queued_id(deliver(h, "ceo@bank.test", "ceo@bank.test", extra=FORGED)))
     assert FORGED in raw  # nothing is checked or removed when verify is off
     assert "relay_allowed" not in h.queued[0].client
+
+
+def test_spf_fail_is_550_only_when_configured(tmp_path):
+    assert queued_id(deliver(serve(tmp_path / "a"), "ceo@bank.test", "x@pass.test"))
+    h = serve(tmp_path / "b", spf_reject=True)
+    assert deliver(h, "ceo@bank.test", "x@pass.test") == (
+        "550 5.7.23 SPF validation failed: the sender's domain does not allow this host\r\n")
+    assert queued_id(deliver(h, "a@pass.test", "a@pass.test"))  # pass is accepted
+
+
+def test_a_hostile_from_domain_is_not_echoed(tmp_path):
+    h = serve(tmp_path, dmarc_enforce=True)
+    reply = deliver(h, "ceo@bank.test", "ceo@bank.test\u00e9")
+    assert reply.isascii() and len(reply) < 512

@@ -13,6 +13,7 @@ C{dkim=}, C{dmarc=} in the mail log's "accepted" line (the metrics count
 them from there); and applies the policy: with C{dmarc_enforce}, a DMARC
 failure under C{p=reject} is C{550 5.7.1} and under C{p=quarantine} gets an
 C{X-Mailhub-Quarantine} field and a C{quarantine=dmarc} log field; a
+C{spf_reject}, an SPF C{fail} is C{550 5.7.23}; a
 temporary DNS error is C{451 4.7.0} or accepted with C{temperror} in the
 header, as C{temperror} says -- never a permanent refusal.  For a client
 that is us it only marks the envelope (C{client["relay_allowed"]}) so the
@@ -41,7 +42,13 @@ from mailhub.smtp.proto import Reply
 __all__ = ["AuthCheck", "AuthSettings", "Verdict", "evaluate", "DEFER", "ACCEPT", "TEMP_REPLY"]
 
 DEFER, ACCEPT = "defer", "accept"
+SPF_REPLY = Reply(550, "5.7.23", "SPF validation failed: the sender's domain does not allow this host")
 TEMP_REPLY = Reply(451, "4.7.0", "Temporary DNS error checking the sender's authentication, try again later")
+
+
+def _plain(domain: str) -> str:
+    """A domain from the message, safe in a reply or a header: letters, digits, dots and hyphens, at most 100."""
+    return "".join(c for c in domain if c.isascii() and (c.isalnum() or c in ".-"))[:100] or "-"
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,14 @@ class AuthSettings:
     @ivar verify: check inbound mail (off: only the trusted mark for signing).
     @ivar dmarc_enforce: apply p=reject / p=quarantine.
     @ivar temperror: L{DEFER} (451) or L{ACCEPT} (mark and accept).
+    @ivar spf_reject: an SPF C{fail} (the domain's C{-all}) is C{550 5.7.23}.
     """
 
     authserv_id: str
     verify: bool = True
     dmarc_enforce: bool = False
     temperror: str = ACCEPT
+    spf_reject: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,13 +136,14 @@ class AuthCheck:
         s, dmarc = self.settings, verdict.dmarc
         if s.temperror == DEFER and "temperror" in (verdict.spf.result, dmarc.result):
             return TEMP_REPLY
+        if s.spf_reject and verdict.spf.result == "fail":
+            return SPF_REPLY
         if s.dmarc_enforce and dmarc.result == "fail" and dmarc.policy == "reject":
-            return Reply(550, "5.7.1", f"Message rejected by the DMARC policy of {dmarc.from_domain}")
+            return Reply(550, "5.7.1", f"Message rejected by the DMARC policy of {_plain(dmarc.from_domain)}")
         fields = results_field(s.authserv_id, verdict.spf, verdict.dkim, dmarc)
         message.log_fields.update(spf=verdict.spf.result, dkim=verdict.dkim_summary, dmarc=dmarc.result)
         if s.dmarc_enforce and dmarc.result == "fail" and dmarc.policy == "quarantine":
-            fields = (f"X-Mailhub-Quarantine: DMARC policy quarantine of {dmarc.from_domain}\r\n").encode(
-                "ascii", "replace") + fields
+            fields = f"X-Mailhub-Quarantine: DMARC policy quarantine of {_plain(dmarc.from_domain)}\r\n".encode() + fields
             message.log_fields["quarantine"] = "dmarc"
         message.prepend(fields)
         return None

@@ -51,7 +51,9 @@ class AuthService(service.Service):
         self.signer: Signer | None = None
         if config.dkim.keys is not None:
             self.signer = Signer(KeyStore(config.dkim.keys, config.dkim.sign_subdomains), self.run)
-        settings = AuthSettings(m.authserv_id or config.server.hostname, m.verify, m.dmarc_enforce, m.temperror)
+        settings = AuthSettings(
+            m.authserv_id or config.server.hostname, m.verify, m.dmarc_enforce, m.temperror, m.spf_reject
+        )
         self.check = AuthCheck(settings, self.dns, self.run)
 
     def run(self, f: Any, *args: Any) -> Any:
