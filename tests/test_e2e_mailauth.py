@@ -147,8 +147,8 @@ def test_enforcing_daemon_refuses_the_spoof(mx):
 
 def test_signed_mail_from_an_authorised_host_passes(mx):
     d = mx["enforce"]
-    raw = ("From: Good <news@good.test>\r\nTo: alice@local.test\r\nSubject: good-1\r\n"
-           "Message-ID: <good-1@good.test>\r\nDate: Sun, 6 Dec 2026 10:00:00 +0000\r\n\r\nAll fine.\r\n").encode()
+    raw = (b"From: Good <news@good.test>\r\nTo: alice@local.test\r\nSubject: good-1\r\n"
+           b"Message-ID: <good-1@good.test>\r\nDate: Sun, 6 Dec 2026 10:00:00 +0000\r\n\r\nAll fine.\r\n")
     code, _ = smtp(d, "bounce@good.test", sign_bytes(raw, [mx["key"]]) + raw)
     assert code == 250
     got = in_mailbox(d, b"good-1").replace(b"\r\n", b"\n")

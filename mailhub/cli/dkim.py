@@ -72,7 +72,7 @@ class KeygenOptions(_DomainCommand):
     ]
     optFlags = [["force", None, "replace an existing key"]]
 
-    def parseArgs(self, domain: str) -> None:
+    def parseArgs(self, domain: str) -> None:  # type: ignore[override]
         self["domain"] = _domain(domain)
 
     def postOptions(self) -> None:
@@ -88,7 +88,7 @@ class CheckOptions(_DomainCommand):
     synopsis = "mailhub dkim check DOMAIN [--keys DIR]"
     optParameters = [["keys", None, None, "keys directory (default: dkim.keys)"]]
 
-    def parseArgs(self, domain: str) -> None:
+    def parseArgs(self, domain: str) -> None:  # type: ignore[override]
         self["domain"] = _domain(domain)
 
 
