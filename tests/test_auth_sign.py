@@ -98,9 +98,16 @@ class Remote:
 def test_rsa_and_ed25519_signatures_verify_and_a_retry_sends_the_same_bytes(tmp_path, keydir):
     env, path = queued(tmp_path, ASCII, {"protocol": "ESMTPA", "user": "alice@example.test"})
     remote = Remote()
-    agent = SigningDelivery(remote, Signer(keys.KeyStore(keydir), run_now))
+    runs: list = []
+
+    def counted(f, *args):
+        runs.append(f)
+        return run_now(f, *args)
+
+    agent = SigningDelivery(remote, Signer(keys.KeyStore(keydir), counted))
     for _ in range(2):
         agent.deliver(env, env.recipients, path, lambda outcomes: None)
+    assert len(runs) == 1  # signed at the first attempt only
     assert set(env.dkim) == {"original"}  # a 7-bit message has one form
     assert remote.sent[0] == remote.sent[1]
     assert remote.sent[0].startswith(b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=example.test;")

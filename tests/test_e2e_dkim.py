@@ -20,24 +20,26 @@ from __future__ import annotations
 
 import json
 import re
+import smtplib
 import subprocess
 import sys
 
 import pytest
 from daemon import CLEAN_EXIT, Daemon, wait_for
-from dkimtools import only_signatures, opendkim_test, run_testmsg, zone_from_keygen
+from dkimtools import crlf, only_signatures, opendkim_test, run_testmsg, zone_from_keygen
 from peers import Sink, free_port, sink_message, wait_listening
 
 _HTTP = re.compile(r"listening for HTTP on tcp:0:interface=127\.0\.0\.1 \(127\.0\.0\.1:(\d+)\)")
 
 
 def config(routes: dict[str, str], dns_port: int) -> str:
+    """Trusted: 127.0.0.1 only (a client at 127.0.0.2 is someone else)."""
     table = "\n".join(f'"{k}" = "{v}"' for k, v in routes.items())
     return f"""
 [server]
 hostname = "mx.example.test"
 smtp = ["tcp:0:interface=127.0.0.1"]
-trusted_networks = ["127.0.0.0/8"]
+trusted_networks = ["127.0.0.1/32"]
 http = ["tcp:0:interface=127.0.0.1"]
 
 [spool]
@@ -48,6 +50,7 @@ fsync = false
 domains = ["example.test"]
 mailboxes = "mailboxes"
 users = ["alice"]
+aliases = "aliases"
 
 [auth]
 users = "users"
@@ -79,10 +82,12 @@ def net(tmp_path_factory):
     old = Sink(base / "old", free_port(), "-8")
     reject = Sink(base / "reject", free_port(), "-f", "RCPT")
     dns_port = free_port()
+    later_port = free_port()  # nothing listens there until the retry test starts a sink
     routes = {"sink.test": f"[127.0.0.1]:{sink.port}", "old.test": f"[127.0.0.1]:{old.port}",
-              "reject.test": f"[127.0.0.1]:{reject.port}"}
+              "reject.test": f"[127.0.0.1]:{reject.port}", "later.test": f"[127.0.0.1]:{later_port}"}
     home = base / "A"
     home.mkdir()
+    (home / "aliases").write_text("fwd: user@sink.test\n")
     d = Daemon(home, config(routes, dns_port))
     made = [mailhub(d, "dkim", "keygen", "example.test", "--type", kind, "--selector", f"{kind}1")
             for kind in ("rsa", "ed25519")]
@@ -100,7 +105,7 @@ def net(tmp_path_factory):
         d.start()
         http_port = int(wait_for(lambda: _HTTP.search(d.log()), 10, "the HTTP listener").group(1))
         yield {"d": d, "zone": zone, "sink": sink, "old": old, "reject": reject, "keygen": made,
-               "http": http_port, "home": home}
+               "http": http_port, "home": home, "later_port": later_port, "base": base}
         assert d.stop() == CLEAN_EXIT, d.stderr()
         assert "Traceback" not in d.log(), d.log()
     finally:
@@ -240,3 +245,41 @@ def test_dkim_check_against_the_published_records(net):
         extra.unlink()
     r = mailhub(net["d"], "dkim", "check", "nokeys.test")
     assert (r.returncode, r.stderr.count("\n")) == (69, 1)
+
+
+def test_mail_relayed_for_others_is_not_signed(net):
+    # someone else's message (a client outside the trusted networks) to a
+    # local alias that forwards to another host: the From domain has keys,
+    # but the message is not ours
+    with smtplib.SMTP("127.0.0.1", net["d"].port, source_address=("127.0.0.2", 0), timeout=30) as s:
+        s.ehlo()
+        s.sendmail("alice@example.test", ["fwd@example.test"], message("not-ours", to="fwd@example.test"))
+    raw = received(net["sink"], b"not-ours")
+    assert b"DKIM-Signature" not in raw
+    assert b"From: Alice <alice@example.test>" in raw
+
+
+def test_a_retry_sends_the_signature_made_at_the_first_attempt(net, tmp_path):
+    d = net["d"]
+    smtp_send(d, "alice@example.test", "user@later.test", message("retried", to="user@later.test"))
+    envelopes = net["home"] / "spool" / "envelopes"
+
+    def stored():
+        for f in envelopes.glob("*.json") if envelopes.exists() else []:
+            env = json.loads(f.read_text())
+            if env.get("dkim") and env["recipients"][0]["address"] == "user@later.test":
+                return env
+        return None
+
+    first = wait_for(stored, 20, "the envelope written back with its signatures after a failed attempt")
+    assert first["recipients"][0]["attempts"] >= 1 and first["recipients"][0]["state"] == "pending"
+    later = Sink(tmp_path / "later", net["later_port"])
+    try:
+        assert mailhub(d, "queue", "flush").returncode == 0
+        raw = received(later, b"retried")
+    finally:
+        later.stop()
+    sent = crlf(raw)
+    assert sent.startswith(first["dkim"]["original"].encode())
+    [(status, _)] = run_testmsg(tmp_path, [only_signatures(sent, "rsa-sha256")], net["zone"])
+    assert status == 0
