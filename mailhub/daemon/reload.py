@@ -45,6 +45,7 @@ RESTART_KEYS = (
     "relay.min_backoff", "relay.max_backoff", "relay.max_queue_lifetime", "relay.delay_warning",
     "relay.concurrency", "relay.destination_concurrency",
     "auth.max_failures", "auth.failure_window", "auth.failure_delay",
+    "dkim.", "mailauth.",
 )
 
 #: Keys the local delivery processes were started with: reloaded by
@@ -54,7 +55,7 @@ PROCESS_KEYS: tuple[str, ...] = ()
 
 def _flat(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for section in ("server", "spool", "local", "relay", "auth", "submission"):
+    for section in ("server", "spool", "local", "relay", "auth", "submission", "dkim", "mailauth"):
         table = getattr(config, section)
         for f in dataclasses.fields(table):
             value = getattr(table, f.name)
