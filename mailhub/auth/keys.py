@@ -32,6 +32,7 @@ __all__ = [
     "dns_record",
     "compare_record",
     "key_path",
+    "key_problems",
     "RSA",
     "ED25519",
     "SELECTOR",
@@ -184,6 +185,29 @@ class KeyStore:
             if len(out) >= MAX_KEYS_PER_DOMAIN:
                 break
         return out
+
+
+def key_problems(keys_dir: str) -> list[str]:
+    """
+    What is wrong with the keys directory, one line each: missing, or a key
+    file that cannot be used (mail from its domain would be deferred).
+    Read at start by the daemon and by C{mailhub check-config}.
+    """
+    if not os.path.isdir(keys_dir):
+        return [f"dkim.keys: no such directory {keys_dir} (nothing is signed until 'mailhub dkim keygen' makes a key)"]
+    store = KeyStore(keys_dir)
+    problems = []
+    try:
+        domains = sorted(os.listdir(keys_dir))
+    except OSError as e:
+        return [f"dkim.keys: cannot read {keys_dir}: {e.strerror or e}"]
+    for domain in domains:
+        if os.path.isdir(os.path.join(keys_dir, domain)):
+            try:
+                store.keys_for(domain)
+            except KeyError_ as e:
+                problems.append(f"dkim.keys: {e} (mail from {domain} is deferred until it is fixed)")
+    return problems
 
 
 def generate(kind: str) -> bytes:

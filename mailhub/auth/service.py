@@ -18,16 +18,19 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import threads
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mailhub.auth.check import AuthCheck, AuthSettings
 from mailhub.auth.dns import AuthDNS, make_resolver
-from mailhub.auth.keys import KeyStore
+from mailhub.auth.keys import KeyStore, key_problems
 from mailhub.auth.sign import Signer, SigningDelivery
-from mailhub.config import Config
+from mailhub.config import DEFAULTS_SOURCE, Config
 from mailhub.relay.nexthop import parse_dns_server
 
 __all__ = ["AuthService"]
+
+log = Logger()
 
 
 class AuthService(service.Service):
@@ -49,6 +52,8 @@ class AuthService(service.Service):
                 resolver = make_resolver(reactor, servers)
             self.dns = AuthDNS(reactor, resolver, timeout=m.dns_timeout)
         self.signer: Signer | None = None
+        self.keys_dir = config.dkim.keys
+        self.source = config.source or DEFAULTS_SOURCE
         if config.dkim.keys is not None:
             self.signer = Signer(KeyStore(config.dkim.keys, config.dkim.sign_subdomains), self.run)
         settings = AuthSettings(
@@ -72,6 +77,9 @@ class AuthService(service.Service):
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        if self.keys_dir is not None:
+            for text in key_problems(self.keys_dir):
+                log.error("{source}: {problem}", source=self.source, problem=text)
 
     def stopService(self) -> Any:
         super().stopService()
