@@ -342,3 +342,10 @@ def test_strip_ours_removes_fields_with_our_authserv_id(forged):
 def test_strip_ours_keeps_a_clean_header():
     header = b"Received: x\r\nSubject: mx.local.test\r\n\r\n"
     assert strip_ours(header, "mx.local.test") == (header, 0)
+
+
+def test_a_name_dns_cannot_hold_is_an_empty_answer(world):
+    assert world["dns"].blocking("\u00e9" * 70 + ".test", "TXT") == []
+    raw = message("x.test").replace(b"someone@x.test", "someone@\u00e9\u00e9.\u00e9-".encode())
+    v = evaluate(world["dns"], raw, CLIENT, "a@x.test", "h.test")
+    assert v.dmarc.result in ("none", "permerror")

@@ -108,9 +108,12 @@ class AuthDNS:
             del self._cache[key]
         if not key[0] or len(key[0]) > 253:
             return []
+        try:
+            qname = key[0].encode("ascii") if key[0].isascii() else key[0].encode("idna")
+        except UnicodeError:
+            return []  # not a name DNS can hold: nothing there
         self.queries += 1
-        query = self.resolver.query(dns.Query(key[0].encode("idna") if not key[0].isascii() else key[0].encode(),
-                                              _TYPES[rtype]), timeout=(self.timeout,))
+        query = self.resolver.query(dns.Query(qname, _TYPES[rtype]), timeout=(self.timeout,))
         query.addTimeout(self.timeout, self.reactor)
         try:
             answers, _auth, _add = await query
