@@ -382,7 +382,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
     log observers (metrics, event log, mail log file) and the status page sampler, the
-    remote delivery agent, the scheduler (whose startService recovers the
+    remote delivery agent, the authentication service (DKIM signing and the
+    SPF/DKIM/DMARC checks, their thread pool), the scheduler (whose startService recovers the
     spool and queues everything pending), the pickup service and the
     control socket (both feed the scheduler), and then the SMTP listeners
     (smtp, submission, smtps) and the HTTP listeners, so recovery always

@@ -16,11 +16,10 @@ import time
 
 import dkim
 import pytest
+from authzone import TXT, ZoneDNS
 from dkim.crypto import parse_pem_private_key
 from dnszone import A, Zone
 from twisted.internet import task
-from twisted.names import dns
-from twisted.python.failure import Failure
 
 from mailhub.auth import keys
 from mailhub.auth.check import evaluate
@@ -29,22 +28,6 @@ from mailhub.auth.results import authserv_id, results_field, strip_ours
 from mailhub.auth.sign import sign_bytes
 
 CLIENT = "192.0.2.10"
-
-
-def TXT(*texts: str, ttl: int = 60) -> dns.Record_TXT:
-    return dns.Record_TXT(*[t.encode() for t in texts], ttl=ttl)
-
-
-class ZoneDNS(AuthDNS):
-    """AuthDNS whose blocking bridge resolves at once (the zone answers synchronously)."""
-
-    def blocking(self, name: str, rtype: str):
-        got: list = []
-        self.lookup(name, rtype).addBoth(got.append)
-        assert got, "the zone answered asynchronously"
-        if isinstance(got[0], Failure):
-            got[0].raiseException()
-        return got[0]
 
 
 def make_key(tmp_path, domain: str, selector: str, kind: str) -> keys.DKIMKey:

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 from mailhub.auth.keys import ED25519, RSA, KeyStore
 from mailhub.cli.main import main
-from tests.test_cli import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, cwd):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("MAILHUB_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "mailhub.cli.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=30)
 
 
 def conf(tmp_path, extra: str = "") -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from authzone import TXT, ZoneDNS
 from dnszone import Zone
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
@@ -20,7 +21,6 @@ from twisted.logger import globalLogPublisher
 from mailhub.auth.check import ACCEPT, DEFER, AuthCheck, AuthSettings
 from mailhub.queue import spool as spool_module
 from tests.smtpharness import FOREIGN, HOST, Harness, queued_id, send_message
-from tests.test_auth_checks import TXT, ZoneDNS
 
 ZONE = {
     "pass.test": [TXT(f"v=spf1 ip4:{FOREIGN} -all")],
