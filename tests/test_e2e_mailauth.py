@@ -19,6 +19,8 @@ import re
 import smtplib
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -73,21 +75,24 @@ def mx(tmp_path_factory):
         "good.test": ["v=spf1 ip4:127.0.0.1 -all"],
         "_dmarc.good.test": ["v=DMARC1; p=reject; adkim=s"],
         "sel._domainkey.good.test": [keys.dns_record(key)],
+        "slow.test": ["v=spf1 -all"],
+        "_slow": ["slow.test"],  # answered after a minute
     }
     (base / "zone.json").write_text(json.dumps(zone))
     dns_port = free_port()
+    queries = base / "queries.log"
     dns = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "dnsserve.py"), str(base / "zone.json"),
-                            str(dns_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            str(dns_port), str(queries)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     daemons = {}
     try:
         wait_listening(dns_port, dns, "the DNS server")
-        for name, extra in [("report", ""), ("enforce", 'dmarc_enforce = true\ntemperror = "defer"\n')]:
+        for name, extra in [("report", "dns_timeout = 5\n"), ("enforce", 'dmarc_enforce = true\ntemperror = "defer"\n')]:
             (base / name).mkdir()
             d = Daemon(base / name, config(dns_port, extra))
             d.start()
             d.http_port = int(wait_for(lambda d=d: _HTTP.search(d.log()), 10, "the HTTP listener").group(1))
             daemons[name] = d
-        yield {**daemons, "key": key}
+        yield {**daemons, "key": key, "queries": queries}
         for d in daemons.values():
             assert d.stop() == CLEAN_EXIT, d.stderr()
             assert "Traceback" not in d.log(), d.log()
@@ -163,3 +168,31 @@ def test_metrics_count_the_results(mx):
         text = r.read().decode()
     assert 'mailhub_auth_results_total{method="spf",result="fail"} 1.0' in text
     assert 'mailhub_auth_results_total{method="dmarc",result="fail"} 1.0' in text
+
+
+def test_a_slow_dns_answer_slows_one_message_not_the_server(mx):
+    """One session's SPF query is not answered in time; another session meanwhile gets its 250."""
+    d = mx["report"]
+    slow: dict = {}
+
+    def slow_session():
+        data = (b"From: <a@slow.test>\r\nTo: alice@local.test\r\nSubject: slow-1\r\n"
+                b"Date: Sun, 6 Dec 2026 10:00:00 +0000\r\n\r\nWaiting for DNS.\r\n")
+        slow["reply"] = smtp(d, "a@slow.test", data)
+        slow["done"] = time.monotonic()
+
+    waiting = threading.Thread(target=slow_session)
+    waiting.start()
+    try:
+        wait_for(lambda: "slow.test TXT" in mx["queries"].read_text(), 10, "the SPF query of slow.test")
+        data = (b"From: <news@good.test>\r\nTo: alice@local.test\r\nSubject: meanwhile\r\n"
+                b"Date: Sun, 6 Dec 2026 10:00:00 +0000\r\n\r\nNot waiting.\r\n")
+        code, _ = smtp(d, "bounce@good.test", data)
+        meanwhile = time.monotonic()
+        assert code == 250
+        assert "done" not in slow  # the other session still waits for its DNS answer
+    finally:
+        waiting.join(30)
+    assert slow["reply"][0] == 250 and slow["done"] > meanwhile
+    raw = in_mailbox(d, b"slow-1").replace(b"\r\n", b"\n")
+    assert b"\n\tspf=temperror" in raw
