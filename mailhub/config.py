@@ -52,8 +52,10 @@ from mailhub.configschema import (
     TOP_KEYS,
     AuthConfig,
     Config,
+    DKIMConfig,
     LimitsConfig,
     LocalConfig,
+    MailAuthConfig,
     MilterConfig,
     RelayConfig,
     ServerConfig,
@@ -297,6 +299,8 @@ def load_config(
         submission=SubmissionConfig(**values["submission"]),
         milters=top.get("milter", ()),
         limits=LimitsConfig(**values["limits"]),
+        dkim=DKIMConfig(**values["dkim"]),
+        mailauth=MailAuthConfig(**values["mailauth"]),
     )
 
 

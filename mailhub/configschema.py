@@ -37,6 +37,8 @@ __all__ = [
     "MilterConfig",
     "MILTER_KEYS",
     "LimitsConfig",
+    "DKIMConfig",
+    "MailAuthConfig",
     "TopLevel",
     "Config",
     "SECTIONS",
@@ -245,6 +247,23 @@ class LimitsConfig:  # rate limits (docs/ratelimits.rst); 0 = no limit
 
 
 @dataclass(frozen=True)
+class DKIMConfig:  # DKIM signing (docs/authentication.rst)
+    keys: str | None = key(None, check.optional_string, path=True)  # KEYS/DOMAIN/SELECTOR.key; None: no signing
+    sign_subdomains: bool = key(False, check.boolean)  # a subdomain without keys uses its parent's
+
+
+@dataclass(frozen=True)
+class MailAuthConfig:  # SPF/DKIM/DMARC checks of inbound mail (docs/authentication.rst)
+    verify: bool = key(False, check.boolean)  # check mail from untrusted clients, add Authentication-Results
+    authserv_id: str | None = key(None, check.optional_string)  # None: server.hostname
+    dmarc_enforce: bool = key(False, check.boolean)  # p=reject -> 550 5.7.1, p=quarantine -> header
+    temperror: str = key("accept", check.choice("accept", "defer"))  # DNS trouble: mark and accept, or 451 4.7.0
+    spf_reject: bool = key(False, check.boolean)  # SPF fail (-all) -> 550 5.7.23 at the end of DATA
+    dns_timeout: float = key(10.0, check.positive_duration)  # seconds per query
+    threads: int = key(4, check.positive_int)  # worker threads for checks and signing
+
+
+@dataclass(frozen=True)
 class TopLevel:
     """The keys outside any section.  Not part of L{Config}: the loader uses them."""
 
@@ -262,6 +281,8 @@ class Config:
     submission: SubmissionConfig = SubmissionConfig()
     milters: tuple[MilterConfig, ...] = ()  # the [[milter]] tables, in order
     limits: LimitsConfig = LimitsConfig()
+    dkim: DKIMConfig = DKIMConfig()
+    mailauth: MailAuthConfig = MailAuthConfig()
 
 
 def _sections() -> dict[str, type]:

@@ -26,6 +26,8 @@ Mail events read (name: fields used):
 - C{rate_limited}: C{limit}                        -> rate_limited_total
 - C{relay_tls}: C{policy}, C{result}, C{verified}, C{count}
                                                    -> relay_tls_total
+- C{accepted} with C{spf}, C{dkim}, C{dmarc}         -> auth_results_total (mailhub.auth.check)
+- C{dkim_sign}: C{a}                               -> dkim_signatures_total (mailhub.auth.sign)
 
 Every name carries the application prefix L{NAMESPACE} (C{mailhub_}), as
 Prometheus' naming rules ask: C{mailhub_messages_accepted_total}.
@@ -88,6 +90,11 @@ _REASONS = {
     "5.7.8": "auth_failed",
     "4.7.0": "rate_limited",
 }
+
+
+#: the authentication results counted (RFC 8601 words; anything else is ignored: bounded labels)
+_AUTH_METHODS = ("spf", "dkim", "dmarc")
+_AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror", "policy")
 
 
 def reject_reason(event: dict[str, Any]) -> str:
@@ -200,6 +207,13 @@ class MailMetrics:
             "relay_tls", "Outbound recipients delivered, and sessions failed, by TLS policy and protection",
             ["policy", "result", "verified"], namespace=NAMESPACE, registry=r,
         )
+        self.auth_results = Counter(
+            "auth_results", "SPF, DKIM and DMARC results of accepted inbound mail", ["method", "result"],
+            namespace=NAMESPACE, registry=r,
+        )
+        self.dkim_signatures = Counter(
+            "dkim_signatures", "DKIM signatures made for outgoing mail", ["algorithm"], namespace=NAMESPACE, registry=r
+        )
         self.latency = Histogram(
             "delivery_latency_seconds",
             "Arrival to final delivery (sent or bounced), per recipient",
@@ -277,6 +291,14 @@ class MailMetrics:
                 listener = event.get("listener") or ("http" if str(event.get("proto", "")).upper() == "HTTP" else "smtp")
             self._child(self.accepted, str(listener)).inc()
             self._bucket().accepted += 1
+            for method in _AUTH_METHODS:
+                result = event.get(method)
+                if result in _AUTH_RESULTS:
+                    self._child(self.auth_results, method, str(result)).inc()
+        elif name == "dkim_sign":
+            algorithm = event.get("a")
+            if algorithm in ("rsa-sha256", "ed25519-sha256"):
+                self._child(self.dkim_signatures, str(algorithm)).inc()
         elif name == "reject":
             self._child(self.rejected, reject_reason(event)).inc()
         elif name == "delivery":

@@ -384,7 +384,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
     log observers (metrics, event log, mail log file) and the status page sampler, the
-    remote delivery agent, the scheduler (whose startService recovers the
+    remote delivery agent, the authentication service (DKIM signing and the
+    SPF/DKIM/DMARC checks, their thread pool), the scheduler (whose startService recovers the
     spool and queues everything pending), the pickup service and the
     control socket (both feed the scheduler), and then the SMTP listeners
     (smtp, submission, smtps) and the HTTP listeners, so recovery always
@@ -532,7 +533,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
     live.remote.setName("remote")
     live.remote.setServiceParent(top)
-    remote = Delegate.of(live, "remote")
+    # SPF/DKIM/DMARC checks and DKIM signing (docs/authentication.rst):
+    # signing sits in front of the remote agent, the checks at the end of DATA.
+    from mailhub.auth.service import AuthService
+
+    auth_service = AuthService(config, reactor)
+    auth_service.setServiceParent(top)
+    remote = auth_service.wrap(Delegate.of(live, "remote"))
     router = Router(spool, directory, local, remote)
     relay = config.relay
     retry = RetryPolicy(
@@ -628,7 +635,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             users=users,
             throttle=throttle,
             milters=milters,
-            checks=[MilterCheck(run=threads.deferToThread)] if milters is not None else [],
+            # authentication results are made on the message as received, then the milters see it
+            checks=[*auth_service.checks, *([MilterCheck(run=threads.deferToThread)] if milters is not None else [])],
             ratelimit=ratelimit,
             proxy=ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor) if listener != "smtps" else None,
         )

@@ -289,6 +289,10 @@ def test_make_service_order(tmp_path, monkeypatch):
     assert isinstance(children[1], LocalDeliveryProcesses) and children[1].count == 1
     local_agent = children.pop(1)
     assert isinstance(children[1], RemoteDelivery)
+    # the authentication service (its thread pool) starts before anything that signs or checks
+    from mailhub.auth.service import AuthService
+
+    assert isinstance(children.pop(2), AuthService)
     assert isinstance(children[2], Scheduler)
     assert isinstance(children[3], PickupService)
     control = children[4]

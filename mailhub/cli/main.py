@@ -89,6 +89,7 @@ class Options(usage.Options):
         ["user", None, _lazy(".user", "UserOptions"), "Manage the SMTP AUTH users file (auth.users) and API tokens."],
         ["make-cert", None, _lazy(".certs", "MakeCertOptions"), "Write a self-signed TLS certificate and key."],
         ["log", None, _lazy(".log", "LogOptions"), "Print the story of one message from the event log."],
+        ["dkim", None, _lazy(".dkim", "DKIMOptions"), "Make DKIM keys, print and check their DNS records."],
         ["reload", None, ReloadOptions, "Make the running daemon re-read its configuration file."],
         ["tls", None, _lazy(".tls", "TLSOptions"), "Show the outbound TLS policy of a domain, or its TLS report."],
     ]
@@ -208,9 +209,19 @@ def tls(options: Options, out: TextIO, err: TextIO) -> int:
     return _run(".tls", "run_tls")(options.subOptions, config, out=out, err=err)
 
 
+def dkim(options: Options, out: TextIO, err: TextIO) -> int:
+    sub = options.subOptions
+    config = None
+    if not (sub.subOptions and sub.subOptions["keys"]) or sub.subCommand == "check":
+        config = _config(options, err)
+        if config is None:
+            return EX_CONFIG
+    return _run(".dkim", "run_dkim")(sub, config, out=out, err=err)
+
+
 COMMANDS = {
     "check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload,
-    "tls": tls,
+    "tls": tls, "dkim": dkim,
 }
 
 

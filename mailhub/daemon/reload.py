@@ -46,6 +46,7 @@ RESTART_KEYS = (
     "relay.concurrency", "relay.destination_concurrency",
     "auth.max_failures", "auth.failure_window", "auth.failure_delay",
     "milter",  # the [[milter]] tables are wired into the listeners at start
+    "dkim.", "mailauth.",
 )
 
 #: Keys the local delivery processes were started with: reloaded by
@@ -55,7 +56,7 @@ PROCESS_KEYS: tuple[str, ...] = ()
 
 def _flat(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for section in ("server", "spool", "local", "relay", "auth", "submission"):
+    for section in ("server", "spool", "local", "relay", "auth", "submission", "dkim", "mailauth"):
         table = getattr(config, section)
         for f in dataclasses.fields(table):
             value = getattr(table, f.name)

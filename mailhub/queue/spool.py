@@ -106,6 +106,10 @@ class SpoolWriter:
         self._file: io.FileIO | None = None  # once the message is past MEMORY_LIMIT
         self._closed = False
         self._prefix = b""  # header fields prepended by the end-of-data checks
+        # the start of the content replaced by the end-of-data checks: the
+        # first _skip bytes written are left out, _head stands in for them
+        self._skip = 0
+        self._head = b""
 
     def _open(self) -> None:
         # os.open: the file is 0600 whatever the umask (open() would give 0666 & ~umask)
@@ -152,14 +156,43 @@ class SpoolWriter:
         self._prefix = bytes(data) + self._prefix
         self.size += len(data)
 
+    def replace_start(self, length: int, data: bytes) -> None:
+        """
+        Put C{data} in place of the first C{length} bytes of the content
+        (as L{chunks} shows it): how the end-of-data checks delete header
+        fields.  Like L{prepend}, it reaches the file only at the commit.
+        """
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        if length < 0 or length > self.size - len(self._prefix):
+            raise ValueError("replaced range is outside the content")
+        if length >= len(self._head):
+            self._skip += length - len(self._head)
+            self._head = bytes(data)
+        else:
+            self._head = bytes(data) + self._head[length:]
+        self.size += len(data) - length
+
     def chunks(self, size: int = MEMORY_LIMIT) -> Iterator[bytes]:
-        """The bytes written so far (not the prepended ones), in chunks of at most C{size} bytes."""
+        """The content so far (not the prepended fields; with a replaced start), in chunks of at most C{size} bytes."""
+        if self._head:
+            yield self._head
+        skip = self._skip
+        for chunk in self._raw_chunks(size):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:]
+            skip = 0
+
+    def _raw_chunks(self, size: int) -> Iterator[bytes]:
+        """The bytes written so far, in chunks of at most C{size} bytes (a buffered message: as written)."""
         if self._closed:
             raise ValueError("message already committed or aborted")
         if self._buffer is not None:
             yield from list(self._buffer)
             return
-        left = self.size - len(self._prefix)
+        left = self.size - len(self._prefix) - len(self._head) + self._skip
         with open(self._tmp, "rb") as file:
             while left > 0:
                 chunk = file.read(min(size, left))
@@ -200,6 +233,7 @@ class SpoolWriter:
         else:
             self._buffer, self._buffered = other._buffer, other._buffered
         other._closed = True
+        self._skip, self._head = 0, b""  # the new content already has the replaced start
         self.size = other.size + prefix
 
     def commit(self, envelope: Envelope) -> None:
@@ -217,8 +251,11 @@ class SpoolWriter:
             if self._file is None:
                 pending, self._buffer = self._buffer or [], None
                 self._closed = True
-                write_file(self._tmp, b"".join([self._prefix, *pending, trailer]), self.spool.fsync)
-            elif self._prefix:
+                content = b"".join(pending)
+                if self._skip or self._head:
+                    content = self._head + content[self._skip :]
+                write_file(self._tmp, b"".join([self._prefix, content, trailer]), self.spool.fsync)
+            elif self._prefix or self._skip or self._head:
                 self._write_raw(trailer)
                 self._file.close()
                 self._closed = True
@@ -235,12 +272,13 @@ class SpoolWriter:
             raise
 
     def _copy_behind_prefix(self) -> None:
-        """Rewrite the spilled file as prefix + its bytes (fsync'd when the spool syncs)."""
+        """Rewrite the spilled file as prefix + new start + its bytes after the replaced start (fsync'd when the spool syncs)."""
         final = self._tmp + ".p"
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             with os.fdopen(fd, "wb") as out, open(self._tmp, "rb") as source:
-                out.write(self._prefix)
+                out.write(self._prefix + self._head)
+                source.seek(self._skip)
                 shutil.copyfileobj(source, out, 1024 * 1024)
                 out.flush()
                 if self.spool.fsync:

@@ -12,7 +12,9 @@ A check is any object with a C{name} and a C{check(message)} method that
 returns a L{Reply} (refuse the message: 4xx or 5xx with its own text) or
 C{None} (go on), directly or through a Deferred.  It may prepend header
 fields (L{StagedMessage.prepend}: they go above everything, our
-C{Received} included, as RFC 8601 and RFC 6376 want theirs), add mail-log
+C{Received} included, as RFC 8601 and RFC 6376 want theirs), replace the
+start of the content (L{StagedMessage.replace_start}: how header fields
+are deleted, e.g. a forged Authentication-Results), add mail-log
 fields, change the envelope's sender, recipients or hold flag, replace
 the content (L{StagedMessage.rewrite}: a milter's header and body
 changes) or discard the message (C{discard}: 250, nothing committed).  A check that
@@ -107,6 +109,12 @@ class StagedMessage:
             raise ValueError("header fields must end with CRLF")
         self.writer.prepend(fields)
 
+    def replace_start(self, length: int, data: bytes) -> None:
+        """
+        Put C{data} in place of the first C{length} bytes of L{content}
+        (e.g. the header section without some fields); written at the commit.
+        """
+        self.writer.replace_start(length, data)
 
     def rewrite(self, chunks: Iterable[bytes]) -> None:
         """
