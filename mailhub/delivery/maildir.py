@@ -9,7 +9,12 @@ https://cr.yp.to/proto/maildir.html: created in tmp/ (C{O_EXCL |
 O_NOFOLLOW}, by descriptor), given to the recipient (system mode), written,
 fsync'd, linked into new/ (renamed where hard links are not available),
 new/ fsync'd -- that last fsync shared by concurrent deliveries into the
-same Maildir (L{mailhub.queue.spool.DirSync}).
+same Maildir (L{mailhub.queue.durable.DirSync}).  With C{spool.sync =
+"syncfs"} the file is not fsync'd on its own and new/'s fsync is the group
+C{syncfs()} of its file system (L{mailhub.queue.durable.FileSystemSync}).
+L{MaildirWriter.place} and L{MaildirWriter.sync_new} are the two halves
+of L{MaildirWriter.write}, for a writer that makes many files durable with
+one directory sync (L{mailhub.delivery.direct}).
 
 Must not touch: where the Maildir is and how it is opened (the caller passes
 the descriptors of L{mailhub.delivery.system.open_below}), the queued
@@ -28,7 +33,7 @@ from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
 from mailhub.delivery.system import MaildirFds, give
-from mailhub.queue.durable import DirSync
+from mailhub.queue.durable import DirSync, FileSystemSync
 
 __all__ = ["MaildirWriter", "Message", "MAX_DIR_SYNCS"]
 
@@ -59,12 +64,15 @@ def _header_value(text: str) -> bytes:
 class MaildirWriter:
     """
     Writes Maildir files named after C{hostname}; C{fsync} C{False} only
-    for tests that do not measure durability.  Safe to use from several
-    threads at once.
+    for tests that do not measure durability; C{file_systems} (the
+    C{syncfs()} groups) instead of a fsync per file and per new/ when
+    C{spool.sync = "syncfs"}.  Safe to use from several threads at once.
     """
 
-    def __init__(self, hostname: str, fsync: bool = True) -> None:
+    def __init__(self, hostname: str, fsync: bool = True, file_systems: FileSystemSync | None = None) -> None:
         self.fsync = fsync
+        self.file_systems = file_systems if fsync else None
+        self._fsync_files = fsync and file_systems is None
         self._host = _maildir_host(hostname)
         self._syncs_lock = threading.Lock()
         self._syncs: dict[object, DirSync] = {}
@@ -115,7 +123,7 @@ class MaildirWriter:
         with out:
             size = self._write_header_and_body(out, sender, address, message)
             out.flush()
-            if self.fsync:
+            if self._fsync_files:
                 os.fsync(out.fileno())
         return size
 
@@ -129,10 +137,42 @@ class MaildirWriter:
 
     def write(self, fds: MaildirFds, unique: str, sender: str, address: str, message: Message) -> None:
         """
+        L{place} the file, then make new/ durable (L{sync_new}).
+        """
+        self.place(fds, unique, sender, address, message)
+        if self.fsync:
+            self.sync_new(fds)
+
+    def sync_key(self, fds: MaildirFds) -> tuple[int, int]:
+        """
+        What one L{sync_new} covers: new/ itself (device and inode), or
+        with C{syncfs()} its whole file system (device, 0).
+        """
+        st = os.fstat(fds.new)
+        return (st.st_dev, 0) if self.file_systems is not None else (st.st_dev, st.st_ino)
+
+    def sync_new(self, fds: MaildirFds) -> None:
+        """
+        Make every link made into C{fds.new} so far durable: an fsync of
+        new/ shared with concurrent deliveries into the same Maildir, or
+        the group C{syncfs()} of its file system.
+        """
+        new_fd = fds.new
+        if self.file_systems is not None:
+            self.file_systems.sync(new_fd)
+            return
+        # keyed by inode, not path: the user owns the path; the fsync
+        # is made on a descriptor the leader holds, of that same inode
+        st = os.fstat(new_fd)
+        self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
+
+    def place(self, fds: MaildirFds, unique: str, sender: str, address: str, message: Message) -> None:
+        """
         Write one Maildir file into a Maildir opened by
         L{mailhub.delivery.system.open_below}:
-        created in tmp/ (C{O_EXCL | O_NOFOLLOW}), written, fsync'd, linked
-        into new/, new/ fsync'd.  If this exact delivery is already in new/
+        created in tmp/ (C{O_EXCL | O_NOFOLLOW}), written, fsync'd (not
+        with C{syncfs()}), linked into new/ -- durable once L{sync_new} of
+        the same Maildir has returned.  If this exact delivery is already in new/
         (or was moved to cur/ by a reader) nothing is added.  Every name is
         relative to a directory descriptor and nothing is followed; in
         system mode the new file is given to the recipient (C{fchown})
@@ -176,12 +216,6 @@ class MaildirWriter:
             except OSError:
                 pass
             raise
-        if self.fsync:
-            # keyed by inode, not path: the user owns the path; the fsync
-            # is made on a descriptor the leader holds, of that same inode
-            st = os.fstat(fds.new)
-            new_fd = fds.new
-            self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
 
 
 #: The flag sets probed in cur/ for an already delivered copy that a reader moved (see L{MaildirWriter.write}).

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailhub.envelope import Envelope
+from mailhub.queue.commit import Committer, SpoolCommitter
 from mailhub.queue.spool import Spool
 from mailhub.smtp import sasl as auth
 from mailhub.smtp.checks import MessageCheck
@@ -80,6 +81,10 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         passes, in order, between the end of its data and its commit.
     @param free_space: how to measure the spool's free bytes (default:
         statvfs of the spool directory, L{spool_free_space}); tests pass a fake.
+    @param committer: what makes an accepted message durable before its
+        250 (L{mailhub.queue.commit.Committer}); default the spool path,
+        C{SpoolCommitter(run, enqueue)}.  The daemon may give
+        L{mailhub.delivery.direct.DirectDelivery} (deliver on accept).
 
     The limits (C{max_hops}, C{min_data_rate}, C{soft_error_limit},
     C{starttls_timeout}, C{timeout}, ...) are read from
@@ -105,6 +110,7 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         throttle: auth.AuthThrottle | None = None,
         free_space: Callable[[], int] | None = None,
         checks: Sequence[MessageCheck] = (),
+        committer: Committer | None = None,
     ) -> None:
         self.settings = settings
         #: the end-of-data stage (L{mailhub.smtp.checks}), in order
@@ -126,6 +132,12 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         self.policy = policy
         self.clock = clock
         self.run = run
+        #: makes each accepted message durable (L{mailhub.queue.commit})
+        # the default reads run and enqueue when it commits: both may be replaced after construction
+        self.committer: Committer = (
+            committer if committer is not None
+            else SpoolCommitter(lambda *args: self.run(*args), lambda envelope: self.enqueue(envelope))
+        )
         self.connections = 0
         self.per_ip: dict[str, int] = {}
         # Shutdown drain: commits whose reply is not yet written, sessions
