@@ -135,6 +135,8 @@ class SpoolConfig:
     min_free_space: int = key(51200000, check.non_negative_int)
     # only this group may submit (Postfix's postdrop); None: every local user
     pickup_group: str | None = key(None, check.group)
+    # "fsync": each file and its directory; "syncfs": one syncfs() of the file system per batch (docs/spool.rst)
+    sync: str = key("fsync", check.sync_mode)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class LocalConfig:
     # Maildir delivery in this many processes of their own (mailhub.delivery.localproc);
     # 0: in the daemon's threads.  See docs/delivery.rst.
     delivery_processes: int = key(1, check.delivery_processes)
+    # all-local messages written into the Maildirs before the 250 (mailhub.delivery.direct)
+    deliver_on_accept: bool = key(True, check.boolean)
 
 
 @dataclass(frozen=True)

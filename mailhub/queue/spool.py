@@ -175,6 +175,16 @@ class SpoolWriter:
                 left -= len(chunk)
                 yield chunk
 
+    def message_chunks(self, size: int = MEMORY_LIMIT) -> Iterator[bytes]:
+        """
+        The message as its queue file will hold it: the prepended header
+        fields, then everything written (L{chunks}).  Deliver on accept
+        (L{mailhub.delivery.direct}) copies it into Maildirs from here.
+        """
+        if self._prefix:
+            yield self._prefix
+        yield from self.chunks(size)
+
     def commit(self, envelope: Envelope) -> None:
         """
         Make the message durable and queued.  When this returns without an

@@ -1,0 +1,297 @@
+"""
+The writer of deliver on accept: the Maildir files of the messages that
+finish at the same instant, written by one thread and made durable
+together (a group commit).
+
+Owns: L{BatchWriter} -- one thread that takes every L{Placement} waiting,
+places each one's files (created in tmp/, written, fsync'd, linked into
+new/: L{MaildirWriter.place}), then makes each distinct new/ durable
+once (its fsync; with C{spool.sync = "syncfs"} one C{syncfs()} per file
+system: L{MaildirWriter.sync_new}), and only then answers every
+placement in the reactor thread -- and L{Placement}, one message's files:
+the message as each Maildir copy gets it (L{AcceptedMessage}, read from
+the L{SpoolWriter} that received it, the same bytes its queue file would
+hold, converted exactly as L{mailhub.delivery.local.QueuedMessage}
+converts a queued message), the forwarding-loop check, and what
+happened per recipient.  A recipient whose file could not be written or
+whose new/ could not be made durable is "not placed" with the reason;
+the committer (L{mailhub.delivery.direct}) queues the message for it.
+
+Why one thread: per-file fsyncs in series are the cost of a Maildir
+delivery; one writer lets every message finishing in the same instant
+share the fsync of new/ (or the one C{syncfs()}), and costs no
+interpreter-lock traffic between many threads.
+
+Must not touch: which path a message takes, the mail log, the envelope
+(L{mailhub.delivery.direct}); the spool's files (the received message is
+only read, and thrown away once every copy is durable); Maildir names
+and commit order (L{mailhub.delivery.maildir}).  The reactor is only
+called through the injected C{call_from_thread}.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailhub.delivery import system
+from mailhub.delivery.local import CHUNK_SIZE, PRELOAD_LIMIT, _delivered_to, copy_lf
+from mailhub.delivery.maildir import MaildirWriter
+from mailhub.queue.spool import SpoolWriter
+
+__all__ = ["BatchWriter", "Placement", "Target", "AcceptedMessage", "LINGER"]
+
+log = Logger()
+
+#: Seconds the writer thread waits for more work before it ends.
+LINGER = 1.0
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable stream over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._left = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._left = chunk
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+
+class AcceptedMessage:
+    """
+    A message just received, as each Maildir copy gets it (LF line ends):
+    byte for byte what L{mailhub.delivery.local.QueuedMessage} makes of
+    its queue file.  Kept in memory up to L{PRELOAD_LIMIT} bytes, else
+    streamed from the writer's file for each copy.
+    """
+
+    def __init__(self, writer: SpoolWriter, crlf_only: bool) -> None:
+        self.writer = writer
+        self.crlf_only = crlf_only
+        self.body: bytes | None = None
+        if writer.size <= PRELOAD_LIMIT:
+            raw = b"".join(writer.message_chunks())
+            self.body = raw.translate(None, b"\r") if crlf_only else raw.replace(b"\r\n", b"\n")
+            #: the Delivered-To addresses already in the header (loop detection)
+            self.delivered_to = _delivered_to(io.BytesIO(self.body))
+        else:
+            with self._open() as f:
+                self.delivered_to = _delivered_to(f)
+
+    def _open(self) -> io.BufferedReader:
+        return io.BufferedReader(_ChunkReader(self.writer.message_chunks(CHUNK_SIZE)), CHUNK_SIZE)
+
+    def write_to(self, out: BinaryIO) -> int:
+        """Write the message to C{out}; returns the bytes written."""
+        if self.body is not None:
+            out.write(self.body)
+            return len(self.body)
+        with self._open() as src:
+            return copy_lf(src, out, crlf_only=self.crlf_only)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One recipient's Maildir, looked up by the directory in the reactor thread."""
+
+    address: str
+    root: str
+    domain: str
+    local: str
+    may_create: bool
+
+
+class Placement:
+    """
+    One message's Maildir files, written in the writer thread.
+
+    After the batch: L{placed} (addresses whose file is durable) and
+    L{failed} (address -> why not); C{deferred} fires with C{self} in
+    the reactor thread.  When every copy is durable the received message
+    is thrown away (the writer's file, if it spilled to disk).
+    """
+
+    def __init__(
+        self, queue_id: str, arrival: float, sender: str, targets: list[Target], writer: SpoolWriter,
+        crlf_only: bool,
+    ) -> None:
+        self.queue_id = queue_id
+        self.arrival = arrival
+        self.sender = sender
+        self.targets = targets
+        self.writer = writer
+        self.crlf_only = crlf_only
+        self.placed: list[str] = []
+        self.failed: dict[str, str] = {}
+        self._open: list[tuple[str, system.MaildirFds, Any]] = []  # (address, fds, sync key)
+        self.answered = False  # the answer is on its way to the reactor thread
+        self.deferred: defer.Deferred[Placement] = defer.Deferred()
+
+    # -- in the writer thread ------------------------------------------------------------
+
+    def place(self, maildir: MaildirWriter) -> None:
+        """Write and link every recipient's file (durable only after the batch's syncs)."""
+        try:
+            message = AcceptedMessage(self.writer, self.crlf_only)
+        except OSError as e:
+            self._fail_all(f"cannot read the received message: {e.strerror or e}")
+            return
+        for t in self.targets:
+            if t.address.lower() in message.delivered_to:
+                self.failed[t.address] = "mail forwarding loop"
+                continue
+            try:
+                fds = system.open_virtual_maildir(t.root, t.domain, t.local, t.may_create, maildir.fsync)
+            except system.NoMailbox:
+                self.failed[t.address] = "no mailbox"
+                continue
+            except OSError as e:  # UnsafeLocation too (logged with the path by system)
+                self.failed[t.address] = f"cannot open the maildir: {e.strerror or e}"
+                continue
+            try:
+                unique = maildir.unique(self.queue_id, self.arrival, t.address)
+                maildir.place(fds, unique, self.sender, t.address, message)
+                key = maildir.sync_key(fds)
+            except OSError as e:
+                fds.close()
+                self.failed[t.address] = f"cannot write to maildir: {e.strerror or e}"
+                continue
+            self._open.append((t.address, fds, key))
+
+    def syncs(self) -> list[tuple[Any, system.MaildirFds]]:
+        """(sync key, descriptors) of every file placed: what the batch must make durable."""
+        return [(key, fds) for _, fds, key in self._open]
+
+    def finish(self, unsynced: set[Any]) -> None:
+        """The batch's syncs are done (C{unsynced}: the keys whose sync failed): record, close, clean up."""
+        for address, fds, key in self._open:
+            fds.close()
+            if key in unsynced:
+                self.failed[address] = "cannot make the maildir durable"
+            else:
+                self.placed.append(address)
+        self._open = []
+        if not self.failed:
+            self.writer.abort()  # every copy is durable: the received message is not needed
+
+    def _fail_all(self, why: str) -> None:
+        for _, fds, _key in self._open:
+            fds.close()
+        self._open = []
+        self.placed = []
+        for t in self.targets:
+            self.failed[t.address] = why
+
+
+def _start_thread(run: Callable[[], None]) -> None:
+    threading.Thread(target=run, name="mailhub-direct-writer", daemon=True).start()
+
+
+class BatchWriter:
+    """
+    The writer thread (started when work arrives, ended after L{LINGER}
+    idle seconds).  Each round takes every placement waiting: while one
+    round writes, the next gathers the messages that finish meanwhile.
+
+    @param maildir: writes the files and syncs new/ (fsync or syncfs).
+    @param call_from_thread: the reactor's C{callFromThread}; answers go
+        through it.
+    @param start: how to run the writer loop (a new thread; tests run it
+        in the caller).
+    """
+
+    def __init__(
+        self,
+        maildir: MaildirWriter,
+        call_from_thread: Callable[..., Any],
+        start: Callable[[Callable[[], None]], None] = _start_thread,
+        linger: float = LINGER,
+    ) -> None:
+        self.maildir = maildir
+        self.call_from_thread = call_from_thread
+        self.start = start
+        self.linger = linger
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting: list[Placement] = []
+        self._running = False
+        #: rounds written and directory syncs made (tests, the benchmark's curiosity)
+        self.rounds = 0
+        self.syncs = 0
+
+    def submit(self, placement: Placement) -> defer.Deferred[Placement]:
+        """Have C{placement} written in the next round; its Deferred fires in the reactor thread."""
+        with self._cond:
+            self._waiting.append(placement)
+            if self._running:
+                self._cond.notify()
+                return placement.deferred
+            self._running = True
+        self.start(self._loop)
+        return placement.deferred
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting and self.linger > 0:
+                    self._cond.wait(self.linger)
+                if not self._waiting:
+                    self._running = False
+                    return
+                batch, self._waiting = self._waiting, []
+            try:
+                self._write(batch)
+            except BaseException:  # never leave a client without its answer
+                log.failure("deliver on accept: the writer failed")
+                for p in batch:
+                    if not p.answered:
+                        p.answered = True
+                        p._fail_all("internal error")
+                        self.call_from_thread(p.deferred.callback, p)
+
+    def _write(self, batch: list[Placement]) -> None:
+        self.rounds += 1
+        for p in batch:
+            try:
+                p.place(self.maildir)
+            except Exception:
+                log.failure("{queue_id}: deliver on accept failed", queue_id=p.queue_id)
+                p._fail_all("internal error")
+        unsynced: set[Any] = set()
+        if self.maildir.fsync:
+            groups: dict[Any, system.MaildirFds] = {}
+            for p in batch:
+                for key, fds in p.syncs():
+                    groups.setdefault(key, fds)
+            for key, fds in groups.items():
+                try:
+                    self.maildir.sync_new(fds)
+                except OSError as e:
+                    log.error("deliver on accept: cannot sync {path}/new: {error}", path=fds.path, error=e)
+                    unsynced.add(key)
+            self.syncs += len(groups)
+        for p in batch:
+            try:
+                p.finish(unsynced)
+            except Exception:
+                log.failure("{queue_id}: deliver on accept failed", queue_id=p.queue_id)
+                p._fail_all("internal error")
+            p.answered = True
+            self.call_from_thread(p.deferred.callback, p)
