@@ -58,10 +58,14 @@ __all__ = ["DirectDelivery", "committer_for", "MAX_RECIPIENTS", "DELIVERED_TEXT"
 
 log = Logger()
 
-#: Messages with more recipients than this go through the spool: one
-#: queue file and delivery after the 250 answer sooner than this many
-#: fsync'd copies before it (measured: docs/performance.rst).
-MAX_RECIPIENTS = 2
+#: Messages with more recipients than this go through the spool, per
+#: C{spool.sync}: with fsync every copy costs two fsyncs in series before
+#: the 250, and one queue file with delivery after the 250 answered sooner
+#: from two recipients on (measured with smtp-source, docs/performance.rst,
+#: "Deliver on accept"); with syncfs a copy costs a file write and the
+#: batch one syncfs(), and five copies still answered sooner than the
+#: queue file.
+MAX_RECIPIENTS = {"fsync": 1, "syncfs": 5}
 
 #: The text of a delivered outcome, as the local delivery agent says it.
 DELIVERED_TEXT = "delivered to maildir"
@@ -76,12 +80,12 @@ class DirectDelivery:
     @param directory: the live L{mailhub.delivery.directory.Directory}.
     @param clock: C{seconds()} for the delivery lines.
     @param writer: the L{BatchWriter} (one per process).
-    @param max_recipients: see L{MAX_RECIPIENTS}.
+    @param max_recipients: more go through the spool (L{MAX_RECIPIENTS}).
     """
 
     def __init__(
         self, spool: SpoolCommitter, directory: Any, clock: Any, writer: BatchWriter,
-        max_recipients: int = MAX_RECIPIENTS,
+        max_recipients: int = MAX_RECIPIENTS["fsync"],
     ) -> None:
         self.spool = spool
         self.directory = directory
@@ -151,9 +155,7 @@ class DirectDelivery:
         return self.spool.commit(envelope, writer, log_fields, before_enqueue=log_deliveries)
 
 
-def committer_for(
-    config: Any, directory: Any, reactor: Any, run: Any, enqueue: Any, max_recipients: int = MAX_RECIPIENTS
-) -> Committer:
+def committer_for(config: Any, directory: Any, reactor: Any, run: Any, enqueue: Any) -> Committer:
     """
     The committer of a process serving SMTP: L{DirectDelivery} when
     C{local.deliver_on_accept} is on and mailboxes are virtual, else the
@@ -165,4 +167,5 @@ def committer_for(
         return spool
     syncfs = config.spool.sync == "syncfs"
     maildir = MaildirWriter(config.server.hostname, config.spool.fsync, FILE_SYSTEMS if syncfs else None)
-    return DirectDelivery(spool, directory, reactor, BatchWriter(maildir, reactor.callFromThread), max_recipients)
+    writer = BatchWriter(maildir, reactor.callFromThread)
+    return DirectDelivery(spool, directory, reactor, writer, MAX_RECIPIENTS[config.spool.sync])
