@@ -146,7 +146,7 @@ def test_maildir_file_is_byte_for_byte_what_the_spool_path_writes(tmp_path, monk
     def send(c):
         if shape == "bdat":
             c.send("MAIL FROM:<s@elsewhere.test>\r\nRCPT TO:<alice@example.com>\r\n")
-            raw = body + b"bare\nline feed\r\n"
+            raw = body + b"bare\nline feed and a bare\rcarriage return\r\n"
             return c.send(f"BDAT {len(raw)} LAST\r\n".encode() + raw)
         return send_message(c, body + b".\r\n", mail="MAIL FROM:<s@elsewhere.test>")
 
