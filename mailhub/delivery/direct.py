@@ -128,7 +128,7 @@ class DirectDelivery:
         placement = Placement(
             envelope.queue_id, envelope.arrival, envelope.sender, targets, writer, bool(envelope.esmtp.get("crlf"))
         )
-        d = self.writer.submit(placement)
+        d: defer.Deferred[Any] = self.writer.submit(placement)
         d.addCallback(self._placed, envelope, writer, log_fields)
         return d
 
