@@ -61,7 +61,7 @@ log = Logger()
 #: Messages with more recipients than this go through the spool, per
 #: C{spool.sync}: with fsync every copy costs two fsyncs in series before
 #: the 250, and one queue file with delivery after the 250 answered sooner
-#: from two recipients on (measured with smtp-source, docs/performance.rst,
+#: from two recipients on (measured with smtp-source, docs/delivery.rst,
 #: "Deliver on accept"); with syncfs a copy costs a file write and the
 #: batch one syncfs(), and five copies still answered sooner than the
 #: queue file.
