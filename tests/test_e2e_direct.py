@@ -77,7 +77,7 @@ def test_the_maildir_file_is_the_one_the_queued_path_writes(tmp_path):
         d = Daemon(home, config(deliver_on_accept=on)).start()
         try:
             send(d, ALICE, message(ALICE, "same"))
-            raw = wait_for(lambda: (read_maildir(d.maildir("alice")) or [None])[0], 10, "the delivery")
+            raw = wait_for(lambda d=d: (read_maildir(d.maildir("alice")) or [None])[0], 10, "the delivery")
             files.append(raw)
         finally:
             d.stop()
@@ -92,7 +92,7 @@ def test_two_recipients_are_queued_and_delivered_after_the_250(tmp_path):
         qid = send_many(d, [ALICE, BOB], message(ALICE, "two"))
         assert mail_lines(d, qid)[0].startswith(f"{qid}: accepted")
         for user in ("alice", "bob"):
-            wait_for(lambda: read_maildir(d.maildir(user)), 10, f"{user}'s copy")
+            wait_for(lambda user=user: read_maildir(d.maildir(user)), 10, f"{user}'s copy")
         lines = wait_for(lambda: (lambda ls: ls if ls and ls[-1].endswith("removed") else None)(mail_lines(d, qid)),
                          10, "the removal")
         assert len([line for line in lines if "relay=local" in line and "status=sent" in line]) == 2
