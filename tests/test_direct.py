@@ -349,7 +349,45 @@ def test_one_round_shares_one_sync_of_new_between_messages_finishing_together(tm
     assert w.rounds == 1 and w.syncs == 2  # alice's new/ and bob's new/, once each
     new_dirs = {os.stat(os.path.join(root, "example.com", u, "new")).st_ino for u in ("alice", "bob")}
     assert len([e for e in rec.events if e[0] == "fsync-dir" and e[1] in new_dirs]) == 2
-    assert len([e for e in rec.events if e[0] == "fsync"]) == 4
+    kinds = [e[0] for e in rec.events]
+    assert kinds.count("fsync") == 4 and kinds.count("link") == 4
+    # every file of the round is fsync'd before the first link, and every new/ after the last
+    last_file_sync = max(i for i, k in enumerate(kinds) if k == "fsync")
+    links = [i for i, k in enumerate(kinds) if k == "link"]
+    new_syncs = [i for i, e in enumerate(rec.events) if e[0] == "fsync-dir" and e[1] in new_dirs]
+    assert last_file_sync < min(links) and max(links) < min(new_syncs)
+
+
+def test_a_round_holds_at_most_max_round_files(tmp_path, monkeypatch):
+    from mailhub.delivery import directwriter
+
+    monkeypatch.setattr(directwriter, "MAX_ROUND", 2)
+    root = str(tmp_path / "mailboxes")
+    loops = []
+    w = BatchWriter(MaildirWriter(HOST, False), lambda f, *a: f(*a), start=loops.append, linger=0)
+    ps = [placement(root, "alice", f"15PEFQID{i}", spool_writer(tmp_path / str(i), MESSAGE)) for i in range(5)]
+    for p in ps:
+        w.submit(p)
+    loops[0]()
+    assert w.rounds == 3 and all(p.placed for p in ps)
+
+
+def test_a_file_that_cannot_be_made_durable_is_not_linked_and_its_recipient_is_queued(tmp_path, monkeypatch):
+    root = str(tmp_path / "mailboxes")
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    w = BatchWriter(MaildirWriter(HOST, True), lambda f, *a: f(*a), start=lambda run: run(), linger=0)
+    p = placement(root, "alice", "15PEFQID1", spool_writer(tmp_path, MESSAGE))
+    w.submit(p)
+    assert p.placed == [] and p.failed == {"alice@example.com": "cannot write to maildir: No space left on device"}
+    for sub in ("tmp", "new"):
+        assert os.listdir(os.path.join(root, "example.com", "alice", sub)) == []
 
 
 def test_syncfs_replaces_every_fsync_with_one_syncfs_after_the_links(tmp_path, monkeypatch):

@@ -4,8 +4,9 @@ finish at the same instant, written by one thread and made durable
 together (a group commit).
 
 Owns: L{BatchWriter} -- one thread that takes every L{Placement} waiting,
-places each one's files (created in tmp/, written, fsync'd, linked into
-new/: L{MaildirWriter.place}), then makes each distinct new/ durable
+writes all their files in tmp/, then fsyncs them, then links them into
+new/ (the steps of L{MaildirWriter.place}: on a journalling file system
+the first fsync commits every file written before it), then makes each distinct new/ durable
 once (its fsync; with C{spool.sync = "syncfs"} one C{syncfs()} per file
 system: L{MaildirWriter.sync_new}), and only then answers every
 placement in the reactor thread -- and L{Placement}, one message's files:
@@ -42,7 +43,7 @@ from twisted.logger import Logger
 
 from mailhub.delivery import system
 from mailhub.delivery.local import CHUNK_SIZE, PRELOAD_LIMIT, _delivered_to, copy_lf
-from mailhub.delivery.maildir import MaildirWriter
+from mailhub.delivery.maildir import MaildirWriter, Pending
 from mailhub.queue.spool import SpoolWriter
 
 __all__ = ["BatchWriter", "Placement", "Target", "AcceptedMessage", "LINGER"]
@@ -51,6 +52,9 @@ log = Logger()
 
 #: Seconds the writer thread waits for more work before it ends.
 LINGER = 1.0
+
+#: At most this many files per round (each holds its Maildir's descriptors open until the round ends).
+MAX_ROUND = 128
 
 
 class _ChunkReader(io.RawIOBase):
@@ -141,14 +145,15 @@ class Placement:
         self.crlf_only = crlf_only
         self.placed: list[str] = []
         self.failed: dict[str, str] = {}
+        self._pending: list[tuple[str, Pending]] = []  # written, not yet published
         self._open: list[tuple[str, system.MaildirFds, Any]] = []  # (address, fds, sync key)
         self.answered = False  # the answer is on its way to the reactor thread
         self.deferred: defer.Deferred[Placement] = defer.Deferred()
 
     # -- in the writer thread ------------------------------------------------------------
 
-    def place(self, maildir: MaildirWriter) -> None:
-        """Write and link every recipient's file (durable only after the batch's syncs)."""
+    def prepare(self, maildir: MaildirWriter) -> None:
+        """Create and write every recipient's file in tmp/ (not yet fsync'd: see L{BatchWriter})."""
         try:
             message = AcceptedMessage(self.writer, self.crlf_only)
         except OSError as e:
@@ -168,13 +173,41 @@ class Placement:
                 continue
             try:
                 unique = maildir.unique(self.queue_id, self.arrival, t.address)
-                maildir.place(fds, unique, self.sender, t.address, message)
-                key = maildir.sync_key(fds)
+                pending = maildir.prepare(fds, unique, self.sender, t.address, message)
             except OSError as e:
                 fds.close()
                 self.failed[t.address] = f"cannot write to maildir: {e.strerror or e}"
                 continue
-            self._open.append((t.address, fds, key))
+            self._pending.append((t.address, pending))
+
+    def make_durable(self, maildir: MaildirWriter) -> None:
+        """fsync every file written (not with syncfs) and close it."""
+        for address, pending in self._pending:
+            if address in self.failed:
+                continue
+            try:
+                maildir.make_durable(pending)
+            except OSError as e:
+                self._drop(maildir, address, pending, f"cannot write to maildir: {e.strerror or e}")
+
+    def publish(self, maildir: MaildirWriter) -> None:
+        """Link every durable file into its new/ (durable once the batch has synced new/)."""
+        for address, pending in self._pending:
+            if address in self.failed:
+                continue
+            try:
+                maildir.publish(pending)
+                key = maildir.sync_key(pending.fds)
+            except OSError as e:
+                self._drop(maildir, address, pending, f"cannot write to maildir: {e.strerror or e}")
+                continue
+            self._open.append((address, pending.fds, key))
+        self._pending = []
+
+    def _drop(self, maildir: MaildirWriter, address: str, pending: Pending, why: str) -> None:
+        maildir.discard(pending)
+        pending.fds.close()
+        self.failed[address] = why
 
     def syncs(self) -> list[tuple[Any, system.MaildirFds]]:
         """(sync key, descriptors) of every file placed: what the batch must make durable."""
@@ -193,6 +226,11 @@ class Placement:
             self.writer.abort()  # every copy is durable: the received message is not needed
 
     def _fail_all(self, why: str) -> None:
+        for _, pending in self._pending:
+            if not pending.out.closed:
+                pending.out.close()
+            pending.fds.close()
+        self._pending = []
         for _, fds, _key in self._open:
             fds.close()
         self._open = []
@@ -247,6 +285,17 @@ class BatchWriter:
         self.start(self._loop)
         return placement.deferred
 
+    def _take(self) -> list[Placement]:
+        """The next round: the placements waiting, up to L{MAX_ROUND} files (open descriptors)."""
+        files = 0
+        for n, p in enumerate(self._waiting):
+            files += len(p.targets)
+            if files > MAX_ROUND and n:
+                batch, self._waiting = self._waiting[:n], self._waiting[n:]
+                return batch
+        batch, self._waiting = self._waiting, []
+        return batch
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -255,7 +304,7 @@ class BatchWriter:
                 if not self._waiting:
                     self._running = False
                     return
-                batch, self._waiting = self._waiting, []
+                batch = self._take()
             try:
                 self._write(batch)
             except BaseException:  # never leave a client without its answer
@@ -267,13 +316,20 @@ class BatchWriter:
                         self.call_from_thread(p.deferred.callback, p)
 
     def _write(self, batch: list[Placement]) -> None:
+        """
+        One round: every file written, then every file fsync'd (on a
+        journalling file system the first fsync commits them all), then
+        every file linked, then each new/ synced once, then the answers.
+        """
         self.rounds += 1
-        for p in batch:
-            try:
-                p.place(self.maildir)
-            except Exception:
-                log.failure("{queue_id}: deliver on accept failed", queue_id=p.queue_id)
-                p._fail_all("internal error")
+        maildir = self.maildir
+        for step in (Placement.prepare, Placement.make_durable, Placement.publish):
+            for p in batch:
+                try:
+                    step(p, maildir)
+                except Exception:
+                    log.failure("{queue_id}: deliver on accept failed", queue_id=p.queue_id)
+                    p._fail_all("internal error")
         unsynced: set[Any] = set()
         if self.maildir.fsync:
             groups: dict[Any, system.MaildirFds] = {}

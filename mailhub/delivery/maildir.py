@@ -30,12 +30,13 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from mailhub.delivery.system import MaildirFds, give
 from mailhub.queue.durable import DirSync, FileSystemSync
 
-__all__ = ["MaildirWriter", "Message", "MAX_DIR_SYNCS"]
+__all__ = ["MaildirWriter", "Message", "Pending", "MAX_DIR_SYNCS"]
 
 #: Write buffer of a Maildir file.
 WRITE_BUFFER = 1 << 20
@@ -110,23 +111,6 @@ class MaildirWriter:
                 ds = self._syncs[key] = DirSync()
         ds.sync(fsync)
 
-    def _fill(self, fd: int, sender: str, address: str, message: Message) -> int:
-        """
-        Write the Maildir copy into the new file C{fd} (closed here, also
-        on error) and fsync it; returns its size.
-        """
-        try:
-            out = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
-        except BaseException:
-            os.close(fd)
-            raise
-        with out:
-            size = self._write_header_and_body(out, sender, address, message)
-            out.flush()
-            if self._fsync_files:
-                os.fsync(out.fileno())
-        return size
-
     def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message: Message) -> int:
         header = (
             b"Return-Path: <" + _header_value(sender) + b">\n"
@@ -178,8 +162,21 @@ class MaildirWriter:
         system mode the new file is given to the recipient (C{fchown})
         before a byte is written, so quota and ownership are the
         recipient's, and what the user can rename in their own tmp/ is
-        never written or chowned by path.
+        never written or chowned by path.  The three steps are
+        L{prepare}, L{make_durable} and L{publish}: a writer of many files
+        writes them all before it fsyncs any (on a journalling file
+        system the first fsync then commits them all).
         """
+        pending = self.prepare(fds, unique, sender, address, message)
+        try:
+            self.make_durable(pending)
+            self.publish(pending)
+        except BaseException:
+            self.discard(pending)
+            raise
+
+    def prepare(self, fds: MaildirFds, unique: str, sender: str, address: str, message: Message) -> Pending:
+        """The file created in tmp/ and written, still open and not yet fsync'd (see L{place})."""
         try:
             os.unlink(unique, dir_fd=fds.tmp)  # ours, left by a crash (or whatever the user put there)
         except FileNotFoundError:
@@ -189,33 +186,77 @@ class MaildirWriter:
         try:
             try:
                 give(fd, fds.uid, fds.gid)
+                out = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
             except BaseException:
                 os.close(fd)
                 raise
-            size = self._fill(fd, sender, address, message)
-            name = f"{unique},S={size}"
-            if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
-                os.unlink(unique, dir_fd=fds.tmp)
-                return
+            pending = Pending(fds, unique, 0, out)
             try:
-                os.link(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new, follow_symlinks=False)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                if not _exists_at(fds.new, name):  # no hard links here: rename
-                    os.rename(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new)
-            try:
-                os.unlink(unique, dir_fd=fds.tmp)
-            except FileNotFoundError:
-                pass
+                pending.size = self._write_header_and_body(out, sender, address, message)
+                out.flush()
+            except BaseException:
+                out.close()
+                raise
         except BaseException:
+            _unlink_quietly(unique, fds.tmp)
+            raise
+        return pending
+
+    def make_durable(self, pending: Pending) -> None:
+        """fsync the file written by L{prepare} (not with C{syncfs()}) and close it."""
+        out = pending.out
+        try:
+            if self._fsync_files:
+                os.fsync(out.fileno())
+        finally:
+            out.close()
+
+    def publish(self, pending: Pending) -> None:
+        """Link the durable file into new/ (unless this delivery is already there or in cur/)."""
+        fds, unique = pending.fds, pending.unique
+        name = f"{unique},S={pending.size}"
+        if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
+            os.unlink(unique, dir_fd=fds.tmp)
+            return
+        try:
+            os.link(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if not _exists_at(fds.new, name):  # no hard links here: rename
+                os.rename(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new)
+        try:
+            os.unlink(unique, dir_fd=fds.tmp)
+        except FileNotFoundError:
+            pass
+
+    def discard(self, pending: Pending) -> None:
+        """Throw away a file that will not be published (an error on the way)."""
+        if not pending.out.closed:
             try:
-                os.unlink(unique, dir_fd=fds.tmp)
+                pending.out.close()
             except OSError:
                 pass
-            raise
+        _unlink_quietly(pending.unique, pending.fds.tmp)
+
+
+@dataclass
+class Pending:
+    """A Maildir file written in tmp/ by L{MaildirWriter.prepare}, open until it is durable."""
+
+    fds: MaildirFds
+    unique: str
+    size: int
+    out: BinaryIO
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 #: The flag sets probed in cur/ for an already delivered copy that a reader moved (see L{MaildirWriter.write}).
