@@ -452,7 +452,7 @@ class FakeReactor:
 @pytest.mark.parametrize(
     "overrides, kind, limit",
     [
-        ({}, DirectDelivery, 1),
+        ({}, DirectDelivery, 2),
         ({"spool.sync": "syncfs"}, DirectDelivery, 5),
         ({"local.deliver_on_accept": False}, SpoolCommitter, None),
         ({"local.mode": "system", "local.users": None}, SpoolCommitter, None),

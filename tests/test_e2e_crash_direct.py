@@ -3,8 +3,9 @@ The crash test of deliver on accept: SIGKILL the daemon at a random point
 while clients send a mix of messages that take every path, restart it on
 the same data directory, and check "durable before 250" per recipient.
 
-The mix, by message number: to alice alone (written on accept), to alice
-and bob (queued: more recipients than pays with fsync), to carol alone,
+The mix, by message number: to alice alone and to alice and bob (written
+on accept), to alice, bob and postmaster (queued: more recipients than
+pays with fsync), to carol alone,
 whose Maildir is broken while the daemon runs (written on accept fails,
 so the message is queued, and stays queued until her Maildir is repaired
 before the restart).
@@ -36,7 +37,7 @@ ACKED, INFLIGHT, REFUSED = "acked", "inflight", "refused"
 
 
 def recipients_of(seq: int) -> list[str]:
-    return [["alice"], ["alice", "bob"], ["carol"]][seq % 3]
+    return [["alice"], ["alice", "bob"], ["alice", "bob", "postmaster"], ["carol"]][seq % 4]
 
 
 def message_for(seq: int) -> bytes:
@@ -145,7 +146,7 @@ def test_sigkill_at_a_random_point_loses_and_repeats_nothing(tmp_path, seed):
         30, "the spool to drain after the restart", interval=0.05,
     )
     assert os.listdir(os.path.join(d.spool, "corrupt")) == []
-    for user in ("alice", "bob", "carol"):
+    for user in ("alice", "bob", "postmaster", "carol"):
         found = delivered(d, user)
         mine = {seq for seq in load.state if user in recipients_of(seq)}
         acked = {seq for seq in mine if load.state[seq] == ACKED}

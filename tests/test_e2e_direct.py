@@ -7,7 +7,8 @@ Deliver on accept end to end: the real daemon (tests/daemon.py) on
   log tells the delivery as the scheduler would (relay=local);
 - the Maildir file is the one the queued path writes for the same
   message (everything but our Received header, which names the queue id);
-- more recipients than pays go through the queue and are delivered after;
+- two recipients are written on accept, three go through the queue and
+  are delivered after;
 - with spool.sync = "syncfs" both paths work.
 """
 
@@ -86,16 +87,20 @@ def test_the_maildir_file_is_the_one_the_queued_path_writes(tmp_path):
     assert without_received(direct) == without_received(queued)
 
 
-def test_two_recipients_are_queued_and_delivered_after_the_250(tmp_path):
+def test_two_recipients_on_accept_three_through_the_queue(tmp_path):
     d = Daemon(tmp_path, config()).start()
     try:
-        qid = send_many(d, [ALICE, BOB], message(ALICE, "two"))
+        two = send_many(d, [ALICE, BOB], message(ALICE, "two"))
+        assert len(read_maildir(d.maildir("alice"))) == 1 and len(read_maildir(d.maildir("bob"))) == 1
+        assert [line.split(", ")[0] for line in mail_lines(d, two)[1:]] == [
+            f"{two}: to=<{ALICE}>", f"{two}: to=<{BOB}>", f"{two}: removed"]
+        qid = send_many(d, [ALICE, BOB, f"postmaster@{DOMAIN}"], message(ALICE, "three"))
         assert mail_lines(d, qid)[0].startswith(f"{qid}: accepted")
-        for user in ("alice", "bob"):
+        for user in ("alice", "bob", "postmaster"):
             wait_for(lambda user=user: read_maildir(d.maildir(user)), 10, f"{user}'s copy")
         lines = wait_for(lambda: (lambda ls: ls if ls and ls[-1].endswith("removed") else None)(mail_lines(d, qid)),
                          10, "the removal")
-        assert len([line for line in lines if "relay=local" in line and "status=sent" in line]) == 2
+        assert len([line for line in lines if "relay=local" in line and "status=sent" in line]) == 3
     finally:
         d.stop()
 
