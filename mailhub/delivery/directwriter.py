@@ -357,7 +357,8 @@ class BatchWriter:
         maildir = self.maildir
         self._each(batch, Placement.prepare)
         files = [(p, address, pending) for p in batch for address, pending in p.files()]
-        for (p, address, pending), error in zip(files, self._parallel(maildir.make_durable, [f[2] for f in files])):
+        errors = self._parallel(maildir.make_durable, [f[2] for f in files])
+        for (p, address, pending), error in zip(files, errors, strict=True):
             if error is not None:
                 p.not_durable(maildir, address, pending, error)
         self._each(batch, Placement.publish)
@@ -367,7 +368,8 @@ class BatchWriter:
             for p in batch:
                 for key, fds in p.syncs():
                     groups.setdefault(key, fds)
-            for (key, fds), error in zip(groups.items(), self._parallel(maildir.sync_new, list(groups.values()))):
+            errors = self._parallel(maildir.sync_new, list(groups.values()))
+            for (key, fds), error in zip(groups.items(), errors, strict=True):
                 if error is not None:
                     log.error("deliver on accept: cannot sync {path}/new: {error}", path=fds.path, error=error)
                     unsynced.add(key)
