@@ -415,6 +415,21 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     return check
 
 
+#: The values of spool.sync.
+SYNC_MODES = ("fsync", "syncfs")
+
+
+def sync_mode(value: Any) -> str:
+    """C{spool.sync}: C{"fsync"}, or C{"syncfs"} where the system has syncfs()."""
+    mode = choice(*SYNC_MODES)(value)
+    if mode == "syncfs":
+        from mailhub import syncfs
+
+        if not syncfs.available():
+            raise BadValue(f'"syncfs": {syncfs.UNAVAILABLE}; use "fsync"')
+    return mode
+
+
 def sender_check(value: Any) -> str:
     """One of L{SENDER_CHECKS}; "none" is another spelling of "off"."""
     if value == "none":

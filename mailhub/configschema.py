@@ -143,6 +143,8 @@ class SpoolConfig:
     min_free_space: int = key(51200000, check.non_negative_int)
     # only this group may submit (Postfix's postdrop); None: every local user
     pickup_group: str | None = key(None, check.group)
+    # "fsync": each file and its directory; "syncfs": one syncfs() of the file system per batch (docs/spool.rst)
+    sync: str = key("fsync", check.sync_mode)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class LocalConfig:
     delivery_processes: int = key(1, check.delivery_processes)
     # "maildir" (written here), "lmtp:unix:/path" or "lmtp:inet:host:port" (docs/delivery.rst, LMTP)
     transport: str = key("maildir", check.local_transport)
+    # all-local messages written into the Maildirs before the 250 (mailhub.delivery.direct)
+    deliver_on_accept: bool = key(True, check.boolean)
 
 
 @dataclass(frozen=True)

@@ -396,6 +396,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.internet import reactor, threads
 
     from mailhub.daemon.components import build_components, tap_reloader
+    from mailhub.delivery.direct import committer_for
     from mailhub.delivery.directory import directory_args as directory_args_of
     from mailhub.delivery.local import LocalDelivery
     from mailhub.delivery.localproc import LocalDeliveryProcesses, settings_for
@@ -449,7 +450,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     if user is not None:
         _prepare_for(config, user)
     try:
-        spool = Spool(config.spool.path, config.spool.fsync)
+        spool = Spool(config.spool.path, config.spool.fsync, config.spool.sync)
     except OSError as e:
         fail(f"cannot create spool {config.spool.path}: {e.strerror or e}", EX_OSERR)
 
@@ -515,7 +516,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         # switch (mailhub.delivery.supervisor); their settings are fixed now.
         from mailhub.delivery.supervisor import PrivilegedDelivery
 
-        settings = settings_for(directory_args, config.server.hostname, config.spool.fsync)
+        settings = settings_for(directory_args, config.server.hostname, config.spool.fsync, config.spool.sync)
         settings["spool"] = {"path": spool.path, "uid": user.uid}
         local = supervisor = PrivilegedDelivery(settings, local_cfg.delivery_processes, reactor)
         local.setServiceParent(top)
@@ -524,13 +525,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         # its file work and Python run beside the SMTP sessions, not
         # against them for the interpreter lock.
         local = LocalDeliveryProcesses(
-            settings_for(directory_args, config.server.hostname, config.spool.fsync),
+            settings_for(directory_args, config.server.hostname, config.spool.fsync, config.spool.sync),
             local_cfg.delivery_processes,
             reactor,
         )
         local.setServiceParent(top)
     else:
-        local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
+        local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync, sync=config.spool.sync)
     live.remote.setName("remote")
     live.remote.setServiceParent(top)
     # SPF/DKIM/DMARC checks and DKIM signing (docs/authentication.rst):
@@ -610,6 +611,10 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
 
     policy = Delegate.of(live, "policy")
     factories: list[Any] = []
+    # What makes an accepted message durable before its 250: straight into
+    # the Maildirs when every recipient is local (local.deliver_on_accept),
+    # else the spool; one writer thread for every listener.
+    committer = committer_for(config, directory, reactor, threads.deferToThread, scheduler.enqueue)
 
     def factory(listener: str) -> Any:
         # The commit (fsyncs) runs in a thread so other sessions are not
@@ -639,6 +644,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             checks=[*auth_service.checks, *([MilterCheck(run=threads.deferToThread)] if milters is not None else [])],
             ratelimit=ratelimit,
             proxy=ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor) if listener != "smtps" else None,
+            committer=committer,
         )
         factories.append(smtp_factory)
         return smtp_factory

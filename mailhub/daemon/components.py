@@ -222,7 +222,9 @@ def tap_reloader(
         if processes is not None and directory_args(config.local) != directory_args(running.config.local):
             from mailhub.delivery.localproc import settings_for
 
-            processes.reconfigure(settings_for(directory_args(config.local), config.server.hostname, config.spool.fsync))
+            processes.reconfigure(
+                settings_for(directory_args(config.local), config.server.hostname, config.spool.fsync, config.spool.sync)
+            )
         set_log_level(config.server.log_level)
         return components
 

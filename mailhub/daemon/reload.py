@@ -41,7 +41,7 @@ RESTART_KEYS = (
     "server.smtp", "server.submission", "server.smtps", "server.http", "server.http_max_body",
     "server.http_admins", "server.event_log", "server.mail_log", "server.hostname",
     "spool.", "local.mailboxes", "local.mode", "local.home_maildir", "local.min_uid", "local.max_uid",
-    "local.delivery_processes",
+    "local.delivery_processes", "local.deliver_on_accept",
     "relay.min_backoff", "relay.max_backoff", "relay.max_queue_lifetime", "relay.delay_warning",
     "relay.concurrency", "relay.destination_concurrency",
     "auth.max_failures", "auth.failure_window", "auth.failure_delay",

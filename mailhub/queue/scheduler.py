@@ -71,6 +71,7 @@ from mailhub.queue.status import FLUSHED, HELD, REMOVE_PENDING, REMOVED
 __all__ = [
     "RetryPolicy",
     "Scheduler",
+    "log_delivery",
     "EXPIRED_STATUS",
     "recipient_domain",
 ]
@@ -739,26 +740,35 @@ class Scheduler(service.Service):
         return "none"
 
     def _log_delivery(self, env: Envelope, r: Recipient, now: float, expired: bool) -> None:
-        if r.state == PENDING:
-            status, text = "deferred", r.last_text
-        elif r.state == FAILED:
-            status = "bounced"
-            text = f"delivery time expired; last error: {r.last_text}" if expired else r.last_text
-        else:
-            status, text = "sent", r.last_text
-        mail_event(
-            "delivery",
-            "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, relay={relay}, delay={delay}, "
-            "attempts={attempts}, dsn={dsn}, status={status} ({text})",
-            queue_id=env.queue_id,
-            to=r.address,
-            orig_to=r.original,
-            relay=r.remote_mta or self._no_relay(r),
-            delay=("%.2f" % max(0.0, now - env.arrival)).rstrip("0").rstrip("."),
-            attempts=r.attempts,
-            dsn=r.last_status,
-            status=status,
-            text=text,
-            # for GET /v1/messages/ID after it left the queue
-            code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
-        )
+        log_delivery(env, r, now, r.remote_mta or self._no_relay(r), expired)
+
+
+def log_delivery(env: Envelope, r: Recipient, now: float, relay: str, expired: bool = False) -> None:
+    """
+    The mail log's C{delivery} line of recipient C{r} after an attempt
+    (status sent, bounced or deferred): the scheduler's, and deliver on
+    accept's (L{mailhub.delivery.direct}), which must read the same.
+    """
+    if r.state == PENDING:
+        status, text = "deferred", r.last_text
+    elif r.state == FAILED:
+        status = "bounced"
+        text = f"delivery time expired; last error: {r.last_text}" if expired else r.last_text
+    else:
+        status, text = "sent", r.last_text
+    mail_event(
+        "delivery",
+        "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, relay={relay}, delay={delay}, "
+        "attempts={attempts}, dsn={dsn}, status={status} ({text})",
+        queue_id=env.queue_id,
+        to=r.address,
+        orig_to=r.original,
+        relay=relay,
+        delay=("%.2f" % max(0.0, now - env.arrival)).rstrip("0").rstrip("."),
+        attempts=r.attempts,
+        dsn=r.last_status,
+        status=status,
+        text=text,
+        # for GET /v1/messages/ID after it left the queue
+        code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+    )

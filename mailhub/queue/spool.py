@@ -26,6 +26,10 @@ create, two fsyncs (the first layout, a message file and an envelope file,
 needed two creates and four fsyncs; see docs/performance.rst).  The rename
 is the commit point.  Directory fsyncs are group commits (L{DirSync}):
 concurrent commits in worker threads share one fsync of C{queue/}.
+With C{spool.sync = "syncfs"} (L{Spool}'s C{sync}) no file is fsync'd on
+its own: the rename is followed by one C{syncfs()} of the spool's file
+system, shared by every commit, envelope update and Maildir delivery of
+that instant (L{mailhub.queue.durable.FileSystemSync}).
 
 An envelope that changes later (an attempt made, a recipient delivered) is
 written to C{envelopes/ID.json} the same way (C{tmp/}, fsync, rename,
@@ -60,8 +64,8 @@ from collections.abc import Iterable, Iterator
 from twisted.logger import Logger
 
 from mailhub.envelope import Envelope, EnvelopeFormatError
-from mailhub.queue import durable, migration
-from mailhub.queue.durable import DirSync, unlink_quietly, write_file
+from mailhub.queue import migration
+from mailhub.queue.durable import DirSync, SyncFSDir, unlink_quietly, write_file
 from mailhub.queue.queuefile import (
     MessageFile,
     is_queue_id,
@@ -72,7 +76,10 @@ from mailhub.queue.queuefile import (
     read_queued_envelope,
 )
 
-__all__ = ["Spool", "SpoolWriter", "MEMORY_LIMIT", "REMOVER_PATIENCE"]
+__all__ = ["Spool", "SpoolWriter", "MEMORY_LIMIT", "REMOVER_PATIENCE", "SYNC_MODES"]
+
+#: The values of C{spool.sync}.
+SYNC_MODES = ("fsync", "syncfs")
 
 log = Logger()
 
@@ -236,6 +243,16 @@ class SpoolWriter:
         self._skip, self._head = 0, b""  # the new content already has the replaced start
         self.size = other.size + prefix
 
+    def message_chunks(self, size: int = MEMORY_LIMIT) -> Iterator[bytes]:
+        """
+        The message as its queue file will hold it: the prepended header
+        fields, then everything written (L{chunks}).  Deliver on accept
+        (L{mailhub.delivery.direct}) copies it into Maildirs from here.
+        """
+        if self._prefix:
+            yield self._prefix
+        yield from self.chunks(size)
+
     def commit(self, envelope: Envelope) -> None:
         """
         Make the message durable and queued.  When this returns without an
@@ -254,7 +271,7 @@ class SpoolWriter:
                 content = b"".join(pending)
                 if self._skip or self._head:
                     content = self._head + content[self._skip :]
-                write_file(self._tmp, b"".join([self._prefix, content, trailer]), self.spool.fsync)
+                write_file(self._tmp, b"".join([self._prefix, content, trailer]), self.spool.fsync_files)
             elif self._prefix or self._skip or self._head:
                 self._write_raw(trailer)
                 self._file.close()
@@ -262,7 +279,7 @@ class SpoolWriter:
                 self._copy_behind_prefix()
             else:
                 self._write_raw(trailer)
-                if self.spool.fsync:
+                if self.spool.fsync_files:
                     os.fsync(self._file.fileno())
                 self._file.close()
                 self._closed = True
@@ -281,7 +298,7 @@ class SpoolWriter:
                 source.seek(self._skip)
                 shutil.copyfileobj(source, out, 1024 * 1024)
                 out.flush()
-                if self.spool.fsync:
+                if self.spool.fsync_files:
                     os.fsync(out.fileno())
             os.replace(final, self._tmp)
         except BaseException:
@@ -304,16 +321,31 @@ class Spool:
     The spool directory.  Creating a L{Spool} creates its directories.
 
     @param fsync: C{False} only for tests that do not measure durability.
+    @param sync: how a commit is made durable (C{spool.sync}): C{"fsync"},
+        each file and then its directory; C{"syncfs"}, no per-file fsync,
+        one group C{syncfs()} of the spool's file system instead of each
+        directory fsync (L{mailhub.queue.durable.SyncFSDir}).
     """
 
-    def __init__(self, path: str, fsync: bool = True) -> None:
+    def __init__(self, path: str, fsync: bool = True, sync: str = "fsync") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"unknown sync mode {sync!r}")
         self.path = os.path.abspath(path)
         self.fsync = fsync
+        self.sync = sync
+        #: files are fsync'd one by one before their rename (not with syncfs)
+        self.fsync_files = fsync and sync == "fsync"
         for sub in ("tmp", "queue", "envelopes", "corrupt"):
             os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
         #: group commits of the two directories whose renames matter
-        self.queue_sync = DirSync(os.path.join(self.path, "queue"))
-        self.envelopes_sync = DirSync(os.path.join(self.path, "envelopes"))
+        self.queue_sync: DirSync | SyncFSDir
+        self.envelopes_sync: DirSync | SyncFSDir
+        if sync == "syncfs":
+            self.queue_sync = SyncFSDir(os.path.join(self.path, "queue"))
+            self.envelopes_sync = SyncFSDir(os.path.join(self.path, "envelopes"))
+        else:
+            self.queue_sync = DirSync(os.path.join(self.path, "queue"))
+            self.envelopes_sync = DirSync(os.path.join(self.path, "envelopes"))
         # removal: ids hidden from load/queue_ids/update whose files the
         # remover thread deletes
         self._lock = threading.Lock()
@@ -369,7 +401,7 @@ class Spool:
         tmp = os.path.join(self.path, "tmp", qid + ".env")
         unlink_quietly(tmp)
         try:
-            write_file(tmp, envelope.to_json(), self.fsync)
+            write_file(tmp, envelope.to_json(), self.fsync_files)
             os.rename(tmp, self.envelope_path(qid))
         except BaseException:
             unlink_quietly(tmp)
@@ -631,5 +663,5 @@ class Spool:
                 log.info("spool: removed the envelope of {queue_id}, whose message was already removed", queue_id=qid)
         self.drain()
         if self.fsync:
-            durable.fsync_dir(os.path.join(self.path, "envelopes"))
+            self.envelopes_sync.sync()
         return pending

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailhub.envelope import Envelope
+from mailhub.queue.commit import Committer, SpoolCommitter
 from mailhub.queue.spool import Spool
 from mailhub.ratelimit.limits import RateLimits
 from mailhub.smtp import sasl as auth
@@ -90,6 +91,10 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         connect, MAIL and RCPT (docs/ratelimits.rst); None: none.
     @param proxy: the L{mailhub.smtp.proxyheader.ProxyGate} of
         C{server.proxy_from}; None: no PROXY headers are read.
+    @param committer: what makes an accepted message durable before its
+        250 (L{mailhub.queue.commit.Committer}); default the spool path,
+        C{SpoolCommitter(run, enqueue)}.  The daemon may give
+        L{mailhub.delivery.direct.DirectDelivery} (deliver on accept).
 
     The limits (C{max_hops}, C{min_data_rate}, C{soft_error_limit},
     C{starttls_timeout}, C{timeout}, ...) are read from
@@ -118,6 +123,7 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         milters: Any = None,
         ratelimit: RateLimits | None = None,
         proxy: ProxyGate | None = None,
+        committer: Committer | None = None,
     ) -> None:
         self.settings = settings
         #: the end-of-data stage (L{mailhub.smtp.checks}), in order
@@ -145,6 +151,12 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         self.policy = policy
         self.clock = clock
         self.run = run
+        #: makes each accepted message durable (L{mailhub.queue.commit})
+        # the default reads run and enqueue when it commits: both may be replaced after construction
+        self.committer: Committer = (
+            committer if committer is not None
+            else SpoolCommitter(lambda *args: self.run(*args), lambda envelope: self.enqueue(envelope))
+        )
         self.connections = 0
         self.per_ip: dict[str, int] = {}
         # Shutdown drain: commits whose reply is not yet written, sessions

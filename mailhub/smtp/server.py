@@ -798,32 +798,17 @@ class SMTPServer(protocol.Protocol):
         return self._commit(envelope, staged.writer, staged.log_fields)
 
     def _commit(self, envelope: Envelope, writer: SpoolWriter, log_fields: dict[str, str]) -> defer.Deferred[None]:
-        """Commit in the factory's C{run} (a thread): 250 once durable, 451 on any failure."""
-        d = defer.maybeDeferred(self.factory.run, writer.commit, envelope)
-        d.addCallbacks(
-            self._committed, self._commit_failed, callbackArgs=(envelope, log_fields), errbackArgs=(envelope,)
-        )
+        """
+        Commit through the factory's C{committer} (the spool, or straight
+        into the Maildirs: L{mailhub.queue.commit}): 250 once durable, 451
+        on any failure.
+        """
+        d = defer.maybeDeferred(self.factory.committer.commit, envelope, writer, log_fields)
+        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope,), errbackArgs=(envelope,))
         return d
 
-    def _committed(self, _: object, envelope: Envelope, log_fields: dict[str, str]) -> None:
+    def _committed(self, _: object, envelope: Envelope) -> None:
         self.pacer.busy = False
-        # Logged before enqueue: enqueue may deliver at once, and the story
-        # of a message in the log must start with its arrival.
-        extra = "".join(f" {name}={{{name}}}" for name in log_fields)
-        mail_event(
-            "accepted",
-            "{queue_id}: accepted from=<{sender}> nrcpt={nrcpt} size={size} client=[{client}] proto={proto}"
-            " listener={listener} sasl_username={user}" + extra,
-            queue_id=envelope.queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
-            size=envelope.esmtp["size"], client=envelope.client["addr"], proto=envelope.client["protocol"],
-            listener=envelope.client["listener"], user=envelope.client["user"],
-            **log_fields, **{"from": envelope.sender},
-        )
-        try:
-            self.factory.enqueue(envelope)
-        except Exception:
-            # Committed means queued: the scheduler finds it again at start.
-            log.failure("enqueue failed for {queue_id}", queue_id=envelope.queue_id)
         self._errors = 0  # Postfix: the hard limit counts errors "without delivering mail"
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
         self.process()
