@@ -51,6 +51,7 @@ from mailhub.configschema import (
     TOP_KEYS,
     AuthConfig,
     Config,
+    HistoryConfig,
     LocalConfig,
     RelayConfig,
     ServerConfig,
@@ -69,6 +70,7 @@ __all__ = [
     "RelayConfig",
     "AuthConfig",
     "SubmissionConfig",
+    "HistoryConfig",
     "Config",
     "DEFAULT_ALIASES",
     "DEFAULT_CONFIG_FILE",
@@ -150,7 +152,7 @@ def _check_value(source: str, base: str, key: str, checker: Checker, is_path: bo
         value = checker(raw)
     except BadValue as e:
         raise ConfigError(f"{source}: {key}: {e}")
-    if is_path and value is not None:
+    if is_path and value is not None and "://" not in value:  # a URL (history.database) is no path
         value = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
     return value
 
@@ -270,6 +272,7 @@ def load_config(
         source=os.path.abspath(path) if path is not None else None,
         auth=auth_cfg,
         submission=SubmissionConfig(**values["submission"]),
+        history=HistoryConfig(**values["history"]),
     )
 
 

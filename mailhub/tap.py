@@ -471,6 +471,22 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             fail(f"{source}: server.mail_log: cannot open {config.server.mail_log}: {e.strerror or e}")
         mail_log_service = MailLogService(mail_log_file)
         mail_log_service.setServiceParent(top)
+    history_store = None
+    if config.history.enabled:
+        # every mail event into the history database (docs/history.rst)
+        from mailhub.history.recorder import HistoryCollector, Recorder
+        from mailhub.history.store import StoreError, open_store
+
+        try:
+            history_store = open_store(config.history.database, node=config.server.hostname)
+        except StoreError as e:
+            fail(f"{source}: history.database: {e}")
+        recorder = Recorder(
+            history_store, reactor, mail_publisher, interval=config.history.interval,
+            retention=config.history.retention, max_size=config.history.max_size,
+        )
+        recorder.setServiceParent(top)
+        metrics.registry.register(HistoryCollector(recorder))
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)
@@ -636,6 +652,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             admins=server_cfg.http_admins,
             max_recipients=server_cfg.max_recipients,
             event_log=event_log or None,
+            history=history_store,
             clock=reactor,
             header_timeout=server_cfg.http_header_timeout,
             request_timeout=server_cfg.http_request_timeout,

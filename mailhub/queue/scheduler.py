@@ -761,4 +761,5 @@ class Scheduler(service.Service):
             text=text,
             # for GET /v1/messages/ID after it left the queue
             code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+            expired=expired,
         )

@@ -720,7 +720,7 @@ class SMTPServer(protocol.Protocol):
             queue_id=envelope.queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
             size=envelope.esmtp["size"], client=envelope.client["addr"], proto=envelope.client["protocol"],
             listener=envelope.client["listener"], user=envelope.client["user"],
-            **{"from": envelope.sender},
+            rcpts=[r.address for r in envelope.recipients], **{"from": envelope.sender},
         )
         try:
             self.factory.enqueue(envelope)

@@ -1,0 +1,454 @@
+"""
+The history store: three tables, the SQL both databases share, and SQLite.
+
+Owns: the schema (L{schema}), writing a batch of event rows in one
+transaction (L{Store.write}: the C{events} rows, and what they change in
+C{messages} and C{recipients}), pruning by age and size (L{Store.prune}),
+the SQLite store (L{SQLiteStore}: WAL, a busy timeout so several
+processes may write, incremental vacuum) and L{open_store}, which picks
+SQLite or PostgreSQL from C{history.database}.
+
+Tables::
+
+    events      one row per mail event (kind, time, queue id, client,
+                sender, recipient and its domain, status, code, reason,
+                the reply text, the log line, the other fields as JSON)
+    messages    one row per message: arrival, sender, client, user,
+                size, its state (rows.MESSAGE_STATUSES), when it ended and
+                its latency; a refused transaction is a message too
+                (status "rejected", id from rows.rejection_id)
+    recipients  one row per recipient of a message: its last outcome
+
+Every method here blocks: the recorder calls them in its own thread, the
+HTTP API and the status page through C{deferToThread}, the CLI directly.
+SQL is written with C{?} placeholders; a dialect turns them into its own.
+
+Must not touch: the reactor, mail events (L{mailhub.history.recorder}
+observes them), the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from mailhub.history.rows import EventRow, recipient_domain, rejection_id
+
+__all__ = ["Store", "SQLiteStore", "open_store", "schema", "StoreError"]
+
+
+class StoreError(Exception):
+    """The history database cannot be opened or used (one line, for the CLI and the log)."""
+
+
+def schema(float_type: str, id_type: str) -> list[str]:
+    """The statements creating the tables and indexes (idempotent)."""
+    return [
+        f"""CREATE TABLE IF NOT EXISTS events (
+            id {id_type}, time {float_type} NOT NULL, kind TEXT NOT NULL, queue_id TEXT,
+            client TEXT NOT NULL DEFAULT '', sender TEXT, recipient TEXT NOT NULL DEFAULT '',
+            domain TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT '', code INTEGER,
+            enhanced TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',
+            detail TEXT NOT NULL DEFAULT '', line TEXT NOT NULL DEFAULT '', data TEXT NOT NULL DEFAULT '{{}}',
+            node TEXT NOT NULL DEFAULT '')""",
+        f"""CREATE TABLE IF NOT EXISTS messages (
+            queue_id TEXT PRIMARY KEY, time {float_type} NOT NULL, updated {float_type} NOT NULL,
+            sender TEXT, client TEXT NOT NULL DEFAULT '', username TEXT NOT NULL DEFAULT '',
+            proto TEXT NOT NULL DEFAULT '', size INTEGER, nrcpt INTEGER, status TEXT NOT NULL,
+            held INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
+            finished {float_type}, latency {float_type}, bounce_of TEXT NOT NULL DEFAULT '',
+            node TEXT NOT NULL DEFAULT '')""",
+        f"""CREATE TABLE IF NOT EXISTS recipients (
+            queue_id TEXT NOT NULL, address TEXT NOT NULL, domain TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL, time {float_type} NOT NULL, code INTEGER,
+            enhanced TEXT NOT NULL DEFAULT '', relay TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0,
+            detail TEXT NOT NULL DEFAULT '', original TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (queue_id, address))""",
+        "CREATE INDEX IF NOT EXISTS events_time ON events (time)",
+        "CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id)",
+        "CREATE INDEX IF NOT EXISTS events_sender ON events (LOWER(sender))",
+        "CREATE INDEX IF NOT EXISTS events_recipient ON events (LOWER(recipient))",
+        "CREATE INDEX IF NOT EXISTS events_domain ON events (domain)",
+        "CREATE INDEX IF NOT EXISTS events_client ON events (client)",
+        "CREATE INDEX IF NOT EXISTS events_kind_time ON events (kind, time)",
+        "CREATE INDEX IF NOT EXISTS messages_time ON messages (time, queue_id)",
+        "CREATE INDEX IF NOT EXISTS messages_updated ON messages (updated)",
+        "CREATE INDEX IF NOT EXISTS messages_sender ON messages (LOWER(sender))",
+        "CREATE INDEX IF NOT EXISTS messages_client ON messages (client)",
+        "CREATE INDEX IF NOT EXISTS messages_status ON messages (status, time)",
+        "CREATE INDEX IF NOT EXISTS messages_finished ON messages (finished)",
+        "CREATE INDEX IF NOT EXISTS recipients_address ON recipients (LOWER(address))",
+        "CREATE INDEX IF NOT EXISTS recipients_domain ON recipients (domain)",
+    ]
+
+
+_INSERT_EVENT = (
+    "INSERT INTO events (time, kind, queue_id, client, sender, recipient, domain, status, code, enhanced,"
+    " reason, detail, line, data, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_NEW_MESSAGE = (
+    "INSERT INTO messages (queue_id, time, updated, sender, client, username, proto, size, nrcpt, status,"
+    " reason, detail, bounce_of, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (queue_id) DO NOTHING"
+)
+_ACCEPTED = (
+    "INSERT INTO messages (queue_id, time, updated, sender, client, username, proto, size, nrcpt, status, node)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+    " ON CONFLICT (queue_id) DO UPDATE SET time = excluded.time, sender = excluded.sender,"
+    " client = excluded.client, username = excluded.username, proto = excluded.proto, size = excluded.size,"
+    " nrcpt = excluded.nrcpt, node = excluded.node"
+)
+_QUEUED_RECIPIENT = (
+    "INSERT INTO recipients (queue_id, address, domain, status, time, original) VALUES (?, ?, ?, 'queued', ?, ?)"
+    " ON CONFLICT (queue_id, address) DO NOTHING"
+)
+_RECIPIENT = (
+    "INSERT INTO recipients (queue_id, address, domain, status, time, code, enhanced, relay, attempts, detail,"
+    " original) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (queue_id, address) DO UPDATE SET status = excluded.status, time = excluded.time,"
+    " code = excluded.code, enhanced = excluded.enhanced, relay = excluded.relay, attempts = excluded.attempts,"
+    " detail = excluded.detail, original = excluded.original"
+)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Store:
+    """
+    What SQLite and PostgreSQL share; a subclass gives L{connect} and the
+    dialect (L{placeholder}, L{floor}).
+    """
+
+    #: the dialect's placeholder for C{?}
+    placeholder = "?"
+    float_type = "REAL"
+    id_type = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def __init__(self, node: str = "") -> None:
+        self.node = node[:255]
+
+    # -- the dialect ------------------------------------------------------------------------
+
+    def sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    def floor(self, expression: str) -> str:
+        """SQL rounding C{expression} down to an integer."""
+        return f"CAST({expression} AS INTEGER)"
+
+    def connect(self) -> Any:  # pragma: no cover - every store has its own
+        raise NotImplementedError
+
+    def release(self, conn: Any) -> None:
+        """Give back a connection from L{connect}."""
+        conn.close()
+
+    def size(self, conn: Any) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def create(self, conn: Any) -> None:
+        for statement in schema(self.float_type, self.id_type):
+            conn.execute(statement)
+
+    def close(self) -> None:
+        """Close what the store keeps open."""
+
+    def reset(self) -> None:
+        """After an error: drop this thread's connection, the next use opens a new one."""
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def fetch(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one query (blocking)."""
+        conn = self.connect()
+        try:
+            cur = conn.execute(self.sql(text), tuple(params))
+            rows = list(cur.fetchall())
+            conn.commit()
+            return rows
+        finally:
+            self.release(conn)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, rows: Sequence[EventRow]) -> None:
+        """Record C{rows} (in their order) in one transaction."""
+        if not rows:
+            return
+        conn = self.connect()
+        try:
+            try:
+                self._write(conn, rows)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+        finally:
+            self.release(conn)
+
+    def _write(self, conn: Any, rows: Sequence[EventRow]) -> None:
+        q = self.sql
+        node = self.node
+        conn.executemany(q(_INSERT_EVENT), [
+            (r.time, r.kind, r.queue_id, r.client, r.sender, r.recipient, r.domain, r.status, r.code,
+             r.enhanced, r.reason, r.detail, r.line, r.data, node)
+            for r in rows
+        ])
+        touched: dict[str, float] = {}
+        for r in rows:
+            kind, qid = r.kind, r.queue_id
+            if kind == "reject":
+                rid = rejection_id(r.time)
+                conn.execute(q(_NEW_MESSAGE), (
+                    rid, r.time, r.time, r.sender, r.client, "", "", None, 1 if r.recipient else 0, "rejected",
+                    r.reason, r.detail, "", node,
+                ))
+                if r.recipient:
+                    conn.execute(q(_RECIPIENT), (
+                        rid, r.recipient, r.domain, "rejected", r.time, r.code, r.enhanced, "", 0, r.detail, r.recipient,
+                    ))
+                continue
+            if qid is None:
+                continue
+            data = _data(r)
+            if kind in ("accepted", "pickup"):
+                size = _int(data.get("size"))
+                conn.execute(q(_ACCEPTED), (
+                    qid, r.time, r.time, r.sender, r.client, str(data.get("user") or "")[:255],
+                    str(data.get("proto") or ("pickup" if kind == "pickup" else ""))[:20], size,
+                    _int(data.get("nrcpt")), node,
+                ))
+                if r.recipients:
+                    conn.executemany(q(_QUEUED_RECIPIENT), [
+                        (qid, a, recipient_domain(a), r.time, a) for a in r.recipients
+                    ])
+                continue
+            if kind in ("delivery", "expired"):
+                self._ensure(conn, qid, r.time)
+                status = r.status if r.status in ("sent", "deferred", "bounced") else "deferred"
+                conn.execute(q(_RECIPIENT), (
+                    qid, r.recipient, r.domain, status, r.time, r.code, r.enhanced,
+                    str(data.get("relay") or "")[:255], _int(data.get("attempts")) or 0, r.detail,
+                    str(data.get("orig_to") or r.recipient)[:320],
+                ))
+                touched[qid] = r.time
+            elif kind == "bounce":
+                dsn = str(data.get("dsn_id") or "")[:64]
+                if dsn:
+                    conn.execute(q(_NEW_MESSAGE), (
+                        dsn, r.time, r.time, "", "", "", "dsn", None, None, "queued", "", "", qid, node,
+                    ))
+            elif kind in ("hold", "release"):
+                self._ensure(conn, qid, r.time)
+                conn.execute(q("UPDATE messages SET held = ?, updated = ? WHERE queue_id = ?"),
+                             (1 if kind == "hold" else 0, r.time, qid))
+                touched[qid] = r.time
+            elif kind == "removed":
+                self._ensure(conn, qid, r.time)
+                if data.get("why"):
+                    conn.execute(q(
+                        "UPDATE messages SET status = 'deleted', held = 0, updated = ?, finished = ?,"
+                        " detail = ? WHERE queue_id = ?"), (r.time, r.time, str(data["why"])[:200], qid))
+                    touched.pop(qid, None)
+                else:
+                    touched[qid] = r.time
+        for qid, when in touched.items():
+            self._settle(conn, qid, when)
+
+    def _ensure(self, conn: Any, qid: str, t: float) -> None:
+        """A message row for C{qid} (a message known only from later events: recovered, or a DSN)."""
+        conn.execute(self.sql(_NEW_MESSAGE), (qid, t, t, None, "", "", "", None, None, "queued", "", "", "", self.node))
+
+    def _settle(self, conn: Any, qid: str, when: float) -> None:
+        """The message's state from its recipients' (and hold)."""
+        q = self.sql
+        row = conn.execute(q("SELECT status, held, time FROM messages WHERE queue_id = ?"), (qid,)).fetchone()
+        if row is None or row[0] in ("deleted", "rejected"):
+            return
+        counts = dict(conn.execute(
+            q("SELECT status, COUNT(*) FROM recipients WHERE queue_id = ? GROUP BY status"), (qid,)
+        ).fetchall())
+        finished = None
+        if counts.get("deferred"):
+            status = "deferred"
+        elif counts.get("queued") or not counts:
+            status = "queued"
+        elif counts.get("bounced"):
+            status = "bounced"
+        else:
+            status = "sent"
+        if status in ("sent", "bounced"):
+            finished = conn.execute(q("SELECT MAX(time) FROM recipients WHERE queue_id = ?"), (qid,)).fetchone()[0]
+        elif row[1]:
+            status = "held"
+        latency = max(0.0, finished - row[2]) if finished is not None and status == "sent" else None
+        conn.execute(
+            q("UPDATE messages SET status = ?, updated = ?, finished = ?, latency = ? WHERE queue_id = ?"),
+            (status, when, finished, latency, qid),
+        )
+
+    # -- pruning ---------------------------------------------------------------------------
+
+    def prune(self, now: float, retention: float, max_size: int) -> int:
+        """
+        Delete what is older than C{retention} seconds, then, when the
+        database is larger than C{max_size} bytes (0: no cap), the oldest
+        share of the rest that brings it under the cap.  Returns the
+        events deleted.
+        """
+        conn = self.connect()
+        try:
+            deleted = 0
+            if retention > 0:
+                deleted += self._delete_before(conn, now - retention)
+                conn.commit()
+            if max_size > 0:
+                size = self.size(conn)
+                if size > max_size:
+                    total = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                    share = min(1.0, (size - max_size) / size + 0.05)
+                    offset = int(total * share)
+                    row = conn.execute(
+                        self.sql("SELECT time FROM events ORDER BY time LIMIT 1 OFFSET ?"), (max(0, offset - 1),)
+                    ).fetchone()
+                    if row is not None:
+                        deleted += self._delete_before(conn, row[0] + 1e-6)
+                        conn.commit()
+            self.compact(conn)
+            return deleted
+        finally:
+            self.release(conn)
+
+    def _delete_before(self, conn: Any, cutoff: float) -> int:
+        q = self.sql
+        cur = conn.execute(q("DELETE FROM events WHERE time < ?"), (cutoff,))
+        gone = max(0, cur.rowcount or 0)
+        conn.execute(q(
+            "DELETE FROM recipients WHERE queue_id IN (SELECT queue_id FROM messages WHERE updated < ?)"
+        ), (cutoff,))
+        conn.execute(q("DELETE FROM messages WHERE updated < ?"), (cutoff,))
+        return gone
+
+    def compact(self, conn: Any) -> None:
+        """Give freed space back where the database can (SQLite: incremental vacuum)."""
+
+
+class SQLiteStore(Store):
+    """
+    The history in one SQLite file: WAL (readers never wait for the
+    writer, a crash loses at most the transaction being written and never
+    corrupts the file), C{synchronous=NORMAL} (a committed batch survives
+    a crash of the process; only a power loss may lose the last ones),
+    a busy timeout (several processes may write: they take turns),
+    C{auto_vacuum=INCREMENTAL} so pruning gives space back.
+    """
+
+    def __init__(self, path: str, node: str = "", busy_timeout: float = 10.0, readonly: bool = False) -> None:
+        super().__init__(node)
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.readonly = readonly
+        self._local = threading.local()
+        if not readonly:
+            directory = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(directory, 0o750, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"history database {path}: {e.strerror or e}") from None
+
+    def connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            if self.readonly:
+                if not os.path.exists(self.path):
+                    raise StoreError(f"history database {self.path}: no such file")
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.busy_timeout,
+                                       check_same_thread=False)
+            else:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)  # 0640: addresses inside
+                os.close(fd)
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False)
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                self.create(conn)
+                conn.commit()
+        except (sqlite3.Error, OSError) as e:
+            if conn is not None:
+                conn.close()
+            raise StoreError(f"history database {self.path}: {getattr(e, 'strerror', None) or e}") from None
+        self._local.conn = conn
+        return conn
+
+    def release(self, conn: Any) -> None:
+        """Kept open for the thread that opened it."""
+
+    def forget(self) -> None:
+        """Close this thread's connection (after an error: the next use reopens)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    close = forget
+    reset = forget
+
+    def size(self, conn: Any) -> int:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def compact(self, conn: Any) -> None:
+        conn.execute("PRAGMA incremental_vacuum")
+        conn.commit()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _data(r: EventRow) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(r.data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def open_store(database: str, node: str = "", readonly: bool = False) -> Store:
+    """
+    The store C{database} names: C{postgresql://...} (or C{postgres://})
+    is PostgreSQL, anything else a SQLite file path.
+
+    @raise StoreError: PostgreSQL without psycopg installed.
+    """
+    if database.startswith(("postgresql://", "postgres://")):
+        from mailhub.history.postgres import PostgresStore
+
+        return PostgresStore(database, node)
+    return SQLiteStore(database, node, readonly=readonly)
+
+
+def rows_of(events: Iterable[dict[str, Any]]) -> list[EventRow]:
+    """The rows of the mail events among C{events}."""
+    from mailhub.history.rows import event_row
+
+    out = []
+    for e in events:
+        r = event_row(e)
+        if r is not None:
+            out.append(r)
+    return out
