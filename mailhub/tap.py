@@ -471,7 +471,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             fail(f"{source}: server.mail_log: cannot open {config.server.mail_log}: {e.strerror or e}")
         mail_log_service = MailLogService(mail_log_file)
         mail_log_service.setServiceParent(top)
-    history_store = None
+    history: tuple[Any, Any] | None = None
     if config.history.enabled:
         # every mail event into the history database (docs/history.rst)
         from mailhub.history.recorder import HistoryCollector, Recorder
@@ -487,6 +487,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         )
         recorder.setServiceParent(top)
         metrics.registry.register(HistoryCollector(recorder))
+        history = (history_store, recorder.flush)
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)
@@ -652,7 +653,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             admins=server_cfg.http_admins,
             max_recipients=server_cfg.max_recipients,
             event_log=event_log or None,
-            history=history_store,
+            history=history,
             clock=reactor,
             header_timeout=server_cfg.http_header_timeout,
             request_timeout=server_cfg.http_request_timeout,

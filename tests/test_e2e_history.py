@@ -155,8 +155,9 @@ def test_api_agrees_with_the_cli(daemon, admin, traffic):
     status, _, body = daemon.request("GET", f"/v1/messages/{ids[0]}", headers=admin)
     assert status == 200, body
     one = json.loads(body)
-    assert {"queue_id", "state", "sender", "arrival", "next_attempt", "attempts", "size", "recipients"} <= set(one)
-    assert one["state"] == "done" and one["status"] == "sent" and one["bounces"] == []
+    assert set(one) == {"queue_id", "state", "sender", "arrival", "next_attempt", "attempts", "size", "recipients",
+                        "bounces", "delay_notices"}
+    assert one["state"] == "done" and one["bounces"] == [] and one["sender"] == "sender@client.test"
     assert one["recipients"][0]["address"] == f"alice@{DOMAIN}" and one["recipients"][0]["state"] == "delivered"
     assert one["recipients"][0]["last_status"] == "2.0.0"
 

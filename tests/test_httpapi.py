@@ -447,7 +447,7 @@ def test_flush_with_the_real_scheduler_reports_held(tmp_path):
 def test_405_and_404(env):
     r = env.request("DELETE", "/v1/queue", token=env.root)
     assert r.status == 405 and r.headers["allow"] == "GET" and r.json()["code"] == 405
-    assert env.request("GET", "/v1/messages", token=env.alice).headers["allow"] == "POST"
+    assert env.request("PUT", "/v1/messages", token=env.alice).headers["allow"] == "GET, POST"
     assert env.request("GET", "/nope").json() == {"error": "no such resource", "code": 404}
 
 

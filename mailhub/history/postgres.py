@@ -48,6 +48,9 @@ class PostgresStore(Store):
     placeholder = "%s"
     float_type = "DOUBLE PRECISION"
     id_type = "BIGSERIAL PRIMARY KEY"
+    #: the live size comes from statistics updated after the transaction:
+    #: one round per pruning, the next pruning sees the result
+    size_rounds = 1
 
     def __init__(self, conninfo: str, node: str = "", max_size: int = 4, timeout: float = 10.0) -> None:
         super().__init__(node)

@@ -131,6 +131,9 @@ class Store:
     placeholder = "?"
     float_type = "REAL"
     id_type = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    #: rounds of deleting the oldest share while over the size cap (pages
+    #: are not freed in proportion to the rows deleted)
+    size_rounds = 8
 
     def __init__(self, node: str = "") -> None:
         self.node = node[:255]
@@ -310,19 +313,24 @@ class Store:
             if retention > 0:
                 deleted += self._delete_before(conn, now - retention)
                 conn.commit()
-            if max_size > 0:
-                size = self.size(conn)
-                if size > max_size:
-                    total = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-                    share = min(1.0, (size - max_size) / size + 0.05)
-                    offset = int(total * share)
-                    row = conn.execute(
-                        self.sql("SELECT time FROM events ORDER BY time LIMIT 1 OFFSET ?"), (max(0, offset - 1),)
-                    ).fetchone()
-                    if row is not None:
-                        deleted += self._delete_before(conn, row[0] + 1e-6)
-                        conn.commit()
             self.compact(conn)
+            for _ in range(self.size_rounds if max_size > 0 else 0):
+                size = self.size(conn)
+                if size <= max_size:
+                    break
+                total = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                if not total:
+                    break
+                share = min(1.0, (size - max_size) / size + 0.05)
+                row = conn.execute(
+                    self.sql("SELECT time FROM events ORDER BY time LIMIT 1 OFFSET ?"),
+                    (max(0, int(total * share) - 1),),
+                ).fetchone()
+                if row is None:
+                    break
+                deleted += self._delete_before(conn, row[0] + 1e-6)
+                conn.commit()
+                self.compact(conn)
             return deleted
         finally:
             self.release(conn)

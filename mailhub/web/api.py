@@ -262,7 +262,8 @@ class ApiResource(resource.Resource):
             domains); C{None} queues recipients as given.
         @param admins: users allowed to list the whole queue and flush it.
         @param event_log: the JSON event log, to answer for messages that left the queue.
-        @param history: the history store (L{mailhub.history.store.Store}):
+        @param history: the history store (L{mailhub.history.store.Store}),
+            or (store, the recorder's C{flush}):
             C{GET /v1/messages}, C{/v1/stats}, messages that left the queue,
             the status page's history (L{mailhub.web.history}).
         """
@@ -275,7 +276,10 @@ class ApiResource(resource.Resource):
                 status_page = StatusPage(metrics, hostname)
         from mailhub.web.history import HistoryRoutes
 
-        self.history = HistoryRoutes(history, self._run_query, self._is_admin) if history is not None else None
+        self.history = None
+        if history is not None:
+            store, flush = history if isinstance(history, tuple) else (history, None)
+            self.history = HistoryRoutes(store, self._run_query, self._is_admin, flush)
         if status_page is not None and self.history is not None:
             status_page.history = self.history
         self.spool = spool

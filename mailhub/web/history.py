@@ -33,6 +33,11 @@ from mailhub.web.statuspage import svg_bar_chart
 
 __all__ = ["HistoryRoutes", "render_history"]
 
+#: the fields of C{GET /v1/messages/ID}, the same for a queued message (web.api)
+MESSAGE_FIELDS = ("queue_id", "state", "sender", "arrival", "next_attempt", "attempts", "size", "recipients")
+RECIPIENT_FIELDS = (
+    "address", "original", "state", "attempts", "last_code", "last_status", "last_text", "last_attempt", "remote_mta",
+)
 #: seconds between reloads of the status page per range
 REFRESH = {"hour": 30, "day": 60, "week": 300}
 _UNITS = {"minute": "min", "hour": "h", "day": "d"}
@@ -52,12 +57,19 @@ class HistoryRoutes:
     @param store: L{mailhub.history.store.Store}.
     @param run: C{run(f, *args) -> Deferred} for blocking queries.
     @param is_admin: whether an API user sees everything.
+    @param flush: the recorder's C{flush} (written what waits), called
+        before a message that left the queue is looked up: its last events
+        may still wait in memory for their batch.
     """
 
-    def __init__(self, store: Any, run: Callable[..., defer.Deferred[Any]], is_admin: Callable[[str], bool]) -> None:
+    def __init__(
+        self, store: Any, run: Callable[..., defer.Deferred[Any]], is_admin: Callable[[str], bool],
+        flush: Callable[[], defer.Deferred[Any]] | None = None,
+    ) -> None:
         self.store = store
         self.run = run
         self.is_admin = is_admin
+        self.flush = flush
 
     def _filters(self, params: dict[str, list[str]], user: str | None, now: float) -> Filters:
         try:
@@ -102,12 +114,16 @@ class HistoryRoutes:
             data, events = found
             if data is None or not (self.is_admin(user) or str(data.get("user", "")).lower() == user.lower()):
                 raise HttpError(404, "no such message")
+            # exactly the fields of a queued message (web.api), nothing more
+            out = {k: data[k] for k in MESSAGE_FIELDS}
+            out["recipients"] = [{k: r[k] for k in RECIPIENT_FIELDS} for r in data["recipients"]]
             notices = [e for e in events if e["event"] == "bounce" and e["fields"].get("dsn_id")]
-            data["bounces"] = [e["fields"]["dsn_id"] for e in notices if "delay" not in str(e["fields"].get("kind"))]
-            data["delay_notices"] = [e["fields"]["dsn_id"] for e in notices if "delay" in str(e["fields"].get("kind"))]
-            return (200, data)
+            out["bounces"] = [e["fields"]["dsn_id"] for e in notices if "delay" not in str(e["fields"].get("kind"))]
+            out["delay_notices"] = [e["fields"]["dsn_id"] for e in notices if "delay" in str(e["fields"].get("kind"))]
+            return (200, out)
 
-        return self.run(lookup).addCallback(answer)
+        d: defer.Deferred[Any] = self.flush() if self.flush is not None else defer.succeed(None)
+        return d.addCallback(lambda _: self.run(lookup)).addCallback(answer)
 
     def get_stats(self, params: dict[str, list[str]], user: str, now: float) -> defer.Deferred[Any]:
         if not self.is_admin(user):
