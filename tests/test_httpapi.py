@@ -167,7 +167,8 @@ def conforms(value, schema: dict, doc: dict) -> bool:
             return False
     if "oneOf" in schema and sum(conforms(value, s, doc) for s in schema["oneOf"]) != 1:
         return False
-    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None)}
+    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None),
+             "boolean": bool}
     if "type" in schema:
         wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(isinstance(value, types[t]) and not (t != "boolean" and isinstance(value, bool)) for t in wanted):
