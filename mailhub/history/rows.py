@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["EventRow", "event_row", "rejection_id", "KINDS", "MESSAGE_STATUSES", "recipient_domain", "MAX_TEXT", "MAX_ADDRESS"]
@@ -50,8 +50,9 @@ _COLUMNS = {
 
 
 def _cut(value: Any, limit: int) -> str:
-    text = "" if value is None else str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if value.__class__ is not str:
+        value = "" if value is None else str(value)
+    return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
 def recipient_domain(address: str) -> str:
@@ -91,6 +92,8 @@ class EventRow:
     data: str
     #: the recipients an C{accepted} event names (its C{rcpts} field)
     recipients: tuple[str, ...] = ()
+    #: the fields in C{data}, parsed (not compared: C{data} says the same)
+    fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _reason(event: dict[str, Any]) -> str:
@@ -133,13 +136,16 @@ def event_row(event: dict[str, Any]) -> EventRow | None:
     reason = _reason(event) if kind in ("reject", "auth_failed") else ""
     detail = _cut(event.get("text", ""), MAX_TEXT)
     line = _cut(event.get("log_mail_text") or event.get("log_format") or "", MAX_TEXT)
-    rest = {
-        str(k): _plain(v) for k, v in event.items()
-        if k not in _COLUMNS and not str(k).startswith("log_")
-    }
-    data = json.dumps(rest, ensure_ascii=False, sort_keys=True, default=str)
+    # the writer thread does this for every event: plain values pass as they are
+    rest = {k: v for k, v in event.items() if k not in _COLUMNS and k[:4] != "log_"}
+    try:
+        data = json.dumps(rest, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):  # keys that are not strings, circular values
+        rest = {str(k): _plain(v) for k, v in rest.items()}
+        data = json.dumps(rest, ensure_ascii=False, default=str)
     if len(data) > MAX_DATA:
-        data = json.dumps({"truncated": True})
+        rest = {"truncated": True}
+        data = json.dumps(rest)
     rcpts_raw = event.get("rcpts")
     recipients: tuple[str, ...] = ()
     if isinstance(rcpts_raw, (list, tuple)):
@@ -147,7 +153,7 @@ def event_row(event: dict[str, Any]) -> EventRow | None:
     return EventRow(
         time=t, kind=kind, queue_id=qid, client=client, sender=sender, recipient=recipient,
         domain=recipient_domain(recipient), status=status, code=code, enhanced=enhanced, reason=reason,
-        detail=detail, line=line, data=data, recipients=recipients,
+        detail=detail, line=line, data=data, recipients=recipients, fields=rest,
     )
 
 
