@@ -474,20 +474,16 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     history: tuple[Any, Any] | None = None
     if config.history.enabled:
         # every mail event into the history database (docs/history.rst)
-        from mailhub.history.recorder import HistoryCollector, Recorder
-        from mailhub.history.store import StoreError, open_store
+        from mailhub.history.recorder import HistoryCollector, recorder_for
+        from mailhub.history.store import StoreError
 
         try:
-            history_store = open_store(config.history.database, node=config.server.hostname)
+            recorder = recorder_for(config.history, config.server.hostname, reactor, mail_publisher)
         except StoreError as e:
             fail(f"{source}: history.database: {e}")
-        recorder = Recorder(
-            history_store, reactor, mail_publisher, interval=config.history.interval,
-            retention=config.history.retention, max_size=config.history.max_size,
-        )
         recorder.setServiceParent(top)
         metrics.registry.register(HistoryCollector(recorder))
-        history = (history_store, recorder.flush)
+        history = (recorder.store, recorder.flush)
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)

@@ -41,7 +41,7 @@ from zope.interface import implementer
 from mailhub.history.rows import event_row
 from mailhub.history.store import Store
 
-__all__ = ["Recorder", "HistoryCollector"]
+__all__ = ["Recorder", "HistoryCollector", "recorder_for"]
 
 log = Logger()
 
@@ -300,3 +300,23 @@ class HistoryCollector:
     def describe(self) -> list[Any]:
         return []
 
+
+
+def recorder_for(history: Any, node: str, reactor: Any, publisher: LogPublisher | None = None) -> Recorder:
+    """
+    The recorder a process runs for configuration section C{history}
+    (L{mailhub.config.HistoryConfig}) on C{publisher} (default: the mail
+    events' publisher, L{mailhub.maillog.mail_publisher}).  The daemon's
+    main process calls it in tap.py; an acceptor worker process calls it
+    the same way to record the events its own sessions emit.
+
+    @raise mailhub.history.store.StoreError: PostgreSQL without psycopg.
+    """
+    from mailhub.history.store import open_store
+    from mailhub.maillog import mail_publisher
+
+    store = open_store(history.database, node=node)
+    return Recorder(
+        store, reactor, publisher if publisher is not None else mail_publisher, interval=history.interval,
+        retention=history.retention, max_size=history.max_size,
+    )
