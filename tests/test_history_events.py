@@ -8,7 +8,7 @@ never the user name), an accepted message names its recipients
 from __future__ import annotations
 
 from smtpharness import FOREIGN, Harness, send_message
-from tlsauthharness import TLSAuthHarness, USER, b64
+from tlsauthharness import USER, TLSAuthHarness, b64
 
 from mailhub.history.rows import event_row
 from mailhub.maillog import mail_publisher

@@ -87,33 +87,35 @@ def schema(float_type: str, id_type: str) -> list[str]:
     ]
 
 
+#: (the statement before its VALUES rows, columns per row, what follows the rows)
 _INSERT_EVENT = (
     "INSERT INTO events (time, kind, queue_id, client, sender, recipient, domain, status, code, enhanced,"
-    " reason, detail, line, data, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " reason, detail, line, data, node) VALUES", 15, "",
 )
 _NEW_MESSAGE = (
     "INSERT INTO messages (queue_id, time, updated, sender, client, username, proto, size, nrcpt, status,"
-    " reason, detail, bounce_of, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (queue_id) DO NOTHING"
+    " reason, detail, bounce_of, node) VALUES", 14, " ON CONFLICT (queue_id) DO NOTHING",
 )
 _ACCEPTED = (
     "INSERT INTO messages (queue_id, time, updated, sender, client, username, proto, size, nrcpt, status, node)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+    " VALUES", 11,
     " ON CONFLICT (queue_id) DO UPDATE SET time = excluded.time, sender = excluded.sender,"
     " client = excluded.client, username = excluded.username, proto = excluded.proto, size = excluded.size,"
-    " nrcpt = excluded.nrcpt, node = excluded.node"
+    " nrcpt = excluded.nrcpt, node = excluded.node",
 )
 _QUEUED_RECIPIENT = (
-    "INSERT INTO recipients (queue_id, address, domain, status, time, original) VALUES (?, ?, ?, 'queued', ?, ?)"
-    " ON CONFLICT (queue_id, address) DO NOTHING"
+    "INSERT INTO recipients (queue_id, address, domain, status, time, original) VALUES", 6,
+    " ON CONFLICT (queue_id, address) DO NOTHING",
 )
 _RECIPIENT = (
     "INSERT INTO recipients (queue_id, address, domain, status, time, code, enhanced, relay, attempts, detail,"
-    " original) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " original) VALUES", 11,
     " ON CONFLICT (queue_id, address) DO UPDATE SET status = excluded.status, time = excluded.time,"
     " code = excluded.code, enhanced = excluded.enhanced, relay = excluded.relay, attempts = excluded.attempts,"
-    " detail = excluded.detail, original = excluded.original"
+    " detail = excluded.detail, original = excluded.original",
 )
+#: rows in one statement (SQLite allows 32766 parameters, PostgreSQL 65535)
+_CHUNK = 500
 
 
 def _int(value: Any) -> int | None:
@@ -199,115 +201,142 @@ class Store:
         finally:
             self.release(conn)
 
+    def _many(self, conn: Any, statement: tuple[str, int, str], rows: Sequence[tuple[Any, ...]]) -> None:
+        """
+        C{rows} in as few statements as possible: each statement is one
+        step for the database, and each step lets go of the GIL (sqlite3,
+        psycopg) -- thousands of small statements a second make the
+        reactor thread wait for the GIL at every one of them.
+        """
+        head, width, tail = statement
+        one = "(" + ", ".join([self.placeholder] * width) + ")"
+        for start in range(0, len(rows), _CHUNK):
+            chunk = rows[start : start + _CHUNK]
+            params = [value for row in chunk for value in row]
+            conn.execute(f"{head} {', '.join([one] * len(chunk))}{tail}", params)
+
     def _write(self, conn: Any, rows: Sequence[EventRow]) -> None:
-        q = self.sql
         node = self.node
-        conn.executemany(q(_INSERT_EVENT), [
+        self._many(conn, _INSERT_EVENT, [
             (r.time, r.kind, r.queue_id, r.client, r.sender, r.recipient, r.domain, r.status, r.code,
              r.enhanced, r.reason, r.detail, r.line, r.data, node)
             for r in rows
         ])
+        # What the events change, gathered first (a later event about the
+        # same row wins), then written a statement per kind of change.
+        accepted: dict[str, tuple[Any, ...]] = {}
+        new: dict[str, tuple[Any, ...]] = {}  # messages known only from later events, DSNs, rejections
+        queued: dict[tuple[str, str], tuple[Any, ...]] = {}
+        outcomes: dict[tuple[str, str], tuple[Any, ...]] = {}
+        flags: list[tuple[str, str, float, str]] = []  # (hold | release | delete, queue id, time, why)
         touched: dict[str, float] = {}
-        known: set[str] = set()  # message rows known to exist
         for r in rows:
             kind, qid = r.kind, r.queue_id
             if kind == "reject":
                 rid = rejection_id(r.time)
-                conn.execute(q(_NEW_MESSAGE), (
-                    rid, r.time, r.time, r.sender, r.client, "", "", None, 1 if r.recipient else 0, "rejected",
-                    r.reason, r.detail, "", node,
-                ))
+                new[rid] = (rid, r.time, r.time, r.sender, r.client, "", "", None, 1 if r.recipient else 0, "rejected",
+                            r.reason, r.detail, "", node)
                 if r.recipient:
-                    conn.execute(q(_RECIPIENT), (
-                        rid, r.recipient, r.domain, "rejected", r.time, r.code, r.enhanced, "", 0, r.detail, r.recipient,
-                    ))
+                    outcomes[(rid, r.recipient)] = (rid, r.recipient, r.domain, "rejected", r.time, r.code, r.enhanced,
+                                                    "", 0, r.detail, r.recipient)
                 continue
             if qid is None:
                 continue
             data = r.fields
             if kind in ("accepted", "pickup"):
-                size = _int(data.get("size"))
-                conn.execute(q(_ACCEPTED), (
+                accepted[qid] = (
                     qid, r.time, r.time, r.sender, r.client, str(data.get("user") or "")[:255],
-                    str(data.get("proto") or ("pickup" if kind == "pickup" else ""))[:20], size,
-                    _int(data.get("nrcpt")), node,
-                ))
-                if r.recipients:
-                    conn.executemany(q(_QUEUED_RECIPIENT), [
-                        (qid, a, recipient_domain(a), r.time, a) for a in r.recipients
-                    ])
-                known.add(qid)
-                continue
-            if kind in ("delivery", "expired"):
-                if qid not in known:
-                    self._ensure(conn, qid, r.time)
-                    known.add(qid)
+                    str(data.get("proto") or ("pickup" if kind == "pickup" else ""))[:20], _int(data.get("size")),
+                    _int(data.get("nrcpt")), "queued", node,
+                )
+                for a in r.recipients:
+                    queued.setdefault((qid, a), (qid, a, recipient_domain(a), "queued", r.time, a))
+            elif kind in ("delivery", "expired"):
+                new.setdefault(qid, self._bare(qid, r.time))
                 status = r.status if r.status in ("sent", "deferred", "bounced") else "deferred"
-                conn.execute(q(_RECIPIENT), (
+                outcomes[(qid, r.recipient)] = (
                     qid, r.recipient, r.domain, status, r.time, r.code, r.enhanced,
                     str(data.get("relay") or "")[:255], _int(data.get("attempts")) or 0, r.detail,
                     str(data.get("orig_to") or r.recipient)[:320],
-                ))
+                )
                 touched[qid] = r.time
             elif kind == "bounce":
                 dsn = str(data.get("dsn_id") or "")[:64]
                 if dsn:
-                    conn.execute(q(_NEW_MESSAGE), (
-                        dsn, r.time, r.time, "", "", "", "dsn", None, None, "queued", "", "", qid, node,
-                    ))
-            elif kind in ("hold", "release"):
-                self._ensure(conn, qid, r.time)
-                conn.execute(q("UPDATE messages SET held = ?, updated = ? WHERE queue_id = ?"),
-                             (1 if kind == "hold" else 0, r.time, qid))
-                touched[qid] = r.time
-            elif kind == "removed":
-                self._ensure(conn, qid, r.time)
-                if data.get("why"):
-                    conn.execute(q(
-                        "UPDATE messages SET status = 'deleted', held = 0, updated = ?, finished = ?,"
-                        " detail = ? WHERE queue_id = ?"), (r.time, r.time, str(data["why"])[:200], qid))
+                    new.setdefault(dsn, (dsn, r.time, r.time, "", "", "", "dsn", None, None, "queued", "", "", qid, node))
+            elif kind in ("hold", "release", "removed"):
+                new.setdefault(qid, self._bare(qid, r.time))
+                if kind != "removed":
+                    flags.append((kind, qid, r.time, ""))
+                    touched[qid] = r.time
+                elif data.get("why"):
+                    flags.append(("delete", qid, r.time, str(data["why"])[:200]))
                     touched.pop(qid, None)
                 else:
                     touched[qid] = r.time
-        for qid, when in touched.items():
-            self._settle(conn, qid, when)
-
-    def _ensure(self, conn: Any, qid: str, t: float) -> None:
-        """A message row for C{qid} (a message known only from later events: recovered, or a DSN)."""
-        conn.execute(self.sql(_NEW_MESSAGE), (qid, t, t, None, "", "", "", None, None, "queued", "", "", "", self.node))
-
-    def _settle(self, conn: Any, qid: str, when: float) -> None:
-        """The message's state from its recipients' (and hold): one query and one update."""
+        self._many(conn, _ACCEPTED, list(accepted.values()))
+        self._many(conn, _NEW_MESSAGE, list(new.values()))
+        self._many(conn, _QUEUED_RECIPIENT, list(queued.values()))
+        self._many(conn, _RECIPIENT, list(outcomes.values()))
         q = self.sql
-        row = conn.execute(q(
-            "SELECT m.status, m.held, m.time, COUNT(r.address),"
-            " SUM(CASE WHEN r.status = 'deferred' THEN 1 ELSE 0 END),"
-            " SUM(CASE WHEN r.status = 'queued' THEN 1 ELSE 0 END),"
-            " SUM(CASE WHEN r.status = 'bounced' THEN 1 ELSE 0 END), MAX(r.time)"
-            " FROM messages m LEFT JOIN recipients r ON r.queue_id = m.queue_id WHERE m.queue_id = ?"
-            " GROUP BY m.queue_id, m.status, m.held, m.time"
-        ), (qid,)).fetchone()
-        if row is None or row[0] in ("deleted", "rejected"):
-            return
-        _, held, arrival, total, deferred, queued, bounced, last = row
-        finished = None
-        if deferred:
-            status = "deferred"
-        elif queued or not total:
-            status = "queued"
-        elif bounced:
-            status = "bounced"
-        else:
-            status = "sent"
-        if status in ("sent", "bounced"):
-            finished = last
-        elif held:
-            status = "held"
-        latency = max(0.0, finished - arrival) if finished is not None and status == "sent" else None
-        conn.execute(
-            q("UPDATE messages SET status = ?, updated = ?, finished = ?, latency = ? WHERE queue_id = ?"),
-            (status, when, finished, latency, qid),
-        )
+        for what, qid, t, why in flags:  # operators' actions: few
+            if what == "delete":
+                conn.execute(q(
+                    "UPDATE messages SET status = 'deleted', held = 0, updated = ?, finished = ?, detail = ?"
+                    " WHERE queue_id = ?"), (t, t, why, qid))
+            else:
+                conn.execute(q("UPDATE messages SET held = ?, updated = ? WHERE queue_id = ?"),
+                             (1 if what == "hold" else 0, t, qid))
+        self._settle(conn, touched)
+
+    def _bare(self, qid: str, t: float) -> tuple[Any, ...]:
+        """A message row for C{qid} known only from later events (recovered from the spool, or a DSN)."""
+        return (qid, t, t, None, "", "", "", None, None, "queued", "", "", "", self.node)
+
+    def _settle(self, conn: Any, touched: dict[str, float]) -> None:
+        """The states of the C{touched} messages from their recipients' (and hold): one query, one update."""
+        ids = list(touched)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ", ".join([self.placeholder] * len(chunk))
+            found = conn.execute(
+                "SELECT m.queue_id, m.status, m.held, m.time, COUNT(r.address),"
+                " SUM(CASE WHEN r.status = 'deferred' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN r.status = 'queued' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN r.status = 'bounced' THEN 1 ELSE 0 END), MAX(r.time)"
+                f" FROM messages m LEFT JOIN recipients r ON r.queue_id = m.queue_id WHERE m.queue_id IN ({marks})"
+                " GROUP BY m.queue_id, m.status, m.held, m.time",
+                chunk,
+            ).fetchall()
+            updates = []
+            for qid, old, held, arrival, total, deferred, queued, bounced, last in found:
+                if old in ("deleted", "rejected"):
+                    continue
+                finished = None
+                if deferred:
+                    status = "deferred"
+                elif queued or not total:
+                    status = "queued"
+                elif bounced:
+                    status = "bounced"
+                else:
+                    status = "sent"
+                if status in ("sent", "bounced"):
+                    finished = last
+                elif held:
+                    status = "held"
+                latency = max(0.0, finished - arrival) if finished is not None and status == "sent" else None
+                updates.append((qid, status, touched[qid], finished, latency))
+            if not updates:
+                continue
+            one = "(" + ", ".join([self.placeholder] * 5) + ")"
+            f = self.float_type
+            conn.execute(
+                f"UPDATE messages SET status = v.column2, updated = CAST(v.column3 AS {f}),"
+                f" finished = CAST(v.column4 AS {f}), latency = CAST(v.column5 AS {f})"
+                f" FROM (VALUES {', '.join([one] * len(updates))}) AS v WHERE messages.queue_id = v.column1",
+                [value for row in updates for value in row],
+            )
 
     # -- pruning ---------------------------------------------------------------------------
 
