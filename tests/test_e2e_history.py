@@ -19,65 +19,7 @@ import subprocess
 import pytest
 from conftest import require_tool
 from daemon import CLEAN_EXIT, DOMAIN, Daemon, message, send, wait_for
-from test_e2e_daemon_http import HttpDaemon, mailhub
-from test_e2e_statuspage import chromium_args
-
-CONFIG = f"""
-[server]
-hostname = "mx.{DOMAIN}"
-smtp = ["tcp:0:interface=127.0.0.1"]
-trusted_networks = []
-http = ["tcp:0:interface=127.0.0.1"]
-http_admins = ["admin@{DOMAIN}"]
-
-[spool]
-path = "spool"
-
-[local]
-domains = ["{DOMAIN}"]
-mailboxes = "mailboxes"
-users = ["alice", "bob"]
-
-[auth]
-users = "users"
-
-[relay]
-min_backoff = 1
-max_backoff = 2
-
-[history]
-database = "history.sqlite"
-interval = 0.2
-"""
-
-
-def make_token(d: HttpDaemon, user: str) -> str:
-    r = mailhub(d, "user", "add", user, "--password-stdin", stdin="correct horse\n")
-    assert r.returncode == 0, r.stderr
-    r = mailhub(d, "user", "token", user)
-    assert r.returncode == 0, r.stderr
-    token = r.stdout.strip()
-    wait_for(lambda: d.request("GET", "/v1/queue", headers={"Authorization": f"Bearer {token}"})[0] != 401,
-             10, "the daemon to see the new token")
-    return token
-
-
-def refused(d: Daemon, rcpt: str) -> int:
-    """One transaction whose only recipient is refused; the RCPT reply code."""
-    with d.smtp() as s:
-        s.ehlo()
-        s.mail("sender@client.test")
-        code, _ = s.rcpt(rcpt)
-        s.rset()
-    return code
-
-
-def history_json(d: Daemon, *args: str) -> list[dict]:
-    r = mailhub(d, "history", "--json", *args)
-    if r.returncode == 1:
-        return []
-    assert r.returncode == 0, r.stderr
-    return [json.loads(line) for line in r.stdout.splitlines()]
+from historyharness import CONFIG, HttpDaemon, chromium_args, history_json, mailhub, make_token, refused
 
 
 @pytest.fixture(scope="module")

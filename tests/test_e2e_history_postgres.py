@@ -15,10 +15,8 @@ import subprocess
 import pytest
 from conftest import require_tool
 from daemon import CLEAN_EXIT, DOMAIN, message, send, wait_for
+from historyharness import CONFIG, HttpDaemon, chromium_args, history_json, mailhub, make_token, refused
 from pgcluster import PostgresCluster
-from test_e2e_daemon_http import HttpDaemon, mailhub
-from test_e2e_history import CONFIG, history_json, make_token, refused
-from test_e2e_statuspage import chromium_args
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from historyharness import conforms, openapi
 from httpharness import Env
-from test_httpapi import _openapi, conforms
 
 from mailhub.history.store import SQLiteStore, rows_of
 from mailhub.web.api import make_http_site
@@ -68,7 +68,7 @@ def env(tmp_path):
 
 def schema(name):
     """A reference to schema C{name} of docs/openapi.json, and the document."""
-    doc = _openapi()
+    doc = openapi()
     return {"$ref": f"#/components/schemas/{name}"}, doc
 
 
