@@ -237,11 +237,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # configuration files
 
 
-def mailhub_config(port: int, fsync: bool = True) -> str:
+def mailhub_config(port: int, fsync: bool = True, history: bool = True) -> str:
     """
     mailhub's throwaway configuration (paths relative to the file).  Default
     durability; only the limits that the scenarios would otherwise hit are
     raised: message size (100 MB message) and connections (1000 idle).
+    C{history}: the message history (on by default, as in mailhub;
+    C{--history off} measures its cost).
     """
     return f"""# written by bench/run.py
 [server]
@@ -260,6 +262,9 @@ fsync = {"true" if fsync else "false"}
 [local]
 domains = ["{DOMAIN}"]
 mailboxes = "mailboxes"
+
+[history]
+enabled = {"true" if history else "false"}
 """
 
 
@@ -689,6 +694,8 @@ class Mailhub(Server):
     """
 
     name = "mailhub"
+    #: the message history on or off (C{--history}), for every mailhub started
+    history = True
 
     def __init__(
         self, base: str, python: str = sys.executable, profile: str | None = None, backlog: int = 0, size: int = 4096
@@ -713,7 +720,7 @@ class Mailhub(Server):
         self.port = free_port()
         conf = os.path.join(self.base, "mailhub.toml")
         with open(conf, "w") as f:
-            f.write(mailhub_config(self.port))
+            f.write(mailhub_config(self.port, history=self.history))
         self.maildirs = make_maildirs(os.path.join(self.base, "mailboxes"), all_users())
         if self.backlog:
             t0 = time.monotonic()
@@ -1331,6 +1338,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR", help="run mailhub under cProfile; stats to DIR/SCENARIO-RUN.prof")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories (logs, queues, Maildirs)")
     p.add_argument("--workdir", default=None, help="where the temporary directories go (default: $TMPDIR)")
+    p.add_argument("--history", choices=("on", "off"), default="on",
+                   help="mailhub's message history (history.enabled; default on): compare both for its cost")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for t in args.targets:
@@ -1347,6 +1356,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    Mailhub.history = args.history == "on"
     if not os.path.exists(args.smtp_source):
         print(f"bench: {args.smtp_source} not found (Debian package postfix)", file=sys.stderr)
         return 2

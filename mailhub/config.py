@@ -53,6 +53,7 @@ from mailhub.configschema import (
     AuthConfig,
     Config,
     DKIMConfig,
+    HistoryConfig,
     LimitsConfig,
     LocalConfig,
     MailAuthConfig,
@@ -75,6 +76,7 @@ __all__ = [
     "AuthConfig",
     "SubmissionConfig",
     "LimitsConfig",
+    "HistoryConfig",
     "Config",
     "DEFAULT_ALIASES",
     "DEFAULT_CONFIG_FILE",
@@ -156,7 +158,7 @@ def _check_value(source: str, base: str, key: str, checker: Checker, is_path: bo
         value = checker(raw)
     except BadValue as e:
         raise ConfigError(f"{source}: {key}: {e}")
-    if is_path and value is not None:
+    if is_path and value is not None and "://" not in value:  # a URL (history.database) is no path
         value = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
     return value
 
@@ -301,6 +303,7 @@ def load_config(
         limits=LimitsConfig(**values["limits"]),
         dkim=DKIMConfig(**values["dkim"]),
         mailauth=MailAuthConfig(**values["mailauth"]),
+        history=HistoryConfig(**values["history"]),
     )
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "LimitsConfig",
     "DKIMConfig",
     "MailAuthConfig",
+    "HistoryConfig",
     "TopLevel",
     "Config",
     "SECTIONS",
@@ -268,6 +269,16 @@ class MailAuthConfig:  # SPF/DKIM/DMARC checks of inbound mail (docs/authenticat
 
 
 @dataclass(frozen=True)
+class HistoryConfig:  # docs/history.rst
+    # a SQLite file, or postgresql://user@host:port/db shared by several nodes
+    database: str = key(checker=check.string, path=True, data_dir="history.sqlite")
+    enabled: bool = key(True, check.boolean)
+    retention: float = key(2592000.0, check.duration)  # "30d"; 0 = kept for ever
+    max_size: int = key(1073741824, check.non_negative_int)  # bytes; 0 = no cap
+    interval: float = key(1.0, check.positive_duration)  # seconds between batches written
+
+
+@dataclass(frozen=True)
 class TopLevel:
     """The keys outside any section.  Not part of L{Config}: the loader uses them."""
 
@@ -287,6 +298,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     dkim: DKIMConfig = DKIMConfig()
     mailauth: MailAuthConfig = MailAuthConfig()
+    history: HistoryConfig = HistoryConfig(database="history.sqlite")
 
 
 def _sections() -> dict[str, type]:

@@ -480,6 +480,19 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             fail(f"{source}: server.mail_log: cannot open {config.server.mail_log}: {e.strerror or e}")
         mail_log_service = MailLogService(mail_log_file)
         mail_log_service.setServiceParent(top)
+    history: tuple[Any, Any] | None = None
+    if config.history.enabled:
+        # every mail event into the history database (docs/history.rst)
+        from mailhub.history.recorder import HistoryCollector, recorder_for
+        from mailhub.history.store import StoreError
+
+        try:
+            recorder = recorder_for(config.history, config.server.hostname, reactor, mail_publisher)
+        except StoreError as e:
+            fail(f"{source}: history.database: {e}")
+        recorder.setServiceParent(top)
+        metrics.registry.register(HistoryCollector(recorder))
+        history = (recorder.store, recorder.flush)
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)
@@ -681,6 +694,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             admins=server_cfg.http_admins,
             max_recipients=server_cfg.max_recipients,
             event_log=event_log or None,
+            history=history,
             clock=reactor,
             header_timeout=server_cfg.http_header_timeout,
             request_timeout=server_cfg.http_request_timeout,

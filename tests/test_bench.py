@@ -370,3 +370,15 @@ def test_tree_cpu_counts_this_process_and_grows():
         pass
     after = bench.tree_cpu_s([os.getpid(), 999999999])  # a pid that does not exist counts nothing
     assert after - before >= 0.03
+
+
+def test_history_switch(tmp_path):
+    from mailhub.config import load_config
+
+    assert bench.parse_args([]).history == "on" and bench.parse_args(["--history", "off"]).history == "off"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--history", "maybe"])
+    for on in (True, False):
+        conf = tmp_path / f"{on}.toml"
+        conf.write_text(bench.mailhub_config(2526, history=on))
+        assert load_config(str(conf), {}).history.enabled is on

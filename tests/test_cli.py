@@ -281,8 +281,12 @@ def test_make_service_order(tmp_path, monkeypatch):
 
     assert isinstance(children[2], tap._Observer) and isinstance(children[2].observer, EventLogObserver)
     assert children[2].observer.path == str(tmp_path / "mailhub-data" / "events.jsonl")
-    assert isinstance(children[3], TimerService) and children[3].step == 60
-    children = [children[0], *children[4:]]
+    # the history (on by default, under the data directory)
+    from mailhub.history.recorder import Recorder
+
+    assert isinstance(children[3], Recorder) and children[3].store.path == str(tmp_path / "mailhub-data" / "history.sqlite")
+    assert isinstance(children[4], TimerService) and children[4].step == 60
+    children = [children[0], *children[5:]]
     # local delivery processes (started before the scheduler, stopped after it)
     from mailhub.delivery.localproc import LocalDeliveryProcesses
 

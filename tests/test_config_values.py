@@ -69,7 +69,8 @@ ERRORS = [
      "http_max_connections_per_ip, event_log, event_log_max_size, event_log_keep, mail_log, log_level, user, "
      "proxy_from, proxy_timeout)"),
     ("[srever]\nsmtp = []\n",
-     "srever: unknown section or key (known: auth, data_dir, dkim, limits, local, mailauth, relay, server, spool, submission)"),
+     "srever: unknown section or key (known: auth, data_dir, dkim, history, limits, local, mailauth, relay, server, spool, "
+     "submission)"),
     ("server = 1\n", "server: must be a table ([server]), got 1"),
     ("[server]\nmax_hops = -1\n", "server.max_hops: must be a non-negative integer (0 disables), got -1"),
     ('[server]\nmin_data_rate = "fast"\n',

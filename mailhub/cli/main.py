@@ -3,9 +3,9 @@ The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 
 Owns: the command-line front end for administration.  Each command is a
 L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
-C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}) and
-C{log} (L{mailhub.cli.log}), C{reload} (asks the daemon, L{mailhub.daemon.reload})
-and C{tls} (L{mailhub.cli.tls});
+C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}),
+C{log} (L{mailhub.cli.log}), C{history} (L{mailhub.cli.history}), C{reload} (asks the daemon,
+L{mailhub.daemon.reload}), C{tls} (L{mailhub.cli.tls}) and C{dkim} (L{mailhub.cli.dkim});
 this module finds and loads the configuration and hands each command what it needs.  A command's module is imported only
 when that command runs (L{_lazy}): C{user} brings bcrypt, C{make-cert}
 OpenSSL, and C{mailhub queue} should not pay for them.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
@@ -90,6 +90,7 @@ class Options(usage.Options):
         ["make-cert", None, _lazy(".certs", "MakeCertOptions"), "Write a self-signed TLS certificate and key."],
         ["log", None, _lazy(".log", "LogOptions"), "Print the story of one message from the event log."],
         ["dkim", None, _lazy(".dkim", "DKIMOptions"), "Make DKIM keys, print and check their DNS records."],
+        ["history", None, _lazy(".history", "HistoryOptions"), "Search the message history, or tell one message's story."],
         ["reload", None, ReloadOptions, "Make the running daemon re-read its configuration file."],
         ["tls", None, _lazy(".tls", "TLSOptions"), "Show the outbound TLS policy of a domain, or its TLS report."],
     ]
@@ -178,6 +179,17 @@ def make_cert(options: Options, out: TextIO, err: TextIO) -> int:
 log = _file_or_config(".log", "run_log", lambda config: config.server.event_log)
 
 
+def history(options: Options, out: TextIO, err: TextIO) -> int:
+    sub = options.subOptions
+    database = None
+    if not sub["database"]:  # --database needs no configuration
+        config = _config(options, err)
+        if config is None:
+            return EX_CONFIG
+        database = config.history.database if config.history.enabled else None
+    return _run(".history", "run_history")(sub, database, stdout=out, stderr=err)
+
+
 def reload(options: Options, out: TextIO, err: TextIO) -> int:
     from mailhub.queue.control import ControlClient, socket_path
 
@@ -221,7 +233,7 @@ def dkim(options: Options, out: TextIO, err: TextIO) -> int:
 
 COMMANDS = {
     "check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload,
-    "tls": tls, "dkim": dkim,
+    "history": history, "tls": tls, "dkim": dkim,
 }
 
 

@@ -55,6 +55,7 @@ def log_accepted(envelope: Envelope, log_fields: dict[str, str]) -> None:
         queue_id=envelope.queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
         size=envelope.esmtp["size"], client=envelope.client["addr"], proto=envelope.client["protocol"],
         listener=envelope.client["listener"], user=envelope.client["user"],
+        rcpts=[r.address for r in envelope.recipients],  # the message history's recipients
         **log_fields, **{"from": envelope.sender},
     )
 

@@ -771,4 +771,5 @@ def log_delivery(env: Envelope, r: Recipient, now: float, relay: str, expired: b
         text=text,
         # for GET /v1/messages/ID after it left the queue
         code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+        expired=expired,
     )
