@@ -443,3 +443,20 @@ def test_sampler_counts_cpu_by_kind_from_the_mark():
     assert sampler.max_growth_kb()[0] in (0, os.getpid())
     assert bench.mailhub_kind(os.getpid(), os.getpid()) == "main"
     assert bench.mailhub_kind(os.getpid(), -1) == "acceptor"  # pytest's cmdline names no delivery process
+
+
+def test_instruction_counts_add_up_part_one_dumps_by_process_kind(tmp_path):
+    spec = importlib.util.spec_from_file_location("mailhub_bench_instructions", os.path.join(ROOT, "bench", "instructions.py"))
+    instructions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(instructions)
+    files = {
+        "callgrind.10.1": ("python -m twisted --log-file=x mailhub --config /t/mailhub.toml", 4_000_000),
+        "callgrind.10": ("python -m twisted --log-file=x mailhub --config /t/mailhub.toml", 0),
+        "callgrind.10.2": ("python -m twisted --log-file=x mailhub --config /t/mailhub.toml", 9_000_000),  # shutdown
+        "callgrind.11.1": ("python -c from mailhub.delivery.localchild import main", 1_000_000),
+        "callgrind.12.1": ("python -c from mailhub.delivery.localchild import main", 500_000),
+    }
+    for name, (cmd, ir) in files.items():
+        (tmp_path / name).write_text(f"# callgrind format\ncmd:  {cmd}\nevents: Ir\nsummary: 0\n\n\ntotals: {ir}\n")
+    assert instructions.count(str(tmp_path)) == {"main": 4_000_000, "delivery": 1_500_000}
+    assert instructions.kind_of("/sbin/ldconfig -p") == "other"
