@@ -41,8 +41,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (bench/ is not a package)
 
-#: scenario name -> (sessions, recipients)
-SHAPES = {"1x4KB": (1, 1), "20x4KB": (20, 1), "5rcpt": (1, 5)}
+#: scenario name -> (sessions, recipients, message size)
+SHAPES = {"1x4KB": (1, 1, 4096), "20x4KB": (20, 1, 4096), "5rcpt": (1, 5, 4096), "20x1MB": (20, 1, 1 << 20)}
 
 
 def _control(action: str, pids: list[int]) -> None:
@@ -75,7 +75,7 @@ def count(base: str) -> dict[str, int]:
 
 def measure(name: str, messages: int, root: str, python: str, keep: bool) -> dict[str, float]:
     """Millions of instructions per message by process kind for one scenario."""
-    sessions, recipients = SHAPES[name]
+    sessions, recipients, size = SHAPES[name]
     base = tempfile.mkdtemp(prefix=f"mailhub-instructions-{name}-")
     port = bench.free_port()
     conf = os.path.join(base, "mailhub.toml")
@@ -101,7 +101,7 @@ def measure(name: str, messages: int, root: str, python: str, keep: bool) -> dic
         time.sleep(2)
         pids = [proc.pid] + bench.descendants_of(proc.pid)
         _control("--instr=on", pids)
-        scenario = bench.Scenario(name, sessions=sessions, messages=messages, recipients=recipients)
+        scenario = bench.Scenario(name, sessions=sessions, messages=messages, size=size, recipients=recipients)
         subprocess.run(bench.smtp_source_args(scenario, port), capture_output=True)
         users = bench.recipient_users(recipients)
         delivered, _ = bench.wait_delivered(server, users, messages * recipients, 600)
@@ -124,7 +124,7 @@ def measure(name: str, messages: int, root: str, python: str, keep: bool) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Instructions per message of mailhub's processes (callgrind).")
-    p.add_argument("--scenarios", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    p.add_argument("--scenarios", default="1x4KB,20x4KB,5rcpt", help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--messages", type=int, default=200, help="messages per scenario (default 200)")
     p.add_argument("--root", default=bench.ROOT, help="the checkout whose mailhub is measured (PYTHONPATH)")
     p.add_argument("--python", default=sys.executable)
