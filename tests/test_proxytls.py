@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 from smtpharness import GREETING, Harness
-from test_proxyheader import PROXY_IP, V2_SIG, v2
+from test_proxyheader import PROXY_IP, V2_SIG, v2, v2_ipv6
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -100,6 +100,14 @@ def test_layer_above_starts_after_the_header(clock, header):
     assert clock.getDelayedCalls() == []
     proto.connectionLost(None)
     assert above.lost
+
+
+def test_ipv6_client(clock):
+    inner = Recording()
+    proto, _ = connect_raw(wrapper(clock, inner))
+    proto.dataReceived(v2_ipv6("2001:db8::9"))
+    [above] = inner.built
+    assert (type(above.peer).__name__, above.peer.host) == ("IPv6Address", "2001:db8::9")
 
 
 def test_local_header_keeps_the_proxy_address(clock):

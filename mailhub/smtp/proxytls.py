@@ -44,13 +44,10 @@ _V1_SIGNATURE = b"PROXY "
 
 
 def _client_address(client: str, peer: IAddress) -> IAddress:
-    """The address the layers above see: the client's, or the peer's if the header named none."""
-    port = getattr(peer, "port", 0)
+    """The address the layers above see: the client's (port unknown: 0), or the peer's if the header named none."""
     if client == getattr(peer, "host", None):
         return peer
-    if ":" in client:
-        return IPv6Address("TCP", client, 0)
-    return IPv4Address("TCP", client, port if isinstance(port, int) else 0)
+    return IPv6Address("TCP", client, 0) if ":" in client else IPv4Address("TCP", client, 0)
 
 
 class ProxyBeneathTLS(ProtocolWrapper):
