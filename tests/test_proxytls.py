@@ -12,8 +12,8 @@ tests/test_e2e_proxy.py::test_smtps_through_haproxy.
 from __future__ import annotations
 
 import pytest
+from proxyheaders import PROXY_IP, V2_SIG, v2, v2_ipv6
 from smtpharness import GREETING, Harness
-from test_proxyheader import PROXY_IP, V2_SIG, v2, v2_ipv6
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol

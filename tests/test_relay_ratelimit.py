@@ -13,18 +13,33 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_scheduler import T0, dsns, on_disk, queue
 from twisted.internet import defer, task
 from twisted.logger import formatEvent
 
 from mailhub.configschema import LimitsConfig
-from mailhub.envelope import DELIVERED, PENDING, Outcome, Recipient
+from mailhub.envelope import DELIVERED, PENDING, Envelope, Outcome, Recipient
 from mailhub.maillog import mail_publisher
 from mailhub.queue.scheduler import RetryPolicy, Scheduler
 from mailhub.queue.spool import Spool
 from mailhub.ratelimit.counter import MemoryCounter
 from mailhub.ratelimit.limits import RateLimits
 from mailhub.relay.agent import RemoteDelivery
+
+T0 = 1_700_000_000.0
+
+
+def queue(spool: Spool, clock: task.Clock, rcpts: tuple[str, ...]) -> Envelope:
+    writer = spool.new_message()
+    writer.write(b"Subject: hello\r\nFrom: alice@example.com\r\n\r\nHi there.\r\n")
+    env = Envelope(queue_id=writer.queue_id, sender="alice@example.com", recipients=[Recipient(r) for r in rcpts],
+                   arrival=clock.seconds(), next_attempt=clock.seconds())
+    writer.commit(env)
+    return env
+
+
+def notices(spool: Spool) -> list[Envelope]:
+    """Queued messages from <> (bounces, delay notices)."""
+    return [env for env in spool if env.sender == ""]
 
 
 @pytest.fixture
@@ -97,7 +112,7 @@ def test_burst_is_spread_over_the_windows(spool, clock, events):
     sent = [formatEvent(e) for e in events if e.get("mail_event") == "delivery"]
     assert len(sent) == 7 and all("status=sent" in line and "attempts=1," in line for line in sent)
     assert not any(e.get("mail_event") == "delivery" and "status=deferred" in formatEvent(e) for e in events)
-    assert dsns(spool) == []  # no delay notice, though older than delay_warning
+    assert notices(spool) == []  # no delay notice, though older than delay_warning
 
 
 def test_postponed_round_is_no_attempt_and_writes_nothing(spool, clock, monkeypatch):
@@ -113,7 +128,7 @@ def test_postponed_round_is_no_attempt_and_writes_nothing(spool, clock, monkeypa
     assert held.recipients[0].state == PENDING and held.recipients[0].last_text == ""
     assert s.next_due(env.queue_id) == T0 + 1  # the window, not min_backoff (300)
     assert writes == []  # nothing on the envelope changed
-    assert on_disk(spool, env.queue_id)["attempts"] == 0
+    assert spool.load(env.queue_id).attempts == 0
     clock.advance(1)
     assert [q for _, q, _ in relay.sent] == [first.queue_id, env.queue_id]
     assert spool.queue_ids() == []
@@ -131,7 +146,7 @@ def test_mixed_message_keeps_the_backoff_of_a_real_failure(spool, clock):
     b, x = held.recipients
     assert (b.attempts, x.attempts) == (0, 1)
     assert s.next_due(env.queue_id) == T0 + 300
-    assert on_disk(spool, env.queue_id)["next_attempt"] == T0 + 300
+    assert spool.load(env.queue_id).next_attempt == T0 + 300
 
 
 def test_postponed_next_to_a_delivery_is_retried_after_the_window(spool, clock):
