@@ -411,6 +411,10 @@ class Outcome:
     @ivar dsn_passed: the next hop supports RFC 3461 DSN and was given the
         NOTIFY/ORCPT/ENVID parameters, so success notices are its job
         (otherwise a SUCCESS request gets a "relayed" DSN from us).
+    @ivar retry_after: more than 0 for a recipient that was not tried at
+        all (a relay rate limit, L{postponed}): no attempt, no failure; the
+        scheduler tries it again after this many seconds instead of its
+        backoff.
     """
 
     recipient: str
@@ -420,6 +424,7 @@ class Outcome:
     text: str
     remote_mta: str = ""
     dsn_passed: bool = False
+    retry_after: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -445,6 +450,11 @@ class Outcome:
     @classmethod
     def permanent(cls, recipient: str, text: str, code: int = 550, status: str = "5.0.0", remote_mta: str = "") -> Outcome:
         return cls(recipient, PERMANENT, code, status, text, remote_mta)
+
+    @classmethod
+    def postponed(cls, recipient: str, text: str, retry_after: float) -> Outcome:
+        """Not tried (a rate limit): try again in C{retry_after} seconds, without counting an attempt."""
+        return cls(recipient, TEMPORARY, 0, "4.4.5", text, retry_after=max(retry_after, 0.001))
 
 
 #: C{report(outcomes)}: some recipients' outcomes, as soon as they are known.

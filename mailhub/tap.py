@@ -412,6 +412,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.queue.spool import Spool
     from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
     from mailhub.smtp.proxyheader import ProxyGate
+    from mailhub.smtp.proxytls import ProxyBeneathTLSFactory
     from mailhub.smtp.sasl import AuthThrottle
     from mailhub.tls import ServerTLS, implicit_tls_endpoint
     from mailhub.web.api import make_http_site
@@ -656,7 +657,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             # authentication results are made on the message as received, then the milters see it
             checks=[*auth_service.checks, *([MilterCheck(run=threads.deferToThread)] if milters is not None else [])],
             ratelimit=ratelimit,
-            proxy=ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor) if listener != "smtps" else None,
+            proxy=ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor),
             committer=committer,
         )
         factories.append(smtp_factory)
@@ -670,10 +671,15 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         endpoint = serverFromString(reactor, description)
         smtp_factory = factory("submission")
         _Listener(description, endpoint, smtp_factory, "submission", smtp_factory.drain).setServiceParent(top)
+    # smtps: the PROXY header comes before the TLS handshake, so it is read beneath TLS.
+    smtps_gate = ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor)
     for description in server_cfg.smtps:
         assert server_tls is not None  # config.py requires the certificate for smtps
         try:
-            endpoint = implicit_tls_endpoint(reactor, description, server_tls)
+            endpoint = implicit_tls_endpoint(
+                reactor, description, server_tls,
+                beneath=(lambda f: ProxyBeneathTLSFactory(f, smtps_gate, "smtps")) if smtps_gate else None,
+            )
         except ValueError as e:
             fail(f"{source}: server.smtps: {e}")
         smtp_factory = factory("smtps")

@@ -140,3 +140,115 @@ def test_proxy_header_from_a_client_refused(proxied):
         assert f.readline() == b"554 5.7.1 Error: PROXY header not accepted from your address\r\n"
         assert f.readline() == b""
     wait_for(lambda: "reject: PROXY from [127.0.0.2]: 554 5.7.1" in d.log(), 10, "the log line")
+
+
+# -- implicit TLS (smtps): the header before the handshake ----------------------------------------
+
+HAPROXY_SMTPS_CONF = """\
+global
+    maxconn 100
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend smtps
+    bind 127.0.0.1:{front}
+    default_backend mailhub_smtps
+
+backend mailhub_smtps
+    server mailhub 127.0.0.1:{port} send-proxy-v2
+"""
+
+
+def test_smtps_through_haproxy(tmp_path):
+    """
+    HAProxy in TCP mode in front of the daemon's smtps listener sends a
+    PROXY v2 header in clear, then the client's TLS bytes: the client's
+    address is in the Received header and the log; a direct TLS
+    connection from the proxy's address, without a header, is closed
+    with a log line.
+    """
+    import re
+    import ssl
+    import sys
+
+    from mailhub.tls import make_self_signed
+
+    binary = require_tool("haproxy")
+    make_self_signed(f"mx.{DOMAIN}", str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    d = Daemon(tmp_path, f"""
+[server]
+hostname = "mx.{DOMAIN}"
+smtp = ["tcp:0:interface=127.0.0.1"]
+smtps = ["tcp:0:interface=127.0.0.1"]
+tls_cert = "cert.pem"
+tls_key = "key.pem"
+proxy_from = ["127.0.0.1/32"]
+proxy_timeout = 5
+
+[auth]
+users = "users"
+failure_delay = 0
+
+[spool]
+path = "spool"
+
+[local]
+domains = ["{DOMAIN}"]
+mailboxes = "mailboxes"
+users = ["alice"]
+""")
+    r = subprocess.run(
+        [sys.executable, "-m", "mailhub.cli.main", "-C", d.conf, "user", "add", f"alice@{DOMAIN}", "--password-stdin"],
+        input="s3cret-Pa55\n", env=d.env(), cwd=d.home, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    d.start()
+    proc = None
+    try:
+        m = re.search(r"listening for SMTPS on tcp:0:interface=127\.0\.0\.1 \(127\.0\.0\.1:(\d+)\)", d.log())
+        assert m, d.log()
+        smtps = int(m.group(1))
+        front = free_port()
+        conf = tmp_path / "haproxy.cfg"
+        conf.write_text(HAPROXY_SMTPS_CONF.format(front=front, port=smtps))
+        proc = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_listening(front, proc, "haproxy")
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+        with smtplib.SMTP_SSL("127.0.0.1", front, local_hostname="client.test", context=insecure, timeout=20,
+                              source_address=("127.0.0.2", 0)) as s:
+            s.ehlo()
+            assert s.login(f"alice@{DOMAIN}", "s3cret-Pa55")[0] == 235
+            assert s.mail(f"alice@{DOMAIN}")[0] == 250
+            assert s.rcpt(f"alice@{DOMAIN}")[0] == 250
+            code, reply = s.data(message(f"alice@{DOMAIN}", "proxy-smtps"))
+            assert code == 250, reply
+        raw = delivered_with(d, "alice", "proxy-smtps")
+        header = raw.split(b"\n\n", 1)[0]
+        assert b"\nReceived: from client.test ([127.0.0.2])" in header, raw[:400]
+        assert b"127.0.0.1" not in header
+        log = wait_for(lambda: "connect from [127.0.0.2] listener=smtps" in d.log() and d.log(), 10, "the connect line")
+        assert "connect from [127.0.0.2] listener=smtps tls=True proxy=[127.0.0.1]" in log
+        # the proxy's own address without a header: TLS is never started, the connection is closed
+        with socket.create_connection(("127.0.0.1", smtps), timeout=20) as raw_sock:
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                insecure.wrap_socket(raw_sock, server_hostname="x").do_handshake()
+        wait_for(lambda: "CONNECT from proxy [127.0.0.1]: the connection does not start with a PROXY header; "
+                         "closing; listener=smtps" in d.log(), 10, "the log line")
+        # a PROXY header from a client that is no proxy: closed, logged
+        with socket.create_connection(("127.0.0.1", smtps), timeout=20, source_address=("127.0.0.2", 0)) as raw_sock:
+            raw_sock.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 5000 465\r\n")
+            assert raw_sock.recv(1024) == b""
+        wait_for(lambda: "reject: PROXY from [127.0.0.2]: PROXY header not accepted from your address" in d.log(),
+                 10, "the log line")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        d.stop()
+    assert "Traceback" not in d.log(), d.log()

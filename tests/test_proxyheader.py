@@ -8,29 +8,14 @@ client that is no proxy refused.  With a real HAProxy: tests/test_e2e_proxy.py.
 
 from __future__ import annotations
 
-import socket
-import struct
-
 import pytest
+from proxyheaders import PROXY_IP, V2_SIG, v2, v2_ipv6
 from smtpharness import EHLO, GREETING, MAIL_OK, Client, Harness
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from mailhub.maillog import mail_publisher
 from mailhub.smtp.proxyheader import MAX_V2, ProxyGate, ProxyHeaderReader
-
-PROXY_IP = "10.0.0.5"
-V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-def v2(src: str, dst: str = "192.0.2.25", sport: int = 50000, dport: int = 25, command: int = 1) -> bytes:
-    addrs = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
-    return V2_SIG + bytes([0x20 | command, 0x11]) + struct.pack("!H", len(addrs)) + addrs
-
-
-def v2_ipv6(src: str, dst: str = "2001:db8::25") -> bytes:
-    addrs = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + struct.pack("!HH", 1, 25)
-    return V2_SIG + b"\x21\x21" + struct.pack("!H", len(addrs)) + addrs
 
 
 class ProxyClient(Client):

@@ -307,8 +307,9 @@ def test_relay_defers_recipients_over_the_destination_rate(tmp_path, events):
     }
     assert "too many messages to this domain" in out[0][0].text
     assert out[0][0].text == (
-        "deferred: Error: too many messages to this domain (more than 1 per second); try again later"
+        "rate limited: Error: too many messages to this domain (more than 1 per second); try again later"
     )
+    assert {o.retry_after for o in out[0]} == {1.0}  # postponed for the window, not a failed attempt
     lines = [e for e in events if e.get("mail_event") == "rate_limited"]
     assert [e["key"] for e in lines] == ["one.example", "two.example"]
     assert lines[0]["log_format"] == (

@@ -58,6 +58,7 @@ from mailhub.envelope import (
     FAILED,
     PENDING,
     PERMANENT,
+    TEMPORARY,
     DeliverFunction,
     Envelope,
     Outcome,
@@ -568,6 +569,9 @@ class Scheduler(service.Service):
                 rnd.first[o.recipient] = o
                 if removed or o.kind == PERMANENT:
                     continue
+                if o.retry_after > 0:  # postponed: not tried, nothing to record
+                    rnd.applied.add(o.recipient)
+                    continue
                 env.apply(o, now)
                 rnd.applied.add(o.recipient)
                 delivered = delivered or o.kind == DELIVERED_OUTCOME
@@ -610,9 +614,18 @@ class Scheduler(service.Service):
                 first = rnd.first[r.address] = Outcome.temporary(
                     r.address, "delivery agent reported no outcome", 451, "4.3.0"
                 )
-            env.apply(first, now)
+            if first.retry_after <= 0:
+                env.apply(first, now)
             rnd.applied.add(r.address)
         outcomes = list(rnd.first.values())
+        # postponed (a relay rate limit): not tried; retried after the limit's
+        # window, not after a backoff, and a round of nothing else is no attempt
+        postponed = {o.recipient: o for o in outcomes if o.retry_after > 0}
+        only_postponed = bool(postponed) and not any(
+            o.kind == TEMPORARY and o.retry_after <= 0 for o in outcomes
+        )
+        if postponed and len(postponed) == len(outcomes):
+            env.attempts -= 1
 
         if env.queue_id in self._removed:
             # deleted by the operator during the round (postsuper -d): what
@@ -636,7 +649,10 @@ class Scheduler(service.Service):
                 r.last_status = EXPIRED_STATUS
                 expired.append(r)
         for r in recipients:
-            self._log_delivery(env, r, now, r in expired)
+            if r.address in postponed and r not in expired:
+                self._log_postponed(env, r, postponed[r.address], now)
+            else:
+                self._log_delivery(env, r, now, r in expired)
 
         bounced = failed + expired
         if bounced and not self.notices.notify(env, bounced, now, FAILED_ACTION):
@@ -650,14 +666,20 @@ class Scheduler(service.Service):
             and not env.warned
             and env.sender
             and now - env.arrival >= self.policy.delay_warning
+            and not only_postponed
         ):
             if self.notices.notify(env, pending, now, DELAYED_ACTION):
                 env.warned = True
 
         if env.done:
             return self._finish(env)
-        due = self.policy.next_attempt(env, now, self.random)
-        env.next_attempt = due
+        if only_postponed:
+            env.next_attempt = due = now + min(o.retry_after for o in postponed.values())
+            if len(postponed) == len(outcomes):
+                return due  # nothing on the envelope changed: no write
+        else:
+            due = self.policy.next_attempt(env, now, self.random)
+            env.next_attempt = due
         if not self._persist(env):
             due = max(due, now + self.policy.min_backoff)
         return due
@@ -738,6 +760,16 @@ class Scheduler(service.Service):
         if self.is_local is None or self.is_local(recipient_domain(r)):
             return "local"
         return "none"
+
+    def _log_postponed(self, env: Envelope, r: Recipient, o: Outcome, now: float) -> None:
+        mail_event(
+            "postponed",
+            "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, delay={delay}, attempts={attempts}, "
+            "status=rate-limited ({text}); next try in {retry}s",
+            queue_id=env.queue_id, to=r.address, orig_to=r.original,
+            delay=("%.2f" % max(0.0, now - env.arrival)).rstrip("0").rstrip("."),
+            attempts=r.attempts, text=o.text, retry=("%.2f" % o.retry_after).rstrip("0").rstrip("."),
+        )
 
     def _log_delivery(self, env: Envelope, r: Recipient, now: float, expired: bool) -> None:
         log_delivery(env, r, now, r.remote_mta or self._no_relay(r), expired)

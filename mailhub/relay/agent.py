@@ -191,8 +191,9 @@ class RemoteDelivery(service.Service):
             The final list repeats them.  An exception from it is logged.
 
         With a destination rate limit, each recipient domain counts one
-        message; the recipients of a domain over its limit are deferred
-        (temporary, 4.4.5: the scheduler tries them again later), never failed.
+        message; the recipients of a domain over its limit are postponed
+        (L{Outcome.postponed}: not tried, so no attempt and no failure; the
+        scheduler tries them again once the limit's window has passed).
         """
         if self._ratelimit is None:
             return self._deliver(envelope, recipients, message_path, report)
@@ -211,8 +212,8 @@ class RemoteDelivery(service.Service):
             if verdict is None:
                 allowed.extend(rcpts)
             else:
-                text = f"deferred: {verdict.text}"
-                deferred.extend(Outcome.temporary(r.address, text, 0, "4.4.5") for r in rcpts)
+                text = f"rate limited: {verdict.text}"
+                deferred.extend(Outcome.postponed(r.address, text, verdict.retry_after) for r in rcpts)
         self._report(report, envelope, deferred)
         outcomes = await self._deliver(envelope, allowed, message_path, report) if allowed else []
         return deferred + outcomes

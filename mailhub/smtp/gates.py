@@ -3,7 +3,8 @@ What a session passes before it is served: the PROXY header of a
 connection from a proxy, and the rate limits at connect, MAIL and RCPT.
 
 Owns: L{Gates}, one per session: reading the PROXY header when the peer
-is in C{server.proxy_from} (L{mailhub.smtp.proxyheader}), so that
+is in C{server.proxy_from} (L{mailhub.smtp.proxyheader}; on implicit-TLS
+listeners it was read beneath TLS, L{mailhub.smtp.proxytls}), so that
 everything after it -- the connection limits, the Received header, the
 logs, the relay decision, the rate limits -- sees the client's address
 and not the proxy's; closing a proxy's connection whose header is
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 from mailhub.maillog import mail_event
 from mailhub.ratelimit.limits import Verdict
 from mailhub.smtp.proto import Reply
-from mailhub.smtp.proxyheader import ProxyHeaderReader
+from mailhub.smtp.proxyheader import ProxyHeaderReader, log_header_failure
 
 __all__ = ["Gates", "PROXY_REFUSED"]
 
@@ -56,8 +57,15 @@ class Gates:
 
     # -- connect -------------------------------------------------------------------
 
-    def connection_made(self, peer: str) -> None:
-        """A connection from C{peer}: read its PROXY header first if it is a proxy, else begin."""
+    def connection_made(self, peer: str, proxied_by: str | None = None) -> None:
+        """
+        A connection from C{peer}: read its PROXY header first if it is a
+        proxy, else begin.  C{proxied_by}: the header was read beneath TLS
+        (L{mailhub.smtp.proxytls}), C{peer} is the client it named.
+        """
+        if proxied_by is not None:
+            self.host.begin(peer, proxy=proxied_by)
+            return
         proxy = self.host.factory.proxy
         if proxy is not None and proxy.expects(peer):
             self._peer = peer
@@ -78,11 +86,7 @@ class Gates:
 
     def _proxy_failed(self, why: str) -> None:
         self._reader = None
-        mail_event(
-            "reject",
-            "NOQUEUE: reject: CONNECT from proxy [{client}]: {why}; closing; listener={listener}",
-            client=self._peer, why=why, listener=self.host.session.listener, reason="proxy_header",
-        )
+        log_header_failure(self._peer, why, self.host.session.listener)
         transport = self.host.transport
         if transport is not None:
             transport.loseConnection()

@@ -12,6 +12,9 @@ exception escaping -- and the bytes after the header handed back).  A
 header that names no source (v1 C{UNKNOWN}, v2 C{LOCAL}: the proxy's own
 health checks) leaves the connection's own address.
 
+Also the log line of a header that failed (L{log_header_failure}), the
+same on every listener.
+
 Must not touch: the session (it is told the address, or that the header
 failed, through two callables), the relay decision or any limit (they all
 read the address the session is given).
@@ -26,7 +29,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 
-__all__ = ["ProxyGate", "ProxyHeaderReader", "MAX_V1", "MAX_V2"]
+from mailhub.maillog import mail_event
+
+__all__ = ["ProxyGate", "ProxyHeaderReader", "log_header_failure", "MAX_V1", "MAX_V2"]
 
 #: A v1 header line is at most 107 octets with its CRLF (the specification's bound).
 MAX_V1 = 107
@@ -127,6 +132,15 @@ class ProxyHeaderReader:
             return
         self.stop()
         self._done(client, rest)
+
+
+def log_header_failure(proxy: str, why: str, listener: str) -> None:
+    """The log line and C{reject} event for a proxy's connection closed for its header."""
+    mail_event(
+        "reject",
+        "NOQUEUE: reject: CONNECT from proxy [{client}]: {why}; closing; listener={listener}",
+        client=proxy, why=why, listener=listener, reason="proxy_header",
+    )
 
 
 class ProxyGate:

@@ -213,8 +213,11 @@ class SMTPServer(protocol.Protocol):
     # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        # A proxy's connection begins once its PROXY header named the client (smtp.gates).
-        self.gates.connection_made(getattr(self._tcp.getPeer(), "host", ""))
+        # A proxy's connection begins once its PROXY header named the client (smtp.gates);
+        # on implicit TLS the header was read beneath TLS (smtp.proxytls: proxied_by).
+        self.gates.connection_made(
+            getattr(self._tcp.getPeer(), "host", ""), getattr(self._tcp, "proxied_by", None)
+        )
 
     def begin(self, client_ip: str, proxy: str | None = None) -> None:
         """Serve the client at C{client_ip} (C{proxy}: the proxy it came through)."""
