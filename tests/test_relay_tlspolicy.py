@@ -404,3 +404,32 @@ def test_relay_tls_metric():
     text = m.exposition().decode()
     assert 'mailhub_relay_tls_total{policy="sts",result="delivered",verified="mta-sts"} 3.0' in text
     assert 'mailhub_relay_tls_total{policy="tlsa",result="failed",verified="none"} 1.0' in text
+
+
+def test_a_secure_tlsa_rrset_without_usable_records_still_requires_tls():
+    # usage 0/1 (PKIX-TA/EE) and malformed records are never used to authenticate,
+    # but their presence means the server promised TLS (RFC 7672 2.2, 3.1.3)
+    unusable = FakeDane(answers={"mx.d.test": DaneAnswer(True, (), unusable=2)})
+    assert decide(TLSPolicy("may", dane=unusable)) == HostPolicy("encrypt", "dane")
+    assert decide(TLSPolicy("may", dane=unusable, mtasts=FakeSTS(cached("enforce", "mx.d.test")))).tls == "encrypt"
+    assert decide(TLSPolicy("may", {"d.test": "dane-only"}, unusable)).refuse  # dane-only needs a usable record
+    assert decide(TLSPolicy("may", dane=FakeDane())) == HostPolicy("may", "default")  # no TLSA RRset at all
+
+
+def test_tlsa_answers_count_unusable_and_malformed_records():
+    from twisted.names import dns
+
+    from mailhub.relay.dane import DaneLookup
+
+    class Answers:
+        trusted = True
+
+    lookup = DaneLookup.__new__(DaneLookup)
+
+    async def ask(name, qtype):
+        raw = [bytes([0, 0, 1]) + b"\x00" * 32, bytes([1, 1, 1]) + b"\x00" * 32, b"\x03\x01", bytes([3, 1, 1]) + b"\x01" * 31]
+        return [dns.UnknownRecord(r) for r in raw], True
+
+    lookup._ask = ask
+    answer = result(defer.ensureDeferred(lookup.tlsa("mx.d.test", 25)))
+    assert (answer.secure, answer.records, answer.unusable, answer.usable) == (True, (), 4, False)
