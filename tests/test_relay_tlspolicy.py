@@ -21,7 +21,7 @@ from twisted.internet import defer, task
 
 from mailhub.metrics import MailMetrics
 from mailhub.relay.dane import TLSA, DaneAnswer, DNSFailure, ValidatingResolver, resolv_conf_servers, tlsa_match
-from mailhub.relay.mtasts import MTASTS, PolicyError, mx_matches, parse_policy, parse_txt
+from mailhub.relay.mtasts import MAX_AGE_LIMIT, MTASTS, PolicyError, mx_matches, parse_policy, parse_txt
 from mailhub.relay.nexthop import Destination
 from mailhub.relay.tlspolicy import HostPolicy, TLSPolicy, table_key, verified
 from mailhub.relay.tlsrpt import TLSReports, build_report, load_day, parse_rua, report_message, result_type
@@ -185,6 +185,40 @@ def test_unreadable_cache_file_is_ignored(tmp_path):
     (tmp_path / "mta-sts" / "x.test.json").write_text("{not json")
     m, *_ = sts(tmp_path)
     assert m.cached("x.test") is None
+
+
+def test_tampered_cache_files_are_ignored_or_bounded(tmp_path):
+    d = tmp_path / "mta-sts"
+    d.mkdir()
+    good = {"domain": "sts.test", "id": "1", "fetched": 999_000.0, "checked": 999_000.0,
+            "policy": {"mode": "enforce", "mx": ["mx.sts.test"], "max_age": 86400}}
+    (d / "other.test.json").write_text(json.dumps(good))  # names another domain than its file
+    (d / "nan.test.json").write_text(json.dumps({**good, "domain": "nan.test", "fetched": float("nan")}))
+    (d / "inf.test.json").write_text(json.dumps({**good, "domain": "inf.test", "checked": float("inf")}))
+    (d / "list.test.json").write_text("[1, 2]")
+    (d / "id.test.json").write_text(json.dumps({**good, "domain": "id.test", "id": "../x"}))
+    forever = {**good, "domain": "forever.test", "policy": {**good["policy"], "max_age": 10**15}}
+    (d / "forever.test.json").write_text(json.dumps(forever))
+    m, dns, _fetch, clock = sts(tmp_path)
+    for name in ("sts.test", "other.test", "nan.test", "inf.test", "list.test", "id.test"):
+        assert m.cached(name) is None, name
+    assert m.cached("forever.test").policy.max_age == MAX_AGE_LIMIT
+    dns.fail.add("_mta-sts.forever.test")
+    clock.advance(MAX_AGE_LIMIT)
+    assert result(m.policy("forever.test")) is None  # expired after a year at most
+
+
+def test_a_crafted_domain_never_writes_outside_the_cache(tmp_path):
+    m, dns, fetch, _clock = sts(tmp_path)
+    for domain in ("../../escape.test", "a/b.test", "x/../y", ".hidden.test", "nul\0.test", "x" * 300 + ".test"):
+        dns.records[f"_mta-sts.{domain}"] = [[b"v=STSv1; id=1"]]
+        fetch.bodies[domain] = ENFORCE
+        assert result(m.policy(domain)).policy.mode == "enforce", domain
+    dns.records["_mta-sts.sts.test"] = [[b"v=STSv1; id=1"]]
+    fetch.bodies["sts.test"] = ENFORCE
+    assert result(m.policy("STS.Test.")).policy.mode == "enforce"  # one entry, whatever the spelling
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["sts.test.json"]
+    assert m.cached("sts.test") is m.cached("Sts.TEST")
 
 
 # -- DANE ----------------------------------------------------------------------------------
