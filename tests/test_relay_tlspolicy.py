@@ -57,6 +57,34 @@ def test_parse_policy():
             parse_policy(bad)
 
 
+def test_policy_mx_values_that_are_no_patterns_are_skipped():
+    body = (b"version: STSv1\r\nmode: enforce\nmx: *.*.example\r\nmx: \x1b[2Jevil.test\nmx: *\n"
+            b"mx: a b.test\nmx: -x.test\nmx: MX1.Example.NET.\r\nmx: *.example.net\nmax_age: 9999999999\r\n")
+    p = parse_policy(body)
+    assert p.mx == ("mx1.example.net", "*.example.net") and p.max_age == MAX_AGE_LIMIT
+    assert p == parse_policy(body.replace(b"\r\n", b"\n"))  # CRLF or LF
+    with pytest.raises(PolicyError):  # enforce with no usable pattern is no policy
+        parse_policy(b"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 86400\n")
+
+
+def test_tls_check_escapes_what_others_publish_and_checks_its_port():
+    import io
+
+    from twisted.python import usage
+
+    from mailhub.cli.tls import CheckOptions, _Printable
+
+    buf = io.StringIO()
+    _Printable(buf).write("mx \x1b[31mevil\x07.test: tls=may\n")
+    assert buf.getvalue() == "mx \\x1b[31mevil\\x07.test: tls=may\n"
+    for port in ("0", "70000", "-1"):
+        with pytest.raises(usage.UsageError, match="--https-port"):
+            CheckOptions().parseOptions([f"--https-port={port}", "x.test"])
+    opts = CheckOptions()
+    opts.parseOptions(["--https-port=8443", "x.test"])
+    assert (opts["https-port"], opts["domain"]) == (8443, "x.test")
+
+
 def test_mx_patterns():
     assert mx_matches("mx.example.net", "MX.example.net.")
     assert mx_matches("*.example.net", "mx1.example.net")

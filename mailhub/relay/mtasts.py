@@ -52,6 +52,8 @@ MAX_AGE_LIMIT = 31557600
 #: Most mx: lines kept.
 MAX_MX_PATTERNS = 100
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+#: An mx: pattern (RFC 8461 3.2): a host name, or "*." and one.
+_MX = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 #: A domain whose policy may be a file of the cache: its name is the file's.
 _FILE_DOMAIN = re.compile(r"^[a-z0-9_-][a-z0-9._-]{0,252}$")
 _MODES = ("enforce", "testing", "none")
@@ -136,7 +138,8 @@ def parse_txt(strings: list[list[bytes]]) -> str | None:
 
 def parse_policy(body: bytes) -> STSPolicy:
     """
-    A policy file (RFC 8461 3.2): C{key: value} lines, CRLF or LF.
+    A policy file (RFC 8461 3.2): C{key: value} lines, CRLF or LF; an
+    C{mx:} value that is no host name pattern is skipped.
 
     @raise PolicyError: not STSv1, no or an unknown mode, no valid max_age,
         no mx: for enforce or testing.
@@ -153,8 +156,9 @@ def parse_policy(body: bytes) -> STSPolicy:
             continue
         k, v = k.strip(), v.strip()
         if k == "mx":
-            if len(mx) < MAX_MX_PATTERNS and v:
-                mx.append(v.lower().rstrip("."))
+            v = v.lower().rstrip(".")
+            if len(mx) < MAX_MX_PATTERNS and len(v) <= 253 and _MX.match(v):
+                mx.append(v)  # others (e.g. "*.*.example", control characters) are no pattern
         else:
             fields.setdefault(k, v)
     if fields.get("version") != "STSv1":
