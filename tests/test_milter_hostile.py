@@ -153,3 +153,12 @@ def test_a_message_whose_client_left_during_the_milter_is_not_queued(tmp_path) -
     c.lose()
     h.clock.advance(61)
     assert h.queued == [] and h.spool_is_empty()  # never told 250: the client sends it again
+
+
+def test_a_421_from_a_milter_at_end_of_message_closes_the_session(tmp_path) -> None:
+    from tests.milterfake import replycode
+
+    h = serve(tmp_path, FakeMilter(answers={codec.BODYEOB: [replycode("421 4.7.0 closing now")]}))
+    c = session(h)
+    assert deliver(c) == "421 4.7.0 closing now\r\n"
+    assert c.closed and h.spool_is_empty()

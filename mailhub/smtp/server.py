@@ -790,6 +790,8 @@ class SMTPServer(protocol.Protocol):
                 enhanced=verdict.enhanced, text=verdict.text, sender=envelope.sender, reason="message_check",
             )
             self.reply(verdict)
+            if verdict.code == 421:
+                self.close()  # as for a 421 at any other stage: the service closes the channel
             self.process()
             return None
         if staged.discard:
