@@ -162,3 +162,18 @@ def test_a_421_from_a_milter_at_end_of_message_closes_the_session(tmp_path) -> N
     c = session(h)
     assert deliver(c) == "421 4.7.0 closing now\r\n"
     assert c.closed and h.spool_is_empty()
+
+
+def test_a_rewrite_that_fails_on_disk_is_a_temporary_error(tmp_path, monkeypatch) -> None:
+    from mailhub.queue.spool import SpoolWriter
+
+    def full(self: Any, chunks: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SpoolWriter, "rewrite", full)
+    h = serve(tmp_path, eom(reply(codec.ADDHEADER, b"X-A\0b\0")))
+    c = session(h)
+    answer = deliver(c)
+    assert answer.startswith("451 "), answer
+    assert h.spool_is_empty()
+    assert c.send("RSET\r\n").startswith("250")
