@@ -14,11 +14,33 @@ from typing import Any
 
 from mailhub.milter import codec
 from mailhub.relay.dotstuff import stuff
-from tests.milterfake import FakeMilter, reply
-from tests.smtpharness import queued_id
-from tests.test_milter_session import BODY, MAIL, deliver, serve, session
+from mailhub.milter.check import MilterCheck
+from tests.milterfake import FakeMilter, milters, reply
+from tests.smtpharness import Harness, queued_id
+
+MAIL = "MAIL FROM:<sender@elsewhere.test> SIZE=100\r\n"
+BODY = b"From: sender@elsewhere.test\r\nSubject: hi\r\n\r\nhello\r\n.\r\n"
 
 TEMPFAIL = "451 4.7.1 Service unavailable - try again later\r\n"
+
+
+def serve(tmp_path: Any, *fakes: FakeMilter, **kw: Any) -> Harness:
+    h = Harness(tmp_path)
+    h.serve(milters=milters(h.clock, *fakes, **kw), checks=[MilterCheck()])
+    return h
+
+
+def session(h: Harness) -> Any:
+    c = h.connect()
+    assert c.send("EHLO client.test\r\n").startswith("250-")
+    return c
+
+
+def deliver(c: Any, body: bytes = BODY) -> str:
+    assert c.send(MAIL) == "250 2.1.0 Ok\r\n"
+    assert c.send("RCPT TO:<alice@example.com>\r\n") == "250 2.1.5 Ok\r\n"
+    assert c.send("DATA\r\n").startswith("354")
+    return c.send(body)
 
 
 def eom(*packets: bytes) -> FakeMilter:
