@@ -13,8 +13,8 @@ import struct
 from typing import Any
 
 from mailhub.milter import codec
-from mailhub.relay.dotstuff import stuff
 from mailhub.milter.check import MilterCheck
+from mailhub.relay.dotstuff import stuff
 from tests.milterfake import FakeMilter, milters, reply
 from tests.smtpharness import Harness, queued_id
 
