@@ -253,3 +253,39 @@ def test_transport_values():
             local_transport(bad)
     assert lmtp_name("lmtp:inet:127.0.0.1:24") == "127.0.0.1:24"
     assert lmtp_name("lmtp:unix:/run/x") == "unix:/run/x"
+
+
+def test_more_replies_than_recipients_end_the_connection(path):
+    # an extra reply would otherwise answer the next transaction's MAIL, and every
+    # reply after it would be taken for the command before: wrong outcomes
+    s = Server()
+    env = envelope("a", "b")
+    result = through_data(s, env, path, ["250 2.1.5 OK\r\n"] * 2)
+    s.said("250 2.0.0 <a@example.test> Saved\r\n250 2.0.0 <b@example.test> Saved\r\n250 2.0.0 extra\r\n")
+    assert kinds(result[0]) == [("a", "delivered", 250, "2.0.0"), ("b", "delivered", 250, "2.0.0")]
+    assert not s.client.usable
+
+
+def test_a_reply_while_idle_ends_the_connection(path):
+    s = Server()
+    s.said("250 2.0.0 nobody asked\r\n")
+    assert not s.client.usable
+    result = start(s, envelope("a"), path)
+    assert s.read() == b""  # not used: nothing said about the message
+    assert kinds(result[0]) == [("a", "temporary", 0, "4.5.0")]
+
+
+def test_extra_replies_during_the_data_end_the_connection_after_the_transaction(path):
+    s = Server()
+    env = envelope("a")
+    result = start(s, env, path)
+    s.read()
+    s.said("250 2.1.0 OK\r\n")
+    s.read()
+    s.said("250 2.1.5 OK\r\n")
+    s.read()
+    s.said("354 OK\r\n")
+    # replies written before the body was read (a server answering early, twice)
+    s.said("452 4.3.1 full\r\n452 4.3.1 full again\r\n")
+    assert kinds(result[0]) == [("a", "temporary", 452, "4.3.1")]
+    assert not s.client.usable

@@ -99,7 +99,12 @@ def test_ipv6_and_local_headers(harness):
     (V2_SIG + b"\x21\x11\xff\xff", f"PROXY v2 header of 65551 octets (at most {16 + MAX_V2})"),
     (V2_SIG + b"\x31\x11\x00\x0c" + b"\x00" * 12, "malformed PROXY header"),
     (V2_SIG + b"\x21\x11\x00\x02\x00\x00", "malformed PROXY header"),
-], ids=["smtp", "short", "bad-ip", "bad-port", "binary", "long-v1", "long-v2", "version3", "short-v2"])
+    (b"PROXY TCP6 fe80::1%e\x1bx<y> 2001:db8::25 1 25\r\n", "malformed PROXY header"),
+    (b"PROXY TCP6 fe80::1%eth0 2001:db8::25 1 25\r\n", "malformed PROXY header"),
+    (b"PROXY TCP4 2001:db8::9 192.0.2.25 1 25\r\n", "malformed PROXY header"),
+    (b"PROXY TCP6 203.0.113.9 2001:db8::25 1 25\r\n", "malformed PROXY header"),
+], ids=["smtp", "short", "bad-ip", "bad-port", "binary", "long-v1", "long-v2", "version3", "short-v2",
+        "scope-escape", "scope", "tcp4-v6", "tcp6-v4"])
 def test_bad_header_closes_with_a_log_line(harness, events, data, why):
     c = ProxyClient(harness.factory)
     assert c.send(data) == ""
@@ -108,6 +113,17 @@ def test_bad_header_closes_with_a_log_line(harness, events, data, why):
     assert harness.factory.connections == 0
     rejected = [e for e in events if e.get("mail_event") == "reject"]
     assert [(e["reason"], e["why"], e["client"]) for e in rejected] == [("proxy_header", why, PROXY_IP)]
+
+
+def test_an_ipv4_mapped_client_is_its_ipv4_address(harness):
+    # HAProxy on a dual-stack socket names IPv4 clients as ::ffff:a.b.c.d
+    c = ProxyClient(harness.factory)
+    assert c.send(b"PROXY TCP6 ::ffff:203.0.113.9 2001:db8::25 50000 25\r\n") == GREETING
+    assert c.proto.session.client_ip == "203.0.113.9"
+    c.lose()
+    c = ProxyClient(harness.factory)
+    assert c.send(v2_ipv6("::ffff:203.0.113.10")) == GREETING
+    assert c.proto.session.client_ip == "203.0.113.10"
 
 
 def test_late_header_closes(harness, events):

@@ -374,3 +374,17 @@ def test_smtp_a_failing_limit_check_is_a_temporary_error(tmp_path):
         "451 4.3.0 Error: rate limit service unavailable; try again later\r\n"
     )
     assert not c.closed
+
+
+def test_an_ipv6_client_is_counted_per_64_network(events):
+    rl = limits(client_messages_per_min=2, client_connections_per_min=1, exempt_networks=("10.0.0.0/8",))
+    assert verdict_of(rl.mail("2001:db8:1:2::1", None)) is None
+    assert verdict_of(rl.mail("2001:db8:1:2:ffff::9", None)) is None
+    v = verdict_of(rl.mail("2001:db8:1:2:abcd:ef01:2345:6789", None))  # a third address of the same /64
+    assert v is not None and v.limit == "client_messages"
+    assert events[-1]["key"] == "2001:db8:1:2::/64"
+    assert verdict_of(rl.mail("2001:db8:1:3::1", None)) is None  # the next /64 is another client
+    assert verdict_of(rl.connection("::ffff:192.0.2.7")) is None  # IPv4-mapped: the IPv4 address
+    assert verdict_of(rl.connection("192.0.2.7")) is not None
+    for _ in range(3):
+        assert verdict_of(rl.connection("::ffff:10.1.2.3")) is None  # exempt, however it is written

@@ -21,7 +21,7 @@ from twisted.internet import defer, task
 
 from mailhub.metrics import MailMetrics
 from mailhub.relay.dane import TLSA, DaneAnswer, DNSFailure, ValidatingResolver, resolv_conf_servers, tlsa_match
-from mailhub.relay.mtasts import MTASTS, PolicyError, mx_matches, parse_policy, parse_txt
+from mailhub.relay.mtasts import MAX_AGE_LIMIT, MTASTS, PolicyError, mx_matches, parse_policy, parse_txt
 from mailhub.relay.nexthop import Destination
 from mailhub.relay.tlspolicy import HostPolicy, TLSPolicy, table_key, verified
 from mailhub.relay.tlsrpt import TLSReports, build_report, load_day, parse_rua, report_message, result_type
@@ -55,6 +55,34 @@ def test_parse_policy():
                 b"version: STSv1\nmode: enforce\nmx: a\nmax_age: 99999999999\n", "version: STSv1\nmx: \xe9\n".encode()):
         with pytest.raises(PolicyError):
             parse_policy(bad)
+
+
+def test_policy_mx_values_that_are_no_patterns_are_skipped():
+    body = (b"version: STSv1\r\nmode: enforce\nmx: *.*.example\r\nmx: \x1b[2Jevil.test\nmx: *\n"
+            b"mx: a b.test\nmx: -x.test\nmx: MX1.Example.NET.\r\nmx: *.example.net\nmax_age: 9999999999\r\n")
+    p = parse_policy(body)
+    assert p.mx == ("mx1.example.net", "*.example.net") and p.max_age == MAX_AGE_LIMIT
+    assert p == parse_policy(body.replace(b"\r\n", b"\n"))  # CRLF or LF
+    with pytest.raises(PolicyError):  # enforce with no usable pattern is no policy
+        parse_policy(b"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 86400\n")
+
+
+def test_tls_check_escapes_what_others_publish_and_checks_its_port():
+    import io
+
+    from twisted.python import usage
+
+    from mailhub.cli.tls import CheckOptions, _Printable
+
+    buf = io.StringIO()
+    _Printable(buf).write("mx \x1b[31mevil\x07.test: tls=may\n")
+    assert buf.getvalue() == "mx \\x1b[31mevil\\x07.test: tls=may\n"
+    for port in ("0", "70000", "-1"):
+        with pytest.raises(usage.UsageError, match="--https-port"):
+            CheckOptions().parseOptions([f"--https-port={port}", "x.test"])
+    opts = CheckOptions()
+    opts.parseOptions(["--https-port=8443", "x.test"])
+    assert (opts["https-port"], opts["domain"]) == (8443, "x.test")
 
 
 def test_mx_patterns():
@@ -185,6 +213,40 @@ def test_unreadable_cache_file_is_ignored(tmp_path):
     (tmp_path / "mta-sts" / "x.test.json").write_text("{not json")
     m, *_ = sts(tmp_path)
     assert m.cached("x.test") is None
+
+
+def test_tampered_cache_files_are_ignored_or_bounded(tmp_path):
+    d = tmp_path / "mta-sts"
+    d.mkdir()
+    good = {"domain": "sts.test", "id": "1", "fetched": 999_000.0, "checked": 999_000.0,
+            "policy": {"mode": "enforce", "mx": ["mx.sts.test"], "max_age": 86400}}
+    (d / "other.test.json").write_text(json.dumps(good))  # names another domain than its file
+    (d / "nan.test.json").write_text(json.dumps({**good, "domain": "nan.test", "fetched": float("nan")}))
+    (d / "inf.test.json").write_text(json.dumps({**good, "domain": "inf.test", "checked": float("inf")}))
+    (d / "list.test.json").write_text("[1, 2]")
+    (d / "id.test.json").write_text(json.dumps({**good, "domain": "id.test", "id": "../x"}))
+    forever = {**good, "domain": "forever.test", "policy": {**good["policy"], "max_age": 10**15}}
+    (d / "forever.test.json").write_text(json.dumps(forever))
+    m, dns, _fetch, clock = sts(tmp_path)
+    for name in ("sts.test", "other.test", "nan.test", "inf.test", "list.test", "id.test"):
+        assert m.cached(name) is None, name
+    assert m.cached("forever.test").policy.max_age == MAX_AGE_LIMIT
+    dns.fail.add("_mta-sts.forever.test")
+    clock.advance(MAX_AGE_LIMIT)
+    assert result(m.policy("forever.test")) is None  # expired after a year at most
+
+
+def test_a_crafted_domain_never_writes_outside_the_cache(tmp_path):
+    m, dns, fetch, _clock = sts(tmp_path)
+    for domain in ("../../escape.test", "a/b.test", "x/../y", ".hidden.test", "nul\0.test", "x" * 300 + ".test"):
+        dns.records[f"_mta-sts.{domain}"] = [[b"v=STSv1; id=1"]]
+        fetch.bodies[domain] = ENFORCE
+        assert result(m.policy(domain)).policy.mode == "enforce", domain
+    dns.records["_mta-sts.sts.test"] = [[b"v=STSv1; id=1"]]
+    fetch.bodies["sts.test"] = ENFORCE
+    assert result(m.policy("STS.Test.")).policy.mode == "enforce"  # one entry, whatever the spelling
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["sts.test.json"]
+    assert m.cached("sts.test") is m.cached("Sts.TEST")
 
 
 # -- DANE ----------------------------------------------------------------------------------
@@ -404,3 +466,32 @@ def test_relay_tls_metric():
     text = m.exposition().decode()
     assert 'mailhub_relay_tls_total{policy="sts",result="delivered",verified="mta-sts"} 3.0' in text
     assert 'mailhub_relay_tls_total{policy="tlsa",result="failed",verified="none"} 1.0' in text
+
+
+def test_a_secure_tlsa_rrset_without_usable_records_still_requires_tls():
+    # usage 0/1 (PKIX-TA/EE) and malformed records are never used to authenticate,
+    # but their presence means the server promised TLS (RFC 7672 2.2, 3.1.3)
+    unusable = FakeDane(answers={"mx.d.test": DaneAnswer(True, (), unusable=2)})
+    assert decide(TLSPolicy("may", dane=unusable)) == HostPolicy("encrypt", "dane")
+    assert decide(TLSPolicy("may", dane=unusable, mtasts=FakeSTS(cached("enforce", "mx.d.test")))).tls == "encrypt"
+    assert decide(TLSPolicy("may", {"d.test": "dane-only"}, unusable)).refuse  # dane-only needs a usable record
+    assert decide(TLSPolicy("may", dane=FakeDane())) == HostPolicy("may", "default")  # no TLSA RRset at all
+
+
+def test_tlsa_answers_count_unusable_and_malformed_records():
+    from twisted.names import dns
+
+    from mailhub.relay.dane import DaneLookup
+
+    class Answers:
+        trusted = True
+
+    lookup = DaneLookup.__new__(DaneLookup)
+
+    async def ask(name, qtype):
+        raw = [bytes([0, 0, 1]) + b"\x00" * 32, bytes([1, 1, 1]) + b"\x00" * 32, b"\x03\x01", bytes([3, 1, 1]) + b"\x01" * 31]
+        return [dns.UnknownRecord(r) for r in raw], True
+
+    lookup._ask = ask
+    answer = result(defer.ensureDeferred(lookup.tlsa("mx.d.test", 25)))
+    assert (answer.secure, answer.records, answer.unusable, answer.usable) == (True, (), 4, False)

@@ -37,12 +37,21 @@ class CheckOptions(Command):
         "Show the outbound TLS policy mailhub would apply to DOMAIN and why: the policy table's "
         "entry, the MTA-STS policy (live, else cached, with its age), whether the MX records are "
         "DNSSEC-secure, and for each MX host the TLS level, its TLSA records or why it is refused.  "
-        "Exits 0, or 75 when the MX lookup failed."
+        "Exits 0, or 75 when the MX lookup failed or the check took longer than --timeout."
     )
-    optParameters = [["https-port", None, "443", "port of the MTA-STS policy host (tests)", int]]
+    optParameters = [
+        ["https-port", None, 443, "port of the MTA-STS policy host (tests)", int],
+        ["timeout", None, 90.0, "seconds for the whole check (DNS servers that do not answer)", float],
+    ]
 
     def parseArgs(self, domain: str) -> None:  # type: ignore[override]
         self["domain"] = domain
+
+    def postOptions(self) -> None:
+        if not 0 < self["https-port"] < 65536:
+            raise usage.UsageError("--https-port must be a port number (1-65535)")
+        if not 0 < self["timeout"] <= 3600:
+            raise usage.UsageError("--timeout must be between 0 and 3600 seconds")
 
 
 class ReportOptions(Command):
@@ -99,12 +108,24 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-async def _check(reactor: Any, config: Config, domain: str, https_port: int, out: TextIO) -> int:
+class _Printable:
+    """The output, with characters that are not printable escaped: names and
+    patterns come from DNS and from policy files other people publish."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, text: str) -> None:
+        self.out.write("".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" for c in text))
+
+
+async def _check(reactor: Any, config: Config, domain: str, https_port: int, raw_out: TextIO) -> int:
     import time
 
     from mailhub.daemon.components import remote_delivery, tls_policies
     from mailhub.relay.mx import HopFailure
 
+    out = _Printable(raw_out)
     agent = remote_delivery(config, reactor)
     tls_policies(config, reactor, agent, https_port=https_port)
     policy = agent.tls_policy
@@ -172,7 +193,18 @@ def run_check(options: CheckOptions, config: Config, out: TextIO, err: TextIO) -
     def start() -> None:
         d = defer.ensureDeferred(_check(reactor, config, domain, options["https-port"], out))
 
+        def expired() -> None:
+            # not d.cancel(): the lookups turn a cancellation into "no answer" and go on
+            err.write(f"mailhub: tls check: no answer within {options['timeout']:g} s\n")
+            result.append(EX_TEMPFAIL)
+            reactor.stop()
+
+        timer = reactor.callLater(options["timeout"], expired)
+
         def done(value: Any) -> None:
+            if result:
+                return  # expired
+            timer.cancel()
             if isinstance(value, int):
                 result.append(value)
             else:

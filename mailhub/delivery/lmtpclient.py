@@ -12,7 +12,9 @@ after the data (RFC 2033 4.2), taken one by one -- a 452 for one recipient
 defers only that one, a 550 fails only that one.  A recipient whose final
 reply never came (connection lost, timeout, a reply that is no reply)
 is temporary with code 0: it is tried again, never counted as delivered
-and never failed.  After any such error the connection is not used again.
+and never failed.  After any such error the connection is not used again;
+nor after a reply nobody asked for (more replies than recipients, a
+reply while idle), which would put every later reply out of step.
 
 Must not touch: connections and their reuse (L{mailhub.delivery.lmtp}),
 retry decisions (the scheduler's), dot-stuffing (L{mailhub.relay.dotstuff},
@@ -153,6 +155,12 @@ class LMTPClient(protocol.Protocol):
             reply = parse_reply(self._lines)
             self._lines = []
             waiter, self._waiter = self._waiter, None
+            if waiter is None and self._producer is None:
+                # Nothing is being sent and nothing asked: a reply now would be
+                # taken for the answer to the next command, and every one after
+                # it for the command before its own.
+                self.abort(f"unexpected reply from {self.name}: {reply.said[:100]}", "4.5.0")
+                return
             if waiter is None:
                 self._early.append(reply)
                 if len(self._early) > MAX_EARLY:
@@ -294,6 +302,9 @@ class LMTPClient(protocol.Protocol):
         for i in accepted:  # RFC 2033 4.2: one reply per accepted recipient, in RCPT order
             reply = await self._expect(self.data_timeout, "waiting for the replies after the data")
             outcomes[i] = self._outcome(recipients[i], reply, "end of data")
+        self._producer = None
+        if self._early or self._lines:  # more replies than recipients: out of step from here on
+            self.abort(f"more replies from {self.name} than recipients", "4.5.0")
         return [outcomes[i] for i in range(len(recipients))]
 
     async def _reset(self) -> None:

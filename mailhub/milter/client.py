@@ -46,6 +46,11 @@ _NEEDS = {
 MAX_MODIFICATIONS = 1000
 #: and at most this many bytes of header fields and addresses in them.
 MAX_CHANGES_SIZE = 1024 * 1024
+#: SMFIR_PROGRESS restarts an answer's deadline, but never beyond this many
+#: seconds after the command (the time an SMTP client waits for the reply
+#: to the end of data, RFC 5321 4.5.3.2.6), nor beyond the deadline itself
+#: if that is longer: a milter that only ever says "in progress" fails.
+MAX_PROGRESS_WAIT = 600.0
 
 
 class MilterFailure(Exception):
@@ -83,6 +88,7 @@ class MilterProtocol(protocol.Protocol):
         self._waiting: defer.Deferred[Any] | None = None
         self._timer: IDelayedCall | None = None
         self._timeout = 0.0
+        self._asked_at = 0.0
         self._eom: EndOfMessage | None = None
         self._negotiating = False
         self.connected_ = False
@@ -156,6 +162,7 @@ class MilterProtocol(protocol.Protocol):
         d: defer.Deferred[Any] = defer.Deferred()
         self._waiting = d
         self._timeout = timeout
+        self._asked_at = self.clock.seconds()
         self._restart_timer()
         assert self.transport is not None
         self.transport.write(b"".join(packets))
@@ -189,8 +196,12 @@ class MilterProtocol(protocol.Protocol):
             self._fire(self.negotiated)
             return
         reply = codec.parse_reply(command, payload)
-        if reply is None:  # SMFIR_PROGRESS: the deadline starts again
-            self._restart_timer()
+        if reply is None:  # SMFIR_PROGRESS: the deadline starts again, within MAX_PROGRESS_WAIT
+            latest = self._asked_at + max(self._timeout, MAX_PROGRESS_WAIT)
+            self._stop_timer()
+            self._timer = self.clock.callLater(
+                max(0.0, min(self._timeout, latest - self.clock.seconds())), self._timed_out
+            )
             return
         if isinstance(reply, Modification):
             self._modification(reply)

@@ -8,8 +8,9 @@ negotiated SMFIP_HDR_LEADSPC), carrying out SMFIR_ADDHEADER,
 SMFIR_INSHEADER and SMFIR_CHGHEADER (a change to an empty value deletes
 the field) the way libmilter documents them, and the new content as
 chunks: the edited header section, then the old body or the milter's
-replacement (bare LF made CRLF).  Values a milter adds are made into
-well-formed lines: CR/LF only as folds, each followed by white space.
+replacement (bare LF and bare CR made CRLF, the last line ended).  Values
+a milter adds are made into well-formed lines: CR/LF only as folds, each
+followed by white space.
 
 Must not touch: the spool (the caller writes the chunks), the envelope,
 the network.  Pure.
@@ -123,17 +124,32 @@ def body_chunks(chunks: Iterable[bytes], size: int = codec.CHUNK) -> Iterator[by
 
 
 def crlf_body(file: IO[bytes]) -> Iterator[bytes]:
-    """A replacement body from its file, bare LF made CRLF."""
+    """
+    A replacement body from its file with every line ending a CRLF: a bare
+    LF or a bare CR becomes CRLF, as the relay's dot-stuffing reads them,
+    and a last line without its end gets one.  The stored message then
+    holds only CRLF line ends, as one received with DATA does (local
+    delivery relies on it), and no "." line can hide behind a bare one.
+    """
     file.seek(0)
     previous = b""
+    last = b"\n"
     while True:
         chunk = file.read(_CHUNK)
         if not chunk:
             if previous:
-                yield previous
+                yield b"\r\n"
+            elif last != b"\n":
+                yield b"\r\n"
             return
         data = previous + chunk
         previous = b""
         if data.endswith(b"\r"):
             data, previous = data[:-1], b"\r"
-        yield re.sub(rb"(?<!\r)\n", b"\r\n", data)
+        if not data:
+            continue
+        last = data[-1:]
+        yield _LINE_END.sub(b"\r\n", data)
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")

@@ -11,7 +11,9 @@ enhanced status and text), the C{rate_limited} mail event of every
 verdict (log line and metric, L{mailhub.metrics}), and the behaviour when
 the counter's store is down (C{redis_failure}: C{"open"} lets the event
 through, C{"closed"} refuses it with a 4xx).  Exempt client networks
-(C{exempt_networks}) skip the per-address limits.
+(C{exempt_networks}) skip the per-address limits.  An IPv6 client is
+counted per /64 network (L{client_key}): one host usually holds a whole
+/64, so counting each address alone would let it rotate past any limit.
 
 Must not touch: the counting itself (L{mailhub.ratelimit.counter.Counter}:
 memory or Redis), replies on the wire (the SMTP session, the HTTP API and
@@ -34,7 +36,7 @@ from twisted.python.failure import Failure
 from mailhub.maillog import mail_event
 from mailhub.ratelimit.counter import Counter
 
-__all__ = ["RateLimits", "Verdict", "MINUTE", "HOUR", "SECOND", "token_key"]
+__all__ = ["RateLimits", "Verdict", "MINUTE", "HOUR", "SECOND", "token_key", "client_key", "IPV6_PREFIX"]
 
 log = Logger()
 
@@ -76,6 +78,27 @@ _LIMITS: dict[str, tuple[str, float, str, str]] = {
 }
 
 
+#: The prefix length an IPv6 client address is counted under.
+IPV6_PREFIX = 64
+
+
+def client_key(ip: str) -> str:
+    """
+    The name a client address is counted under: an IPv4 address as it is
+    (also when written IPv4-mapped, C{::ffff:192.0.2.1}), an IPv6 address
+    as its /L{IPV6_PREFIX} network, anything else as given.
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, IPV6_PREFIX), strict=False))
+    return str(addr)
+
+
 def token_key(token: str) -> str:
     """The name an API token is counted under: never the token itself (keys are logged and stored)."""
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
@@ -111,25 +134,27 @@ class RateLimits:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
         return any(addr in n for n in self._exempt)
 
     # -- the events ------------------------------------------------------------
 
     def connection(self, ip: str) -> Deferred[Verdict | None]:
         """A client connected (C{421 4.7.0} over the limit: the session closes)."""
-        hits = [] if self.exempt(ip) else [("client_connections", ip, 1)]
+        hits = [] if self.exempt(ip) else [("client_connections", client_key(ip), 1)]
         return self._check(hits, "CONNECT", ip, closing=True)
 
     def mail(self, ip: str, user: str | None) -> Deferred[Verdict | None]:
         """A MAIL command (counted whether it is accepted or not, as Postfix's anvil does)."""
-        hits = [] if self.exempt(ip) else [("client_messages", ip, 1)]
+        hits = [] if self.exempt(ip) else [("client_messages", client_key(ip), 1)]
         if user:
             hits.append(("user_messages", user, 1))
         return self._check(hits, "MAIL", ip)
 
     def rcpt(self, ip: str, user: str | None) -> Deferred[Verdict | None]:
         """A RCPT command."""
-        hits = [] if self.exempt(ip) else [("client_recipients", ip, 1)]
+        hits = [] if self.exempt(ip) else [("client_recipients", client_key(ip), 1)]
         if user:
             hits.append(("user_recipients", user, 1))
         return self._check(hits, "RCPT", ip)

@@ -475,7 +475,7 @@ class RemoteDelivery(service.Service):
                         continue
                     fail = self._session_fail(e, str(target))
                     if tls_problem and hp.source in ("mta-sts", "dane"):
-                        what = "DANE" if hp.tlsa else f"the MTA-STS policy of {dp.domain}"
+                        what = "DANE" if hp.source == "dane" else f"the MTA-STS policy of {dp.domain}"
                         fail = HopFailure(TEMPORARY, 0, "4.7.5", f"{fail.text} (required by {what})",
                                           fail.remote_mta)
                     if tls_problem:

@@ -233,6 +233,7 @@ class DaneAnswer:
 
     secure: bool  # the answer (or the denial) was validated
     records: tuple[TLSA, ...]  # the usable ones
+    unusable: int = 0  # records there that are not usable (PKIX-TA/EE, unknown types, malformed)
 
     @property
     def usable(self) -> bool:
@@ -301,6 +302,7 @@ class DaneLookup:
         name = f"_{port}._tcp.{host}"
         payloads, secure = await self._ask(name, TLSA_TYPE)
         records: list[TLSA] = []
+        unusable = 0
         for p in payloads[:MAX_TLSA]:
             raw = getattr(p, "data", None)
             if not isinstance(raw, bytes):
@@ -308,7 +310,10 @@ class DaneLookup:
             try:
                 rec = TLSA.parse(raw)
             except ValueError:
+                unusable += 1
                 continue
             if rec.usable:
                 records.append(rec)
-        return DaneAnswer(secure, tuple(records))
+            else:
+                unusable += 1
+        return DaneAnswer(secure, tuple(records), unusable)

@@ -18,6 +18,7 @@ Must not touch: what a policy means for one connection
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time as _time
@@ -51,6 +52,10 @@ MAX_AGE_LIMIT = 31557600
 #: Most mx: lines kept.
 MAX_MX_PATTERNS = 100
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+#: An mx: pattern (RFC 8461 3.2): a host name, or "*." and one.
+_MX = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+#: A domain whose policy may be a file of the cache: its name is the file's.
+_FILE_DOMAIN = re.compile(r"^[a-z0-9_-][a-z0-9._-]{0,252}$")
 _MODES = ("enforce", "testing", "none")
 #: A cached policy is checked again (TXT, and fetched if its id changed) this often.
 CHECK_AFTER = 86400.0
@@ -91,10 +96,18 @@ class CachedPolicy:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CachedPolicy:
         p = data["policy"]
-        policy = STSPolicy(str(p["mode"]), tuple(str(m) for m in p["mx"]), int(p["max_age"]))
+        if not isinstance(p["mx"], list):
+            raise ValueError("mx is not a list")
+        age = min(max(int(p["max_age"]), 0), MAX_AGE_LIMIT)
+        policy = STSPolicy(str(p["mode"]), tuple(str(m) for m in p["mx"][:MAX_MX_PATTERNS]), age)
         if policy.mode not in _MODES:
             raise ValueError(f"mode {policy.mode!r}")
-        return cls(str(data["domain"]), str(data["id"]), policy, float(data["fetched"]), float(data["checked"]))
+        fetched, checked = float(data["fetched"]), float(data["checked"])
+        if not (math.isfinite(fetched) and math.isfinite(checked)):
+            raise ValueError("times are not finite")
+        if not _ID.match(str(data["id"])):
+            raise ValueError("bad policy id")
+        return cls(str(data["domain"]), str(data["id"]), policy, fetched, checked)
 
 
 def parse_txt(strings: list[list[bytes]]) -> str | None:
@@ -125,7 +138,8 @@ def parse_txt(strings: list[list[bytes]]) -> str | None:
 
 def parse_policy(body: bytes) -> STSPolicy:
     """
-    A policy file (RFC 8461 3.2): C{key: value} lines, CRLF or LF.
+    A policy file (RFC 8461 3.2): C{key: value} lines, CRLF or LF; an
+    C{mx:} value that is no host name pattern is skipped.
 
     @raise PolicyError: not STSv1, no or an unknown mode, no valid max_age,
         no mx: for enforce or testing.
@@ -142,8 +156,9 @@ def parse_policy(body: bytes) -> STSPolicy:
             continue
         k, v = k.strip(), v.strip()
         if k == "mx":
-            if len(mx) < MAX_MX_PATTERNS and v:
-                mx.append(v.lower().rstrip("."))
+            v = v.lower().rstrip(".")
+            if len(mx) < MAX_MX_PATTERNS and len(v) <= 253 and _MX.match(v):
+                mx.append(v)  # others (e.g. "*.*.example", control characters) are no pattern
         else:
             fields.setdefault(k, v)
     if fields.get("version") != "STSv1":
@@ -313,6 +328,11 @@ class MTASTS(service.Service):
     def _path(self, domain: str) -> str:
         return os.path.join(self._dir, domain + ".json")
 
+    @staticmethod
+    def _file_domain(domain: str) -> bool:
+        """A domain whose policy may be a cache file (its name cannot leave the directory)."""
+        return bool(_FILE_DOMAIN.match(domain)) and ".." not in domain
+
     def _load(self) -> None:
         if not os.path.isdir(self._dir):
             return
@@ -325,10 +345,13 @@ class MTASTS(service.Service):
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warn("ignoring unreadable MTA-STS cache file {name}: {error}", name=name, error=str(e))
                 continue
+            if name != entry.domain + ".json" or not self._file_domain(entry.domain):
+                log.warn("ignoring MTA-STS cache file {name}: it is not the policy of its own domain", name=name)
+                continue
             self._cache[entry.domain] = entry
 
     def _store(self, entry: CachedPolicy | None, domain: str) -> None:
-        if not self.persist or "/" in domain or domain.startswith("."):
+        if not self.persist or not self._file_domain(domain):
             if entry is None:
                 self._cache.pop(domain, None)
             else:
@@ -355,7 +378,7 @@ class MTASTS(service.Service):
 
     def cached(self, domain: str) -> CachedPolicy | None:
         """The cached entry of C{domain}, even expired (for C{mailhub tls check})."""
-        return self._cache.get(domain)
+        return self._cache.get(_canonical(domain))
 
     def _valid(self, domain: str) -> CachedPolicy | None:
         entry = self._cache.get(domain)
@@ -369,6 +392,7 @@ class MTASTS(service.Service):
         testing), or None; never errbacks.  A valid cached policy is used
         when the TXT lookup or the fetch fails (RFC 8461 5.1).
         """
+        domain = _canonical(domain)
         entry = self._valid(domain)
         if entry is not None and self._now() - entry.checked < CHECK_AFTER:
             return defer.succeed(entry)
@@ -437,6 +461,11 @@ class MTASTS(service.Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+
+
+def _canonical(domain: str) -> str:
+    """One spelling per domain: lower case, no final dot."""
+    return domain.lower().rstrip(".")
 
 
 def txt_lookup(resolver: Callable[[], Any]) -> Callable[[str], Awaitable[list[list[bytes]]]]:

@@ -170,6 +170,10 @@ class TLSPolicy:
                                   result_type="dnssec-invalid")
             if answer.usable:
                 return HostPolicy("encrypt", "dane", tlsa=answer.records)
+            if answer.secure and answer.unusable and level != "dane-only":
+                # RFC 7672 2.2 / 3.1.3: TLSA records, none usable: TLS is still
+                # mandatory, unauthenticated (Postfix: effective level "encrypt").
+                return HostPolicy("encrypt", "dane")
         if level == "dane-only":
             return HostPolicy("encrypt", "table", refuse=f"no usable DNSSEC-validated TLSA records for {host}",
                               result_type="dane-required")

@@ -145,6 +145,10 @@ class Pacer:
         """The session began: the client has C{timeout} for its first command."""
         self._timer = self._clock.callLater(self._server.timeout, self._timed_out)
 
+    def rearm(self) -> None:
+        """The idle deadline passed while the session was busy (its own work, not the client's): start it again."""
+        self._timer = self._clock.callLater(self._server.timeout, self._timed_out)
+
     def touch(self) -> None:
         """
         A request was completed (a command line, the end of a message):

@@ -10,7 +10,9 @@ Twisted's own PROXY parsers, C{twisted.protocols.haproxy}, with the checks
 they leave out -- a size bound, a source that is an IP address, no
 exception escaping -- and the bytes after the header handed back).  A
 header that names no source (v1 C{UNKNOWN}, v2 C{LOCAL}: the proxy's own
-health checks) leaves the connection's own address.
+health checks) leaves the connection's own address.  The address named
+must be of the header's family and carry no IPv6 scope; an IPv4-mapped
+one is taken as the IPv4 address.
 
 Also the log line of a header that failed (L{log_header_failure}), the
 same on every listener.
@@ -126,7 +128,7 @@ class ProxyHeaderReader:
             host = getattr(source, "host", None) if source is not None else None
             if source is not None and host is None:
                 raise ValueError("not an IP source")
-            client = self.peer if host is None else str(ipaddress.ip_address(host))
+            client = self.peer if host is None else _client_address(header, host)
         except Exception:  # the parsers let ValueError, UnicodeDecodeError... through
             self._fail("malformed PROXY header")
             return
@@ -141,6 +143,28 @@ def log_header_failure(proxy: str, why: str, listener: str) -> None:
         "NOQUEUE: reject: CONNECT from proxy [{client}]: {why}; closing; listener={listener}",
         client=proxy, why=why, listener=listener, reason="proxy_header",
     )
+
+
+def _client_address(header: bytes, host: str) -> str:
+    """
+    The client address a header names: an IP address of the family a v1
+    header says, no IPv6 scope (C{%zone}: text the peer chooses, and no
+    client behind a proxy has one), an IPv4-mapped IPv6 address as IPv4
+    (HAProxy on a dual-stack socket names IPv4 clients so).
+
+    @raise ValueError: anything else.
+    """
+    addr = ipaddress.ip_address(host)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:
+            raise ValueError("IPv6 scope in a PROXY header")
+        if header.startswith(b"PROXY TCP4 "):
+            raise ValueError("IPv6 address in a TCP4 header")
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+    elif header.startswith(b"PROXY TCP6 "):
+        raise ValueError("IPv4 address in a TCP6 header")
+    return str(addr)
 
 
 class ProxyGate:

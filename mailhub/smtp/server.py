@@ -386,6 +386,11 @@ class SMTPServer(protocol.Protocol):
     def _timed_out(self) -> None:
         if self._closed:
             return
+        if self.pacer.busy and not self.pacer.output_blocked and not self.pacer.handshaking:
+            # The client waits for us (a milter, a check, a commit, AUTH): it
+            # is not idle, and what we wait for has its own deadline.
+            self.pacer.rearm()
+            return
         mail_event(
             "timeout", "timeout after {command} from [{client}]",
             client=self.session.client_ip, command=self._commands.last, listener=self.session.listener,
@@ -775,6 +780,9 @@ class SMTPServer(protocol.Protocol):
     def _checked(self, verdict: Reply | None, staged: StagedMessage) -> defer.Deferred[None] | None:
         """The end-of-data checks answered: refuse the message, or commit it as they left it."""
         envelope = staged.envelope
+        if self._closed:
+            staged.writer.abort()  # nobody is told 250 any more: the client will send it again
+            return None
         if verdict is not None:
             staged.writer.abort()
             self.pacer.busy = False
@@ -785,6 +793,8 @@ class SMTPServer(protocol.Protocol):
                 enhanced=verdict.enhanced, text=verdict.text, sender=envelope.sender, reason="message_check",
             )
             self.reply(verdict)
+            if verdict.code == 421:
+                self.close()  # as for a 421 at any other stage: the service closes the channel
             self.process()
             return None
         if staged.discard:
