@@ -41,7 +41,13 @@ def daemons(cluster, tmp_path_factory):
         assert "Traceback" not in d.log()
 
 
-def test_two_daemons_share_one_history(cluster, daemons):
+def test_two_daemons_share_one_history_through_a_restart_and_a_kill(cluster, daemons):
+    """One story, in order: the counts below are exact, so nothing else may write to this history first."""
+    two_daemons_share_one_history(daemons)
+    history_survives_restart_and_kill(cluster, daemons)
+
+
+def two_daemons_share_one_history(daemons):
     chromium = require_tool("chromium")
     one, two = daemons
     ids = {
@@ -83,7 +89,7 @@ def test_two_daemons_share_one_history(cluster, daemons):
         assert f'id="history-{name}">{n}</div>' in page, name
 
 
-def test_history_survives_restart_and_kill(cluster, daemons):
+def history_survives_restart_and_kill(cluster, daemons):
     one, two = daemons
     before = {m["queue_id"] for m in history_json(one)}
     qid = send(one, f"alice@{DOMAIN}", message(f"alice@{DOMAIN}", "p4"))
