@@ -125,6 +125,8 @@ class ServerConfig:
     log_level: str = key("info", check.choice(*check.LOG_LEVELS))  # mailhub/loglevel.py
     # -- the user the daemon runs as once its ports are bound (docs/architecture.rst)
     user: str | None = key(None, check.optional_string)  # None: "mailhub" when started as root, else the current user
+    # SMTP sessions in this many acceptor processes; "auto": one per CPU; 1: in the daemon itself
+    processes: str | int = key("auto", check.processes)
 
 
 @dataclass(frozen=True)

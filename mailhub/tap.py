@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger, LoggingFile
 from twisted.python import usage
 
@@ -314,6 +315,45 @@ class _Listener(StreamServerEndpointService):
         return port
 
 
+class _SharedListener(_Listener):
+    """
+    A listening socket this process binds (perhaps as root, for port 25)
+    and never reads: the acceptor processes adopt it and accept on it.
+    """
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+
+        def quiet(port: Any) -> Any:
+            port.stopReading()
+            return port
+
+        self._waitingForPort.addCallback(quiet)
+
+
+class _NoSessions(Factory):
+    """The factory of a L{_SharedListener}: this process serves no session on it."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+class _ForwardingReload:
+    """The daemon's reload, then the acceptor processes' (when it was applied)."""
+
+    def __init__(self, reloader: Any, pool: Any) -> None:
+        self.reloader = reloader
+        self.pool = pool
+
+    def reload(self) -> Any:
+        outcome = self.reloader.reload()
+        if outcome.applied:
+            self.pool.reload()
+        return outcome
+
+
 def _pickup_resolver(directory: Any) -> Any:
     """
     The C{resolve_recipient} of the pickup service: local recipients are
@@ -392,6 +432,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.application.internet import TimerService
     from twisted.internet import reactor, threads
 
+    from mailhub.daemon.acceptors import processes_for
     from mailhub.daemon.components import build_components, tap_reloader
     from mailhub.delivery.directory import directory_args as directory_args_of
     from mailhub.delivery.local import LocalDelivery
@@ -604,22 +645,66 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         factories.append(smtp_factory)
         return smtp_factory
 
+    # server.processes > 1: this process binds the SMTP sockets and the
+    # acceptor processes serve them (mailhub/daemon/acceptors.py).
+    processes = processes_for(server_cfg.processes)
+    shared: list[_SharedListener] = []
+
+    def smtp_listener(description: str, endpoint: Any, kind: str) -> None:
+        if processes > 1:
+            listener: _Listener = _SharedListener(description, endpoint, _NoSessions(), kind)
+            shared.append(listener)  # type: ignore[arg-type]
+        else:
+            smtp_factory = factory(kind)
+            listener = _Listener(description, endpoint, smtp_factory, kind, smtp_factory.drain)
+        listener.setServiceParent(top)
+
     for description in server_cfg.smtp:
-        endpoint = serverFromString(reactor, description)
-        smtp_factory = factory("smtp")
-        _Listener(description, endpoint, smtp_factory, "smtp", smtp_factory.drain).setServiceParent(top)
+        smtp_listener(description, serverFromString(reactor, description), "smtp")
     for description in server_cfg.submission:
-        endpoint = serverFromString(reactor, description)
-        smtp_factory = factory("submission")
-        _Listener(description, endpoint, smtp_factory, "submission", smtp_factory.drain).setServiceParent(top)
+        smtp_listener(description, serverFromString(reactor, description), "submission")
     for description in server_cfg.smtps:
         assert server_tls is not None  # config.py requires the certificate for smtps
         try:
             endpoint = implicit_tls_endpoint(reactor, description, server_tls)
         except ValueError as e:
             fail(f"{source}: server.smtps: {e}")
-        smtp_factory = factory("smtps")
-        _Listener(description, endpoint, smtp_factory, "smtps", smtp_factory.drain).setServiceParent(top)
+        if processes > 1:  # the acceptors add the TLS layer
+            endpoint = serverFromString(reactor, description)
+        smtp_listener(description, endpoint, "smtps")
+    pool = None
+    if shared:
+        from mailhub.daemon.acceptors import AcceptorPool
+        from mailhub.daemon.anvil import Anvil
+
+        def limits() -> tuple[int, int]:
+            server = live.config.server
+            return server.max_connections, server.max_connections_per_ip
+
+        def unannounced() -> list[Any]:
+            found = []
+            for queue_id in spool.queue_ids():
+                if queue_id not in scheduler:
+                    try:
+                        found.append(spool.load(queue_id))
+                    except (KeyError, ValueError):
+                        continue
+            return found
+
+        if isinstance(options, Options):
+            overrides, data = options.overrides(), options["data"]
+        else:
+            overrides = {"server.user": options["user"]} if options.get("user") else {}
+            data = options.get("data")
+        pool = AcceptorPool(
+            reactor, processes, shared,
+            {"config": config.source, "overrides": overrides, "data": data},
+            Anvil(reactor, limits, throttle), scheduler.enqueue, spool.load, unannounced, server_tls,
+        )
+        pool.setServiceParent(top)
+        metrics.sessions = pool.sessions
+    else:
+        metrics.sessions = lambda: {str(os.getpid()): sum(f.connections for f in factories)}
 
     # HTTP: API, /metrics, status page (docs/http.rst); one site for every listener.
     if server_cfg.http:
@@ -652,6 +737,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         local if local_cfg.delivery_processes and not privileged_delivery else None,
         processes_fixed=privileged_delivery,
     ))
+    if pool is not None:
+        reloader.append(_ForwardingReload(reloader[0], pool))
+        reloader.pop(0)
     install_sighup(reloader[0].reload, reactor)
     if user is not None:
         # last: its privileged start runs once everything above is bound
