@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
 import smtplib
 import socket
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from daemon import DOMAIN, Daemon, config_text, delivered_with, message, read_maildir, send, wait_for
@@ -318,3 +322,45 @@ def test_processes_1_serves_in_the_daemon_itself(tmp_path):
         assert acceptors(d) == []
     finally:
         d.stop()
+
+
+def test_acceptors_run_as_the_user_with_a_key_only_root_reads(daemon_user):
+    from accounts import status
+
+    from mailhub.tls import make_self_signed
+
+    base = Path(tempfile.mkdtemp(prefix="mailhub-acceptors-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        cert, key = str(base / "cert.pem"), str(base / "key.pem")
+        make_self_signed("mx.example.test", cert, key)
+        os.chmod(key, 0o600)  # root's: the acceptors get it from the daemon
+        text = config(f'tls_cert = "{cert}"\ntls_key = "{key}"')
+        d = Daemon(base, text, user=daemon_user.pw_name).start()
+        try:
+            pids = two_acceptors(d)
+            uid = str(daemon_user.pw_uid)
+            for pid in pids + [d.proc.pid]:
+                assert status(pid)["Uid"].split() == [uid] * 4
+                assert int(status(pid)["CapEff"], 16) == 0
+            for pid in pids:
+                s = connect_on(d, pids, pid)
+                s.ehlo()
+                assert s.has_extn("starttls")
+                context = ssl.create_default_context(cafile=cert)
+                context.check_hostname = False
+                s._host = "mx.example.test"  # smtplib names the server it connected to by its constructor only
+                code, reply = s.starttls(context=context)
+                assert code == 220, reply
+                assert s.sock.getpeercert()["subject"]
+                s.ehlo()
+                s.mail("sender@client.test")
+                assert s.rcpt(f"alice@{DOMAIN}")[0] == 250
+                code, reply = s.data(message(f"alice@{DOMAIN}", f"tls{pid}"))
+                assert code == 250, reply
+                s.quit()
+                delivered_with(d, "alice", f"tls{pid}")
+        finally:
+            assert d.stop() == -signal.SIGTERM, d.stderr()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
