@@ -433,7 +433,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.internet import reactor, threads
 
     from mailhub.daemon.acceptors import processes_for
-    from mailhub.daemon.components import build_components, tap_reloader
+    from mailhub.daemon.components import build_components, smtp_factory, tap_reloader
     from mailhub.delivery.directory import directory_args as directory_args_of
     from mailhub.delivery.local import LocalDelivery
     from mailhub.delivery.localproc import LocalDeliveryProcesses, settings_for
@@ -444,7 +444,6 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.queue.pickup import PickupService
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
     from mailhub.queue.spool import Spool
-    from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
     from mailhub.smtp.sasl import AuthThrottle
     from mailhub.tls import ServerTLS, implicit_tls_endpoint
     from mailhub.web.api import make_http_site
@@ -623,27 +622,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         window=auth_cfg.failure_window,
     )
 
-    policy = Delegate.of(live, "policy")
     factories: list[Any] = []
 
     def factory(listener: str) -> Any:
-        # The commit (fsyncs) runs in a thread so other sessions are not
-        # stalled by the disk; the session reads nothing until it is done.
-        # Without a certificate no STARTTLS is offered; without a users
-        # file no AUTH (a plain MX listener).
-        smtp_factory = SMTPServerFactory(
-            SMTPSettings.of(config, listener, server=Delegate.of(live, "server")),
-            spool,
-            scheduler.enqueue,
-            policy,
-            reactor,
-            run=threads.deferToThread,
-            tls=server_tls,
-            users=users,
-            throttle=throttle,
-        )
-        factories.append(smtp_factory)
-        return smtp_factory
+        # the same as an acceptor process builds (daemon.components.smtp_factory)
+        made = smtp_factory(config, live, listener, spool, scheduler.enqueue, reactor, tls=server_tls, throttle=throttle)
+        factories.append(made)
+        return made
 
     # server.processes > 1: this process binds the SMTP sockets and the
     # acceptor processes serve them (mailhub/daemon/acceptors.py).

@@ -364,3 +364,50 @@ def test_acceptors_run_as_the_user_with_a_key_only_root_reads(daemon_user):
             assert d.stop() == -signal.SIGTERM, d.stderr()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_smtps_and_submission_in_acceptors(tmp_path):
+    import re
+
+    from mailhub.tls import make_self_signed
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    make_self_signed("mx.example.test", cert, key)
+    users = UsersFile(str(tmp_path / "users"), rounds=4)
+    users.add(f"alice@{DOMAIN}", PASSWORD)
+    text = config(
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\nsmtps = ["tcp:0:interface=127.0.0.1"]\n'
+        'submission = ["tcp:0:interface=127.0.0.1"]',
+        users=str(tmp_path / "users"),
+    )
+    d = Daemon(tmp_path, text).start()
+    try:
+        pids = two_acceptors(d)
+        ports = {
+            kind: int(port)
+            for kind, port in re.findall(r"listening for (SMTPS|SUBMISSION) on \S+ \(127\.0\.0\.1:(\d+)\)", d.log())
+        }
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        for pid in pids:
+            others = [p for p in pids if p != pid]
+            with stopped(others[0]):
+                s = smtplib.SMTP_SSL("127.0.0.1", ports["SMTPS"], context=context, timeout=20)
+            s.ehlo("client.test")
+            s.login(f"alice@{DOMAIN}", PASSWORD)
+            s.sendmail(f"alice@{DOMAIN}", [f"bob@{DOMAIN}"], message(f"bob@{DOMAIN}", f"smtps{pid}"))
+            s.quit()
+            with stopped(others[0]):
+                s = smtplib.SMTP("127.0.0.1", ports["SUBMISSION"], timeout=20)
+            s.ehlo("client.test")
+            s._host = "mx.example.test"
+            s.starttls(context=context)
+            s.ehlo("client.test")
+            s.login(f"alice@{DOMAIN}", PASSWORD)
+            s.sendmail(f"alice@{DOMAIN}", [f"bob@{DOMAIN}"], message(f"bob@{DOMAIN}", f"submission{pid}"))
+            s.quit()
+        for pid in pids:
+            delivered_with(d, "bob", f"smtps{pid}")
+            delivered_with(d, "bob", f"submission{pid}")
+    finally:
+        d.stop()

@@ -183,6 +183,7 @@ class Acceptor:
         self.factories: list[Any] = []
         self.ports: list[Any] = []
         self.listening = False
+        self.counter: Any = None
         self._draining: defer.Deferred[None] | None = None
 
     def load(self) -> Any:
@@ -219,35 +220,24 @@ class Acceptor:
         """Build one SMTP factory per listener and adopt its socket."""
         import os
 
-        from twisted.internet import threads
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        from mailhub.daemon.anvil import RemoteGate, RemoteThrottle
-        from mailhub.daemon.reload import Delegate
+        from mailhub.daemon.anvil import AnvilCounter, RemoteGate, RemoteThrottle
+        from mailhub.daemon.components import smtp_factory
         from mailhub.queue.spool import Spool
-        from mailhub.smtp.factory import SMTPServerFactory
-        from mailhub.smtp.settings import SMTPSettings
 
         config, live, channel = self.config, self.live, self.channel
         assert channel is not None
         spool = Spool(config.spool.path, config.spool.fsync)
-        users = Delegate.of(live, "users") if config.auth.users is not None else None
         throttle = RemoteThrottle(channel, self.reactor, delay=config.auth.failure_delay)
         gate = RemoteGate(channel)
+        #: rate-limit counters shared by every process (the Counter protocol)
+        self.counter = AnvilCounter(channel)
         for listener in self.args["listeners"]:
             kind = listener["kind"]
-            factory = SMTPServerFactory(
-                SMTPSettings.of(config, kind, server=Delegate.of(live, "server")),
-                spool,
-                channel.queued,
-                Delegate.of(live, "policy"),
-                self.reactor,
-                run=threads.deferToThread,
-                tls=self.server_tls,
-                users=users,
-                throttle=throttle if users is not None else None,  # type: ignore[arg-type]
-                gate=gate,
-                gate_name=listener["description"],
+            factory = smtp_factory(
+                config, live, kind, spool, channel.queued, self.reactor,
+                tls=self.server_tls, throttle=throttle, gate=gate, gate_name=listener["description"],
             )
             self.factories.append(factory)
             serving: Any = factory

@@ -24,7 +24,7 @@ from mailhub.config import DEFAULTS_SOURCE, Config, ConfigError, find_config_fil
 from mailhub.daemon.reload import Live, Reloader
 from mailhub.loglevel import set_level as set_log_level
 
-__all__ = ["build_components", "tap_reloader"]
+__all__ = ["build_components", "tap_reloader", "smtp_factory"]
 
 log = Logger()
 
@@ -112,6 +112,42 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
     except ValueError as e:
         raise ConfigError(f"{source}: server.trusted_networks: {e}") from e
     return {"directory": directory, "policy": policy, "users": users, "remote": remote}
+
+
+def smtp_factory(
+    config: Config, live: Live, listener: str, spool: Any, enqueue: Any, reactor: Any, *,
+    tls: Any = None, throttle: Any = None, gate: Any = None, gate_name: str = "",
+) -> Any:
+    """
+    The SMTP factory of one listener (C{smtp}, C{submission}, C{smtps}),
+    the same in the daemon (L{mailhub.tap}) and in an acceptor process
+    (L{mailhub.daemon.acceptor}): the server settings, policy and users
+    file read through C{live} (a reload reaches them); the commit (fsyncs)
+    runs in a thread so other sessions are not stalled by the disk.
+    Without a certificate no STARTTLS is offered; without a users file no
+    AUTH.  C{gate}: where connections are admitted when several processes
+    serve the listener.
+    """
+    from twisted.internet import threads
+
+    from mailhub.daemon.reload import Delegate
+    from mailhub.smtp.factory import SMTPServerFactory
+    from mailhub.smtp.settings import SMTPSettings
+
+    users = Delegate.of(live, "users") if config.auth.users is not None else None
+    return SMTPServerFactory(
+        SMTPSettings.of(config, listener, server=Delegate.of(live, "server")),
+        spool,
+        enqueue,
+        Delegate.of(live, "policy"),
+        reactor,
+        run=threads.deferToThread,
+        tls=tls,
+        users=users,
+        throttle=throttle if users is not None else None,
+        gate=gate,
+        gate_name=gate_name,
+    )
 
 
 def tap_reloader(
