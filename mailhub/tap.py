@@ -626,7 +626,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
 
     def factory(listener: str) -> Any:
         # the same as an acceptor process builds (daemon.components.smtp_factory)
-        made = smtp_factory(config, live, listener, spool, scheduler.enqueue, reactor, tls=server_tls, throttle=throttle)
+        made = smtp_factory(
+            config, live, listener, spool, scheduler.enqueue, reactor, tls=server_tls, users=users, throttle=throttle
+        )
         factories.append(made)
         return made
 

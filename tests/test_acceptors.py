@@ -64,9 +64,10 @@ def test_what_is_not_an_event_is_dropped(line: bytes) -> None:
 
 
 class Pool(AcceptorPool):
-    """An AcceptorPool whose processes are stand-ins."""
+    """An AcceptorPool whose processes are stand-ins, on a clock that is running."""
 
     def __init__(self, clock: task.Clock, **kw: Any) -> None:
+        clock.callWhenRunning = lambda f, *a: f(*a)  # type: ignore[attr-defined]
         super().__init__(clock, 2, [], {}, Anvil(clock, lambda: (10, 10)), self.got.append, self.load, **kw)
         self.clock = clock
         self.spawned = 0
@@ -197,3 +198,42 @@ def test_server_processes_default_and_number(tmp_path: Any) -> None:
     path = tmp_path / "mailhub.toml"
     path.write_text("[server]\nprocesses = 4\n")
     assert load_config(str(path)).server.processes == 4
+
+
+def test_make_service_with_acceptor_processes(tmp_path: Any, monkeypatch: Any) -> None:
+    """processes = 2: the daemon binds the SMTP listeners and an AcceptorPool serves them."""
+    import os
+
+    from mailhub import tap
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MAILHUB_CONFIG", raising=False)
+    conf = tmp_path / "m.toml"
+    conf.write_text(
+        '[server]\nprocesses = 2\nsmtp = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]\n'
+        'max_connections_per_ip = 3\n'
+    )
+    options = tap.Options()
+    options.parseOptions(["--config", str(conf), *(["--user=root"] if os.geteuid() == 0 else [])])
+    top = tap.makeService(options)
+    children = list(top)
+    shared = [c for c in children if isinstance(c, tap._SharedListener)]
+    assert [(c.kind, c.description) for c in shared] == [
+        ("smtp", "tcp:0:interface=127.0.0.1"), ("smtp", "tcp:0:interface=127.0.0.2"),
+    ]
+    pools = [c for c in children if isinstance(c, AcceptorPool)]
+    assert len(pools) == 1
+    pool = pools[0]
+    assert pool.count == 2 and pool.listeners == shared
+    assert children.index(pool) > max(children.index(c) for c in shared)  # stops first: drains before the sockets close
+    assert pool.settings == {"config": str(conf), "overrides": {"server.user": "root"} if os.geteuid() == 0 else {},
+                             "data": None}
+    assert pool.anvil.limits() == (100, 3)
+    assert pool.enqueue == top.getServiceNamed("scheduler").enqueue
+    # the sockets are bound, and this process reads nothing from them
+    for listener in shared:
+        listener.privilegedStartService()
+        port = listener._waitingForPort.result
+        assert port.fileno() >= 0
+        assert port not in port.reactor.getReaders()
+        port.stopListening()

@@ -279,7 +279,7 @@ def test_shutdown_drains_every_acceptor(daemon):
         assert s.ehlo()[0] == 250
     assert daemon.stop() == -signal.SIGTERM
     for s in idle:
-        # each acceptor told its idle session 421 4.3.2 before it ended
+        # each acceptor answered 421 4.3.2 to its idle client before it ended
         code, reply = s.getreply()
         assert (code, reply[:5]) == (421, b"4.3.2"), reply
         s.close()

@@ -224,6 +224,7 @@ class Acceptor:
 
         from mailhub.daemon.anvil import AnvilCounter, RemoteGate, RemoteThrottle
         from mailhub.daemon.components import smtp_factory
+        from mailhub.daemon.reload import Delegate
         from mailhub.queue.spool import Spool
 
         config, live, channel = self.config, self.live, self.channel
@@ -231,13 +232,14 @@ class Acceptor:
         spool = Spool(config.spool.path, config.spool.fsync)
         throttle = RemoteThrottle(channel, self.reactor, delay=config.auth.failure_delay)
         gate = RemoteGate(channel)
+        users = Delegate.of(live, "users") if config.auth.users is not None else None
         #: rate-limit counters shared by every process (the Counter protocol)
         self.counter = AnvilCounter(channel)
         for listener in self.args["listeners"]:
             kind = listener["kind"]
             factory = smtp_factory(
                 config, live, kind, spool, channel.queued, self.reactor,
-                tls=self.server_tls, throttle=throttle, gate=gate, gate_name=listener["description"],
+                tls=self.server_tls, users=users, throttle=throttle, gate=gate, gate_name=listener["description"],
             )
             self.factories.append(factory)
             serving: Any = factory

@@ -274,7 +274,14 @@ class AcceptorPool(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        for _ in range(self.count):
+        # once the reactor runs: its signal handlers are in place before
+        # the first fork, so a SIGTERM at any time is a clean stop
+        self.reactor.callWhenRunning(self._spawn_all)
+
+    def _spawn_all(self) -> None:
+        if not self.running:
+            return
+        while len(self.workers) < self.count:
             self.spawn()
 
     def spawn(self) -> _Worker:

@@ -116,7 +116,7 @@ def build_components(config: Config, reactor: Any, live: Live) -> dict[str, Any]
 
 def smtp_factory(
     config: Config, live: Live, listener: str, spool: Any, enqueue: Any, reactor: Any, *,
-    tls: Any = None, throttle: Any = None, gate: Any = None, gate_name: str = "",
+    tls: Any = None, users: Any = None, throttle: Any = None, gate: Any = None, gate_name: str = "",
 ) -> Any:
     """
     The SMTP factory of one listener (C{smtp}, C{submission}, C{smtps}),
@@ -126,7 +126,8 @@ def smtp_factory(
     runs in a thread so other sessions are not stalled by the disk.
     Without a certificate no STARTTLS is offered; without a users file no
     AUTH.  C{gate}: where connections are admitted when several processes
-    serve the listener.
+    serve the listener.  C{users}: the users file (through C{live}),
+    shared by the listeners of a process.
     """
     from twisted.internet import threads
 
@@ -134,7 +135,6 @@ def smtp_factory(
     from mailhub.smtp.factory import SMTPServerFactory
     from mailhub.smtp.settings import SMTPSettings
 
-    users = Delegate.of(live, "users") if config.auth.users is not None else None
     return SMTPServerFactory(
         SMTPSettings.of(config, listener, server=Delegate.of(live, "server")),
         spool,
