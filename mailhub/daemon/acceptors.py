@@ -318,10 +318,19 @@ class AcceptorPool(service.Service):
         self.workers.append(worker)
         # The certificate and key before the first handshake: the acceptor
         # waits for this first Reload before it listens.
-        cert, key = self.tls.pem if self.tls is not None else (None, None)
-        d = channel.callRemote(Reload, cert=cert, key=key)
-        d.addErrback(lambda f: None)  # it ended: ended() says so
+        self._reload(worker)
         return worker
+
+    def _reload(self, worker: _Worker) -> defer.Deferred[Any]:
+        """Send L{Reload} with the current certificate and key; fires with its answer or None."""
+        assert worker.channel is not None
+        cert, key = self.tls.pem if self.tls is not None else (None, None)
+        try:
+            d = worker.channel.callRemote(Reload, cert=cert, key=key)
+        except amp.TooLong:
+            log.error("the TLS certificate and key are over 64 KiB: the acceptor processes cannot get them")
+            return defer.succeed(None)
+        return d.addErrback(lambda f: None)  # it ended: ended() says so
 
     # -- one that ends ---------------------------------------------------------------
 
@@ -389,14 +398,13 @@ class AcceptorPool(service.Service):
         for worker in list(self.workers):
             if worker.channel is None:
                 continue
-            cert, key = self.tls.pem if self.tls is not None else (None, None)
-            d = worker.channel.callRemote(Reload, cert=cert, key=key)
+            d = self._reload(worker)
 
-            def said(result: dict[str, Any], pid: int = worker.pid) -> None:
-                if not result["applied"]:
+            def said(result: dict[str, Any] | None, pid: int = worker.pid) -> None:
+                if result is not None and not result["applied"]:
                     log.error("acceptor process {pid}: {summary}", pid=pid, summary=result["summary"])
 
-            d.addCallbacks(said, lambda f: None)
+            d.addCallback(said)
             calls.append(d)
         return defer.DeferredList(calls)
 
