@@ -55,6 +55,9 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAIN = "bench.example"
+#: The relay scenario's recipients: routed by both servers to an smtp-sink.
+REMOTE_DOMAIN = "remote.example"
+SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = f"from@{DOMAIN}"
 #: smtp-source's -r N sends to "user", "2user", ..., "Nuser".
 RCPT_BASE = "user"
@@ -90,9 +93,12 @@ class Scenario:
     big: int = 0  # bytes of one message streamed by a Python client
     probes: int = 200  # latency samples (sequential transactions of one client)
     backlog: int = 0  # deferred messages written into the spool before the start
+    relay: bool = False  # recipients at REMOTE_DOMAIN, relayed to an smtp-sink
 
     @property
     def kind(self) -> str:
+        if self.relay:
+            return "relay"
         if self.backlog:
             return "backlog"
         if self.idle:
@@ -110,6 +116,7 @@ FULL = (
     Scenario("idle1000", idle=1000, probes=100),
     Scenario("100MB", big=100 * 1024 * 1024, probes=1),
     Scenario("backlog", backlog=100_000, sessions=1, messages=500, size=4096, probes=50),
+    Scenario("relay", sessions=20, messages=5000, size=4096, relay=True),
 )
 
 QUICK = (
@@ -120,6 +127,7 @@ QUICK = (
     Scenario("idle1000", idle=200, probes=20),
     Scenario("100MB", big=10 * 1024 * 1024, probes=1),
     Scenario("backlog", backlog=10_000, sessions=1, messages=200, size=4096, probes=50),
+    Scenario("relay", sessions=20, messages=500, size=4096, relay=True, probes=20),
 )
 
 #: Why a target has no number for a scenario (the table says n/a).
@@ -174,7 +182,8 @@ def smtp_source_args(scenario: Scenario, port: int, program: str = SMTP_SOURCE) 
     args = [program, "-c", "-s", str(scenario.sessions), "-m", str(scenario.messages), "-l", str(scenario.size)]
     if scenario.recipients > 1:
         args += ["-r", str(scenario.recipients)]
-    args += ["-M", "client." + DOMAIN, "-f", SENDER, "-t", f"{RCPT_BASE}@{DOMAIN}", f"127.0.0.1:{port}"]
+    domain = REMOTE_DOMAIN if scenario.relay else DOMAIN
+    args += ["-M", "client." + DOMAIN, "-f", SENDER, "-t", f"{RCPT_BASE}@{domain}", f"127.0.0.1:{port}"]
     return args
 
 
@@ -237,30 +246,95 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # configuration files
 
 
-def mailhub_config(port: int, fsync: bool = True) -> str:
+def mailhub_settings(
+    port: int, fsync: bool = True, user: str | None = None, relay_port: int = 0
+) -> dict[str, dict[str, Any]]:
     """
-    mailhub's throwaway configuration (paths relative to the file).  Default
-    durability; only the limits that the scenarios would otherwise hit are
-    raised: message size (100 MB message) and connections (1000 idle).
+    mailhub's throwaway configuration as TOML tables (paths relative to the
+    file).  Default durability; only the limits that the scenarios would
+    otherwise hit are raised: message size (100 MB message) and connections
+    (1000 idle).  Started as root, mailhub would switch to C{server.user}
+    (default C{mailhub}, absent on a build machine): C{user} names the one
+    to use (C{"root"} keeps root; the work done per message is the same).
+    With C{relay_port}, mail to C{REMOTE_DOMAIN} goes to 127.0.0.1:relay_port
+    (the relay scenario's smtp-sink) without TLS, as Postfix's does.
     """
-    return f"""# written by bench/run.py
-[server]
-hostname = "mx.{DOMAIN}"
-smtp = ["tcp:{port}:interface=127.0.0.1"]
-max_message_size = {MESSAGE_SIZE_LIMIT}
-max_connections = {CONNECTION_LIMIT}
-max_connections_per_ip = {CONNECTION_LIMIT}
+    server: dict[str, Any] = {
+        "hostname": f"mx.{DOMAIN}",
+        "smtp": [f"tcp:{port}:interface=127.0.0.1"],
+        "max_message_size": MESSAGE_SIZE_LIMIT,
+        "max_connections": CONNECTION_LIMIT,
+        "max_connections_per_ip": CONNECTION_LIMIT,
+        "mail_log": "mail.log",
+    }
+    if user is not None:
+        server["user"] = user
+    settings: dict[str, dict[str, Any]] = {
+        "server": server,
+        "spool": {"path": "spool", "fsync": fsync},
+        "local": {"domains": [DOMAIN], "mailboxes": "mailboxes"},
+    }
+    if relay_port:
+        settings["relay"] = {"tls": "none", "routes": {REMOTE_DOMAIN: f"[127.0.0.1]:{relay_port}"}}
+    return settings
 
-mail_log = "mail.log"
 
-[spool]
-path = "spool"
-fsync = {"true" if fsync else "false"}
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """
+    C{SECTION.KEY=VALUE} from C{--mailhub-set} as (section, key, value):
+    the value is read as TOML (C{true}, C{4}, C{"syncfs"}, C{["a"]}); a
+    bare word that is not TOML is a string (C{spool.sync=syncfs}).
+    """
+    import tomllib
 
-[local]
-domains = ["{DOMAIN}"]
-mailboxes = "mailboxes"
-"""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().rpartition(".")
+    if not sep or not key or not section:
+        raise ValueError(f"{text!r}: expected SECTION.KEY=VALUE (e.g. spool.sync=syncfs)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def apply_overrides(settings: dict[str, dict[str, Any]], overrides: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A copy of C{settings} with each C{SECTION.KEY=VALUE} set (L{parse_override})."""
+    out = {name: dict(table) for name, table in settings.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def render_toml(settings: dict[str, dict[str, Any]]) -> str:
+    """The tables as TOML."""
+    lines = ["# written by bench/run.py"]
+    for name, table in settings.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def mailhub_config(
+    port: int, fsync: bool = True, overrides: Iterable[str] = (), user: str | None = None, relay_port: int = 0
+) -> str:
+    """L{mailhub_settings} with C{overrides} (C{--mailhub-set}, a variant's) applied, as TOML."""
+    return render_toml(apply_overrides(mailhub_settings(port, fsync, user, relay_port), overrides))
 
 
 def postfix_main_cf(base: str, uid: int, gid: int) -> str:
@@ -297,7 +371,14 @@ virtual_mailbox_limit = 0
 mailbox_size_limit = 0
 maillog_file = {base}/maillog
 maillog_file_prefixes = {base}
+transport_maps = texthash:{base}/etc/transport
+smtp_tls_security_level = none
 """
+
+
+def postfix_transport(relay_port: int) -> str:
+    """transport_maps (texthash): the relay scenario's domain to its smtp-sink, no MX lookup."""
+    return f"{REMOTE_DOMAIN} smtp:[127.0.0.1]:{relay_port}\n" if relay_port else ""
 
 
 _MASTER_SERVICES = """\
@@ -559,20 +640,127 @@ def children_of(parent: int) -> list[int]:
     return out
 
 
-class MemorySampler(threading.Thread):
-    """Samples the sum of VmRSS over a server's processes every C{interval} seconds."""
+def descendants_of(parent: int) -> list[int]:
+    """Children, grandchildren ... of a process (mailhub's supervisor forks its own)."""
+    out: list[int] = []
+    todo = [parent]
+    while todo:
+        kids = children_of(todo.pop())
+        out += kids
+        todo += kids
+    return out
 
-    def __init__(self, pids: Callable[[], list[int]], interval: float = 0.1) -> None:
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(comm, utime + stime ticks of the process itself, RSS kB) from /proc/PID/stat, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    comm = stat[stat.find("(") + 1 : stat.rfind(")")]
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return comm, int(fields[11]) + int(fields[12]), int(fields[21]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def mailhub_kind(pid: int, main: int) -> str:
+    """
+    Which of mailhub's processes C{pid} is: C{main} (the daemon), C{delivery}
+    (a local delivery process), C{supervisor} (system mode's root
+    supervisor) or C{acceptor} (an SMTP worker process: any other child).
+    """
+    if pid == main:
+        return "main"
+    cmd = proc_cmdline(pid)
+    if "localchild" in cmd:
+        return "delivery"
+    if "supervisor" in cmd:
+        return "supervisor"
+    return "acceptor"
+
+
+class MemorySampler(threading.Thread):
+    """
+    Samples a server's processes every C{interval} seconds: the sum of
+    VmRSS (C{peak_kb}), each process's RSS (its lowest, C{first_kb}, and
+    highest, C{peak_by_pid}),
+    and each process's own CPU ticks by kind (C{kind}: pid -> name;
+    default: the process's C{comm}, as Postfix's daemons are told apart).
+    A process that exits between two samples keeps the CPU it had at the
+    last one; L{cpu_ms_by_kind} adds what the ones present at L{mark}
+    used since then and what the new ones used in all.
+    """
+
+    def __init__(
+        self, pids: Callable[[], list[int]], interval: float = 0.1, kind: Callable[[int, str], str] | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.pids = pids
         self.interval = interval
+        self.kind = kind or (lambda _pid, comm: comm)
         self.peak_kb = 0
+        self.first_kb: dict[int, int] = {}
+        self.peak_by_pid: dict[int, int] = {}
+        self._kinds: dict[int, str] = {}
+        self._base: dict[int, int] = {}  # ticks at mark()
+        self._last: dict[int, int] = {}  # ticks at the last sample
+        self._lock = threading.Lock()
         self._halt = threading.Event()
 
     def sample(self) -> int:
-        total = sum(proc_kb(p, "VmRSS") for p in self.pids())
+        pids = self.pids()
+        total = sum(proc_kb(p, "VmRSS") for p in pids)
         self.peak_kb = max(self.peak_kb, total)
+        with self._lock:
+            for p in pids:
+                st = proc_stat(p)
+                if st is None:
+                    continue
+                comm, ticks, rss = st
+                if p not in self._kinds:
+                    self._kinds[p] = self.kind(p, comm)
+                self._last[p] = ticks
+                self.first_kb[p] = min(self.first_kb.get(p, rss), rss)
+                self.peak_by_pid[p] = max(self.peak_by_pid.get(p, 0), rss)
         return total
+
+    def mark(self) -> None:
+        """Start counting CPU from now (the processes alive now count from here)."""
+        self.sample()
+        with self._lock:
+            self._base = dict(self._last)
+
+    def cpu_ms_by_kind(self) -> dict[str, float]:
+        """CPU milliseconds per process kind since L{mark} (sample first)."""
+        self.sample()
+        out: dict[str, float] = {}
+        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+        with self._lock:
+            for p, ticks in self._last.items():
+                used = ticks - self._base.get(p, 0)
+                kind = self._kinds.get(p, "?")
+                out[kind] = out.get(kind, 0.0) + used * tick_ms
+        return out
+
+    def max_growth_kb(self) -> tuple[int, int]:
+        """(pid, kB) of the process whose RSS grew most above its lowest sample."""
+        best = (0, 0)
+        for p, peak in self.peak_by_pid.items():
+            growth = peak - self.first_kb.get(p, peak)
+            if growth > best[1]:
+                best = (p, growth)
+        return best
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -642,11 +830,63 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool], interval
     raise RuntimeError(f"nothing answered on 127.0.0.1:{port} within {timeout} s")
 
 
+class Sink:
+    """
+    Postfix's C{smtp-sink} on 127.0.0.1 (the relay scenario's remote
+    server): accepts everything, keeps nothing, counts each completed DATA
+    (C{-c}: C{mesg=N} on stdout, read by a thread).  Started as root it
+    runs as C{nobody} (C{-u}, required there).
+    """
+
+    def __init__(self, program: str = SMTP_SINK) -> None:
+        self.program = program
+        self.port = 0
+        self.count = 0
+        self.proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def args(self) -> list[str]:
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        return [self.program, "-c", *user, f"127.0.0.1:{self.port}", "256"]
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for_port(self.port, 10, lambda: self.proc is not None and self.proc.poll() is None)
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        tail = b""
+        while True:
+            chunk = self.proc.stdout.read1(65536)
+            if not chunk:
+                return
+            tail = (tail + chunk)[-256:]
+            found = parse_sink_counter(tail.decode(errors="replace"))
+            if found is not None:
+                self.count = found
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def parse_sink_counter(output: str) -> int | None:
+    """The last C{mesg=N} of smtp-sink's C{-c} counter, or None."""
+    numbers = re.findall(r"mesg=(\d+)", output)
+    return int(numbers[-1]) if numbers else None
+
+
 class Server:
     """A server started in its own temporary directory."""
 
     name = "?"
     port = 0
+    #: where mail to REMOTE_DOMAIN goes (the relay scenario's smtp-sink), 0: nowhere
+    relay_port = 0
     maildirs: dict[str, str]
     #: monotonic times: just before the server process was started, and
     #: when its port first answered 220
@@ -661,6 +901,10 @@ class Server:
 
     def pids(self) -> list[int]:
         raise NotImplementedError
+
+    def kind(self, pid: int, comm: str) -> str:
+        """The process kind C{pid} counts under in the CPU breakdown."""
+        return comm
 
     def peak_rss_kb(self, sampled: int) -> int:
         return sampled
@@ -689,11 +933,24 @@ class Mailhub(Server):
     """
 
     name = "mailhub"
+    #: the message history on or off (C{--history}), for every mailhub started
+    history = True
 
     def __init__(
-        self, base: str, python: str = sys.executable, profile: str | None = None, backlog: int = 0, size: int = 4096
+        self,
+        base: str,
+        python: str = sys.executable,
+        profile: str | None = None,
+        backlog: int = 0,
+        size: int = 4096,
+        overrides: Sequence[str] = (),
+        relay_port: int = 0,
+        name: str = "mailhub",
     ) -> None:
         self.base = base
+        self.overrides = tuple(overrides)
+        self.relay_port = relay_port
+        self.name = name
         self.python = python
         self.profile = profile
         self.backlog = backlog
@@ -713,7 +970,9 @@ class Mailhub(Server):
         self.port = free_port()
         conf = os.path.join(self.base, "mailhub.toml")
         with open(conf, "w") as f:
-            f.write(mailhub_config(self.port))
+            user = "root" if os.geteuid() == 0 else None
+            overrides = self.overrides if self.history else (*self.overrides, "history.enabled=false")
+            f.write(mailhub_config(self.port, overrides=overrides, user=user, relay_port=self.relay_port))
         self.maildirs = make_maildirs(os.path.join(self.base, "mailboxes"), all_users())
         if self.backlog:
             t0 = time.monotonic()
@@ -736,15 +995,19 @@ class Mailhub(Server):
         self.ready_at = time.monotonic()
 
     def pids(self) -> list[int]:
-        # the daemon and its local delivery processes (local.delivery_processes)
+        # the daemon, its local delivery processes (local.delivery_processes),
+        # SMTP worker processes if any, and whatever those start
         if not self.proc or self.proc.poll() is not None:
             return []
-        return [self.proc.pid] + children_of(self.proc.pid)
+        return [self.proc.pid] + descendants_of(self.proc.pid)
+
+    def kind(self, pid: int, comm: str) -> str:
+        return mailhub_kind(pid, self.proc.pid if self.proc else -1)
 
     def peak_rss_kb(self, sampled: int) -> int:
         # the daemon's own high-water mark plus its children's at their
         # peak (VmHWM of each): never less than the sampled sum
-        children = sum(proc_kb(p, "VmHWM") for p in children_of(self.proc.pid))
+        children = sum(proc_kb(p, "VmHWM") for p in descendants_of(self.proc.pid))
         return max(sampled, proc_kb(self.proc.pid, "VmHWM") + children)
 
     def stop(self) -> None:
@@ -804,8 +1067,9 @@ class Postfix(Server):
 
     name = "postfix"
 
-    def __init__(self, base: str, program: str = POSTFIX) -> None:
+    def __init__(self, base: str, program: str = POSTFIX, relay_port: int = 0) -> None:
         self.base = base
+        self.relay_port = relay_port
         self.program = program
         self.etc = os.path.join(base, "etc")
 
@@ -840,6 +1104,8 @@ class Postfix(Server):
             f.write(postfix_master_cf(self.port))
         with open(os.path.join(self.etc, "vmailbox"), "w") as f:
             f.write(postfix_vmailbox(all_users()))
+        with open(os.path.join(self.etc, "transport"), "w") as f:
+            f.write(postfix_transport(self.relay_port))
         self.maildirs = make_maildirs(os.path.join(self.base, "mail"), all_users(), nobody.pw_uid, nobody.pw_gid)
         self._postfix("check")  # creates the queue's subdirectories with their owners
         self._postfix("start")
@@ -1031,11 +1297,16 @@ def delivery_latencies(
     return samples, None
 
 
-def wait_delivered(server: Server, users: list[str], expected: int, timeout: float) -> tuple[int, float]:
-    """Poll the Maildirs' new/ until C{expected} files are there; (count, monotonic time)."""
+def wait_delivered(
+    server: Server, users: list[str], expected: int, timeout: float, count: Callable[[], int] | None = None
+) -> tuple[int, float]:
+    """
+    Poll the Maildirs' new/ (or C{count}: the relay scenario's sink) until
+    C{expected} messages are there; (count, monotonic time).
+    """
     deadline = time.monotonic() + timeout
     while True:
-        n = server.delivered(users)
+        n = count() if count is not None else server.delivered(users)
         now = time.monotonic()
         if n >= expected or now > deadline:
             return n, now
@@ -1046,14 +1317,21 @@ def wait_delivered(server: Server, users: list[str], expected: int, timeout: flo
 # one measurement
 
 
-def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE) -> dict:
+def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE, sink: Sink | None = None) -> dict:
     """Run one scenario against a started server; a dict of metrics (see docs/performance.rst)."""
-    sampler = MemorySampler(server.pids)
+    sampler = MemorySampler(server.pids, kind=server.kind)
     result: dict = {"ok": False, "errors": []}
     start_rss = server.rss_kb()
     result["start_rss_mb"] = start_rss / 1024
-    if scenario.kind == "load":
+    if scenario.kind in ("load", "relay"):
         users = recipient_users(scenario.recipients)
+        count = None
+        if scenario.relay:
+            if sink is None:
+                raise RuntimeError("the relay scenario needs its smtp-sink")
+            sunk = sink.count
+            count = lambda: sink.count - sunk  # noqa: E731
+        sampler.mark()
         sampler.start()
         cpu0 = tree_cpu_s(server.pids())
         t0 = time.monotonic()
@@ -1064,9 +1342,12 @@ def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE) 
         if r.returncode != 0 and not result["errors"]:
             result["errors"].append(f"smtp-source exited {r.returncode}")
         expected = scenario.messages * scenario.recipients
-        delivered, t2 = wait_delivered(server, users, expected, timeout=max(60.0, expected / 20))
+        delivered, t2 = wait_delivered(server, users, expected, timeout=max(60.0, expected / 20), count=count)
         # everything the server spent on the load: accepting and delivering
         result["cpu_ms_per_msg"] = (tree_cpu_s(server.pids()) - cpu0) * 1000 / max(1, scenario.messages)
+        # ... and by process kind (main, acceptor, delivery; Postfix: smtpd, cleanup, qmgr, ...)
+        for kind, ms in sorted(sampler.cpu_ms_by_kind().items()):
+            result[f"cpu_ms_per_msg.{kind}"] = ms / max(1, scenario.messages)
         # Latency afterwards, on the quiet server, so that the load above is
         # smtp-source's alone (the issue's Postfix numbers were taken so).
         probe = LatencyProbe(server.port, scenario.size, scenario.probes)
@@ -1139,6 +1420,9 @@ def measure(server: Server, scenario: Scenario, smtp_source: str = SMTP_SOURCE) 
     result["peak_rss_mb"] = peak / 1024
     if scenario.kind == "big":
         result["rss_growth_mb"] = (peak - start_rss) / 1024
+        # the issue's target is per process: the one that received the message
+        _pid, grown = sampler.max_growth_kb()
+        result["proc_rss_growth_mb"] = grown / 1024
     if not result["ok"] and not result["errors"]:
         result["errors"].append("not every message arrived")
     return result
@@ -1234,14 +1518,24 @@ METRICS = {
         ("p99_ms", "p99 transaction ms", "{:.1f}"),
         ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
     ],
+    "relay": [
+        ("accepted_per_s", "accepted msg/s", "{:.0f}"),
+        ("delivered_per_s", "relayed msg/s (end to end, at the sink)", "{:.0f}"),
+        ("lag_s", "last 250 -> all at the sink, s", "{:.2f}"),
+        ("cpu_ms_per_msg", "server CPU ms per message", "{:.2f}"),
+        ("p50_ms", "p50 transaction ms (local probe)", "{:.1f}"),
+        ("p99_ms", "p99 transaction ms (local probe)", "{:.1f}"),
+        ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
+    ],
     "idle": [
-        ("per_conn_kb", "memory per idle connection KB", "{:.1f}"),
+        ("per_conn_kb", "memory per idle connection KB (PSS, all processes)", "{:.1f}"),
         ("p50_ms", "p50 transaction ms (while idle held)", "{:.1f}"),
         ("p99_ms", "p99 transaction ms (while idle held)", "{:.1f}"),
         ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
     ],
     "big": [
-        ("rss_growth_mb", "RSS growth MB", "{:.1f}"),
+        ("rss_growth_mb", "RSS growth MB (all processes)", "{:.1f}"),
+        ("proc_rss_growth_mb", "RSS growth MB (the process that grew most)", "{:.1f}"),
         ("p50_ms", "transaction ms", "{:.0f}"),
         ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
     ],
@@ -1267,21 +1561,72 @@ def describe(s: Scenario) -> str:
     return f"{s.sessions} sess x {s.messages} msg x {size}{rc}"
 
 
-def format_table(scenarios: Sequence[Scenario], medians: dict, targets: Sequence[str]) -> str:
-    """The human table: one row per metric, a column per server, then mailhub/Postfix."""
+def per_run_ratios(mine: Sequence[dict], theirs: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """
+    Per metric, the ratio mailhub/Postfix of each run (run N of one with
+    run N of the other: the runs alternate, so a pair shares the machine's
+    state), and their median, minimum and maximum.  Runs that failed or did
+    not measure the metric are left out.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    keys: list[str] = []
+    for r in mine:
+        keys += [k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys]
+    for k in keys:
+        values = []
+        for a, b in zip(mine, theirs, strict=False):
+            if not (a.get("ok") and b.get("ok")):
+                continue
+            q = ratio(a.get(k), b.get(k))
+            if q is not None:
+                values.append(q)
+        if values:
+            out[k] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+    return out
+
+
+def variants_of(targets: Sequence[str]) -> list[str]:
+    """The mailhub targets (C{mailhub}, C{mailhub-syncfs}) among C{targets}."""
+    return [t for t in targets if t.startswith("mailhub")]
+
+
+def _row_keys(kind: str, per_target: dict) -> list[tuple[str, str, str]]:
+    """METRICS[kind], with the per-process-kind CPU rows after the total."""
+    rows = []
+    for key, label, fmt in METRICS[kind]:
+        rows.append((key, label, fmt))
+        if key == "cpu_ms_per_msg":
+            extra: list[str] = []
+            for m in per_target.values():
+                for k in (m or {}):
+                    if k.startswith("cpu_ms_per_msg.") and k not in extra:
+                        extra.append(k)
+            rows += [(k, f"  CPU ms per message: {k.split('.', 1)[1]}", "{:.2f}") for k in sorted(extra)]
+    return rows
+
+
+def format_table(
+    scenarios: Sequence[Scenario], medians: dict, targets: Sequence[str], ratios: dict | None = None
+) -> str:
+    """
+    The human table: one row per metric, a column per server, then one
+    ratio column per mailhub variant: mailhub/Postfix, with C{ratios}
+    (L{per_run_ratios} by scenario and variant) the median of the per-run
+    ratios and their range, else the ratio of the medians.
+    """
     header = ["scenario", "metric"] + list(targets)
-    both = "mailhub" in targets and "postfix" in targets
-    if both:
-        header.append("mailhub/postfix")
+    compared = variants_of(targets) if "postfix" in targets else []
+    header += [f"{v}/postfix" for v in compared]
     rows = [header]
     for s in scenarios:
         first = True
-        for key, label, fmt in METRICS[s.kind]:
+        per_target = medians.get(s.name, {})
+        for key, label, fmt in _row_keys(s.kind, per_target):
             row = [f"{s.name} ({describe(s)})" if first else "", label]
             first = False
             vals = {}
             for t in targets:
-                m = medians.get(s.name, {}).get(t)
+                m = per_target.get(t)
                 if m is not None and m.get("na"):
                     vals[t] = None
                     row.append("n/a")
@@ -1292,8 +1637,12 @@ def format_table(scenarios: Sequence[Scenario], medians: dict, targets: Sequence
                 if m is not None and not m.get("ok", False) and key == METRICS[s.kind][0][0]:
                     cell += " (FAILED)"
                 row.append(cell)
-            if both:
-                q = ratio(vals.get("mailhub"), vals.get("postfix"))
+            for v in compared:
+                spread = (ratios or {}).get(s.name, {}).get(v, {}).get(key) if ratios is not None else None
+                if spread is not None:
+                    row.append(f"{spread['median']:.2f} ({spread['min']:.2f}-{spread['max']:.2f})")
+                    continue
+                q = ratio(vals.get(v), vals.get("postfix")) if ratios is None else None
                 row.append("-" if q is None else f"{q:.2f}")
             rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -1319,23 +1668,51 @@ def raise_nofile(want: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+#: The servers --targets may name, and the mailhub configuration keys of each
+#: mailhub variant (on top of --mailhub-set).
+TARGETS: dict[str, tuple[str, ...]] = {
+    "mailhub": (),
+    "mailhub-syncfs": ('spool.sync="syncfs"',),
+    "postfix": (),
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark mailhub against Postfix on 127.0.0.1 (see docs/performance.rst).")
     p.add_argument("--scenarios", help="comma-separated: " + ", ".join(s.name for s in FULL) + " (default: all)")
     p.add_argument("--runs", type=int, default=3, help="runs per scenario and server; medians are reported (default 3)")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
-    p.add_argument("--targets", default="mailhub,postfix", help="mailhub,postfix (default both)")
+    p.add_argument(
+        "--targets",
+        default="mailhub,postfix",
+        help="any of " + ", ".join(TARGETS) + " (default mailhub,postfix; mailhub-syncfs: spool.sync = \"syncfs\")",
+    )
+    p.add_argument(
+        "--mailhub-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a mailhub configuration key for every mailhub target (repeatable; VALUE in TOML or a bare word)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every run and the medians as JSON")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs mailhub (default: this one)")
     p.add_argument("--smtp-source", default=SMTP_SOURCE, help=f"load generator (default {SMTP_SOURCE})")
+    p.add_argument("--smtp-sink", default=SMTP_SINK, help=f"the relay scenario's remote server (default {SMTP_SINK})")
     p.add_argument("--profile", metavar="DIR", help="run mailhub under cProfile; stats to DIR/SCENARIO-RUN.prof")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories (logs, queues, Maildirs)")
     p.add_argument("--workdir", default=None, help="where the temporary directories go (default: $TMPDIR)")
+    p.add_argument("--history", choices=("on", "off"), default="on",
+                   help="mailhub's message history (history.enabled; default on): compare both for its cost")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for t in args.targets:
-        if t not in ("mailhub", "postfix"):
-            p.error(f"unknown target {t!r}")
+        if t not in TARGETS:
+            p.error(f"unknown target {t!r} (known: {', '.join(TARGETS)})")
+    for text in args.mailhub_set:
+        try:
+            parse_override(text)
+        except ValueError as e:
+            p.error(f"--mailhub-set {e}")
     try:
         args.scenario_list = select_scenarios(args.scenarios.split(",") if args.scenarios else None, args.quick)
     except ValueError as e:
@@ -1347,6 +1724,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    Mailhub.history = args.history == "on"
     if not os.path.exists(args.smtp_source):
         print(f"bench: {args.smtp_source} not found (Debian package postfix)", file=sys.stderr)
         return 2
@@ -1371,23 +1749,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                     notes[f"{s.name} on {t}"] = why
                     continue
                 base = tempfile.mkdtemp(prefix=f"mailhub-bench-{t}-{s.name}-", dir=args.workdir)
-                if t == "mailhub":
-                    prof = os.path.join(args.profile, f"{s.name}-{n + 1}.prof") if args.profile else None
-                    server: Server = Mailhub(base, args.python, prof, backlog=s.backlog, size=s.size)
-                else:
-                    server = Postfix(base)
+                sink = Sink(args.smtp_sink) if s.relay else None
                 print(f"[run {n + 1}/{args.runs}] {s.name} on {t} ...", file=sys.stderr, flush=True)
                 settle()
+                server: Server | None = None
                 try:
+                    if sink is not None:
+                        sink.start()
+                    relay_port = sink.port if sink is not None else 0
+                    if t.startswith("mailhub"):
+                        prof = os.path.join(args.profile, f"{t}-{s.name}-{n + 1}.prof") if args.profile else None
+                        server = Mailhub(
+                            base, args.python, prof, backlog=s.backlog, size=s.size,
+                            overrides=[*args.mailhub_set, *TARGETS[t]], relay_port=relay_port, name=t,
+                        )  # fmt: skip
+                    else:
+                        server = Postfix(base, relay_port=relay_port)
                     server.start()
-                    r = measure(server, s, args.smtp_source)
+                    r = measure(server, s, args.smtp_source, sink)
                 except Exception as e:
                     r = {"ok": False, "errors": [f"{type(e).__name__}: {e}"]}
                 finally:
-                    server.stop()
+                    if server is not None:
+                        server.stop()
+                    if sink is not None:
+                        sink.stop()
                 if not r.get("ok"):
                     failed = True
-                    print(f"  FAILED: {r.get('errors')} {server.log_tail()[-800:]}", file=sys.stderr)
+                    tail = server.log_tail()[-800:] if server is not None else ""
+                    print(f"  FAILED: {r.get('errors')} {tail}", file=sys.stderr)
                 else:
                     summary = ", ".join(
                         f"{k}={r[k]:.1f}" for k, _l, _f in METRICS[s.kind] if isinstance(r.get(k), float)
@@ -1398,15 +1788,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  kept {base}", file=sys.stderr)
                 else:
                     shutil.rmtree(base, ignore_errors=True)
-                if args.profile and t == "mailhub":
-                    print_profile(os.path.join(args.profile, f"{s.name}-{n + 1}.prof"))
+                if args.profile and t.startswith("mailhub"):
+                    print_profile(os.path.join(args.profile, f"{t}-{s.name}-{n + 1}.prof"))
     medians = {name: {t: medians_or_na(rs) for t, rs in per.items()} for name, per in runs.items()}
+    ratios = {
+        name: {v: per_run_ratios(per[v], per["postfix"]) for v in variants_of(targets) if "postfix" in per}
+        for name, per in runs.items()
+    }
     print(f"\n$ {command}")
     print(
         f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"medians of {args.runs} run(s), RLIMIT_NOFILE {nofile}"
     )
-    print(format_table(args.scenario_list, medians, targets))
+    if args.mailhub_set:
+        print("mailhub configuration overrides: " + " ".join(args.mailhub_set))
+    print(format_table(args.scenario_list, medians, targets, ratios))
     for what, why in notes.items():
         print(f"n/a: {what}: {why} (docs/performance.rst)")
     if args.json:
@@ -1420,14 +1816,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "runs": runs,
                     "medians": medians,
                     "notes": notes,
-                    "ratios": {
-                        name: {
-                            k: ratio(per.get("mailhub", {}).get(k), per.get("postfix", {}).get(k))
-                            for k in per.get("mailhub", {})
-                            if k != "ok"
-                        }
-                        for name, per in medians.items()
-                    },
+                    "mailhub_set": args.mailhub_set,
+                    # per scenario and mailhub variant, per metric: the median
+                    # of the per-run ratios to Postfix, their min, max and values
+                    "ratios": ratios,
                 },
                 f,
                 indent=2,

@@ -45,13 +45,19 @@ from mailhub.configschema import (
     DEFAULT_DATA_DIR,
     DEFAULT_HOME_MAILDIR,
     MAX_UID,
+    MILTER_KEYS,
     MIN_UID,
     SCHEMA,
     SECTIONS,
     TOP_KEYS,
     AuthConfig,
     Config,
+    DKIMConfig,
+    HistoryConfig,
+    LimitsConfig,
     LocalConfig,
+    MailAuthConfig,
+    MilterConfig,
     RelayConfig,
     ServerConfig,
     SpoolConfig,
@@ -69,6 +75,8 @@ __all__ = [
     "RelayConfig",
     "AuthConfig",
     "SubmissionConfig",
+    "LimitsConfig",
+    "HistoryConfig",
     "Config",
     "DEFAULT_ALIASES",
     "DEFAULT_CONFIG_FILE",
@@ -150,7 +158,7 @@ def _check_value(source: str, base: str, key: str, checker: Checker, is_path: bo
         value = checker(raw)
     except BadValue as e:
         raise ConfigError(f"{source}: {key}: {e}")
-    if is_path and value is not None:
+    if is_path and value is not None and "://" not in value:  # a URL (history.database) is no path
         value = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
     return value
 
@@ -158,6 +166,9 @@ def _check_value(source: str, base: str, key: str, checker: Checker, is_path: bo
 def _collect(source: str, base: str, data: Mapping[str, Any], into: dict[str, dict[str, Any]], top: dict[str, Any]) -> None:
     """Check the tables of one file into C{into[section][key]}."""
     for name, value in data.items():
+        if name == "milter":
+            top["milter"] = _milters(source, base, value)
+            continue
         if name in TOP_KEYS:
             checker, is_path = TOP_KEYS[name]
             top[name] = _check_value(source, base, name, checker, is_path, value)
@@ -175,6 +186,24 @@ def _collect(source: str, base: str, data: Mapping[str, Any], into: dict[str, di
                 raise ConfigError(f"{source}: {dotted}: unknown key (known: {', '.join(schema)})")
             checker, is_path = schema[key]
             into[name][key] = _check_value(source, base, dotted, checker, is_path, raw)
+
+
+def _milters(source: str, base: str, value: Any) -> tuple[MilterConfig, ...]:
+    """The [[milter]] tables of one file, in order (a later file's list replaces an earlier one's)."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{source}: milter: must be tables ([[milter]]), got {show(value)}")
+    milters = []
+    for n, table in enumerate(value, 1):
+        checked = {}
+        for key, raw in table.items():
+            where = f"milter[{n}].{key}"
+            if key not in MILTER_KEYS:
+                raise ConfigError(f"{source}: {where}: unknown key (known: {', '.join(MILTER_KEYS)})")
+            checked[key] = _check_value(source, base, where, *MILTER_KEYS[key], raw)
+        if "socket" not in checked:
+            raise ConfigError(f"{source}: milter[{n}]: socket is required")
+        milters.append(MilterConfig(**checked))
+    return tuple(milters)
 
 
 def _overrides_as_tables(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,6 +299,11 @@ def load_config(
         source=os.path.abspath(path) if path is not None else None,
         auth=auth_cfg,
         submission=SubmissionConfig(**values["submission"]),
+        milters=top.get("milter", ()),
+        limits=LimitsConfig(**values["limits"]),
+        dkim=DKIMConfig(**values["dkim"]),
+        mailauth=MailAuthConfig(**values["mailauth"]),
+        history=HistoryConfig(**values["history"]),
     )
 
 
@@ -434,6 +468,9 @@ def format_config(config: Config) -> str:
                 lines.append(f"# {f.name} is not set")
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
+    for milter in config.milters:
+        lines += ["", "[[milter]]"]
+        lines += [f"{f.name} = {_toml_value(getattr(milter, f.name))}" for f in fields(milter)]
     return "\n".join(lines) + "\n"
 
 

@@ -377,6 +377,26 @@ def routes(value: Any) -> Mapping[str, str]:
     return MappingProxyType(out)
 
 
+#: Levels of the [relay.tls_policy] table (mailhub.relay.tlspolicy.TABLE_LEVELS).
+TLS_POLICY_LEVELS = ("none", "may", "encrypt", "verify", "dane", "dane-only")
+
+
+def tls_policy(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise BadValue(f'must be a table of domain = "level", got {show(value)}')
+    out: dict[str, str] = {}
+    for key, level in value.items():
+        dot = "." if key.startswith(".") else ""
+        try:
+            domain = dot + normalize_domain(key[len(dot):])
+        except AddressError as e:
+            raise BadValue(f"invalid domain {key!r}: {e}")
+        if level not in TLS_POLICY_LEVELS:
+            raise BadValue(f"{key!r}: must be one of {', '.join(TLS_POLICY_LEVELS)}, got {show(level)}")
+        out[domain] = level
+    return MappingProxyType(out)
+
+
 def dns_servers(value: Any) -> tuple[str, ...]:
     from mailhub.relay.nexthop import parse_dns_server
 
@@ -408,6 +428,21 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     return check
 
 
+#: The values of spool.sync.
+SYNC_MODES = ("fsync", "syncfs")
+
+
+def sync_mode(value: Any) -> str:
+    """C{spool.sync}: C{"fsync"}, or C{"syncfs"} where the system has syncfs()."""
+    mode = choice(*SYNC_MODES)(value)
+    if mode == "syncfs":
+        from mailhub import syncfs
+
+        if not syncfs.available():
+            raise BadValue(f'"syncfs": {syncfs.UNAVAILABLE}; use "fsync"')
+    return mode
+
+
 def sender_check(value: Any) -> str:
     """One of L{SENDER_CHECKS}; "none" is another spelling of "off"."""
     if value == "none":
@@ -428,3 +463,67 @@ def check_maildir_name(name: str) -> tuple[str, ...]:
     if not parts or any(p in (".", "..") or "\x00" in p for p in parts):
         raise ValueError(f"home_maildir must not contain '.' or '..' components: {name!r}")
     return parts
+
+
+# -- milters ([[milter]] tables, docs/milter.rst)
+
+MILTER_ACTIONS = ("tempfail", "accept", "reject")
+SMTP_LISTENERS = ("smtp", "submission", "smtps")
+
+
+def milter_socket(value: Any) -> str:
+    """C{unix:/absolute/path} or C{inet:host:port} (C{inet:[::1]:port} for IPv6), as Postfix writes them."""
+    text = string(value)
+    kind, _, rest = text.partition(":")
+    if kind == "unix":
+        if not rest.startswith("/"):
+            raise BadValue(f"unix: needs an absolute path, got {show(value)}")
+        return text
+    if kind == "inet":
+        host, _, port_text = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise BadValue(f"must be inet:host:port, got {show(value)}")
+        return text
+    raise BadValue(f'must be "unix:/path" or "inet:host:port", got {show(value)}')
+
+
+def smtp_listeners(value: Any) -> tuple[str, ...]:
+    """A list of SMTP listener kinds (smtp, submission, smtps)."""
+    names = string_list(value, "listener names")
+    for name in names:
+        if name not in SMTP_LISTENERS:
+            raise BadValue(f"unknown listener {show(name)} (known: {', '.join(SMTP_LISTENERS)})")
+    return names
+#: What C{[limits] redis_failure} may say.
+REDIS_FAILURES = ("open", "closed")
+
+
+def redis_url(value: Any) -> str | None:
+    """C{[limits] redis}: C{""} (no Redis) or a URL redis-py reads (redis://, rediss://, unix://)."""
+    text = optional_string(value)
+    if text is None:
+        return None
+    if not text.startswith(("redis://", "rediss://", "unix://")) or len(text) > 1000:
+        raise BadValue(f"invalid Redis URL {text[:100]!r} (want e.g. \"redis://127.0.0.1:6379/0\")")
+    return text
+
+
+def local_transport(value: Any) -> str:
+    """C{local.transport}: C{"maildir"}, C{"lmtp:unix:/path"} or C{"lmtp:inet:host:port"}."""
+    text = string(value)
+    if text == "maildir":
+        return text
+    kind, _, where = text.partition(":")
+    if kind == "lmtp":
+        family, _, rest = where.partition(":")
+        if family == "unix" and rest.startswith("/"):
+            return text
+        if family == "inet":
+            host, _, port_text = rest.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if host and port_text.isdigit() and 0 < int(port_text) < 65536:
+                return text
+    raise BadValue(
+        f"invalid transport {text[:100]!r} (want \"maildir\", \"lmtp:unix:/path\" or \"lmtp:inet:host:port\")"
+    )

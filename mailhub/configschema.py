@@ -34,6 +34,12 @@ __all__ = [
     "RelayConfig",
     "AuthConfig",
     "SubmissionConfig",
+    "MilterConfig",
+    "MILTER_KEYS",
+    "LimitsConfig",
+    "DKIMConfig",
+    "MailAuthConfig",
+    "HistoryConfig",
     "TopLevel",
     "Config",
     "SECTIONS",
@@ -127,6 +133,9 @@ class ServerConfig:
     user: str | None = key(None, check.optional_string)  # None: "mailhub" when started as root, else the current user
     # SMTP sessions in this many acceptor processes; "auto": one per CPU; 1: in the daemon itself
     processes: str | int = key("auto", check.processes)
+    # -- PROXY protocol (docs/ratelimits.rst): connections from these networks must start with a PROXY header
+    proxy_from: tuple[str, ...] = key((), check.networks)
+    proxy_timeout: float = key(10.0, check.positive_duration)  # seconds for the PROXY header to arrive
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class SpoolConfig:
     min_free_space: int = key(51200000, check.non_negative_int)
     # only this group may submit (Postfix's postdrop); None: every local user
     pickup_group: str | None = key(None, check.group)
+    # "fsync": each file and its directory; "syncfs": one syncfs() of the file system per batch (docs/spool.rst)
+    sync: str = key("fsync", check.sync_mode)
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,10 @@ class LocalConfig:
     # Maildir delivery in this many processes of their own (mailhub.delivery.localproc);
     # 0: in the daemon's threads.  See docs/delivery.rst.
     delivery_processes: int = key(1, check.delivery_processes)
+    # "maildir" (written here), "lmtp:unix:/path" or "lmtp:inet:host:port" (docs/delivery.rst, LMTP)
+    transport: str = key("maildir", check.local_transport)
+    # all-local messages written into the Maildirs before the 250 (mailhub.delivery.direct)
+    deliver_on_accept: bool = key(True, check.boolean)
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,13 @@ class RelayConfig:  # retry policy for ALL deliveries (local too)
     data_init_timeout: float = key(120.0, check.positive_duration)
     data_xfer_timeout: float = key(180.0, check.positive_duration)
     data_done_timeout: float = key(600.0, check.positive_duration)
+    # -- outbound TLS policies (mailhub.relay.tlspolicy); see docs/relay.rst
+    mta_sts: bool = key(True, check.boolean)  # honour published MTA-STS policies (RFC 8461)
+    dane: bool = key(True, check.boolean)  # DANE (RFC 7672) when the configured resolver is local and validates
+    tls_policy: Mapping[str, str] = key(checker=check.tls_policy, factory=lambda: MappingProxyType({}))
+    tls_reports: bool = key(False, check.boolean)  # send daily RFC 8460 TLS reports to the domains asking for them
+    # MTA-STS policy cache and TLS report counts; None: SPOOL/tls
+    tls_state: str | None = key(None, check.optional_string, path=True)
 
 
 @dataclass(frozen=True)
@@ -198,6 +220,64 @@ class AuthConfig:  # SMTP AUTH (docs/submission.rst)
 @dataclass(frozen=True)
 class SubmissionConfig:
     sender_check: str = key("strict", check.sender_check)  # "strict": sender must belong to the user; "off"
+
+
+@dataclass(frozen=True)
+class MilterConfig:  # one [[milter]] table (docs/milter.rst); the tables apply in order
+    socket: str = key(checker=check.milter_socket)  # "unix:/path" or "inet:host:port"; required
+    # when the milter is down, too slow or breaks the protocol (Postfix milter_default_action)
+    default_action: str = key("tempfail", check.choice(*check.MILTER_ACTIONS))
+    connect_timeout: float = key(30.0, check.positive_duration)  # Postfix milter_connect_timeout
+    command_timeout: float = key(30.0, check.positive_duration)  # each SMTP stage; milter_command_timeout
+    content_timeout: float = key(300.0, check.positive_duration)  # body and end of message; milter_content_timeout
+    listeners: tuple[str, ...] = key(check.SMTP_LISTENERS, check.smtp_listeners)  # the listeners it filters
+
+
+#: The keys of a [[milter]] table: key -> (checker, is_path).
+MILTER_KEYS: dict[str, tuple[check.Checker, bool]] = {}
+
+
+@dataclass(frozen=True)
+class LimitsConfig:  # rate limits (docs/ratelimits.rst); 0 = no limit
+    client_connections_per_min: int = key(0, check.non_negative_int)  # per client address
+    client_messages_per_min: int = key(0, check.non_negative_int)  # MAIL commands per client address
+    client_recipients_per_min: int = key(0, check.non_negative_int)  # RCPT commands per client address
+    user_messages_per_hour: int = key(0, check.non_negative_int)  # per authenticated SMTP user
+    user_recipients_per_hour: int = key(0, check.non_negative_int)
+    token_messages_per_hour: int = key(0, check.non_negative_int)  # per HTTP API token
+    token_recipients_per_hour: int = key(0, check.non_negative_int)
+    domain_messages_per_sec: int = key(0, check.non_negative_int)  # relay transactions per domain
+    exempt_networks: tuple[str, ...] = key((), check.networks)  # no per-address limits for these clients
+    redis: str | None = key(None, check.redis_url)  # counters shared in Redis; None: in memory
+    redis_timeout: float = key(1.0, check.positive_duration)  # seconds per Redis command
+    redis_failure: str = key("open", check.choice(*check.REDIS_FAILURES))  # Redis down: "open" or "closed"
+
+
+@dataclass(frozen=True)
+class DKIMConfig:  # DKIM signing (docs/authentication.rst)
+    keys: str | None = key(None, check.optional_string, path=True)  # KEYS/DOMAIN/SELECTOR.key; None: no signing
+    sign_subdomains: bool = key(False, check.boolean)  # a subdomain without keys uses its parent's
+
+
+@dataclass(frozen=True)
+class MailAuthConfig:  # SPF/DKIM/DMARC checks of inbound mail (docs/authentication.rst)
+    verify: bool = key(False, check.boolean)  # check mail from untrusted clients, add Authentication-Results
+    authserv_id: str | None = key(None, check.optional_string)  # None: server.hostname
+    dmarc_enforce: bool = key(False, check.boolean)  # p=reject -> 550 5.7.1, p=quarantine -> header
+    temperror: str = key("accept", check.choice("accept", "defer"))  # DNS trouble: mark and accept, or 451 4.7.0
+    spf_reject: bool = key(False, check.boolean)  # SPF fail (-all) -> 550 5.7.23 at the end of DATA
+    dns_timeout: float = key(10.0, check.positive_duration)  # seconds per query
+    threads: int = key(4, check.positive_int)  # worker threads for checks and signing
+
+
+@dataclass(frozen=True)
+class HistoryConfig:  # docs/history.rst
+    # a SQLite file, or postgresql://user@host:port/db shared by several nodes
+    database: str = key(checker=check.string, path=True, data_dir="history.sqlite")
+    enabled: bool = key(True, check.boolean)
+    retention: float = key(2592000.0, check.duration)  # "30d"; 0 = kept for ever
+    max_size: int = key(1073741824, check.non_negative_int)  # bytes; 0 = no cap
+    interval: float = key(1.0, check.positive_duration)  # seconds between batches written
 
 
 @dataclass(frozen=True)
@@ -216,6 +296,11 @@ class Config:
     source: str | None  # the config file read, or None for embedded defaults
     auth: AuthConfig = AuthConfig()
     submission: SubmissionConfig = SubmissionConfig()
+    milters: tuple[MilterConfig, ...] = ()  # the [[milter]] tables, in order
+    limits: LimitsConfig = LimitsConfig()
+    dkim: DKIMConfig = DKIMConfig()
+    mailauth: MailAuthConfig = MailAuthConfig()
+    history: HistoryConfig = HistoryConfig(database="history.sqlite")
 
 
 def _sections() -> dict[str, type]:
@@ -237,6 +322,7 @@ def _keys(cls: type) -> dict[str, tuple[check.Checker, bool]]:
 SCHEMA: dict[str, dict[str, tuple[check.Checker, bool]]] = {name: _keys(cls) for name, cls in SECTIONS.items()}
 #: Top-level keys that are not sections.
 TOP_KEYS: dict[str, tuple[check.Checker, bool]] = _keys(TopLevel)
+MILTER_KEYS.update(_keys(MilterConfig))
 
 
 def data_dir_defaults(cls: type) -> dict[str, str]:
@@ -246,5 +332,5 @@ def data_dir_defaults(cls: type) -> dict[str, str]:
 
 def key_field(section: str, name: str) -> Field[Any]:
     """The dataclass field of key C{name} in C{section} (C{""}: top level)."""
-    cls = SECTIONS[section] if section else TopLevel
+    cls = MilterConfig if section == "milter" else SECTIONS[section] if section else TopLevel
     return {f.name: f for f in fields(cls)}[name]

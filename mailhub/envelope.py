@@ -132,6 +132,10 @@ class Envelope:
         C{user} (authenticated user or local uid), for logs and trace.
     @ivar held: an operator put the message on hold; the scheduler skips it.
     @ivar warned: a delay warning was sent already.
+    @ivar dkim: the DKIM-Signature fields made for the message when it
+        first left (L{mailhub.auth.sign}): C{original} over the queued
+        bytes, C{7bit} over their 8BITMIME-downgraded form; kept so a retry
+        sends the same bytes.  Written to disk only when not empty.
     """
 
     queue_id: str
@@ -144,6 +148,7 @@ class Envelope:
     client: dict[str, Any] = field(default_factory=dict)
     held: bool = False
     warned: bool = False
+    dkim: dict[str, str] = field(default_factory=dict)
 
     # -- state --------------------------------------------------------------
 
@@ -188,6 +193,8 @@ class Envelope:
         data = dict(self.__dict__)
         data["recipients"] = [dict(r.__dict__) for r in self.recipients]
         data["version"] = ENVELOPE_VERSION
+        if not data["dkim"]:
+            del data["dkim"]
         return (json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
 
     @classmethod
@@ -289,6 +296,14 @@ def _notify(value: Any) -> str | None:
     return None
 
 
+def _signatures(value: Any) -> str | None:
+    if not isinstance(value, dict) or not all(
+        k in ("original", "7bit") and isinstance(v, str) and v.isascii() and len(v) < 16384 for k, v in value.items()
+    ):
+        return "must map original/7bit to DKIM-Signature fields"
+    return None
+
+
 #: key: (required, check) for the envelope, a recipient, and the known
 #: keys of C{esmtp} and C{client} (which may hold other keys too).
 _ENVELOPE_FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
@@ -303,6 +318,7 @@ _ENVELOPE_FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "client": (False, lambda v: None if isinstance(v, dict) else "must be an object"),
     "held": (False, _flag),
     "warned": (False, _flag),
+    "dkim": (False, _signatures),
 }
 _RECIPIENT_FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "address": (True, _address),
@@ -395,6 +411,10 @@ class Outcome:
     @ivar dsn_passed: the next hop supports RFC 3461 DSN and was given the
         NOTIFY/ORCPT/ENVID parameters, so success notices are its job
         (otherwise a SUCCESS request gets a "relayed" DSN from us).
+    @ivar retry_after: more than 0 for a recipient that was not tried at
+        all (a relay rate limit, L{postponed}): no attempt, no failure; the
+        scheduler tries it again after this many seconds instead of its
+        backoff.
     """
 
     recipient: str
@@ -404,6 +424,7 @@ class Outcome:
     text: str
     remote_mta: str = ""
     dsn_passed: bool = False
+    retry_after: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -429,6 +450,11 @@ class Outcome:
     @classmethod
     def permanent(cls, recipient: str, text: str, code: int = 550, status: str = "5.0.0", remote_mta: str = "") -> Outcome:
         return cls(recipient, PERMANENT, code, status, text, remote_mta)
+
+    @classmethod
+    def postponed(cls, recipient: str, text: str, retry_after: float) -> Outcome:
+        """Not tried (a rate limit): try again in C{retry_after} seconds, without counting an attempt."""
+        return cls(recipient, TEMPORARY, 0, "4.4.5", text, retry_after=max(retry_after, 0.001))
 
 
 #: C{report(outcomes)}: some recipients' outcomes, as soon as they are known.

@@ -2,8 +2,8 @@
 The event log: every mail event as one JSON line (C{mailhub log ID} reads it: L{mailhub.cli.log}).
 
 Owns: the file named by C{server.event_log} (opened for append, one JSON
-object per line, flushed after each line so C{tail -f} and a crash lose at
-most the line being written), the format of those lines, and reading them
+object per line, each line one C{write} so C{tail -f} sees it at once and a
+crash loses at most the line being written), the format of those lines, and reading them
 back to tell the whole story of one message.
 
 Line format (keys sorted; C{time} is POSIX seconds)::
@@ -46,6 +46,16 @@ __all__ = ["EventLogObserver", "event_record", "read_events", "story", "log_file
 _SKIP = {"log_logger", "log_source", "log_format", "log_level", "log_namespace", "log_time",
          "log_failure", "log_text", "log_io", "log_trace", "log_flattened", "mail_event", "format"}
 
+#: Values written as they are (most fields: addresses, ids, counts).
+_SCALARS = (str, int, float, bool, type(None))
+
+#: The finished text L{mailhub.maillog.mail_event} puts in each event: the
+#: line twisted.logger's formatEvent would make, without its template parsing.
+_MAIL_TEXT = "log_mail_text"
+
+#: One encoder for every line (json.dumps with options builds one per call).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
 
 def _plain(value: Any) -> Any:
     """JSON-safe form of one field (unknown objects become their str())."""
@@ -72,7 +82,7 @@ def event_record(event: dict[str, Any]) -> dict[str, Any] | None:
     for key, value in event.items():
         if key in _SKIP or key.startswith("log_"):
             continue
-        record[str(key)] = _plain(value)
+        record[str(key)] = value if type(value) in _SCALARS else _plain(value)
     record["event"] = str(name)
     record["time"] = event.get("log_time")
     record["queue_id"] = str(event.get("queue_id", "-"))
@@ -80,6 +90,10 @@ def event_record(event: dict[str, Any]) -> dict[str, Any] | None:
         # the event's own text (a delivery's outcome: the remote reply or the
         # local result); "text" is the whole log line
         record["detail"] = record["text"]
+    text = event.get(_MAIL_TEXT)
+    if type(text) is str:
+        record["text"] = text
+        return record
     try:
         record["text"] = formatEvent(event)
     except Exception:  # formatEvent itself never raises, but be sure
@@ -106,33 +120,51 @@ class EventLogObserver:
         @param keep: rotated files kept; older ones are deleted.  At most
             about C{max_size * (keep + 1)} bytes are on disk.
         """
+        # A file of our own is written with one os.write per line on an
+        # O_APPEND descriptor (no buffer to flush, nothing held back); a
+        # stream given by the caller gets write and flush.
+        self._fd: int | None = None
+        self._stream: IO[str] | None = None
         if stream is None:
             if path is None:
                 raise ValueError("give a path or a stream")
-            stream = self._open(path)
+            self._fd = self._open(path)
+        else:
+            self._stream = stream
         self.path = path
         self.max_size = max_size if path is not None else 0
         self.keep = keep
-        self._stream = stream
         self._size = self._current_size()
         self._failed = False
 
     @staticmethod
-    def _open(path: str) -> IO[str]:
+    def _open(path: str) -> int:
         # 0640 when created (senders, recipients, client IPs are not for
         # every local user); an existing file keeps its mode.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def _current_size(self) -> int:
         try:
-            return os.fstat(self._stream.fileno()).st_size
+            fd = self._fd if self._fd is not None else self._stream.fileno()  # type: ignore[union-attr]
+            return os.fstat(fd).st_size
         except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
             return 0
 
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            if self._stream is None:
+                raise ValueError("the event log is closed")
+            self._stream.write(data.decode("utf-8"))
+            self._stream.flush()
+            return
+        while data:  # a short write (disk filling up) writes the rest
+            written = os.write(self._fd, data)
+            data = data[written:]
+
     def _rotate(self) -> None:
-        assert self.path is not None
-        self._stream.close()
+        assert self.path is not None and self._fd is not None
+        fd, self._fd = self._fd, None
+        os.close(fd)
         for n in range(self.keep, 0, -1):
             older = f"{self.path}.{n}"
             if n == self.keep:
@@ -145,22 +177,21 @@ class EventLogObserver:
             os.replace(self.path, f"{self.path}.1")
         else:
             os.unlink(self.path)
-        self._stream = self._open(self.path)
+        self._fd = self._open(self.path)
         self._size = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
         record = event_record(event)
         if record is None:
             return
-        line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
         try:
+            line = (_ENCODER.encode(record) + "\n").encode("utf-8", "backslashreplace")
             if self.max_size and self._size > 0 and self._size + len(line) > self.max_size:
                 self._size = self._current_size()  # logrotate's copytruncate may have emptied it
                 if self._size > 0 and self._size + len(line) > self.max_size:
                     self._rotate()
-            self._stream.write(line)
-            self._stream.flush()
-            self._size += len(line.encode("utf-8"))
+            self._write(line)
+            self._size += len(line)
         except (OSError, ValueError) as e:
             if not self._failed:
                 self._failed = True
@@ -169,7 +200,11 @@ class EventLogObserver:
         self._failed = False
 
     def close(self) -> None:
-        self._stream.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        if self._stream is not None:
+            self._stream.close()
 
 
 def read_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:

@@ -23,6 +23,11 @@ Mail events read (name: fields used):
 - C{delivery}: C{status}, C{transport} (else from C{relay}), C{delay}
                                                    -> deliveries_total, delivery_latency_seconds
 - C{bounce} with C{dsn_id}, not a delay notice      -> bounces_total
+- C{rate_limited}: C{limit}                        -> rate_limited_total
+- C{relay_tls}: C{policy}, C{result}, C{verified}, C{count}
+                                                   -> relay_tls_total
+- C{accepted} with C{spf}, C{dkim}, C{dmarc}         -> auth_results_total (mailhub.auth.check)
+- C{dkim_sign}: C{a}                               -> dkim_signatures_total (mailhub.auth.sign)
 
 Every name carries the application prefix L{NAMESPACE} (C{mailhub_}), as
 Prometheus' naming rules ask: C{mailhub_messages_accepted_total}.
@@ -85,6 +90,11 @@ _REASONS = {
     "5.7.8": "auth_failed",
     "4.7.0": "rate_limited",
 }
+
+
+#: the authentication results counted (RFC 8601 words; anything else is ignored: bounded labels)
+_AUTH_METHODS = ("spf", "dkim", "dmarc")
+_AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror", "policy")
 
 
 def reject_reason(event: dict[str, Any]) -> str:
@@ -203,6 +213,20 @@ class MailMetrics:
             "deliveries", "Delivery attempts per recipient", ["status", "transport"], namespace=NAMESPACE, registry=r
         )
         self.bounces = Counter("bounces", "Non-delivery notifications queued", namespace=NAMESPACE, registry=r)
+        self.rate_limited = Counter(
+            "rate_limited", "Events refused or deferred by a rate limit", ["limit"], namespace=NAMESPACE, registry=r
+        )
+        self.relay_tls = Counter(
+            "relay_tls", "Outbound recipients delivered, and sessions failed, by TLS policy and protection",
+            ["policy", "result", "verified"], namespace=NAMESPACE, registry=r,
+        )
+        self.auth_results = Counter(
+            "auth_results", "SPF, DKIM and DMARC results of accepted inbound mail", ["method", "result"],
+            namespace=NAMESPACE, registry=r,
+        )
+        self.dkim_signatures = Counter(
+            "dkim_signatures", "DKIM signatures made for outgoing mail", ["algorithm"], namespace=NAMESPACE, registry=r
+        )
         self.latency = Histogram(
             "delivery_latency_seconds",
             "Arrival to final delivery (sent or bounced), per recipient",
@@ -280,10 +304,27 @@ class MailMetrics:
                 listener = event.get("listener") or ("http" if str(event.get("proto", "")).upper() == "HTTP" else "smtp")
             self._child(self.accepted, str(listener)).inc()
             self._bucket().accepted += 1
+            for method in _AUTH_METHODS:
+                result = event.get(method)
+                if result in _AUTH_RESULTS:
+                    self._child(self.auth_results, method, str(result)).inc()
+        elif name == "dkim_sign":
+            algorithm = event.get("a")
+            if algorithm in ("rsa-sha256", "ed25519-sha256"):
+                self._child(self.dkim_signatures, str(algorithm)).inc()
         elif name == "reject":
             self._child(self.rejected, reject_reason(event)).inc()
         elif name == "delivery":
             self._delivery(event)
+        elif name == "rate_limited":
+            self._child(self.rate_limited, reject_reason({"reason": event.get("limit")})).inc()
+        elif name == "relay_tls":
+            try:
+                count = max(0, int(event.get("count", 1)))
+            except (TypeError, ValueError):
+                count = 1
+            self._child(self.relay_tls, str(event.get("policy", "")), str(event.get("result", "")),
+                        str(event.get("verified", "none"))).inc(count)
         elif name == "bounce":
             dsn = event.get("dsn_id")
             if dsn and "delay" not in str(event.get("kind", "")):

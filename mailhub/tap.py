@@ -200,7 +200,9 @@ class _StartupLog(service.Service):
             hostname=c.server.hostname,
             source=c.source or DEFAULTS_SOURCE,
         )
-        if c.local.mode == "system":
+        if c.local.transport != "maildir":
+            mailboxes = f"LMTP {c.local.transport.removeprefix('lmtp:')}"
+        elif c.local.mode == "system":
             mailboxes = f"~ACCOUNT/{c.local.home_maildir} (system accounts)"
         else:
             mailboxes = c.local.mailboxes
@@ -422,7 +424,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     """
     Build the service tree.  Children start in order: the startup log, the
     log observers (metrics, event log, mail log file) and the status page sampler, the
-    remote delivery agent, the scheduler (whose startService recovers the
+    remote delivery agent, the authentication service (DKIM signing and the
+    SPF/DKIM/DMARC checks, their thread pool), the scheduler (whose startService recovers the
     spool and queues everything pending), the pickup service and the
     control socket (both feed the scheduler), and then the SMTP listeners
     (smtp, submission, smtps) and the HTTP listeners, so recovery always
@@ -434,6 +437,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
 
     from mailhub.daemon.acceptors import processes_for
     from mailhub.daemon.components import build_components, smtp_factory, tap_reloader
+    from mailhub.delivery.direct import committer_for
     from mailhub.delivery.directory import directory_args as directory_args_of
     from mailhub.delivery.local import LocalDelivery
     from mailhub.delivery.localproc import LocalDeliveryProcesses, settings_for
@@ -444,6 +448,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.queue.pickup import PickupService
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
     from mailhub.queue.spool import Spool
+    from mailhub.smtp.proxyheader import ProxyGate
+    from mailhub.smtp.proxytls import ProxyBeneathTLSFactory
     from mailhub.smtp.sasl import AuthThrottle
     from mailhub.tls import ServerTLS, implicit_tls_endpoint
     from mailhub.web.api import make_http_site
@@ -471,7 +477,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     remember_launcher(reactor)
     top = service.MultiService()
     user = _run_as(config, options)
-    privileged_delivery = user is not None and config.local.mode == "system"
+    # LMTP (local.transport) hands local mail to another server: no delivery processes
+    privileged_delivery = user is not None and config.local.mode == "system" and config.local.transport == "maildir"
     if privileged_delivery and not config.local.delivery_processes:
         fail(
             f'{source}: local.delivery_processes: must be at least 1 with local.mode = "system" '
@@ -481,7 +488,7 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     if user is not None:
         _prepare_for(config, user)
     try:
-        spool = Spool(config.spool.path, config.spool.fsync)
+        spool = Spool(config.spool.path, config.spool.fsync, config.spool.sync)
     except OSError as e:
         fail(f"cannot create spool {config.spool.path}: {e.strerror or e}", EX_OSERR)
 
@@ -511,6 +518,19 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             fail(f"{source}: server.mail_log: cannot open {config.server.mail_log}: {e.strerror or e}")
         mail_log_service = MailLogService(mail_log_file)
         mail_log_service.setServiceParent(top)
+    history: tuple[Any, Any] | None = None
+    if config.history.enabled:
+        # every mail event into the history database (docs/history.rst)
+        from mailhub.history.recorder import HistoryCollector, recorder_for
+        from mailhub.history.store import StoreError
+
+        try:
+            recorder = recorder_for(config.history, config.server.hostname, reactor, mail_publisher)
+        except StoreError as e:
+            fail(f"{source}: history.database: {e}")
+        recorder.setServiceParent(top)
+        metrics.registry.register(HistoryCollector(recorder))
+        history = (recorder.store, recorder.flush)
     sampler = TimerService(60, metrics.sample)  # queue size history of the status page
     sampler.clock = reactor
     sampler.setServiceParent(top)
@@ -519,8 +539,14 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     # The reloadable components: every consumer reads them through live
     # (mailhub/daemon/reload.py), so a reload (SIGHUP, mailhub reload) reaches it.
     live = Live(config)
+    # Rate limits ([limits], docs/ratelimits.rst): fixed until a restart.
+    from mailhub.ratelimit.limits import build_rate_limits
+
+    ratelimit, ratelimit_store = build_rate_limits(config, reactor)
+    if ratelimit_store is not None:
+        ratelimit_store.setServiceParent(top)
     try:
-        live.swap(config, **build_components(config, reactor, live))
+        live.swap(config, **build_components(config, reactor, live, ratelimit))
     except ConfigError as e:
         fail(str(e))
     directory = Delegate.of(live, "directory")
@@ -530,12 +556,18 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     # spool.fsync is the one durability switch: it covers the Maildir files too.
     local: Any
     supervisor = None
-    if privileged_delivery:
+    if local_cfg.transport != "maildir":
+        # LMTP to Dovecot (or another LMTP server) does the local delivery (docs/delivery.rst, LMTP).
+        from mailhub.delivery.lmtp import LMTPDelivery
+
+        local = LMTPDelivery(reactor, local_cfg.transport, config.server.hostname)
+        local.setServiceParent(top)
+    elif privileged_delivery:
         # Root delivery processes behind a supervisor started before the
         # switch (mailhub.delivery.supervisor); their settings are fixed now.
         from mailhub.delivery.supervisor import PrivilegedDelivery
 
-        settings = settings_for(directory_args, config.server.hostname, config.spool.fsync)
+        settings = settings_for(directory_args, config.server.hostname, config.spool.fsync, config.spool.sync)
         settings["spool"] = {"path": spool.path, "uid": user.uid}
         local = supervisor = PrivilegedDelivery(settings, local_cfg.delivery_processes, reactor)
         local.setServiceParent(top)
@@ -544,16 +576,22 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         # its file work and Python run beside the SMTP sessions, not
         # against them for the interpreter lock.
         local = LocalDeliveryProcesses(
-            settings_for(directory_args, config.server.hostname, config.spool.fsync),
+            settings_for(directory_args, config.server.hostname, config.spool.fsync, config.spool.sync),
             local_cfg.delivery_processes,
             reactor,
         )
         local.setServiceParent(top)
     else:
-        local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync)
+        local = LocalDelivery(directory, config.server.hostname, fsync=config.spool.fsync, sync=config.spool.sync)
     live.remote.setName("remote")
     live.remote.setServiceParent(top)
-    remote = Delegate.of(live, "remote")
+    # SPF/DKIM/DMARC checks and DKIM signing (docs/authentication.rst):
+    # signing sits in front of the remote agent, the checks at the end of DATA.
+    from mailhub.auth.service import AuthService
+
+    auth_service = AuthService(config, reactor)
+    auth_service.setServiceParent(top)
+    remote = auth_service.wrap(Delegate.of(live, "remote"))
     router = Router(spool, directory, local, remote)
     relay = config.relay
     retry = RetryPolicy(
@@ -623,11 +661,16 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     )
 
     factories: list[Any] = []
+    # What makes an accepted message durable before its 250: straight into
+    # the Maildirs when every recipient is local (local.deliver_on_accept),
+    # else the spool; one writer thread for every listener.
+    committer = committer_for(config, directory, reactor, threads.deferToThread, scheduler.enqueue)
 
     def factory(listener: str) -> Any:
         # the same as an acceptor process builds (daemon.components.smtp_factory)
         made = smtp_factory(
-            config, live, listener, spool, scheduler.enqueue, reactor, tls=server_tls, users=users, throttle=throttle
+            config, live, listener, spool, scheduler.enqueue, reactor, tls=server_tls, users=users, throttle=throttle,
+            checks=auth_service.checks, ratelimit=ratelimit, committer=committer,
         )
         factories.append(made)
         return made
@@ -650,10 +693,15 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         smtp_listener(description, serverFromString(reactor, description), "smtp")
     for description in server_cfg.submission:
         smtp_listener(description, serverFromString(reactor, description), "submission")
+    # smtps: the PROXY header comes before the TLS handshake, so it is read beneath TLS.
+    smtps_gate = ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor)
     for description in server_cfg.smtps:
         assert server_tls is not None  # config.py requires the certificate for smtps
         try:
-            endpoint = implicit_tls_endpoint(reactor, description, server_tls)
+            endpoint = implicit_tls_endpoint(
+                reactor, description, server_tls,
+                beneath=(lambda f: ProxyBeneathTLSFactory(f, smtps_gate, "smtps")) if smtps_gate else None,
+            )
         except ValueError as e:
             fail(f"{source}: server.smtps: {e}")
         if processes > 1:  # the acceptors add the TLS layer
@@ -686,7 +734,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         pool = AcceptorPool(
             reactor, processes, shared,
             {"config": config.source, "overrides": overrides, "data": data},
-            Anvil(reactor, limits, throttle), scheduler.enqueue, spool.load, unannounced, server_tls,
+            Anvil(reactor, limits, throttle, counter=ratelimit.counter if ratelimit is not None else None),
+            scheduler.enqueue, spool.load, unannounced, server_tls,
         )
         pool.setServiceParent(top)
         metrics.sessions = pool.sessions
@@ -708,11 +757,13 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             admins=server_cfg.http_admins,
             max_recipients=server_cfg.max_recipients,
             event_log=event_log or None,
+            history=history,
             clock=reactor,
             header_timeout=server_cfg.http_header_timeout,
             request_timeout=server_cfg.http_request_timeout,
             max_connections=server_cfg.http_max_connections,
             max_connections_per_ip=server_cfg.http_max_connections_per_ip,
+            ratelimit=ratelimit,
         )
         for description in server_cfg.http:
             endpoint = serverFromString(reactor, description)
@@ -721,8 +772,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     reloader.append(tap_reloader(
         options, live, top, factories, reactor, server_tls,
         mail_log_service.observer if mail_log_service is not None else None,
-        local if local_cfg.delivery_processes and not privileged_delivery else None,
-        processes_fixed=privileged_delivery,
+        local if local_cfg.delivery_processes and not privileged_delivery and local_cfg.transport == "maildir" else None,
+        processes_fixed=privileged_delivery, ratelimit=ratelimit,
     ))
     if pool is not None:
         reloader.append(_ForwardingReload(reloader[0], pool))

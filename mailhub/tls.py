@@ -38,11 +38,13 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
     IReactorCore,
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 __all__ = [
@@ -256,12 +258,20 @@ def install_sighup_reload(
     return uninstall
 
 
-def implicit_tls_endpoint(reactor: Any, endpoint_string: str, server_tls: ServerTLS) -> IStreamServerEndpoint:
+def implicit_tls_endpoint(
+    reactor: Any,
+    endpoint_string: str,
+    server_tls: ServerTLS,
+    beneath: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
+) -> IStreamServerEndpoint:
     """
     A server endpoint for implicit TLS (RFC 8314 "submissions", port 465):
     the plain endpoint described by C{endpoint_string} (C{"tcp:465"},
     C{"tcp6:465:interface=\\:\\:1"}, C{"unix:/run/x"}) with a TLS layer that
     uses C{server_tls}'s current certificate for every handshake.
+
+    @param beneath: wraps the TLS layer's factory, for what comes in clear
+        before the handshake (a PROXY header: L{mailhub.smtp.proxytls}).
 
     @raise ValueError: for an C{ssl:} endpoint string, which would carry
         its own, non-reloadable certificate (or TLS twice).
@@ -272,7 +282,21 @@ def implicit_tls_endpoint(reactor: Any, endpoint_string: str, server_tls: Server
             "mailhub adds TLS with server.tls_cert / server.tls_key"
         )
     plain = endpoints.serverFromString(reactor, endpoint_string)
-    return endpoints.wrapServerTLS(server_tls, plain)
+    if beneath is None:
+        return endpoints.wrapServerTLS(server_tls, plain)
+    return _WrappedEndpoint(plain, lambda factory: beneath(TLSMemoryBIOFactory(server_tls, False, factory)))
+
+
+@implementer(IStreamServerEndpoint)
+class _WrappedEndpoint:
+    """A server endpoint whose factory is wrapped before the plain endpoint listens with it."""
+
+    def __init__(self, plain: IStreamServerEndpoint, wrap: Callable[[IProtocolFactory], IProtocolFactory]) -> None:
+        self._plain = plain
+        self._wrap = wrap
+
+    def listen(self, factory: IProtocolFactory) -> Any:
+        return self._plain.listen(self._wrap(factory))
 
 
 def _write_atomically(path: str, data: bytes, mode: int) -> None:

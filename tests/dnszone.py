@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.names import authority, dns
+from twisted.names import authority, dns, server
 from twisted.names import error as dnserror
 
-__all__ = ["MX", "A", "AAAA", "CNAME", "Zone"]
+__all__ = ["MX", "A", "AAAA", "CNAME", "TXT", "TLSA", "Zone", "ValidatingServerFactory"]
 
 
 def MX(pref: int, host: str) -> dns.Record_MX:
@@ -30,6 +30,48 @@ def AAAA(ip: str) -> dns.Record_AAAA:
 
 def CNAME(host: str) -> dns.Record_CNAME:
     return dns.Record_CNAME(host.encode(), ttl=60)
+
+
+def TXT(*strings: str) -> dns.Record_TXT:
+    return dns.Record_TXT(*[x.encode() for x in strings], ttl=60)
+
+
+class Record_TLSA(dns.UnknownRecord):
+    """A TLSA record (RFC 6698) as twisted.names serves an unknown type: its raw rdata."""
+
+    TYPE = 52
+    fancybasename = "TLSA"
+
+
+def TLSA(usage: int, selector: int, mtype: int, data: bytes) -> Record_TLSA:
+    return Record_TLSA(bytes([usage, selector, mtype]) + data, ttl=60)
+
+
+class ValidatingServerFactory(server.DNSServerFactory):
+    """
+    A DNS server that plays a validating resolver: answers about names in
+    (or under) C{secure} carry the AD bit, as a DNSSEC-validating resolver
+    sets it on data it validated -- only to a query that asked for it with
+    the AD bit (RFC 6840 5.7), as unbound and BIND do.
+    """
+
+    def __init__(self, authorities: list[Any], secure: tuple[str, ...] = ()) -> None:
+        super().__init__(authorities=authorities)
+        self.secure = {s.lower() for s in secure}
+        self._asked_ad: dict[int, bool] = {}
+
+    def messageReceived(self, message: dns.Message, proto: Any, address: Any = None) -> None:
+        if len(self._asked_ad) > 1000:
+            self._asked_ad.clear()
+        self._asked_ad[message.id] = bool(message.authenticData)
+        super().messageReceived(message, proto, address)
+
+    def sendReply(self, protocol: Any, message: dns.Message, address: Any) -> None:
+        if message.queries and self._asked_ad.pop(message.id, False):
+            name = message.queries[0].name.name.decode().lower()
+            if any(name == s or name.endswith("." + s) for s in self.secure):
+                message.authenticData = 1
+        super().sendReply(protocol, message, address)
 
 
 class Zone(authority.FileAuthority):

@@ -370,3 +370,105 @@ def test_tree_cpu_counts_this_process_and_grows():
         pass
     after = bench.tree_cpu_s([os.getpid(), 999999999])  # a pid that does not exist counts nothing
     assert after - before >= 0.03
+
+
+def test_history_switch(tmp_path):
+    from mailhub.config import load_config
+
+    assert bench.parse_args([]).history == "on" and bench.parse_args(["--history", "off"]).history == "off"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--history", "maybe"])
+    for on in (True, False):
+        conf = tmp_path / f"{on}.toml"
+        conf.write_text(bench.mailhub_config(2526, overrides=() if on else ("history.enabled=false",)))
+        assert load_config(str(conf), {}).history.enabled is on
+
+
+# configuration overrides, the relay scenario, per-run ratios, process kinds
+
+
+def test_mailhub_set_overrides_and_variants_reach_the_configuration():
+    text = bench.mailhub_config(1, overrides=["spool.sync=syncfs", "server.max_connections=7", 'relay.tls="may"'])
+    data = tomllib.loads(text)
+    assert data["spool"]["sync"] == "syncfs" and data["spool"]["fsync"] is True
+    assert data["server"]["max_connections"] == 7
+    assert data["relay"]["tls"] == "may"
+    assert bench.parse_override("a.b.c=[1, 2]") == ("a.b", "c", [1, 2])
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        bench.parse_override("sync=syncfs")
+    assert bench.TARGETS["mailhub-syncfs"] == ('spool.sync="syncfs"',)
+    a = bench.parse_args(["--targets", "mailhub,mailhub-syncfs,postfix", "--mailhub-set", "server.processes=2"])
+    assert a.targets == ["mailhub", "mailhub-syncfs", "postfix"] and a.mailhub_set == ["server.processes=2"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--mailhub-set", "nokey"])
+
+
+def test_relay_scenario_routes_both_servers_to_the_sink(tmp_path):
+    [s] = bench.select_scenarios(["relay"], quick=False)
+    assert (s.kind, s.sessions, s.messages, s.size) == ("relay", 20, 5000, 4096)
+    args = bench.smtp_source_args(s, 2525, "smtp-source")
+    assert args[args.index("-t") + 1] == "user@remote.example"
+    data = tomllib.loads(bench.mailhub_config(2525, relay_port=3535))
+    assert data["relay"] == {"tls": "none", "routes": {"remote.example": "[127.0.0.1]:3535"}}
+    from mailhub.config import load_config
+
+    conf = tmp_path / "mailhub.toml"
+    conf.write_text(bench.mailhub_config(2525, relay_port=3535))
+    c = load_config(str(conf), {})
+    assert "remote.example" in c.relay.routes and c.relay.tls == "none"
+    assert bench.postfix_transport(3535) == "remote.example smtp:[127.0.0.1]:3535\n"
+    assert "transport_maps = texthash:/b/etc/transport" in bench.postfix_main_cf("/b", 1, 1)
+    assert bench.parse_sink_counter("sess=0 quit=0 mesg=1\rsess=1 quit=1 mesg=12\r") == 12
+    assert bench.parse_sink_counter("") is None
+
+
+def test_per_run_ratios_pair_runs_and_skip_failures():
+    mine = [{"ok": True, "x": 2.0}, {"ok": True, "x": 3.0}, {"ok": False, "x": 100.0}, {"ok": True, "x": 1.0}]
+    theirs = [{"ok": True, "x": 1.0}, {"ok": True, "x": 2.0}, {"ok": True, "x": 1.0}, {"ok": True, "x": 1.0}]
+    r = bench.per_run_ratios(mine, theirs)["x"]
+    assert r["runs"] == [2.0, 1.5, 1.0]
+    assert (r["median"], r["min"], r["max"]) == (1.5, 1.0, 2.0)
+    scenarios = bench.select_scenarios(["20x4KB"], quick=True)
+    medians = {
+        "20x4KB": {
+            "mailhub": {"ok": True, "accepted_per_s": 750.0, "cpu_ms_per_msg": 2.0, "cpu_ms_per_msg.main": 1.5},
+            "postfix": {"ok": True, "accepted_per_s": 500.0, "cpu_ms_per_msg": 3.0, "cpu_ms_per_msg.smtpd": 0.5},
+        }
+    }
+    ratios = {"20x4KB": {"mailhub": {"accepted_per_s": {"median": 1.4, "min": 1.2, "max": 1.6}}}}
+    out = bench.format_table(scenarios, medians, ["mailhub", "postfix"], ratios).splitlines()
+    accepted = next(line for line in out if "accepted msg/s" in line)
+    assert accepted.split()[-4:] == ["750", "500", "1.40", "(1.20-1.60)"]
+    main = next(line for line in out if "CPU ms per message: main" in line)
+    assert main.split()[-3:] == ["1.50", "-", "-"]
+    assert any("CPU ms per message: smtpd" in line for line in out)
+
+
+def test_sampler_counts_cpu_by_kind_from_the_mark():
+    sampler = bench.MemorySampler(lambda: [os.getpid()], kind=lambda pid, comm: "me")
+    sampler.mark()
+    t = time.process_time()
+    while time.process_time() - t < 0.1:
+        pass
+    by_kind = sampler.cpu_ms_by_kind()
+    assert set(by_kind) == {"me"} and by_kind["me"] >= 50
+    assert sampler.max_growth_kb()[0] in (0, os.getpid())
+    assert bench.mailhub_kind(os.getpid(), os.getpid()) == "main"
+    assert bench.mailhub_kind(os.getpid(), -1) == "acceptor"  # pytest's cmdline names no delivery process
+
+
+def test_instruction_counts_add_up_part_one_dumps_by_process_kind(tmp_path):
+    spec = importlib.util.spec_from_file_location("mailhub_bench_instructions", os.path.join(ROOT, "bench", "instructions.py"))
+    instructions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(instructions)
+    files = {
+        "callgrind.10.1": ("python -m twisted --log-file=x mailhub --config /t/mailhub.toml", 4_000_000),
+        "callgrind.10": ("python -m twisted --log-file=x mailhub --config /t/mailhub.toml", 0),
+        "callgrind.10.2": ("python -m twisted --log-file=x mailhub --config /t/mailhub.toml", 9_000_000),  # shutdown
+        "callgrind.11.1": ("python -c from mailhub.delivery.localchild import main", 1_000_000),
+        "callgrind.12.1": ("python -c from mailhub.delivery.localchild import main", 500_000),
+    }
+    for name, (cmd, ir) in files.items():
+        (tmp_path / name).write_text(f"# callgrind format\ncmd:  {cmd}\nevents: Ir\nsummary: 0\n\n\ntotals: {ir}\n")
+    assert instructions.count(str(tmp_path)) == {"main": 4_000_000, "delivery": 1_500_000}
+    assert instructions.kind_of("/sbin/ldconfig -p") == "other"

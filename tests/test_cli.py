@@ -284,14 +284,22 @@ def test_make_service_order(tmp_path, monkeypatch):
 
     assert isinstance(children[2], tap._Observer) and isinstance(children[2].observer, EventLogObserver)
     assert children[2].observer.path == str(tmp_path / "mailhub-data" / "events.jsonl")
-    assert isinstance(children[3], TimerService) and children[3].step == 60
-    children = [children[0], *children[4:]]
+    # the history (on by default, under the data directory)
+    from mailhub.history.recorder import Recorder
+
+    assert isinstance(children[3], Recorder) and children[3].store.path == str(tmp_path / "mailhub-data" / "history.sqlite")
+    assert isinstance(children[4], TimerService) and children[4].step == 60
+    children = [children[0], *children[5:]]
     # local delivery processes (started before the scheduler, stopped after it)
     from mailhub.delivery.localproc import LocalDeliveryProcesses
 
     assert isinstance(children[1], LocalDeliveryProcesses) and children[1].count == 1
     local_agent = children.pop(1)
     assert isinstance(children[1], RemoteDelivery)
+    # the authentication service (its thread pool) starts before anything that signs or checks
+    from mailhub.auth.service import AuthService
+
+    assert isinstance(children.pop(2), AuthService)
     assert isinstance(children[2], Scheduler)
     assert isinstance(children[3], PickupService)
     control = children[4]

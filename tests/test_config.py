@@ -17,6 +17,7 @@ from mailhub.config import (
     AuthConfig,
     Config,
     ConfigError,
+    HistoryConfig,
     LocalConfig,
     RelayConfig,
     ServerConfig,
@@ -42,6 +43,7 @@ def test_embedded_defaults(tmp_path, monkeypatch):
         local=LocalConfig(mailboxes=os.path.join(data, "mailboxes")),
         relay=RelayConfig(),
         source=None,
+        history=HistoryConfig(database=os.path.join(data, "history.sqlite")),
     )
     assert c.server.smtp == ("tcp:8025:interface=127.0.0.1",)
     assert c.server.max_message_size == 10240000

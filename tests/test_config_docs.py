@@ -30,12 +30,12 @@ import pytest
 
 from mailhub.config import load_config
 from mailhub.configcheck import BadValue
-from mailhub.configschema import SCHEMA, SECTIONS, TOP_KEYS, key_field
+from mailhub.configschema import MILTER_KEYS, SCHEMA, SECTIONS, TOP_KEYS, key_field
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.rst")
 
 _KEY = re.compile(r"``(\w+)``")
-_SECTION = re.compile(r"``\[(\w+)\]``")
+_SECTION = re.compile(r"``\[\[?(\w+)\]\]?``")  # [section], or [[milter]] (an array of tables)
 _VALUE = re.compile(r"default ``(.+?)``(?!`)")
 
 
@@ -113,7 +113,7 @@ def documented() -> list[tuple[str, str, str]]:
 
 def existing_keys() -> set[tuple[str, str]]:
     keys = {(section, name) for section, names in SCHEMA.items() for name in names}
-    return keys | {("", name) for name in TOP_KEYS}
+    return keys | {("", name) for name in TOP_KEYS} | {("milter", name) for name in MILTER_KEYS}
 
 
 def real_default(section: str, name: str) -> Any:
@@ -165,7 +165,7 @@ def test_each_documented_default_is_the_real_default(documented, tmp_path, monke
 
 
 def test_the_sections_of_the_page_are_the_sections_of_the_configuration(documented):
-    assert {section for section, _name, _default in documented} == {"", *SECTIONS}
+    assert {section for section, _name, _default in documented} == {"", *SECTIONS, "milter"}
 
 
 # -- the parser itself -------------------------------------------------------------------

@@ -199,3 +199,37 @@ def test_no_rotation_without_max_size(tmp_path):
     finally:
         obs.close()
     assert [p.name for p in tmp_path.iterdir()] == ["events.jsonl"]
+
+
+def test_text_is_the_mail_events_own_line_braces_and_all(log_path):
+    # the event carries its finished line; the record's text is that line,
+    # exactly what twisted.logger's formatEvent makes of the event
+    from twisted.logger import formatEvent
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        mail_event("reject", "NOQUEUE: reject: RCPT from [{client}]: {text}; to=<{to}>",
+                   client="192.0.2.1", text="550 {not a field} }{", to="a{b}@example.com")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    [record] = lines(log_path)
+    expected = "NOQUEUE: reject: RCPT from [192.0.2.1]: 550 {not a field} }{; to=<a{b}@example.com>"
+    assert record["text"] == expected == formatEvent(seen[0])
+    assert record["detail"] == "550 {not a field} }{"
+    # an event from elsewhere (no finished line) is still formatted
+    assert event_record({"mail_event": "x", "log_format": "{a}-{b}", "a": 1, "b": "z"})["text"] == "1-z"
+
+
+def test_one_write_per_line_on_an_append_descriptor(tmp_path, monkeypatch):
+    import os
+
+    path = str(tmp_path / "e.jsonl")
+    obs = EventLogObserver(path)
+    writes = []
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(data) or real(fd, data))
+    obs({"mail_event": "hold", "queue_id": QID, "log_format": "{queue_id}: held", "log_time": 1.0, "who": "ålice"})
+    obs.close()
+    assert len(writes) == 1 and writes[0].endswith(b"\n") and "ålice".encode() in writes[0]
+    assert lines(path)[0]["who"] == "ålice"

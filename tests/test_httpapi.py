@@ -167,7 +167,8 @@ def conforms(value, schema: dict, doc: dict) -> bool:
             return False
     if "oneOf" in schema and sum(conforms(value, s, doc) for s in schema["oneOf"]) != 1:
         return False
-    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None)}
+    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None),
+             "boolean": bool}
     if "type" in schema:
         wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(isinstance(value, types[t]) and not (t != "boolean" and isinstance(value, bool)) for t in wanted):
@@ -447,7 +448,7 @@ def test_flush_with_the_real_scheduler_reports_held(tmp_path):
 def test_405_and_404(env):
     r = env.request("DELETE", "/v1/queue", token=env.root)
     assert r.status == 405 and r.headers["allow"] == "GET" and r.json()["code"] == 405
-    assert env.request("GET", "/v1/messages", token=env.alice).headers["allow"] == "POST"
+    assert env.request("PUT", "/v1/messages", token=env.alice).headers["allow"] == "GET, POST"
     assert env.request("GET", "/nope").json() == {"error": "no such resource", "code": 404}
 
 

@@ -23,8 +23,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(mailhub.__file__))
 
 #: Each part of the package and the rank of its layer (higher may import lower).
 CORE, MESSAGE, DAEMON, FACE, WIRING = 0, 1, 2, 3, 4
-MESSAGE_PARTS = ("smtp", "queue", "delivery", "relay")
-DAEMON_PARTS = ("daemon",)
+MESSAGE_PARTS = ("smtp", "queue", "delivery", "relay", "milter", "ratelimit", "auth")
+DAEMON_PARTS = ("daemon", "history")
 FACE_PARTS = ("web", "cli")
 
 #: Modules of a message part that the core may use: pure functions without

@@ -475,6 +475,9 @@ def test_daemon_writes_mail_lines_to_the_mail_log(tmp_path):
         qid = send(d, f"alice@{DOMAIN}", message(f"alice@{DOMAIN}", "ml1"))
         delivered_with(d, "alice", "ml1")
         wait_for(lambda: f"{qid}: removed" in read(path), 10, "the removed line")
+        # the session's last line: delivered on accept, the message may be
+        # removed before the server has seen the client go
+        wait_for(lambda: "disconnect from [127.0.0.1]" in read(path), 10, "the disconnect line")
     finally:
         assert d.stop() == CLEAN_EXIT, d.stderr()
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[mailhub\.mail#info\] "

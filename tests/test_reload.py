@@ -142,3 +142,13 @@ def test_restart_keys_are_compared_with_what_runs(tmp_path):
     assert reloader.reload().summary() == "configuration reloaded: no change applied; needs a restart: server.smtp"
     assert reloader.reload().summary() == "configuration reloaded: no change applied; needs a restart: server.smtp"
     assert reloader.reload().summary() == "configuration reloaded: no change applied"
+
+
+def test_authentication_keys_wait_for_a_restart(tmp_path):
+    events: list = []
+    new = _config(tmp_path)
+    new = dataclasses.replace(new, dkim=dataclasses.replace(new.dkim, keys="/etc/mailhub/dkim"),
+                              mailauth=dataclasses.replace(new.mailauth, verify=True))
+    _live, reloader, _built = _reloader(tmp_path, lambda: new, events)
+    outcome = reloader.reload()
+    assert outcome.restart == ("dkim.keys", "mailauth.verify")

@@ -793,3 +793,22 @@ def test_concurrent_commits_share_directory_fsyncs(tmp_path):
     # never more than one fsync of queue/ per commit, usually far fewer
     assert spool.queue_sync.fsyncs <= 80 and spool.envelopes_sync.fsyncs == 0
     assert all(spool.load(e.queue_id) == e for e in envs)
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["in-memory", "spilled"])
+def test_prepend_replace_start_and_rewrite_compose(spool, big):
+    """What the end-of-data checks do in turn -- prepend, delete fields at the start, rewrite -- ends on disk as seen."""
+    body = b"x" * 70 + b"\r\n"
+    content = b"Authentication-Results: forged\r\nSubject: s\r\n\r\n" + body * (2000 if big else 3)
+    writer = spool.new_message()
+    writer.write(content)
+    writer.prepend(b"Authentication-Results: ours\r\n")
+    writer.replace_start(len(b"Authentication-Results: forged\r\n"), b"")
+    seen = b"".join(writer.chunks())
+    assert seen == content[len(b"Authentication-Results: forged\r\n") :]
+    writer.rewrite([b"X-Milter: yes\r\n", *writer.chunks()])
+    expected = b"Authentication-Results: ours\r\nX-Milter: yes\r\n" + seen
+    assert b"".join(writer.chunks()) == expected[len(b"Authentication-Results: ours\r\n") :]
+    assert writer.size == len(expected)
+    writer.commit(envelope(writer.queue_id))
+    assert message(spool, writer.queue_id) == expected

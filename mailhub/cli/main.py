@@ -3,8 +3,9 @@ The C{mailhub} console script: C{mailhub [--config FILE] <command>}.
 
 Owns: the command-line front end for administration.  Each command is a
 L{usage.Options} sub-command: C{check-config}, C{queue} (L{mailhub.cli.queue}),
-C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}) and
-C{log} (L{mailhub.cli.log}) and C{reload} (asks the daemon, L{mailhub.daemon.reload});
+C{user} (L{mailhub.cli.user}), C{make-cert} (L{mailhub.cli.certs}),
+C{log} (L{mailhub.cli.log}), C{history} (L{mailhub.cli.history}), C{reload} (asks the daemon,
+L{mailhub.daemon.reload}), C{tls} (L{mailhub.cli.tls}) and C{dkim} (L{mailhub.cli.dkim});
 this module finds and loads the configuration and hands each command what it needs.  A command's module is imported only
 when that command runs (L{_lazy}): C{user} brings bcrypt, C{make-cert}
 OpenSSL, and C{mailhub queue} should not pay for them.  Exit statuses follow sysexits.h: 0 success, 64 usage error, 78
@@ -88,7 +89,10 @@ class Options(usage.Options):
         ["user", None, _lazy(".user", "UserOptions"), "Manage the SMTP AUTH users file (auth.users) and API tokens."],
         ["make-cert", None, _lazy(".certs", "MakeCertOptions"), "Write a self-signed TLS certificate and key."],
         ["log", None, _lazy(".log", "LogOptions"), "Print the story of one message from the event log."],
+        ["dkim", None, _lazy(".dkim", "DKIMOptions"), "Make DKIM keys, print and check their DNS records."],
+        ["history", None, _lazy(".history", "HistoryOptions"), "Search the message history, or tell one message's story."],
         ["reload", None, ReloadOptions, "Make the running daemon re-read its configuration file."],
+        ["tls", None, _lazy(".tls", "TLSOptions"), "Show the outbound TLS policy of a domain, or its TLS report."],
     ]
 
     opt_version = Command.opt_version
@@ -175,6 +179,17 @@ def make_cert(options: Options, out: TextIO, err: TextIO) -> int:
 log = _file_or_config(".log", "run_log", lambda config: config.server.event_log)
 
 
+def history(options: Options, out: TextIO, err: TextIO) -> int:
+    sub = options.subOptions
+    database = None
+    if not sub["database"]:  # --database needs no configuration
+        config = _config(options, err)
+        if config is None:
+            return EX_CONFIG
+        database = config.history.database if config.history.enabled else None
+    return _run(".history", "run_history")(sub, database, stdout=out, stderr=err)
+
+
 def reload(options: Options, out: TextIO, err: TextIO) -> int:
     from mailhub.queue.control import ControlClient, socket_path
 
@@ -199,7 +214,27 @@ def reload(options: Options, out: TextIO, err: TextIO) -> int:
     return 0 if applied else 1
 
 
-COMMANDS = {"check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload}
+def tls(options: Options, out: TextIO, err: TextIO) -> int:
+    config = _config(options, err)
+    if config is None:
+        return EX_CONFIG
+    return _run(".tls", "run_tls")(options.subOptions, config, out=out, err=err)
+
+
+def dkim(options: Options, out: TextIO, err: TextIO) -> int:
+    sub = options.subOptions
+    config = None
+    if not (sub.subOptions and sub.subOptions["keys"]) or sub.subCommand == "check":
+        config = _config(options, err)
+        if config is None:
+            return EX_CONFIG
+    return _run(".dkim", "run_dkim")(sub, config, out=out, err=err)
+
+
+COMMANDS = {
+    "check-config": check_config, "queue": queue, "user": user, "make-cert": make_cert, "log": log, "reload": reload,
+    "history": history, "tls": tls, "dkim": dkim,
+}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -184,6 +184,7 @@ class Acceptor:
         self.ports: list[Any] = []
         self.listening = False
         self.counter: Any = None
+        self.auth: Any = None
         self._draining: defer.Deferred[None] | None = None
 
     def load(self) -> Any:
@@ -217,15 +218,18 @@ class Acceptor:
         self.reactor.adoptStreamConnection(self.args["channel"], socket.AF_UNIX, Factory.forProtocol(lambda: channel))
 
     def listen(self) -> None:
-        """Build one SMTP factory per listener and adopt its socket."""
+        """Build one SMTP factory per listener, as the daemon does for one process, and adopt its socket."""
         import os
 
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.internet import threads
 
+        from mailhub.auth.service import AuthService
         from mailhub.daemon.anvil import AnvilCounter, RemoteGate, RemoteThrottle
-        from mailhub.daemon.components import smtp_factory
+        from mailhub.daemon.components import smtp_factory, smtps_factory
         from mailhub.daemon.reload import Delegate
+        from mailhub.delivery.direct import committer_for
         from mailhub.queue.spool import Spool
+        from mailhub.ratelimit.limits import RateLimits
 
         config, live, channel = self.config, self.live, self.channel
         assert channel is not None
@@ -235,16 +239,27 @@ class Acceptor:
         users = Delegate.of(live, "users") if config.auth.users is not None else None
         #: rate-limit counters shared by every process (the Counter protocol)
         self.counter = AnvilCounter(channel)
+        ratelimit: RateLimits | None = RateLimits(config.limits, self.counter, self.reactor)
+        if ratelimit is not None and not ratelimit.active:
+            ratelimit = None
+        # SPF/DKIM/DMARC checks at the end of data: their thread pool and DNS live here
+        self.auth = AuthService(config, self.reactor)
+        self.auth.startService()
+        # deliver on accept writes the Maildirs from here; a spool commit is announced (Queued)
+        committer = committer_for(
+            config, Delegate.of(live, "directory"), self.reactor, threads.deferToThread, channel.queued
+        )
         for listener in self.args["listeners"]:
             kind = listener["kind"]
             factory = smtp_factory(
                 config, live, kind, spool, channel.queued, self.reactor,
                 tls=self.server_tls, users=users, throttle=throttle, gate=gate, gate_name=listener["description"],
+                checks=self.auth.checks, ratelimit=ratelimit, committer=committer,
             )
             self.factories.append(factory)
             serving: Any = factory
             if kind == "smtps":
-                serving = TLSMemoryBIOFactory(self.server_tls, False, factory)
+                serving = smtps_factory(factory, self.server_tls, config, self.reactor)
             port = self.reactor.adoptStreamPort(listener["fd"], listener["family"], serving)
             os.close(listener["fd"])
             self.ports.append(port)
@@ -293,6 +308,8 @@ class Acceptor:
         self.drain(10.0).addBoth(lambda _: self.stop())
 
     def stop(self) -> None:
+        if self.auth is not None and self.auth.pool.started:
+            self.auth.pool.stop()  # sessions drained: no check left in its threads
         if self.reactor.running:
             self.reactor.stop()
 

@@ -7,15 +7,17 @@ L{AuthBegin}, L{AuthFinish}, L{AuthBlocked}, L{Hit}); L{Anvil}, the state
 itself in the main process -- connections per listener and client IP
 (C{server.max_connections}, C{max_connections_per_ip}) counted over every
 process, the AUTH failure throttle (one L{mailhub.smtp.sasl.AuthThrottle}
-for the whole daemon), rate-limit counters (L{WindowCounter}, or any
-object with the C{Counter} shape) and who holds how many sessions;
+for the whole daemon), rate-limit counters (the daemon's C{[limits]} counter,
+L{mailhub.ratelimit.counter.MemoryCounter} or Redis, or L{WindowCounter}) and who holds how many sessions;
 L{AnvilResponder}, its AMP face for one acceptor process; and the
 acceptor's side of it, shaped as the single-process objects are so the
 SMTP server does not know the difference: L{RemoteGate} (admission),
 L{RemoteThrottle} (AUTH) and L{AnvilCounter} (rate limits:
 C{hit(key, window, cost) -> Deferred[int]}).
 
-Every answer is computed at once from memory: an acceptor waits one round
+Every answer is computed at once from memory (a Redis counter adds its
+own round trip; its failure reaches the acceptor as
+L{mailhub.ratelimit.counter.CounterUnavailable}): an acceptor waits one round
 trip on a local socket for it, never for a timer in the main process (the
 failed-AUTH delay runs in the acceptor).  When an acceptor's connection
 ends, L{Anvil.forget} gives back everything it held (its sessions, its
@@ -34,6 +36,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
+from mailhub.ratelimit.counter import CounterUnavailable
 from mailhub.smtp.sasl import AuthThrottle
 
 __all__ = [
@@ -107,7 +110,8 @@ class Hit(amp.Command):
 
     arguments = [(b"key", amp.Unicode()), (b"window", amp.Float()), (b"cost", amp.Integer())]
     response = [(b"count", amp.Integer())]
-    errors = _ERRORS
+    # the main process's counter (Redis) did not answer: the acceptor's limits fail open or closed
+    errors = {**_ERRORS, CounterUnavailable: b"COUNTER_UNAVAILABLE"}
 
 
 class WindowCounter:

@@ -141,7 +141,15 @@ def _users(config: Config, source: str) -> list[Problem]:
     return found
 
 
-_CHECKS: tuple[Callable[[Config, str], list[Problem]], ...] = (_spool, _mailboxes, _directory, _users)
+def _dkim_keys(config: Config, source: str) -> list[Problem]:
+    if config.dkim.keys is None:
+        return []
+    from mailhub.auth.keys import key_problems
+
+    return [Problem(ERROR, f"{source}: {text}") for text in key_problems(config.dkim.keys)]
+
+
+_CHECKS: tuple[Callable[[Config, str], list[Problem]], ...] = (_spool, _mailboxes, _directory, _users, _dkim_keys)
 
 
 def check(config: Config) -> list[Problem]:

@@ -379,15 +379,23 @@ def prepare_for(config: Any, user: RunAs) -> None:
         prepare_file("server.event_log", config.server.event_log, user)
     if config.server.mail_log:
         prepare_file("server.mail_log", config.server.mail_log, user)
+    history = getattr(config, "history", None)
+    if history is not None and history.enabled and "://" not in history.database:
+        # SQLite writes its -wal and -shm files beside the database
+        _prepare_rotation_directory(os.path.dirname(os.path.abspath(history.database)), user, "history.database")
+        prepare_file("history.database", history.database, user)
 
 
-def _prepare_rotation_directory(directory: str, user: RunAs) -> None:
-    """The event log's directory: created for C{user} when missing, else it must let the user write."""
-    _check_path("server.event_log", directory, user)
+def _prepare_rotation_directory(directory: str, user: RunAs, key: str = "server.event_log") -> None:
+    """
+    The event log's directory (or the history database's): created for
+    C{user} when missing, else it must let the user write.
+    """
+    _check_path(key, directory, user)
     try:
         st = os.stat(directory)
     except FileNotFoundError:
-        _prepare_directory("server.event_log", directory, user, 0o750)
+        _prepare_directory(key, directory, user, 0o750)
         return
     try:
         groups = set(os.getgrouplist(user.name, user.gid))
@@ -399,6 +407,8 @@ def _prepare_rotation_directory(directory: str, user: RunAs) -> None:
         bits = stat.S_IWGRP | stat.S_IXGRP
     else:
         bits = stat.S_IWOTH | stat.S_IXOTH
+    if st.st_mode & bits != bits and key != "server.event_log":
+        raise PrivilegeError(f"{key}: {user.name} cannot write in {directory}: chown {user.name}: {directory}")
     if st.st_mode & bits != bits:
         raise PrivilegeError(
             f"server.event_log: {user.name} cannot write in {directory}, where the event log is rotated: "

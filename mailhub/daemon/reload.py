@@ -41,10 +41,12 @@ RESTART_KEYS = (
     "server.smtp", "server.submission", "server.smtps", "server.http", "server.http_max_body",
     "server.http_admins", "server.event_log", "server.mail_log", "server.hostname", "server.processes",
     "spool.", "local.mailboxes", "local.mode", "local.home_maildir", "local.min_uid", "local.max_uid",
-    "local.delivery_processes",
+    "local.delivery_processes", "local.deliver_on_accept",
     "relay.min_backoff", "relay.max_backoff", "relay.max_queue_lifetime", "relay.delay_warning",
     "relay.concurrency", "relay.destination_concurrency",
     "auth.max_failures", "auth.failure_window", "auth.failure_delay",
+    "milter",  # the [[milter]] tables are wired into the listeners at start
+    "dkim.", "mailauth.",
 )
 
 #: Keys the local delivery processes were started with: reloaded by
@@ -54,11 +56,12 @@ PROCESS_KEYS: tuple[str, ...] = ()
 
 def _flat(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for section in ("server", "spool", "local", "relay", "auth", "submission"):
+    for section in ("server", "spool", "local", "relay", "auth", "submission", "dkim", "mailauth"):
         table = getattr(config, section)
         for f in dataclasses.fields(table):
             value = getattr(table, f.name)
             out[f"{section}.{f.name}"] = dict(value) if f.name == "routes" else value
+    out["milter"] = config.milters
     return out
 
 

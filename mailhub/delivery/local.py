@@ -44,6 +44,7 @@ from mailhub.delivery.directory import Directory
 from mailhub.delivery.errors import InvalidMailbox, RecipientError, UnknownRecipient
 from mailhub.delivery.maildir import MaildirWriter
 from mailhub.envelope import Envelope, Outcome, Recipient, ReportFunction
+from mailhub.queue.durable import FILE_SYSTEMS
 from mailhub.queue.queuefile import QueueFileError, open_message
 
 __all__ = ["LocalDelivery", "QueuedMessage", "copy_lf", "delivered_to_addresses", "CHUNK_SIZE"]
@@ -192,6 +193,8 @@ class LocalDelivery:
     @param run: runs the blocking file work and returns a Deferred:
         C{deferToThread} in production, a synchronous runner in tests.
     @param fsync: C{False} only for tests that do not measure durability.
+    @param sync: C{spool.sync}: C{"syncfs"} makes each file durable with
+        the group C{syncfs()} of its file system instead of two fsyncs.
     """
 
     def __init__(
@@ -200,13 +203,14 @@ class LocalDelivery:
         hostname: str,
         run: Callable[..., defer.Deferred] = threads.deferToThread,
         fsync: bool = True,
+        sync: str = "fsync",
     ) -> None:
         self.directory = directory
         self.hostname = hostname
         self.run = run
         self.fsync = fsync
         #: writes the Maildir files (names, tmp/ -> new/, fsync)
-        self.maildir = MaildirWriter(hostname, fsync)
+        self.maildir = MaildirWriter(hostname, fsync, FILE_SYSTEMS if sync == "syncfs" else None)
         self._recipient_pool: ThreadPoolExecutor | None = None
 
     # -- the DeliveryAgent interface ---------------------------------------------------

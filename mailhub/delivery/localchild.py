@@ -62,7 +62,10 @@ def _serve(stdin: Any, stdout: Any) -> int:
     if spool is not None:
         limit_open_files()
     directory = Directory(**settings["directory"])
-    agent = LocalDelivery(directory, settings["hostname"], fsync=bool(settings["fsync"]), run=_direct)
+    agent = LocalDelivery(
+        directory, settings["hostname"], fsync=bool(settings["fsync"]), run=_direct,
+        sync="syncfs" if settings.get("sync") == "syncfs" else "fsync",
+    )
 
     def answer(data: dict[str, Any]) -> None:
         stdout.write(json.dumps(data).encode() + b"\n")

@@ -85,11 +85,12 @@ _CHILD_MAIN = "import sys; sys.path.append(sys.argv[1]); from mailhub.delivery.l
 STOP_TIMEOUT = 30.0
 
 
-def settings_for(directory_args: dict[str, Any], hostname: str, fsync: bool) -> dict[str, Any]:
+def settings_for(directory_args: dict[str, Any], hostname: str, fsync: bool, sync: str = "fsync") -> dict[str, Any]:
     """
     The first line sent to each child: what it needs to deliver like the
     daemon.  C{directory_args} are the keyword arguments the daemon built
-    its L{mailhub.delivery.directory.Directory} with (JSON values only; no clock).
+    its L{mailhub.delivery.directory.Directory} with (JSON values only; no clock);
+    C{sync} is C{spool.sync}.
 
     Without the aliases file: aliases are expanded by the daemon when a
     message is accepted, and delivery only maps final addresses to
@@ -97,7 +98,7 @@ def settings_for(directory_args: dict[str, Any], hostname: str, fsync: bool) -> 
     while the daemon runs (the daemon keeps its previous table) cannot
     stop a child from starting.
     """
-    return {"directory": dict(directory_args, aliases_path=None), "hostname": hostname, "fsync": fsync}
+    return {"directory": dict(directory_args, aliases_path=None), "hostname": hostname, "fsync": fsync, "sync": sync}
 
 
 def _outcome_from_json(d: Any) -> Outcome:

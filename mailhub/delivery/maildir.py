@@ -9,7 +9,12 @@ https://cr.yp.to/proto/maildir.html: created in tmp/ (C{O_EXCL |
 O_NOFOLLOW}, by descriptor), given to the recipient (system mode), written,
 fsync'd, linked into new/ (renamed where hard links are not available),
 new/ fsync'd -- that last fsync shared by concurrent deliveries into the
-same Maildir (L{mailhub.queue.spool.DirSync}).
+same Maildir (L{mailhub.queue.durable.DirSync}).  With C{spool.sync =
+"syncfs"} the file is not fsync'd on its own and new/'s fsync is the group
+C{syncfs()} of its file system (L{mailhub.queue.durable.FileSystemSync}).
+L{MaildirWriter.place} and L{MaildirWriter.sync_new} are the two halves
+of L{MaildirWriter.write}, for a writer that makes many files durable with
+one directory sync (L{mailhub.delivery.direct}).
 
 Must not touch: where the Maildir is and how it is opened (the caller passes
 the descriptors of L{mailhub.delivery.system.open_below}), the queued
@@ -25,12 +30,13 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from mailhub.delivery.system import MaildirFds, give
-from mailhub.queue.durable import DirSync
+from mailhub.queue.durable import DirSync, FileSystemSync
 
-__all__ = ["MaildirWriter", "Message", "MAX_DIR_SYNCS"]
+__all__ = ["MaildirWriter", "Message", "Pending", "MAX_DIR_SYNCS"]
 
 #: Write buffer of a Maildir file.
 WRITE_BUFFER = 1 << 20
@@ -59,12 +65,15 @@ def _header_value(text: str) -> bytes:
 class MaildirWriter:
     """
     Writes Maildir files named after C{hostname}; C{fsync} C{False} only
-    for tests that do not measure durability.  Safe to use from several
-    threads at once.
+    for tests that do not measure durability; C{file_systems} (the
+    C{syncfs()} groups) instead of a fsync per file and per new/ when
+    C{spool.sync = "syncfs"}.  Safe to use from several threads at once.
     """
 
-    def __init__(self, hostname: str, fsync: bool = True) -> None:
+    def __init__(self, hostname: str, fsync: bool = True, file_systems: FileSystemSync | None = None) -> None:
         self.fsync = fsync
+        self.file_systems = file_systems if fsync else None
+        self._fsync_files = fsync and file_systems is None
         self._host = _maildir_host(hostname)
         self._syncs_lock = threading.Lock()
         self._syncs: dict[object, DirSync] = {}
@@ -102,23 +111,6 @@ class MaildirWriter:
                 ds = self._syncs[key] = DirSync()
         ds.sync(fsync)
 
-    def _fill(self, fd: int, sender: str, address: str, message: Message) -> int:
-        """
-        Write the Maildir copy into the new file C{fd} (closed here, also
-        on error) and fsync it; returns its size.
-        """
-        try:
-            out = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
-        except BaseException:
-            os.close(fd)
-            raise
-        with out:
-            size = self._write_header_and_body(out, sender, address, message)
-            out.flush()
-            if self.fsync:
-                os.fsync(out.fileno())
-        return size
-
     def _write_header_and_body(self, out: BinaryIO, sender: str, address: str, message: Message) -> int:
         header = (
             b"Return-Path: <" + _header_value(sender) + b">\n"
@@ -129,17 +121,62 @@ class MaildirWriter:
 
     def write(self, fds: MaildirFds, unique: str, sender: str, address: str, message: Message) -> None:
         """
+        L{place} the file, then make new/ durable (L{sync_new}).
+        """
+        self.place(fds, unique, sender, address, message)
+        if self.fsync:
+            self.sync_new(fds)
+
+    def sync_key(self, fds: MaildirFds) -> tuple[int, int]:
+        """
+        What one L{sync_new} covers: new/ itself (device and inode), or
+        with C{syncfs()} its whole file system (device, 0).
+        """
+        st = os.fstat(fds.new)
+        return (st.st_dev, 0) if self.file_systems is not None else (st.st_dev, st.st_ino)
+
+    def sync_new(self, fds: MaildirFds) -> None:
+        """
+        Make every link made into C{fds.new} so far durable: an fsync of
+        new/ shared with concurrent deliveries into the same Maildir, or
+        the group C{syncfs()} of its file system.
+        """
+        new_fd = fds.new
+        if self.file_systems is not None:
+            self.file_systems.sync(new_fd)
+            return
+        # keyed by inode, not path: the user owns the path; the fsync
+        # is made on a descriptor the leader holds, of that same inode
+        st = os.fstat(new_fd)
+        self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
+
+    def place(self, fds: MaildirFds, unique: str, sender: str, address: str, message: Message) -> None:
+        """
         Write one Maildir file into a Maildir opened by
         L{mailhub.delivery.system.open_below}:
-        created in tmp/ (C{O_EXCL | O_NOFOLLOW}), written, fsync'd, linked
-        into new/, new/ fsync'd.  If this exact delivery is already in new/
+        created in tmp/ (C{O_EXCL | O_NOFOLLOW}), written, fsync'd (not
+        with C{syncfs()}), linked into new/ -- durable once L{sync_new} of
+        the same Maildir has returned.  If this exact delivery is already in new/
         (or was moved to cur/ by a reader) nothing is added.  Every name is
         relative to a directory descriptor and nothing is followed; in
         system mode the new file is given to the recipient (C{fchown})
         before a byte is written, so quota and ownership are the
         recipient's, and what the user can rename in their own tmp/ is
-        never written or chowned by path.
+        never written or chowned by path.  The three steps are
+        L{prepare}, L{make_durable} and L{publish}: a writer of many files
+        writes them all before it fsyncs any (on a journalling file
+        system the first fsync then commits them all).
         """
+        pending = self.prepare(fds, unique, sender, address, message)
+        try:
+            self.make_durable(pending)
+            self.publish(pending)
+        except BaseException:
+            self.discard(pending)
+            raise
+
+    def prepare(self, fds: MaildirFds, unique: str, sender: str, address: str, message: Message) -> Pending:
+        """The file created in tmp/ and written, still open and not yet fsync'd (see L{place})."""
         try:
             os.unlink(unique, dir_fd=fds.tmp)  # ours, left by a crash (or whatever the user put there)
         except FileNotFoundError:
@@ -149,39 +186,77 @@ class MaildirWriter:
         try:
             try:
                 give(fd, fds.uid, fds.gid)
+                out = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
             except BaseException:
                 os.close(fd)
                 raise
-            size = self._fill(fd, sender, address, message)
-            name = f"{unique},S={size}"
-            if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
-                os.unlink(unique, dir_fd=fds.tmp)
-                return
+            pending = Pending(fds, unique, 0, out)
             try:
-                os.link(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new, follow_symlinks=False)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                if not _exists_at(fds.new, name):  # no hard links here: rename
-                    os.rename(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new)
-            try:
-                os.unlink(unique, dir_fd=fds.tmp)
-            except FileNotFoundError:
-                pass
+                pending.size = self._write_header_and_body(out, sender, address, message)
+                out.flush()
+            except BaseException:
+                out.close()
+                raise
         except BaseException:
+            _unlink_quietly(unique, fds.tmp)
+            raise
+        return pending
+
+    def make_durable(self, pending: Pending) -> None:
+        """fsync the file written by L{prepare} (not with C{syncfs()}) and close it."""
+        out = pending.out
+        try:
+            if self._fsync_files:
+                os.fsync(out.fileno())
+        finally:
+            out.close()
+
+    def publish(self, pending: Pending) -> None:
+        """Link the durable file into new/ (unless this delivery is already there or in cur/)."""
+        fds, unique = pending.fds, pending.unique
+        name = f"{unique},S={pending.size}"
+        if any(_exists_at(fds.cur, f"{name}:2,{flags}") for flags in _CUR_FLAGS):
+            os.unlink(unique, dir_fd=fds.tmp)
+            return
+        try:
+            os.link(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if not _exists_at(fds.new, name):  # no hard links here: rename
+                os.rename(unique, name, src_dir_fd=fds.tmp, dst_dir_fd=fds.new)
+        try:
+            os.unlink(unique, dir_fd=fds.tmp)
+        except FileNotFoundError:
+            pass
+
+    def discard(self, pending: Pending) -> None:
+        """Throw away a file that will not be published (an error on the way)."""
+        if not pending.out.closed:
             try:
-                os.unlink(unique, dir_fd=fds.tmp)
+                pending.out.close()
             except OSError:
                 pass
-            raise
-        if self.fsync:
-            # keyed by inode, not path: the user owns the path; the fsync
-            # is made on a descriptor the leader holds, of that same inode
-            st = os.fstat(fds.new)
-            new_fd = fds.new
-            self._sync_new((st.st_dev, st.st_ino), lambda: os.fsync(new_fd))
+        _unlink_quietly(pending.unique, pending.fds.tmp)
+
+
+@dataclass
+class Pending:
+    """A Maildir file written in tmp/ by L{MaildirWriter.prepare}, open until it is durable."""
+
+    fds: MaildirFds
+    unique: str
+    size: int
+    out: BinaryIO
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 #: The flag sets probed in cur/ for an already delivered copy that a reader moved (see L{MaildirWriter.write}).

@@ -3,10 +3,11 @@ The file-system steps that make a write durable: an fsync of a file
 before the rename that publishes it, an fsync of its directory after.
 
 Owns: L{fsync_dir}, the group commit of a directory's fsync shared by
-threads (L{DirSync}), the creation of a whole file in one call
-(L{write_file}), and unlinks whose failure is ignored or only logged.
-The spool, the pickup directory and local delivery write durably with
-these.
+threads (L{DirSync}), the group commit of a whole file system's
+C{syncfs()} (L{FileSystemSync}, L{SyncFSDir}: C{spool.sync = "syncfs"}),
+the creation of a whole file in one call (L{write_file}), and unlinks
+whose failure is ignored or only logged.  The spool, the pickup directory
+and local delivery write durably with these.
 
 Must not touch: the reactor, the network, what the files mean (the
 callers decide which file goes where and in which order).
@@ -21,7 +22,12 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
-__all__ = ["fsync_dir", "DirSync", "write_file", "unlink_quietly", "unlink_logged"]
+from mailhub.syncfs import syncfs
+
+__all__ = [
+    "fsync_dir", "DirSync", "FileSystemSync", "SyncFSDir", "FILE_SYSTEMS", "write_file", "unlink_quietly",
+    "unlink_logged",
+]
 
 log = Logger()
 
@@ -117,6 +123,73 @@ class DirSync:
             self._cond.notify_all()
         if error is not None:
             raise error
+
+
+class FileSystemSync:
+    """
+    Group commit of C{syncfs()}, one group per file system (device).
+
+    With C{spool.sync = "syncfs"} nothing is fsync'd file by file: a
+    writer creates its files, renames or links them into place, and then
+    calls L{sync} with a descriptor on that file system.  It returns once
+    a C{syncfs()} that began after the call has completed (the rules of
+    L{DirSync}), which wrote back every file, rename and link made before
+    it on that file system -- the spool's and the Maildirs' alike -- so
+    concurrent writers share one call.  Sound only where the spool and
+    the mailboxes have a file system of their own (docs/spool.rst): the
+    call also writes back whatever else is dirty there.
+    """
+
+    def __init__(self, flush: Callable[[int], None] = syncfs) -> None:
+        self._flush = flush
+        self._lock = threading.Lock()
+        self._groups: dict[int, DirSync] = {}
+
+    def group(self, device: int) -> DirSync:
+        """The group commit of the file system C{device} (C{st_dev})."""
+        with self._lock:
+            found = self._groups.get(device)
+            if found is None:
+                found = self._groups[device] = DirSync()
+            return found
+
+    def sync(self, fd: int, patience: float = 0.0) -> None:
+        """Return when every change made before this call on C{fd}'s file system is durable."""
+        flush = self._flush
+        self.group(os.fstat(fd).st_dev).sync(lambda: flush(fd), patience)
+
+    @property
+    def syncs(self) -> int:
+        """C{syncfs()} calls made (for tests and the benchmark)."""
+        with self._lock:
+            return sum(g.fsyncs for g in self._groups.values())
+
+
+#: The process's groups: one per file system, shared by the spool and the Maildir writers.
+FILE_SYSTEMS = FileSystemSync()
+
+
+class SyncFSDir:
+    """
+    A directory's stand-in for L{DirSync} under C{spool.sync = "syncfs"}:
+    L{sync} makes the renames and unlinks in it durable with the group
+    C{syncfs()} of its file system (L{FileSystemSync}).
+    """
+
+    def __init__(self, path: str, file_systems: FileSystemSync = FILE_SYSTEMS) -> None:
+        self.path = path
+        self.file_systems = file_systems
+
+    def sync(self, fsync: Callable[[], None] | None = None, patience: float = 0.0) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.file_systems.sync(fd, patience)
+        finally:
+            os.close(fd)
+
+    @property
+    def fsyncs(self) -> int:
+        return self.file_systems.syncs
 
 
 def write_file(path: str, data: bytes, sync: bool) -> None:

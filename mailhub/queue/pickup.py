@@ -351,6 +351,7 @@ class PickupService(service.Service):
             sender=env.sender,
             nrcpt=len(env.recipients),
             pickup=name,
+            rcpts=[r.address for r in env.recipients],
         )
         self.enqueue(env)
         return True

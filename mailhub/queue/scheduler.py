@@ -58,6 +58,7 @@ from mailhub.envelope import (
     FAILED,
     PENDING,
     PERMANENT,
+    TEMPORARY,
     DeliverFunction,
     Envelope,
     Outcome,
@@ -71,6 +72,7 @@ from mailhub.queue.status import FLUSHED, HELD, REMOVE_PENDING, REMOVED
 __all__ = [
     "RetryPolicy",
     "Scheduler",
+    "log_delivery",
     "EXPIRED_STATUS",
     "recipient_domain",
 ]
@@ -571,6 +573,9 @@ class Scheduler(service.Service):
                 rnd.first[o.recipient] = o
                 if removed or o.kind == PERMANENT:
                     continue
+                if o.retry_after > 0:  # postponed: not tried, nothing to record
+                    rnd.applied.add(o.recipient)
+                    continue
                 env.apply(o, now)
                 rnd.applied.add(o.recipient)
                 delivered = delivered or o.kind == DELIVERED_OUTCOME
@@ -613,9 +618,18 @@ class Scheduler(service.Service):
                 first = rnd.first[r.address] = Outcome.temporary(
                     r.address, "delivery agent reported no outcome", 451, "4.3.0"
                 )
-            env.apply(first, now)
+            if first.retry_after <= 0:
+                env.apply(first, now)
             rnd.applied.add(r.address)
         outcomes = list(rnd.first.values())
+        # postponed (a relay rate limit): not tried; retried after the limit's
+        # window, not after a backoff, and a round of nothing else is no attempt
+        postponed = {o.recipient: o for o in outcomes if o.retry_after > 0}
+        only_postponed = bool(postponed) and not any(
+            o.kind == TEMPORARY and o.retry_after <= 0 for o in outcomes
+        )
+        if postponed and len(postponed) == len(outcomes):
+            env.attempts -= 1
 
         if env.queue_id in self._removed:
             # deleted by the operator during the round (postsuper -d): what
@@ -639,7 +653,10 @@ class Scheduler(service.Service):
                 r.last_status = EXPIRED_STATUS
                 expired.append(r)
         for r in recipients:
-            self._log_delivery(env, r, now, r in expired)
+            if r.address in postponed and r not in expired:
+                self._log_postponed(env, r, postponed[r.address], now)
+            else:
+                self._log_delivery(env, r, now, r in expired)
 
         bounced = failed + expired
         if bounced and not self.notices.notify(env, bounced, now, FAILED_ACTION):
@@ -653,14 +670,20 @@ class Scheduler(service.Service):
             and not env.warned
             and env.sender
             and now - env.arrival >= self.policy.delay_warning
+            and not only_postponed
         ):
             if self.notices.notify(env, pending, now, DELAYED_ACTION):
                 env.warned = True
 
         if env.done:
             return self._finish(env)
-        due = self.policy.next_attempt(env, now, self.random)
-        env.next_attempt = due
+        if only_postponed:
+            env.next_attempt = due = now + min(o.retry_after for o in postponed.values())
+            if len(postponed) == len(outcomes):
+                return due  # nothing on the envelope changed: no write
+        else:
+            due = self.policy.next_attempt(env, now, self.random)
+            env.next_attempt = due
         if not self._persist(env):
             due = max(due, now + self.policy.min_backoff)
         return due
@@ -742,27 +765,47 @@ class Scheduler(service.Service):
             return "local"
         return "none"
 
-    def _log_delivery(self, env: Envelope, r: Recipient, now: float, expired: bool) -> None:
-        if r.state == PENDING:
-            status, text = "deferred", r.last_text
-        elif r.state == FAILED:
-            status = "bounced"
-            text = f"delivery time expired; last error: {r.last_text}" if expired else r.last_text
-        else:
-            status, text = "sent", r.last_text
+    def _log_postponed(self, env: Envelope, r: Recipient, o: Outcome, now: float) -> None:
         mail_event(
-            "delivery",
-            "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, relay={relay}, delay={delay}, "
-            "attempts={attempts}, dsn={dsn}, status={status} ({text})",
-            queue_id=env.queue_id,
-            to=r.address,
-            orig_to=r.original,
-            relay=r.remote_mta or self._no_relay(r),
+            "postponed",
+            "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, delay={delay}, attempts={attempts}, "
+            "status=rate-limited ({text}); next try in {retry}s",
+            queue_id=env.queue_id, to=r.address, orig_to=r.original,
             delay=("%.2f" % max(0.0, now - env.arrival)).rstrip("0").rstrip("."),
-            attempts=r.attempts,
-            dsn=r.last_status,
-            status=status,
-            text=text,
-            # for GET /v1/messages/ID after it left the queue
-            code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+            attempts=r.attempts, text=o.text, retry=("%.2f" % o.retry_after).rstrip("0").rstrip("."),
         )
+
+    def _log_delivery(self, env: Envelope, r: Recipient, now: float, expired: bool) -> None:
+        log_delivery(env, r, now, r.remote_mta or self._no_relay(r), expired)
+
+
+def log_delivery(env: Envelope, r: Recipient, now: float, relay: str, expired: bool = False) -> None:
+    """
+    The mail log's C{delivery} line of recipient C{r} after an attempt
+    (status sent, bounced or deferred): the scheduler's, and deliver on
+    accept's (L{mailhub.delivery.direct}), which must read the same.
+    """
+    if r.state == PENDING:
+        status, text = "deferred", r.last_text
+    elif r.state == FAILED:
+        status = "bounced"
+        text = f"delivery time expired; last error: {r.last_text}" if expired else r.last_text
+    else:
+        status, text = "sent", r.last_text
+    mail_event(
+        "delivery",
+        "{queue_id}: to=<{to}>, orig_to=<{orig_to}>, relay={relay}, delay={delay}, "
+        "attempts={attempts}, dsn={dsn}, status={status} ({text})",
+        queue_id=env.queue_id,
+        to=r.address,
+        orig_to=r.original,
+        relay=relay,
+        delay=("%.2f" % max(0.0, now - env.arrival)).rstrip("0").rstrip("."),
+        attempts=r.attempts,
+        dsn=r.last_status,
+        status=status,
+        text=text,
+        # for GET /v1/messages/ID after it left the queue
+        code=r.last_code, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+        expired=expired,
+    )

@@ -26,6 +26,10 @@ create, two fsyncs (the first layout, a message file and an envelope file,
 needed two creates and four fsyncs; see docs/performance.rst).  The rename
 is the commit point.  Directory fsyncs are group commits (L{DirSync}):
 concurrent commits in worker threads share one fsync of C{queue/}.
+With C{spool.sync = "syncfs"} (L{Spool}'s C{sync}) no file is fsync'd on
+its own: the rename is followed by one C{syncfs()} of the spool's file
+system, shared by every commit, envelope update and Maildir delivery of
+that instant (L{mailhub.queue.durable.FileSystemSync}).
 
 An envelope that changes later (an attempt made, a recipient delivered) is
 written to C{envelopes/ID.json} the same way (C{tmp/}, fsync, rename,
@@ -53,14 +57,15 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from twisted.logger import Logger
 
 from mailhub.envelope import Envelope, EnvelopeFormatError
-from mailhub.queue import durable, migration
-from mailhub.queue.durable import DirSync, unlink_quietly, write_file
+from mailhub.queue import migration
+from mailhub.queue.durable import DirSync, SyncFSDir, unlink_quietly, write_file
 from mailhub.queue.queuefile import (
     MessageFile,
     is_queue_id,
@@ -71,7 +76,10 @@ from mailhub.queue.queuefile import (
     read_queued_envelope,
 )
 
-__all__ = ["Spool", "SpoolWriter", "MEMORY_LIMIT", "REMOVER_PATIENCE"]
+__all__ = ["Spool", "SpoolWriter", "MEMORY_LIMIT", "REMOVER_PATIENCE", "SYNC_MODES"]
+
+#: The values of C{spool.sync}.
+SYNC_MODES = ("fsync", "syncfs")
 
 log = Logger()
 
@@ -104,6 +112,11 @@ class SpoolWriter:
         self._buffered = 0
         self._file: io.FileIO | None = None  # once the message is past MEMORY_LIMIT
         self._closed = False
+        self._prefix = b""  # header fields prepended by the end-of-data checks
+        # the start of the content replaced by the end-of-data checks: the
+        # first _skip bytes written are left out, _head stands in for them
+        self._skip = 0
+        self._head = b""
 
     def _open(self) -> None:
         # os.open: the file is 0600 whatever the umask (open() would give 0666 & ~umask)
@@ -139,6 +152,107 @@ class SpoolWriter:
         self._write_raw(data)
         self.size += len(data)
 
+    def prepend(self, data: bytes) -> None:
+        """
+        Put C{data} before everything written so far (and before what an
+        earlier call prepended).  It becomes part of the file at the
+        commit: a spilled message is then copied once behind it.
+        """
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        self._prefix = bytes(data) + self._prefix
+        self.size += len(data)
+
+    def replace_start(self, length: int, data: bytes) -> None:
+        """
+        Put C{data} in place of the first C{length} bytes of the content
+        (as L{chunks} shows it): how the end-of-data checks delete header
+        fields.  Like L{prepend}, it reaches the file only at the commit.
+        """
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        if length < 0 or length > self.size - len(self._prefix):
+            raise ValueError("replaced range is outside the content")
+        if length >= len(self._head):
+            self._skip += length - len(self._head)
+            self._head = bytes(data)
+        else:
+            self._head = bytes(data) + self._head[length:]
+        self.size += len(data) - length
+
+    def chunks(self, size: int = MEMORY_LIMIT) -> Iterator[bytes]:
+        """The content so far (not the prepended fields; with a replaced start), in chunks of at most C{size} bytes."""
+        if self._head:
+            yield self._head
+        skip = self._skip
+        for chunk in self._raw_chunks(size):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:]
+            skip = 0
+
+    def _raw_chunks(self, size: int) -> Iterator[bytes]:
+        """The bytes written so far, in chunks of at most C{size} bytes (a buffered message: as written)."""
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        if self._buffer is not None:
+            yield from list(self._buffer)
+            return
+        left = self.size - len(self._prefix) - len(self._head) + self._skip
+        with open(self._tmp, "rb") as file:
+            while left > 0:
+                chunk = file.read(min(size, left))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                yield chunk
+
+    def rewrite(self, chunks: Iterable[bytes]) -> None:
+        """
+        Replace everything written so far (not the prepended fields) with
+        C{chunks}, which may be read from this writer's own L{chunks}: the
+        new content goes to a second file (or memory, up to
+        L{MEMORY_LIMIT}) and takes the old one's place when complete, so
+        memory stays bounded whatever the size.  Durability is the
+        commit's, as for L{write}.  On an exception the old content stays.
+        """
+        if self._closed:
+            raise ValueError("message already committed or aborted")
+        prefix = len(self._prefix)
+        other = SpoolWriter(self.spool, self.queue_id)
+        other._tmp = self._tmp + ".new"
+        try:
+            for chunk in chunks:
+                other.write(chunk)
+        except BaseException:
+            other.abort()
+            raise
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            unlink_quietly(self._tmp)
+        if other._file is not None:
+            other._file.close()
+            os.rename(other._tmp, self._tmp)
+            self._file = open(self._tmp, "ab", buffering=0)  # noqa: SIM115 -- closed at commit/abort
+            self._buffer = None
+        else:
+            self._buffer, self._buffered = other._buffer, other._buffered
+        other._closed = True
+        self._skip, self._head = 0, b""  # the new content already has the replaced start
+        self.size = other.size + prefix
+
+    def message_chunks(self, size: int = MEMORY_LIMIT) -> Iterator[bytes]:
+        """
+        The message as its queue file will hold it: the prepended header
+        fields, then everything written (L{chunks}).  Deliver on accept
+        (L{mailhub.delivery.direct}) copies it into Maildirs from here.
+        """
+        if self._prefix:
+            yield self._prefix
+        yield from self.chunks(size)
+
     def commit(self, envelope: Envelope) -> None:
         """
         Make the message durable and queued.  When this returns without an
@@ -154,16 +268,41 @@ class SpoolWriter:
             if self._file is None:
                 pending, self._buffer = self._buffer or [], None
                 self._closed = True
-                write_file(self._tmp, b"".join(pending + [trailer]), self.spool.fsync)
+                content = b"".join(pending)
+                if self._skip or self._head:
+                    content = self._head + content[self._skip :]
+                write_file(self._tmp, b"".join([self._prefix, content, trailer]), self.spool.fsync_files)
+            elif self._prefix or self._skip or self._head:
+                self._write_raw(trailer)
+                self._file.close()
+                self._closed = True
+                self._copy_behind_prefix()
             else:
                 self._write_raw(trailer)
-                if self.spool.fsync:
+                if self.spool.fsync_files:
                     os.fsync(self._file.fileno())
                 self._file.close()
                 self._closed = True
             self.spool._commit(self._tmp, envelope.queue_id)
         except BaseException:
             self.abort()
+            raise
+
+    def _copy_behind_prefix(self) -> None:
+        """Rewrite the spilled file as prefix + new start + its bytes after the replaced start (fsync'd when the spool syncs)."""
+        final = self._tmp + ".p"
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out, open(self._tmp, "rb") as source:
+                out.write(self._prefix + self._head)
+                source.seek(self._skip)
+                shutil.copyfileobj(source, out, 1024 * 1024)
+                out.flush()
+                if self.spool.fsync_files:
+                    os.fsync(out.fileno())
+            os.replace(final, self._tmp)
+        except BaseException:
+            unlink_quietly(final)
             raise
 
     def abort(self) -> None:
@@ -182,16 +321,31 @@ class Spool:
     The spool directory.  Creating a L{Spool} creates its directories.
 
     @param fsync: C{False} only for tests that do not measure durability.
+    @param sync: how a commit is made durable (C{spool.sync}): C{"fsync"},
+        each file and then its directory; C{"syncfs"}, no per-file fsync,
+        one group C{syncfs()} of the spool's file system instead of each
+        directory fsync (L{mailhub.queue.durable.SyncFSDir}).
     """
 
-    def __init__(self, path: str, fsync: bool = True) -> None:
+    def __init__(self, path: str, fsync: bool = True, sync: str = "fsync") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"unknown sync mode {sync!r}")
         self.path = os.path.abspath(path)
         self.fsync = fsync
+        self.sync = sync
+        #: files are fsync'd one by one before their rename (not with syncfs)
+        self.fsync_files = fsync and sync == "fsync"
         for sub in ("tmp", "queue", "envelopes", "corrupt"):
             os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
         #: group commits of the two directories whose renames matter
-        self.queue_sync = DirSync(os.path.join(self.path, "queue"))
-        self.envelopes_sync = DirSync(os.path.join(self.path, "envelopes"))
+        self.queue_sync: DirSync | SyncFSDir
+        self.envelopes_sync: DirSync | SyncFSDir
+        if sync == "syncfs":
+            self.queue_sync = SyncFSDir(os.path.join(self.path, "queue"))
+            self.envelopes_sync = SyncFSDir(os.path.join(self.path, "envelopes"))
+        else:
+            self.queue_sync = DirSync(os.path.join(self.path, "queue"))
+            self.envelopes_sync = DirSync(os.path.join(self.path, "envelopes"))
         # removal: ids hidden from load/queue_ids/update whose files the
         # remover thread deletes
         self._lock = threading.Lock()
@@ -247,7 +401,7 @@ class Spool:
         tmp = os.path.join(self.path, "tmp", qid + ".env")
         unlink_quietly(tmp)
         try:
-            write_file(tmp, envelope.to_json(), self.fsync)
+            write_file(tmp, envelope.to_json(), self.fsync_files)
             os.rename(tmp, self.envelope_path(qid))
         except BaseException:
             unlink_quietly(tmp)
@@ -509,5 +663,5 @@ class Spool:
                 log.info("spool: removed the envelope of {queue_id}, whose message was already removed", queue_id=qid)
         self.drain()
         if self.fsync:
-            durable.fsync_dir(os.path.join(self.path, "envelopes"))
+            self.envelopes_sync.sync()
         return pending

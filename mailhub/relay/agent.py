@@ -36,8 +36,10 @@ still in its DATA timeout; and all together when the Deferred fires.
 
 from __future__ import annotations
 
+import dataclasses
 import random as _random
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,13 +50,15 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.logger import Logger
 
 from mailhub.address import AddressError, normalize_domain
-from mailhub.envelope import PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
+from mailhub.envelope import DELIVERED_OUTCOME, PERMANENT, TEMPORARY, Envelope, Outcome, Recipient, ReportFunction
 from mailhub.relay import client
 from mailhub.relay.mx import HopFailure, MXResolver, Target
 from mailhub.relay.nexthop import Destination, _ip, _route_key, parse_dns_server, parse_nexthop
 from mailhub.relay.pool import ConnectionPool
 from mailhub.relay.reply import SessionError
 from mailhub.relay.tls import connect_reason
+from mailhub.relay.tlspolicy import DomainPolicy, HostPolicy, TLSPolicy, verified
+from mailhub.relay.tlsrpt import record_session, session_info, tls_delivered, tls_failure
 
 __all__ = ["RemoteDelivery"]
 
@@ -131,6 +135,9 @@ class RemoteDelivery(service.Service):
         max_addresses: int = 5,
         recipient_limit: int = 50,
         loopback_is_self: bool = True,
+        ratelimit: Any = None,
+        tls_policy: TLSPolicy | None = None,
+        tls_reports: Any = None,
     ) -> None:
         if tls not in (client.TLS_NONE, client.TLS_MAY, client.TLS_ENCRYPT, client.TLS_VERIFY):
             raise ValueError(f"tls must be none, may, encrypt or verify, got {tls!r}")
@@ -159,6 +166,11 @@ class RemoteDelivery(service.Service):
             max_addresses=max_addresses,
         )
         self._pool = ConnectionPool(reactor, destination_concurrency, total_concurrency, idle_timeout)
+        # [limits] domain_messages_per_sec (mailhub.ratelimit.limits.RateLimits), or None
+        self._ratelimit = ratelimit
+        self.tls_policy = tls_policy if tls_policy is not None else TLSPolicy(tls)
+        self.tls_reports = tls_reports
+        self._conn_policy: weakref.WeakKeyDictionary[Any, tuple[DomainPolicy, HostPolicy]] = weakref.WeakKeyDictionary()
 
     # -- public -------------------------------------------------------------------
 
@@ -177,7 +189,38 @@ class RemoteDelivery(service.Service):
             as it ends (and of each next hop that could not be reached), so
             they can be recorded before the slowest next hop has answered.
             The final list repeats them.  An exception from it is logged.
+
+        With a destination rate limit, each recipient domain counts one
+        message; the recipients of a domain over its limit are postponed
+        (L{Outcome.postponed}: not tried, so no attempt and no failure; the
+        scheduler tries them again once the limit's window has passed).
         """
+        if self._ratelimit is None:
+            return self._deliver(envelope, recipients, message_path, report)
+        return defer.ensureDeferred(self._limited(envelope, recipients, message_path, report))
+
+    async def _limited(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction
+    ) -> list[Outcome]:
+        by_domain: dict[str, list[Recipient]] = {}
+        for r in recipients:
+            by_domain.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
+        allowed: list[Recipient] = []
+        deferred: list[Outcome] = []
+        for domain, rcpts in by_domain.items():
+            verdict = await self._ratelimit.destination(domain) if domain else None
+            if verdict is None:
+                allowed.extend(rcpts)
+            else:
+                text = f"rate limited: {verdict.text}"
+                deferred.extend(Outcome.postponed(r.address, text, verdict.retry_after) for r in rcpts)
+        self._report(report, envelope, deferred)
+        outcomes = await self._deliver(envelope, allowed, message_path, report) if allowed else []
+        return deferred + outcomes
+
+    def _deliver(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: str, report: ReportFunction
+    ) -> Deferred:
         groups: dict[Destination, list[Recipient]] = {}
         early: list[Outcome] = []
         for r in recipients:
@@ -234,9 +277,20 @@ class RemoteDelivery(service.Service):
             return Destination(body, self._port, mx=False, explicit=False)
         return Destination(domain, self._port, mx=True, explicit=False)
 
+    def _subservices(self) -> list[Any]:
+        return [s for s in (self.tls_policy.mtasts, self.tls_reports) if s is not None]
+
+    def startService(self) -> None:
+        super().startService()
+        for s in self._subservices():
+            s.startService()
+
     def stopService(self) -> Deferred:
-        """Close every idle connection."""
+        """Close every idle connection; stop the policy refresh and write the TLS report counts."""
         super().stopService()
+        for s in self._subservices():
+            if s.running:
+                s.stopService()
         return self._pool.close()
 
     # -- one group of recipients to one next hop ---------------------------------------
@@ -274,7 +328,7 @@ class RemoteDelivery(service.Service):
                     if conn is not None:
                         conn = await self._pool.reuse(dest, conn)
                 if conn is None:
-                    conn = await self._connect_any(dest, targets)
+                    conn = await self._connect_any(dest, targets, envelope)
             outcomes, broken = await self._transactions(conn, envelope, rcpts, path, report)
             if broken:
                 self._pool.quit(dest, conn)
@@ -315,6 +369,7 @@ class RemoteDelivery(service.Service):
                 outcomes.extend(failed)
                 return outcomes, True
             answered = {o.recipient for o in got}
+            got = self._tls_delivered(conn, envelope, got)
             done = list(got) + [
                 Outcome.temporary(r.address, "no reply for this recipient", 0, "4.4.2", conn.remote_mta)
                 for r in chunk
@@ -337,9 +392,22 @@ class RemoteDelivery(service.Service):
         """The twisted.names resolver in use, created on first use."""
         return self._mx.resolver()
 
+    async def targets(self, dest: Destination) -> list[Target]:
+        """
+        The addresses that would be tried for C{dest} (C{mailhub tls check}).
+
+        @raise HopFailure: nothing can be tried.
+        """
+        return await self._mx.targets(dest)
+
+    async def mx_addresses(self, host: str) -> list[str]:
+        """The addresses of C{host} through the relay's resolver (the MTA-STS policy host)."""
+        return await self._mx.addresses(host)
+
     # -- connecting ------------------------------------------------------------------
 
-    def _options(self, dest: Destination, target: Target, tls: str | None = None) -> Any:
+    def _options(self, dest: Destination, target: Target, tls: str | None = None,
+                 host: HostPolicy | None = None) -> Any:
         kw: dict[str, Any] = {
             "helo_name": self._helo,
             "tls": tls or self._tls,
@@ -347,6 +415,11 @@ class RemoteDelivery(service.Service):
             "auth": self._smarthost_auth if dest == self._smarthost else None,
         }
         kw.update(self._client_options)
+        if host is not None:
+            kw["tls"] = host.tls
+            kw["tls_observe"] = host.observe and host.tls != client.TLS_NONE
+            kw["dane_tlsa"] = host.tlsa
+            kw["dane_names"] = (target.name, dest.host) if host.tlsa else ()
         if tls is not None:
             kw["tls"] = tls
         return client.ClientOptions(**kw)
@@ -357,31 +430,57 @@ class RemoteDelivery(service.Service):
             return TCP6ClientEndpoint(self._reactor, target.ip, target.port, timeout=timeout)
         return TCP4ClientEndpoint(self._reactor, target.ip, target.port, timeout=timeout)
 
-    async def _connect_any(self, dest: Destination, targets: list[Target]) -> Any:
+    async def _connect_any(self, dest: Destination, targets: list[Target], envelope: Envelope | None = None) -> Any:
         """
-        Try C{targets} in order; the first that greets and accepts EHLO
-        wins.  Connection failures and 4xx/5xx greetings mean "try the
-        next" (Postfix tries all MX hosts, smtp_skip_5xx_greeting).
+        Try C{targets} in order; the first that greets, accepts EHLO and
+        gives the protection its TLS policy asks for wins.  Connection
+        failures and 4xx/5xx greetings mean "try the next" (Postfix tries
+        all MX hosts, smtp_skip_5xx_greeting); so does a host the policy
+        refuses (an MX outside an enforced MTA-STS policy, a failed TLSA
+        lookup).  Only level "may" falls back to plain text.
 
         @raise HopFailure: all failed; temporary unless every one answered 5xx.
         """
         last_temp: HopFailure | None = None
         last_perm: HopFailure | None = None
+        dp = await self.tls_policy.for_destination(dest)
+        hosts: dict[tuple[str, int], HostPolicy] = {}
         for target in targets:
-            options = self._options(dest, target)
+            key = (target.name, target.port)
+            if key not in hosts:
+                hosts[key] = await self.tls_policy.for_host(dp, target.name, target.port)
+            hp = hosts[key]
+            if hp.refuse:
+                last_temp = HopFailure(TEMPORARY, 0, "4.7.5", f"{hp.refuse}; not sending to {target}")
+                self._tls_event(envelope, dp, hp, target, "failed", reason=hp.refuse, rtype=hp.result_type)
+                log.info("{text}", text=last_temp.text)
+                continue
+            if hp.warning:
+                self._tls_event(envelope, dp, hp, target, "testing-failed", reason=hp.warning,
+                                rtype="validation-failure")
+            options = self._options(dest, target, host=hp)
             while True:
                 log.debug("connecting to {target} for {dest}", target=str(target), dest=str(dest))
                 try:
                     conn = await self._connect(self._reactor, self._endpoint(target), options,
                                                target.name, target.ip, target.port)
                 except SessionError as e:
+                    tls_problem = e.tls_failed or e.enhanced in ("4.7.4", "4.7.5")
                     if e.tls_failed and options.tls == client.TLS_MAY:
                         log.info("TLS with {target} failed ({error}); retrying without TLS",
                                  target=str(target), error=e.text)
-                        options = self._options(dest, target, tls=client.TLS_NONE)
+                        if hp.observe:
+                            self._tls_event(envelope, dp, hp, target, "testing-failed", reason=e.text)
+                        options = self._options(dest, target, tls=client.TLS_NONE, host=hp)
                         continue
                     fail = self._session_fail(e, str(target))
-                    if e.permanent:
+                    if tls_problem and hp.source in ("mta-sts", "dane"):
+                        what = "DANE" if hp.tlsa else f"the MTA-STS policy of {dp.domain}"
+                        fail = HopFailure(TEMPORARY, 0, "4.7.5", f"{fail.text} (required by {what})",
+                                          fail.remote_mta)
+                    if tls_problem:
+                        self._tls_event(envelope, dp, hp, target, "failed", reason=e.text)
+                    if fail.kind == PERMANENT:
                         last_perm = fail
                     else:
                         last_temp = fail
@@ -393,8 +492,18 @@ class RemoteDelivery(service.Service):
                     log.info("{text}", text=text, target=str(target), dest=str(dest))
                     break
                 else:
-                    log.info("connected to {remote} for {dest} (tls={tls})", remote=conn.remote_mta,
-                             dest=str(dest), tls=getattr(conn, "tls", False))
+                    self._conn_policy[conn] = (dp, hp)
+                    info = session_info(conn)
+                    problem = None
+                    if hp.observe:
+                        problem = info["pkix_error"] if info["version"] else "STARTTLS was not offered"
+                    if problem:
+                        self._tls_event(envelope, dp, hp, target, "testing-failed", reason=problem)
+                    else:
+                        record_session(self.tls_reports, dp, hp, target.name, target.ip, None)
+                    log.info("connected to {remote} for {dest} (tls={tls} verified={verified})",
+                             remote=conn.remote_mta, dest=str(dest), tls=info["version"] or "none",
+                             verified=verified(hp, info))
                     return conn
         if last_temp is not None:
             raise last_temp
@@ -402,3 +511,18 @@ class RemoteDelivery(service.Service):
             raise last_perm
         raise HopFailure(TEMPORARY, 0, "4.4.1", f"no address to try for {dest}")
 
+    # -- TLS: what the log, the metrics and the TLS reports are told (relay.tlsrpt) -----
+
+    def _tls_event(self, envelope: Envelope | None, dp: DomainPolicy, hp: HostPolicy, target: Target, result: str,
+                   reason: str = "", rtype: str = "") -> None:
+        tls_failure(self.tls_reports, envelope.queue_id if envelope is not None else "-", dp, hp, target.name,
+                    target.ip, str(target), result, reason, rtype)
+
+    def _tls_delivered(self, conn: Any, envelope: Envelope, got: list[Outcome]) -> list[Outcome]:
+        """The delivered outcomes say how the session was protected (C{tls=... cipher=... verified=...})."""
+        delivered = [o for o in got if o.kind == DELIVERED_OUTCOME]
+        if not delivered:
+            return got
+        dp, hp = self._conn_policy.get(conn, (None, None))
+        note = tls_delivered(envelope.queue_id, dp, hp, conn.remote_mta, session_info(conn), len(delivered))
+        return [dataclasses.replace(o, text=o.text + note) if o.kind == DELIVERED_OUTCOME else o for o in got]

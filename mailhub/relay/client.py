@@ -28,6 +28,7 @@ message file is only read), configuration files, and the global reactor
 from __future__ import annotations
 
 import base64
+import datetime
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -43,6 +44,7 @@ from zope.interface import implementer
 from mailhub.eagerwrite import write_now
 from mailhub.envelope import Envelope, Outcome, Recipient
 from mailhub.queue.queuefile import QueueFileError, open_message
+from mailhub.relay.dane import tlsa_match
 from mailhub.relay.dotstuff import BodyProducer
 from mailhub.relay.prepare import Prepared, prepare
 from mailhub.relay.reply import LOCAL_CODE, ConnectionBroken, SessionError, SMTPReply, parse_reply
@@ -96,6 +98,12 @@ class ClientOptions:
     data_init_timeout: float = 120.0  # smtp_data_init_timeout
     data_xfer_timeout: float = 180.0  # smtp_data_xfer_timeout, per write progress
     data_done_timeout: float = 600.0  # smtp_data_done_timeout
+    # What a verification would say is recorded, not enforced (MTA-STS testing).
+    tls_observe: bool = False
+    # DANE (mailhub.relay.dane): the chain must match one of these TLSA records;
+    # DANE-TA also checks the leaf's name against dane_names.
+    dane_tlsa: tuple[Any, ...] = ()
+    dane_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tls not in _TLS_LEVELS:
@@ -142,6 +150,11 @@ class SMTPClientProtocol(Protocol):
         self._busy = False
         self.extensions: dict[str, str] = {}
         self.tls = False
+        self.tls_version = ""
+        self.tls_cipher = ""
+        self.tls_pkix_error: str | None = "not checked"
+        self.tls_dane: str | None = None
+        self._creator: Any = None
         self.usable = False
         self.connection: SMTPConnection | None = None
 
@@ -388,6 +401,7 @@ class SMTPClientProtocol(Protocol):
             raise self._local_error("4.7.5", f"cannot set up TLS for {self.remote_mta}: {e}", tls_failed=True)
         self.extensions = {}
         self._tls_pending = True
+        self._creator = creator
         self._tcp.startTLS(creator)
         try:
             await self._hello()
@@ -397,14 +411,35 @@ class SMTPClientProtocol(Protocol):
             raise SessionError(
                 e.code, e.enhanced if e.code else "4.7.5", e.text, False, self.remote_mta, tls_failed=True
             )
+        self._tls_established()
+        log.info("TLS connection established to {mta} (tls={tls_level} {version} {cipher})", mta=self.remote_mta,
+                 tls_level=o.tls, version=self.tls_version, cipher=self.tls_cipher)
+
+    def _tls_established(self) -> None:
+        """After the handshake: what was negotiated, and the DANE check (before any mail is sent)."""
+        o = self.options
+        ssl_conn = getattr(self._creator, "connection", None)
+        if ssl_conn is not None:
+            self.tls_version = ssl_conn.get_protocol_version_name() or ""
+            self.tls_cipher = ssl_conn.get_cipher_name() or ""
+        self.tls_pkix_error = None if o.tls == TLS_VERIFY else getattr(self._creator, "pkix_error", "not checked")
+        if o.dane_tlsa:
+            chain = [c.to_cryptography() for c in (ssl_conn.get_peer_cert_chain() or [])] if ssl_conn is not None else []
+            now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+            names = o.dane_names or (o.tls_hostname or self.remote_name,)
+            self.tls_dane = tlsa_match(chain, o.dane_tlsa, names, now)
+            if self.tls_dane is None:
+                raise self._local_error(
+                    "4.7.5", f"TLS: certificate of {self.remote_name} does not match its TLSA records",
+                    tls_failed=True)
         self.tls = True
         self._tls_pending = False
-        log.info("TLS connection established to {mta} (tls={tls_level})", mta=self.remote_mta, tls_level=o.tls)
 
     def _tls_options(self) -> Any:
         o = self.options
         return client_creator(
-            o.tls == TLS_VERIFY, o.tls_ca_file, o.tls_hostname or self.remote_name, self._record_verify_error
+            o.tls == TLS_VERIFY, o.tls_ca_file, o.tls_hostname or self.remote_name, self._record_verify_error,
+            observe=o.tls_observe,
         )
 
     async def _auth(self) -> None:
@@ -670,6 +705,16 @@ class SMTPConnection:
     @property
     def usable(self) -> bool:
         return self._proto.usable and not self._proto._closed
+
+    @property
+    def tls_info(self) -> dict[str, Any]:
+        """
+        How the session is protected: C{version} and C{cipher} ("" in plain
+        text), C{pkix_error} (None when the chain was verified or, observed,
+        would have been), C{dane} (the matching TLSA record, or None).
+        """
+        p = self._proto
+        return {"version": p.tls_version, "cipher": p.tls_cipher, "pkix_error": p.tls_pkix_error, "dane": p.tls_dane}
 
     def send(self, envelope: Envelope, recipients: list[Recipient], message_path: str) -> Deferred:
         """

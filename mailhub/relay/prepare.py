@@ -21,6 +21,12 @@ required but not supported").  A peer that offers SMTPUTF8 is taken to
 accept 8-bit data in an SMTPUTF8 transaction (RFC 6531 3.1 requires it to
 offer 8BITMIME too).
 
+DKIM: a message signed when it first left (L{mailhub.auth.sign}) carries
+its signatures in the envelope, one set over the bytes as queued and one
+over their 7-bit form; the set of the form being sent goes above the
+message (a converted message without its own set goes unsigned, never
+with a signature over other bytes).
+
 SMTPUTF8: required (C{5.6.7} at a peer without it) only when the envelope
 addresses are not ASCII, or the message was received with SMTPUTF8 I{and}
 its header section really has non-ASCII bytes (RFC 6531 3.2, as Postfix):
@@ -36,7 +42,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.logger import Logger
 
@@ -131,6 +137,10 @@ def prepare(
                      mta=mta, old=size, new=len(converted))
             body = io.BytesIO(converted)
             size = len(converted)
+    signatures = envelope.dkim.get("7bit" if body is not f else "original", "").encode("ascii")
+    if signatures:
+        body = cast("IO[bytes]", _Prefixed(signatures, body))
+        size += len(signatures)
     limit = extensions.get("SIZE", "").strip()
     if limit.isdigit() and int(limit) > 0 and size > int(limit):
         return all_(lambda r: Outcome.permanent(
@@ -163,6 +173,32 @@ def prepare(
                 cmd += " ORCPT=" + orcpt
         rcpts.append(cmd)
     return Prepared(mail, rcpts, body, size)
+
+
+class _Prefixed(io.RawIOBase):
+    """C{prefix}, then what C{rest} reads (from where it is)."""
+
+    def __init__(self, prefix: bytes, rest: IO[bytes]) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._prefix:
+            if size is None or size < 0:
+                out, self._prefix = self._prefix + self._rest.read(), b""
+                return out
+            out, self._prefix = self._prefix[:size], self._prefix[size:]
+            return out
+        return self._rest.read(-1 if size is None else size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _read_header(f: IO[bytes]) -> bytes | None:

@@ -6,7 +6,9 @@ handshake failed.
 Owns: L{client_creator} (the TLS context for STARTTLS at a given
 security level), L{VerifyingCreator} (client TLS connections that check the chain
 and the name, RFC 6125 through service_identity, and remember OpenSSL's
-X.509 verification error), L{tls_failure_text} and L{connect_reason}
+X.509 verification error), L{ObservingCreator} (connections that only
+record what a verification would say, for opportunistic TLS, DANE and
+MTA-STS testing), L{trust_from_file}, L{tls_failure_text} and L{connect_reason}
 (Postfix-style texts: "connect to HOST[IP]:PORT: Connection refused",
 "TLS: certificate of mx.example has expired").
 
@@ -39,7 +41,9 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["VerifyingCreator", "client_creator", "connect_reason", "tls_failure_text"]
+__all__ = [
+    "VerifyingCreator", "ObservingCreator", "client_creator", "connect_reason", "tls_failure_text", "trust_from_file",
+]
 
 
 #: OpenSSL X.509 verification errors (X509_V_ERR_*) as OpenSSL words them.
@@ -77,9 +81,10 @@ class VerifyingCreator:
         self._ids = [IPAddress_ID(str(ip))] if ip is not None else [DNS_ID(hostname)]
         self._sni = None if ip is not None else idna.encode(hostname, uts46=True)
         self._record = record
+        self.connection: Any = None
 
     def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
-        conn = SSL.Connection(self._ctx, None)
+        conn = self.connection = SSL.Connection(self._ctx, None)
         if self._sni is not None:
             conn.set_tlsext_host_name(self._sni)
         ids, record = self._ids, self._record
@@ -99,6 +104,68 @@ class VerifyingCreator:
 
         conn.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return conn
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ObservingCreator:
+    """
+    Client TLS connections that do not fail on the peer's certificate but
+    remember what a verification would have said: for opportunistic TLS
+    (the TLS version and cipher are read from L{connection}), for DANE
+    (the chain is matched against TLSA records after the handshake) and for
+    MTA-STS in testing mode (L{pkix_error}: None when the chain is trusted
+    and names C{hostname}).
+
+    @param options: C{CertificateOptions}; with trust roots when
+        C{observe} is set.
+    @param observe: check chain and name, without failing the handshake.
+    """
+
+    def __init__(self, options: Any, hostname: str, observe: bool) -> None:
+        self._ctx = options.getContext()
+        self._hostname = hostname
+        try:
+            ip = ipaddress.ip_address(hostname)
+        except ValueError:
+            ip = None
+        self._ids = [IPAddress_ID(str(ip))] if ip is not None else [DNS_ID(hostname)]
+        self._sni = None if ip is not None else idna.encode(hostname, uts46=True)
+        self._observe = observe
+        self.connection: Any = None
+        self.pkix_error: str | None = None if observe else "not checked"
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        conn = self.connection = SSL.Connection(self._ctx, None)
+        if self._sni is not None:
+            conn.set_tlsext_host_name(self._sni)
+
+        def verify(_conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+            if not ok and self.pkix_error is None:
+                self.pkix_error = tls_failure_text(self._hostname, "", None, (errno, depth))
+            elif ok and depth == 0 and self.pkix_error is None:
+                try:
+                    verify_service_identity(extract_patterns(cert), self._ids, [])
+                except (VerificationError, CertificateError) as e:
+                    self.pkix_error = tls_failure_text(self._hostname, "", e, None)
+            return True
+
+        conn.set_verify(SSL.VERIFY_PEER if self._observe else SSL.VERIFY_NONE, verify)
+        return conn
+
+
+def trust_from_file(ca_file: str) -> Any:
+    """
+    The trust roots in PEM file C{ca_file}.
+
+    @raise OSError: it cannot be read.
+    @raise ValueError: it holds no certificate.
+    """
+    with open(ca_file, "rb") as f:
+        pem = f.read()
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
+    if not blocks:
+        raise ValueError(f"no certificate in {ca_file}")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
 
 
 def _ssl_reasons(err: BaseException) -> str:
@@ -172,32 +239,25 @@ def client_creator(
     ca_file: str | None,
     hostname: str,
     record_verify_error: Callable[[int, int], None],
+    observe: bool = False,
 ) -> Any:
     """
     The connection creator for STARTTLS.  With C{verify} (level "verify"),
     a L{VerifyingCreator} checking C{hostname} against the certificates in
-    C{ca_file} (the platform's trust store when None); otherwise encrypted,
-    not authenticated (Postfix does not verify at "may" / "encrypt"
-    either).  TLS 1.2 at least.
+    C{ca_file} (the platform's trust store when None); otherwise an
+    L{ObservingCreator}: encrypted, not authenticated (Postfix does not
+    verify at "may" / "encrypt" either), with C{observe} recording what a
+    verification would have said.  TLS 1.2 at least.
 
     @raise OSError: C{ca_file} cannot be read.
     @raise ValueError: C{ca_file} holds no certificate.
     """
-    if verify:
-        if ca_file:
-            with open(ca_file, "rb") as f:
-                pem = f.read()
-            blocks = re.findall(
-                rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL
-            )
-            if not blocks:
-                raise ValueError(f"no certificate in {ca_file}")
-            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-        else:
-            trust = ssl.platformTrust()
-        return VerifyingCreator(
-            ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2),
-            hostname,
-            record_verify_error,
-        )
-    return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    if verify or observe:
+        trust = trust_from_file(ca_file) if ca_file else ssl.platformTrust()
+        options = ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        if verify:
+            return VerifyingCreator(options, hostname, record_verify_error)
+        return ObservingCreator(options, hostname, True)
+    return ObservingCreator(
+        ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2), hostname, False
+    )

@@ -17,7 +17,8 @@ the session protocol (L{mailhub.smtp.server.SMTPServer}): C{session},
 C{settings}, C{config}, C{factory} (C{policy}, C{has_room},
 C{may_send_as}), C{tlsauth}, C{transaction}, C{esmtp}, and the methods
 C{reply}, C{write}, C{close}, C{reset_transaction}, C{open_message},
-C{start_data}, C{start_bdat}.
+C{start_data}, C{start_bdat}; with milters, C{milter} and C{after_milter}
+(HELO, MAIL and RCPT wait for the milters' verdict before their own reply).
 """
 
 from __future__ import annotations
@@ -83,12 +84,23 @@ class Commands:
         self.host.session.helo = arg
         self.host.esmtp = esmtp
 
+    def _milter(self, verdict: Callable[[Any], Any], go: Callable[[], None]) -> None:
+        """Run C{go} now, or once the session's milters let the command through (C{verdict(milter)})."""
+        milter = getattr(self.host, "milter", None)
+        if milter is None:
+            go()
+        else:
+            self.host.after_milter(verdict(milter), go)
+
     def do_helo(self, arg: str) -> None:
         self._greet(arg, False)
-        self.host.reply(Reply(250, "", self.host.config.hostname))
+        self._milter(lambda m: m.helo(arg), lambda: self.host.reply(Reply(250, "", self.host.config.hostname)))
 
     def do_ehlo(self, arg: str) -> None:
         self._greet(arg, True)
+        self._milter(lambda m: m.helo(arg), self._ehlo_reply)
+
+    def _ehlo_reply(self) -> None:
         size = self.host.config.max_message_size
         lines = [
             self.host.config.hostname,
@@ -178,8 +190,12 @@ class Commands:
             )
             self.host.reply(refusal)
             return
-        self.host.transaction = Transaction(sender=sender_text, esmtp=esmtp)
-        self.host.reply(Reply(250, "2.1.0", "Ok"))
+
+        def accept() -> None:
+            self.host.transaction = Transaction(sender=sender_text, esmtp=esmtp)
+            self.host.reply(Reply(250, "2.1.0", "Ok"))
+
+        self._milter(lambda m: m.mail(sender_text, words), accept)
 
     def do_rcpt(self, arg: str) -> None:
         tx = self.host.transaction
@@ -208,10 +224,16 @@ class Commands:
             raise CommandError(452, "4.5.3", "Error: too many recipients")
         result, addresses = self.host.factory.policy.check_recipient(self.host.session, mailbox)
         if result.ok:
-            tx.accepted.append(str(mailbox))
-            for a in addresses:
-                if a not in tx.recipients:
-                    tx.recipients[a] = Recipient(address=a, original=str(mailbox), notify=list(notify), orcpt=orcpt)
+
+            def accept() -> None:
+                tx.accepted.append(str(mailbox))
+                for a in addresses:
+                    if a not in tx.recipients:
+                        tx.recipients[a] = Recipient(address=a, original=str(mailbox), notify=list(notify), orcpt=orcpt)
+                self.host.reply(result)
+
+            self._milter(lambda m: m.rcpt(str(mailbox), words), accept)
+            return
         else:
             mail_event(
                 "reject",

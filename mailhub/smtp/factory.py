@@ -18,7 +18,7 @@ public names above), the relay decision (L{Policy}), the spool's files.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -26,9 +26,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailhub.envelope import Envelope
+from mailhub.queue.commit import Committer, SpoolCommitter
 from mailhub.queue.spool import Spool
+from mailhub.ratelimit.limits import RateLimits
 from mailhub.smtp import sasl as auth
+from mailhub.smtp.checks import MessageCheck
 from mailhub.smtp.policy import Policy
+from mailhub.smtp.proxyheader import ProxyGate
 from mailhub.smtp.server import SMTPServer
 from mailhub.smtp.settings import SMTPSettings
 from mailhub.users import UsersChecker, UsersFile, owns_sender
@@ -75,8 +79,22 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
     @param throttle: the L{mailhub.smtp.sasl.AuthThrottle}, shared by all
         listeners; default C{AuthThrottle(clock)} (1 s delay, 5 failures
         per 300 s per client IP) whenever AUTH is enabled.
+    @param checks: the L{mailhub.smtp.checks.MessageCheck}s every message
+        passes, in order, between the end of its data and its commit.
+    @param milters: the listener's milters (an object whose
+        C{session(server)} gives each session its milter conversations:
+        L{mailhub.milter.session.Milters}); their end-of-message part is
+        one of C{checks}.
     @param free_space: how to measure the spool's free bytes (default:
         statvfs of the spool directory, L{spool_free_space}); tests pass a fake.
+    @param ratelimit: the L{mailhub.ratelimit.limits.RateLimits} checked at
+        connect, MAIL and RCPT (docs/ratelimits.rst); None: none.
+    @param proxy: the L{mailhub.smtp.proxyheader.ProxyGate} of
+        C{server.proxy_from}; None: no PROXY headers are read.
+    @param committer: what makes an accepted message durable before its
+        250 (L{mailhub.queue.commit.Committer}); default the spool path,
+        C{SpoolCommitter(run, enqueue)}.  The daemon may give
+        L{mailhub.delivery.direct.DirectDelivery} (deliver on accept).
     @param gate: where connections are admitted when they are counted
         over several processes (L{mailhub.daemon.anvil.RemoteGate}:
         C{admit(name, ip) -> Deferred[str]}, C{release(name, ip)}); default
@@ -106,11 +124,24 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         checker: Any = None,
         throttle: auth.AuthThrottle | None = None,
         free_space: Callable[[], int] | None = None,
+        checks: Sequence[MessageCheck] = (),
+        milters: Any = None,
+        ratelimit: RateLimits | None = None,
+        proxy: ProxyGate | None = None,
+        committer: Committer | None = None,
         gate: Any = None,
         gate_name: str = "",
     ) -> None:
         self.settings = settings
+        #: the end-of-data stage (L{mailhub.smtp.checks}), in order
+        self.checks: list[MessageCheck] = list(checks)
+        #: the listener's milters (L{mailhub.milter.session.Milters}: C{session(smtp_server)}), or None
+        self.milters = milters
         self.config = settings.server
+        #: the rate limits (connections, MAIL, RCPT), or None
+        self.ratelimit = ratelimit if ratelimit is not None and ratelimit.active else None
+        #: C{server.proxy_from}: peers that must start with a PROXY header, or None
+        self.proxy = proxy if proxy else None
         self.listener = settings.listener
         self.tls = tls
         self.users = users
@@ -127,6 +158,12 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         self.policy = policy
         self.clock = clock
         self.run = run
+        #: makes each accepted message durable (L{mailhub.queue.commit})
+        # the default reads run and enqueue when it commits: both may be replaced after construction
+        self.committer: Committer = (
+            committer if committer is not None
+            else SpoolCommitter(lambda *args: self.run(*args), lambda envelope: self.enqueue(envelope))
+        )
         self.gate = gate
         self.gate_name = gate_name or settings.listener
         self.connections = 0

@@ -224,6 +224,8 @@ class Pacer:
         commands stay in order.  True if that wait was just started;
         C{on_wake} is called when it ends.
         """
+        if errors <= 0:
+            return False  # every command line asks: no settings lookup in the common case
         limit = self._server.soft_error_limit
         if not limit or errors < limit:
             return False

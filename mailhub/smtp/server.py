@@ -53,6 +53,7 @@ intermediate C{354} (RFC 3463 defines no class 3).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -65,7 +66,9 @@ from zope.interface import implementer
 from mailhub.eagerwrite import write_now
 from mailhub.envelope import Envelope
 from mailhub.maillog import mail_event
+from mailhub.smtp.checks import StagedMessage, run_checks
 from mailhub.smtp.commands import LINE_TOO_LONG, Commands
+from mailhub.smtp.gates import Gates
 from mailhub.smtp.limits import Pacer
 from mailhub.smtp.policy import Session
 from mailhub.smtp.proto import (
@@ -88,6 +91,7 @@ from mailhub.smtp.tlsauth import TLSAuth
 from mailhub.smtp.transaction import BARE_LINE_ENDING, LOCAL_ERROR, TOO_MANY_HOPS, Transaction
 
 if TYPE_CHECKING:
+    from mailhub.queue.spool import SpoolWriter
     from mailhub.smtp.factory import SMTPServerFactory
 
 __all__ = ["SMTPServer", "REPLY_BATCH"]
@@ -180,6 +184,9 @@ class SMTPServer(protocol.Protocol):
             self, factory.tls, factory.checker, factory.throttle, self.settings.allow_plaintext_loopback
         )
         self.commands = Commands(self)
+        #: the milter conversations (mailhub.milter.session), or None: the listener has no milters
+        self.milter = factory.milters.session(self) if factory.milters is not None else None
+        self.gates = Gates(self)
 
     @property
     def _tcp(self) -> _Transport:
@@ -207,19 +214,28 @@ class SMTPServer(protocol.Protocol):
     # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.session.client_ip = getattr(self._tcp.getPeer(), "host", "")
+        # A proxy's connection begins once its PROXY header named the client (smtp.gates);
+        # on implicit TLS the header was read beneath TLS (smtp.proxytls: proxied_by).
+        self.gates.connection_made(
+            getattr(self._tcp.getPeer(), "host", ""), getattr(self._tcp, "proxied_by", None)
+        )
+
+    def begin(self, client_ip: str, proxy: str | None = None) -> None:
+        """Serve the client at C{client_ip} (C{proxy}: the proxy it came through)."""
+        self.session.client_ip = client_ip
         verdict = self.factory.admission(self.session.client_ip)
         if isinstance(verdict, defer.Deferred):
             # Counted in the main process (several acceptor processes):
-            # nothing is read, and no greeting sent, until it answers.
+            # nothing is executed, and no greeting sent, until it answers.
             self._waiting_admission = True
+            self.pacer.busy = True
             self._tcp.pauseProducing()
-            verdict.addCallback(self._admitted)
+            verdict.addCallback(self._admitted, proxy)
             verdict.addErrback(lambda f: log.failure("connection admission", f))
             return
-        self._admitted(verdict)
+        self._admitted(verdict, proxy)
 
-    def _admitted(self, limit: str) -> None:
+    def _admitted(self, limit: str, proxy: str | None = None) -> None:
         """The factory's answer about this connection: "" admitted, else the limit reached."""
         if self._closed:
             # the client left before the answer
@@ -245,18 +261,25 @@ class SMTPServer(protocol.Protocol):
             return
         self._counted = True
         self.factory.sessions.add(self)
-        if self._waiting_admission:
+        waited = self._waiting_admission
+        if waited:
             self._waiting_admission = False
+            self.pacer.busy = False
             self._tcp.resumeProducing()
         mail_event(
             "connection",
-            "connect from [{client}] listener={listener} tls={tls}",
-            client=self.session.client_ip, listener=self.session.listener, tls=self.session.tls,
+            "connect from [{client}] listener={listener} tls={tls}" + (" proxy=[{proxy}]" if proxy else ""),
+            client=self.session.client_ip, listener=self.session.listener, tls=self.session.tls, proxy=proxy,
         )
         self._tcp.registerProducer(self, True)
         self.pacer.start()
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             self.pacer.handshake_started()  # implicit TLS: the greeting waits for the handshake
+        self.gates.greet()  # after the connection rate limit
+        if waited and not self.pacer.held:
+            self.process()  # what arrived with the PROXY header
+
+    def greet(self) -> None:
         self.write(220, "", f"{self.config.hostname} ESMTP mailhub")
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -267,9 +290,12 @@ class SMTPServer(protocol.Protocol):
         receiving = tx is not None and self._mode in (DATA, BDAT)
         received = tx.received if tx is not None else 0
         self._closed = True
+        self.gates.stop()
         self.pacer.stop()
         self.tlsauth.stop()
         self.reset_transaction()
+        if self.milter is not None:
+            self.milter.close()
         if self._counted:
             self._counted = False
             self.factory.release(self.session.client_ip)
@@ -299,6 +325,9 @@ class SMTPServer(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
+            return
+        if self.gates.reading_header:
+            self.gates.feed(data)
             return
         if self.pacer.handshaking:
             # Application data comes only out of a completed handshake.
@@ -576,11 +605,17 @@ class SMTPServer(protocol.Protocol):
         handler = self.commands.handlers.get(verb)
         self._commands.start(verb if handler is not None or verb in NOT_IMPLEMENTED else UNKNOWN)
         if handler is None:
-            if verb in NOT_IMPLEMENTED:
+            if verb == "PROXY" and self.factory.proxy is not None:
+                self.gates.refuse_proxy()
+            elif verb in NOT_IMPLEMENTED:
                 self.reply(Reply(502, "5.5.1", f"Error: {verb} not implemented"))
             else:
                 self.reply(Reply(500, "5.5.2", "Error: command not recognized"))
             return
+        if not self.gates.hold(verb, handler, arg):  # MAIL, RCPT: after the rate limits
+            self.run_command(handler, arg)
+
+    def run_command(self, handler: Any, arg: str) -> None:
         try:
             handler(arg.strip(" \t"))
         except CommandError as e:
@@ -606,6 +641,33 @@ class SMTPServer(protocol.Protocol):
             if tx is not None:
                 tx.abort()
         self.transaction = self._held = None
+        if self.milter is not None:
+            self.milter.reset()
+
+    def after_milter(self, verdict: defer.Deferred[Reply | None], go: Callable[[], None]) -> None:
+        """
+        Read nothing more until the milters answered a command: a refusal
+        is the command's reply, C{None} runs C{go} (the command's own end).
+        """
+        self.pacer.busy = True
+
+        def answered(refusal: Reply | None) -> None:
+            self.pacer.busy = False
+            if self._closed:
+                return
+            if refusal is None:
+                go()
+            else:
+                self.reply(refusal)
+                if refusal.code == 421:
+                    self.close()
+            self.process()
+
+        def broken(failure: Any) -> None:
+            log.failure("milter stage failed", failure)
+            answered(LOCAL_ERROR)
+
+        verdict.addCallbacks(answered, broken)
 
     def reset_session(self) -> None:
         """
@@ -730,28 +792,56 @@ class SMTPServer(protocol.Protocol):
         writer = tx.writer
         assert writer is not None
         self.pacer.busy = True
-        d = defer.maybeDeferred(self.factory.run, writer.commit, outcome)
-        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(outcome,), errbackArgs=(outcome,))
+        checks = self.factory.checks
+        d: defer.Deferred[Any]
+        if not checks:
+            d = self._commit(outcome, writer, {})
+        else:
+            staged = StagedMessage(outcome, writer, trusted=self.factory.policy.may_relay(session), session=self)
+            d = run_checks(checks, staged)
+            d.addCallback(self._checked, staged)
         self.factory.track_commit(self, d)
+
+    def _checked(self, verdict: Reply | None, staged: StagedMessage) -> defer.Deferred[None] | None:
+        """The end-of-data checks answered: refuse the message, or commit it as they left it."""
+        envelope = staged.envelope
+        if verdict is not None:
+            staged.writer.abort()
+            self.pacer.busy = False
+            mail_event(
+                "reject",
+                "{queue_id}: reject: END-OF-MESSAGE from [{client}]: {code} {enhanced} {text}; from=<{sender}>",
+                queue_id=envelope.queue_id, client=envelope.client["addr"], code=verdict.code,
+                enhanced=verdict.enhanced, text=verdict.text, sender=envelope.sender, reason="message_check",
+            )
+            self.reply(verdict)
+            self.process()
+            return None
+        if staged.discard:
+            staged.writer.abort()
+            self.pacer.busy = False
+            mail_event(
+                "discard", "{queue_id}: discard: END-OF-MESSAGE from [{client}]; from=<{sender}>",
+                queue_id=envelope.queue_id, client=envelope.client["addr"], sender=envelope.sender,
+            )
+            self.reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
+            self.process()
+            return None
+        envelope.esmtp["size"] = staged.writer.size
+        return self._commit(envelope, staged.writer, staged.log_fields)
+
+    def _commit(self, envelope: Envelope, writer: SpoolWriter, log_fields: dict[str, str]) -> defer.Deferred[None]:
+        """
+        Commit through the factory's C{committer} (the spool, or straight
+        into the Maildirs: L{mailhub.queue.commit}): 250 once durable, 451
+        on any failure.
+        """
+        d = defer.maybeDeferred(self.factory.committer.commit, envelope, writer, log_fields)
+        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope,), errbackArgs=(envelope,))
+        return d
 
     def _committed(self, _: object, envelope: Envelope) -> None:
         self.pacer.busy = False
-        # Logged before enqueue: enqueue may deliver at once, and the story
-        # of a message in the log must start with its arrival.
-        mail_event(
-            "accepted",
-            "{queue_id}: accepted from=<{sender}> nrcpt={nrcpt} size={size} client=[{client}] proto={proto}"
-            " listener={listener} sasl_username={user}",
-            queue_id=envelope.queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
-            size=envelope.esmtp["size"], client=envelope.client["addr"], proto=envelope.client["protocol"],
-            listener=envelope.client["listener"], user=envelope.client["user"],
-            **{"from": envelope.sender},
-        )
-        try:
-            self.factory.enqueue(envelope)
-        except Exception:
-            # Committed means queued: the scheduler finds it again at start.
-            log.failure("enqueue failed for {queue_id}", queue_id=envelope.queue_id)
         self._errors = 0  # Postfix: the hard limit counts errors "without delivering mail"
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
         self.process()

@@ -334,7 +334,10 @@ class TLSAuth:
         if isinstance(result, Failure):
             if wrong:
                 # The user name is not logged: clients type passwords into it.
-                log.info("AUTH {mechanism} failed from [{client}]", mechanism=mechanism, client=client)
+                mail_event(
+                    "auth_failed", "AUTH {mechanism} failed from [{client}]",
+                    mechanism=mechanism, client=client, listener=host.session.listener, reason="auth_failed",
+                )
                 self._auth_wait = wait
                 wait.addBoth(self._throttled)
                 return None

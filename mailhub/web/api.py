@@ -55,7 +55,9 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("GET", "/status"),
     ("GET", "/metrics"),
     ("POST", "/v1/messages"),
+    ("GET", "/v1/messages"),
     ("GET", "/v1/messages/{id}"),
+    ("GET", "/v1/stats"),
     ("GET", "/v1/queue"),
     ("POST", "/v1/queue/flush"),
 )
@@ -243,6 +245,8 @@ class ApiResource(resource.Resource):
         event_log: str | None = None,
         separator: str = "+",
         clock: Any = None,
+        ratelimit: Any = None,
+        history: Any = None,
     ) -> None:
         """
         @param spool: L{mailhub.queue.spool.Spool}.
@@ -259,6 +263,12 @@ class ApiResource(resource.Resource):
             domains); C{None} queues recipients as given.
         @param admins: users allowed to list the whole queue and flush it.
         @param event_log: the JSON event log, to answer for messages that left the queue.
+        @param ratelimit: the L{mailhub.ratelimit.limits.RateLimits} (per API
+            token: messages and recipients per hour; 429 over them), or C{None}.
+        @param history: the history store (L{mailhub.history.store.Store}),
+            or (store, the recorder's C{flush}):
+            C{GET /v1/messages}, C{/v1/stats}, messages that left the queue,
+            the status page's history (L{mailhub.web.history}).
         """
         super().__init__()
         if status_page == "default":
@@ -267,6 +277,14 @@ class ApiResource(resource.Resource):
                 from mailhub.web.statuspage import StatusPage
 
                 status_page = StatusPage(metrics, hostname)
+        from mailhub.web.history import HistoryRoutes
+
+        self.history = None
+        if history is not None:
+            store, flush = history if isinstance(history, tuple) else (history, None)
+            self.history = HistoryRoutes(store, self._run_query, self._is_admin, flush)
+        if status_page is not None and self.history is not None:
+            status_page.history = self.history
         self.spool = spool
         self.enqueue = enqueue
         self.scheduler = scheduler
@@ -280,13 +298,16 @@ class ApiResource(resource.Resource):
         self.max_recipients = max_recipients
         self.event_log = event_log
         self.separator = separator
+        self.ratelimit = ratelimit
         self.clock = clock if clock is not None else getattr(metrics, "clock", None)
         self._handlers: dict[tuple[str, str], Callable[..., Any]] = {
             ("GET", "/"): self.get_status,
             ("GET", "/status"): self.get_status,
             ("GET", "/metrics"): self.get_metrics,
             ("POST", "/v1/messages"): self.post_message,
+            ("GET", "/v1/messages"): self.get_messages,
             ("GET", "/v1/messages/{id}"): self.get_message,
+            ("GET", "/v1/stats"): self.get_stats,
             ("GET", "/v1/queue"): self.get_queue,
             ("POST", "/v1/queue/flush"): self.post_flush,
         }
@@ -387,7 +408,30 @@ class ApiResource(resource.Resource):
     def get_status(self, request: server.Request) -> Any:
         if self.status_page is None:
             raise HttpError(404, "status page disabled")
-        return (200, self.status_page.render_html(), "text/html; charset=utf-8", {"Content-Security-Policy": _CSP})
+        headers = {"Content-Security-Policy": _CSP}
+        if self.history is not None:
+            chosen = _query(request).get("range", [""])[0]
+            d = self.history.page(self.status_page, chosen, self._now())
+            return d.addCallback(lambda html: (200, html, "text/html; charset=utf-8", headers))
+        return (200, self.status_page.render_html(), "text/html; charset=utf-8", headers)
+
+    # -- history (mailhub.web.history) ----------------------------------------------
+
+    def _run_query(self, f: Callable[..., Any], *args: Any) -> Any:
+        return defer.maybeDeferred(self.run, f, *args)
+
+    def _history(self) -> Any:
+        if self.history is None:
+            raise HttpError(404, "history disabled (history.enabled)")
+        return self.history
+
+    def get_messages(self, request: server.Request) -> Any:
+        user = self._user(request)
+        return self._history().get_messages(_query(request), user, self._now())
+
+    def get_stats(self, request: server.Request) -> Any:
+        user = self._user(request)
+        return self._history().get_stats(_query(request), user, self._now())
 
     def get_metrics(self, request: server.Request) -> Any:
         from mailhub.metrics import CONTENT_TYPE
@@ -450,8 +494,15 @@ class ApiResource(resource.Resource):
             return env, events
 
         d = defer.maybeDeferred(self.run, lookup)
-        d.addCallback(lambda found: self._message_status(user, id, *found))
+        d.addCallback(self._from_history, user, id)
         return d
+
+    def _from_history(self, found: tuple[Any, list[dict[str, Any]]], user: str, qid: str) -> Any:
+        """Not in the queue: the history answers when there is one, else the event log."""
+        env, events = found
+        if env is not None or self.history is None:
+            return self._message_status(user, qid, env, events)
+        return self.history.get_message(qid, user)
 
     def _message_status(self, user: str, qid: str, env: Any, events: list[dict[str, Any]]) -> Any:
         events = [e for e in events if e.get("queue_id") == qid]
@@ -548,7 +599,19 @@ class ApiResource(resource.Resource):
         if not self.users.may_send_as(user, sender, self.separator):
             raise HttpError(403, f"sender <{sender}> is not owned by {user}")
         checked = self._check_recipients(recipients)
-        return self._queue(request, user, sender, checked, message)
+        if self.ratelimit is None:
+            return self._queue(request, user, sender, checked, message)
+        token = (_header(request, b"authorization") or "").strip().partition(" ")[2].strip()
+        client_ip = getattr(request.getClientAddress(), "host", "")
+        d = self.ratelimit.api_message(client_ip, token, len(checked))
+
+        def judged(verdict: Any) -> Any:
+            if verdict is not None:  # 429 over a limit; 503 when the counter is down and limits fail closed
+                status = 503 if verdict.limit == "unavailable" else 429
+                raise HttpError(status, verdict.text, {"Retry-After": str(verdict.retry_after)})
+            return self._queue(request, user, sender, checked, message)
+
+        return d.addCallback(judged)
 
     def _check_sender(self, sender: Any) -> str:
         if not isinstance(sender, str) or not sender:
@@ -691,7 +754,8 @@ class ApiResource(resource.Resource):
                 "accepted",
                 "{queue_id}: accepted from=<{sender}> nrcpt={nrcpt} size={size} client=[{client}] proto=HTTP user={user}",
                 queue_id=env.queue_id, sender=env.sender, nrcpt=len(env.recipients), size=env.esmtp["size"],
-                client=client_ip, proto="HTTP", user=user, listener="http", **{"from": env.sender},
+                client=client_ip, proto="HTTP", user=user, listener="http",
+                rcpts=[r.address for r in env.recipients], **{"from": env.sender},
             )
             try:
                 self.enqueue(env)

@@ -38,7 +38,7 @@ def _time(ts: Any) -> str:
         return "-"
 
 
-def _axes(title: str, top: float, n: int) -> list[str]:
+def _axes(title: str, top: float, n: int, unit: str = "min") -> list[str]:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" aria-label="{_e(title)}" '
         f'width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}">',
@@ -48,7 +48,7 @@ def _axes(title: str, top: float, n: int) -> list[str]:
         f'<line x1="{_PAD}" y1="5" x2="{_PAD}" y2="{_H - _PAD}" stroke="#444444"/>',
         f'<text x="{_PAD - 4}" y="12" font-size="10" text-anchor="end" fill="#333333">{_e(_fmt(top))}</text>',
         f'<text x="{_PAD - 4}" y="{_H - _PAD}" font-size="10" text-anchor="end" fill="#333333">0</text>',
-        f'<text x="{_PAD}" y="{_H - 10}" font-size="10" fill="#333333">-{n} min</text>',
+        f'<text x="{_PAD}" y="{_H - 10}" font-size="10" fill="#333333">-{n} {_e(unit)}</text>',
         f'<text x="{_W - 5}" y="{_H - 10}" font-size="10" text-anchor="end" fill="#333333">now</text>',
     ]
     return parts
@@ -82,12 +82,12 @@ def svg_line_chart(title: str, values: Sequence[float | None], color: str = "#1f
     return "".join(parts)
 
 
-def svg_bar_chart(title: str, series: Sequence[tuple[str, str, Sequence[int]]]) -> str:
-    """Stacked bars per minute; C{series} is (label, colour, values)."""
+def svg_bar_chart(title: str, series: Sequence[tuple[str, str, Sequence[int]]], unit: str = "min") -> str:
+    """Stacked bars per C{unit} (minute, hour, day); C{series} is (label, colour, values)."""
     n = len(series[0][2]) if series else 0
     totals = [sum(s[2][i] for s in series) for i in range(n)]
     top = max(totals + [1])
-    parts = _axes(title, top, n)
+    parts = _axes(title, top, n, unit)
     width = max(1.0, (_W - 5 - _PAD) / max(1, n) - 1)
     for i in range(n):
         base = 0
@@ -128,7 +128,15 @@ class StatusPage:
         self.metrics = metrics
         self.hostname = hostname
 
-    def render_html(self) -> bytes:
+    #: the history's part of the page (L{mailhub.web.history.HistoryRoutes}), when there is a history
+    history: Any = None
+
+    def render_html(self, history_html: str = "", refresh: int = 60) -> bytes:
+        """
+        The page; C{history_html} (drawn from the history store by
+        L{mailhub.web.history}) goes after the live charts, and the page
+        reloads itself every C{refresh} seconds (a meta refresh: no script).
+        """
         m = self.metrics
         m.sample()
         history: list[MinuteBucket] = m.history()
@@ -151,7 +159,7 @@ class StatusPage:
         out = [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            '<meta http-equiv="refresh" content="60">',
+            f'<meta http-equiv="refresh" content="{int(refresh)}">',
             f"<title>mailhub status: {_e(self.hostname)}</title>",
             f"<style>{_CSS}</style></head><body>",
             f"<h1>mailhub on {_e(self.hostname)}</h1>",
@@ -170,6 +178,7 @@ class StatusPage:
             f'<figure id="queue-chart"><figcaption>Queue size, last hour</figcaption>{queue_chart}</figure>',
             f'<figure id="throughput-chart"><figcaption>Messages per minute, last hour</figcaption>{flow_chart}</figure>',
             "</div>",
+            history_html,
             f"<h2>Recent deliveries ({len(deliveries)})</h2>",
             '<table id="deliveries"><thead><tr><th>time (UTC)</th><th>queue id</th><th>to</th>'
             "<th>status</th><th>relay</th><th>delay</th><th>dsn</th><th>text</th></tr></thead><tbody>",
