@@ -42,7 +42,7 @@ from zope.interface import implementer
 from mailhub.daemon.acceptors import MAX_VALUE, Drain, LogEvents, Queued, Ready, Reload
 from mailhub.eagerwrite import write_now
 
-__all__ = ["Channel", "EventForwarder", "event_to_wire", "send_now", "main"]
+__all__ = ["Channel", "EventForwarder", "FlushingCommitter", "event_to_wire", "send_now", "main"]
 
 log = Logger()
 
@@ -168,6 +168,26 @@ class Channel(amp.AMP):
         self.acceptor.channel_lost()
 
 
+class FlushingCommitter:
+    """
+    The acceptor's committer: C{committer}'s commit, then the log events so
+    far are sent before the 250 (a message delivered on accept is never
+    announced with L{Queued}, which flushes them for the spool path).
+    """
+
+    def __init__(self, committer: Any, forwarder: EventForwarder) -> None:
+        self.committer = committer
+        self.forwarder = forwarder
+
+    def commit(self, envelope: Any, writer: Any, log_fields: dict[str, str]) -> defer.Deferred[None]:
+        def flushed(result: Any) -> Any:
+            self.forwarder.flush()
+            return result
+
+        d: defer.Deferred[None] = self.committer.commit(envelope, writer, log_fields)
+        return d.addBoth(flushed)
+
+
 class Acceptor:
     """The acceptor process's state: its configuration, factories and ports."""
 
@@ -246,8 +266,9 @@ class Acceptor:
         self.auth = AuthService(config, self.reactor)
         self.auth.startService()
         # deliver on accept writes the Maildirs from here; a spool commit is announced (Queued)
-        committer = committer_for(
-            config, Delegate.of(live, "directory"), self.reactor, threads.deferToThread, channel.queued
+        committer = FlushingCommitter(
+            committer_for(config, Delegate.of(live, "directory"), self.reactor, threads.deferToThread, channel.queued),
+            self.forwarder,
         )
         for listener in self.args["listeners"]:
             kind = listener["kind"]
