@@ -269,3 +269,46 @@ def test_counter_refuses_a_window_that_is_not_positive() -> None:
     client, _, pump = connect(anvil, 1)
     with pytest.raises(AnvilError):
         result(AnvilCounter(client).hit("k", 0.0), pump)
+
+
+# -- rate limits over every process ----------------------------------------------------
+
+
+def test_rate_limits_count_over_every_process() -> None:
+    from mailhub.configschema import LimitsConfig
+    from mailhub.ratelimit.counter import MemoryCounter
+    from mailhub.ratelimit.limits import RateLimits
+
+    clock = task.Clock()
+    anvil = make_anvil(clock, counter=MemoryCounter(clock))
+    (c1, _, p1), (c2, _, p2) = connect(anvil, 1), connect(anvil, 2)
+    config = LimitsConfig(client_messages_per_min=2)
+    one, two = RateLimits(config, AnvilCounter(c1), clock), RateLimits(config, AnvilCounter(c2), clock)
+    assert result(one.mail("192.0.2.1", None), p1) is None
+    assert result(two.mail("192.0.2.1", None), p2) is None
+    verdict = result(one.mail("192.0.2.1", None), p1)
+    assert (verdict.limit, verdict.code, verdict.enhanced) == ("client_messages", 450, "4.7.1")
+    assert result(two.mail("192.0.2.9", None), p2) is None  # another client
+
+
+def test_a_counter_that_cannot_count_is_said_so_and_keeps_the_channel() -> None:
+    from mailhub.configschema import LimitsConfig
+    from mailhub.ratelimit.counter import CounterUnavailable
+    from mailhub.ratelimit.limits import RateLimits
+
+    class Down:
+        def hit(self, key: str, window: float, cost: int = 1) -> defer.Deferred[int]:
+            return defer.fail(CounterUnavailable("connection refused"))
+
+    clock = task.Clock()
+    anvil = make_anvil(clock, counter=Down())
+    client, _, pump = connect(anvil, 1)
+    with pytest.raises(CounterUnavailable):
+        result(AnvilCounter(client).hit("k", 60.0), pump)
+    closed = RateLimits(LimitsConfig(client_messages_per_min=2, redis_failure="closed"), AnvilCounter(client), clock)
+    verdict = result(closed.mail("192.0.2.1", None), pump)
+    assert (verdict.limit, verdict.code) == ("unavailable", 451)
+    opened = RateLimits(LimitsConfig(client_messages_per_min=2), AnvilCounter(client), clock)
+    assert result(opened.mail("192.0.2.1", None), pump) is None
+    # the channel is still up
+    assert result(RemoteGate(client).admit("smtp", "192.0.2.1"), pump) == ""

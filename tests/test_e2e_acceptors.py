@@ -411,3 +411,24 @@ def test_smtps_and_submission_in_acceptors(tmp_path):
             delivered_with(d, "bob", f"submission{pid}")
     finally:
         d.stop()
+
+
+def test_rate_limits_count_over_every_process(tmp_path):
+    # [limits] in memory: the counter is the daemon's, the acceptors hit it over their channel
+    d = Daemon(tmp_path, config() + "\n[limits]\nclient_messages_per_min = 2\n").start()
+    try:
+        pids = two_acceptors(d)
+        for pid in pids:  # one MAIL on each process: neither alone is at the limit
+            s = connect_on(d, pids, pid)
+            s.ehlo()
+            assert s.mail("sender@client.test")[0] == 250
+            s.quit()
+        for pid in pids:  # the third and fourth, whichever process serves them
+            s = connect_on(d, pids, pid)
+            s.ehlo()
+            code, reply = s.mail("sender@client.test")
+            assert (code, reply[:5]) == (450, b"4.7.1"), reply
+            s.quit()
+        wait_for(lambda: "limit=client_messages key=127.0.0.1 count=4" in d.log(), 10, "the rate limit line")
+    finally:
+        d.stop()
