@@ -97,6 +97,19 @@ def delivery_processes(value: Any) -> int:
     return n
 
 
+#: The most SMTP acceptor processes (server.processes).
+MAX_PROCESSES = 64
+
+
+def processes(value: Any) -> str | int:
+    """C{server.processes}: C{"auto"} or 1 to L{MAX_PROCESSES}."""
+    if value == "auto":
+        return "auto"
+    if not is_int(value) or not 1 <= value <= MAX_PROCESSES:
+        raise BadValue(f'must be "auto" or a number of processes, 1 to {MAX_PROCESSES}, got {show(value)}')
+    return value
+
+
 def non_negative_int(value: Any) -> int:
     """A count or rate where 0 switches the limit off."""
     if not is_int(value) or value < 0:

@@ -131,6 +131,8 @@ class ServerConfig:
     log_level: str = key("info", check.choice(*check.LOG_LEVELS))  # mailhub/loglevel.py
     # -- the user the daemon runs as once its ports are bound (docs/architecture.rst)
     user: str | None = key(None, check.optional_string)  # None: "mailhub" when started as root, else the current user
+    # SMTP sessions in this many acceptor processes; "auto": one per CPU; 1: in the daemon itself
+    processes: str | int = key("auto", check.processes)
     # -- PROXY protocol (docs/ratelimits.rst): connections from these networks must start with a PROXY header
     proxy_from: tuple[str, ...] = key((), check.networks)
     proxy_timeout: float = key(10.0, check.positive_duration)  # seconds for the PROXY header to arrive

@@ -168,12 +168,22 @@ class _QueueCollector:
     def describe(self) -> Iterable[Any]:
         yield GaugeMetricFamily(f"{NAMESPACE}_queue_size", "Messages in the queue")
         yield GaugeMetricFamily(f"{NAMESPACE}_oldest_message_age_seconds", "Age of the oldest queued message")
+        yield GaugeMetricFamily(f"{NAMESPACE}_smtp_sessions", "Open SMTP sessions", labels=["process"])
+        yield GaugeMetricFamily(f"{NAMESPACE}_smtp_processes", "Processes serving SMTP sessions")
 
     def collect(self) -> Iterable[Any]:
         size, oldest = self.metrics.queue_stats()
         age = max(0.0, self.metrics.clock.seconds() - oldest) if oldest is not None else 0.0
         yield GaugeMetricFamily(f"{NAMESPACE}_queue_size", "Messages in the queue", value=size)
         yield GaugeMetricFamily(f"{NAMESPACE}_oldest_message_age_seconds", "Age of the oldest queued message", value=age)
+        sessions = self.metrics.sessions() if self.metrics.sessions is not None else {}
+        gauge = GaugeMetricFamily(
+            f"{NAMESPACE}_smtp_sessions", "Open SMTP sessions, per process that serves them", labels=["process"]
+        )
+        for pid, count in sorted(sessions.items()):
+            gauge.add_metric([str(pid)], count)
+        yield gauge
+        yield GaugeMetricFamily(f"{NAMESPACE}_smtp_processes", "Processes serving SMTP sessions", value=len(sessions))
 
 
 class MailMetrics:
@@ -188,6 +198,9 @@ class MailMetrics:
     def __init__(self, clock: IReactorTime | None = None, queue_stats: QueueStats | None = None) -> None:
         self.clock = clock if clock is not None else _WallClock()
         self.queue_stats: QueueStats = queue_stats or (lambda: (0, None))
+        #: open SMTP sessions per process id (the daemon sets it; the
+        #: acceptor processes' counts come from the main process's anvil)
+        self.sessions: Callable[[], dict[str, int]] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Counter("connections", "Client connections accepted", ["listener"], namespace=NAMESPACE, registry=r)

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger, LoggingFile
 from twisted.python import usage
 
@@ -316,6 +317,45 @@ class _Listener(StreamServerEndpointService):
         return port
 
 
+class _SharedListener(_Listener):
+    """
+    A listening socket this process binds (perhaps as root, for port 25)
+    and never reads: the acceptor processes adopt it and accept on it.
+    """
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+
+        def quiet(port: Any) -> Any:
+            port.stopReading()
+            return port
+
+        self._waitingForPort.addCallback(quiet)
+
+
+class _NoSessions(Factory):
+    """The factory of a L{_SharedListener}: this process serves no session on it."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+class _ForwardingReload:
+    """The daemon's reload, then the acceptor processes' (when it was applied)."""
+
+    def __init__(self, reloader: Any, pool: Any) -> None:
+        self.reloader = reloader
+        self.pool = pool
+
+    def reload(self) -> Any:
+        outcome = self.reloader.reload()
+        if outcome.applied:
+            self.pool.reload()
+        return outcome
+
+
 def _pickup_resolver(directory: Any) -> Any:
     """
     The C{resolve_recipient} of the pickup service: local recipients are
@@ -395,7 +435,8 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from twisted.application.internet import TimerService
     from twisted.internet import reactor, threads
 
-    from mailhub.daemon.components import build_components, tap_reloader
+    from mailhub.daemon.acceptors import processes_for
+    from mailhub.daemon.components import build_components, smtp_factory, tap_reloader
     from mailhub.delivery.direct import committer_for
     from mailhub.delivery.directory import directory_args as directory_args_of
     from mailhub.delivery.local import LocalDelivery
@@ -403,14 +444,10 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     from mailhub.delivery.router import Router
     from mailhub.eventlog import EventLogObserver
     from mailhub.metrics import MailMetrics, MetricsObserver, spool_queue_stats
-    from mailhub.milter.check import MilterCheck
-    from mailhub.milter.client import endpoint as milter_endpoint
-    from mailhub.milter.session import Milters
     from mailhub.queue.control import control_service, socket_path
     from mailhub.queue.pickup import PickupService
     from mailhub.queue.scheduler import RetryPolicy, Scheduler
     from mailhub.queue.spool import Spool
-    from mailhub.smtp.factory import SMTPServerFactory, SMTPSettings
     from mailhub.smtp.proxyheader import ProxyGate
     from mailhub.smtp.proxytls import ProxyBeneathTLSFactory
     from mailhub.smtp.sasl import AuthThrottle
@@ -623,7 +660,6 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         window=auth_cfg.failure_window,
     )
 
-    policy = Delegate.of(live, "policy")
     factories: list[Any] = []
     # What makes an accepted message durable before its 250: straight into
     # the Maildirs when every recipient is local (local.deliver_on_accept),
@@ -631,46 +667,32 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
     committer = committer_for(config, directory, reactor, threads.deferToThread, scheduler.enqueue)
 
     def factory(listener: str) -> Any:
-        # The commit (fsyncs) runs in a thread so other sessions are not
-        # stalled by the disk; the session reads nothing until it is done.
-        # Without a certificate no STARTTLS is offered; without a users
-        # file no AUTH (a plain MX listener).  The listener's milters (in
-        # order) are asked at each stage and at the end of data.
-        specs = [m for m in config.milters if listener in m.listeners]
-        milters = None
-        if specs:
-            milters = Milters(
-                specs, reactor, lambda spec: milter_endpoint(reactor, spec.socket).connect,
-                max_body=config.server.max_message_size, spill_dir=os.path.join(spool.path, "tmp"),
-            )
-        smtp_factory = SMTPServerFactory(
-            SMTPSettings.of(config, listener, server=Delegate.of(live, "server")),
-            spool,
-            scheduler.enqueue,
-            policy,
-            reactor,
-            run=threads.deferToThread,
-            tls=server_tls,
-            users=users,
-            throttle=throttle,
-            milters=milters,
-            # authentication results are made on the message as received, then the milters see it
-            checks=[*auth_service.checks, *([MilterCheck(run=threads.deferToThread)] if milters is not None else [])],
-            ratelimit=ratelimit,
-            proxy=ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor),
-            committer=committer,
+        # the same as an acceptor process builds (daemon.components.smtp_factory)
+        made = smtp_factory(
+            config, live, listener, spool, scheduler.enqueue, reactor, tls=server_tls, users=users, throttle=throttle,
+            checks=auth_service.checks, ratelimit=ratelimit, committer=committer,
         )
-        factories.append(smtp_factory)
-        return smtp_factory
+        factories.append(made)
+        return made
+
+    # server.processes > 1: this process binds the SMTP sockets and the
+    # acceptor processes serve them (mailhub/daemon/acceptors.py).
+    processes = processes_for(server_cfg.processes)
+    shared: list[_SharedListener] = []
+
+    def smtp_listener(description: str, endpoint: Any, kind: str) -> None:
+        if processes > 1:
+            listener: _Listener = _SharedListener(description, endpoint, _NoSessions(), kind)
+            shared.append(listener)  # type: ignore[arg-type]
+        else:
+            smtp_factory = factory(kind)
+            listener = _Listener(description, endpoint, smtp_factory, kind, smtp_factory.drain)
+        listener.setServiceParent(top)
 
     for description in server_cfg.smtp:
-        endpoint = serverFromString(reactor, description)
-        smtp_factory = factory("smtp")
-        _Listener(description, endpoint, smtp_factory, "smtp", smtp_factory.drain).setServiceParent(top)
+        smtp_listener(description, serverFromString(reactor, description), "smtp")
     for description in server_cfg.submission:
-        endpoint = serverFromString(reactor, description)
-        smtp_factory = factory("submission")
-        _Listener(description, endpoint, smtp_factory, "submission", smtp_factory.drain).setServiceParent(top)
+        smtp_listener(description, serverFromString(reactor, description), "submission")
     # smtps: the PROXY header comes before the TLS handshake, so it is read beneath TLS.
     smtps_gate = ProxyGate(server_cfg.proxy_from, server_cfg.proxy_timeout, reactor)
     for description in server_cfg.smtps:
@@ -682,8 +704,43 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
             )
         except ValueError as e:
             fail(f"{source}: server.smtps: {e}")
-        smtp_factory = factory("smtps")
-        _Listener(description, endpoint, smtp_factory, "smtps", smtp_factory.drain).setServiceParent(top)
+        if processes > 1:  # the acceptors add the TLS layer
+            endpoint = serverFromString(reactor, description)
+        smtp_listener(description, endpoint, "smtps")
+    pool = None
+    if shared:
+        from mailhub.daemon.acceptors import AcceptorPool
+        from mailhub.daemon.anvil import Anvil
+
+        def limits() -> tuple[int, int]:
+            server = live.config.server
+            return server.max_connections, server.max_connections_per_ip
+
+        def unannounced() -> list[Any]:
+            found = []
+            for queue_id in spool.queue_ids():
+                if queue_id not in scheduler:
+                    try:
+                        found.append(spool.load(queue_id))
+                    except (KeyError, ValueError):
+                        continue
+            return found
+
+        if isinstance(options, Options):
+            overrides, data = options.overrides(), options["data"]
+        else:
+            overrides = {"server.user": options["user"]} if options.get("user") else {}
+            data = options.get("data")
+        pool = AcceptorPool(
+            reactor, processes, shared,
+            {"config": config.source, "overrides": overrides, "data": data},
+            Anvil(reactor, limits, throttle, counter=ratelimit.counter if ratelimit is not None else None),
+            scheduler.enqueue, spool.load, unannounced, server_tls,
+        )
+        pool.setServiceParent(top)
+        metrics.sessions = pool.sessions
+    else:
+        metrics.sessions = lambda: {str(os.getpid()): sum(f.connections for f in factories)}
 
     # HTTP: API, /metrics, status page (docs/http.rst); one site for every listener.
     if server_cfg.http:
@@ -718,6 +775,9 @@ def makeService(options: Options | dict[str, Any]) -> service.MultiService:
         local if local_cfg.delivery_processes and not privileged_delivery and local_cfg.transport == "maildir" else None,
         processes_fixed=privileged_delivery, ratelimit=ratelimit,
     ))
+    if pool is not None:
+        reloader.append(_ForwardingReload(reloader[0], pool))
+        reloader.pop(0)
     install_sighup(reloader[0].reload, reactor)
     if user is not None:
         # last: its privileged start runs once everything above is bound

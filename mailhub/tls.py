@@ -50,6 +50,7 @@ from zope.interface import implementer
 __all__ = [
     "ServerTLS",
     "load_certificate_options",
+    "certificate_options",
     "install_sighup_reload",
     "implicit_tls_endpoint",
     "make_self_signed",
@@ -82,8 +83,18 @@ def load_certificate_options(cert_path: str, key_path: str) -> tuple[Certificate
         file, a file without a PEM certificate/key, an encrypted key, or a
         key that does not match the certificate.
     """
-    cert_pem = _read(cert_path, "certificate")
-    key_pem = _read(key_path, "private key")
+    return certificate_options(_read(cert_path, "certificate"), _read(key_path, "private key"), cert_path, key_path)
+
+
+def certificate_options(
+    cert_pem: bytes, key_pem: bytes, cert_path: str = "certificate", key_path: str = "private key"
+) -> tuple[CertificateOptions, x509.Certificate]:
+    """
+    L{load_certificate_options} from the files' bytes: the acceptor
+    processes (L{mailhub.daemon.acceptor}) get them from the main process,
+    which read them before it gave up root.  C{cert_path} and C{key_path}
+    only name the files in errors.
+    """
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError as e:
@@ -138,7 +149,34 @@ class ServerTLS:
         """
         self.cert_path = cert_path
         self.key_path = key_path
-        self._options, self.certificate = load_certificate_options(cert_path, key_path)
+        self.pem = (_read(cert_path, "certificate"), _read(key_path, "private key"))
+        self._options, self.certificate = certificate_options(*self.pem, cert_path, key_path)
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, cert_path: str = "", key_path: str = "") -> ServerTLS:
+        """
+        A L{ServerTLS} from the bytes of the files (an acceptor process:
+        the main process read them, perhaps as root).  Its L{reload} reads
+        nothing: L{use_pem} takes the new bytes.
+
+        @raise ValueError: as L{certificate_options}.
+        """
+        self = cls.__new__(cls)
+        self.cert_path, self.key_path = cert_path, key_path
+        self.pem = (cert_pem, key_pem)
+        self._options, self.certificate = certificate_options(cert_pem, key_pem, cert_path, key_path)
+        return self
+
+    def use_pem(self, cert_pem: bytes, key_pem: bytes) -> bool:
+        """New handshakes use this certificate and key (bytes); False (and logged) when they do not load."""
+        try:
+            options, leaf = certificate_options(cert_pem, key_pem, self.cert_path, self.key_path)
+        except ValueError as e:
+            log.error("TLS certificate not replaced: {reason}", reason=str(e))
+            return False
+        self.pem = (cert_pem, key_pem)
+        self._options, self.certificate = options, leaf
+        return True
 
     def options(self) -> ServerTLS:
         """
@@ -167,7 +205,8 @@ class ServerTLS:
         @return: whether the new files were loaded.
         """
         try:
-            options, leaf = load_certificate_options(self.cert_path, self.key_path)
+            pem = (_read(self.cert_path, "certificate"), _read(self.key_path, "private key"))
+            options, leaf = certificate_options(*pem, self.cert_path, self.key_path)
         except ValueError as e:
             log.error(
                 "TLS reload failed, keeping certificate serial {serial:x}: {reason}",
@@ -175,6 +214,7 @@ class ServerTLS:
                 reason=str(e),
             )
             return False
+        self.pem = pem
         self._options, self.certificate = options, leaf
         log.info(
             "TLS certificate reloaded from {cert_path}: serial {serial:x}, expires {expires}",

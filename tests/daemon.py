@@ -154,6 +154,17 @@ class Daemon:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
+    def log_with(self, *needles: str, timeout: float = 10) -> str:
+        """
+        The log once it contains every one of C{needles}: the events of
+        sessions served by acceptor processes (server.processes) reach it
+        after the reply the client read.
+        """
+        return wait_for(
+            lambda: (lambda text: text if all(n in text for n in needles) else None)(self.log()),
+            timeout, f"the log to contain {needles!r}",
+        )
+
     def stderr(self) -> str:
         with open(self.err_path, "rb") as f:
             return f.read().decode("utf-8", "replace")

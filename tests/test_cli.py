@@ -260,6 +260,9 @@ def test_make_service_order(tmp_path, monkeypatch):
     The scheduler (spool recovery) starts before anything that feeds it:
     pickup, the control socket, then the SMTP listeners.
     """
+    # the daemon's own SMTP factories: the single-process shape (processes = 1;
+    # with more, acceptor processes build them: tests/test_acceptors.py)
+    monkeypatch.setattr("mailhub.daemon.acceptors.processes_for", lambda value: 1)
     from twisted.application.internet import TimerService
 
     from mailhub import tap
@@ -338,6 +341,9 @@ def test_make_service_relay_wiring(tmp_path, monkeypatch):
 
 
 def test_make_service_submission_listeners(tmp_path, monkeypatch):
+    # the daemon's own SMTP factories: the single-process shape (processes = 1;
+    # with more, acceptor processes build them: tests/test_acceptors.py)
+    monkeypatch.setattr("mailhub.daemon.acceptors.processes_for", lambda value: 1)
     import signal
 
     from mailhub import tap
@@ -370,6 +376,9 @@ def test_make_service_submission_listeners(tmp_path, monkeypatch):
 
 
 def test_make_service_passes_smtpd_limits(tmp_path, monkeypatch):
+    # the daemon's own SMTP factories: the single-process shape (processes = 1;
+    # with more, acceptor processes build them: tests/test_acceptors.py)
+    monkeypatch.setattr("mailhub.daemon.acceptors.processes_for", lambda value: 1)
     # server.max_hops and server.min_data_rate reach every SMTP listener
     from mailhub import tap
 

@@ -66,7 +66,7 @@ ERRORS = [
      "max_recipients, trusted_networks, timeout, starttls_timeout, max_connections, max_connections_per_ip, max_errors, "
      "soft_error_limit, max_hops, min_data_rate, vrfy, expn, tls_cert, tls_key, submission, smtps, hide_client_ip, "
      "http, http_max_body, http_admins, http_header_timeout, http_request_timeout, http_max_connections, "
-     "http_max_connections_per_ip, event_log, event_log_max_size, event_log_keep, mail_log, log_level, user, "
+     "http_max_connections_per_ip, event_log, event_log_max_size, event_log_keep, mail_log, log_level, user, processes, "
      "proxy_from, proxy_timeout)"),
     ("[srever]\nsmtp = []\n",
      "srever: unknown section or key (known: auth, data_dir, dkim, history, limits, local, mailauth, relay, server, spool, "

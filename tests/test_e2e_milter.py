@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from daemon import DOMAIN, Daemon, config_text, delivered_with, message, read_maildir, send
+from daemon import DOMAIN, Daemon, config_text, delivered_with, message, read_maildir, send, wait_for
 from milterpeers import OpenDKIM, Rspamd, dkim_key
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -112,7 +112,7 @@ def test_rspamd_rejects_gtube_and_adds_its_headers_to_a_clean_message(tmp_path, 
             s.mail("sender@client.test")
             s.rcpt(f"alice@{DOMAIN}")
             refused = s.data(spam)
-        log = d.log()
+        log = d.log_with("milter-reject: END-OF-MESSAGE")
     finally:
         d.stop()
     assert b"X-Spamd-Result: default: False" in raw and b"X-Spam-Status: No" in raw
@@ -139,7 +139,7 @@ def test_rspamd_quarantines_and_mailhub_queue_release_frees_the_message(tmp_path
         )
         assert released.returncode == 0, released.stderr
         raw = delivered_with(d, "alice", "<held@client.test>")
-        log = d.log()
+        log = d.log_with(f"{qid}: released from hold", "quarantine=Spam_message_quarantined")
     finally:
         d.stop()
         quarantining.stop()
@@ -180,7 +180,7 @@ def test_a_milter_killed_mid_message_gets_the_default_action_for_that_message_on
         assert s.getreply()[0] == 250
         s.quit()
         raw = delivered_with(d, "alice", "<after@client.test>")
-        log = d.log()
+        log = d.log_with("default action tempfail")
     finally:
         d.stop()
     assert b"DKIM-Signature:" in raw
@@ -214,11 +214,11 @@ def test_a_milter_that_never_answers_times_out_and_blocks_no_one_else(tmp_path, 
         elapsed = time.monotonic() - started
         assert answered == [(550, b"5.7.1 Command rejected")]
         assert elapsed >= 2.5
-        log = d.log()
+        # the daemon's log follows the acceptor process's reply
+        wait_for(lambda: "no answer within 3s; default action reject" in d.log(), 10, "the timeout line")
     finally:
         signer.signal(signal.SIGCONT)
         d.stop()
-    assert "no answer within 3s; default action reject" in log
 
 
 def test_a_milter_filters_only_its_listeners(tmp_path) -> None:
@@ -237,7 +237,7 @@ def test_a_milter_filters_only_its_listeners(tmp_path) -> None:
     try:
         with d.smtp() as s:
             assert s.ehlo("client.test") == (550, b"5.7.1 Command rejected")
-        log = d.log()
+        log = d.log_with("HELO: cannot connect", "default action reject")
     finally:
         d.stop()
     assert f"milter {down}: HELO: cannot connect" in log and "default action reject" in log

@@ -107,7 +107,7 @@ def test_client_address_through_haproxy(proxied, version):
     header = raw.split(b"\n\n", 1)[0]
     assert b"\nReceived: from client.test ([127.0.0.2])\n\tby mx.example.test" in header, raw[:400]
     assert b"127.0.0.1" not in header
-    log = wait_for(lambda: "connect from [127.0.0.2]" in d.log() and d.log(), 10, "the connect line")
+    log = wait_for(lambda: "client=[127.0.0.2]" in d.log() and d.log(), 10, "the accepted line")
     assert "connect from [127.0.0.2] listener=smtp tls=False proxy=[127.0.0.1]" in log
     assert "reject: RCPT from [127.0.0.2]: 554 5.7.1" in log
     assert "client=[127.0.0.2]" in log

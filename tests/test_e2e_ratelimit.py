@@ -115,8 +115,9 @@ def test_two_daemons_share_a_limit_and_redis_dies(redis, tmp_path):
             assert mail_from(d) == (
                 450, b"4.7.1 Error: too many messages from your address (more than 3 per minute); try again later"
             )
-        assert "NOQUEUE: rate limit: MAIL from [127.0.0.1]: 450 4.7.1" in b.log()
-        assert "limit=client_messages key=127.0.0.1 count=5" in a.log()
+        # the acceptor processes send their log events to the daemon: its log follows the replies
+        wait_for(lambda: "NOQUEUE: rate limit: MAIL from [127.0.0.1]: 450 4.7.1" in b.log(), 10, "b's log line")
+        wait_for(lambda: "limit=client_messages key=127.0.0.1 count=5" in a.log(), 10, "a's log line")
         redis.kill()
         assert mail_from(a)[0] == 250  # fails open
         code, reply = mail_from(b)  # fails closed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from proxyheaders import PROXY_IP, V2_SIG, v2, v2_ipv6
 from smtpharness import EHLO, GREETING, MAIL_OK, Client, Harness
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
@@ -170,3 +171,41 @@ def test_reader_after_failure_ignores_more_bytes():
     reader.feed(b"HELO x\r\n")
     reader.feed(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
     assert failed == ["the connection does not start with a PROXY header"]
+
+
+class Gate:
+    """The anvil's gate seen from an acceptor process: each admission waits for the test to answer it."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, defer.Deferred]] = []
+        self.released: list[str] = []
+
+    def admit(self, name: str, ip: str) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.asked.append((name, ip, d))
+        return d
+
+    def release(self, name: str, ip: str) -> None:
+        self.released.append(ip)
+
+
+@pytest.mark.parametrize("answer", ["", "max_connections_per_ip"])
+def test_header_then_an_admission_counted_elsewhere(tmp_path, answer):
+    h = Harness(tmp_path, trusted_networks=("10.0.0.0/8",))
+    gate = Gate()
+    h.serve(proxy=ProxyGate(["10.0.0.5/32"], 10.0, h.clock), gate=gate, gate_name="tcp:25")
+    c = ProxyClient(h.factory)
+    # the header and a pipelined EHLO in one segment: nothing is answered before the admission
+    assert c.send(b"PROXY TCP4 203.0.113.9 192.0.2.25 50000 25\r\nEHLO client.example\r\n") == ""
+    ((name, ip, d),) = gate.asked
+    assert (name, ip) == ("tcp:25", "203.0.113.9")  # the client, not the proxy
+    d.callback(answer)
+    if answer:
+        assert c.read().startswith("421 4.7.0 ")
+        assert h.factory.per_ip == {}
+    else:
+        assert c.read() == GREETING + EHLO
+        assert h.factory.per_ip == {"203.0.113.9": 1}
+        c.send("QUIT\r\n")
+        c.proto.connectionLost(None)
+        assert gate.released == ["203.0.113.9"]

@@ -17,6 +17,7 @@ reload must survive them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -25,7 +26,7 @@ from mailhub.config import DEFAULTS_SOURCE, Config, ConfigError, find_config_fil
 from mailhub.daemon.reload import Live, Reloader
 from mailhub.loglevel import set_level as set_log_level
 
-__all__ = ["build_components", "tap_reloader"]
+__all__ = ["build_components", "tap_reloader", "smtp_factory"]
 
 log = Logger()
 
@@ -175,6 +176,86 @@ def build_components(config: Config, reactor: Any, live: Live, ratelimit: Any = 
     except ValueError as e:
         raise ConfigError(f"{source}: server.trusted_networks: {e}") from e
     return {"directory": directory, "policy": policy, "users": users, "remote": remote}
+
+
+def smtp_factory(
+    config: Config, live: Live, listener: str, spool: Any, enqueue: Any, reactor: Any, *,
+    tls: Any = None, users: Any = None, throttle: Any = None, gate: Any = None, gate_name: str = "",
+    checks: Sequence[Any] = (), ratelimit: Any = None, committer: Any = None,
+) -> Any:
+    """
+    The SMTP factory of one listener (C{smtp}, C{submission}, C{smtps}),
+    the same in the daemon (L{mailhub.tap}) and in an acceptor process
+    (L{mailhub.daemon.acceptor}): the server settings, policy and users
+    file read through C{live} (a reload reaches them); the commit (fsyncs)
+    runs in a thread so other sessions are not stalled by the disk.
+    Without a certificate no STARTTLS is offered; without a users file no
+    AUTH.  C{gate}: where connections are admitted when several processes
+    serve the listener.  C{users}: the users file (through C{live}),
+    shared by the listeners of a process.  C{checks}: the end-of-data
+    checks before the milters' (L{mailhub.auth.service.AuthService.checks});
+    the listener's milters (C{config.milters}, in order) are asked at each
+    stage and at the end of data.  C{ratelimit}: the process's
+    L{mailhub.ratelimit.limits.RateLimits} or None; C{committer}: what
+    makes a message durable (L{mailhub.delivery.direct.committer_for}), by
+    default the spool path.  The PROXY gate of C{server.proxy_from} is read
+    at start (a reload keeps it).
+    """
+    from twisted.internet import threads
+
+    from mailhub.daemon.reload import Delegate
+    from mailhub.smtp.factory import SMTPServerFactory
+    from mailhub.smtp.proxyheader import ProxyGate
+    from mailhub.smtp.settings import SMTPSettings
+
+    specs = [m for m in config.milters if listener in m.listeners]
+    milters = None
+    all_checks = list(checks)
+    if specs:
+        from mailhub.milter.check import MilterCheck
+        from mailhub.milter.client import endpoint as milter_endpoint
+        from mailhub.milter.session import Milters
+
+        milters = Milters(
+            specs, reactor, lambda spec: milter_endpoint(reactor, spec.socket).connect,
+            max_body=config.server.max_message_size, spill_dir=os.path.join(spool.path, "tmp"),
+        )
+        # authentication results are made on the message as received, then the milters see it
+        all_checks.append(MilterCheck(run=threads.deferToThread))
+    return SMTPServerFactory(
+        SMTPSettings.of(config, listener, server=Delegate.of(live, "server")),
+        spool,
+        enqueue,
+        Delegate.of(live, "policy"),
+        reactor,
+        run=threads.deferToThread,
+        tls=tls,
+        users=users,
+        throttle=throttle if users is not None else None,
+        gate=gate,
+        gate_name=gate_name,
+        milters=milters,
+        checks=all_checks,
+        ratelimit=ratelimit,
+        proxy=ProxyGate(config.server.proxy_from, config.server.proxy_timeout, reactor),
+        committer=committer,
+    )
+
+
+def smtps_factory(factory: Any, server_tls: Any, config: Config, reactor: Any) -> Any:
+    """
+    What an adopted C{smtps} socket serves: C{factory} under TLS, and,
+    with C{server.proxy_from}, the PROXY header read beneath TLS
+    (L{mailhub.smtp.proxytls}), as L{mailhub.tls.implicit_tls_endpoint} does.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from mailhub.smtp.proxyheader import ProxyGate
+    from mailhub.smtp.proxytls import ProxyBeneathTLSFactory
+
+    serving: Any = TLSMemoryBIOFactory(server_tls, False, factory)
+    gate = ProxyGate(config.server.proxy_from, config.server.proxy_timeout, reactor)
+    return ProxyBeneathTLSFactory(serving, gate, "smtps") if gate else serving
 
 
 def tap_reloader(

@@ -39,7 +39,7 @@ log = Logger()
 #: processes opened once at start.  A prefix ending in "." covers a section.
 RESTART_KEYS = (
     "server.smtp", "server.submission", "server.smtps", "server.http", "server.http_max_body",
-    "server.http_admins", "server.event_log", "server.mail_log", "server.hostname",
+    "server.http_admins", "server.event_log", "server.mail_log", "server.hostname", "server.processes",
     "spool.", "local.mailboxes", "local.mode", "local.home_maildir", "local.min_uid", "local.max_uid",
     "local.delivery_processes", "local.deliver_on_accept",
     "relay.min_backoff", "relay.max_backoff", "relay.max_queue_lifetime", "relay.delay_warning",
@@ -195,13 +195,15 @@ class Reloader:
         self.also = also
         self.retire = retire
 
-    def reload(self) -> Outcome:
-        """Re-read, check, apply; log one line with the outcome."""
+    def reload(self, quiet: bool = False) -> Outcome:
+        """Re-read, check, apply; log one line with the outcome (C{quiet}: only a refusal)."""
         try:
             outcome = self._reload()
         finally:
             if self.also is not None:
                 self.also()
+        if outcome.applied and quiet:
+            return outcome
         if outcome.applied:
             log.info("{summary}", summary=outcome.summary())
         else:

@@ -355,6 +355,10 @@ class Scheduler(service.Service):
     def __len__(self) -> int:
         return len(self._queue)
 
+    def __contains__(self, queue_id: object) -> bool:
+        """Whether C{queue_id} is queued here (waiting, held or in flight)."""
+        return queue_id in self._queue or queue_id in self._in_flight
+
     def queue_stats(self) -> tuple[int, float | None]:
         """
         (queued messages, arrival time of the oldest or None), from memory:

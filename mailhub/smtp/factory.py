@@ -95,6 +95,11 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         250 (L{mailhub.queue.commit.Committer}); default the spool path,
         C{SpoolCommitter(run, enqueue)}.  The daemon may give
         L{mailhub.delivery.direct.DirectDelivery} (deliver on accept).
+    @param gate: where connections are admitted when they are counted
+        over several processes (L{mailhub.daemon.anvil.RemoteGate}:
+        C{admit(name, ip) -> Deferred[str]}, C{release(name, ip)}); default
+        C{None}: this factory counts them itself.
+    @param gate_name: this listener's name at the C{gate} (its endpoint).
 
     The limits (C{max_hops}, C{min_data_rate}, C{soft_error_limit},
     C{starttls_timeout}, C{timeout}, ...) are read from
@@ -124,6 +129,8 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
         ratelimit: RateLimits | None = None,
         proxy: ProxyGate | None = None,
         committer: Committer | None = None,
+        gate: Any = None,
+        gate_name: str = "",
     ) -> None:
         self.settings = settings
         #: the end-of-data stage (L{mailhub.smtp.checks}), in order
@@ -157,6 +164,8 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
             committer if committer is not None
             else SpoolCommitter(lambda *args: self.run(*args), lambda envelope: self.enqueue(envelope))
         )
+        self.gate = gate
+        self.gate_name = gate_name or settings.listener
         self.connections = 0
         self.per_ip: dict[str, int] = {}
         # Shutdown drain: commits whose reply is not yet written, sessions
@@ -285,17 +294,38 @@ class SMTPServerFactory(protocol.Factory[SMTPServer]):
             return self.users.may_send_as(user, sender, separator=self.settings.extension_separator)
         return owns_sender(user, sender, separator=self.settings.extension_separator)
 
+    def admission(self, ip: str) -> str | defer.Deferred[str]:
+        """
+        Count a new connection from C{ip}: "" when admitted, else the name
+        of the limit reached (C{max_connections}, C{max_connections_per_ip});
+        a Deferred of that when the C{gate} decides.
+        """
+        if self.gate is None:
+            if self.connections >= self.config.max_connections:
+                return "max_connections"
+            if self.per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
+                return "max_connections_per_ip"
+            self._count(ip)
+            return ""
+
+        def counted(limit: str) -> str:
+            if not limit:
+                self._count(ip)
+            return limit
+
+        return self.gate.admit(self.gate_name, ip).addCallback(counted)
+
     def admit(self, ip: str) -> bool:
-        """Count a new connection from C{ip}; False if a limit is reached."""
-        if self.connections >= self.config.max_connections:
-            return False
-        if self.per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
-            return False
+        """Count a new connection from C{ip}; False if a limit is reached (no C{gate})."""
+        return self.admission(ip) == ""
+
+    def _count(self, ip: str) -> None:
         self.connections += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        return True
 
     def release(self, ip: str) -> None:
+        if self.gate is not None:
+            self.gate.release(self.gate_name, ip)
         self.connections -= 1
         left = self.per_ip.get(ip, 0) - 1
         if left > 0:

@@ -177,6 +177,7 @@ class SMTPServer(protocol.Protocol):
         self._out: list[bytes] | None = None  # replies held back while _process runs (see send)
         self._out_len = 0
         self._counted = False
+        self._waiting_admission = False
         self._commands = CommandCounts()  # for the "disconnect from" line
         self.pacer = Pacer(factory.clock, self.config, self._timed_out, self._wake, self._reading)
         self.tlsauth = TLSAuth(
@@ -222,10 +223,32 @@ class SMTPServer(protocol.Protocol):
     def begin(self, client_ip: str, proxy: str | None = None) -> None:
         """Serve the client at C{client_ip} (C{proxy}: the proxy it came through)."""
         self.session.client_ip = client_ip
-        if not self.factory.admit(self.session.client_ip):
+        verdict = self.factory.admission(self.session.client_ip)
+        if isinstance(verdict, defer.Deferred):
+            # Counted in the main process (several acceptor processes):
+            # nothing is executed, and no greeting sent, until it answers.
+            self._waiting_admission = True
+            self.pacer.busy = True
+            self._tcp.pauseProducing()
+            verdict.addCallback(self._admitted, proxy)
+            verdict.addErrback(lambda f: log.failure("connection admission", f))
+            return
+        self._admitted(verdict, proxy)
+
+    def _admitted(self, limit: str, proxy: str | None = None) -> None:
+        """The factory's answer about this connection: "" admitted, else the limit reached."""
+        if self._closed:
+            # the client left before the answer
+            if not limit:
+                self.factory.release(self.session.client_ip)
+            return
+        if limit:
+            if limit not in ("max_connections", "max_connections_per_ip"):
+                self.write(421, "4.3.2", f"{self.config.hostname} Service not available, try again later")
+                self.close()
+                return
             # Postfix's anvil warns about each connection over a limit; here
             # it is a reject event (metrics: rejected_total{reason}) saying which limit.
-            limit = "max_connections" if self.factory.connections >= self.config.max_connections else "max_connections_per_ip"
             mail_event(
                 "reject",
                 "NOQUEUE: reject: CONNECT from [{client}]: 421 4.7.0 Error: too many connections; "
@@ -238,6 +261,11 @@ class SMTPServer(protocol.Protocol):
             return
         self._counted = True
         self.factory.sessions.add(self)
+        waited = self._waiting_admission
+        if waited:
+            self._waiting_admission = False
+            self.pacer.busy = False
+            self._tcp.resumeProducing()
         mail_event(
             "connection",
             "connect from [{client}] listener={listener} tls={tls}" + (" proxy=[{proxy}]" if proxy else ""),
@@ -248,6 +276,8 @@ class SMTPServer(protocol.Protocol):
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             self.pacer.handshake_started()  # implicit TLS: the greeting waits for the handshake
         self.gates.greet()  # after the connection rate limit
+        if waited and not self.pacer.held:
+            self.process()  # what arrived with the PROXY header
 
     def greet(self) -> None:
         self.write(220, "", f"{self.config.hostname} ESMTP mailhub")

@@ -198,7 +198,36 @@ class TLSAuth:
             if self.starttls_offered():
                 raise CommandError(*auth.REPLY_ENCRYPTION_REQUIRED)  # 538 5.7.11
             raise CommandError(*_fields(AUTH_DISABLED))
-        if self.throttle is not None and self.throttle.blocked(host.session.client_ip):
+        blocked: Any = False
+        if self.throttle is not None:
+            blocked = self.throttle.blocked(host.session.client_ip)
+        if isinstance(blocked, defer.Deferred):
+            # A throttle shared by several processes answers later: nothing
+            # is read meanwhile.
+            host.pacer.busy = True
+            blocked.addBoth(self._blocked_answer, arg)
+            return
+        self._auth_start(arg, blocked)
+
+    def _blocked_answer(self, blocked: Any, arg: str) -> None:
+        host = self.host
+        host.pacer.busy = False
+        if host.closed:
+            return
+        if isinstance(blocked, Failure):
+            log.failure("AUTH throttle error", blocked)
+            self._done(_reply(auth.REPLY_TEMPORARY_FAILURE))
+            return
+        try:
+            self._auth_start(arg, blocked)
+        except CommandError as e:
+            host.reply(e.reply)
+        if not host.pacer.busy:
+            host.process()
+
+    def _auth_start(self, arg: str, blocked: bool) -> None:
+        host = self.host
+        if blocked:
             host.write(*auth.REPLY_TOO_MANY_FAILURES)
             host.close()
             return
@@ -227,20 +256,46 @@ class TLSAuth:
             return
         self._sasl = None
         throttle = self.throttle
-        if throttle is not None and not throttle.begin(host.session.client_ip):
+        if throttle is None:
+            self._check(step, exchange.mechanism, None, True)
+            return
+        slot = throttle.begin(host.session.client_ip)
+        if isinstance(slot, defer.Deferred):
+            host.pacer.busy = True  # read nothing more until the answer (and any delay) is sent
+            slot.addErrback(self._slot_error, throttle, host.session.client_ip)
+            slot.addCallback(lambda ok: self._check(step, exchange.mechanism, throttle, ok))
+            return
+        self._check(step, exchange.mechanism, throttle, slot)
+
+    def _slot_error(self, failure: Failure, throttle: Any, client: str) -> bool:
+        log.failure("AUTH throttle error", failure)
+        return False
+
+    def _check(self, step: Any, mechanism: str, throttle: Any, slot: bool) -> None:
+        """Check the credentials if the throttle gave a slot; 421 and close if not."""
+        host = self.host
+        if not slot:
+            host.pacer.busy = False
+            if host.closed:
+                return
             # Failures plus checks in flight from this IP (parallel
             # connections) already reach the limit: no more guesses.
             log.info("AUTH {mechanism} from [{client}] refused: too many attempts",
-                     mechanism=exchange.mechanism, client=host.session.client_ip)
+                     mechanism=mechanism, client=host.session.client_ip)
             host.write(*auth.REPLY_TOO_MANY_FAILURES)
             host.close()
+            return
+        if host.closed:  # the client left while the throttle answered: no check, the slot back
+            host.pacer.busy = False
+            if throttle is not None:
+                throttle.finish(host.session.client_ip, ok=True)
             return
         host.pacer.busy = True  # read nothing more until the answer (and any delay) is sent
         # Not kept in _auth_wait: the connection's end must not cancel the
         # check, so that its throttle slot is held until the check really
         # ended (a thread cannot be stopped) and its outcome is counted.
         d = defer.maybeDeferred(self.checker.requestAvatarId, step)
-        d.addBoth(self._checked, exchange.mechanism, throttle)
+        d.addBoth(self._checked, mechanism, throttle)
 
     def line(self, line: bytes) -> None:
         """A client response inside an AUTH exchange (never a command)."""

@@ -154,6 +154,8 @@ class StatusPage:
         )
         deliveries = list(reversed(m.recent.deliveries))
         bounces = list(reversed(m.recent.bounces))
+        sessions = m.sessions() if m.sessions is not None else {}
+        per_process = ", ".join(f"{_e(pid)}: {n}" for pid, n in sorted(sessions.items()))
         out = [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
@@ -168,7 +170,10 @@ class StatusPage:
             f'<div class="card">accepted, last hour<div class="num">{sum(b.accepted for b in history)}</div></div>',
             f'<div class="card">sent, last hour<div class="num">{sum(b.sent for b in history)}</div></div>',
             f'<div class="card">bounced, last hour<div class="num">{sum(b.bounced for b in history)}</div></div>',
+            f'<div class="card" title="per process: {per_process}">SMTP sessions'
+            f'<div class="num" id="smtp-sessions">{sum(sessions.values())}</div></div>',
             "</div>",
+            f'<p id="smtp-processes">SMTP sessions per process (pid: sessions): {per_process or "-"}</p>',
             '<div class="charts">',
             f'<figure id="queue-chart"><figcaption>Queue size, last hour</figcaption>{queue_chart}</figure>',
             f'<figure id="throughput-chart"><figcaption>Messages per minute, last hour</figcaption>{flow_chart}</figure>',
