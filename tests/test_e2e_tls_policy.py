@@ -106,8 +106,11 @@ def receiver(reactor):
 
 @pytest.fixture
 def relay(reactor, dns_server, https, pki, tmp_path):
-    """relay(port, table=..., default=...) -> a started RemoteDelivery; stopped after the test."""
+    """relay(port, table=..., default=...) -> a started RemoteDelivery; stopped after the test.
+
+    The TLSA records a test adds to the module's zone (L{set_tlsa}) are removed after it."""
     agents = []
+    zone_records = dict(dns_server[1].records)
 
     def make(port: int, table=None, default="may", state=None, fetch_ca=pki.ca_file):
         dns_addr = dns_server[0]
@@ -137,6 +140,8 @@ def relay(reactor, dns_server, https, pki, tmp_path):
     for a in agents:
         if a.running:
             in_reactor(reactor, a.stopService)
+    dns_server[1].records.clear()
+    dns_server[1].records.update(zone_records)
 
 
 def deliver(reactor, agent, tmp_path, rcpt: str):
