@@ -106,8 +106,11 @@ def receiver(reactor):
 
 @pytest.fixture
 def relay(reactor, dns_server, https, pki, tmp_path):
-    """relay(port, table=..., default=...) -> a started RemoteDelivery; stopped after the test."""
+    """relay(port, table=..., default=...) -> a started RemoteDelivery; stopped after the test.
+
+    The TLSA records a test adds to the module's zone (L{set_tlsa}) are removed after it."""
     agents = []
+    zone_records = dict(dns_server[1].records)
 
     def make(port: int, table=None, default="may", state=None, fetch_ca=pki.ca_file):
         dns_addr = dns_server[0]
@@ -137,6 +140,8 @@ def relay(reactor, dns_server, https, pki, tmp_path):
     for a in agents:
         if a.running:
             in_reactor(reactor, a.stopService)
+    dns_server[1].records.clear()
+    dns_server[1].records.update(zone_records)
 
 
 def deliver(reactor, agent, tmp_path, rcpt: str):
@@ -161,11 +166,12 @@ def set_tlsa(zone, host: str, port: int, *records) -> None:
 def test_sts_enforce_delivers_over_verified_tls(reactor, pki, receiver, relay, https, tmp_path, events):
     _, good = pki.issue(*MX_NAMES)
     f, port = receiver(good)
+    before = len(https[0].requests)  # the policy server is shared by the module's tests
     o = deliver(reactor, relay(port), tmp_path, "b@sts.test")
     assert o.kind == DELIVERED_OUTCOME, o.text
     assert " verified=mta-sts" in o.text and " tls=TLSv1." in o.text and " cipher=" in o.text
     assert [tls for tls, _ in f.messages] == [True]
-    assert ("mta-sts.sts.test", "/.well-known/mta-sts.txt") in https[0].requests
+    assert ("mta-sts.sts.test", "/.well-known/mta-sts.txt") in https[0].requests[before:]
     [ev] = tls_events(events, "delivered")
     assert (ev["policy"], ev["verified"], ev["count"]) == ("sts", "mta-sts", 1)
 
@@ -389,8 +395,9 @@ def test_daily_report_posted_over_https_and_mailed(reactor, pki, relay, https, t
                              submit=lambda *a: (submit(*a), none())[1], send=True, post=https_poster(web, reactor))
         return reports.send_due()
 
+    before = len(https[0].posts)  # the policy server is shared by the module's tests
     in_reactor(reactor, build)
-    [(host, path, ctype, body)] = https[0].posts
+    [(host, path, ctype, body)] = https[0].posts[before:]
     assert (host, path, ctype) == ("mta-sts.sts.test", "/tlsrpt", "application/tlsrpt+gzip")
     report = json.loads(gzip.decompress(body))
     assert report["policies"][0]["summary"] == {"total-successful-session-count": 7,
