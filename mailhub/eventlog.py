@@ -57,16 +57,16 @@ _MAIL_TEXT = "log_mail_text"
 _ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe form of one field (unknown objects become their str())."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe form of one field (unknown objects become their str()); the message history uses it too."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     return str(value)
 
 
@@ -82,7 +82,7 @@ def event_record(event: dict[str, Any]) -> dict[str, Any] | None:
     for key, value in event.items():
         if key in _SKIP or key.startswith("log_"):
             continue
-        record[str(key)] = value if type(value) in _SCALARS else _plain(value)
+        record[str(key)] = value if type(value) in _SCALARS else json_safe(value)
     record["event"] = str(name)
     record["time"] = event.get("log_time")
     record["queue_id"] = str(event.get("queue_id", "-"))

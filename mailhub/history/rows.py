@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailhub.eventlog import json_safe
+
 __all__ = ["EventRow", "event_row", "rejection_id", "KINDS", "MESSAGE_STATUSES", "recipient_domain", "MAX_TEXT", "MAX_ADDRESS"]
 
 #: The longest address kept (RFC 5321's path limit is 256 octets).
@@ -58,18 +60,6 @@ def _cut(value: Any, limit: int) -> str:
 def recipient_domain(address: str) -> str:
     """The domain of C{address}, lower case (C{""} without one)."""
     return address.rpartition("@")[2].lower() if "@" in address else ""
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -141,7 +131,7 @@ def event_row(event: dict[str, Any]) -> EventRow | None:
     try:
         data = json.dumps(rest, ensure_ascii=False, default=str)
     except (TypeError, ValueError):  # keys that are not strings, circular values
-        rest = {str(k): _plain(v) for k, v in rest.items()}
+        rest = {str(k): json_safe(v) for k, v in rest.items()}
         data = json.dumps(rest, ensure_ascii=False, default=str)
     if len(data) > MAX_DATA:
         rest = {"truncated": True}

@@ -62,6 +62,15 @@ _X509_NOT_YET_VALID, _X509_EXPIRED = 9, 10
 
 
 @implementer(IOpenSSLClientConnectionCreator)
+def _identity(hostname: str) -> tuple[list[Any], bytes | None]:
+    """The service identities a peer named C{hostname} must prove, and the SNI to send (none for an address)."""
+    try:
+        ip = ipaddress.ip_address(hostname)
+    except ValueError:
+        return [DNS_ID(hostname)], idna.encode(hostname, uts46=True)
+    return [IPAddress_ID(str(ip))], None
+
+
 class VerifyingCreator:
     """
     Client TLS connections that verify the peer's chain against C{options}'
@@ -74,12 +83,7 @@ class VerifyingCreator:
 
     def __init__(self, options: Any, hostname: str, record: Callable[[int, int], None]) -> None:
         self._ctx = options.getContext()
-        try:
-            ip = ipaddress.ip_address(hostname)
-        except ValueError:
-            ip = None
-        self._ids = [IPAddress_ID(str(ip))] if ip is not None else [DNS_ID(hostname)]
-        self._sni = None if ip is not None else idna.encode(hostname, uts46=True)
+        self._ids, self._sni = _identity(hostname)
         self._record = record
         self.connection: Any = None
 
@@ -124,12 +128,7 @@ class ObservingCreator:
     def __init__(self, options: Any, hostname: str, observe: bool) -> None:
         self._ctx = options.getContext()
         self._hostname = hostname
-        try:
-            ip = ipaddress.ip_address(hostname)
-        except ValueError:
-            ip = None
-        self._ids = [IPAddress_ID(str(ip))] if ip is not None else [DNS_ID(hostname)]
-        self._sni = None if ip is not None else idna.encode(hostname, uts46=True)
+        self._ids, self._sni = _identity(hostname)
         self._observe = observe
         self.connection: Any = None
         self.pkix_error: str | None = None if observe else "not checked"
