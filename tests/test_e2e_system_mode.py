@@ -229,16 +229,31 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
-def test_the_smtp_process_runs_as_server_user_without_capabilities(daemon, daemon_user):
-    [pid] = holders(listening_inode(daemon.port))  # only the daemon holds the SMTP socket
-    assert pid == daemon.proc.pid
-    st = status(pid)
+def is_acceptor(pid: int) -> bool:
+    """An SMTP acceptor process (server.processes; docs/architecture.rst)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return b"mailhub.daemon.acceptor" in f.read().split(b"\0")
+
+
+def supervisor_of(daemon) -> int:
+    """The daemon's one child that is not an SMTP acceptor: the delivery supervisor."""
+    [supervisor] = [c for c in children(daemon.proc.pid) if not is_acceptor(c)]
+    return supervisor
+
+
+def test_the_smtp_processes_run_as_server_user_without_capabilities(daemon, daemon_user):
+    # the daemon bound the socket; its SMTP acceptor processes (if any) hold it too, and nothing else
+    pids = holders(listening_inode(daemon.port))
+    assert daemon.proc.pid in pids
+    assert all(is_acceptor(pid) for pid in pids - {daemon.proc.pid})
     uid = str(daemon_user.pw_uid)
-    assert st["Uid"].split() == [uid] * 4
-    assert st["Gid"].split() == [str(daemon_user.pw_gid)] * 4
-    assert st["Groups"].split() == [str(daemon_user.pw_gid)]  # initgroups: its own group only
-    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
-        assert int(st[cap], 16) == 0, cap
+    for pid in pids:
+        st = status(pid)
+        assert st["Uid"].split() == [uid] * 4, pid
+        assert st["Gid"].split() == [str(daemon_user.pw_gid)] * 4, pid
+        assert st["Groups"].split() == [str(daemon_user.pw_gid)], pid  # initgroups: its own group only
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+            assert int(st[cap], 16) == 0, (pid, cap)
     assert f"running as {daemon_user.pw_name} (uid {uid}" in daemon.log()
 
 
@@ -249,7 +264,7 @@ def test_the_spool_and_control_socket_belong_to_server_user(daemon, daemon_user)
 
 
 def test_only_the_delivery_supervisor_and_its_processes_keep_root(daemon):
-    [supervisor] = children(daemon.proc.pid)
+    supervisor = supervisor_of(daemon)
     assert status(supervisor)["Uid"].split() == ["0"] * 4
     # (a worker another test killed may still be waiting for its restart)
     workers = wait_for(lambda: children(supervisor) or None, 20, "the supervisor's delivery processes")
@@ -258,7 +273,7 @@ def test_only_the_delivery_supervisor_and_its_processes_keep_root(daemon):
 
 def test_a_delivery_process_killed_after_the_switch_is_started_again(daemon, account):
     pw, _ = account
-    [supervisor] = children(daemon.proc.pid)
+    supervisor = supervisor_of(daemon)
     [worker] = wait_for(lambda: children(supervisor) or None, 20, "the supervisor's delivery process")
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: [w for w in children(supervisor) if w != worker] or None, 20, "a new delivery process")
