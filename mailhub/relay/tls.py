@@ -61,7 +61,6 @@ _X509_ERRORS = {
 _X509_NOT_YET_VALID, _X509_EXPIRED = 9, 10
 
 
-@implementer(IOpenSSLClientConnectionCreator)
 def _identity(hostname: str) -> tuple[list[Any], bytes | None]:
     """The service identities a peer named C{hostname} must prove, and the SNI to send (none for an address)."""
     try:
@@ -71,6 +70,7 @@ def _identity(hostname: str) -> tuple[list[Any], bytes | None]:
     return [IPAddress_ID(str(ip))], None
 
 
+@implementer(IOpenSSLClientConnectionCreator)
 class VerifyingCreator:
     """
     Client TLS connections that verify the peer's chain against C{options}'
