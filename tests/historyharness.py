@@ -11,7 +11,6 @@ Owns: nothing the tests assert.  Must not touch: the daemon's files.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,13 +18,13 @@ import urllib.error
 import urllib.request
 
 from daemon import DOMAIN, Daemon, wait_for
+from httpharness import conforms, openapi
 
 __all__ = [
     "CONFIG", "HttpDaemon", "mailhub", "chromium_args", "openapi", "conforms", "make_token", "refused",
     "history_json",
 ]
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "openapi.json")
 _HTTP = re.compile(r"listening for HTTP on tcp:0:interface=127\.0\.0\.1 \(127\.0\.0\.1:(\d+)\)")
 
 
@@ -64,40 +63,6 @@ def chromium_args(profile: str) -> list[str]:
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage", f"--user-data-dir={profile}",
     ]
-
-
-def openapi() -> dict:
-    with open(DOCS) as f:
-        return json.load(f)
-
-
-def conforms(value, schema: dict, doc: dict) -> bool:
-    """A JSON Schema check for the keywords docs/openapi.json uses ($ref, oneOf, type, enum, items, properties)."""
-    if "$ref" in schema:
-        name = schema["$ref"].rsplit("/", 1)[1]
-        if not conforms(value, doc["components"]["schemas"][name], doc):
-            return False
-    if "oneOf" in schema and sum(conforms(value, s, doc) for s in schema["oneOf"]) != 1:
-        return False
-    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None),
-             "boolean": bool}
-    if "type" in schema:
-        wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(isinstance(value, types[t]) and not (t != "boolean" and isinstance(value, bool)) for t in wanted):
-            return False
-    if "enum" in schema and value not in schema["enum"]:
-        return False
-    if isinstance(value, list) and "items" in schema and not all(conforms(v, schema["items"], doc) for v in value):
-        return False
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        if any(k not in value for k in schema.get("required", [])):
-            return False
-        if schema.get("additionalProperties") is False and any(k not in props for k in value):
-            return False
-        if not all(conforms(v, props[k], doc) for k, v in value.items() if k in props):
-            return False
-    return True
 
 
 CONFIG = f"""

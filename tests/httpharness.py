@@ -14,6 +14,7 @@ files (test_httpapi, test_httpapi_input, test_httplimits).
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -102,3 +103,42 @@ def message_json(**kw):
 def post_json(env, body, token="alice"):
     return env.request("POST", "/v1/messages", body, {"Content-Type": "application/json"},
                        token=getattr(env, token) if token in ("alice", "root") else token)
+
+
+# -- the OpenAPI document (docs/openapi.json) ----------------------------------------------------
+
+OPENAPI = os.path.join(os.path.dirname(__file__), "..", "docs", "openapi.json")
+
+
+def openapi() -> dict:
+    with open(OPENAPI) as f:
+        return json.load(f)
+
+
+def conforms(value, schema: dict, doc: dict) -> bool:
+    """A JSON Schema check for the keywords docs/openapi.json uses ($ref, oneOf, type, enum, items, properties)."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        if not conforms(value, doc["components"]["schemas"][name], doc):
+            return False
+    if "oneOf" in schema and sum(conforms(value, s, doc) for s in schema["oneOf"]) != 1:
+        return False
+    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None),
+             "boolean": bool}
+    if "type" in schema:
+        wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(isinstance(value, types[t]) and not (t != "boolean" and isinstance(value, bool)) for t in wanted):
+            return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    if isinstance(value, list) and "items" in schema and not all(conforms(v, schema["items"], doc) for v in value):
+        return False
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        if any(k not in value for k in schema.get("required", [])):
+            return False
+        if schema.get("additionalProperties") is False and any(k not in props for k in value):
+            return False
+        if not all(conforms(v, props[k], doc) for k, v in value.items() if k in props):
+            return False
+    return True

@@ -14,7 +14,7 @@ import os
 import re
 
 import pytest
-from httpharness import Env, message_json, post_json
+from httpharness import Env, conforms, message_json, openapi, post_json
 
 from mailhub.users import UsersFile
 from mailhub.web.api import ROUTES, make_http_site
@@ -154,40 +154,6 @@ def test_http_dates_are_written_as_smtpd_writes_them(env, tmp_path):
 # -- the OpenAPI document and the code agree ------------------------------------------------------
 
 
-def _openapi() -> dict:
-    with open(DOCS) as f:
-        return json.load(f)
-
-
-def conforms(value, schema: dict, doc: dict) -> bool:
-    """A JSON Schema check for the keywords docs/openapi.json uses ($ref, oneOf, type, enum, items, properties)."""
-    if "$ref" in schema:
-        name = schema["$ref"].rsplit("/", 1)[1]
-        if not conforms(value, doc["components"]["schemas"][name], doc):
-            return False
-    if "oneOf" in schema and sum(conforms(value, s, doc) for s in schema["oneOf"]) != 1:
-        return False
-    types = {"string": str, "array": list, "object": dict, "integer": int, "number": (int, float), "null": type(None),
-             "boolean": bool}
-    if "type" in schema:
-        wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(isinstance(value, types[t]) and not (t != "boolean" and isinstance(value, bool)) for t in wanted):
-            return False
-    if "enum" in schema and value not in schema["enum"]:
-        return False
-    if isinstance(value, list) and "items" in schema and not all(conforms(v, schema["items"], doc) for v in value):
-        return False
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        if any(k not in value for k in schema.get("required", [])):
-            return False
-        if schema.get("additionalProperties") is False and any(k not in props for k in value):
-            return False
-        if not all(conforms(v, props[k], doc) for k, v in value.items() if k in props):
-            return False
-    return True
-
-
 @pytest.mark.parametrize(
     "fields, recipients",
     [
@@ -203,7 +169,7 @@ def conforms(value, schema: dict, doc: dict) -> bool:
 )
 def test_recipient_fields_accept_what_openapi_says(env, fields, recipients):
     """to/cc/bcc: one address as a string or a list of them -- the document and the code agree."""
-    doc = _openapi()
+    doc = openapi()
     body = {"from": "alice@example.com", "text": "x", **fields}
     assert conforms(body, doc["components"]["schemas"]["NewMessage"], doc) == (recipients is not None)
     r = post_json(env, json.dumps(body).encode())
@@ -416,7 +382,7 @@ def test_flush(env):
 
 
 def test_flush_answers_match_openapi(env):
-    doc = _openapi()
+    doc = openapi()
     schema = doc["paths"]["/v1/queue/flush"]["post"]["responses"]["202"]["content"]["application/json"]["schema"]
     for query in ("", "?queue_id=0000000000000AAAAA", "?queue_id=0000000000000HHHHH"):
         answer = env.request("POST", "/v1/queue/flush" + query, token=env.root).json()
