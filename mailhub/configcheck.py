@@ -355,6 +355,15 @@ def nexthop(value: Any) -> str | None:
     return value.strip() or None
 
 
+def _table_domain(key: str) -> str:
+    """A domain key of a per-domain table: C{example.com}, or C{.example.com} for its subdomains."""
+    dot = "." if key.startswith(".") else ""
+    try:
+        return dot + normalize_domain(key[len(dot):])
+    except AddressError as e:
+        raise BadValue(f"invalid domain {key!r}: {e}")
+
+
 def routes(value: Any) -> Mapping[str, str]:
     from mailhub.relay.nexthop import parse_nexthop
 
@@ -362,11 +371,7 @@ def routes(value: Any) -> Mapping[str, str]:
         raise BadValue(f'must be a table of domain = "next hop", got {show(value)}')
     out: dict[str, str] = {}
     for key, target in value.items():
-        dot = "." if key.startswith(".") else ""
-        try:
-            domain = dot + normalize_domain(key[len(dot):])
-        except AddressError as e:
-            raise BadValue(f"invalid domain {key!r}: {e}")
+        domain = _table_domain(key)
         if not isinstance(target, str):
             raise BadValue(f'{key!r}: must be a next hop string like "[host]:25" or "", got {show(target)}')
         try:
@@ -386,11 +391,7 @@ def tls_policy(value: Any) -> Mapping[str, str]:
         raise BadValue(f'must be a table of domain = "level", got {show(value)}')
     out: dict[str, str] = {}
     for key, level in value.items():
-        dot = "." if key.startswith(".") else ""
-        try:
-            domain = dot + normalize_domain(key[len(dot):])
-        except AddressError as e:
-            raise BadValue(f"invalid domain {key!r}: {e}")
+        domain = _table_domain(key)
         if level not in TLS_POLICY_LEVELS:
             raise BadValue(f"{key!r}: must be one of {', '.join(TLS_POLICY_LEVELS)}, got {show(level)}")
         out[domain] = level
@@ -471,8 +472,11 @@ MILTER_ACTIONS = ("tempfail", "accept", "reject")
 SMTP_LISTENERS = ("smtp", "submission", "smtps")
 
 
-def milter_socket(value: Any) -> str:
-    """C{unix:/absolute/path} or C{inet:host:port} (C{inet:[::1]:port} for IPv6), as Postfix writes them."""
+def socket_address(value: Any) -> str:
+    """
+    C{unix:/absolute/path} or C{inet:host:port} (C{inet:[::1]:port} for
+    IPv6), as Postfix writes them: a milter's socket, an LMTP server's.
+    """
     text = string(value)
     kind, _, rest = text.partition(":")
     if kind == "unix":
@@ -514,16 +518,13 @@ def local_transport(value: Any) -> str:
     text = string(value)
     if text == "maildir":
         return text
-    kind, _, where = text.partition(":")
-    if kind == "lmtp":
-        family, _, rest = where.partition(":")
-        if family == "unix" and rest.startswith("/"):
+    if text.startswith("lmtp:"):
+        try:
+            socket_address(text[len("lmtp:"):])
+        except BadValue:
+            pass
+        else:
             return text
-        if family == "inet":
-            host, _, port_text = rest.rpartition(":")
-            host = host.removeprefix("[").removesuffix("]")
-            if host and port_text.isdigit() and 0 < int(port_text) < 65536:
-                return text
     raise BadValue(
         f"invalid transport {text[:100]!r} (want \"maildir\", \"lmtp:unix:/path\" or \"lmtp:inet:host:port\")"
     )

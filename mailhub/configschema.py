@@ -224,7 +224,7 @@ class SubmissionConfig:
 
 @dataclass(frozen=True)
 class MilterConfig:  # one [[milter]] table (docs/milter.rst); the tables apply in order
-    socket: str = key(checker=check.milter_socket)  # "unix:/path" or "inet:host:port"; required
+    socket: str = key(checker=check.socket_address)  # "unix:/path" or "inet:host:port"; required
     # when the milter is down, too slow or breaks the protocol (Postfix milter_default_action)
     default_action: str = key("tempfail", check.choice(*check.MILTER_ACTIONS))
     connect_timeout: float = key(30.0, check.positive_duration)  # Postfix milter_connect_timeout
